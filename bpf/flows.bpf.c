@@ -1,0 +1,509 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * flowmap's kernel program: one parser, attached at TC ingress and egress.
+ *
+ * It counts every packet into a flow entry and never drops or modifies a
+ * packet: every entry point returns TC_ACT_UNSPEC (TCX_NEXT), so the next
+ * program on the hook (Cilium, Calico, ...) still runs.
+ *
+ * Flow entries go into one of two hash maps (flows_a / flows_b); user space
+ * flips `active_map`, waits for an RCU grace period, and then drains the map
+ * that no program writes any more. No count that arrives during a drain is
+ * lost.
+ */
+#include <linux/types.h>
+#include <linux/bpf.h>
+#include <linux/pkt_cls.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+#include "flows.h"
+
+#define MAX_IPV6_EXT 8   /* extension headers followed before giving up */
+#define MAX_VLAN_TAGS 2  /* 802.1ad outer + 802.1Q inner */
+#define DIRECT_MAX_OFF 4096
+
+#ifndef ETH_P_8021AD
+#define ETH_P_8021AD 0x88A8
+#endif
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 32768); /* set by user space before load */
+	__type(key, struct flow_key);
+	__type(value, struct flow_stats);
+} flows_a SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 32768);
+	__type(key, struct flow_key);
+	__type(value, struct flow_stats);
+} flows_b SEC(".maps");
+
+/* Ports of the first fragment of a fragmented datagram, so the later
+ * fragments (which carry no L4 header) count into the same flow. */
+struct frag_key {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u32 id;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+struct frag_ports {
+	__u16 sport;
+	__u16 dport;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct frag_key);
+	__type(value, struct frag_ports);
+} frags SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, STAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} stats SEC(".maps");
+
+/* Overflow path: packets whose flow did not fit in the map. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+} overflow SEC(".maps");
+
+/* Which flow map the program writes: 0 = flows_a, 1 = flows_b. */
+volatile __u32 active_map = 0;
+
+/* Referenced so that the skeleton generates their Rust mirror. */
+struct flow_key flow_key_layout = {};
+struct flow_stats flow_stats_layout = {};
+struct flow_event flow_event_layout = {};
+
+struct pkt {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;
+	__u8 family;
+	__u8 tcp_flags;
+	__u8 opens;  /* this packet opens a connection (SYN, echo request) */
+	__u8 synack;
+};
+
+static __always_inline void stat_inc(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&stats, &idx);
+	if (v)
+		*v += 1;
+}
+
+/* Copy len bytes at off into to: directly from the linear part when the
+ * bytes are there, through the helper otherwise (non-linear skbs).
+ * Returns 0 on success, negative when the packet is too short. */
+static __always_inline int load(struct __sk_buff *skb, __u32 off, void *to, __u32 len)
+{
+	if (off <= DIRECT_MAX_OFF) {
+		void *data = (void *)(long)skb->data;
+		void *end = (void *)(long)skb->data_end;
+		void *p = data + off;
+		if (p + len <= end) {
+			__builtin_memcpy(to, p, len);
+			return 0;
+		}
+	}
+	return bpf_skb_load_bytes(skb, off, to, len);
+}
+
+static __always_inline void set_v4mapped(__u8 *dst, __be32 a)
+{
+	__builtin_memset(dst, 0, 10);
+	dst[10] = 0xff;
+	dst[11] = 0xff;
+	__builtin_memcpy(dst + 12, &a, 4);
+}
+
+/* Compare (a, pa) with (b, pb); returns 1 when the first is greater. */
+static __always_inline int side_of(const __u8 *a, __u16 pa, const __u8 *b, __u16 pb)
+{
+	__u64 a0, a1, b0, b1;
+	__builtin_memcpy(&a0, a, 8);
+	__builtin_memcpy(&a1, a + 8, 8);
+	__builtin_memcpy(&b0, b, 8);
+	__builtin_memcpy(&b1, b + 8, 8);
+	if (a0 != b0)
+		return a0 > b0;
+	if (a1 != b1)
+		return a1 > b1;
+	return pa > pb;
+}
+
+static __always_inline void account(struct __sk_buff *skb, struct pkt *p)
+{
+	struct flow_key key;
+	__u32 side = side_of(p->saddr, p->sport, p->daddr, p->dport);
+	__u64 now = bpf_ktime_get_ns();
+	__u64 len = skb->len;
+
+	__builtin_memset(&key, 0, sizeof(key));
+	if (side) {
+		__builtin_memcpy(key.addr[0], p->daddr, 16);
+		__builtin_memcpy(key.addr[1], p->saddr, 16);
+		key.port[0] = p->dport;
+		key.port[1] = p->sport;
+	} else {
+		__builtin_memcpy(key.addr[0], p->saddr, 16);
+		__builtin_memcpy(key.addr[1], p->daddr, 16);
+		key.port[0] = p->sport;
+		key.port[1] = p->dport;
+	}
+	key.ifindex = skb->ifindex;
+	key.proto = p->proto;
+	key.family = p->family;
+
+	void *map = active_map ? (void *)&flows_b : (void *)&flows_a;
+	struct flow_stats *v = bpf_map_lookup_elem(map, &key);
+	if (!v) {
+		struct flow_stats nv;
+		__builtin_memset(&nv, 0, sizeof(nv));
+		if (side) {
+			nv.packets[1] = 1;
+			nv.bytes[1] = len;
+			nv.tcp_flags[1] = p->tcp_flags;
+		} else {
+			nv.packets[0] = 1;
+			nv.bytes[0] = len;
+			nv.tcp_flags[0] = p->tcp_flags;
+		}
+		nv.first_seen_ns = now;
+		nv.last_seen_ns = now;
+		nv.first_side = side + 1;
+		if (p->opens) {
+			nv.open_side = side + 1;
+			if (p->proto == IPPROTO_TCP)
+				nv.syn_ns = now;
+		}
+		if (p->synack)
+			nv.synack_ns = now;
+		long err = bpf_map_update_elem(map, &key, &nv, BPF_NOEXIST);
+		if (err == 0) {
+			stat_inc(STAT_FLOW_PACKETS);
+			return;
+		}
+		if (err == -17 /* EEXIST: created by another CPU meanwhile */)
+			v = bpf_map_lookup_elem(map, &key);
+		if (!v) {
+			/* Map full: hand the packet to user space. */
+			stat_inc(STAT_MAP_FULL);
+			struct flow_event *e = bpf_ringbuf_reserve(&overflow, sizeof(*e), 0);
+			if (!e) {
+				stat_inc(STAT_RING_LOST);
+				return;
+			}
+			__builtin_memcpy(&e->key, &key, sizeof(key));
+			e->side = side;
+			e->bytes = len;
+			e->ts_ns = now;
+			e->tcp_flags = p->tcp_flags;
+			e->pad = p->opens | (p->synack << 1);
+			bpf_ringbuf_submit(e, 0);
+			stat_inc(STAT_FLOW_PACKETS);
+			return;
+		}
+	}
+	/* Separate branches: the verifier rejects the OR-indexing clang
+	 * would otherwise emit for [side]. */
+	if (side) {
+		__sync_fetch_and_add(&v->packets[1], 1);
+		__sync_fetch_and_add(&v->bytes[1], len);
+		if (p->tcp_flags && (v->tcp_flags[1] & p->tcp_flags) != p->tcp_flags)
+			__sync_fetch_and_or(&v->tcp_flags[1], (__u32)p->tcp_flags);
+	} else {
+		__sync_fetch_and_add(&v->packets[0], 1);
+		__sync_fetch_and_add(&v->bytes[0], len);
+		if (p->tcp_flags && (v->tcp_flags[0] & p->tcp_flags) != p->tcp_flags)
+			__sync_fetch_and_or(&v->tcp_flags[0], (__u32)p->tcp_flags);
+	}
+	if (v->last_seen_ns < now)
+		v->last_seen_ns = now;
+	if (p->opens && !v->open_side) {
+		v->open_side = side + 1;
+		if (p->proto == IPPROTO_TCP && !v->syn_ns)
+			v->syn_ns = now;
+	}
+	if (p->synack && !v->synack_ns)
+		v->synack_ns = now;
+	stat_inc(STAT_FLOW_PACKETS);
+}
+
+/* Parse the L4 header at off. Returns 0 when the packet is a flow. */
+static __always_inline int parse_l4(struct __sk_buff *skb, __u32 off, struct pkt *p)
+{
+	switch (p->proto) {
+	case IPPROTO_TCP: {
+		__u8 h[20];
+		if (load(skb, off, h, sizeof(h)))
+			return STAT_TRUNCATED;
+		if ((h[12] >> 4) < 5)
+			return STAT_BAD_HEADER;
+		p->sport = ((__u16)h[0] << 8) | h[1];
+		p->dport = ((__u16)h[2] << 8) | h[3];
+		p->tcp_flags = h[13];
+		/* SYN without ACK opens; SYN+ACK answers. */
+		p->opens = (h[13] & 0x12) == 0x02;
+		p->synack = (h[13] & 0x12) == 0x12;
+		return 0;
+	}
+	case IPPROTO_UDP:
+	case IPPROTO_UDPLITE: {
+		__u8 h[8];
+		if (load(skb, off, h, sizeof(h)))
+			return STAT_TRUNCATED;
+		p->sport = ((__u16)h[0] << 8) | h[1];
+		p->dport = ((__u16)h[2] << 8) | h[3];
+		return 0;
+	}
+	case IPPROTO_SCTP: {
+		__u8 h[12];
+		if (load(skb, off, h, sizeof(h)))
+			return STAT_TRUNCATED;
+		p->sport = ((__u16)h[0] << 8) | h[1];
+		p->dport = ((__u16)h[2] << 8) | h[3];
+		return 0;
+	}
+	case IPPROTO_ICMP:
+	case 58 /* IPPROTO_ICMPV6 */: {
+		__u8 h[8];
+		if (load(skb, off, h, sizeof(h)))
+			return STAT_TRUNCATED;
+		if (p->proto == IPPROTO_ICMP)
+			p->opens = h[0] == 8;   /* echo request */
+		else
+			p->opens = h[0] == 128; /* echo request */
+		return 0;
+	}
+	default:
+		return 0; /* counted by protocol number, no ports */
+	}
+}
+
+static __always_inline void frag_key_of(struct frag_key *fk, struct pkt *p, __u32 id)
+{
+	__builtin_memset(fk, 0, sizeof(*fk));
+	__builtin_memcpy(fk->saddr, p->saddr, 16);
+	__builtin_memcpy(fk->daddr, p->daddr, 16);
+	fk->id = id;
+	fk->proto = p->proto;
+}
+
+/* L4 for an IP packet that may be a fragment: first fragments record their
+ * ports, later fragments borrow them. */
+static __always_inline int parse_l4_frag(struct __sk_buff *skb, __u32 off, struct pkt *p,
+					 int fragmented, int first, __u32 id)
+{
+	struct frag_key fk;
+	if (fragmented && !first) {
+		frag_key_of(&fk, p, id);
+		struct frag_ports *fp = bpf_map_lookup_elem(&frags, &fk);
+		if (fp) {
+			p->sport = fp->sport;
+			p->dport = fp->dport;
+		} else {
+			stat_inc(STAT_FRAG_NO_HEAD);
+		}
+		return 0;
+	}
+	int r = parse_l4(skb, off, p);
+	if (r)
+		return r;
+	if (fragmented && (p->sport || p->dport)) {
+		struct frag_ports fp = { .sport = p->sport, .dport = p->dport };
+		frag_key_of(&fk, p, id);
+		bpf_map_update_elem(&frags, &fk, &fp, BPF_ANY);
+	}
+	return 0;
+}
+
+static __always_inline int parse_ipv4(struct __sk_buff *skb, __u32 off, struct pkt *p)
+{
+	__u8 h[20];
+	if (load(skb, off, h, sizeof(h)))
+		return STAT_TRUNCATED;
+	if ((h[0] >> 4) != 4)
+		return STAT_BAD_HEADER;
+	__u32 ihl = (h[0] & 0x0f) * 4;
+	if (ihl < 20)
+		return STAT_BAD_HEADER;
+	if (off + ihl > skb->len)
+		return STAT_TRUNCATED;
+	__u16 frag = ((__u16)h[6] << 8) | h[7];
+	__u16 frag_off = frag & 0x1fff;
+	int more = (frag & 0x2000) != 0;
+	__be32 sa, da;
+	__builtin_memcpy(&sa, h + 12, 4);
+	__builtin_memcpy(&da, h + 16, 4);
+	set_v4mapped(p->saddr, sa);
+	set_v4mapped(p->daddr, da);
+	p->proto = h[9];
+	p->family = 4;
+	__u32 id = ((__u32)h[4] << 8) | h[5];
+	return parse_l4_frag(skb, off + ihl, p, frag_off || more, frag_off == 0, id);
+}
+
+static __always_inline int parse_ipv6(struct __sk_buff *skb, __u32 off, struct pkt *p)
+{
+	__u8 h[40];
+	if (load(skb, off, h, sizeof(h)))
+		return STAT_TRUNCATED;
+	if ((h[0] >> 4) != 6)
+		return STAT_BAD_HEADER;
+	__builtin_memcpy(p->saddr, h + 8, 16);
+	__builtin_memcpy(p->daddr, h + 24, 16);
+	p->family = 6;
+	__u8 next = h[6];
+	off += 40;
+	int fragmented = 0, first = 1;
+	__u32 id = 0;
+
+	for (int i = 0; i < MAX_IPV6_EXT; i++) {
+		switch (next) {
+		case 0:   /* hop-by-hop */
+		case 43:  /* routing */
+		case 60:  /* destination options */
+		case 135: /* mobility */
+		case 139: /* HIP */
+		case 140: /* shim6 */ {
+			__u8 e[2];
+			if (load(skb, off, e, 2))
+				return STAT_TRUNCATED;
+			next = e[0];
+			off += ((__u32)e[1] + 1) * 8;
+			break;
+		}
+		case 51: /* authentication header */ {
+			__u8 e[2];
+			if (load(skb, off, e, 2))
+				return STAT_TRUNCATED;
+			next = e[0];
+			off += ((__u32)e[1] + 2) * 4;
+			break;
+		}
+		case 44: /* fragment */ {
+			__u8 e[8];
+			if (load(skb, off, e, 8))
+				return STAT_TRUNCATED;
+			next = e[0];
+			__u16 fo = ((__u16)e[2] << 8) | e[3];
+			fragmented = 1;
+			first = (fo >> 3) == 0;
+			id = ((__u32)e[4] << 24) | ((__u32)e[5] << 16) | ((__u32)e[6] << 8) | e[7];
+			off += 8;
+			if (!first) {
+				p->proto = next;
+				return parse_l4_frag(skb, off, p, 1, 0, id);
+			}
+			break;
+		}
+		default:
+			p->proto = next;
+			if (off > skb->len)
+				return STAT_TRUNCATED;
+			return parse_l4_frag(skb, off, p, fragmented, first, id);
+		}
+	}
+	/* Still an extension header after MAX_IPV6_EXT of them. */
+	switch (next) {
+	case 0: case 43: case 44: case 51: case 60: case 135: case 139: case 140:
+		return STAT_EXT_CHAIN_TOO_LONG;
+	}
+	p->proto = next;
+	if (off > skb->len)
+		return STAT_TRUNCATED;
+	return parse_l4_frag(skb, off, p, fragmented, first, id);
+}
+
+static __always_inline int parse_ip_at(struct __sk_buff *skb, __u32 off, __u16 eth_proto,
+				       struct pkt *p)
+{
+	if (eth_proto == ETH_P_IP)
+		return parse_ipv4(skb, off, p);
+	if (eth_proto == ETH_P_IPV6)
+		return parse_ipv6(skb, off, p);
+	return STAT_NON_IP;
+}
+
+static __always_inline void finish(struct __sk_buff *skb, struct pkt *p, int r)
+{
+	if (r == 0)
+		account(skb, p);
+	else
+		stat_inc(r);
+}
+
+/* Devices with an Ethernet header. */
+static __always_inline int handle_eth(struct __sk_buff *skb)
+{
+	struct pkt p;
+	__builtin_memset(&p, 0, sizeof(p));
+	stat_inc(STAT_PACKETS);
+
+	__u8 eth[14];
+	if (load(skb, 0, eth, sizeof(eth))) {
+		stat_inc(STAT_TRUNCATED);
+		return TC_ACT_UNSPEC;
+	}
+	__u16 proto = ((__u16)eth[12] << 8) | eth[13];
+	__u32 off = 14;
+	/* In-band 802.1ad / 802.1Q tags. Offloaded tags are not in the data. */
+	for (int i = 0; i < MAX_VLAN_TAGS; i++) {
+		if (proto != ETH_P_8021Q && proto != ETH_P_8021AD)
+			break;
+		__u8 tag[4];
+		if (load(skb, off, tag, sizeof(tag))) {
+			stat_inc(STAT_TRUNCATED);
+			return TC_ACT_UNSPEC;
+		}
+		proto = ((__u16)tag[2] << 8) | tag[3];
+		off += 4;
+	}
+	finish(skb, &p, parse_ip_at(skb, off, proto, &p));
+	return TC_ACT_UNSPEC;
+}
+
+/* Devices without a link-layer header (tun, wireguard, ipip, ...). */
+static __always_inline int handle_l3(struct __sk_buff *skb)
+{
+	struct pkt p;
+	__builtin_memset(&p, 0, sizeof(p));
+	stat_inc(STAT_PACKETS);
+
+	__u8 v;
+	if (load(skb, 0, &v, 1)) {
+		stat_inc(STAT_TRUNCATED);
+		return TC_ACT_UNSPEC;
+	}
+	__u16 proto = (v >> 4) == 4 ? ETH_P_IP : (v >> 4) == 6 ? ETH_P_IPV6 : 0;
+	finish(skb, &p, parse_ip_at(skb, 0, proto, &p));
+	return TC_ACT_UNSPEC;
+}
+
+/* TC_ACT_UNSPEC is TCX_NEXT: the next program on the hook always runs. */
+SEC("tcx/ingress")
+int flowmap_eth_in(struct __sk_buff *skb) { return handle_eth(skb); }
+
+SEC("tcx/egress")
+int flowmap_eth_out(struct __sk_buff *skb) { return handle_eth(skb); }
+
+SEC("tcx/ingress")
+int flowmap_l3_in(struct __sk_buff *skb) { return handle_l3(skb); }
+
+SEC("tcx/egress")
+int flowmap_l3_out(struct __sk_buff *skb) { return handle_l3(skb); }

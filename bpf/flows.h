@@ -1,0 +1,65 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Structures shared between the kernel program and flowmap's user space.
+ * They are defined only here; the Rust side uses the skeleton's generated
+ * mirror (libbpf-cargo) and a test checks the layout.
+ */
+#ifndef FLOWMAP_FLOWS_H
+#define FLOWMAP_FLOWS_H
+
+#include <linux/types.h>
+
+/* A flow as one interface sees it, in both directions. The two endpoints
+ * are stored in a canonical order (side 0 is the lower (address, port)),
+ * so a reply packet lands in the same entry as its request. IPv4
+ * addresses are stored IPv4-mapped (::ffff:a.b.c.d). */
+struct flow_key {
+	__u8 addr[2][16];
+	__u32 ifindex;
+	__u16 port[2];  /* host byte order; 0 for protocols without ports */
+	__u8 proto;     /* IP protocol number */
+	__u8 family;    /* 4 or 6 */
+	__u8 pad[2];
+};
+
+/* Counters of one flow for one drain period. The program only ever adds to
+ * them (atomically) or sets a field that is still zero. */
+struct flow_stats {
+	__u64 packets[2];   /* sent by side 0 / side 1 */
+	__u64 bytes[2];     /* skb->len: the frame length a capture reports */
+	__u64 first_seen_ns; /* CLOCK_MONOTONIC */
+	__u64 last_seen_ns;
+	__u64 syn_ns;       /* first TCP SYN without ACK */
+	__u64 synack_ns;    /* first TCP SYN+ACK */
+	__u32 tcp_flags[2]; /* OR of the TCP flags each side sent */
+	__u8 open_side;     /* 0 unknown, 1: side 0 opened (SYN / echo request), 2: side 1 */
+	__u8 first_side;    /* 1 or 2: the side whose packet created this entry */
+	__u8 pad[6];
+};
+
+/* Sent through the overflow ring buffer for a packet whose flow could not
+ * be stored because the flow map was full. */
+struct flow_event {
+	struct flow_key key;
+	__u32 side;       /* 0 or 1: which side sent the packet */
+	__u64 bytes;
+	__u64 ts_ns;
+	__u32 tcp_flags;
+	__u32 pad;
+};
+
+/* Indexes of the per-CPU statistics array. */
+enum flow_stat {
+	STAT_PACKETS = 0,        /* every packet the program ran on */
+	STAT_FLOW_PACKETS,       /* packets counted into a flow (map or ring) */
+	STAT_NON_IP,             /* ARP, LLDP, ...: not a flow, not an error */
+	STAT_TRUNCATED,          /* a header ends before its stated length */
+	STAT_BAD_HEADER,         /* impossible header length or version */
+	STAT_EXT_CHAIN_TOO_LONG, /* more IPv6 extension headers than we follow */
+	STAT_FRAG_NO_HEAD,       /* non-first fragment whose first was not seen */
+	STAT_MAP_FULL,           /* flow map full: handed to the ring buffer */
+	STAT_RING_LOST,          /* ... and the ring buffer was full too: lost */
+	STAT_MAX,
+};
+
+#endif

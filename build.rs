@@ -1,0 +1,48 @@
+//! Compiles the kernel program (bpf/*.bpf.c) with clang and generates the
+//! libbpf-rs skeletons. Nothing compiled is ever committed.
+use std::env;
+use std::path::PathBuf;
+use std::process::Command;
+
+use libbpf_cargo::SkeletonBuilder;
+
+fn multiarch_include() -> Option<String> {
+    // Debian keeps <asm/types.h> under the multiarch directory.
+    let out = Command::new("gcc").arg("-print-multiarch").output().ok()?;
+    let triple = String::from_utf8(out.stdout).ok()?.trim().to_string();
+    if triple.is_empty() {
+        return None;
+    }
+    Some(format!("-I/usr/include/{triple}"))
+}
+
+fn main() {
+    let out = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR is set by cargo"));
+    let mut args = vec!["-Wall".to_string(), "-mcpu=v3".to_string(), "-Ibpf".to_string()];
+    if let Some(inc) = multiarch_include() {
+        args.push(inc);
+    }
+    let clang = env::var("BPF_CLANG").unwrap_or_else(|_| "clang".to_string());
+
+    for (src, name) in [
+        ("bpf/flows.bpf.c", "flows"),
+        ("bpf/bench/floor.bpf.c", "floor"),
+        ("bpf/bench/min_counter.bpf.c", "min_counter"),
+    ] {
+        let skel = out.join(format!("{name}.skel.rs"));
+        if let Err(e) = SkeletonBuilder::new()
+            .source(src)
+            .clang(&clang)
+            .clang_args(args.iter().map(String::as_str))
+            .build_and_generate(&skel)
+        {
+            panic!(
+                "building {src} failed: {e:#}\n\
+                 (clang, libbpf-dev and linux-libc-dev are needed: run scripts/setup.sh)"
+            );
+        }
+        println!("cargo:rerun-if-changed={src}");
+    }
+    println!("cargo:rerun-if-changed=bpf/flows.h");
+    println!("cargo:rerun-if-env-changed=BPF_CLANG");
+}

@@ -1,0 +1,169 @@
+//! `flowmap run`: the agent loop. Attaches, follows interfaces, drains the
+//! kernel map every crawl interval and writes the interval's flows.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{info, warn};
+
+use crate::config::{format_duration, Config};
+use crate::datapath::ifaces::{self, Selection};
+use crate::datapath::{AttachMode, Datapath, Drained, Options, STAT_NAMES};
+use crate::flow::{clock_ns, Clock, FlowTable};
+
+/// How often the interface list is re-read (new veths are attached within
+/// this period) and the overflow ring buffer is emptied.
+pub const IFACE_POLL: Duration = Duration::from_millis(250);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    Jsonl,
+    None,
+}
+
+pub struct RunOptions {
+    pub output: Output,
+    pub duration: Option<Duration>,
+    pub attach_mode: Option<AttachMode>,
+}
+
+/// Everything the flows data sources of the file ask of the one datapath
+/// of this host: the union of their interfaces, the shortest interval.
+pub fn plan(cfg: &Config) -> (Selection, Duration, u32, AttachMode) {
+    let mut sel: Option<Selection> = None;
+    for f in &cfg.flows {
+        sel = Some(match (sel, &f.interfaces) {
+            (None, s) => s.clone(),
+            (Some(Selection::All), _) | (_, Selection::All) => Selection::All,
+            (Some(Selection::Names(mut a)), Selection::Names(b)) => {
+                for n in b {
+                    if !a.contains(n) {
+                        a.push(n.clone());
+                    }
+                }
+                Selection::Names(a)
+            }
+        });
+    }
+    let interval = cfg.flows.iter().map(|f| f.crawl_interval).min().unwrap_or(Duration::from_secs(30));
+    let max_flows = cfg.flows.iter().map(|f| f.max_flows).max().unwrap_or(crate::datapath::DEFAULT_MAX_FLOWS);
+    let mode = cfg.flows.first().map(|f| f.attach_mode).unwrap_or_default();
+    (sel.unwrap_or(Selection::All), interval, max_flows, mode)
+}
+
+struct Loop {
+    dp: Datapath,
+    sel: Selection,
+    table: FlowTable,
+    names: HashMap<u32, String>,
+    last_stats: [u64; 9],
+    output: Output,
+}
+
+impl Loop {
+    fn refresh_interfaces(&mut self) {
+        match ifaces::list() {
+            Ok(present) => {
+                for i in &present {
+                    self.names.insert(i.ifindex, i.name.clone());
+                }
+                self.dp.reconcile(&self.sel, &present);
+            }
+            Err(e) => warn!(error = %e, "reading /sys/class/net failed"),
+        }
+        self.dp.poll_overflow();
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        let drained: Drained = self.dp.drain()?;
+        let clock = Clock::now();
+        let now = clock_ns(libc::CLOCK_MONOTONIC);
+        let names = &self.names;
+        let name_of = |idx: u32| names.get(&idx).cloned().unwrap_or_else(|| format!("if{idx}"));
+        let records = self.table.ingest(&drained.flows, now, &clock, &name_of);
+        if self.output == Output::Jsonl {
+            let stdout = std::io::stdout();
+            let mut w = std::io::BufWriter::new(stdout.lock());
+            for r in &records {
+                serde_json::to_writer(&mut w, r)?;
+                w.write_all(b"\n")?;
+            }
+            w.flush()?;
+        }
+        let d: Vec<u64> = drained.stats.iter().zip(self.last_stats.iter()).map(|(a, b)| a.saturating_sub(*b)).collect();
+        self.last_stats = drained.stats;
+        info!(
+            flows = records.len(),
+            connections = self.table.len(),
+            packets = d[0],
+            attached = self.dp.attached().count(),
+            "interval"
+        );
+        // Index 0 and 1 are volume; 2 (non-IP) is not a loss.
+        let losses: Vec<String> = (3..STAT_NAMES.len())
+            .filter(|i| d[*i] > 0)
+            .map(|i| format!("{}={}", STAT_NAMES[i], d[i]))
+            .collect();
+        if !losses.is_empty() || drained.overflow_dropped > 0 {
+            warn!(
+                losses = %losses.join(" "),
+                overflow_dropped_in_user_space = drained.overflow_dropped,
+                "packets not counted normally this interval (see README: kernel statistics)"
+            );
+        }
+        Ok(())
+    }
+}
+
+pub async fn run(cfg: &Config, opts: RunOptions) -> Result<()> {
+    let (sel, interval, max_flows, mut mode) = plan(cfg);
+    if let Some(m) = opts.attach_mode {
+        mode = m;
+    }
+    let present = ifaces::list().context("listing interfaces")?;
+    sel.check_exists(&present).map_err(anyhow::Error::msg)?;
+    let dp = Datapath::load(&Options { max_flows, mode })?;
+    dp.remove_stale(&present);
+    let mut lp = Loop {
+        dp,
+        sel,
+        table: FlowTable::new(max_flows as usize * 4, (interval * 4).max(Duration::from_secs(120))),
+        names: HashMap::new(),
+        last_stats: [0; 9],
+        output: opts.output,
+    };
+    lp.refresh_interfaces();
+    if lp.dp.attached().count() == 0 {
+        warn!("no interface to attach to yet; waiting for one to appear");
+    }
+    info!(interval = %format_duration(interval), max_flows, "flowmap running");
+
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut poll = tokio::time::interval(IFACE_POLL);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
+    let until = async {
+        match deadline {
+            Some(d) => tokio::time::sleep_until(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(until);
+    loop {
+        tokio::select! {
+            _ = poll.tick() => lp.refresh_interfaces(),
+            _ = tick.tick() => lp.flush()?,
+            _ = sigint.recv() => { info!("SIGINT: flushing and stopping"); break; }
+            _ = sigterm.recv() => { info!("SIGTERM: flushing and stopping"); break; }
+            _ = &mut until => { info!("duration reached: flushing and stopping"); break; }
+        }
+    }
+    lp.flush()?;
+    lp.dp.detach_all();
+    info!("detached from every interface");
+    Ok(())
+}

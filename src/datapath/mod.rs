@@ -1,0 +1,476 @@
+//! The privileged part: loads bpf/flows.bpf.c, attaches it to interfaces,
+//! follows interfaces that come and go, and drains the kernel flow map.
+
+pub mod attach;
+pub mod bench;
+pub mod ifaces;
+
+use std::collections::HashMap;
+use std::mem::MaybeUninit;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use libbpf_rs::skel::{OpenSkel, SkelBuilder};
+use libbpf_rs::{MapCore, MapFlags, ProgramInput, RingBuffer, RingBufferBuilder};
+use tracing::{debug, info, warn};
+
+use attach::{Hook, HookKind};
+use ifaces::{Interface, Selection};
+
+#[allow(clippy::all, non_camel_case_types, dead_code, unused_imports)]
+mod skel {
+    include!(concat!(env!("OUT_DIR"), "/flows.skel.rs"));
+}
+
+pub use skel::types::{flow_event as RawEvent, flow_key as RawKey, flow_stats as RawStats};
+use skel::{FlowsSkel, FlowsSkelBuilder};
+
+/// Names of the kernel statistics, in the order of `enum flow_stat`.
+pub const STAT_NAMES: [&str; 9] = [
+    "packets",
+    "flow_packets",
+    "non_ip",
+    "truncated",
+    "bad_header",
+    "ext_chain_too_long",
+    "frag_no_head",
+    "map_full",
+    "ring_lost",
+];
+
+/// How to hook the program into an interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AttachMode {
+    /// TCX when the kernel has it, classic clsact otherwise.
+    #[default]
+    Auto,
+    Tcx,
+    Tc,
+}
+
+impl std::str::FromStr for AttachMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(AttachMode::Auto),
+            "tcx" => Ok(AttachMode::Tcx),
+            "tc" => Ok(AttachMode::Tc),
+            other => Err(format!("unknown attach mode {other:?}; allowed: auto, tcx, tc")),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Entries of each of the two flow maps.
+    pub max_flows: u32,
+    pub mode: AttachMode,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { max_flows: DEFAULT_MAX_FLOWS, mode: AttachMode::Auto }
+    }
+}
+
+pub const DEFAULT_MAX_FLOWS: u32 = 32768;
+
+/// One entry point of the kernel program, for BPF_PROG_TEST_RUN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entry {
+    EthIngress,
+    EthEgress,
+    L3Ingress,
+    L3Egress,
+}
+
+/// What one drain returns: every flow entry of the drain period, the
+/// overflow packets merged per flow, and the kernel counters so far.
+#[derive(Debug, Default)]
+pub struct Drained {
+    pub flows: Vec<(RawKey, RawStats)>,
+    /// Kernel statistics since load (cumulative), indexed like STAT_NAMES.
+    pub stats: [u64; 9],
+    /// Overflow packets that user space could not keep (its table full).
+    pub overflow_dropped: u64,
+}
+
+/// Overflow packets merged per flow, bounded.
+#[derive(Default)]
+struct Overflow {
+    flows: HashMap<KeyBytes, RawStats>,
+    cap: usize,
+    dropped: u64,
+}
+
+type KeyBytes = [u8; std::mem::size_of::<RawKey>()];
+
+fn key_bytes(k: &RawKey) -> KeyBytes {
+    let mut out = [0u8; std::mem::size_of::<RawKey>()];
+    // SAFETY: RawKey is a plain repr(C) struct of integers, no padding
+    // beyond the explicit pad fields.
+    let src = unsafe {
+        std::slice::from_raw_parts((k as *const RawKey).cast::<u8>(), std::mem::size_of::<RawKey>())
+    };
+    out.copy_from_slice(src);
+    out
+}
+
+/// Reads a plain repr(C) struct from the bytes the kernel returned.
+fn from_bytes<T: Copy + Default>(b: &[u8]) -> Option<T> {
+    if b.len() < std::mem::size_of::<T>() {
+        return None;
+    }
+    // SAFETY: T is one of the generated plain-data structs (integers and
+    // arrays of integers), valid for any bit pattern; the length is checked.
+    Some(unsafe { std::ptr::read_unaligned(b.as_ptr().cast::<T>()) })
+}
+
+fn as_bytes<T: Copy>(v: &T) -> &[u8] {
+    // SAFETY: plain-data struct, read as bytes.
+    unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
+}
+
+impl Overflow {
+    fn add(&mut self, e: &RawEvent) {
+        let kb = key_bytes(&e.key);
+        let len = self.flows.len();
+        let side = (e.side & 1) as usize;
+        let entry = match self.flows.get_mut(&kb) {
+            Some(s) => s,
+            None if len >= self.cap => {
+                self.dropped += 1;
+                return;
+            }
+            None => {
+                let s = RawStats {
+                    first_seen_ns: e.ts_ns,
+                    first_side: side as u8 + 1,
+                    ..Default::default()
+                };
+                self.flows.entry(kb).or_insert(s)
+            }
+        };
+        entry.packets[side] += 1;
+        entry.bytes[side] += e.bytes;
+        entry.tcp_flags[side] |= e.tcp_flags;
+        entry.last_seen_ns = entry.last_seen_ns.max(e.ts_ns);
+        let opens = e.pad & 1 != 0;
+        let synack = e.pad & 2 != 0;
+        if opens && entry.open_side == 0 {
+            entry.open_side = side as u8 + 1;
+            if e.key.proto == 6 {
+                entry.syn_ns = e.ts_ns;
+            }
+        }
+        if synack && entry.synack_ns == 0 {
+            entry.synack_ns = e.ts_ns;
+        }
+    }
+}
+
+pub struct Attached {
+    pub iface: Interface,
+    hook: Hook,
+}
+
+impl Attached {
+    pub fn kind(&self) -> HookKind {
+        self.hook.kind()
+    }
+}
+
+/// The loaded kernel program and everything attached. Dropping it detaches
+/// every interface (fields drop in order: hooks before the programs).
+pub struct Datapath {
+    attached: HashMap<u32, Attached>,
+    ring: Option<RingBuffer<'static>>,
+    overflow: Arc<Mutex<Overflow>>,
+    skel: FlowsSkel<'static>,
+    active: u32,
+    mode: AttachMode,
+    tcx_works: Option<bool>,
+}
+
+impl Datapath {
+    /// Loads the program and its maps. Needs CAP_BPF + CAP_NET_ADMIN (root).
+    pub fn load(opts: &Options) -> Result<Datapath> {
+        if opts.max_flows == 0 {
+            bail!("max_flows must be at least 1");
+        }
+        // The skeleton borrows its object storage for its whole life; one
+        // small allocation per loaded datapath, released at process exit.
+        let storage: &'static mut MaybeUninit<libbpf_rs::OpenObject> =
+            Box::leak(Box::new(MaybeUninit::uninit()));
+        let mut open = FlowsSkelBuilder::default().open(storage).context("opening the BPF object")?;
+        open.maps.flows_a.set_max_entries(opts.max_flows)?;
+        open.maps.flows_b.set_max_entries(opts.max_flows)?;
+        let skel = open.load().map_err(|e| {
+            anyhow!("loading the BPF program failed: {e} (flowmap needs root, or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)")
+        })?;
+        let overflow = Arc::new(Mutex::new(Overflow { cap: opts.max_flows as usize, ..Default::default() }));
+        let sink = overflow.clone();
+        let mut rb = RingBufferBuilder::new();
+        rb.add(&skel.maps.overflow, move |data: &[u8]| {
+            if let Some(e) = from_bytes::<RawEvent>(data) {
+                if let Ok(mut o) = sink.lock() {
+                    o.add(&e);
+                }
+            }
+            0
+        })?;
+        let ring = rb.build()?;
+        Ok(Datapath {
+            attached: HashMap::new(),
+            ring: Some(ring),
+            overflow,
+            skel,
+            active: 0,
+            mode: opts.mode,
+            tcx_works: None,
+        })
+    }
+
+    fn progs_for(&self, l3: bool) -> (&libbpf_rs::ProgramMut<'static>, &libbpf_rs::ProgramMut<'static>) {
+        let p = &self.skel.progs;
+        if l3 {
+            (&p.flowmap_l3_in, &p.flowmap_l3_out)
+        } else {
+            (&p.flowmap_eth_in, &p.flowmap_eth_out)
+        }
+    }
+
+    /// Removes classic TC filters that a killed flowmap left on these
+    /// interfaces. TCX links cannot outlive their process.
+    pub fn remove_stale(&self, ifaces: &[Interface]) -> usize {
+        let mut n = 0;
+        for i in ifaces {
+            let removed = attach::remove_stale_tc(&self.skel.progs.flowmap_eth_in, i.ifindex);
+            if removed > 0 {
+                info!(interface = %i.name, removed, "removed TC filters left by an earlier flowmap");
+            }
+            n += removed;
+        }
+        n
+    }
+
+    /// Attaches ingress and egress to one interface.
+    pub fn attach(&mut self, iface: &Interface) -> Result<HookKind> {
+        if let Some(a) = self.attached.get(&iface.ifindex) {
+            if a.iface.name == iface.name {
+                return Ok(a.kind());
+            }
+        }
+        let mut tcx_works = self.tcx_works;
+        let (i, e) = self.progs_for(iface.l3);
+        let hook = match self.mode {
+            AttachMode::Tcx => attach::attach_tcx(i, e, iface.ifindex)?,
+            AttachMode::Tc => attach::attach_tc(i, e, iface.ifindex)?,
+            AttachMode::Auto if tcx_works == Some(false) => attach::attach_tc(i, e, iface.ifindex)?,
+            AttachMode::Auto => match attach::attach_tcx(i, e, iface.ifindex) {
+                Ok(h) => {
+                    tcx_works = Some(true);
+                    h
+                }
+                Err(err) if tcx_works.is_none() => {
+                    info!(error = %format!("{err:#}"), "TCX not available; using classic clsact filters");
+                    tcx_works = Some(false);
+                    attach::attach_tc(i, e, iface.ifindex)?
+                }
+                Err(err) => return Err(err),
+            },
+        };
+        self.tcx_works = tcx_works;
+        let kind = hook.kind();
+        self.attached.insert(iface.ifindex, Attached { iface: iface.clone(), hook });
+        Ok(kind)
+    }
+
+    /// Brings the attachments in line with the interfaces that exist now:
+    /// attaches new wanted ones, forgets vanished ones. Returns (attached,
+    /// forgotten) names.
+    pub fn reconcile(&mut self, sel: &Selection, present: &[Interface]) -> (Vec<String>, Vec<String>) {
+        let mut gone = Vec::new();
+        let keep: Vec<u32> = present
+            .iter()
+            .filter(|i| sel.wants(i))
+            .map(|i| i.ifindex)
+            .collect();
+        let stale: Vec<u32> = self
+            .attached
+            .iter()
+            .filter(|(idx, a)| {
+                !keep.contains(idx)
+                    || !present.iter().any(|p| p.ifindex == **idx && p.name == a.iface.name)
+            })
+            .map(|(idx, _)| *idx)
+            .collect();
+        for idx in stale {
+            if let Some(a) = self.attached.remove(&idx) {
+                debug!(interface = %a.iface.name, "interface gone; forgotten");
+                gone.push(a.iface.name.clone());
+            }
+        }
+        let mut added = Vec::new();
+        for i in present.iter().filter(|i| sel.wants(i)) {
+            if self.attached.contains_key(&i.ifindex) {
+                continue;
+            }
+            match self.attach(i) {
+                Ok(kind) => {
+                    info!(interface = %i.name, ifindex = i.ifindex, hook = %kind, "attached");
+                    added.push(i.name.clone());
+                }
+                // A veth can vanish between listing and attaching.
+                Err(e) => warn!(interface = %i.name, error = %format!("{e:#}"), "attach failed"),
+            }
+        }
+        (added, gone)
+    }
+
+    pub fn attached(&self) -> impl Iterator<Item = &Attached> {
+        self.attached.values()
+    }
+
+    /// Detaches everything.
+    pub fn detach_all(&mut self) {
+        self.attached.clear();
+    }
+
+    /// Pulls overflow packets out of the ring buffer.
+    pub fn poll_overflow(&self) {
+        if let Some(r) = &self.ring {
+            let _ = r.consume();
+        }
+    }
+
+    fn set_active(&mut self, v: u32) -> Result<()> {
+        let bss = self
+            .skel
+            .maps
+            .bss_data
+            .as_deref_mut()
+            .ok_or_else(|| anyhow!("the program's .bss is not memory-mapped"))?;
+        // SAFETY: a plain u32 in the mmap'ed .bss the program reads.
+        unsafe { std::ptr::write_volatile(&mut bss.active_map, v) };
+        self.active = v;
+        Ok(())
+    }
+
+    /// Swaps the flow maps and reads out the one the program no longer
+    /// writes. Counts that arrive meanwhile go to the other map and are
+    /// returned by the next drain, so nothing is lost.
+    pub fn drain(&mut self) -> Result<Drained> {
+        let old = self.active;
+        self.set_active(1 - old)?;
+        wait_for_programs();
+        let map = if old == 0 { &self.skel.maps.flows_a } else { &self.skel.maps.flows_b };
+        let keys: Vec<Vec<u8>> = map.keys().collect();
+        let mut flows = Vec::with_capacity(keys.len());
+        for k in &keys {
+            if let Some(v) = map.lookup(k, MapFlags::ANY)? {
+                if let (Some(key), Some(val)) = (from_bytes::<RawKey>(k), from_bytes::<RawStats>(&v)) {
+                    flows.push((key, val));
+                }
+            }
+            map.delete(k)?;
+        }
+        self.poll_overflow();
+        let (extra, dropped) = {
+            let mut o = self.overflow.lock().map_err(|_| anyhow!("overflow lock poisoned"))?;
+            let extra: Vec<(KeyBytes, RawStats)> = o.flows.drain().collect();
+            (extra, std::mem::take(&mut o.dropped))
+        };
+        for (kb, s) in extra {
+            if let Some(k) = from_bytes::<RawKey>(&kb) {
+                flows.push((k, s));
+            }
+        }
+        Ok(Drained { flows, stats: self.stats()?, overflow_dropped: dropped })
+    }
+
+    /// Kernel statistics since load, summed over CPUs.
+    pub fn stats(&self) -> Result<[u64; 9]> {
+        let mut out = [0u64; 9];
+        for (i, slot) in out.iter_mut().enumerate() {
+            let key = (i as u32).to_ne_bytes();
+            if let Some(per_cpu) = self.skel.maps.stats.lookup_percpu(&key, MapFlags::ANY)? {
+                *slot = per_cpu.iter().filter_map(|b| from_bytes::<u64>(b)).sum();
+            }
+        }
+        Ok(out)
+    }
+
+    /// One entry point of the program (for BPF_PROG_TEST_RUN).
+    pub fn program(&self, entry: Entry) -> &libbpf_rs::ProgramMut<'static> {
+        let p = &self.skel.progs;
+        match entry {
+            Entry::EthIngress => &p.flowmap_eth_in,
+            Entry::EthEgress => &p.flowmap_eth_out,
+            Entry::L3Ingress => &p.flowmap_l3_in,
+            Entry::L3Egress => &p.flowmap_l3_out,
+        }
+    }
+
+    /// Runs one entry point on a frame with BPF_PROG_TEST_RUN and returns
+    /// the program's verdict. The run's ifindex is the loopback's (1).
+    pub fn test_run(&self, entry: Entry, frame: &[u8]) -> Result<u32> {
+        let input = ProgramInput { data_in: Some(frame), repeat: 1, ..Default::default() };
+        let out = self.program(entry).test_run(input).context("BPF_PROG_TEST_RUN")?;
+        Ok(out.return_value)
+    }
+
+    /// Bytes of kernel memory the maps of this datapath are charged for
+    /// (the `memlock` the kernel reports for each map).
+    pub fn map_memory(&self) -> Vec<(String, u64)> {
+        let m = &self.skel.maps;
+        [&m.flows_a, &m.flows_b, &m.frags, &m.stats, &m.overflow]
+            .iter()
+            .map(|map| (map.name().to_string_lossy().into_owned(), memlock_of(map.as_fd())))
+            .collect()
+    }
+}
+
+impl Drop for Datapath {
+    fn drop(&mut self) {
+        self.attached.clear();
+        self.ring = None;
+    }
+}
+
+use std::os::fd::AsFd;
+
+/// Reads the kernel's `memlock:` line for a map from /proc/self/fdinfo.
+pub fn memlock_of(fd: std::os::fd::BorrowedFd<'_>) -> u64 {
+    use std::os::fd::AsRawFd;
+    let path = format!("/proc/self/fdinfo/{}", fd.as_raw_fd());
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("memlock:").map(|v| v.trim().parse::<u64>().ok()))
+                .flatten()
+        })
+        .unwrap_or(0)
+}
+
+/// Waits until no program still runs with the old `active_map` value: TC
+/// programs run inside RCU read-side sections, and membarrier's GLOBAL
+/// command waits for an RCU grace period. A short sleep backs it up on
+/// kernels where that command returns at once (nohz_full).
+fn wait_for_programs() {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+    // SAFETY: a plain syscall with integer arguments.
+    let rc = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0 as libc::c_long, 0 as libc::c_long) };
+    if rc != 0 {
+        std::thread::sleep(Duration::from_millis(20));
+    } else {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// The raw key as bytes (used by tests to compare keys).
+pub fn raw_key_bytes(k: &RawKey) -> Vec<u8> {
+    as_bytes(k).to_vec()
+}

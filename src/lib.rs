@@ -1,0 +1,8 @@
+//! flowmap: an eBPF network-flow agent, a drop-in implementation of
+//! Coordimap's `flows` data source. See DESIGN.md for the map of the parts.
+
+pub mod agent;
+pub mod config;
+pub mod datapath;
+pub mod flow;
+pub mod frames;

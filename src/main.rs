@@ -1,0 +1,236 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing::info;
+
+use flowmap::agent::{self, Output, RunOptions};
+use flowmap::config::{self, format_duration, Config, DeployedAt};
+use flowmap::datapath::ifaces::Selection;
+use flowmap::datapath::AttachMode;
+
+#[derive(Parser)]
+#[command(name = "flowmap", version, about = "eBPF network-flow agent for Coordimap")]
+struct Cli {
+    /// Configuration file (Coordimap's YAML format).
+    #[arg(long, global = true, env = "COORDIMAP_CONFIG_PATH")]
+    config: Option<PathBuf>,
+    /// Coordimap collector URL.
+    #[arg(long, global = true, env = "COORDIMAP_ENDPOINT")]
+    endpoint: Option<String>,
+    /// Debug logs.
+    #[arg(long, global = true)]
+    debug: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OutputArg {
+    Jsonl,
+    None,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ModeArg {
+    Auto,
+    Tcx,
+    Tc,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the agent.
+    Run {
+        /// Write each interval's flows to stdout, one JSON object per line.
+        #[arg(long, value_enum, default_value = "none")]
+        output: OutputArg,
+        /// Flush and exit after this long (e.g. 30s, 5m).
+        #[arg(long, value_parser = parse_duration)]
+        duration: Option<Duration>,
+        /// Override the hook type (default: the config's attach_mode, else auto).
+        #[arg(long, value_enum)]
+        attach_mode: Option<ModeArg>,
+    },
+    /// Validate the configuration and print what it resolves to.
+    Check,
+    /// Measure the kernel program per packet with BPF_PROG_TEST_RUN.
+    Bench {
+        /// Packets per measurement.
+        #[arg(long, default_value_t = 1_000_000)]
+        repeat: u32,
+        /// Measurements per case and program (the median is printed).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    match config::parse_go_duration(s) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err("must be more than zero".into()),
+        Err(e) => Err(format!("{s:?} is not a duration ({e}); like 30s, 5m")),
+    }
+}
+
+/// Where the configuration comes from, as the user asked.
+fn load_config(path: Option<&PathBuf>) -> Result<(Config, String), ExitCode> {
+    let (path, explicit) = match path {
+        Some(p) => (p.clone(), true),
+        None => (PathBuf::from("config.yaml"), false),
+    };
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if !explicit && e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok((Config::builtin_default(), "built-in default (no config.yaml here)".into()));
+        }
+        Err(e) => {
+            eprintln!("error: reading configuration {}: {e}", path.display());
+            return Err(ExitCode::from(2));
+        }
+    };
+    match config::parse(&text, &|n| std::env::var(n).ok()) {
+        Ok(c) => Ok((c, path.display().to_string())),
+        Err(errs) => {
+            eprintln!("{}: invalid configuration", path.display());
+            eprintln!("{errs}");
+            Err(ExitCode::from(2))
+        }
+    }
+}
+
+fn check_endpoint(cfg: &Config, endpoint: Option<&str>) -> Result<(), ExitCode> {
+    if endpoint.is_some_and(|e| !e.is_empty()) && cfg.api_key.is_none() {
+        eprintln!("error: coordimap.api_key: required when an endpoint is configured (--endpoint / COORDIMAP_ENDPOINT)");
+        return Err(ExitCode::from(2));
+    }
+    Ok(())
+}
+
+fn print_check(cfg: &Config, source: &str, endpoint: Option<&str>) {
+    println!("configuration: {source}");
+    println!("api_key: {}", if cfg.api_key.is_some() { "set (hidden)" } else { "not set" });
+    println!("endpoint: {}", endpoint.filter(|e| !e.is_empty()).unwrap_or("none (data stays local)"));
+    if !cfg.skip_fields.is_empty() {
+        println!("skip_fields: {}", cfg.skip_fields.join(", "));
+    }
+    if let Some(db) = &cfg.database {
+        println!("database: {:?} (connection string hidden)", db.driver);
+    }
+    for f in &cfg.flows {
+        println!("data source {:?} (flows)", f.id);
+        let ifs = match &f.interfaces {
+            Selection::All => "all".to_string(),
+            Selection::Names(n) => n.join(","),
+        };
+        println!("  interface_name: {ifs}");
+        println!(
+            "  deployedAt: {}",
+            match f.deployed_at {
+                DeployedAt::Server => "server",
+                DeployedAt::Kubernetes => "kubernetes",
+            }
+        );
+        let maps: Vec<String> = f.external_mappings.iter().map(|m| format!("{}@{}", m.key, m.value)).collect();
+        println!("  external_mappings: {}", if maps.is_empty() { "(none)".into() } else { maps.join(" ") });
+        println!("  crawl_interval: {}", format_duration(f.crawl_interval));
+        println!("  max_flows: {}", f.max_flows);
+        println!(
+            "  attach_mode: {}",
+            match f.attach_mode {
+                AttachMode::Auto => "auto",
+                AttachMode::Tcx => "tcx",
+                AttachMode::Tc => "tc",
+            }
+        );
+    }
+    for o in &cfg.others {
+        println!("not run by flowmap: data source {:?} of type {:?}", o.id, o.kind);
+    }
+    for w in &cfg.warnings {
+        println!("warning: {w}");
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = if cli.debug { "debug" } else { "info" };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter)),
+        )
+        .init();
+    let endpoint = cli.endpoint.as_deref();
+    match cli.cmd {
+        Cmd::Check => {
+            let (cfg, source) = match load_config(cli.config.as_ref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            if let Err(code) = check_endpoint(&cfg, endpoint) {
+                return code;
+            }
+            print_check(&cfg, &source, endpoint);
+            ExitCode::SUCCESS
+        }
+        Cmd::Run { output, duration, attach_mode } => {
+            let (cfg, source) = match load_config(cli.config.as_ref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            if let Err(code) = check_endpoint(&cfg, endpoint) {
+                return code;
+            }
+            for w in &cfg.warnings {
+                tracing::warn!("{w}");
+            }
+            for o in &cfg.others {
+                info!(id = %o.id, kind = %o.kind, "data source not run by flowmap");
+            }
+            info!(config = %source, "configuration loaded");
+            if endpoint.is_some() {
+                tracing::warn!("shipping to a collector is not in this version yet; flows are only written locally");
+            }
+            let opts = RunOptions {
+                output: match output {
+                    OutputArg::Jsonl => Output::Jsonl,
+                    OutputArg::None => Output::None,
+                },
+                duration,
+                attach_mode: attach_mode.map(|m| match m {
+                    ModeArg::Auto => AttachMode::Auto,
+                    ModeArg::Tcx => AttachMode::Tcx,
+                    ModeArg::Tc => AttachMode::Tc,
+                }),
+            };
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: starting the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(agent::run(&cfg, opts)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::Bench { repeat, rounds } => {
+            let stdout = std::io::stdout();
+            let mut out = stdout.lock();
+            match flowmap::datapath::bench::run(repeat, rounds.max(1), &mut out) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

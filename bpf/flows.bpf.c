@@ -23,6 +23,7 @@
 #define MAX_IPV6_EXT 8   /* extension headers followed before giving up */
 #define MAX_VLAN_TAGS 2  /* 802.1ad outer + 802.1Q inner */
 #define DIRECT_MAX_OFF 4096
+#define PARSE_OK STAT_MAX /* not a statistics index */
 
 #ifndef ETH_P_8021AD
 #define ETH_P_8021AD 0x88A8
@@ -146,11 +147,17 @@ static __always_inline int side_of(const __u8 *a, __u16 pa, const __u8 *b, __u16
 	return pa > pb;
 }
 
-static __always_inline void account(struct __sk_buff *skb, struct pkt *p)
+static __always_inline void account(struct __sk_buff *skb, struct pkt *p, void *map)
 {
 	struct flow_key key;
 	__u32 side = side_of(p->saddr, p->sport, p->daddr, p->dport);
-	__u64 now = bpf_ktime_get_ns();
+	/* first/last seen need no more than the coarse clock (a few ms, far
+	 * cheaper); the handshake packets read the precise one. Both are
+	 * CLOCK_MONOTONIC. */
+	__u64 now = bpf_ktime_get_coarse_ns();
+	__u64 precise = 0;
+	if (p->opens || p->synack)
+		precise = bpf_ktime_get_ns();
 	__u64 len = skb->len;
 
 	__builtin_memset(&key, 0, sizeof(key));
@@ -169,7 +176,6 @@ static __always_inline void account(struct __sk_buff *skb, struct pkt *p)
 	key.proto = p->proto;
 	key.family = p->family;
 
-	void *map = active_map ? (void *)&flows_b : (void *)&flows_a;
 	struct flow_stats *v = bpf_map_lookup_elem(map, &key);
 	if (!v) {
 		struct flow_stats nv;
@@ -189,15 +195,13 @@ static __always_inline void account(struct __sk_buff *skb, struct pkt *p)
 		if (p->opens) {
 			nv.open_side = side + 1;
 			if (p->proto == IPPROTO_TCP)
-				nv.syn_ns = now;
+				nv.syn_ns = precise;
 		}
 		if (p->synack)
-			nv.synack_ns = now;
+			nv.synack_ns = precise;
 		long err = bpf_map_update_elem(map, &key, &nv, BPF_NOEXIST);
-		if (err == 0) {
-			stat_inc(STAT_FLOW_PACKETS);
+		if (err == 0)
 			return;
-		}
 		if (err == -17 /* EEXIST: created by another CPU meanwhile */)
 			v = bpf_map_lookup_elem(map, &key);
 		if (!v) {
@@ -211,11 +215,10 @@ static __always_inline void account(struct __sk_buff *skb, struct pkt *p)
 			__builtin_memcpy(&e->key, &key, sizeof(key));
 			e->side = side;
 			e->bytes = len;
-			e->ts_ns = now;
+			e->ts_ns = precise ? precise : now;
 			e->tcp_flags = p->tcp_flags;
 			e->pad = p->opens | (p->synack << 1);
 			bpf_ringbuf_submit(e, 0);
-			stat_inc(STAT_FLOW_PACKETS);
 			return;
 		}
 	}
@@ -237,14 +240,13 @@ static __always_inline void account(struct __sk_buff *skb, struct pkt *p)
 	if (p->opens && !v->open_side) {
 		v->open_side = side + 1;
 		if (p->proto == IPPROTO_TCP && !v->syn_ns)
-			v->syn_ns = now;
+			v->syn_ns = precise;
 	}
 	if (p->synack && !v->synack_ns)
-		v->synack_ns = now;
-	stat_inc(STAT_FLOW_PACKETS);
+		v->synack_ns = precise;
 }
 
-/* Parse the L4 header at off. Returns 0 when the packet is a flow. */
+/* Parse the L4 header at off. Returns PARSE_OK when the packet is a flow, else the stat to count. */
 static __always_inline int parse_l4(struct __sk_buff *skb, __u32 off, struct pkt *p)
 {
 	switch (p->proto) {
@@ -260,7 +262,7 @@ static __always_inline int parse_l4(struct __sk_buff *skb, __u32 off, struct pkt
 		/* SYN without ACK opens; SYN+ACK answers. */
 		p->opens = (h[13] & 0x12) == 0x02;
 		p->synack = (h[13] & 0x12) == 0x12;
-		return 0;
+		return PARSE_OK;
 	}
 	case IPPROTO_UDP:
 	case IPPROTO_UDPLITE: {
@@ -269,7 +271,7 @@ static __always_inline int parse_l4(struct __sk_buff *skb, __u32 off, struct pkt
 			return STAT_TRUNCATED;
 		p->sport = ((__u16)h[0] << 8) | h[1];
 		p->dport = ((__u16)h[2] << 8) | h[3];
-		return 0;
+		return PARSE_OK;
 	}
 	case IPPROTO_SCTP: {
 		__u8 h[12];
@@ -277,7 +279,7 @@ static __always_inline int parse_l4(struct __sk_buff *skb, __u32 off, struct pkt
 			return STAT_TRUNCATED;
 		p->sport = ((__u16)h[0] << 8) | h[1];
 		p->dport = ((__u16)h[2] << 8) | h[3];
-		return 0;
+		return PARSE_OK;
 	}
 	case IPPROTO_ICMP:
 	case 58 /* IPPROTO_ICMPV6 */: {
@@ -288,10 +290,10 @@ static __always_inline int parse_l4(struct __sk_buff *skb, __u32 off, struct pkt
 			p->opens = h[0] == 8;   /* echo request */
 		else
 			p->opens = h[0] == 128; /* echo request */
-		return 0;
+		return PARSE_OK;
 	}
 	default:
-		return 0; /* counted by protocol number, no ports */
+		return PARSE_OK; /* counted by protocol number, no ports */
 	}
 }
 
@@ -319,17 +321,17 @@ static __always_inline int parse_l4_frag(struct __sk_buff *skb, __u32 off, struc
 		} else {
 			stat_inc(STAT_FRAG_NO_HEAD);
 		}
-		return 0;
+		return PARSE_OK;
 	}
 	int r = parse_l4(skb, off, p);
-	if (r)
+	if (r != PARSE_OK)
 		return r;
 	if (fragmented && (p->sport || p->dport)) {
 		struct frag_ports fp = { .sport = p->sport, .dport = p->dport };
 		frag_key_of(&fk, p, id);
 		bpf_map_update_elem(&frags, &fk, &fp, BPF_ANY);
 	}
-	return 0;
+	return PARSE_OK;
 }
 
 static __always_inline int parse_ipv4(struct __sk_buff *skb, __u32 off, struct pkt *p)
@@ -442,9 +444,13 @@ static __always_inline int parse_ip_at(struct __sk_buff *skb, __u32 off, __u16 e
 
 static __always_inline void finish(struct __sk_buff *skb, struct pkt *p, int r)
 {
-	if (r == 0)
-		account(skb, p);
-	else
+	/* One call site per map, so the verifier can inline each lookup. */
+	if (r == PARSE_OK) {
+		if (active_map)
+			account(skb, p, &flows_b);
+		else
+			account(skb, p, &flows_a);
+	} else
 		stat_inc(r);
 }
 
@@ -453,7 +459,6 @@ static __always_inline int handle_eth(struct __sk_buff *skb)
 {
 	struct pkt p;
 	__builtin_memset(&p, 0, sizeof(p));
-	stat_inc(STAT_PACKETS);
 
 	__u8 eth[14];
 	if (load(skb, 0, eth, sizeof(eth))) {
@@ -483,7 +488,6 @@ static __always_inline int handle_l3(struct __sk_buff *skb)
 {
 	struct pkt p;
 	__builtin_memset(&p, 0, sizeof(p));
-	stat_inc(STAT_PACKETS);
 
 	__u8 v;
 	if (load(skb, 0, &v, 1)) {

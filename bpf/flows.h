@@ -50,9 +50,7 @@ struct flow_event {
 
 /* Indexes of the per-CPU statistics array. */
 enum flow_stat {
-	STAT_PACKETS = 0,        /* every packet the program ran on */
-	STAT_FLOW_PACKETS,       /* packets counted into a flow (map or ring) */
-	STAT_NON_IP,             /* ARP, LLDP, ...: not a flow, not an error */
+	STAT_NON_IP = 0,             /* ARP, LLDP, ...: not a flow, not an error */
 	STAT_TRUNCATED,          /* a header ends before its stated length */
 	STAT_BAD_HEADER,         /* impossible header length or version */
 	STAT_EXT_CHAIN_TOO_LONG, /* more IPv6 extension headers than we follow */

@@ -59,7 +59,7 @@ struct Loop {
     sel: Selection,
     table: FlowTable,
     names: HashMap<u32, String>,
-    last_stats: [u64; 9],
+    last_stats: [u64; STAT_NAMES.len()],
     output: Output,
 }
 
@@ -95,15 +95,16 @@ impl Loop {
         }
         let d: Vec<u64> = drained.stats.iter().zip(self.last_stats.iter()).map(|(a, b)| a.saturating_sub(*b)).collect();
         self.last_stats = drained.stats;
+        let packets: u64 = records.iter().map(|r| r.src_to_dst.packets + r.dst_to_src.packets).sum();
         info!(
             flows = records.len(),
             connections = self.table.len(),
-            packets = d[0],
+            packets,
             attached = self.dp.attached().count(),
             "interval"
         );
-        // Index 0 and 1 are volume; 2 (non-IP) is not a loss.
-        let losses: Vec<String> = (3..STAT_NAMES.len())
+        // Index 0 (non-IP) is not a loss.
+        let losses: Vec<String> = (1..STAT_NAMES.len())
             .filter(|i| d[*i] > 0)
             .map(|i| format!("{}={}", STAT_NAMES[i], d[i]))
             .collect();
@@ -132,7 +133,7 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<()> {
         sel,
         table: FlowTable::new(max_flows as usize * 4, (interval * 4).max(Duration::from_secs(120))),
         names: HashMap::new(),
-        last_stats: [0; 9],
+        last_stats: [0; STAT_NAMES.len()],
         output: opts.output,
     };
     lp.refresh_interfaces();

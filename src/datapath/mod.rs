@@ -27,9 +27,7 @@ pub use skel::types::{flow_event as RawEvent, flow_key as RawKey, flow_stats as 
 use skel::{FlowsSkel, FlowsSkelBuilder};
 
 /// Names of the kernel statistics, in the order of `enum flow_stat`.
-pub const STAT_NAMES: [&str; 9] = [
-    "packets",
-    "flow_packets",
+pub const STAT_NAMES: [&str; 7] = [
     "non_ip",
     "truncated",
     "bad_header",
@@ -91,7 +89,7 @@ pub enum Entry {
 pub struct Drained {
     pub flows: Vec<(RawKey, RawStats)>,
     /// Kernel statistics since load (cumulative), indexed like STAT_NAMES.
-    pub stats: [u64; 9],
+    pub stats: [u64; STAT_NAMES.len()],
     /// Overflow packets that user space could not keep (its table full).
     pub overflow_dropped: u64,
 }
@@ -391,8 +389,8 @@ impl Datapath {
     }
 
     /// Kernel statistics since load, summed over CPUs.
-    pub fn stats(&self) -> Result<[u64; 9]> {
-        let mut out = [0u64; 9];
+    pub fn stats(&self) -> Result<[u64; STAT_NAMES.len()]> {
+        let mut out = [0u64; STAT_NAMES.len()];
         for (i, slot) in out.iter_mut().enumerate() {
             let key = (i as u32).to_ne_bytes();
             if let Some(per_cpu) = self.skel.maps.stats.lookup_percpu(&key, MapFlags::ANY)? {

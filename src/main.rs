@@ -158,11 +158,17 @@ fn main() -> ExitCode {
     let filter = if cli.debug { "debug" } else { "info" };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter)),
         )
         .init();
+    // libbpf's own messages (verifier logs, netlink notes) at debug level.
+    libbpf_rs::set_print(Some((
+        libbpf_rs::PrintLevel::Debug,
+        |_level, msg: String| tracing::debug!(target: "libbpf", "{}", msg.trim_end()),
+    )));
     let endpoint = cli.endpoint.as_deref();
     match cli.cmd {
         Cmd::Check => {

@@ -127,3 +127,22 @@ pub fn remove_stale_tc(any_prog: &Program<'_>, ifindex: u32) -> usize {
     }
     removed
 }
+
+/// Names of the programs attached to an interface with TCX links, read
+/// from the kernel (bpftool 7.1 does not show TCX links).
+pub fn tcx_programs(ifindex: u32) -> Vec<String> {
+    use libbpf_rs::query::{LinkInfoIter, LinkTypeInfo, ProgInfoIter};
+    let ids: Vec<u32> = LinkInfoIter::default()
+        .filter_map(|l| match l.info {
+            LinkTypeInfo::Tcx(t) if t.ifindex == ifindex => Some(l.prog_id),
+            _ => None,
+        })
+        .collect();
+    if ids.is_empty() {
+        return Vec::new();
+    }
+    ProgInfoIter::default()
+        .filter(|p| ids.contains(&p.id))
+        .map(|p| p.name.to_string_lossy().into_owned())
+        .collect()
+}

@@ -205,7 +205,7 @@ impl Datapath {
         open.maps.flows_a.set_max_entries(opts.max_flows)?;
         open.maps.flows_b.set_max_entries(opts.max_flows)?;
         let skel = open.load().map_err(|e| {
-            anyhow!("loading the BPF program failed: {e} (flowmap needs root, or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)")
+            anyhow!("loading the BPF program failed: {e} (flowmap needs root, or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON; --debug shows libbpf's log)")
         })?;
         let overflow = Arc::new(Mutex::new(Overflow { cap: opts.max_flows as usize, ..Default::default() }));
         let sink = overflow.clone();

@@ -1,0 +1,460 @@
+//! End to end: real traffic through a veth pair into a namespace the test
+//! creates, the agent binary attached to it, and its JSON lines compared
+//! with exact expected counts and with an independent AF_PACKET capture.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream, UdpSocket};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::{sh, VethNs};
+
+/// The e2e tests share interfaces of the host: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn lock() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct Agent {
+    child: Child,
+    out: JoinHandle<String>,
+    err: Arc<Mutex<String>>,
+    _cfg: tempfile_path::TempPath,
+}
+
+mod tempfile_path {
+    /// A file removed on drop.
+    pub struct TempPath(pub std::path::PathBuf);
+    impl Drop for TempPath {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+impl Agent {
+    fn start(iface: &str, extra: &[&str]) -> Agent {
+        let path = std::env::temp_dir().join(format!("flowmap-e2e-{}-{iface}.yaml", std::process::id()));
+        std::fs::write(
+            &path,
+            format!(
+                "coordimap:\n  data_sources:\n    - type: flows\n      data_source_id: e2e\n      config:\n        - name: interface_name\n          value: {iface}\n        - name: crawl_interval\n          value: 1s\n"
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_flowmap"))
+            .args(["run", "--config", path.to_str().unwrap(), "--output", "jsonl"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start flowmap");
+        let mut stdout = child.stdout.take().unwrap();
+        let out = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stdout.read_to_string(&mut s);
+            s
+        });
+        let err = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel();
+        let sink = err.clone();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("flowmap running") {
+                    let _ = tx.send(());
+                }
+                sink.lock().unwrap().push_str(&(line + "\n"));
+            }
+        });
+        let a = Agent { child, out, err, _cfg: tempfile_path::TempPath(path) };
+        if rx.recv_timeout(Duration::from_secs(30)).is_err() {
+            panic!("agent did not start:\n{}", a.err.lock().unwrap());
+        }
+        a
+    }
+
+    fn stderr(&self) -> String {
+        self.err.lock().unwrap().clone()
+    }
+
+    /// SIGTERM, wait, return stdout.
+    fn stop(mut self) -> (String, String) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let st = self.child.wait().unwrap();
+        let out = std::mem::replace(&mut self.out, std::thread::spawn(String::new)).join().unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let err = self.stderr();
+        assert!(st.success(), "agent exit {st:?}\n{err}");
+        (out, err)
+    }
+
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Dir {
+    packets: u64,
+    bytes: u64,
+}
+
+#[derive(Debug, Default, Clone, PartialEq)]
+struct Totals {
+    s2d: Dir,
+    d2s: Dir,
+    rtt_us: Option<f64>,
+    orientation: String,
+    interface: String,
+}
+
+type Tuple = (String, String, u16, String, u16); // proto, src, sport, dst, dport
+
+fn agent_totals(jsonl: &str) -> HashMap<Tuple, Totals> {
+    let mut m: HashMap<Tuple, Totals> = HashMap::new();
+    for line in jsonl.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("bad line {line}: {e}"));
+        let t = (
+            v["protocol"].as_str().unwrap().to_string(),
+            v["src_ip"].as_str().unwrap().to_string(),
+            v["src_port"].as_u64().unwrap() as u16,
+            v["dst_ip"].as_str().unwrap().to_string(),
+            v["dst_port"].as_u64().unwrap() as u16,
+        );
+        let e = m.entry(t).or_default();
+        e.s2d.packets += v["src_to_dst"]["packets"].as_u64().unwrap();
+        e.s2d.bytes += v["src_to_dst"]["bytes"].as_u64().unwrap();
+        e.d2s.packets += v["dst_to_src"]["packets"].as_u64().unwrap();
+        e.d2s.bytes += v["dst_to_src"]["bytes"].as_u64().unwrap();
+        if let Some(r) = v["handshake_rtt_us"].as_f64() {
+            e.rtt_us = Some(r);
+        }
+        e.orientation = v["orientation"].as_str().unwrap().to_string();
+        e.interface = v["interface"].as_str().unwrap().to_string();
+        assert!(v["first_seen"].as_str().unwrap().ends_with('Z'));
+        assert!(v["last_seen"].as_str().unwrap() >= v["first_seen"].as_str().unwrap());
+    }
+    m
+}
+
+/// An AF_PACKET capture of one interface: the independent oracle.
+struct Capture {
+    stop: Arc<AtomicBool>,
+    handle: JoinHandle<Vec<(usize, Vec<u8>)>>,
+}
+
+impl Capture {
+    fn start(ifindex: u32) -> Capture {
+        // SAFETY: plain socket calls on a socket we own; buffers are ours.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, (libc::ETH_P_ALL as u16).to_be() as i32) };
+        assert!(fd >= 0, "AF_PACKET socket");
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+        sll.sll_ifindex = ifindex as i32;
+        let rc = unsafe { libc::bind(fd, &sll as *const _ as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_ll>() as u32) };
+        assert_eq!(rc, 0, "bind AF_PACKET");
+        let tv = libc::timeval { tv_sec: 0, tv_usec: 100_000 };
+        let buf: i32 = 16 << 20;
+        unsafe {
+            libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv as *const _ as *const _, std::mem::size_of::<libc::timeval>() as u32);
+            libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &buf as *const _ as *const _, 4);
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let mut b = [0u8; 256];
+            while !flag.load(Ordering::SeqCst) {
+                let n = unsafe { libc::recv(fd, b.as_mut_ptr().cast(), b.len(), libc::MSG_TRUNC) };
+                if n > 0 {
+                    let keep = (n as usize).min(b.len());
+                    got.push((n as usize, b[..keep].to_vec()));
+                }
+            }
+            // Drain what is still queued.
+            loop {
+                let n = unsafe { libc::recv(fd, b.as_mut_ptr().cast(), b.len(), libc::MSG_TRUNC | libc::MSG_DONTWAIT) };
+                if n <= 0 {
+                    break;
+                }
+                got.push((n as usize, b[..(n as usize).min(b.len())].to_vec()));
+            }
+            unsafe { libc::close(fd) };
+            got
+        });
+        Capture { stop, handle }
+    }
+
+    fn finish(self) -> Vec<(usize, Vec<u8>)> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.handle.join().unwrap()
+    }
+}
+
+/// (proto name, src, sport, dst, dport) of a captured Ethernet frame.
+fn tuple_of(f: &[u8]) -> Option<Tuple> {
+    let et = u16::from_be_bytes([f[12], f[13]]);
+    let (proto, src, dst, l4): (u8, IpAddr, IpAddr, usize) = match et {
+        0x0800 => {
+            let ihl = (f[14] & 0xf) as usize * 4;
+            let s: [u8; 4] = f[26..30].try_into().ok()?;
+            let d: [u8; 4] = f[30..34].try_into().ok()?;
+            (f[23], IpAddr::from(s), IpAddr::from(d), 14 + ihl)
+        }
+        0x86dd => {
+            let s: [u8; 16] = f[22..38].try_into().ok()?;
+            let d: [u8; 16] = f[38..54].try_into().ok()?;
+            (f[20], IpAddr::from(s), IpAddr::from(d), 54)
+        }
+        _ => return None,
+    };
+    let (sp, dp) = if proto == 6 || proto == 17 {
+        (u16::from_be_bytes([f[l4], f[l4 + 1]]), u16::from_be_bytes([f[l4 + 2], f[l4 + 3]]))
+    } else {
+        (0, 0)
+    };
+    let name = match proto {
+        6 => "tcp",
+        17 => "udp",
+        1 => "icmp",
+        58 => "icmpv6",
+        _ => return None,
+    };
+    Some((name.into(), src.to_string(), sp, dst.to_string(), dp))
+}
+
+/// Totals of the captured frames of one connection, oriented like `t`.
+fn oracle(cap: &[(usize, Vec<u8>)], t: &Tuple) -> Totals {
+    let mut o = Totals::default();
+    for (len, f) in cap {
+        let Some(c) = tuple_of(f) else { continue };
+        if c == *t {
+            o.s2d.packets += 1;
+            o.s2d.bytes += *len as u64;
+        } else if (c.0.as_str(), c.1.as_str(), c.2, c.3.as_str(), c.4) == (t.0.as_str(), t.3.as_str(), t.4, t.1.as_str(), t.2) {
+            o.d2s.packets += 1;
+            o.d2s.bytes += *len as u64;
+        }
+    }
+    o
+}
+
+const SERVER: &str = r#"
+import socket, sys, threading
+t = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+t.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+t.bind(("::", 5001)); t.listen(8)
+u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+u.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+u.bind(("::", 5002))
+def tcp():
+    while True:
+        c, _ = t.accept()
+        while c.recv(65536):
+            pass
+        c.sendall(b"r" * 1000)
+        c.close()
+def udp():
+    while True:
+        _, a = u.recvfrom(65536)
+        u.sendto(b"a" * 50, a)
+threading.Thread(target=tcp, daemon=True).start()
+threading.Thread(target=udp, daemon=True).start()
+print("ready", flush=True)
+sys.stdin.read()
+"#;
+
+struct Server(Child);
+
+impl Server {
+    fn start(v: &VethNs) -> Server {
+        let mut c = Command::new("ip")
+            .args(["netns", "exec", &v.ns, "python3", "-c", SERVER])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(c.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ready");
+        Server(c)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+const TCP_BYTES: usize = 256 * 1024;
+const UDP_SIZES: [usize; 10] = [100, 200, 300, 400, 500, 600, 700, 800, 900, 1000];
+
+/// Sends the known traffic to `dst`; returns the client's TCP and UDP ports.
+fn traffic(dst: IpAddr) -> (u16, u16) {
+    let mut s = TcpStream::connect_timeout(&SocketAddr::new(dst, 5001), Duration::from_secs(5)).unwrap();
+    let tcp_port = s.local_addr().unwrap().port();
+    s.write_all(&vec![7u8; TCP_BYTES]).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).unwrap();
+    assert_eq!(back.len(), 1000);
+    drop(s);
+
+    let bind: SocketAddr = if dst.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
+    let u = UdpSocket::bind(bind).unwrap();
+    u.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let udp_port = u.local_addr().unwrap().port();
+    for size in UDP_SIZES {
+        u.send_to(&vec![1u8; size], SocketAddr::new(dst, 5002)).unwrap();
+        let mut b = [0u8; 100];
+        assert_eq!(u.recv(&mut b).unwrap(), 50);
+        // Spread over more than one drain of the agent (1 s interval).
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    let fam = if dst.is_ipv4() { "-4" } else { "-6" };
+    sh(&["ping", fam, "-c", "3", "-i", "0.2", "-s", "56", "-W", "2", &dst.to_string()]);
+    (tcp_port, udp_port)
+}
+
+fn ifindex_of(dev: &str) -> u32 {
+    std::fs::read_to_string(format!("/sys/class/net/{dev}/ifindex")).unwrap().trim().parse().unwrap()
+}
+
+fn nothing_attached(dev: &str) {
+    let tcx = flowmap::datapath::attach::tcx_programs(ifindex_of(dev));
+    assert!(tcx.iter().all(|n| !n.starts_with("flowmap")), "flowmap TCX links left on {dev}: {tcx:?}");
+    for dir in ["ingress", "egress"] {
+        let tc = Command::new("tc").args(["filter", "show", "dev", dev, dir]).output().unwrap();
+        let tc = String::from_utf8_lossy(&tc.stdout);
+        assert!(!tc.contains("flowmap"), "flowmap TC filter left on {dev} {dir}:\n{tc}");
+    }
+}
+
+#[test]
+fn exact_counts_ipv4_and_ipv6_through_a_veth() {
+    if !common::privileged("exact_counts_ipv4_and_ipv6_through_a_veth") {
+        return;
+    }
+    let _g = lock();
+    let v = VethNs::new();
+    let _server = Server::start(&v);
+    let cap = Capture::start(v.ifindex());
+    let agent = Agent::start(&v.host, &[]);
+    let (t4, u4) = traffic(v.peer_v4.parse().unwrap());
+    let (t6, u6) = traffic(v.peer_v6.parse().unwrap());
+    std::thread::sleep(Duration::from_millis(300));
+    let captured = cap.finish();
+    let (out, err) = agent.stop();
+    nothing_attached(&v.host);
+    let got = agent_totals(&out);
+
+    for (host, peer, tcp_port, udp_port, ip_hdr, icmp) in [
+        (&v.host_v4, &v.peer_v4, t4, u4, 20u64, "icmp"),
+        (&v.host_v6, &v.peer_v6, t6, u6, 40u64, "icmpv6"),
+    ] {
+        let tcp: Tuple = ("tcp".into(), host.clone(), tcp_port, peer.clone(), 5001);
+        let a = got.get(&tcp).unwrap_or_else(|| panic!("no TCP flow {tcp:?} in:\n{out}\n{err}"));
+        let o = oracle(&captured, &tcp);
+        assert_eq!((a.s2d, a.d2s), (o.s2d, o.d2s), "TCP {tcp:?} agent vs capture");
+        assert!(a.s2d.bytes > TCP_BYTES as u64 && a.d2s.bytes > 1000);
+        assert_eq!(a.orientation, "syn");
+        assert!(a.rtt_us.is_some_and(|r| r > 0.0), "handshake time for {tcp:?}");
+        assert_eq!(a.interface, v.host);
+
+        let udp: Tuple = ("udp".into(), host.clone(), udp_port, peer.clone(), 5002);
+        let a = got.get(&udp).unwrap_or_else(|| panic!("no UDP flow {udp:?} in:\n{out}"));
+        let hdr = 14 + ip_hdr + 8;
+        let sent: u64 = UDP_SIZES.iter().map(|s| hdr + *s as u64).sum();
+        assert_eq!(a.s2d, Dir { packets: 10, bytes: sent }, "UDP {udp:?}");
+        assert_eq!(a.d2s, Dir { packets: 10, bytes: 10 * (hdr + 50) });
+        let o = oracle(&captured, &udp);
+        assert_eq!((a.s2d, a.d2s), (o.s2d, o.d2s));
+        assert_eq!(a.orientation, "first_packet");
+
+        let ping: Tuple = (icmp.into(), host.clone(), 0, peer.clone(), 0);
+        let a = got.get(&ping).unwrap_or_else(|| panic!("no ICMP flow {ping:?} in:\n{out}"));
+        let echo = 14 + ip_hdr + 8 + 56;
+        assert_eq!(a.s2d, Dir { packets: 3, bytes: 3 * echo }, "{icmp} echo requests");
+        if icmp == "icmp" {
+            // ICMPv6 also carries neighbour discovery between the same hosts.
+            assert_eq!(a.d2s, Dir { packets: 3, bytes: 3 * echo });
+        }
+        assert_eq!(a.orientation, "icmp_echo");
+    }
+}
+
+#[test]
+fn a_veth_created_while_running_is_attached_and_counted() {
+    if !common::privileged("a_veth_created_while_running_is_attached_and_counted") {
+        return;
+    }
+    let _g = lock();
+    let agent = Agent::start("all", &[]);
+    let v = VethNs::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !agent.stderr().contains(&format!("interface={}", v.host)) {
+        assert!(Instant::now() < deadline, "new veth not attached:\n{}", agent.stderr());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let u = UdpSocket::bind("0.0.0.0:0").unwrap();
+    let port = u.local_addr().unwrap().port();
+    for _ in 0..5 {
+        u.send_to(&[0u8; 300], (v.peer_v4.as_str(), 5999)).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let (out, _) = agent.stop();
+    let got = agent_totals(&out);
+    let t: Tuple = ("udp".into(), v.host_v4.clone(), port, v.peer_v4.clone(), 5999);
+    let a = got.get(&t).unwrap_or_else(|| panic!("no flow {t:?}:\n{out}"));
+    assert_eq!(a.s2d, Dir { packets: 5, bytes: 5 * (14 + 20 + 8 + 300) });
+    assert_eq!(a.interface, v.host);
+    nothing_attached(&v.host);
+}
+
+#[test]
+fn nothing_stays_attached_after_sigkill_and_restart() {
+    if !common::privileged("nothing_stays_attached_after_sigkill_and_restart") {
+        return;
+    }
+    let _g = lock();
+    let v = VethNs::new();
+    // TCX links die with the process.
+    let a = Agent::start(&v.host, &["--attach-mode", "tcx"]);
+    let tcx = flowmap::datapath::attach::tcx_programs(v.ifindex());
+    assert_eq!(tcx.iter().filter(|n| n.starts_with("flowmap_eth_")).count(), 2, "TCX ingress+egress expected: {tcx:?}");
+    a.kill();
+    std::thread::sleep(Duration::from_millis(200));
+    nothing_attached(&v.host);
+
+    // Classic TC filters outlive a killed process ...
+    let a = Agent::start(&v.host, &["--attach-mode", "tc"]);
+    a.kill();
+    let left = sh(&["tc", "filter", "show", "dev", &v.host, "ingress"]);
+    assert!(left.contains("flowmap_eth_in"), "the killed agent's filter should remain:\n{left}");
+    // ... and the next start removes them, and its own at exit.
+    let a = Agent::start(&v.host, &["--attach-mode", "tc"]);
+    assert!(a.stderr().contains("removed TC filters left by an earlier flowmap"), "{}", a.stderr());
+    let (_, _) = a.stop();
+    nothing_attached(&v.host);
+}

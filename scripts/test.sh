@@ -8,4 +8,13 @@ bash scripts/cleanup-test-leftovers.sh
 trap 'bash scripts/cleanup-test-leftovers.sh' EXIT
 cargo build --locked --all-targets 2>&1 | tail -n 3
 # Unit tests, parser (BPF_PROG_TEST_RUN), config, end to end.
-cargo test --locked -- --test-threads=2
+log=$(mktemp)
+set +e
+cargo test --locked -- --test-threads=2 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+passed=$(grep -Eo '^test result: .* ([0-9]+) passed' "$log" | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
+failed=$(grep -Eo '[0-9]+ failed;' "$log" | awk '{s+=$1} END {print s+0}')
+rm -f "$log"
+echo "summary: $passed passed, $failed failed"
+exit "$status"

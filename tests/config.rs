@@ -199,3 +199,43 @@ proptest! {
         let _ = parse_go_duration(&s);
     }
 }
+
+fn flowmap(args: &[&str], envs: &[(&str, &str)]) -> std::process::Output {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_flowmap"));
+    c.args(args).env_remove("COORDIMAP_ENDPOINT").env_remove("COORDIMAP_CONFIG_PATH");
+    for (k, v) in envs {
+        c.env(k, v);
+    }
+    c.output().unwrap()
+}
+
+#[test]
+fn check_and_run_refuse_invalid_files_with_status_2_and_hide_the_key() {
+    let dir = std::env::temp_dir().join(format!("flowmap-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.yaml");
+    std::fs::write(&bad, flows(&opt("deployedAt", "cloud"))).unwrap();
+    for cmd in ["check", "run"] {
+        let o = flowmap(&[cmd, "--config", bad.to_str().unwrap()], &[]);
+        assert_eq!(o.status.code(), Some(2), "{cmd}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("error: data source \"f1\" (flows): option \"deployedAt\": value \"cloud\" is not allowed; allowed: server, kubernetes"), "{cmd}: {err}");
+    }
+    let good = dir.join("good.yaml");
+    std::fs::write(&good, "coordimap:\n  api_key: ${FM_TEST_KEY}\n  data_sources:\n    - type: flows\n      id: f1\n").unwrap();
+    let o = flowmap(&["check", "--config", good.to_str().unwrap(), "--endpoint", "http://127.0.0.1:9"], &[("FM_TEST_KEY", "topsecret-123")]);
+    assert_eq!(o.status.code(), Some(0));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(!out.contains("topsecret-123") && !String::from_utf8_lossy(&o.stderr).contains("topsecret-123"));
+    assert!(out.contains("api_key: set (hidden)\nendpoint: http://127.0.0.1:9\ndata source \"f1\" (flows)\n  interface_name: all\n"), "{out}");
+    // An endpoint without a key is refused.
+    let nokey = dir.join("nokey.yaml");
+    std::fs::write(&nokey, flows("")).unwrap();
+    let o = flowmap(&["check", "--config", nokey.to_str().unwrap()], &[("COORDIMAP_ENDPOINT", "http://127.0.0.1:9")]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("coordimap.api_key: required when an endpoint is configured"));
+    // A named file that does not exist is an error, not the default.
+    let o = flowmap(&["check", "--config", dir.join("missing.yaml").to_str().unwrap()], &[]);
+    assert_eq!(o.status.code(), Some(2));
+    let _ = std::fs::remove_dir_all(&dir);
+}

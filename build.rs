@@ -18,7 +18,11 @@ fn multiarch_include() -> Option<String> {
 
 fn main() {
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR is set by cargo"));
-    let mut args = vec!["-Wall".to_string(), "-mcpu=v3".to_string(), "-Ibpf".to_string()];
+    let mut args = vec![
+        "-Wall".to_string(),
+        "-mcpu=v3".to_string(),
+        "-Ibpf".to_string(),
+    ];
     if let Some(inc) = multiarch_include() {
         args.push(inc);
     }

@@ -48,8 +48,18 @@ pub fn plan(cfg: &Config) -> (Selection, Duration, u32, AttachMode) {
             }
         });
     }
-    let interval = cfg.flows.iter().map(|f| f.crawl_interval).min().unwrap_or(Duration::from_secs(30));
-    let max_flows = cfg.flows.iter().map(|f| f.max_flows).max().unwrap_or(crate::datapath::DEFAULT_MAX_FLOWS);
+    let interval = cfg
+        .flows
+        .iter()
+        .map(|f| f.crawl_interval)
+        .min()
+        .unwrap_or(Duration::from_secs(30));
+    let max_flows = cfg
+        .flows
+        .iter()
+        .map(|f| f.max_flows)
+        .max()
+        .unwrap_or(crate::datapath::DEFAULT_MAX_FLOWS);
     let mode = cfg.flows.first().map(|f| f.attach_mode).unwrap_or_default();
     (sel.unwrap_or(Selection::All), interval, max_flows, mode)
 }
@@ -82,7 +92,12 @@ impl Loop {
         let clock = Clock::now();
         let now = clock_ns(libc::CLOCK_MONOTONIC);
         let names = &self.names;
-        let name_of = |idx: u32| names.get(&idx).cloned().unwrap_or_else(|| format!("if{idx}"));
+        let name_of = |idx: u32| {
+            names
+                .get(&idx)
+                .cloned()
+                .unwrap_or_else(|| format!("if{idx}"))
+        };
         let records = self.table.ingest(&drained.flows, now, &clock, &name_of);
         if self.output == Output::Jsonl {
             let stdout = std::io::stdout();
@@ -93,9 +108,17 @@ impl Loop {
             }
             w.flush()?;
         }
-        let d: Vec<u64> = drained.stats.iter().zip(self.last_stats.iter()).map(|(a, b)| a.saturating_sub(*b)).collect();
+        let d: Vec<u64> = drained
+            .stats
+            .iter()
+            .zip(self.last_stats.iter())
+            .map(|(a, b)| a.saturating_sub(*b))
+            .collect();
         self.last_stats = drained.stats;
-        let packets: u64 = records.iter().map(|r| r.src_to_dst.packets + r.dst_to_src.packets).sum();
+        let packets: u64 = records
+            .iter()
+            .map(|r| r.src_to_dst.packets + r.dst_to_src.packets)
+            .sum();
         info!(
             flows = records.len(),
             connections = self.table.len(),
@@ -131,7 +154,10 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<()> {
     let mut lp = Loop {
         dp,
         sel,
-        table: FlowTable::new(max_flows as usize * 4, (interval * 4).max(Duration::from_secs(120))),
+        table: FlowTable::new(
+            max_flows as usize * 4,
+            (interval * 4).max(Duration::from_secs(120)),
+        ),
         names: HashMap::new(),
         last_stats: [0; STAT_NAMES.len()],
         output: opts.output,

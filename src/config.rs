@@ -195,7 +195,10 @@ impl FlowsSource {
     /// The cluster UID for a node: the value of the first mapping whose key
     /// matches the node name.
     pub fn cluster_uid(&self, node: &str) -> Option<&str> {
-        self.external_mappings.iter().find(|m| m.matches(node)).map(|m| m.value.as_str())
+        self.external_mappings
+            .iter()
+            .find(|m| m.matches(node))
+            .map(|m| m.value.as_str())
     }
 }
 
@@ -248,11 +251,21 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
-pub const KNOWN_OPTIONS: [&str; 6] =
-    ["interface_name", "deployedAt", "external_mappings", "crawl_interval", "max_flows", "attach_mode"];
+pub const KNOWN_OPTIONS: [&str; 6] = [
+    "interface_name",
+    "deployedAt",
+    "external_mappings",
+    "crawl_interval",
+    "max_flows",
+    "attach_mode",
+];
 
 /// Expands `${NAME}` from `env`; `$${` is a literal `${`.
-pub fn expand(value: &str, env: &dyn Fn(&str) -> Option<String>, place: &str) -> Result<String, String> {
+pub fn expand(
+    value: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+    place: &str,
+) -> Result<String, String> {
     let mut out = String::with_capacity(value.len());
     let mut rest = value;
     while let Some(pos) = rest.find('$') {
@@ -267,7 +280,9 @@ pub fn expand(value: &str, env: &dyn Fn(&str) -> Option<String>, place: &str) ->
             };
             let name = &tail[..end];
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                return Err(format!("{place}: \"${{{name}}}\" is not a valid environment variable name"));
+                return Err(format!(
+                    "{place}: \"${{{name}}}\" is not a valid environment variable name"
+                ));
             }
             match env(name) {
                 Some(v) => out.push_str(&v),
@@ -299,14 +314,18 @@ pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
     let mut total: f64 = 0.0;
     let mut rest = t;
     while !rest.is_empty() {
-        let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
         let num = &rest[..num_len];
         if num.is_empty() || num.matches('.').count() > 1 || num == "." {
             return Err(format!("expected a number at {rest:?}"));
         }
         let n: f64 = num.parse().map_err(|_| format!("bad number {num:?}"))?;
         rest = &rest[num_len..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
         let unit = &rest[..unit_len];
         let scale = match unit {
             "ns" => 1e-9,
@@ -338,7 +357,9 @@ fn levenshtein(a: &str, b: &str) -> usize {
     for (i, ca) in a.iter().enumerate() {
         let mut cur = vec![i + 1; b.len() + 1];
         for (j, cb) in b.iter().enumerate() {
-            cur[j + 1] = (prev[j] + (ca != cb) as usize).min(prev[j + 1] + 1).min(cur[j] + 1);
+            cur[j + 1] = (prev[j] + (ca != cb) as usize)
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
         }
         prev = cur;
     }
@@ -346,14 +367,20 @@ fn levenshtein(a: &str, b: &str) -> usize {
 }
 
 fn closest(name: &str) -> &'static str {
-    KNOWN_OPTIONS.iter().min_by_key(|k| levenshtein(name, k)).copied().unwrap_or("interface_name")
+    KNOWN_OPTIONS
+        .iter()
+        .min_by_key(|k| levenshtein(name, k))
+        .copied()
+        .unwrap_or("interface_name")
 }
 
 fn is_uuid(s: &str) -> bool {
     let parts: Vec<&str> = s.split('-').collect();
     parts.len() == 5
         && parts.iter().map(|p| p.len()).eq([8, 4, 4, 4, 12])
-        && parts.iter().all(|p| p.chars().all(|c| c.is_ascii_hexdigit()))
+        && parts
+            .iter()
+            .all(|p| p.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
 struct Ctx<'a> {
@@ -381,14 +408,24 @@ pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
     let raw: RawFile = if text.trim().is_empty() {
         RawFile::default()
     } else {
-        serde_saphyr::from_str(text).map_err(|e| ConfigErrors(vec![format!("invalid YAML: {e}")]))?
+        serde_saphyr::from_str(text)
+            .map_err(|e| ConfigErrors(vec![format!("invalid YAML: {e}")]))?
     };
     let Some(c) = raw.coordimap else {
-        return Err(ConfigErrors(vec!["the file has no top-level \"coordimap\" section".into()]));
+        return Err(ConfigErrors(vec![
+            "the file has no top-level \"coordimap\" section".into(),
+        ]));
     };
-    let mut cx = Ctx { env, errors: Vec::new(), warnings: Vec::new() };
+    let mut cx = Ctx {
+        env,
+        errors: Vec::new(),
+        warnings: Vec::new(),
+    };
 
-    let api_key = cx.text(&c.api_key, "coordimap.api_key").filter(|s| !s.is_empty()).map(Secret);
+    let api_key = cx
+        .text(&c.api_key, "coordimap.api_key")
+        .filter(|s| !s.is_empty())
+        .map(Secret);
     let skip_fields: Vec<String> = c
         .skip_fields
         .unwrap_or_default()
@@ -425,13 +462,19 @@ pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
     let mut others = Vec::new();
     let mut flows_raw = Vec::new();
     for (i, s) in sources.iter().enumerate() {
-        let kind = cx.text(&s.kind, &format!("coordimap.data_sources[{i}].type")).unwrap_or_default();
+        let kind = cx
+            .text(&s.kind, &format!("coordimap.data_sources[{i}].type"))
+            .unwrap_or_default();
         let id = cx
-            .text(&s.data_source_id, &format!("coordimap.data_sources[{i}].data_source_id"))
+            .text(
+                &s.data_source_id,
+                &format!("coordimap.data_sources[{i}].data_source_id"),
+            )
             .or_else(|| cx.text(&s.id, &format!("coordimap.data_sources[{i}].id")))
             .unwrap_or_default();
         if kind.is_empty() {
-            cx.errors.push(format!("coordimap.data_sources[{i}]: \"type\" is missing"));
+            cx.errors
+                .push(format!("coordimap.data_sources[{i}]: \"type\" is missing"));
             continue;
         }
         match kind.as_str() {
@@ -440,12 +483,19 @@ pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
                 if other == "kubernetes" {
                     let scope = s.config.iter().flatten().find_map(|p| {
                         (p.name.as_ref().map(|n| n.0.as_str()) == Some("scope_id"))
-                            .then(|| p.value.as_ref().map(|v| expand(&v.0, env, "").unwrap_or_default()))
+                            .then(|| {
+                                p.value
+                                    .as_ref()
+                                    .map(|v| expand(&v.0, env, "").unwrap_or_default())
+                            })
                             .flatten()
                     });
                     kube.push((id.clone(), scope));
                 }
-                others.push(OtherSource { kind: other.to_string(), id });
+                others.push(OtherSource {
+                    kind: other.to_string(),
+                    id,
+                });
             }
         }
     }
@@ -453,26 +503,43 @@ pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
     let mut flows = Vec::new();
     let mut seen_ids: Vec<String> = Vec::new();
     for (i, id, s) in flows_raw {
-        let label = if id.is_empty() { format!("#{i}") } else { format!("{id:?}") };
+        let label = if id.is_empty() {
+            format!("#{i}")
+        } else {
+            format!("{id:?}")
+        };
         let ds = format!("data source {label} (flows)");
         if id.is_empty() {
-            cx.errors.push(format!("{ds}: \"data_source_id\" (or \"id\") is missing"));
+            cx.errors
+                .push(format!("{ds}: \"data_source_id\" (or \"id\") is missing"));
         } else if seen_ids.contains(&id) {
-            cx.errors.push(format!("{ds}: the identifier {id:?} is used by another flows data source"));
+            cx.errors.push(format!(
+                "{ds}: the identifier {id:?} is used by another flows data source"
+            ));
         }
         seen_ids.push(id.clone());
         let mut fs = FlowsSource::default_server();
         fs.id = id.clone();
-        fs.name = cx.text(&s.name, &format!("{ds}: name")).unwrap_or_else(|| id.clone());
+        fs.name = cx
+            .text(&s.name, &format!("{ds}: name"))
+            .unwrap_or_else(|| id.clone());
         fs.desc = cx.text(&s.desc, &format!("{ds}: desc")).unwrap_or_default();
         let mut given: Vec<String> = Vec::new();
         for (j, p) in s.config.iter().flatten().enumerate() {
-            let Some(name) = p.name.as_ref().map(|n| n.0.clone()).filter(|n| !n.is_empty()) else {
+            let Some(name) = p
+                .name
+                .as_ref()
+                .map(|n| n.0.clone())
+                .filter(|n| !n.is_empty())
+            else {
                 cx.errors.push(format!("{ds}: config[{j}] has no \"name\""));
                 continue;
             };
             let place = format!("{ds}: option {name:?}");
-            let Some(value) = cx.text(&p.value, &place).or_else(|| p.value.is_none().then(String::new)) else {
+            let Some(value) = cx
+                .text(&p.value, &place)
+                .or_else(|| p.value.is_none().then(String::new))
+            else {
                 continue;
             };
             if given.contains(&name) {
@@ -491,7 +558,10 @@ pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
                 ));
             }
             for m in &fs.external_mappings {
-                if let Some((kid, scope)) = kube.iter().find(|(kid, _)| !kid.is_empty() && *kid == m.value) {
+                if let Some((kid, scope)) = kube
+                    .iter()
+                    .find(|(kid, _)| !kid.is_empty() && *kid == m.value)
+                {
                     let hint = match scope {
                         Some(s) if !s.is_empty() => format!("use its scope_id {s:?}"),
                         _ => "use the cluster UID that it uses as scope_id".to_string(),
@@ -502,7 +572,11 @@ pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
                     ));
                     continue;
                 }
-                if !kube.is_empty() && !kube.iter().any(|(_, s)| s.as_deref() == Some(m.value.as_str())) {
+                if !kube.is_empty()
+                    && !kube
+                        .iter()
+                        .any(|(_, s)| s.as_deref() == Some(m.value.as_str()))
+                {
                     cx.warnings.push(format!(
                         "{ds}: option \"external_mappings\": value {:?} matches the scope_id of no kubernetes data source in this file",
                         m.value
@@ -519,12 +593,22 @@ pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
         flows.push(fs);
     }
     if flows.is_empty() && cx.errors.is_empty() {
-        cx.errors.push("coordimap.data_sources: no data source of type \"flows\"; flowmap has nothing to run".into());
+        cx.errors.push(
+            "coordimap.data_sources: no data source of type \"flows\"; flowmap has nothing to run"
+                .into(),
+        );
     }
     if !cx.errors.is_empty() {
         return Err(ConfigErrors(cx.errors));
     }
-    Ok(Config { api_key, skip_fields, database, flows, others, warnings: cx.warnings })
+    Ok(Config {
+        api_key,
+        skip_fields,
+        database,
+        flows,
+        others,
+        warnings: cx.warnings,
+    })
 }
 
 fn apply_option(cx: &mut Ctx, fs: &mut FlowsSource, name: &str, value: &str, place: &str) {

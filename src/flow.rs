@@ -135,7 +135,9 @@ impl Clock {
     pub fn now() -> Clock {
         let mono = clock_ns(libc::CLOCK_MONOTONIC);
         let real = clock_ns(libc::CLOCK_REALTIME);
-        Clock { offset_ns: real as i128 - mono as i128 }
+        Clock {
+            offset_ns: real as i128 - mono as i128,
+        }
     }
     pub fn wall(&self, mono_ns: u64) -> SystemTime {
         let ns = (mono_ns as i128 + self.offset_ns).max(0) as u64;
@@ -147,7 +149,10 @@ impl Clock {
 }
 
 pub fn clock_ns(clock: libc::clockid_t) -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime writes into the timespec we own.
     unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -155,7 +160,12 @@ pub fn clock_ns(clock: libc::clockid_t) -> u64 {
 
 impl FlowTable {
     pub fn new(cap: usize, idle: Duration) -> FlowTable {
-        FlowTable { conns: HashMap::new(), cap: cap.max(1), idle, evicted: 0 }
+        FlowTable {
+            conns: HashMap::new(),
+            cap: cap.max(1),
+            idle,
+            evicted: 0,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -242,8 +252,11 @@ impl FlowTable {
             quiet < if c.closed { closed_idle } else { idle }
         });
         if self.conns.len() > self.cap {
-            let mut by_age: Vec<(u64, FlowKey)> =
-                self.conns.iter().map(|(k, c)| (c.last_seen_ns, *k)).collect();
+            let mut by_age: Vec<(u64, FlowKey)> = self
+                .conns
+                .iter()
+                .map(|(k, c)| (c.last_seen_ns, *k))
+                .collect();
             by_age.sort_unstable_by_key(|(t, _)| *t);
             let excess = self.conns.len() - self.cap;
             for (_, k) in by_age.into_iter().take(excess) {
@@ -282,7 +295,11 @@ fn min_nonzero(a: u64, b: u64) -> u64 {
 /// Decides which side (0/1) of the key is the client, and why.
 fn orient(key: &FlowKey, s: &RawStats) -> (usize, Orientation) {
     if s.open_side != 0 {
-        let rule = if key.proto == 6 { Orientation::Syn } else { Orientation::IcmpEcho };
+        let rule = if key.proto == 6 {
+            Orientation::Syn
+        } else {
+            Orientation::IcmpEcho
+        };
         return ((s.open_side - 1) as usize, rule);
     }
     let has_ports = matches!(key.proto, 6 | 17 | 132 | 136);
@@ -291,10 +308,19 @@ fn orient(key: &FlowKey, s: &RawStats) -> (usize, Orientation) {
         let server = if key.port[0] < key.port[1] { 0 } else { 1 };
         return (1 - server, Orientation::Port);
     }
-    (s.first_side.saturating_sub(1).min(1) as usize, Orientation::FirstPacket)
+    (
+        s.first_side.saturating_sub(1).min(1) as usize,
+        Orientation::FirstPacket,
+    )
 }
 
-fn record(key: &FlowKey, s: &RawStats, c: &Conn, clock: &Clock, name: &dyn Fn(u32) -> String) -> FlowRecord {
+fn record(
+    key: &FlowKey,
+    s: &RawStats,
+    c: &Conn,
+    clock: &Clock,
+    name: &dyn Fn(u32) -> String,
+) -> FlowRecord {
     let cs = c.client_side;
     let ss = 1 - cs;
     let rtt = if c.syn_ns != 0 && c.synack_ns >= c.syn_ns {
@@ -310,9 +336,19 @@ fn record(key: &FlowKey, s: &RawStats, c: &Conn, clock: &Clock, name: &dyn Fn(u3
         src_port: key.port[cs],
         dst_ip: key.addr[ss],
         dst_port: key.port[ss],
-        src_to_dst: Counters { packets: s.packets[cs], bytes: s.bytes[cs] },
-        dst_to_src: Counters { packets: s.packets[ss], bytes: s.bytes[ss] },
-        tcp_flags: if key.proto == 6 { tcp_flag_names(c.flags) } else { Vec::new() },
+        src_to_dst: Counters {
+            packets: s.packets[cs],
+            bytes: s.bytes[cs],
+        },
+        dst_to_src: Counters {
+            packets: s.packets[ss],
+            bytes: s.bytes[ss],
+        },
+        tcp_flags: if key.proto == 6 {
+            tcp_flag_names(c.flags)
+        } else {
+            Vec::new()
+        },
         first_seen: clock.rfc3339(c.first_seen_ns),
         last_seen: clock.rfc3339(c.last_seen_ns),
         handshake_rtt_us: rtt,
@@ -344,7 +380,9 @@ mod tests {
     }
 
     fn clock0() -> Clock {
-        Clock { offset_ns: 1_700_000_000_000_000_000 }
+        Clock {
+            offset_ns: 1_700_000_000_000_000_000,
+        }
     }
 
     #[test]
@@ -363,13 +401,27 @@ mod tests {
             ..Default::default()
         };
         let mut t = FlowTable::new(10, Duration::from_secs(60));
-        let recs = t.ingest(&[(key(6, 80, 40000), s)], 10_000, &clock0(), &|_| "veth0".into());
+        let recs = t.ingest(&[(key(6, 80, 40000), s)], 10_000, &clock0(), &|_| {
+            "veth0".into()
+        });
         assert_eq!(recs.len(), 1);
         let r = &recs[0];
         assert_eq!(r.src_ip.to_string(), "10.0.0.2");
         assert_eq!((r.src_port, r.dst_port), (40000, 80));
-        assert_eq!(r.src_to_dst, Counters { packets: 4, bytes: 400 });
-        assert_eq!(r.dst_to_src, Counters { packets: 3, bytes: 300 });
+        assert_eq!(
+            r.src_to_dst,
+            Counters {
+                packets: 4,
+                bytes: 400
+            }
+        );
+        assert_eq!(
+            r.dst_to_src,
+            Counters {
+                packets: 3,
+                bytes: 300
+            }
+        );
         assert_eq!(r.handshake_rtt_us, Some(0.5));
         assert_eq!(r.orientation, Orientation::Syn);
         assert_eq!(r.tcp_flags, vec!["SYN", "ACK"]);
@@ -388,39 +440,97 @@ mod tests {
         let mut t = FlowTable::new(10, Duration::from_secs(60));
         let c = clock0();
         let a = RawStats {
-            packets: [1, 0], bytes: [74, 0], first_seen_ns: 100, last_seen_ns: 100,
-            syn_ns: 100, tcp_flags: [0x02, 0], open_side: 1, first_side: 1, ..Default::default()
+            packets: [1, 0],
+            bytes: [74, 0],
+            first_seen_ns: 100,
+            last_seen_ns: 100,
+            syn_ns: 100,
+            tcp_flags: [0x02, 0],
+            open_side: 1,
+            first_side: 1,
+            ..Default::default()
         };
         t.ingest(&[(key(6, 40000, 80), a)], 200, &c, &|_| "x".into());
         let b = RawStats {
-            packets: [5, 6], bytes: [500, 600], first_seen_ns: 350, last_seen_ns: 900,
-            synack_ns: 350, tcp_flags: [0x10, 0x12], first_side: 2, ..Default::default()
+            packets: [5, 6],
+            bytes: [500, 600],
+            first_seen_ns: 350,
+            last_seen_ns: 900,
+            synack_ns: 350,
+            tcp_flags: [0x10, 0x12],
+            first_side: 2,
+            ..Default::default()
         };
         let r = t.ingest(&[(key(6, 40000, 80), b)], 1000, &c, &|_| "x".into());
         assert_eq!(r[0].src_port, 40000);
         assert_eq!(r[0].orientation, Orientation::Syn);
         assert_eq!(r[0].handshake_rtt_us, Some(0.25));
-        assert_eq!(r[0].src_to_dst, Counters { packets: 5, bytes: 500 });
+        assert_eq!(
+            r[0].src_to_dst,
+            Counters {
+                packets: 5,
+                bytes: 500
+            }
+        );
         assert_eq!(r[0].tcp_flags, vec!["SYN", "ACK"]);
     }
 
     #[test]
     fn no_handshake_tcp_uses_lower_port_and_udp_first_packet() {
         let mut t = FlowTable::new(10, Duration::from_secs(60));
-        let s = RawStats { packets: [1, 1], bytes: [60, 60], first_side: 1, ..Default::default() };
-        let r = t.ingest(&[(key(6, 443, 50000), s), (key(17, 5353, 40000), s)], 0, &clock0(), &|_| "x".into());
-        assert_eq!((r[0].src_port, r[0].dst_port, r[0].orientation), (50000, 443, Orientation::Port));
-        assert_eq!((r[1].src_port, r[1].dst_port, r[1].orientation), (5353, 40000, Orientation::FirstPacket));
+        let s = RawStats {
+            packets: [1, 1],
+            bytes: [60, 60],
+            first_side: 1,
+            ..Default::default()
+        };
+        let r = t.ingest(
+            &[(key(6, 443, 50000), s), (key(17, 5353, 40000), s)],
+            0,
+            &clock0(),
+            &|_| "x".into(),
+        );
+        assert_eq!(
+            (r[0].src_port, r[0].dst_port, r[0].orientation),
+            (50000, 443, Orientation::Port)
+        );
+        assert_eq!(
+            (r[1].src_port, r[1].dst_port, r[1].orientation),
+            (5353, 40000, Orientation::FirstPacket)
+        );
     }
 
     #[test]
     fn entries_of_one_flow_are_added_up_and_table_is_bounded() {
         let mut t = FlowTable::new(2, Duration::from_secs(60));
-        let s = RawStats { packets: [2, 0], bytes: [200, 0], first_seen_ns: 5, last_seen_ns: 5, first_side: 1, ..Default::default() };
-        let r = t.ingest(&[(key(17, 1, 2), s), (key(17, 1, 2), s)], 10, &clock0(), &|_| "x".into());
+        let s = RawStats {
+            packets: [2, 0],
+            bytes: [200, 0],
+            first_seen_ns: 5,
+            last_seen_ns: 5,
+            first_side: 1,
+            ..Default::default()
+        };
+        let r = t.ingest(
+            &[(key(17, 1, 2), s), (key(17, 1, 2), s)],
+            10,
+            &clock0(),
+            &|_| "x".into(),
+        );
         assert_eq!(r.len(), 1);
-        assert_eq!(r[0].src_to_dst, Counters { packets: 4, bytes: 400 });
-        t.ingest(&[(key(17, 3, 4), s), (key(17, 5, 6), s), (key(17, 7, 8), s)], 10, &clock0(), &|_| "x".into());
+        assert_eq!(
+            r[0].src_to_dst,
+            Counters {
+                packets: 4,
+                bytes: 400
+            }
+        );
+        t.ingest(
+            &[(key(17, 3, 4), s), (key(17, 5, 6), s), (key(17, 7, 8), s)],
+            10,
+            &clock0(),
+            &|_| "x".into(),
+        );
         assert_eq!(t.len(), 2);
         assert_eq!(t.evicted, 2);
     }
@@ -428,8 +538,17 @@ mod tests {
     #[test]
     fn idle_connections_expire() {
         let mut t = FlowTable::new(10, Duration::from_secs(1));
-        let s = RawStats { packets: [1, 0], bytes: [60, 0], first_seen_ns: 0, last_seen_ns: 0, first_side: 1, ..Default::default() };
-        t.ingest(&[(key(17, 1, 2), s)], 500_000_000, &clock0(), &|_| "x".into());
+        let s = RawStats {
+            packets: [1, 0],
+            bytes: [60, 0],
+            first_seen_ns: 0,
+            last_seen_ns: 0,
+            first_side: 1,
+            ..Default::default()
+        };
+        t.ingest(&[(key(17, 1, 2), s)], 500_000_000, &clock0(), &|_| {
+            "x".into()
+        });
         assert_eq!(t.len(), 1);
         t.ingest(&[], 1_000_000_001, &clock0(), &|_| "x".into());
         assert_eq!(t.len(), 0);

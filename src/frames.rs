@@ -11,8 +11,17 @@ pub const TCP_FIN: u8 = 0x01;
 /// An L4 header plus payload length.
 #[derive(Debug, Clone)]
 pub enum L4 {
-    Tcp { sport: u16, dport: u16, flags: u8, payload: usize },
-    Udp { sport: u16, dport: u16, payload: usize },
+    Tcp {
+        sport: u16,
+        dport: u16,
+        flags: u8,
+        payload: usize,
+    },
+    Udp {
+        sport: u16,
+        dport: u16,
+        payload: usize,
+    },
     /// ICMP or ICMPv6 (by the address family) with type and code.
     Icmp { kind: u8, code: u8, payload: usize },
     /// Any other protocol number, raw payload.
@@ -24,14 +33,25 @@ impl L4 {
         match self {
             L4::Tcp { .. } => 6,
             L4::Udp { .. } => 17,
-            L4::Icmp { .. } => if v6 { 58 } else { 1 },
+            L4::Icmp { .. } => {
+                if v6 {
+                    58
+                } else {
+                    1
+                }
+            }
             L4::Raw { proto, .. } => *proto,
         }
     }
 
     pub fn bytes(&self) -> Vec<u8> {
         match *self {
-            L4::Tcp { sport, dport, flags, payload } => {
+            L4::Tcp {
+                sport,
+                dport,
+                flags,
+                payload,
+            } => {
                 let mut h = vec![0u8; 20 + payload];
                 h[0..2].copy_from_slice(&sport.to_be_bytes());
                 h[2..4].copy_from_slice(&dport.to_be_bytes());
@@ -40,14 +60,22 @@ impl L4 {
                 h[14..16].copy_from_slice(&65535u16.to_be_bytes());
                 h
             }
-            L4::Udp { sport, dport, payload } => {
+            L4::Udp {
+                sport,
+                dport,
+                payload,
+            } => {
                 let mut h = vec![0u8; 8 + payload];
                 h[0..2].copy_from_slice(&sport.to_be_bytes());
                 h[2..4].copy_from_slice(&dport.to_be_bytes());
                 h[4..6].copy_from_slice(&((8 + payload) as u16).to_be_bytes());
                 h
             }
-            L4::Icmp { kind, code, payload } => {
+            L4::Icmp {
+                kind,
+                code,
+                payload,
+            } => {
                 let mut h = vec![0u8; 8 + payload];
                 h[0] = kind;
                 h[1] = code;
@@ -58,7 +86,15 @@ impl L4 {
     }
 }
 
-pub fn ipv4_header(src: [u8; 4], dst: [u8; 4], proto: u8, payload_len: usize, options: &[u8], frag: u16, id: u16) -> Vec<u8> {
+pub fn ipv4_header(
+    src: [u8; 4],
+    dst: [u8; 4],
+    proto: u8,
+    payload_len: usize,
+    options: &[u8],
+    frag: u16,
+    id: u16,
+) -> Vec<u8> {
     assert!(options.len() % 4 == 0 && options.len() <= 40);
     let ihl = 20 + options.len();
     let mut h = vec![0u8; ihl];
@@ -101,7 +137,15 @@ pub fn ip_packet(src: IpAddr, dst: IpAddr, l4: &L4) -> Vec<u8> {
     let body = l4.bytes();
     match (src, dst) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
-            let mut p = ipv4_header(s.octets(), d.octets(), l4.proto(false), body.len(), &[], 0, 1);
+            let mut p = ipv4_header(
+                s.octets(),
+                d.octets(),
+                l4.proto(false),
+                body.len(),
+                &[],
+                0,
+                1,
+            );
             p.extend_from_slice(&body);
             p
         }

@@ -11,7 +11,11 @@ use flowmap::datapath::ifaces::Selection;
 use flowmap::datapath::AttachMode;
 
 #[derive(Parser)]
-#[command(name = "flowmap", version, about = "eBPF network-flow agent for Coordimap")]
+#[command(
+    name = "flowmap",
+    version,
+    about = "eBPF network-flow agent for Coordimap"
+)]
 struct Cli {
     /// Configuration file (Coordimap's YAML format).
     #[arg(long, global = true, env = "COORDIMAP_CONFIG_PATH")]
@@ -83,7 +87,10 @@ fn load_config(path: Option<&PathBuf>) -> Result<(Config, String), ExitCode> {
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) if !explicit && e.kind() == std::io::ErrorKind::NotFound => {
-            return Ok((Config::builtin_default(), "built-in default (no config.yaml here)".into()));
+            return Ok((
+                Config::builtin_default(),
+                "built-in default (no config.yaml here)".into(),
+            ));
         }
         Err(e) => {
             eprintln!("error: reading configuration {}: {e}", path.display());
@@ -110,8 +117,20 @@ fn check_endpoint(cfg: &Config, endpoint: Option<&str>) -> Result<(), ExitCode> 
 
 fn print_check(cfg: &Config, source: &str, endpoint: Option<&str>) {
     println!("configuration: {source}");
-    println!("api_key: {}", if cfg.api_key.is_some() { "set (hidden)" } else { "not set" });
-    println!("endpoint: {}", endpoint.filter(|e| !e.is_empty()).unwrap_or("none (data stays local)"));
+    println!(
+        "api_key: {}",
+        if cfg.api_key.is_some() {
+            "set (hidden)"
+        } else {
+            "not set"
+        }
+    );
+    println!(
+        "endpoint: {}",
+        endpoint
+            .filter(|e| !e.is_empty())
+            .unwrap_or("none (data stays local)")
+    );
     if !cfg.skip_fields.is_empty() {
         println!("skip_fields: {}", cfg.skip_fields.join(", "));
     }
@@ -132,8 +151,19 @@ fn print_check(cfg: &Config, source: &str, endpoint: Option<&str>) {
                 DeployedAt::Kubernetes => "kubernetes",
             }
         );
-        let maps: Vec<String> = f.external_mappings.iter().map(|m| format!("{}@{}", m.key, m.value)).collect();
-        println!("  external_mappings: {}", if maps.is_empty() { "(none)".into() } else { maps.join(" ") });
+        let maps: Vec<String> = f
+            .external_mappings
+            .iter()
+            .map(|m| format!("{}@{}", m.key, m.value))
+            .collect();
+        println!(
+            "  external_mappings: {}",
+            if maps.is_empty() {
+                "(none)".into()
+            } else {
+                maps.join(" ")
+            }
+        );
         println!("  crawl_interval: {}", format_duration(f.crawl_interval));
         println!("  max_flows: {}", f.max_flows);
         println!(
@@ -146,7 +176,10 @@ fn print_check(cfg: &Config, source: &str, endpoint: Option<&str>) {
         );
     }
     for o in &cfg.others {
-        println!("not run by flowmap: data source {:?} of type {:?}", o.id, o.kind);
+        println!(
+            "not run by flowmap: data source {:?} of type {:?}",
+            o.id, o.kind
+        );
     }
     for w in &cfg.warnings {
         println!("warning: {w}");
@@ -182,7 +215,11 @@ fn main() -> ExitCode {
             print_check(&cfg, &source, endpoint);
             ExitCode::SUCCESS
         }
-        Cmd::Run { output, duration, attach_mode } => {
+        Cmd::Run {
+            output,
+            duration,
+            attach_mode,
+        } => {
             let (cfg, source) = match load_config(cli.config.as_ref()) {
                 Ok(c) => c,
                 Err(code) => return code,
@@ -212,7 +249,10 @@ fn main() -> ExitCode {
                     ModeArg::Tc => AttachMode::Tc,
                 }),
             };
-            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("error: starting the runtime: {e}");

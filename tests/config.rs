@@ -39,11 +39,19 @@ fn examples_are_valid() {
     assert_eq!(s.flows[0].id, "flows-server");
     assert_eq!(s.flows[0].interfaces, Selection::All);
     assert_eq!(s.flows[0].crawl_interval, Duration::from_secs(30));
-    let k = ok(&std::fs::read_to_string("examples/kubernetes.yaml").unwrap().replace("${COORDIMAP_API_KEY}", "${KEY}"));
+    let k = ok(&std::fs::read_to_string("examples/kubernetes.yaml")
+        .unwrap()
+        .replace("${COORDIMAP_API_KEY}", "${KEY}"));
     assert_eq!(k.flows[0].deployed_at, DeployedAt::Kubernetes);
-    assert_eq!(k.flows[0].cluster_uid("node-1"), Some("5f0c4d2a-8e1b-4c3d-9a7f-2b6e1d0c9f84"));
+    assert_eq!(
+        k.flows[0].cluster_uid("node-1"),
+        Some("5f0c4d2a-8e1b-4c3d-9a7f-2b6e1d0c9f84")
+    );
     assert_eq!(k.others.len(), 1);
-    assert_eq!((k.others[0].kind.as_str(), k.others[0].id.as_str()), ("kubernetes", "k8s-prod"));
+    assert_eq!(
+        (k.others[0].kind.as_str(), k.others[0].id.as_str()),
+        ("kubernetes", "k8s-prod")
+    );
     assert!(k.warnings.is_empty(), "{:?}", k.warnings);
     assert_eq!(k.api_key.as_ref().unwrap().expose(), "s3cr3t");
 }
@@ -58,9 +66,17 @@ fn defaults_and_resolved_values() {
     assert_eq!(f.attach_mode, AttachMode::Auto);
     assert!(c.api_key.is_none());
 
-    let c = ok(&(flows(&(opt("interface_name", "\"eth0, ${IFACE}\"") + &opt("crawl_interval", "1m30s") + &opt("max_flows", "65536") + &opt("attach_mode", "tc")))));
+    let c = ok(&(flows(
+        &(opt("interface_name", "\"eth0, ${IFACE}\"")
+            + &opt("crawl_interval", "1m30s")
+            + &opt("max_flows", "65536")
+            + &opt("attach_mode", "tc")),
+    )));
     let f = &c.flows[0];
-    assert_eq!(f.interfaces, Selection::Names(vec!["eth0".into(), "eth1".into()]));
+    assert_eq!(
+        f.interfaces,
+        Selection::Names(vec!["eth0".into(), "eth1".into()])
+    );
     assert_eq!(f.crawl_interval, Duration::from_secs(90));
     assert_eq!(f.max_flows, 65536);
     assert_eq!(f.attach_mode, AttachMode::Tc);
@@ -104,15 +120,33 @@ fn crawl_interval_rules() {
         ("0s", "value \"0s\" is zero"),
         ("-5s", "value \"-5s\" is not a duration (negative)"),
         ("500ms", "value \"500ms\" is less than 1s"),
-        ("30", "value \"30\" is not a duration (missing unit after \"30\")"),
+        (
+            "30",
+            "value \"30\" is not a duration (missing unit after \"30\")",
+        ),
     ] {
         let e = errs(&flows(&opt("crawl_interval", v)));
         assert_eq!(e.len(), 1, "{v}");
-        assert!(e[0].starts_with(&format!("data source \"f1\" (flows): option \"crawl_interval\": {msg}")), "{v}: {}", e[0]);
+        assert!(
+            e[0].starts_with(&format!(
+                "data source \"f1\" (flows): option \"crawl_interval\": {msg}"
+            )),
+            "{v}: {}",
+            e[0]
+        );
     }
-    assert_eq!(parse_go_duration("1h2m3s").unwrap(), Duration::from_secs(3723));
-    assert_eq!(parse_go_duration("1.5h").unwrap(), Duration::from_secs(5400));
-    assert_eq!(parse_go_duration("1500ms").unwrap(), Duration::from_millis(1500));
+    assert_eq!(
+        parse_go_duration("1h2m3s").unwrap(),
+        Duration::from_secs(3723)
+    );
+    assert_eq!(
+        parse_go_duration("1.5h").unwrap(),
+        Duration::from_secs(5400)
+    );
+    assert_eq!(
+        parse_go_duration("1500ms").unwrap(),
+        Duration::from_millis(1500)
+    );
 }
 
 #[test]
@@ -143,14 +177,24 @@ fn kubernetes_mode_rules() {
         ]
     );
     assert_eq!(c.flows[0].cluster_uid("node-7"), Some("other"));
-    assert_eq!(c.flows[0].cluster_uid("xnode-7"), None, "anchored at the start");
+    assert_eq!(
+        c.flows[0].cluster_uid("xnode-7"),
+        None,
+        "anchored at the start"
+    );
 }
 
 #[test]
 fn wildcard_is_anchored() {
-    let m = Mapping { key: "web-*".into(), value: "v".into() };
+    let m = Mapping {
+        key: "web-*".into(),
+        value: "v".into(),
+    };
     assert!(m.matches("web-1") && m.matches("web-") && !m.matches("aweb-1") && !m.matches("web"));
-    let m = Mapping { key: "*-a".into(), value: "v".into() };
+    let m = Mapping {
+        key: "*-a".into(),
+        value: "v".into(),
+    };
     assert!(m.matches("x-a") && !m.matches("x-ab"));
 }
 
@@ -162,15 +206,25 @@ fn unknown_option_is_a_warning_with_the_closest_name() {
 
 #[test]
 fn structural_errors() {
-    assert_eq!(errs("a: 1\n"), vec!["the file has no top-level \"coordimap\" section".to_string()]);
+    assert_eq!(
+        errs("a: 1\n"),
+        vec!["the file has no top-level \"coordimap\" section".to_string()]
+    );
     assert_eq!(
         errs("coordimap:\n  data_sources:\n    - type: aws\n      id: a\n"),
-        vec!["coordimap.data_sources: no data source of type \"flows\"; flowmap has nothing to run".to_string()]
+        vec![
+            "coordimap.data_sources: no data source of type \"flows\"; flowmap has nothing to run"
+                .to_string()
+        ]
     );
     let e = errs("coordimap:\n  data_sources: [\n");
     assert_eq!(e.len(), 1);
     assert!(e[0].starts_with("invalid YAML: "), "{}", e[0]);
-    assert!(e[0].contains("line"), "the parser's line is given: {}", e[0]);
+    assert!(
+        e[0].contains("line"),
+        "the parser's line is given: {}",
+        e[0]
+    );
     assert_eq!(
         errs(&(flows(&opt("max_flows", "10")))),
         vec!["data source \"f1\" (flows): option \"max_flows\": value \"10\" is not allowed; allowed: a whole number from 1024 to 4194304".to_string()]
@@ -202,7 +256,9 @@ proptest! {
 
 fn flowmap(args: &[&str], envs: &[(&str, &str)]) -> std::process::Output {
     let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_flowmap"));
-    c.args(args).env_remove("COORDIMAP_ENDPOINT").env_remove("COORDIMAP_CONFIG_PATH");
+    c.args(args)
+        .env_remove("COORDIMAP_ENDPOINT")
+        .env_remove("COORDIMAP_CONFIG_PATH");
     for (k, v) in envs {
         c.env(k, v);
     }
@@ -222,20 +278,47 @@ fn check_and_run_refuse_invalid_files_with_status_2_and_hide_the_key() {
         assert!(err.contains("error: data source \"f1\" (flows): option \"deployedAt\": value \"cloud\" is not allowed; allowed: server, kubernetes"), "{cmd}: {err}");
     }
     let good = dir.join("good.yaml");
-    std::fs::write(&good, "coordimap:\n  api_key: ${FM_TEST_KEY}\n  data_sources:\n    - type: flows\n      id: f1\n").unwrap();
-    let o = flowmap(&["check", "--config", good.to_str().unwrap(), "--endpoint", "http://127.0.0.1:9"], &[("FM_TEST_KEY", "topsecret-123")]);
+    std::fs::write(
+        &good,
+        "coordimap:\n  api_key: ${FM_TEST_KEY}\n  data_sources:\n    - type: flows\n      id: f1\n",
+    )
+    .unwrap();
+    let o = flowmap(
+        &[
+            "check",
+            "--config",
+            good.to_str().unwrap(),
+            "--endpoint",
+            "http://127.0.0.1:9",
+        ],
+        &[("FM_TEST_KEY", "topsecret-123")],
+    );
     assert_eq!(o.status.code(), Some(0));
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(!out.contains("topsecret-123") && !String::from_utf8_lossy(&o.stderr).contains("topsecret-123"));
+    assert!(
+        !out.contains("topsecret-123")
+            && !String::from_utf8_lossy(&o.stderr).contains("topsecret-123")
+    );
     assert!(out.contains("api_key: set (hidden)\nendpoint: http://127.0.0.1:9\ndata source \"f1\" (flows)\n  interface_name: all\n"), "{out}");
     // An endpoint without a key is refused.
     let nokey = dir.join("nokey.yaml");
     std::fs::write(&nokey, flows("")).unwrap();
-    let o = flowmap(&["check", "--config", nokey.to_str().unwrap()], &[("COORDIMAP_ENDPOINT", "http://127.0.0.1:9")]);
+    let o = flowmap(
+        &["check", "--config", nokey.to_str().unwrap()],
+        &[("COORDIMAP_ENDPOINT", "http://127.0.0.1:9")],
+    );
     assert_eq!(o.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("coordimap.api_key: required when an endpoint is configured"));
+    assert!(String::from_utf8_lossy(&o.stderr)
+        .contains("coordimap.api_key: required when an endpoint is configured"));
     // A named file that does not exist is an error, not the default.
-    let o = flowmap(&["check", "--config", dir.join("missing.yaml").to_str().unwrap()], &[]);
+    let o = flowmap(
+        &[
+            "check",
+            "--config",
+            dir.join("missing.yaml").to_str().unwrap(),
+        ],
+        &[],
+    );
     assert_eq!(o.status.code(), Some(2));
     let _ = std::fs::remove_dir_all(&dir);
 }

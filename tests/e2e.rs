@@ -41,7 +41,8 @@ mod tempfile_path {
 
 impl Agent {
     fn start(iface: &str, extra: &[&str]) -> Agent {
-        let path = std::env::temp_dir().join(format!("flowmap-e2e-{}-{iface}.yaml", std::process::id()));
+        let path =
+            std::env::temp_dir().join(format!("flowmap-e2e-{}-{iface}.yaml", std::process::id()));
         std::fs::write(
             &path,
             format!(
@@ -50,7 +51,13 @@ impl Agent {
         )
         .unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_flowmap"))
-            .args(["run", "--config", path.to_str().unwrap(), "--output", "jsonl"])
+            .args([
+                "run",
+                "--config",
+                path.to_str().unwrap(),
+                "--output",
+                "jsonl",
+            ])
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -74,7 +81,12 @@ impl Agent {
                 sink.lock().unwrap().push_str(&(line + "\n"));
             }
         });
-        let a = Agent { child, out, err, _cfg: tempfile_path::TempPath(path) };
+        let a = Agent {
+            child,
+            out,
+            err,
+            _cfg: tempfile_path::TempPath(path),
+        };
         if rx.recv_timeout(Duration::from_secs(30)).is_err() {
             panic!("agent did not start:\n{}", a.err.lock().unwrap());
         }
@@ -90,7 +102,9 @@ impl Agent {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let st = self.child.wait().unwrap();
-        let out = std::mem::replace(&mut self.out, std::thread::spawn(String::new)).join().unwrap();
+        let out = std::mem::replace(&mut self.out, std::thread::spawn(String::new))
+            .join()
+            .unwrap();
         std::thread::sleep(Duration::from_millis(100));
         let err = self.stderr();
         assert!(st.success(), "agent exit {st:?}\n{err}");
@@ -130,7 +144,8 @@ type Tuple = (String, String, u16, String, u16); // proto, src, sport, dst, dpor
 fn agent_totals(jsonl: &str) -> HashMap<Tuple, Totals> {
     let mut m: HashMap<Tuple, Totals> = HashMap::new();
     for line in jsonl.lines().filter(|l| !l.trim().is_empty()) {
-        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("bad line {line}: {e}"));
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("bad line {line}: {e}"));
         let t = (
             v["protocol"].as_str().unwrap().to_string(),
             v["src_ip"].as_str().unwrap().to_string(),
@@ -163,19 +178,46 @@ struct Capture {
 impl Capture {
     fn start(ifindex: u32) -> Capture {
         // SAFETY: plain socket calls on a socket we own; buffers are ours.
-        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, (libc::ETH_P_ALL as u16).to_be() as i32) };
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW,
+                (libc::ETH_P_ALL as u16).to_be() as i32,
+            )
+        };
         assert!(fd >= 0, "AF_PACKET socket");
         let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         sll.sll_family = libc::AF_PACKET as u16;
         sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
         sll.sll_ifindex = ifindex as i32;
-        let rc = unsafe { libc::bind(fd, &sll as *const _ as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_ll>() as u32) };
+        let rc = unsafe {
+            libc::bind(
+                fd,
+                &sll as *const _ as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
         assert_eq!(rc, 0, "bind AF_PACKET");
-        let tv = libc::timeval { tv_sec: 0, tv_usec: 100_000 };
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 100_000,
+        };
         let buf: i32 = 16 << 20;
         unsafe {
-            libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv as *const _ as *const _, std::mem::size_of::<libc::timeval>() as u32);
-            libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &buf as *const _ as *const _, 4);
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                &tv as *const _ as *const _,
+                std::mem::size_of::<libc::timeval>() as u32,
+            );
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                &buf as *const _ as *const _,
+                4,
+            );
         }
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
@@ -191,7 +233,14 @@ impl Capture {
             }
             // Drain what is still queued.
             loop {
-                let n = unsafe { libc::recv(fd, b.as_mut_ptr().cast(), b.len(), libc::MSG_TRUNC | libc::MSG_DONTWAIT) };
+                let n = unsafe {
+                    libc::recv(
+                        fd,
+                        b.as_mut_ptr().cast(),
+                        b.len(),
+                        libc::MSG_TRUNC | libc::MSG_DONTWAIT,
+                    )
+                };
                 if n <= 0 {
                     break;
                 }
@@ -227,7 +276,10 @@ fn tuple_of(f: &[u8]) -> Option<Tuple> {
         _ => return None,
     };
     let (sp, dp) = if proto == 6 || proto == 17 {
-        (u16::from_be_bytes([f[l4], f[l4 + 1]]), u16::from_be_bytes([f[l4 + 2], f[l4 + 3]]))
+        (
+            u16::from_be_bytes([f[l4], f[l4 + 1]]),
+            u16::from_be_bytes([f[l4 + 2], f[l4 + 3]]),
+        )
     } else {
         (0, 0)
     };
@@ -249,7 +301,9 @@ fn oracle(cap: &[(usize, Vec<u8>)], t: &Tuple) -> Totals {
         if c == *t {
             o.s2d.packets += 1;
             o.s2d.bytes += *len as u64;
-        } else if (c.0.as_str(), c.1.as_str(), c.2, c.3.as_str(), c.4) == (t.0.as_str(), t.3.as_str(), t.4, t.1.as_str(), t.2) {
+        } else if (c.0.as_str(), c.1.as_str(), c.2, c.3.as_str(), c.4)
+            == (t.0.as_str(), t.3.as_str(), t.4, t.1.as_str(), t.2)
+        {
             o.d2s.packets += 1;
             o.d2s.bytes += *len as u64;
         }
@@ -294,7 +348,9 @@ impl Server {
             .spawn()
             .unwrap();
         let mut line = String::new();
-        BufReader::new(c.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+        BufReader::new(c.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
         assert_eq!(line.trim(), "ready");
         Server(c)
     }
@@ -312,7 +368,8 @@ const UDP_SIZES: [usize; 10] = [100, 200, 300, 400, 500, 600, 700, 800, 900, 100
 
 /// Sends the known traffic to `dst`; returns the client's TCP and UDP ports.
 fn traffic(dst: IpAddr) -> (u16, u16) {
-    let mut s = TcpStream::connect_timeout(&SocketAddr::new(dst, 5001), Duration::from_secs(5)).unwrap();
+    let mut s =
+        TcpStream::connect_timeout(&SocketAddr::new(dst, 5001), Duration::from_secs(5)).unwrap();
     let tcp_port = s.local_addr().unwrap().port();
     s.write_all(&vec![7u8; TCP_BYTES]).unwrap();
     s.shutdown(Shutdown::Write).unwrap();
@@ -321,33 +378,63 @@ fn traffic(dst: IpAddr) -> (u16, u16) {
     assert_eq!(back.len(), 1000);
     drop(s);
 
-    let bind: SocketAddr = if dst.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
+    let bind: SocketAddr = if dst.is_ipv4() {
+        "0.0.0.0:0".parse().unwrap()
+    } else {
+        "[::]:0".parse().unwrap()
+    };
     let u = UdpSocket::bind(bind).unwrap();
     u.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
     let udp_port = u.local_addr().unwrap().port();
     for size in UDP_SIZES {
-        u.send_to(&vec![1u8; size], SocketAddr::new(dst, 5002)).unwrap();
+        u.send_to(&vec![1u8; size], SocketAddr::new(dst, 5002))
+            .unwrap();
         let mut b = [0u8; 100];
         assert_eq!(u.recv(&mut b).unwrap(), 50);
         // Spread over more than one drain of the agent (1 s interval).
         std::thread::sleep(Duration::from_millis(150));
     }
     let fam = if dst.is_ipv4() { "-4" } else { "-6" };
-    sh(&["ping", fam, "-c", "3", "-i", "0.2", "-s", "56", "-W", "2", &dst.to_string()]);
+    sh(&[
+        "ping",
+        fam,
+        "-c",
+        "3",
+        "-i",
+        "0.2",
+        "-s",
+        "56",
+        "-W",
+        "2",
+        &dst.to_string(),
+    ]);
     (tcp_port, udp_port)
 }
 
 fn ifindex_of(dev: &str) -> u32 {
-    std::fs::read_to_string(format!("/sys/class/net/{dev}/ifindex")).unwrap().trim().parse().unwrap()
+    std::fs::read_to_string(format!("/sys/class/net/{dev}/ifindex"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 fn nothing_attached(dev: &str) {
     let tcx = flowmap::datapath::attach::tcx_programs(ifindex_of(dev));
-    assert!(tcx.iter().all(|n| !n.starts_with("flowmap")), "flowmap TCX links left on {dev}: {tcx:?}");
+    assert!(
+        tcx.iter().all(|n| !n.starts_with("flowmap")),
+        "flowmap TCX links left on {dev}: {tcx:?}"
+    );
     for dir in ["ingress", "egress"] {
-        let tc = Command::new("tc").args(["filter", "show", "dev", dev, dir]).output().unwrap();
+        let tc = Command::new("tc")
+            .args(["filter", "show", "dev", dev, dir])
+            .output()
+            .unwrap();
         let tc = String::from_utf8_lossy(&tc.stdout);
-        assert!(!tc.contains("flowmap"), "flowmap TC filter left on {dev} {dir}:\n{tc}");
+        assert!(
+            !tc.contains("flowmap"),
+            "flowmap TC filter left on {dev} {dir}:\n{tc}"
+        );
     }
 }
 
@@ -374,31 +461,70 @@ fn exact_counts_ipv4_and_ipv6_through_a_veth() {
         (&v.host_v6, &v.peer_v6, t6, u6, 40u64, "icmpv6"),
     ] {
         let tcp: Tuple = ("tcp".into(), host.clone(), tcp_port, peer.clone(), 5001);
-        let a = got.get(&tcp).unwrap_or_else(|| panic!("no TCP flow {tcp:?} in:\n{out}\n{err}"));
+        let a = got
+            .get(&tcp)
+            .unwrap_or_else(|| panic!("no TCP flow {tcp:?} in:\n{out}\n{err}"));
         let o = oracle(&captured, &tcp);
-        assert_eq!((a.s2d, a.d2s), (o.s2d, o.d2s), "TCP {tcp:?} agent vs capture");
+        assert_eq!(
+            (a.s2d, a.d2s),
+            (o.s2d, o.d2s),
+            "TCP {tcp:?} agent vs capture"
+        );
         assert!(a.s2d.bytes > TCP_BYTES as u64 && a.d2s.bytes > 1000);
         assert_eq!(a.orientation, "syn");
-        assert!(a.rtt_us.is_some_and(|r| r > 0.0), "handshake time for {tcp:?}");
+        assert!(
+            a.rtt_us.is_some_and(|r| r > 0.0),
+            "handshake time for {tcp:?}"
+        );
         assert_eq!(a.interface, v.host);
 
         let udp: Tuple = ("udp".into(), host.clone(), udp_port, peer.clone(), 5002);
-        let a = got.get(&udp).unwrap_or_else(|| panic!("no UDP flow {udp:?} in:\n{out}"));
+        let a = got
+            .get(&udp)
+            .unwrap_or_else(|| panic!("no UDP flow {udp:?} in:\n{out}"));
         let hdr = 14 + ip_hdr + 8;
         let sent: u64 = UDP_SIZES.iter().map(|s| hdr + *s as u64).sum();
-        assert_eq!(a.s2d, Dir { packets: 10, bytes: sent }, "UDP {udp:?}");
-        assert_eq!(a.d2s, Dir { packets: 10, bytes: 10 * (hdr + 50) });
+        assert_eq!(
+            a.s2d,
+            Dir {
+                packets: 10,
+                bytes: sent
+            },
+            "UDP {udp:?}"
+        );
+        assert_eq!(
+            a.d2s,
+            Dir {
+                packets: 10,
+                bytes: 10 * (hdr + 50)
+            }
+        );
         let o = oracle(&captured, &udp);
         assert_eq!((a.s2d, a.d2s), (o.s2d, o.d2s));
         assert_eq!(a.orientation, "first_packet");
 
         let ping: Tuple = (icmp.into(), host.clone(), 0, peer.clone(), 0);
-        let a = got.get(&ping).unwrap_or_else(|| panic!("no ICMP flow {ping:?} in:\n{out}"));
+        let a = got
+            .get(&ping)
+            .unwrap_or_else(|| panic!("no ICMP flow {ping:?} in:\n{out}"));
         let echo = 14 + ip_hdr + 8 + 56;
-        assert_eq!(a.s2d, Dir { packets: 3, bytes: 3 * echo }, "{icmp} echo requests");
+        assert_eq!(
+            a.s2d,
+            Dir {
+                packets: 3,
+                bytes: 3 * echo
+            },
+            "{icmp} echo requests"
+        );
         if icmp == "icmp" {
             // ICMPv6 also carries neighbour discovery between the same hosts.
-            assert_eq!(a.d2s, Dir { packets: 3, bytes: 3 * echo });
+            assert_eq!(
+                a.d2s,
+                Dir {
+                    packets: 3,
+                    bytes: 3 * echo
+                }
+            );
         }
         assert_eq!(a.orientation, "icmp_echo");
     }
@@ -414,7 +540,11 @@ fn a_veth_created_while_running_is_attached_and_counted() {
     let v = VethNs::new();
     let deadline = Instant::now() + Duration::from_secs(5);
     while !agent.stderr().contains(&format!("interface={}", v.host)) {
-        assert!(Instant::now() < deadline, "new veth not attached:\n{}", agent.stderr());
+        assert!(
+            Instant::now() < deadline,
+            "new veth not attached:\n{}",
+            agent.stderr()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let u = UdpSocket::bind("0.0.0.0:0").unwrap();
@@ -425,9 +555,23 @@ fn a_veth_created_while_running_is_attached_and_counted() {
     std::thread::sleep(Duration::from_millis(300));
     let (out, _) = agent.stop();
     let got = agent_totals(&out);
-    let t: Tuple = ("udp".into(), v.host_v4.clone(), port, v.peer_v4.clone(), 5999);
-    let a = got.get(&t).unwrap_or_else(|| panic!("no flow {t:?}:\n{out}"));
-    assert_eq!(a.s2d, Dir { packets: 5, bytes: 5 * (14 + 20 + 8 + 300) });
+    let t: Tuple = (
+        "udp".into(),
+        v.host_v4.clone(),
+        port,
+        v.peer_v4.clone(),
+        5999,
+    );
+    let a = got
+        .get(&t)
+        .unwrap_or_else(|| panic!("no flow {t:?}:\n{out}"));
+    assert_eq!(
+        a.s2d,
+        Dir {
+            packets: 5,
+            bytes: 5 * (14 + 20 + 8 + 300)
+        }
+    );
     assert_eq!(a.interface, v.host);
     nothing_attached(&v.host);
 }
@@ -442,7 +586,11 @@ fn nothing_stays_attached_after_sigkill_and_restart() {
     // TCX links die with the process.
     let a = Agent::start(&v.host, &["--attach-mode", "tcx"]);
     let tcx = flowmap::datapath::attach::tcx_programs(v.ifindex());
-    assert_eq!(tcx.iter().filter(|n| n.starts_with("flowmap_eth_")).count(), 2, "TCX ingress+egress expected: {tcx:?}");
+    assert_eq!(
+        tcx.iter().filter(|n| n.starts_with("flowmap_eth_")).count(),
+        2,
+        "TCX ingress+egress expected: {tcx:?}"
+    );
     a.kill();
     std::thread::sleep(Duration::from_millis(200));
     nothing_attached(&v.host);
@@ -451,10 +599,18 @@ fn nothing_stays_attached_after_sigkill_and_restart() {
     let a = Agent::start(&v.host, &["--attach-mode", "tc"]);
     a.kill();
     let left = sh(&["tc", "filter", "show", "dev", &v.host, "ingress"]);
-    assert!(left.contains("flowmap_eth_in"), "the killed agent's filter should remain:\n{left}");
+    assert!(
+        left.contains("flowmap_eth_in"),
+        "the killed agent's filter should remain:\n{left}"
+    );
     // ... and the next start removes them, and its own at exit.
     let a = Agent::start(&v.host, &["--attach-mode", "tc"]);
-    assert!(a.stderr().contains("removed TC filters left by an earlier flowmap"), "{}", a.stderr());
+    assert!(
+        a.stderr()
+            .contains("removed TC filters left by an earlier flowmap"),
+        "{}",
+        a.stderr()
+    );
     let (_, _) = a.stop();
     nothing_attached(&v.host);
 }

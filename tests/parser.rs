@@ -32,7 +32,9 @@ fn stat(d: &[u64], name: &str) -> u64 {
 /// Runs frames, checks every verdict is "continue", returns the flows.
 fn run(dp: &mut Datapath, entry: Entry, frames: &[Vec<u8>]) -> (Vec<(RawKey, RawStats)>, Vec<u64>) {
     for f in frames {
-        let v = dp.test_run(entry, f).unwrap_or_else(|e| panic!("{entry:?} frame of {} bytes: {e:#}", f.len()));
+        let v = dp
+            .test_run(entry, f)
+            .unwrap_or_else(|e| panic!("{entry:?} frame of {} bytes: {e:#}", f.len()));
         assert_eq!(v, TC_ACT_UNSPEC, "verdict must be TC_ACT_UNSPEC");
     }
     let d = dp.drain().unwrap();
@@ -46,7 +48,10 @@ fn expect_key(k: &RawKey, a: &str, pa: u16, b: &str, pb: u16, proto: u8) {
     assert_eq!(k.port, [pa, pb]);
     assert_eq!(k.proto, proto);
     assert_eq!(k.family, fam);
-    assert_eq!(k.ifindex, 1, "BPF_PROG_TEST_RUN runs on the loopback device");
+    assert_eq!(
+        k.ifindex, 1,
+        "BPF_PROG_TEST_RUN runs on the loopback device"
+    );
 }
 
 #[test]
@@ -56,16 +61,53 @@ fn ipv4_tcp_handshake_both_directions() {
     }
     let mut dp = dp();
     let (c, s) = (ip("10.0.0.2"), ip("10.0.0.1"));
-    let syn = eth_frame(c, s, &L4::Tcp { sport: 40000, dport: 80, flags: TCP_SYN, payload: 0 }, &[]);
-    let synack = eth_frame(s, c, &L4::Tcp { sport: 80, dport: 40000, flags: TCP_SYN | TCP_ACK, payload: 0 }, &[]);
-    let data = eth_frame(c, s, &L4::Tcp { sport: 40000, dport: 80, flags: TCP_ACK | TCP_PSH, payload: 100 }, &[]);
-    let (flows, _) = run(&mut dp, Entry::EthIngress, &[syn.clone(), synack.clone(), data.clone()]);
+    let syn = eth_frame(
+        c,
+        s,
+        &L4::Tcp {
+            sport: 40000,
+            dport: 80,
+            flags: TCP_SYN,
+            payload: 0,
+        },
+        &[],
+    );
+    let synack = eth_frame(
+        s,
+        c,
+        &L4::Tcp {
+            sport: 80,
+            dport: 40000,
+            flags: TCP_SYN | TCP_ACK,
+            payload: 0,
+        },
+        &[],
+    );
+    let data = eth_frame(
+        c,
+        s,
+        &L4::Tcp {
+            sport: 40000,
+            dport: 80,
+            flags: TCP_ACK | TCP_PSH,
+            payload: 100,
+        },
+        &[],
+    );
+    let (flows, _) = run(
+        &mut dp,
+        Entry::EthIngress,
+        &[syn.clone(), synack.clone(), data.clone()],
+    );
     assert_eq!(flows.len(), 1);
     let (k, v) = &flows[0];
     // 10.0.0.1:80 sorts before 10.0.0.2:40000: the server is side 0.
     expect_key(k, "10.0.0.1", 80, "10.0.0.2", 40000, 6);
     assert_eq!(v.packets, [1, 2]);
-    assert_eq!(v.bytes, [synack.len() as u64, (syn.len() + data.len()) as u64]);
+    assert_eq!(
+        v.bytes,
+        [synack.len() as u64, (syn.len() + data.len()) as u64]
+    );
     assert_eq!((syn.len(), data.len()), (54, 154));
     assert_eq!(v.tcp_flags, [0x12, 0x02 | 0x10 | 0x08]);
     assert_eq!(v.open_side, 2, "the client (side 1) sent the SYN");
@@ -80,12 +122,66 @@ fn ipv6_udp_and_icmp_and_other_protocol() {
     }
     let mut dp = dp();
     let (a, b) = (ip("fd00::1"), ip("fd00::2"));
-    let udp = eth_frame(a, b, &L4::Udp { sport: 5000, dport: 53, payload: 33 }, &[]);
-    let echo = eth_frame(ip("192.0.2.9"), ip("192.0.2.1"), &L4::Icmp { kind: 8, code: 0, payload: 56 }, &[]);
-    let reply = eth_frame(ip("192.0.2.1"), ip("192.0.2.9"), &L4::Icmp { kind: 0, code: 0, payload: 56 }, &[]);
-    let echo6 = eth_frame(b, a, &L4::Icmp { kind: 128, code: 0, payload: 8 }, &[]);
-    let gre = eth_frame(ip("10.9.9.9"), ip("10.9.9.8"), &L4::Raw { proto: 47, payload: 30 }, &[]);
-    let (mut flows, _) = run(&mut dp, Entry::EthEgress, &[udp.clone(), echo.clone(), reply.clone(), echo6.clone(), gre.clone()]);
+    let udp = eth_frame(
+        a,
+        b,
+        &L4::Udp {
+            sport: 5000,
+            dport: 53,
+            payload: 33,
+        },
+        &[],
+    );
+    let echo = eth_frame(
+        ip("192.0.2.9"),
+        ip("192.0.2.1"),
+        &L4::Icmp {
+            kind: 8,
+            code: 0,
+            payload: 56,
+        },
+        &[],
+    );
+    let reply = eth_frame(
+        ip("192.0.2.1"),
+        ip("192.0.2.9"),
+        &L4::Icmp {
+            kind: 0,
+            code: 0,
+            payload: 56,
+        },
+        &[],
+    );
+    let echo6 = eth_frame(
+        b,
+        a,
+        &L4::Icmp {
+            kind: 128,
+            code: 0,
+            payload: 8,
+        },
+        &[],
+    );
+    let gre = eth_frame(
+        ip("10.9.9.9"),
+        ip("10.9.9.8"),
+        &L4::Raw {
+            proto: 47,
+            payload: 30,
+        },
+        &[],
+    );
+    let (mut flows, _) = run(
+        &mut dp,
+        Entry::EthEgress,
+        &[
+            udp.clone(),
+            echo.clone(),
+            reply.clone(),
+            echo6.clone(),
+            gre.clone(),
+        ],
+    );
     flows.sort_by_key(|(k, _)| (k.proto, k.family));
     assert_eq!(flows.len(), 4);
     // ICMPv4: the echo sender 192.0.2.9 is side 1 and opened.
@@ -110,15 +206,28 @@ fn vlan_tags_single_and_double() {
         return;
     }
     let mut dp = dp();
-    let l4 = L4::Tcp { sport: 1234, dport: 443, flags: TCP_ACK, payload: 10 };
+    let l4 = L4::Tcp {
+        sport: 1234,
+        dport: 443,
+        flags: TCP_ACK,
+        payload: 10,
+    };
     let one = eth_frame(ip("10.1.1.1"), ip("10.1.1.2"), &l4, &[(0x8100, 7)]);
-    let two = eth_frame(ip("10.1.1.1"), ip("10.1.1.2"), &l4, &[(0x88a8, 100), (0x8100, 7)]);
+    let two = eth_frame(
+        ip("10.1.1.1"),
+        ip("10.1.1.2"),
+        &l4,
+        &[(0x88a8, 100), (0x8100, 7)],
+    );
     let (flows, _) = run(&mut dp, Entry::EthIngress, &[one.clone(), two.clone()]);
     assert_eq!(flows.len(), 1);
     expect_key(&flows[0].0, "10.1.1.1", 1234, "10.1.1.2", 443, 6);
     assert_eq!(flows[0].1.packets, [2, 0]);
     assert_eq!(flows[0].1.bytes, [(one.len() + two.len()) as u64, 0]);
-    assert_eq!((one.len(), two.len()), (18 + 20 + 20 + 10, 22 + 20 + 20 + 10));
+    assert_eq!(
+        (one.len(), two.len()),
+        (18 + 20 + 20 + 10, 22 + 20 + 20 + 10)
+    );
 }
 
 #[test]
@@ -128,9 +237,22 @@ fn ipv4_options_are_skipped() {
     }
     let mut dp = dp();
     for opt_len in [4usize, 12, 40] {
-        let body = L4::Udp { sport: 999, dport: 1000, payload: 5 }.bytes();
+        let body = L4::Udp {
+            sport: 999,
+            dport: 1000,
+            payload: 5,
+        }
+        .bytes();
         let mut f = ethernet(0x0800, &[]);
-        f.extend(ipv4_header([10, 2, 0, 1], [10, 2, 0, 2], 17, body.len(), &vec![1u8; opt_len], 0, 1));
+        f.extend(ipv4_header(
+            [10, 2, 0, 1],
+            [10, 2, 0, 2],
+            17,
+            body.len(),
+            &vec![1u8; opt_len],
+            0,
+            1,
+        ));
         f.extend(&body);
         let (flows, _) = run(&mut dp, Entry::EthIngress, &[f.clone()]);
         assert_eq!(flows.len(), 1, "options of {opt_len} bytes");
@@ -145,21 +267,54 @@ fn ipv4_fragments_count_into_the_flow_of_the_first() {
         return;
     }
     let mut dp = dp();
-    let udp = L4::Udp { sport: 7000, dport: 7001, payload: 1472 }.bytes();
+    let udp = L4::Udp {
+        sport: 7000,
+        dport: 7001,
+        payload: 1472,
+    }
+    .bytes();
     // First fragment: MF set, offset 0, with the UDP header.
     let mut first = ethernet(0x0800, &[]);
-    first.extend(ipv4_header([10, 3, 0, 1], [10, 3, 0, 2], 17, 1480, &[], 0x2000, 77));
+    first.extend(ipv4_header(
+        [10, 3, 0, 1],
+        [10, 3, 0, 2],
+        17,
+        1480,
+        &[],
+        0x2000,
+        77,
+    ));
     first.extend(&udp[..1480]);
     // Last fragment: offset 1480/8, no L4 header.
     let mut last = ethernet(0x0800, &[]);
-    last.extend(ipv4_header([10, 3, 0, 1], [10, 3, 0, 2], 17, 0, &[], 185, 77));
+    last.extend(ipv4_header(
+        [10, 3, 0, 1],
+        [10, 3, 0, 2],
+        17,
+        0,
+        &[],
+        185,
+        77,
+    ));
     last.extend(vec![0u8; 0]);
     last.extend(vec![0u8; 20]);
     // A later fragment of a datagram whose first fragment was never seen.
     let mut orphan = ethernet(0x0800, &[]);
-    orphan.extend(ipv4_header([10, 3, 0, 1], [10, 3, 0, 2], 17, 20, &[], 185, 78));
+    orphan.extend(ipv4_header(
+        [10, 3, 0, 1],
+        [10, 3, 0, 2],
+        17,
+        20,
+        &[],
+        185,
+        78,
+    ));
     orphan.extend(vec![0u8; 20]);
-    let (mut flows, stats) = run(&mut dp, Entry::EthIngress, &[first.clone(), last.clone(), orphan.clone()]);
+    let (mut flows, stats) = run(
+        &mut dp,
+        Entry::EthIngress,
+        &[first.clone(), last.clone(), orphan.clone()],
+    );
     flows.sort_by_key(|(k, _)| k.port[0]);
     assert_eq!(flows.len(), 2);
     expect_key(&flows[0].0, "10.3.0.1", 0, "10.3.0.2", 0, 17);
@@ -183,8 +338,17 @@ fn ipv6_extension_headers_and_fragments() {
         return;
     }
     let mut dp = dp();
-    let (a, b) = ([0xfdu8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1], [0xfdu8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
-    let tcp = L4::Tcp { sport: 50000, dport: 22, flags: TCP_SYN, payload: 0 }.bytes();
+    let (a, b) = (
+        [0xfdu8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+        [0xfdu8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+    );
+    let tcp = L4::Tcp {
+        sport: 50000,
+        dport: 22,
+        flags: TCP_SYN,
+        payload: 0,
+    }
+    .bytes();
     // hop-by-hop → routing → destination options → TCP
     let mut chain = ext(43, 0);
     chain.extend(ext(60, 1));
@@ -194,7 +358,12 @@ fn ipv6_extension_headers_and_fragments() {
     f.extend(&chain);
     f.extend(&tcp);
     // Fragment header, first fragment (offset 0, M=1) then a later one.
-    let udp = L4::Udp { sport: 8000, dport: 8001, payload: 16 }.bytes();
+    let udp = L4::Udp {
+        sport: 8000,
+        dport: 8001,
+        payload: 16,
+    }
+    .bytes();
     let frag = |off_units: u16, more: bool, body: &[u8]| {
         let mut h = vec![17u8, 0, 0, 0, 0, 0, 0x12, 0x34];
         let fo = (off_units << 3) | more as u16;
@@ -207,7 +376,11 @@ fn ipv6_extension_headers_and_fragments() {
     };
     let f1 = frag(0, true, &udp);
     let f2 = frag(3, false, &[0u8; 24]);
-    let (mut flows, _) = run(&mut dp, Entry::EthIngress, &[f.clone(), f1.clone(), f2.clone()]);
+    let (mut flows, _) = run(
+        &mut dp,
+        Entry::EthIngress,
+        &[f.clone(), f1.clone(), f2.clone()],
+    );
     flows.sort_by_key(|(k, _)| k.proto);
     assert_eq!(flows.len(), 2);
     expect_key(&flows[0].0, "fd00::1", 50000, "fd00::2", 22, 6);
@@ -224,8 +397,25 @@ fn no_ethernet_devices() {
         return;
     }
     let mut dp = dp();
-    let p4 = ip_packet(ip("100.64.0.1"), ip("100.64.0.2"), &L4::Tcp { sport: 51820, dport: 443, flags: TCP_ACK, payload: 50 });
-    let p6 = ip_packet(ip("fd10::1"), ip("fd10::2"), &L4::Udp { sport: 51820, dport: 51821, payload: 30 });
+    let p4 = ip_packet(
+        ip("100.64.0.1"),
+        ip("100.64.0.2"),
+        &L4::Tcp {
+            sport: 51820,
+            dport: 443,
+            flags: TCP_ACK,
+            payload: 50,
+        },
+    );
+    let p6 = ip_packet(
+        ip("fd10::1"),
+        ip("fd10::2"),
+        &L4::Udp {
+            sport: 51820,
+            dport: 51821,
+            payload: 30,
+        },
+    );
     let (mut flows, _) = run(&mut dp, Entry::L3Ingress, &[p4.clone()]);
     let (f6, _) = run(&mut dp, Entry::L3Egress, &[p6.clone()]);
     flows.extend(f6);
@@ -249,20 +439,44 @@ fn over_long_extension_chain_and_bogus_lengths_make_no_flow() {
     for i in 0..9 {
         chain.extend(ext(if i == 8 { 17 } else { 60 }, 0));
     }
-    let udp = L4::Udp { sport: 1, dport: 2, payload: 0 }.bytes();
+    let udp = L4::Udp {
+        sport: 1,
+        dport: 2,
+        payload: 0,
+    }
+    .bytes();
     let mut long = ethernet(0x86dd, &[]);
     long.extend(ipv6_header(a, b, 60, chain.len() + udp.len()));
     long.extend(&chain);
     long.extend(&udp);
     // IPv4 IHL of 3 words (less than the minimum 5).
-    let mut ihl3 = eth_frame(ip("10.4.0.1"), ip("10.4.0.2"), &L4::Udp { sport: 1, dport: 2, payload: 8 }, &[]);
+    let mut ihl3 = eth_frame(
+        ip("10.4.0.1"),
+        ip("10.4.0.2"),
+        &L4::Udp {
+            sport: 1,
+            dport: 2,
+            payload: 8,
+        },
+        &[],
+    );
     ihl3[14] = 0x43;
     // IPv4 IHL of 15 words on a packet shorter than that.
     let mut ihl15 = ethernet(0x0800, &[]);
     ihl15.extend(ipv4_header([10, 4, 0, 1], [10, 4, 0, 2], 17, 0, &[], 0, 1));
     ihl15[14] = 0x4f;
     // TCP data offset of 2 words.
-    let mut doff = eth_frame(ip("10.4.0.1"), ip("10.4.0.2"), &L4::Tcp { sport: 1, dport: 2, flags: TCP_ACK, payload: 0 }, &[]);
+    let mut doff = eth_frame(
+        ip("10.4.0.1"),
+        ip("10.4.0.2"),
+        &L4::Tcp {
+            sport: 1,
+            dport: 2,
+            flags: TCP_ACK,
+            payload: 0,
+        },
+        &[],
+    );
     doff[14 + 20 + 12] = 0x20;
     // IPv6 extension header whose length runs past the packet.
     let mut past = ethernet(0x86dd, &[]);
@@ -270,16 +484,33 @@ fn over_long_extension_chain_and_bogus_lengths_make_no_flow() {
     past.extend(ext(17, 0));
     past[14 + 40 + 1] = 200;
     // IP version 5 in an IPv4 ethertype.
-    let mut v5 = eth_frame(ip("10.4.0.1"), ip("10.4.0.2"), &L4::Udp { sport: 1, dport: 2, payload: 8 }, &[]);
+    let mut v5 = eth_frame(
+        ip("10.4.0.1"),
+        ip("10.4.0.2"),
+        &L4::Udp {
+            sport: 1,
+            dport: 2,
+            payload: 8,
+        },
+        &[],
+    );
     v5[14] = 0x55;
     // ARP: not IP, not an error.
     let mut arp = ethernet(0x0806, &[]);
     arp.extend(vec![0u8; 28]);
-    let (flows, stats) = run(&mut dp, Entry::EthIngress, &[long, ihl3, ihl15, doff, past, v5, arp]);
+    let (flows, stats) = run(
+        &mut dp,
+        Entry::EthIngress,
+        &[long, ihl3, ihl15, doff, past, v5, arp],
+    );
     assert!(flows.is_empty(), "no flow from malformed frames: {flows:?}");
     assert_eq!(stat(&stats, "ext_chain_too_long"), 1);
     assert_eq!(stat(&stats, "bad_header"), 3, "ihl 3, doff 2, version 5");
-    assert_eq!(stat(&stats, "truncated"), 2, "ihl 15, extension past the end");
+    assert_eq!(
+        stat(&stats, "truncated"),
+        2,
+        "ihl 15, extension past the end"
+    );
     assert_eq!(stat(&stats, "non_ip"), 1);
 }
 
@@ -293,15 +524,70 @@ fn frames_cut_at_every_header_byte_make_no_flow() {
     // test frames of 14 bytes or fewer, and frames whose ethertype says
     // IPv4/IPv6 but that are shorter than that header; tagged frames
     // carry the same headers past that check, so every cut runs there.
-    let v4 = |tags: &[(u16, u16)]| eth_frame(ip("10.5.0.1"), ip("10.5.0.2"), &L4::Tcp { sport: 1, dport: 2, flags: TCP_SYN, payload: 0 }, tags);
-    let v6 = |tags: &[(u16, u16)]| eth_frame(ip("fd00::5"), ip("fd00::6"), &L4::Udp { sport: 1, dport: 2, payload: 0 }, tags);
+    let v4 = |tags: &[(u16, u16)]| {
+        eth_frame(
+            ip("10.5.0.1"),
+            ip("10.5.0.2"),
+            &L4::Tcp {
+                sport: 1,
+                dport: 2,
+                flags: TCP_SYN,
+                payload: 0,
+            },
+            tags,
+        )
+    };
+    let v6 = |tags: &[(u16, u16)]| {
+        eth_frame(
+            ip("fd00::5"),
+            ip("fd00::6"),
+            &L4::Udp {
+                sport: 1,
+                dport: 2,
+                payload: 0,
+            },
+            tags,
+        )
+    };
     let cases: Vec<(Entry, Vec<u8>, usize, bool)> = vec![
         (Entry::EthIngress, v4(&[(0x8100, 5)]), 18 + 20 + 20, true),
-        (Entry::EthIngress, v6(&[(0x88a8, 5), (0x8100, 6)]), 22 + 40 + 8, true),
+        (
+            Entry::EthIngress,
+            v6(&[(0x88a8, 5), (0x8100, 6)]),
+            22 + 40 + 8,
+            true,
+        ),
         (Entry::EthIngress, v4(&[]), 14 + 20 + 20, false),
         (Entry::EthIngress, v6(&[]), 14 + 40 + 8, false),
-        (Entry::EthEgress, eth_frame(ip("10.5.0.1"), ip("10.5.0.2"), &L4::Icmp { kind: 8, code: 0, payload: 0 }, &[]), 14 + 20 + 8, false),
-        (Entry::L3Ingress, ip_packet(ip("10.5.0.1"), ip("10.5.0.2"), &L4::Udp { sport: 1, dport: 2, payload: 0 }), 28, false),
+        (
+            Entry::EthEgress,
+            eth_frame(
+                ip("10.5.0.1"),
+                ip("10.5.0.2"),
+                &L4::Icmp {
+                    kind: 8,
+                    code: 0,
+                    payload: 0,
+                },
+                &[],
+            ),
+            14 + 20 + 8,
+            false,
+        ),
+        (
+            Entry::L3Ingress,
+            ip_packet(
+                ip("10.5.0.1"),
+                ip("10.5.0.2"),
+                &L4::Udp {
+                    sport: 1,
+                    dport: 2,
+                    payload: 0,
+                },
+            ),
+            28,
+            false,
+        ),
     ];
     for (entry, frame, headers, all_cuts) in cases {
         let mut ran = 0;
@@ -313,7 +599,11 @@ fn frames_cut_at_every_header_byte_make_no_flow() {
             }
             ran += 1;
             let d = dp.drain().unwrap();
-            assert!(d.flows.is_empty(), "{entry:?} cut at {cut} of {headers} made a flow: {:?}", d.flows);
+            assert!(
+                d.flows.is_empty(),
+                "{entry:?} cut at {cut} of {headers} made a flow: {:?}",
+                d.flows
+            );
         }
         if all_cuts {
             assert_eq!(ran, headers - 15);
@@ -329,10 +619,23 @@ fn counts_survive_a_drain_between_packets() {
         return;
     }
     let mut dp = dp();
-    let f = eth_frame(ip("10.6.0.1"), ip("10.6.0.2"), &L4::Udp { sport: 1, dport: 2, payload: 100 }, &[]);
+    let f = eth_frame(
+        ip("10.6.0.1"),
+        ip("10.6.0.2"),
+        &L4::Udp {
+            sport: 1,
+            dport: 2,
+            payload: 100,
+        },
+        &[],
+    );
     let mut total = 0;
     for round in 0..5u64 {
-        let (flows, _) = run(&mut dp, Entry::EthIngress, &vec![f.clone(); round as usize + 1]);
+        let (flows, _) = run(
+            &mut dp,
+            Entry::EthIngress,
+            &vec![f.clone(); round as usize + 1],
+        );
         assert_eq!(flows.len(), 1);
         assert_eq!(flows[0].1.packets, [round + 1, 0]);
         total += flows[0].1.packets[0];

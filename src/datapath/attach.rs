@@ -84,16 +84,24 @@ fn attach_tcx_one(prog: &Program<'_>, ifindex: u32) -> Result<Link> {
 pub fn attach_tcx(ingress: &Program<'_>, egress: &Program<'_>, ifindex: u32) -> Result<Hook> {
     let i = attach_tcx_one(ingress, ifindex).context("TCX ingress")?;
     let e = attach_tcx_one(egress, ifindex).context("TCX egress")?;
-    Ok(Hook::Tcx { _ingress: i, _egress: e })
+    Ok(Hook::Tcx {
+        _ingress: i,
+        _egress: e,
+    })
 }
 
 fn tc_builder(prog: &Program<'_>, ifindex: u32) -> TcHookBuilder<'static> {
     // SAFETY of the lifetime: TcHookBuilder only keeps the raw fd number,
     // and the program outlives every hook made here (Datapath owns both and
     // drops the hooks first).
-    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(std::os::fd::AsRawFd::as_raw_fd(&prog.as_fd())) };
+    let fd = unsafe {
+        std::os::fd::BorrowedFd::borrow_raw(std::os::fd::AsRawFd::as_raw_fd(&prog.as_fd()))
+    };
     let mut b = TcHookBuilder::new(fd);
-    b.ifindex(ifindex as i32).replace(true).handle(TC_HANDLE).priority(TC_PRIORITY);
+    b.ifindex(ifindex as i32)
+        .replace(true)
+        .handle(TC_HANDLE)
+        .priority(TC_PRIORITY);
     b
 }
 
@@ -112,7 +120,10 @@ pub fn attach_tc(ingress: &Program<'_>, egress: &Program<'_>, ifindex: u32) -> R
         let _ = i.detach();
         return Err(anyhow!("TC egress filter: {err}"));
     }
-    Ok(Hook::Tc { ingress: i, egress: e })
+    Ok(Hook::Tc {
+        ingress: i,
+        egress: e,
+    })
 }
 
 /// Removes classic TC filters with flowmap's handle and priority that a

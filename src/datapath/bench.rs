@@ -27,15 +27,70 @@ pub fn cases() -> Vec<(&'static str, Vec<u8>)> {
     let a6: IpAddr = "fd00::1".parse().unwrap();
     let b6: IpAddr = "fd00::2".parse().unwrap();
     vec![
-        ("ipv4_tcp_established", eth_frame(a, b, &L4::Tcp { sport: 40000, dport: 443, flags: TCP_ACK | TCP_PSH, payload: 1400 }, &[])),
-        ("ipv4_tcp_syn", eth_frame(a, b, &L4::Tcp { sport: 40001, dport: 443, flags: TCP_SYN, payload: 0 }, &[])),
-        ("ipv6_udp", eth_frame(a6, b6, &L4::Udp { sport: 40002, dport: 53, payload: 512 }, &[])),
-        ("vlan_ipv4_tcp", eth_frame(a, b, &L4::Tcp { sport: 40003, dport: 443, flags: TCP_ACK, payload: 1400 }, &[(0x8100, 100)])),
+        (
+            "ipv4_tcp_established",
+            eth_frame(
+                a,
+                b,
+                &L4::Tcp {
+                    sport: 40000,
+                    dport: 443,
+                    flags: TCP_ACK | TCP_PSH,
+                    payload: 1400,
+                },
+                &[],
+            ),
+        ),
+        (
+            "ipv4_tcp_syn",
+            eth_frame(
+                a,
+                b,
+                &L4::Tcp {
+                    sport: 40001,
+                    dport: 443,
+                    flags: TCP_SYN,
+                    payload: 0,
+                },
+                &[],
+            ),
+        ),
+        (
+            "ipv6_udp",
+            eth_frame(
+                a6,
+                b6,
+                &L4::Udp {
+                    sport: 40002,
+                    dport: 53,
+                    payload: 512,
+                },
+                &[],
+            ),
+        ),
+        (
+            "vlan_ipv4_tcp",
+            eth_frame(
+                a,
+                b,
+                &L4::Tcp {
+                    sport: 40003,
+                    dport: 443,
+                    flags: TCP_ACK,
+                    payload: 1400,
+                },
+                &[(0x8100, 100)],
+            ),
+        ),
     ]
 }
 
 fn run_ns(prog: &Program<'_>, frame: &[u8], repeat: u32) -> Result<f64> {
-    let input = ProgramInput { data_in: Some(frame), repeat, ..Default::default() };
+    let input = ProgramInput {
+        data_in: Some(frame),
+        repeat,
+        ..Default::default()
+    };
     let out = prog.test_run(input).context("BPF_PROG_TEST_RUN")?;
     // The kernel reports the mean duration of one run.
     Ok(out.duration.as_nanos() as f64)
@@ -56,17 +111,28 @@ fn median_ns(prog: &Program<'_>, frame: &[u8], repeat: u32, rounds: usize) -> Re
 pub fn run(repeat: u32, rounds: usize, out: &mut dyn std::io::Write) -> Result<()> {
     let dp = Datapath::load(&Options::default())?;
     let mut s1 = MaybeUninit::uninit();
-    let floor = floor_skel::FloorSkelBuilder::default().open(&mut s1)?.load()?;
+    let floor = floor_skel::FloorSkelBuilder::default()
+        .open(&mut s1)?
+        .load()?;
     let mut s2 = MaybeUninit::uninit();
-    let minc = min_skel::MinCounterSkelBuilder::default().open(&mut s2)?.load()?;
+    let minc = min_skel::MinCounterSkelBuilder::default()
+        .open(&mut s2)?
+        .load()?;
     for (name, frame) in cases() {
         let fm = median_ns(dp.program(Entry::EthIngress), &frame, repeat, rounds)?;
         let fl = median_ns(&floor.progs.floor_prog, &frame, repeat, rounds)?;
         let mc = median_ns(&minc.progs.min_counter, &frame, repeat, rounds)?;
         for (p, ns) in [("flowmap", fm), ("floor", fl), ("min_counter", mc)] {
-            writeln!(out, "bench datapath case={name} program={p} ns_per_packet={ns:.1}")?;
+            writeln!(
+                out,
+                "bench datapath case={name} program={p} ns_per_packet={ns:.1}"
+            )?;
         }
-        writeln!(out, "bench datapath case={name} flowmap_over_min_counter={:.2}", fm / mc.max(0.1))?;
+        writeln!(
+            out,
+            "bench datapath case={name} flowmap_over_min_counter={:.2}",
+            fm / mc.max(0.1)
+        )?;
     }
     let total: u64 = dp.map_memory().iter().map(|(_, b)| *b).sum();
     for (map, bytes) in dp.map_memory() {

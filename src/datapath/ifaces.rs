@@ -87,7 +87,11 @@ impl Selection {
         let existing: Vec<&str> = present.iter().map(|i| i.name.as_str()).collect();
         Err(format!(
             "interface_name: no interface named {} on this host; interfaces that exist: {}",
-            missing.iter().map(|m| format!("{m:?}")).collect::<Vec<_>>().join(", "),
+            missing
+                .iter()
+                .map(|m| format!("{m:?}"))
+                .collect::<Vec<_>>()
+                .join(", "),
             existing.join(", ")
         ))
     }
@@ -98,7 +102,12 @@ mod tests {
     use super::*;
 
     fn iface(name: &str, idx: u32, lo: bool) -> Interface {
-        Interface { name: name.into(), ifindex: idx, l3: false, loopback: lo }
+        Interface {
+            name: name.into(),
+            ifindex: idx,
+            l3: false,
+            loopback: lo,
+        }
     }
 
     #[test]
@@ -115,7 +124,10 @@ mod tests {
             sel.check_exists(&present).unwrap_err(),
             "interface_name: no interface named \"wg9\" on this host; interfaces that exist: lo, eth0"
         );
-        assert_eq!(Selection::Names(vec!["eth0".into()]).check_exists(&present), Ok(()));
+        assert_eq!(
+            Selection::Names(vec!["eth0".into()]).check_exists(&present),
+            Ok(())
+        );
     }
 
     #[test]

@@ -54,7 +54,9 @@ impl std::str::FromStr for AttachMode {
             "auto" => Ok(AttachMode::Auto),
             "tcx" => Ok(AttachMode::Tcx),
             "tc" => Ok(AttachMode::Tc),
-            other => Err(format!("unknown attach mode {other:?}; allowed: auto, tcx, tc")),
+            other => Err(format!(
+                "unknown attach mode {other:?}; allowed: auto, tcx, tc"
+            )),
         }
     }
 }
@@ -68,7 +70,10 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options { max_flows: DEFAULT_MAX_FLOWS, mode: AttachMode::Auto }
+        Options {
+            max_flows: DEFAULT_MAX_FLOWS,
+            mode: AttachMode::Auto,
+        }
     }
 }
 
@@ -109,7 +114,10 @@ fn key_bytes(k: &RawKey) -> KeyBytes {
     // SAFETY: RawKey is a plain repr(C) struct of integers, no padding
     // beyond the explicit pad fields.
     let src = unsafe {
-        std::slice::from_raw_parts((k as *const RawKey).cast::<u8>(), std::mem::size_of::<RawKey>())
+        std::slice::from_raw_parts(
+            (k as *const RawKey).cast::<u8>(),
+            std::mem::size_of::<RawKey>(),
+        )
     };
     out.copy_from_slice(src);
     out
@@ -201,13 +209,18 @@ impl Datapath {
         // small allocation per loaded datapath, released at process exit.
         let storage: &'static mut MaybeUninit<libbpf_rs::OpenObject> =
             Box::leak(Box::new(MaybeUninit::uninit()));
-        let mut open = FlowsSkelBuilder::default().open(storage).context("opening the BPF object")?;
+        let mut open = FlowsSkelBuilder::default()
+            .open(storage)
+            .context("opening the BPF object")?;
         open.maps.flows_a.set_max_entries(opts.max_flows)?;
         open.maps.flows_b.set_max_entries(opts.max_flows)?;
         let skel = open.load().map_err(|e| {
             anyhow!("loading the BPF program failed: {e} (flowmap needs root, or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON; --debug shows libbpf's log)")
         })?;
-        let overflow = Arc::new(Mutex::new(Overflow { cap: opts.max_flows as usize, ..Default::default() }));
+        let overflow = Arc::new(Mutex::new(Overflow {
+            cap: opts.max_flows as usize,
+            ..Default::default()
+        }));
         let sink = overflow.clone();
         let mut rb = RingBufferBuilder::new();
         rb.add(&skel.maps.overflow, move |data: &[u8]| {
@@ -230,7 +243,13 @@ impl Datapath {
         })
     }
 
-    fn progs_for(&self, l3: bool) -> (&libbpf_rs::ProgramMut<'static>, &libbpf_rs::ProgramMut<'static>) {
+    fn progs_for(
+        &self,
+        l3: bool,
+    ) -> (
+        &libbpf_rs::ProgramMut<'static>,
+        &libbpf_rs::ProgramMut<'static>,
+    ) {
         let p = &self.skel.progs;
         if l3 {
             (&p.flowmap_l3_in, &p.flowmap_l3_out)
@@ -281,14 +300,24 @@ impl Datapath {
         };
         self.tcx_works = tcx_works;
         let kind = hook.kind();
-        self.attached.insert(iface.ifindex, Attached { iface: iface.clone(), hook });
+        self.attached.insert(
+            iface.ifindex,
+            Attached {
+                iface: iface.clone(),
+                hook,
+            },
+        );
         Ok(kind)
     }
 
     /// Brings the attachments in line with the interfaces that exist now:
     /// attaches new wanted ones, forgets vanished ones. Returns (attached,
     /// forgotten) names.
-    pub fn reconcile(&mut self, sel: &Selection, present: &[Interface]) -> (Vec<String>, Vec<String>) {
+    pub fn reconcile(
+        &mut self,
+        sel: &Selection,
+        present: &[Interface],
+    ) -> (Vec<String>, Vec<String>) {
         let mut gone = Vec::new();
         let keep: Vec<u32> = present
             .iter()
@@ -300,7 +329,9 @@ impl Datapath {
             .iter()
             .filter(|(idx, a)| {
                 !keep.contains(idx)
-                    || !present.iter().any(|p| p.ifindex == **idx && p.name == a.iface.name)
+                    || !present
+                        .iter()
+                        .any(|p| p.ifindex == **idx && p.name == a.iface.name)
             })
             .map(|(idx, _)| *idx)
             .collect();
@@ -363,12 +394,18 @@ impl Datapath {
         let old = self.active;
         self.set_active(1 - old)?;
         wait_for_programs();
-        let map = if old == 0 { &self.skel.maps.flows_a } else { &self.skel.maps.flows_b };
+        let map = if old == 0 {
+            &self.skel.maps.flows_a
+        } else {
+            &self.skel.maps.flows_b
+        };
         let keys: Vec<Vec<u8>> = map.keys().collect();
         let mut flows = Vec::with_capacity(keys.len());
         for k in &keys {
             if let Some(v) = map.lookup(k, MapFlags::ANY)? {
-                if let (Some(key), Some(val)) = (from_bytes::<RawKey>(k), from_bytes::<RawStats>(&v)) {
+                if let (Some(key), Some(val)) =
+                    (from_bytes::<RawKey>(k), from_bytes::<RawStats>(&v))
+                {
                     flows.push((key, val));
                 }
             }
@@ -376,7 +413,10 @@ impl Datapath {
         }
         self.poll_overflow();
         let (extra, dropped) = {
-            let mut o = self.overflow.lock().map_err(|_| anyhow!("overflow lock poisoned"))?;
+            let mut o = self
+                .overflow
+                .lock()
+                .map_err(|_| anyhow!("overflow lock poisoned"))?;
             let extra: Vec<(KeyBytes, RawStats)> = o.flows.drain().collect();
             (extra, std::mem::take(&mut o.dropped))
         };
@@ -385,7 +425,11 @@ impl Datapath {
                 flows.push((k, s));
             }
         }
-        Ok(Drained { flows, stats: self.stats()?, overflow_dropped: dropped })
+        Ok(Drained {
+            flows,
+            stats: self.stats()?,
+            overflow_dropped: dropped,
+        })
     }
 
     /// Kernel statistics since load, summed over CPUs.
@@ -414,8 +458,15 @@ impl Datapath {
     /// Runs one entry point on a frame with BPF_PROG_TEST_RUN and returns
     /// the program's verdict. The run's ifindex is the loopback's (1).
     pub fn test_run(&self, entry: Entry, frame: &[u8]) -> Result<u32> {
-        let input = ProgramInput { data_in: Some(frame), repeat: 1, ..Default::default() };
-        let out = self.program(entry).test_run(input).context("BPF_PROG_TEST_RUN")?;
+        let input = ProgramInput {
+            data_in: Some(frame),
+            repeat: 1,
+            ..Default::default()
+        };
+        let out = self
+            .program(entry)
+            .test_run(input)
+            .context("BPF_PROG_TEST_RUN")?;
         Ok(out.return_value)
     }
 
@@ -425,7 +476,12 @@ impl Datapath {
         let m = &self.skel.maps;
         [&m.flows_a, &m.flows_b, &m.frags, &m.stats, &m.overflow]
             .iter()
-            .map(|map| (map.name().to_string_lossy().into_owned(), memlock_of(map.as_fd())))
+            .map(|map| {
+                (
+                    map.name().to_string_lossy().into_owned(),
+                    memlock_of(map.as_fd()),
+                )
+            })
             .collect()
     }
 }
@@ -447,7 +503,10 @@ pub fn memlock_of(fd: std::os::fd::BorrowedFd<'_>) -> u64 {
         .ok()
         .and_then(|s| {
             s.lines()
-                .find_map(|l| l.strip_prefix("memlock:").map(|v| v.trim().parse::<u64>().ok()))
+                .find_map(|l| {
+                    l.strip_prefix("memlock:")
+                        .map(|v| v.trim().parse::<u64>().ok())
+                })
                 .flatten()
         })
         .unwrap_or(0)
@@ -460,7 +519,14 @@ pub fn memlock_of(fd: std::os::fd::BorrowedFd<'_>) -> u64 {
 fn wait_for_programs() {
     const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
     // SAFETY: a plain syscall with integer arguments.
-    let rc = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0 as libc::c_long, 0 as libc::c_long) };
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_membarrier,
+            MEMBARRIER_CMD_GLOBAL,
+            0 as libc::c_long,
+            0 as libc::c_long,
+        )
+    };
     if rc != 0 {
         std::thread::sleep(Duration::from_millis(20));
     } else {

@@ -21,7 +21,10 @@ pub fn privileged(test: &str) -> bool {
 }
 
 pub fn sh(args: &[&str]) -> String {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
     assert!(
         out.status.success(),
         "{args:?} failed: {}",
@@ -67,13 +70,47 @@ impl VethNs {
         };
         // Whatever fails below, Drop still removes what exists.
         sh(&["ip", "netns", "add", &v.ns]);
-        sh(&["ip", "link", "add", &v.host, "type", "veth", "peer", "name", &v.peer]);
+        sh(&[
+            "ip", "link", "add", &v.host, "type", "veth", "peer", "name", &v.peer,
+        ]);
         sh(&["ip", "link", "set", &v.peer, "netns", &v.ns]);
-        sh(&["ip", "addr", "add", &format!("{}/24", v.host_v4), "dev", &v.host]);
-        sh(&["ip", "-6", "addr", "add", &format!("{}/64", v.host_v6), "dev", &v.host, "nodad"]);
+        sh(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/24", v.host_v4),
+            "dev",
+            &v.host,
+        ]);
+        sh(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{}/64", v.host_v6),
+            "dev",
+            &v.host,
+            "nodad",
+        ]);
         sh(&["ip", "link", "set", &v.host, "up"]);
-        v.exec(&["ip", "addr", "add", &format!("{}/24", v.peer_v4), "dev", &v.peer]);
-        v.exec(&["ip", "-6", "addr", "add", &format!("{}/64", v.peer_v6), "dev", &v.peer, "nodad"]);
+        v.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/24", v.peer_v4),
+            "dev",
+            &v.peer,
+        ]);
+        v.exec(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{}/64", v.peer_v6),
+            "dev",
+            &v.peer,
+            "nodad",
+        ]);
         v.exec(&["ip", "link", "set", &v.peer, "up"]);
         v.exec(&["ip", "link", "set", "lo", "up"]);
         v

@@ -88,6 +88,9 @@ struct flow_key flow_key_layout = {};
 struct flow_stats flow_stats_layout = {};
 struct flow_event flow_event_layout = {};
 
+/* The clock reading of flowmap_clock. */
+struct clock_sample clock = {};
+
 struct pkt {
 	__u8 saddr[16];
 	__u8 daddr[16];
@@ -124,6 +127,23 @@ static __always_inline int load(struct __sk_buff *skb, __u32 off, void *to, __u3
 	return bpf_skb_load_bytes(skb, off, to, len);
 }
 
+/* Like load(), but returns a pointer into the packet when the bytes are in
+ * the linear part (no copy), or to buf filled by the helper otherwise;
+ * NULL when the packet is too short. */
+static __always_inline __u8 *hdr(struct __sk_buff *skb, __u32 off, __u8 *buf, __u32 len)
+{
+	if (off <= DIRECT_MAX_OFF) {
+		__u8 *data = (void *)(long)skb->data;
+		__u8 *end = (void *)(long)skb->data_end;
+		__u8 *p = data + off;
+		if (p + len <= end)
+			return p;
+	}
+	if (bpf_skb_load_bytes(skb, off, buf, len))
+		return 0;
+	return buf;
+}
+
 static __always_inline void set_v4mapped(__u8 *dst, __be32 a)
 {
 	__builtin_memset(dst, 0, 10);
@@ -151,16 +171,18 @@ static __always_inline void account(struct __sk_buff *skb, struct pkt *p, void *
 {
 	struct flow_key key;
 	__u32 side = side_of(p->saddr, p->sport, p->daddr, p->dport);
-	/* first/last seen need no more than the coarse clock (a few ms, far
-	 * cheaper); the handshake packets read the precise one. Both are
-	 * CLOCK_MONOTONIC. */
-	__u64 now = bpf_ktime_get_coarse_ns();
+	/* Reading the tick (jiffies) is one load; a clock read is a helper
+	 * call that costs more than the rest of the lookup. So: the tick on
+	 * every packet, the clock only when an entry is created and on
+	 * handshake packets. */
+	__u64 now = bpf_jiffies64();
 	__u64 precise = 0;
 	if (p->opens || p->synack)
 		precise = bpf_ktime_get_ns();
 	__u64 len = skb->len;
 
-	__builtin_memset(&key, 0, sizeof(key));
+	key.pad[0] = 0;
+	key.pad[1] = 0;
 	if (side) {
 		__builtin_memcpy(key.addr[0], p->daddr, 16);
 		__builtin_memcpy(key.addr[1], p->saddr, 16);
@@ -189,8 +211,9 @@ static __always_inline void account(struct __sk_buff *skb, struct pkt *p, void *
 			nv.bytes[0] = len;
 			nv.tcp_flags[0] = p->tcp_flags;
 		}
-		nv.first_seen_ns = now;
-		nv.last_seen_ns = now;
+		nv.first_seen_ns = precise ? precise : bpf_ktime_get_ns();
+		nv.first_seen_jiffies = now;
+		nv.last_seen_jiffies = now;
 		nv.first_side = side + 1;
 		if (p->opens) {
 			nv.open_side = side + 1;
@@ -215,9 +238,13 @@ static __always_inline void account(struct __sk_buff *skb, struct pkt *p, void *
 			__builtin_memcpy(&e->key, &key, sizeof(key));
 			e->side = side;
 			e->bytes = len;
-			e->ts_ns = precise ? precise : now;
+			e->ts_ns = precise ? precise : bpf_ktime_get_ns();
+			e->jiffies = now;
 			e->tcp_flags = p->tcp_flags;
-			e->pad = p->opens | (p->synack << 1);
+			e->opens = p->opens;
+			e->synack = p->synack;
+			e->pad[0] = 0;
+			e->pad[1] = 0;
 			bpf_ringbuf_submit(e, 0);
 			return;
 		}
@@ -235,8 +262,8 @@ static __always_inline void account(struct __sk_buff *skb, struct pkt *p, void *
 		if (p->tcp_flags && (v->tcp_flags[0] & p->tcp_flags) != p->tcp_flags)
 			__sync_fetch_and_or(&v->tcp_flags[0], (__u32)p->tcp_flags);
 	}
-	if (v->last_seen_ns < now)
-		v->last_seen_ns = now;
+	if (v->last_seen_jiffies < now)
+		v->last_seen_jiffies = now;
 	if (p->opens && !v->open_side) {
 		v->open_side = side + 1;
 		if (p->proto == IPPROTO_TCP && !v->syn_ns)
@@ -251,8 +278,9 @@ static __always_inline int parse_l4(struct __sk_buff *skb, __u32 off, struct pkt
 {
 	switch (p->proto) {
 	case IPPROTO_TCP: {
-		__u8 h[20];
-		if (load(skb, off, h, sizeof(h)))
+		__u8 h_buf[20];
+		__u8 *h = hdr(skb, off, h_buf, 20);
+		if (!h)
 			return STAT_TRUNCATED;
 		if ((h[12] >> 4) < 5)
 			return STAT_BAD_HEADER;
@@ -266,16 +294,18 @@ static __always_inline int parse_l4(struct __sk_buff *skb, __u32 off, struct pkt
 	}
 	case IPPROTO_UDP:
 	case IPPROTO_UDPLITE: {
-		__u8 h[8];
-		if (load(skb, off, h, sizeof(h)))
+		__u8 h_buf[8];
+		__u8 *h = hdr(skb, off, h_buf, 8);
+		if (!h)
 			return STAT_TRUNCATED;
 		p->sport = ((__u16)h[0] << 8) | h[1];
 		p->dport = ((__u16)h[2] << 8) | h[3];
 		return PARSE_OK;
 	}
 	case IPPROTO_SCTP: {
-		__u8 h[12];
-		if (load(skb, off, h, sizeof(h)))
+		__u8 h_buf[12];
+		__u8 *h = hdr(skb, off, h_buf, 12);
+		if (!h)
 			return STAT_TRUNCATED;
 		p->sport = ((__u16)h[0] << 8) | h[1];
 		p->dport = ((__u16)h[2] << 8) | h[3];
@@ -283,8 +313,9 @@ static __always_inline int parse_l4(struct __sk_buff *skb, __u32 off, struct pkt
 	}
 	case IPPROTO_ICMP:
 	case 58 /* IPPROTO_ICMPV6 */: {
-		__u8 h[8];
-		if (load(skb, off, h, sizeof(h)))
+		__u8 h_buf[8];
+		__u8 *h = hdr(skb, off, h_buf, 8);
+		if (!h)
 			return STAT_TRUNCATED;
 		if (p->proto == IPPROTO_ICMP)
 			p->opens = h[0] == 8;   /* echo request */
@@ -336,8 +367,9 @@ static __always_inline int parse_l4_frag(struct __sk_buff *skb, __u32 off, struc
 
 static __always_inline int parse_ipv4(struct __sk_buff *skb, __u32 off, struct pkt *p)
 {
-	__u8 h[20];
-	if (load(skb, off, h, sizeof(h)))
+	__u8 h_buf[20];
+	__u8 *h = hdr(skb, off, h_buf, 20);
+	if (!h)
 		return STAT_TRUNCATED;
 	if ((h[0] >> 4) != 4)
 		return STAT_BAD_HEADER;
@@ -362,8 +394,9 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, __u32 off, struct p
 
 static __always_inline int parse_ipv6(struct __sk_buff *skb, __u32 off, struct pkt *p)
 {
-	__u8 h[40];
-	if (load(skb, off, h, sizeof(h)))
+	__u8 h_buf[40];
+	__u8 *h = hdr(skb, off, h_buf, 40);
+	if (!h)
 		return STAT_TRUNCATED;
 	if ((h[0] >> 4) != 6)
 		return STAT_BAD_HEADER;
@@ -383,24 +416,27 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, __u32 off, struct p
 		case 135: /* mobility */
 		case 139: /* HIP */
 		case 140: /* shim6 */ {
-			__u8 e[2];
-			if (load(skb, off, e, 2))
+			__u8 e_buf[2];
+			__u8 *e = hdr(skb, off, e_buf, 2);
+			if (!e)
 				return STAT_TRUNCATED;
 			next = e[0];
 			off += ((__u32)e[1] + 1) * 8;
 			break;
 		}
 		case 51: /* authentication header */ {
-			__u8 e[2];
-			if (load(skb, off, e, 2))
+			__u8 e_buf[2];
+			__u8 *e = hdr(skb, off, e_buf, 2);
+			if (!e)
 				return STAT_TRUNCATED;
 			next = e[0];
 			off += ((__u32)e[1] + 2) * 4;
 			break;
 		}
 		case 44: /* fragment */ {
-			__u8 e[8];
-			if (load(skb, off, e, 8))
+			__u8 e_buf[8];
+			__u8 *e = hdr(skb, off, e_buf, 8);
+			if (!e)
 				return STAT_TRUNCATED;
 			next = e[0];
 			__u16 fo = ((__u16)e[2] << 8) | e[3];
@@ -460,8 +496,9 @@ static __always_inline int handle_eth(struct __sk_buff *skb)
 	struct pkt p;
 	__builtin_memset(&p, 0, sizeof(p));
 
-	__u8 eth[14];
-	if (load(skb, 0, eth, sizeof(eth))) {
+	__u8 eth_buf[14];
+	__u8 *eth = hdr(skb, 0, eth_buf, 14);
+	if (!eth) {
 		stat_inc(STAT_TRUNCATED);
 		return TC_ACT_UNSPEC;
 	}
@@ -471,8 +508,9 @@ static __always_inline int handle_eth(struct __sk_buff *skb)
 	for (int i = 0; i < MAX_VLAN_TAGS; i++) {
 		if (proto != ETH_P_8021Q && proto != ETH_P_8021AD)
 			break;
-		__u8 tag[4];
-		if (load(skb, off, tag, sizeof(tag))) {
+		__u8 tag_buf[4];
+		__u8 *tag = hdr(skb, off, tag_buf, 4);
+		if (!tag) {
 			stat_inc(STAT_TRUNCATED);
 			return TC_ACT_UNSPEC;
 		}
@@ -511,3 +549,13 @@ int flowmap_l3_in(struct __sk_buff *skb) { return handle_l3(skb); }
 
 SEC("tcx/egress")
 int flowmap_l3_out(struct __sk_buff *skb) { return handle_l3(skb); }
+
+/* Not attached anywhere: user space runs it with BPF_PROG_TEST_RUN to read
+ * the tick and the clock at one instant. */
+SEC("tc")
+int flowmap_clock(struct __sk_buff *skb)
+{
+	clock.ns = bpf_ktime_get_ns();
+	clock.jiffies = bpf_jiffies64();
+	return TC_ACT_UNSPEC;
+}

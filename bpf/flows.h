@@ -27,8 +27,10 @@ struct flow_key {
 struct flow_stats {
 	__u64 packets[2];   /* sent by side 0 / side 1 */
 	__u64 bytes[2];     /* skb->len: the frame length a capture reports */
-	__u64 first_seen_ns; /* CLOCK_MONOTONIC */
-	__u64 last_seen_ns;
+	__u64 first_seen_ns;      /* CLOCK_MONOTONIC, when this entry was created */
+	__u64 first_seen_jiffies; /* the kernel tick at that moment ... */
+	__u64 last_seen_jiffies;  /* ... and at the last packet (a tick is cheap to
+	                           * read; user space turns it into time) */
 	__u64 syn_ns;       /* first TCP SYN without ACK */
 	__u64 synack_ns;    /* first TCP SYN+ACK */
 	__u32 tcp_flags[2]; /* OR of the TCP flags each side sent */
@@ -43,9 +45,12 @@ struct flow_event {
 	struct flow_key key;
 	__u32 side;       /* 0 or 1: which side sent the packet */
 	__u64 bytes;
-	__u64 ts_ns;
+	__u64 ts_ns;       /* CLOCK_MONOTONIC */
+	__u64 jiffies;
 	__u32 tcp_flags;
-	__u32 pad;
+	__u8 opens;        /* the packet opens a connection (SYN, echo request) */
+	__u8 synack;
+	__u8 pad[2];
 };
 
 /* Indexes of the per-CPU statistics array. */
@@ -58,6 +63,13 @@ enum flow_stat {
 	STAT_MAP_FULL,           /* flow map full: handed to the ring buffer */
 	STAT_RING_LOST,          /* ... and the ring buffer was full too: lost */
 	STAT_MAX,
+};
+
+/* Written by the flowmap_clock program: one reading of both clocks, so
+ * user space can convert ticks to CLOCK_MONOTONIC. */
+struct clock_sample {
+	__u64 ns;
+	__u64 jiffies;
 };
 
 #endif

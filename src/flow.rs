@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
-use crate::datapath::{RawKey, RawStats};
+use crate::datapath::{RawKey, Sample};
 
 /// A flow as one interface sees it; side 0 is the lower (address, port).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -181,12 +181,12 @@ impl FlowTable {
     /// flow. `name` gives the interface name of an ifindex.
     pub fn ingest(
         &mut self,
-        entries: &[(RawKey, RawStats)],
+        entries: &[(RawKey, Sample)],
         now_mono_ns: u64,
         clock: &Clock,
         name: &dyn Fn(u32) -> String,
     ) -> Vec<FlowRecord> {
-        let mut merged: HashMap<FlowKey, RawStats> = HashMap::new();
+        let mut merged: HashMap<FlowKey, Sample> = HashMap::new();
         let mut order: Vec<FlowKey> = Vec::new();
         for (k, s) in entries {
             let key = FlowKey::from(k);
@@ -208,7 +208,7 @@ impl FlowTable {
         out
     }
 
-    fn update_conn(&mut self, key: &FlowKey, s: &RawStats) -> Conn {
+    fn update_conn(&mut self, key: &FlowKey, s: &Sample) -> Conn {
         let flags = s.tcp_flags[0] | s.tcp_flags[1];
         let c = self.conns.entry(*key).or_insert_with(|| {
             let (client_side, rule) = orient(key, s);
@@ -267,7 +267,7 @@ impl FlowTable {
     }
 }
 
-fn merge(m: &mut RawStats, s: &RawStats) {
+fn merge(m: &mut Sample, s: &Sample) {
     for i in 0..2 {
         m.packets[i] += s.packets[i];
         m.bytes[i] += s.bytes[i];
@@ -293,7 +293,7 @@ fn min_nonzero(a: u64, b: u64) -> u64 {
 }
 
 /// Decides which side (0/1) of the key is the client, and why.
-fn orient(key: &FlowKey, s: &RawStats) -> (usize, Orientation) {
+fn orient(key: &FlowKey, s: &Sample) -> (usize, Orientation) {
     if s.open_side != 0 {
         let rule = if key.proto == 6 {
             Orientation::Syn
@@ -316,7 +316,7 @@ fn orient(key: &FlowKey, s: &RawStats) -> (usize, Orientation) {
 
 fn record(
     key: &FlowKey,
-    s: &RawStats,
+    s: &Sample,
     c: &Conn,
     clock: &Clock,
     name: &dyn Fn(u32) -> String,
@@ -388,7 +388,7 @@ mod tests {
     #[test]
     fn syn_decides_even_against_ports() {
         // Side 1 (port 22) sent the SYN: it is the client.
-        let s = RawStats {
+        let s = Sample {
             packets: [3, 4],
             bytes: [300, 400],
             first_seen_ns: 1_000,
@@ -439,7 +439,7 @@ mod tests {
     fn handshake_split_over_two_drains_keeps_rtt_and_direction() {
         let mut t = FlowTable::new(10, Duration::from_secs(60));
         let c = clock0();
-        let a = RawStats {
+        let a = Sample {
             packets: [1, 0],
             bytes: [74, 0],
             first_seen_ns: 100,
@@ -451,7 +451,7 @@ mod tests {
             ..Default::default()
         };
         t.ingest(&[(key(6, 40000, 80), a)], 200, &c, &|_| "x".into());
-        let b = RawStats {
+        let b = Sample {
             packets: [5, 6],
             bytes: [500, 600],
             first_seen_ns: 350,
@@ -478,7 +478,7 @@ mod tests {
     #[test]
     fn no_handshake_tcp_uses_lower_port_and_udp_first_packet() {
         let mut t = FlowTable::new(10, Duration::from_secs(60));
-        let s = RawStats {
+        let s = Sample {
             packets: [1, 1],
             bytes: [60, 60],
             first_side: 1,
@@ -503,7 +503,7 @@ mod tests {
     #[test]
     fn entries_of_one_flow_are_added_up_and_table_is_bounded() {
         let mut t = FlowTable::new(2, Duration::from_secs(60));
-        let s = RawStats {
+        let s = Sample {
             packets: [2, 0],
             bytes: [200, 0],
             first_seen_ns: 5,
@@ -538,7 +538,7 @@ mod tests {
     #[test]
     fn idle_connections_expire() {
         let mut t = FlowTable::new(10, Duration::from_secs(1));
-        let s = RawStats {
+        let s = Sample {
             packets: [1, 0],
             bytes: [60, 0],
             first_seen_ns: 0,

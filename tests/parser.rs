@@ -5,7 +5,7 @@ mod common;
 
 use std::net::IpAddr;
 
-use flowmap::datapath::{Datapath, Entry, Options, RawKey, RawStats, STAT_NAMES};
+use flowmap::datapath::{Datapath, Entry, Options, RawKey, Sample, STAT_NAMES};
 use flowmap::frames::*;
 
 const TC_ACT_UNSPEC: u32 = u32::MAX; // -1
@@ -30,7 +30,7 @@ fn stat(d: &[u64], name: &str) -> u64 {
 }
 
 /// Runs frames, checks every verdict is "continue", returns the flows.
-fn run(dp: &mut Datapath, entry: Entry, frames: &[Vec<u8>]) -> (Vec<(RawKey, RawStats)>, Vec<u64>) {
+fn run(dp: &mut Datapath, entry: Entry, frames: &[Vec<u8>]) -> (Vec<(RawKey, Sample)>, Vec<u64>) {
     for f in frames {
         let v = dp
             .test_run(entry, f)

@@ -24,6 +24,41 @@ mod skel {
 }
 
 pub use skel::types::{flow_event as RawEvent, flow_key as RawKey, flow_stats as RawStats};
+
+/// One flow entry of one drain period, with kernel ticks turned into
+/// CLOCK_MONOTONIC nanoseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sample {
+    pub packets: [u64; 2],
+    pub bytes: [u64; 2],
+    pub first_seen_ns: u64,
+    /// Resolution: one kernel tick (1 to 10 ms).
+    pub last_seen_ns: u64,
+    pub syn_ns: u64,
+    pub synack_ns: u64,
+    pub tcp_flags: [u32; 2],
+    /// 0 unknown, 1/2: side 0/1 opened (SYN, echo request).
+    pub open_side: u8,
+    /// 1/2: the side whose packet created the entry.
+    pub first_side: u8,
+}
+
+impl Sample {
+    fn from_raw(s: &RawStats, ns_per_tick: u64) -> Sample {
+        let ticks = s.last_seen_jiffies.saturating_sub(s.first_seen_jiffies);
+        Sample {
+            packets: s.packets,
+            bytes: s.bytes,
+            first_seen_ns: s.first_seen_ns,
+            last_seen_ns: s.first_seen_ns + ticks.saturating_mul(ns_per_tick),
+            syn_ns: s.syn_ns,
+            synack_ns: s.synack_ns,
+            tcp_flags: s.tcp_flags,
+            open_side: s.open_side,
+            first_side: s.first_side,
+        }
+    }
+}
 use skel::{FlowsSkel, FlowsSkelBuilder};
 
 /// Names of the kernel statistics, in the order of `enum flow_stat`.
@@ -92,7 +127,7 @@ pub enum Entry {
 /// overflow packets merged per flow, and the kernel counters so far.
 #[derive(Debug, Default)]
 pub struct Drained {
-    pub flows: Vec<(RawKey, RawStats)>,
+    pub flows: Vec<(RawKey, Sample)>,
     /// Kernel statistics since load (cumulative), indexed like STAT_NAMES.
     pub stats: [u64; STAT_NAMES.len()],
     /// Overflow packets that user space could not keep (its table full).
@@ -102,7 +137,7 @@ pub struct Drained {
 /// Overflow packets merged per flow, bounded.
 #[derive(Default)]
 struct Overflow {
-    flows: HashMap<KeyBytes, RawStats>,
+    flows: HashMap<KeyBytes, Sample>,
     cap: usize,
     dropped: u64,
 }
@@ -150,27 +185,22 @@ impl Overflow {
                 return;
             }
             None => {
-                let s = RawStats {
-                    first_seen_ns: e.ts_ns,
-                    first_side: side as u8 + 1,
-                    ..Default::default()
-                };
+                let s = Sample { first_seen_ns: e.ts_ns, first_side: side as u8 + 1, ..Default::default() };
                 self.flows.entry(kb).or_insert(s)
             }
         };
         entry.packets[side] += 1;
         entry.bytes[side] += e.bytes;
         entry.tcp_flags[side] |= e.tcp_flags;
+        entry.first_seen_ns = entry.first_seen_ns.min(e.ts_ns);
         entry.last_seen_ns = entry.last_seen_ns.max(e.ts_ns);
-        let opens = e.pad & 1 != 0;
-        let synack = e.pad & 2 != 0;
-        if opens && entry.open_side == 0 {
+        if e.opens != 0 && entry.open_side == 0 {
             entry.open_side = side as u8 + 1;
             if e.key.proto == 6 {
                 entry.syn_ns = e.ts_ns;
             }
         }
-        if synack && entry.synack_ns == 0 {
+        if e.synack != 0 && entry.synack_ns == 0 {
             entry.synack_ns = e.ts_ns;
         }
     }
@@ -197,6 +227,8 @@ pub struct Datapath {
     active: u32,
     mode: AttachMode,
     tcx_works: Option<bool>,
+    /// Nanoseconds per kernel tick (1e9 / CONFIG_HZ), measured at load.
+    ns_per_tick: u64,
 }
 
 impl Datapath {
@@ -232,7 +264,7 @@ impl Datapath {
             0
         })?;
         let ring = rb.build()?;
-        Ok(Datapath {
+        let mut dp = Datapath {
             attached: HashMap::new(),
             ring: Some(ring),
             overflow,
@@ -240,7 +272,39 @@ impl Datapath {
             active: 0,
             mode: opts.mode,
             tcx_works: None,
-        })
+            ns_per_tick: 0,
+        };
+        dp.ns_per_tick = dp.measure_tick()?;
+        debug!(ns_per_tick = dp.ns_per_tick, "kernel tick measured");
+        Ok(dp)
+    }
+
+    /// One reading of (CLOCK_MONOTONIC ns, jiffies) from the kernel.
+    fn clock_sample(&self) -> Result<(u64, u64)> {
+        let input = ProgramInput { data_in: Some(&[0u8; 64]), repeat: 1, ..Default::default() };
+        self.skel.progs.flowmap_clock.test_run(input).context("reading the kernel clock")?;
+        let bss = self.skel.maps.bss_data.as_deref().ok_or_else(|| anyhow!("the program's .bss is not memory-mapped"))?;
+        // SAFETY: plain integers in the mmap'ed .bss, written by the program.
+        let c = unsafe { std::ptr::read_volatile(&bss.clock) };
+        Ok((c.ns, c.jiffies))
+    }
+
+    /// The kernel tick length: ticks counted over 100 ms, rounded to the
+    /// nearest CONFIG_HZ Linux offers (100, 250, 300, 1000).
+    fn measure_tick(&self) -> Result<u64> {
+        let (n0, j0) = self.clock_sample()?;
+        std::thread::sleep(Duration::from_millis(100));
+        let (n1, j1) = self.clock_sample()?;
+        let hz = (j1 - j0) as f64 * 1e9 / (n1 - n0).max(1) as f64;
+        let best = [100u64, 250, 300, 1000]
+            .into_iter()
+            .min_by(|a, b| (*a as f64 - hz).abs().total_cmp(&(*b as f64 - hz).abs()))
+            .unwrap_or(250);
+        Ok(1_000_000_000 / best)
+    }
+
+    pub fn ns_per_tick(&self) -> u64 {
+        self.ns_per_tick
     }
 
     fn progs_for(
@@ -406,7 +470,7 @@ impl Datapath {
                 if let (Some(key), Some(val)) =
                     (from_bytes::<RawKey>(k), from_bytes::<RawStats>(&v))
                 {
-                    flows.push((key, val));
+                    flows.push((key, Sample::from_raw(&val, self.ns_per_tick)));
                 }
             }
             map.delete(k)?;
@@ -417,7 +481,7 @@ impl Datapath {
                 .overflow
                 .lock()
                 .map_err(|_| anyhow!("overflow lock poisoned"))?;
-            let extra: Vec<(KeyBytes, RawStats)> = o.flows.drain().collect();
+            let extra: Vec<(KeyBytes, Sample)> = o.flows.drain().collect();
             (extra, std::mem::take(&mut o.dropped))
         };
         for (kb, s) in extra {

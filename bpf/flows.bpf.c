@@ -92,12 +92,9 @@ struct flow_event flow_event_layout = {};
 struct clock_sample clock = {};
 
 struct pkt {
-	__u8 saddr[16];
-	__u8 daddr[16];
-	__u16 sport;
-	__u16 dport;
-	__u8 proto;
-	__u8 family;
+	/* Filled in packet order (addr[0]/port[0] = sender); account() puts it
+	 * in canonical order and uses it as the map key, without a copy. */
+	struct flow_key k;
 	__u8 tcp_flags;
 	__u8 opens;  /* this packet opens a connection (SYN, echo request) */
 	__u8 synack;
@@ -144,12 +141,15 @@ static __always_inline __u8 *hdr(struct __sk_buff *skb, __u32 off, __u8 *buf, __
 	return buf;
 }
 
+/* ::ffff:a.b.c.d as two 8-byte stores. */
 static __always_inline void set_v4mapped(__u8 *dst, __be32 a)
 {
-	__builtin_memset(dst, 0, 10);
-	dst[10] = 0xff;
-	dst[11] = 0xff;
-	__builtin_memcpy(dst + 12, &a, 4);
+	__u64 lo = 0, hi;
+	__u8 w[8] = { 0, 0, 0xff, 0xff };
+	__builtin_memcpy(w + 4, &a, 4);
+	__builtin_memcpy(&hi, w, 8);
+	__builtin_memcpy(dst, &lo, 8);
+	__builtin_memcpy(dst + 8, &hi, 8);
 }
 
 /* Compare (a, pa) with (b, pb); returns 1 when the first is greater. */
@@ -169,8 +169,8 @@ static __always_inline int side_of(const __u8 *a, __u16 pa, const __u8 *b, __u16
 
 static __always_inline void account(struct __sk_buff *skb, struct pkt *p, void *map)
 {
-	struct flow_key key;
-	__u32 side = side_of(p->saddr, p->sport, p->daddr, p->dport);
+	struct flow_key *kp = &p->k;
+	__u32 side = side_of(kp->addr[0], kp->port[0], kp->addr[1], kp->port[1]);
 	/* Reading the tick (jiffies) is one load; a clock read is a helper
 	 * call that costs more than the rest of the lookup. So: the tick on
 	 * every packet, the clock only when an entry is created and on
@@ -181,24 +181,21 @@ static __always_inline void account(struct __sk_buff *skb, struct pkt *p, void *
 		precise = bpf_ktime_get_ns();
 	__u64 len = skb->len;
 
-	key.pad[0] = 0;
-	key.pad[1] = 0;
 	if (side) {
-		__builtin_memcpy(key.addr[0], p->daddr, 16);
-		__builtin_memcpy(key.addr[1], p->saddr, 16);
-		key.port[0] = p->dport;
-		key.port[1] = p->sport;
-	} else {
-		__builtin_memcpy(key.addr[0], p->saddr, 16);
-		__builtin_memcpy(key.addr[1], p->daddr, 16);
-		key.port[0] = p->sport;
-		key.port[1] = p->dport;
+		__u64 t[2], u[2];
+		__builtin_memcpy(t, kp->addr[0], 16);
+		__builtin_memcpy(u, kp->addr[1], 16);
+		__builtin_memcpy(kp->addr[0], u, 16);
+		__builtin_memcpy(kp->addr[1], t, 16);
+		__u16 port = kp->port[0];
+		kp->port[0] = kp->port[1];
+		kp->port[1] = port;
 	}
-	key.ifindex = skb->ifindex;
-	key.proto = p->proto;
-	key.family = p->family;
+	kp->ifindex = skb->ifindex;
+	kp->pad[0] = 0;
+	kp->pad[1] = 0;
 
-	struct flow_stats *v = bpf_map_lookup_elem(map, &key);
+	struct flow_stats *v = bpf_map_lookup_elem(map, kp);
 	if (!v) {
 		struct flow_stats nv;
 		__builtin_memset(&nv, 0, sizeof(nv));
@@ -217,16 +214,16 @@ static __always_inline void account(struct __sk_buff *skb, struct pkt *p, void *
 		nv.first_side = side + 1;
 		if (p->opens) {
 			nv.open_side = side + 1;
-			if (p->proto == IPPROTO_TCP)
+			if (p->k.proto == IPPROTO_TCP)
 				nv.syn_ns = precise;
 		}
 		if (p->synack)
 			nv.synack_ns = precise;
-		long err = bpf_map_update_elem(map, &key, &nv, BPF_NOEXIST);
+		long err = bpf_map_update_elem(map, kp, &nv, BPF_NOEXIST);
 		if (err == 0)
 			return;
 		if (err == -17 /* EEXIST: created by another CPU meanwhile */)
-			v = bpf_map_lookup_elem(map, &key);
+			v = bpf_map_lookup_elem(map, kp);
 		if (!v) {
 			/* Map full: hand the packet to user space. */
 			stat_inc(STAT_MAP_FULL);
@@ -235,7 +232,7 @@ static __always_inline void account(struct __sk_buff *skb, struct pkt *p, void *
 				stat_inc(STAT_RING_LOST);
 				return;
 			}
-			__builtin_memcpy(&e->key, &key, sizeof(key));
+			__builtin_memcpy(&e->key, kp, sizeof(*kp));
 			e->side = side;
 			e->bytes = len;
 			e->ts_ns = precise ? precise : bpf_ktime_get_ns();
@@ -266,7 +263,7 @@ static __always_inline void account(struct __sk_buff *skb, struct pkt *p, void *
 		v->last_seen_jiffies = now;
 	if (p->opens && !v->open_side) {
 		v->open_side = side + 1;
-		if (p->proto == IPPROTO_TCP && !v->syn_ns)
+		if (p->k.proto == IPPROTO_TCP && !v->syn_ns)
 			v->syn_ns = precise;
 	}
 	if (p->synack && !v->synack_ns)
@@ -276,7 +273,7 @@ static __always_inline void account(struct __sk_buff *skb, struct pkt *p, void *
 /* Parse the L4 header at off. Returns PARSE_OK when the packet is a flow, else the stat to count. */
 static __always_inline int parse_l4(struct __sk_buff *skb, __u32 off, struct pkt *p)
 {
-	switch (p->proto) {
+	switch (p->k.proto) {
 	case IPPROTO_TCP: {
 		__u8 h_buf[20];
 		__u8 *h = hdr(skb, off, h_buf, 20);
@@ -284,8 +281,8 @@ static __always_inline int parse_l4(struct __sk_buff *skb, __u32 off, struct pkt
 			return STAT_TRUNCATED;
 		if ((h[12] >> 4) < 5)
 			return STAT_BAD_HEADER;
-		p->sport = ((__u16)h[0] << 8) | h[1];
-		p->dport = ((__u16)h[2] << 8) | h[3];
+		p->k.port[0] = ((__u16)h[0] << 8) | h[1];
+		p->k.port[1] = ((__u16)h[2] << 8) | h[3];
 		p->tcp_flags = h[13];
 		/* SYN without ACK opens; SYN+ACK answers. */
 		p->opens = (h[13] & 0x12) == 0x02;
@@ -298,8 +295,8 @@ static __always_inline int parse_l4(struct __sk_buff *skb, __u32 off, struct pkt
 		__u8 *h = hdr(skb, off, h_buf, 8);
 		if (!h)
 			return STAT_TRUNCATED;
-		p->sport = ((__u16)h[0] << 8) | h[1];
-		p->dport = ((__u16)h[2] << 8) | h[3];
+		p->k.port[0] = ((__u16)h[0] << 8) | h[1];
+		p->k.port[1] = ((__u16)h[2] << 8) | h[3];
 		return PARSE_OK;
 	}
 	case IPPROTO_SCTP: {
@@ -307,8 +304,8 @@ static __always_inline int parse_l4(struct __sk_buff *skb, __u32 off, struct pkt
 		__u8 *h = hdr(skb, off, h_buf, 12);
 		if (!h)
 			return STAT_TRUNCATED;
-		p->sport = ((__u16)h[0] << 8) | h[1];
-		p->dport = ((__u16)h[2] << 8) | h[3];
+		p->k.port[0] = ((__u16)h[0] << 8) | h[1];
+		p->k.port[1] = ((__u16)h[2] << 8) | h[3];
 		return PARSE_OK;
 	}
 	case IPPROTO_ICMP:
@@ -317,7 +314,7 @@ static __always_inline int parse_l4(struct __sk_buff *skb, __u32 off, struct pkt
 		__u8 *h = hdr(skb, off, h_buf, 8);
 		if (!h)
 			return STAT_TRUNCATED;
-		if (p->proto == IPPROTO_ICMP)
+		if (p->k.proto == IPPROTO_ICMP)
 			p->opens = h[0] == 8;   /* echo request */
 		else
 			p->opens = h[0] == 128; /* echo request */
@@ -331,10 +328,10 @@ static __always_inline int parse_l4(struct __sk_buff *skb, __u32 off, struct pkt
 static __always_inline void frag_key_of(struct frag_key *fk, struct pkt *p, __u32 id)
 {
 	__builtin_memset(fk, 0, sizeof(*fk));
-	__builtin_memcpy(fk->saddr, p->saddr, 16);
-	__builtin_memcpy(fk->daddr, p->daddr, 16);
+	__builtin_memcpy(fk->saddr, p->k.addr[0], 16);
+	__builtin_memcpy(fk->daddr, p->k.addr[1], 16);
 	fk->id = id;
-	fk->proto = p->proto;
+	fk->proto = p->k.proto;
 }
 
 /* L4 for an IP packet that may be a fragment: first fragments record their
@@ -347,8 +344,8 @@ static __always_inline int parse_l4_frag(struct __sk_buff *skb, __u32 off, struc
 		frag_key_of(&fk, p, id);
 		struct frag_ports *fp = bpf_map_lookup_elem(&frags, &fk);
 		if (fp) {
-			p->sport = fp->sport;
-			p->dport = fp->dport;
+			p->k.port[0] = fp->sport;
+			p->k.port[1] = fp->dport;
 		} else {
 			stat_inc(STAT_FRAG_NO_HEAD);
 		}
@@ -357,8 +354,8 @@ static __always_inline int parse_l4_frag(struct __sk_buff *skb, __u32 off, struc
 	int r = parse_l4(skb, off, p);
 	if (r != PARSE_OK)
 		return r;
-	if (fragmented && (p->sport || p->dport)) {
-		struct frag_ports fp = { .sport = p->sport, .dport = p->dport };
+	if (fragmented && (p->k.port[0] || p->k.port[1])) {
+		struct frag_ports fp = { .sport = p->k.port[0], .dport = p->k.port[1] };
 		frag_key_of(&fk, p, id);
 		bpf_map_update_elem(&frags, &fk, &fp, BPF_ANY);
 	}
@@ -384,10 +381,10 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, __u32 off, struct p
 	__be32 sa, da;
 	__builtin_memcpy(&sa, h + 12, 4);
 	__builtin_memcpy(&da, h + 16, 4);
-	set_v4mapped(p->saddr, sa);
-	set_v4mapped(p->daddr, da);
-	p->proto = h[9];
-	p->family = 4;
+	set_v4mapped(p->k.addr[0], sa);
+	set_v4mapped(p->k.addr[1], da);
+	p->k.proto = h[9];
+	p->k.family = 4;
 	__u32 id = ((__u32)h[4] << 8) | h[5];
 	return parse_l4_frag(skb, off + ihl, p, frag_off || more, frag_off == 0, id);
 }
@@ -400,9 +397,9 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, __u32 off, struct p
 		return STAT_TRUNCATED;
 	if ((h[0] >> 4) != 6)
 		return STAT_BAD_HEADER;
-	__builtin_memcpy(p->saddr, h + 8, 16);
-	__builtin_memcpy(p->daddr, h + 24, 16);
-	p->family = 6;
+	__builtin_memcpy(p->k.addr[0], h + 8, 16);
+	__builtin_memcpy(p->k.addr[1], h + 24, 16);
+	p->k.family = 6;
 	__u8 next = h[6];
 	off += 40;
 	int fragmented = 0, first = 1;
@@ -445,13 +442,13 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, __u32 off, struct p
 			id = ((__u32)e[4] << 24) | ((__u32)e[5] << 16) | ((__u32)e[6] << 8) | e[7];
 			off += 8;
 			if (!first) {
-				p->proto = next;
+				p->k.proto = next;
 				return parse_l4_frag(skb, off, p, 1, 0, id);
 			}
 			break;
 		}
 		default:
-			p->proto = next;
+			p->k.proto = next;
 			if (off > skb->len)
 				return STAT_TRUNCATED;
 			return parse_l4_frag(skb, off, p, fragmented, first, id);
@@ -462,7 +459,7 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, __u32 off, struct p
 	case 0: case 43: case 44: case 51: case 60: case 135: case 139: case 140:
 		return STAT_EXT_CHAIN_TOO_LONG;
 	}
-	p->proto = next;
+	p->k.proto = next;
 	if (off > skb->len)
 		return STAT_TRUNCATED;
 	return parse_l4_frag(skb, off, p, fragmented, first, id);
@@ -494,7 +491,13 @@ static __always_inline void finish(struct __sk_buff *skb, struct pkt *p, int r)
 static __always_inline int handle_eth(struct __sk_buff *skb)
 {
 	struct pkt p;
-	__builtin_memset(&p, 0, sizeof(p));
+	/* Only what the parsers may leave unset: addresses, proto and family
+	 * are always written; ifindex and pad by account(). */
+	p.k.port[0] = 0;
+	p.k.port[1] = 0;
+	p.tcp_flags = 0;
+	p.opens = 0;
+	p.synack = 0;
 
 	__u8 eth_buf[14];
 	__u8 *eth = hdr(skb, 0, eth_buf, 14);
@@ -525,7 +528,13 @@ static __always_inline int handle_eth(struct __sk_buff *skb)
 static __always_inline int handle_l3(struct __sk_buff *skb)
 {
 	struct pkt p;
-	__builtin_memset(&p, 0, sizeof(p));
+	/* Only what the parsers may leave unset: addresses, proto and family
+	 * are always written; ifindex and pad by account(). */
+	p.k.port[0] = 0;
+	p.k.port[1] = 0;
+	p.tcp_flags = 0;
+	p.opens = 0;
+	p.synack = 0;
 
 	__u8 v;
 	if (load(skb, 0, &v, 1)) {

@@ -10,7 +10,7 @@
 #include <linux/types.h>
 
 /* A flow as one interface sees it, in both directions. The two endpoints
- * are stored in a canonical order (side 0 is the lower (address, port)),
+ * are stored in a fixed canonical order (side_of() in flows.bpf.c),
  * so a reply packet lands in the same entry as its request. IPv4
  * addresses are stored IPv4-mapped (::ffff:a.b.c.d). */
 struct flow_key {

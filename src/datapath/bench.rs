@@ -96,14 +96,26 @@ fn run_ns(prog: &Program<'_>, frame: &[u8], repeat: u32) -> Result<f64> {
     Ok(out.duration.as_nanos() as f64)
 }
 
-/// Median over `rounds` runs of `repeat` packets each.
-fn median_ns(prog: &Program<'_>, frame: &[u8], repeat: u32, rounds: usize) -> Result<f64> {
-    let mut v = Vec::with_capacity(rounds);
-    for _ in 0..rounds {
-        v.push(run_ns(prog, frame, repeat)?);
+/// Medians over `rounds` runs of `repeat` packets for each program, the
+/// programs interleaved round by round (after one warm-up run each) so a
+/// slow moment of the machine hits all of them alike.
+fn medians(progs: &[&Program<'_>], frame: &[u8], repeat: u32, rounds: usize) -> Result<Vec<f64>> {
+    for p in progs {
+        run_ns(p, frame, repeat)?;
     }
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-    Ok(v[v.len() / 2])
+    let mut all = vec![Vec::with_capacity(rounds); progs.len()];
+    for _ in 0..rounds {
+        for (i, p) in progs.iter().enumerate() {
+            all[i].push(run_ns(p, frame, repeat)?);
+        }
+    }
+    Ok(all
+        .into_iter()
+        .map(|mut v| {
+            v.sort_by(|a, b| a.total_cmp(b));
+            v[v.len() / 2]
+        })
+        .collect())
 }
 
 /// Prints `bench datapath case=<case> program=<p> ns_per_packet=<N>` lines
@@ -119,9 +131,17 @@ pub fn run(repeat: u32, rounds: usize, out: &mut dyn std::io::Write) -> Result<(
         .open(&mut s2)?
         .load()?;
     for (name, frame) in cases() {
-        let fm = median_ns(dp.program(Entry::EthIngress), &frame, repeat, rounds)?;
-        let fl = median_ns(&floor.progs.floor_prog, &frame, repeat, rounds)?;
-        let mc = median_ns(&minc.progs.min_counter, &frame, repeat, rounds)?;
+        let m = medians(
+            &[
+                dp.program(Entry::EthIngress),
+                &floor.progs.floor_prog,
+                &minc.progs.min_counter,
+            ],
+            &frame,
+            repeat,
+            rounds,
+        )?;
+        let (fm, fl, mc) = (m[0], m[1], m[2]);
         for (p, ns) in [("flowmap", fm), ("floor", fl), ("min_counter", mc)] {
             writeln!(
                 out,

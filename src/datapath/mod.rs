@@ -185,7 +185,11 @@ impl Overflow {
                 return;
             }
             None => {
-                let s = Sample { first_seen_ns: e.ts_ns, first_side: side as u8 + 1, ..Default::default() };
+                let s = Sample {
+                    first_seen_ns: e.ts_ns,
+                    first_side: side as u8 + 1,
+                    ..Default::default()
+                };
                 self.flows.entry(kb).or_insert(s)
             }
         };
@@ -281,9 +285,22 @@ impl Datapath {
 
     /// One reading of (CLOCK_MONOTONIC ns, jiffies) from the kernel.
     fn clock_sample(&self) -> Result<(u64, u64)> {
-        let input = ProgramInput { data_in: Some(&[0u8; 64]), repeat: 1, ..Default::default() };
-        self.skel.progs.flowmap_clock.test_run(input).context("reading the kernel clock")?;
-        let bss = self.skel.maps.bss_data.as_deref().ok_or_else(|| anyhow!("the program's .bss is not memory-mapped"))?;
+        let input = ProgramInput {
+            data_in: Some(&[0u8; 64]),
+            repeat: 1,
+            ..Default::default()
+        };
+        self.skel
+            .progs
+            .flowmap_clock
+            .test_run(input)
+            .context("reading the kernel clock")?;
+        let bss = self
+            .skel
+            .maps
+            .bss_data
+            .as_deref()
+            .ok_or_else(|| anyhow!("the program's .bss is not memory-mapped"))?;
         // SAFETY: plain integers in the mmap'ed .bss, written by the program.
         let c = unsafe { std::ptr::read_volatile(&bss.clock) };
         Ok((c.ns, c.jiffies))

@@ -642,3 +642,54 @@ fn counts_survive_a_drain_between_packets() {
     }
     assert_eq!(total, 15);
 }
+
+#[test]
+fn a_full_flow_map_hands_packets_to_user_space_without_loss() {
+    if !common::privileged("a_full_flow_map_hands_packets_to_user_space_without_loss") {
+        return;
+    }
+    let mut dp = Datapath::load(&Options {
+        max_flows: 4,
+        ..Options::default()
+    })
+    .unwrap();
+    // 10 flows, 3 packets each: 4 fit in the map, 6 go through the ring.
+    let mut frames = Vec::new();
+    for i in 0..10u16 {
+        let f = eth_frame(
+            ip("10.7.0.1"),
+            ip("10.7.0.2"),
+            &L4::Udp {
+                sport: 1000 + i,
+                dport: 53,
+                payload: 20 + i as usize,
+            },
+            &[],
+        );
+        for _ in 0..3 {
+            frames.push(f.clone());
+        }
+    }
+    let (mut flows, stats) = run(&mut dp, Entry::EthIngress, &frames);
+    flows.sort_by_key(|(k, _)| k.port[0]);
+    assert_eq!(
+        flows.len(),
+        10,
+        "{stats:?} {:?}",
+        flows
+            .iter()
+            .map(|(k, v)| (k.port[0], v.packets))
+            .collect::<Vec<_>>()
+    );
+    for (i, (k, v)) in flows.iter().enumerate() {
+        expect_key(k, "10.7.0.1", 1000 + i as u16, "10.7.0.2", 53, 17);
+        assert_eq!(v.packets, [3, 0]);
+        assert_eq!(v.bytes, [3 * (14 + 20 + 8 + 20 + i as u64), 0]);
+    }
+    assert_eq!(
+        stat(&stats, "map_full"),
+        18,
+        "6 flows x 3 packets through the ring"
+    );
+    assert_eq!(stat(&stats, "ring_lost"), 0);
+}

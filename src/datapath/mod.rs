@@ -114,6 +114,11 @@ impl Default for Options {
 
 pub const DEFAULT_MAX_FLOWS: u32 = 32768;
 
+/// User space keeps at least this many overflow flows per drain period (more
+/// when max_flows is larger); beyond that, overflow packets are counted as
+/// dropped.
+pub const OVERFLOW_MIN_FLOWS: usize = 4096;
+
 /// One entry point of the kernel program, for BPF_PROG_TEST_RUN.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Entry {
@@ -254,7 +259,7 @@ impl Datapath {
             anyhow!("loading the BPF program failed: {e} (flowmap needs root, or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON; --debug shows libbpf's log)")
         })?;
         let overflow = Arc::new(Mutex::new(Overflow {
-            cap: opts.max_flows as usize,
+            cap: (opts.max_flows as usize).max(OVERFLOW_MIN_FLOWS),
             ..Default::default()
         }));
         let sink = overflow.clone();

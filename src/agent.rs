@@ -1,18 +1,26 @@
 //! `flowmap run`: the agent loop. Attaches, follows interfaces, drains the
-//! kernel map every crawl interval and writes the interval's flows.
+//! kernel map every crawl interval, builds the interval's graph and hands
+//! it to the sinks (collector spool, stdout).
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::time::Duration;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
-use anyhow::{Context, Result};
+use anyhow::{Context as _, Result};
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{watch, Notify};
 use tracing::{info, warn};
 
-use crate::config::{format_duration, Config};
+use crate::config::{format_duration, Config, DeployedAt, FlowsSource};
+use crate::coordimap;
 use crate::datapath::ifaces::{self, Selection};
 use crate::datapath::{AttachMode, Datapath, Drained, Options, STAT_NAMES};
-use crate::flow::{clock_ns, Clock, FlowTable};
+use crate::delivery::{self, Collector, DeliveryStats, Retry, Spool};
+use crate::flow::{clock_ns, Clock, Context, FlowTable};
+use crate::graph::{Graph, ServerResolver};
+use crate::host::HostView;
 
 /// How often the interface list is re-read (new veths are attached within
 /// this period) and the overflow ring buffer is emptied.
@@ -20,7 +28,10 @@ pub const IFACE_POLL: Duration = Duration::from_millis(250);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Output {
-    Jsonl,
+    /// One JSON object per flow per interval.
+    Flows,
+    /// Each interval's Coordimap batch, one JSON document per line.
+    Graph,
     None,
 }
 
@@ -28,6 +39,12 @@ pub struct RunOptions {
     pub output: Output,
     pub duration: Option<Duration>,
     pub attach_mode: Option<AttachMode>,
+    pub endpoint: Option<String>,
+    pub state_dir: PathBuf,
+    pub spool_max_bytes: u64,
+    pub retry: Retry,
+    /// How long a stopping agent keeps trying to deliver the spool.
+    pub shutdown_timeout: Duration,
 }
 
 /// Everything the flows data sources of the file ask of the one datapath
@@ -71,6 +88,11 @@ struct Loop {
     names: HashMap<u32, String>,
     last_stats: [u64; STAT_NAMES.len()],
     output: Output,
+    sources: Vec<FlowsSource>,
+    skip_fields: Vec<String>,
+    spool: Option<Arc<Mutex<Spool>>>,
+    wake: Arc<Notify>,
+    interval_start: SystemTime,
 }
 
 impl Loop {
@@ -89,8 +111,8 @@ impl Loop {
 
     fn flush(&mut self) -> Result<()> {
         let drained: Drained = self.dp.drain()?;
-        let clock = Clock::now();
-        let now = clock_ns(libc::CLOCK_MONOTONIC);
+        let end = SystemTime::now();
+        let host = HostView::read();
         let names = &self.names;
         let name_of = |idx: u32| {
             names
@@ -98,16 +120,60 @@ impl Loop {
                 .cloned()
                 .unwrap_or_else(|| format!("if{idx}"))
         };
-        let records = self.table.ingest(&drained.flows, now, &clock, &name_of);
-        if self.output == Output::Jsonl {
-            let stdout = std::io::stdout();
-            let mut w = std::io::BufWriter::new(stdout.lock());
+        let cx = Context {
+            now_mono_ns: clock_ns(libc::CLOCK_MONOTONIC),
+            clock: Clock::now(),
+            host: &host,
+            name: &name_of,
+        };
+        let records = self.table.ingest(&drained.flows, &cx);
+        let stdout = std::io::stdout();
+        let mut w = std::io::BufWriter::new(stdout.lock());
+        if self.output == Output::Flows {
             for r in &records {
                 serde_json::to_writer(&mut w, r)?;
                 w.write_all(b"\n")?;
             }
-            w.flush()?;
         }
+        for src in &self.sources {
+            let resolver = ServerResolver {
+                data_source_id: &src.id,
+                host: &host,
+            };
+            let graph = Graph::build(&records, &resolver);
+            let batch = coordimap::encode(
+                &graph,
+                &[resolver.host_endpoint()],
+                src,
+                &self.skip_fields,
+                self.interval_start,
+                end,
+            );
+            let body = serde_json::to_vec(&batch)?;
+            if self.output == Output::Graph {
+                w.write_all(&body)?;
+                w.write_all(b"\n")?;
+            }
+            if let Some(spool) = &self.spool {
+                let pushed = spool
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("spool lock poisoned"))?
+                    .push(&body);
+                match pushed {
+                    Ok(seq) => {
+                        info!(seq, data_source = %src.id, elements = batch.cloud_crawl_data.crawled_data.data.len(), edges = graph.edges.len(), "batch spooled");
+                        self.wake.notify_one();
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "writing the batch to the spool failed; batch lost")
+                    }
+                }
+            }
+        }
+        w.flush()?;
+        drop(w);
+        self.interval_start = end;
+
         let d: Vec<u64> = drained
             .stats
             .iter()
@@ -147,20 +213,62 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<()> {
     if let Some(m) = opts.attach_mode {
         mode = m;
     }
+    if cfg
+        .flows
+        .iter()
+        .any(|f| f.deployed_at == DeployedAt::Kubernetes)
+    {
+        warn!("deployedAt kubernetes: pod and service enrichment is not in this version; endpoints are resolved as on a server");
+    }
+    // The spool first: a state directory that cannot be written is an
+    // error before anything is attached.
+    let stats = Arc::new(DeliveryStats::default());
+    let wake = Arc::new(Notify::new());
+    let (finish_tx, finish_rx) = watch::channel(false);
+    let mut sender = None;
+    let mut spool = None;
+    if let Some(endpoint) = opts.endpoint.as_deref().filter(|e| !e.is_empty()) {
+        let key = cfg
+            .api_key
+            .clone()
+            .context("coordimap.api_key is required with an endpoint")?;
+        let dir = opts.state_dir.join("spool");
+        let s = Spool::open(&dir, opts.spool_max_bytes, stats.clone())
+            .with_context(|| format!("opening the spool {}", dir.display()))?;
+        let s = Arc::new(Mutex::new(s));
+        let collector = Collector::new(endpoint, key)?;
+        sender = Some(tokio::spawn(delivery::run_sender(
+            s.clone(),
+            collector,
+            opts.retry,
+            wake.clone(),
+            finish_rx,
+            stats.clone(),
+        )));
+        spool = Some(s);
+    }
+
     let present = ifaces::list().context("listing interfaces")?;
     sel.check_exists(&present).map_err(anyhow::Error::msg)?;
     let dp = Datapath::load(&Options { max_flows, mode })?;
     dp.remove_stale(&present);
+    let started = clock_ns(libc::CLOCK_MONOTONIC);
     let mut lp = Loop {
         dp,
         sel,
         table: FlowTable::new(
             max_flows as usize * 4,
             (interval * 4).max(Duration::from_secs(120)),
+            started,
         ),
         names: HashMap::new(),
         last_stats: [0; STAT_NAMES.len()],
         output: opts.output,
+        sources: cfg.flows.clone(),
+        skip_fields: cfg.skip_fields.clone(),
+        spool: spool.clone(),
+        wake,
+        interval_start: SystemTime::now(),
     };
     lp.refresh_interfaces();
     if lp.dp.attached().count() == 0 {
@@ -192,5 +300,23 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<()> {
     lp.flush()?;
     lp.dp.detach_all();
     info!("detached from every interface");
+    if let Some(handle) = sender {
+        let _ = finish_tx.send(true);
+        if tokio::time::timeout(opts.shutdown_timeout, handle)
+            .await
+            .is_err()
+        {
+            let left = spool
+                .as_ref()
+                .and_then(|s| s.lock().ok().map(|s| s.len()))
+                .unwrap_or(0);
+            warn!(
+                batches = left,
+                "collector not reached before stopping; the spool keeps them for the next start"
+            );
+        } else {
+            info!("spool delivered");
+        }
+    }
     Ok(())
 }

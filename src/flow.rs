@@ -1,5 +1,6 @@
-//! The flow model: connections keyed by what the kernel saw, oriented
-//! client → server, and the per-interval records the agent prints.
+//! The flow model: connections keyed by what the kernel saw, counted once
+//! across interfaces, oriented client → server, and the per-interval
+//! records the agent prints and the graph builder aggregates.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -8,29 +9,27 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 
 use crate::datapath::{RawKey, Sample};
+use crate::host::HostView;
 
-/// A flow as one interface sees it; side 0 is the lower (address, port).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct FlowKey {
-    pub ifindex: u32,
+/// A connection, whatever interface saw it; side 0/1 as the kernel key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnKey {
     pub proto: u8,
     pub addr: [IpAddr; 2],
     pub port: [u16; 2],
 }
 
 fn ip_of(raw: &[u8; 16], family: u8) -> IpAddr {
-    let v6 = Ipv6Addr::from(*raw);
     if family == 4 {
         IpAddr::V4(Ipv4Addr::new(raw[12], raw[13], raw[14], raw[15]))
     } else {
-        IpAddr::V6(v6)
+        IpAddr::V6(Ipv6Addr::from(*raw))
     }
 }
 
-impl From<&RawKey> for FlowKey {
+impl From<&RawKey> for ConnKey {
     fn from(k: &RawKey) -> Self {
-        FlowKey {
-            ifindex: k.ifindex,
+        ConnKey {
             proto: k.proto,
             addr: [ip_of(&k.addr[0], k.family), ip_of(&k.addr[1], k.family)],
             port: k.port,
@@ -46,13 +45,19 @@ pub enum Orientation {
     Syn,
     /// The client sent the ICMP echo request.
     IcmpEcho,
-    /// No handshake seen: the side with the lower port is the server.
-    Port,
-    /// The side that sent the first packet the agent saw.
+    /// A socket of this host listens on the server's address and port.
+    ListenSocket,
+    /// The side that sent the first packet, for a UDP (or other) flow that
+    /// started while the agent was running.
     FirstPacket,
+    /// The lower port is the server's (well-known and registered ports are
+    /// below the ephemeral range).
+    Port,
+    /// Nothing better: the side of the first packet the agent saw.
+    FirstSeen,
 }
 
-pub fn protocol_name(proto: u8, v6: bool) -> String {
+pub fn protocol_name(proto: u8) -> String {
     match proto {
         6 => "tcp".into(),
         17 => "udp".into(),
@@ -60,14 +65,17 @@ pub fn protocol_name(proto: u8, v6: bool) -> String {
         58 => "icmpv6".into(),
         132 => "sctp".into(),
         136 => "udplite".into(),
-        _ => {
-            let _ = v6;
-            proto.to_string()
-        }
+        _ => proto.to_string(),
     }
 }
 
+fn has_ports(proto: u8) -> bool {
+    matches!(proto, 6 | 17 | 132 | 136)
+}
+
 const TCP_FLAG_NAMES: [&str; 8] = ["FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR"];
+const TCP_RST: u32 = 0x04;
+const TCP_FIN: u32 = 0x01;
 
 pub fn tcp_flag_names(bits: u32) -> Vec<&'static str> {
     TCP_FLAG_NAMES
@@ -84,11 +92,16 @@ pub struct Counters {
     pub bytes: u64,
 }
 
-/// One flow over one interval, oriented client (`src`) → server (`dst`).
+/// One connection over one interval, oriented client (`src`) → server (`dst`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FlowRecord {
+    /// The interface that counted it (the first that saw the connection).
     pub interface: String,
     pub ifindex: u32,
+    /// Other interfaces that saw the same connection this interval; their
+    /// packets are not counted again.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub also_seen_on: Vec<String>,
     pub protocol: String,
     pub src_ip: IpAddr,
     pub src_port: u16,
@@ -102,11 +115,22 @@ pub struct FlowRecord {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub handshake_rtt_us: Option<f64>,
     pub orientation: Orientation,
+    /// The connection was first seen in this interval.
+    pub opened: bool,
+    /// A TCP RST was seen in this interval.
+    pub reset: bool,
+    /// Handshake time measured in this interval (for interval statistics).
+    #[serde(skip)]
+    pub handshake_this_interval: Option<f64>,
+    #[serde(skip)]
+    pub first_seen_at: SystemTime,
+    #[serde(skip)]
+    pub last_seen_at: SystemTime,
 }
 
-/// What the table remembers of a connection across intervals.
 #[derive(Debug, Clone)]
 struct Conn {
+    owner: u32,
     client_side: usize,
     rule: Orientation,
     first_seen_ns: u64,
@@ -114,15 +138,6 @@ struct Conn {
     syn_ns: u64,
     synack_ns: u64,
     flags: u32,
-    closed: bool,
-}
-
-/// Connections across intervals, bounded in entries and idle time.
-pub struct FlowTable {
-    conns: HashMap<FlowKey, Conn>,
-    cap: usize,
-    idle: Duration,
-    pub evicted: u64,
 }
 
 /// Converts CLOCK_MONOTONIC nanoseconds (the kernel's clock) to wall time.
@@ -138,6 +153,10 @@ impl Clock {
         Clock {
             offset_ns: real as i128 - mono as i128,
         }
+    }
+    /// A clock whose wall time is `offset_ns` after the monotonic value (tests).
+    pub fn fixed(offset_ns: i128) -> Clock {
+        Clock { offset_ns }
     }
     pub fn wall(&self, mono_ns: u64) -> SystemTime {
         let ns = (mono_ns as i128 + self.offset_ns).max(0) as u64;
@@ -158,12 +177,32 @@ pub fn clock_ns(clock: libc::clockid_t) -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// What one ingest needs besides the kernel entries.
+pub struct Context<'a> {
+    pub now_mono_ns: u64,
+    pub clock: Clock,
+    pub host: &'a HostView,
+    pub name: &'a dyn Fn(u32) -> String,
+}
+
+/// Connections across intervals, bounded in entries and idle time.
+pub struct FlowTable {
+    conns: HashMap<ConnKey, Conn>,
+    cap: usize,
+    idle: Duration,
+    /// Flows that start later than this (monotonic ns) were seen from their
+    /// first packet; earlier ones may have been open before the agent.
+    started_ns: u64,
+    pub evicted: u64,
+}
+
 impl FlowTable {
-    pub fn new(cap: usize, idle: Duration) -> FlowTable {
+    pub fn new(cap: usize, idle: Duration, started_ns: u64) -> FlowTable {
         FlowTable {
             conns: HashMap::new(),
             cap: cap.max(1),
             idle,
+            started_ns,
             evicted: 0,
         }
     }
@@ -176,43 +215,65 @@ impl FlowTable {
         self.conns.is_empty()
     }
 
-    /// Merges one drain period's kernel entries (several entries of one
-    /// flow, e.g. map and overflow, are added up) and returns a record per
-    /// flow. `name` gives the interface name of an ifindex.
-    pub fn ingest(
-        &mut self,
-        entries: &[(RawKey, Sample)],
-        now_mono_ns: u64,
-        clock: &Clock,
-        name: &dyn Fn(u32) -> String,
-    ) -> Vec<FlowRecord> {
-        let mut merged: HashMap<FlowKey, Sample> = HashMap::new();
-        let mut order: Vec<FlowKey> = Vec::new();
+    /// Merges one drain period's kernel entries and returns one record per
+    /// connection. A connection seen on several interfaces is counted on
+    /// one of them only (see `owner_of`).
+    pub fn ingest(&mut self, entries: &[(RawKey, Sample)], cx: &Context) -> Vec<FlowRecord> {
+        // connection → (ifindex → merged sample), in first-appearance order
+        let mut groups: HashMap<ConnKey, Vec<(u32, Sample)>> = HashMap::new();
+        let mut order: Vec<ConnKey> = Vec::new();
         for (k, s) in entries {
-            let key = FlowKey::from(k);
-            match merged.get_mut(&key) {
-                Some(m) => merge(m, s),
-                None => {
-                    order.push(key);
-                    merged.insert(key, *s);
-                }
+            let key = ConnKey::from(k);
+            let g = groups.entry(key).or_insert_with(|| {
+                order.push(key);
+                Vec::new()
+            });
+            match g.iter_mut().find(|(i, _)| *i == k.ifindex) {
+                Some((_, m)) => merge(m, s),
+                None => g.push((k.ifindex, *s)),
             }
         }
         let mut out = Vec::with_capacity(order.len());
         for key in order {
-            let s = merged[&key];
-            let conn = self.update_conn(&key, &s);
-            out.push(record(&key, &s, &conn, clock, name));
+            let g = &groups[&key];
+            let owner = self.owner_of(&key, g);
+            let Some((_, s)) = g.iter().find(|(i, _)| *i == owner).copied() else {
+                continue;
+            };
+            let others: Vec<String> = g
+                .iter()
+                .filter(|(i, _)| *i != owner)
+                .map(|(i, _)| (cx.name)(*i))
+                .collect();
+            let opened = !self.conns.contains_key(&key);
+            let conn = self.update_conn(&key, owner, &s, cx.host);
+            out.push(record(&key, &s, &conn, opened, others, cx));
         }
-        self.expire(now_mono_ns);
+        self.expire(cx.now_mono_ns);
         out
     }
 
-    fn update_conn(&mut self, key: &FlowKey, s: &Sample) -> Conn {
-        let flags = s.tcp_flags[0] | s.tcp_flags[1];
+    /// The interface a connection is counted on: the one that first saw it,
+    /// as long as it keeps reporting it; when it no longer does (a pod's
+    /// veth went away, a route changed) the earliest of the others.
+    fn owner_of(&self, key: &ConnKey, g: &[(u32, Sample)]) -> u32 {
+        if let Some(c) = self.conns.get(key) {
+            if g.iter().any(|(i, _)| *i == c.owner) {
+                return c.owner;
+            }
+        }
+        g.iter()
+            .min_by_key(|(i, s)| (s.first_seen_ns, *i))
+            .map(|(i, _)| *i)
+            .unwrap_or(0)
+    }
+
+    fn update_conn(&mut self, key: &ConnKey, owner: u32, s: &Sample, host: &HostView) -> Conn {
+        let started_ns = self.started_ns;
         let c = self.conns.entry(*key).or_insert_with(|| {
-            let (client_side, rule) = orient(key, s);
+            let (client_side, rule) = orient(key, s, host, s.first_seen_ns > started_ns);
             Conn {
+                owner,
                 client_side,
                 rule,
                 first_seen_ns: s.first_seen_ns,
@@ -220,27 +281,27 @@ impl FlowTable {
                 syn_ns: 0,
                 synack_ns: 0,
                 flags: 0,
-                closed: false,
             }
         });
-        // A handshake seen later (a new connection on the same tuple, or
-        // the agent saw the connection start) decides the direction.
+        c.owner = owner;
+        // A handshake seen later (the tuple reused by a new connection)
+        // decides the direction.
         if s.open_side != 0 && !matches!(c.rule, Orientation::Syn | Orientation::IcmpEcho) {
-            let (side, rule) = orient(key, s);
+            let (side, rule) = orient(key, s, host, true);
             c.client_side = side;
             c.rule = rule;
         }
-        if s.syn_ns != 0 && c.syn_ns == 0 {
+        // A SYN after a completed handshake starts a new one (tuple reuse).
+        if s.syn_ns != 0 && (c.syn_ns == 0 || (c.synack_ns != 0 && s.syn_ns > c.synack_ns)) {
             c.syn_ns = s.syn_ns;
+            c.synack_ns = 0;
         }
-        if s.synack_ns != 0 && c.synack_ns == 0 {
+        if s.synack_ns != 0 && c.synack_ns == 0 && s.synack_ns >= c.syn_ns {
             c.synack_ns = s.synack_ns;
         }
         c.first_seen_ns = c.first_seen_ns.min(s.first_seen_ns);
         c.last_seen_ns = c.last_seen_ns.max(s.last_seen_ns);
-        c.flags |= flags;
-        // FIN or RST: the connection may end; it expires once quiet.
-        c.closed = c.flags & 0x05 != 0;
+        c.flags |= s.tcp_flags[0] | s.tcp_flags[1];
         c.clone()
     }
 
@@ -249,15 +310,20 @@ impl FlowTable {
         let closed_idle = idle / 4;
         self.conns.retain(|_, c| {
             let quiet = now.saturating_sub(c.last_seen_ns);
-            quiet < if c.closed { closed_idle } else { idle }
+            quiet
+                < if c.flags & (TCP_FIN | TCP_RST) != 0 {
+                    closed_idle
+                } else {
+                    idle
+                }
         });
         if self.conns.len() > self.cap {
-            let mut by_age: Vec<(u64, FlowKey)> = self
+            let mut by_age: Vec<(u64, ConnKey)> = self
                 .conns
                 .iter()
                 .map(|(k, c)| (c.last_seen_ns, *k))
                 .collect();
-            by_age.sort_unstable_by_key(|(t, _)| *t);
+            by_age.sort_unstable();
             let excess = self.conns.len() - self.cap;
             for (_, k) in by_age.into_iter().take(excess) {
                 self.conns.remove(&k);
@@ -293,7 +359,9 @@ fn min_nonzero(a: u64, b: u64) -> u64 {
 }
 
 /// Decides which side (0/1) of the key is the client, and why.
-fn orient(key: &FlowKey, s: &Sample) -> (usize, Orientation) {
+/// `saw_start`: the flow began while the agent was running.
+pub fn orient(key: &ConnKey, s: &Sample, host: &HostView, saw_start: bool) -> (usize, Orientation) {
+    let first = (s.first_side.saturating_sub(1).min(1)) as usize;
     if s.open_side != 0 {
         let rule = if key.proto == 6 {
             Orientation::Syn
@@ -302,24 +370,33 @@ fn orient(key: &FlowKey, s: &Sample) -> (usize, Orientation) {
         };
         return ((s.open_side - 1) as usize, rule);
     }
-    let has_ports = matches!(key.proto, 6 | 17 | 132 | 136);
-    if key.proto == 6 && has_ports && key.port[0] != key.port[1] {
-        // The server listens on the lower port.
+    if !has_ports(key.proto) {
+        return (first, Orientation::FirstSeen);
+    }
+    if key.proto != 6 && saw_start {
+        return (first, Orientation::FirstPacket);
+    }
+    let listens: Vec<bool> = (0..2)
+        .map(|i| host.is_listening(key.proto, key.addr[i], key.port[i]))
+        .collect();
+    if listens[0] != listens[1] {
+        let server = if listens[0] { 0 } else { 1 };
+        return (1 - server, Orientation::ListenSocket);
+    }
+    if key.port[0] != key.port[1] {
         let server = if key.port[0] < key.port[1] { 0 } else { 1 };
         return (1 - server, Orientation::Port);
     }
-    (
-        s.first_side.saturating_sub(1).min(1) as usize,
-        Orientation::FirstPacket,
-    )
+    (first, Orientation::FirstSeen)
 }
 
 fn record(
-    key: &FlowKey,
+    key: &ConnKey,
     s: &Sample,
     c: &Conn,
-    clock: &Clock,
-    name: &dyn Fn(u32) -> String,
+    opened: bool,
+    also: Vec<String>,
+    cx: &Context,
 ) -> FlowRecord {
     let cs = c.client_side;
     let ss = 1 - cs;
@@ -328,10 +405,12 @@ fn record(
     } else {
         None
     };
+    let flags_now = s.tcp_flags[0] | s.tcp_flags[1];
     FlowRecord {
-        interface: name(key.ifindex),
-        ifindex: key.ifindex,
-        protocol: protocol_name(key.proto, key.addr[0].is_ipv6()),
+        interface: (cx.name)(c.owner),
+        ifindex: c.owner,
+        also_seen_on: also,
+        protocol: protocol_name(key.proto),
         src_ip: key.addr[cs],
         src_port: key.port[cs],
         dst_ip: key.addr[ss],
@@ -349,10 +428,15 @@ fn record(
         } else {
             Vec::new()
         },
-        first_seen: clock.rfc3339(c.first_seen_ns),
-        last_seen: clock.rfc3339(c.last_seen_ns),
+        first_seen: cx.clock.rfc3339(c.first_seen_ns),
+        last_seen: cx.clock.rfc3339(c.last_seen_ns),
         handshake_rtt_us: rtt,
         orientation: c.rule,
+        opened,
+        reset: key.proto == 6 && flags_now & TCP_RST != 0,
+        handshake_this_interval: if s.synack_ns != 0 { rtt } else { None },
+        first_seen_at: cx.clock.wall(c.first_seen_ns),
+        last_seen_at: cx.clock.wall(c.last_seen_ns),
     }
 }
 
@@ -368,10 +452,10 @@ mod tests {
         o
     }
 
-    fn key(proto: u8, p0: u16, p1: u16) -> RawKey {
+    fn key_on(ifindex: u32, proto: u8, p0: u16, p1: u16) -> RawKey {
         RawKey {
             addr: [v4([10, 0, 0, 1]), v4([10, 0, 0, 2])],
-            ifindex: 7,
+            ifindex,
             port: [p0, p1],
             proto,
             family: 4,
@@ -379,15 +463,32 @@ mod tests {
         }
     }
 
-    fn clock0() -> Clock {
-        Clock {
-            offset_ns: 1_700_000_000_000_000_000,
-        }
+    fn key(proto: u8, p0: u16, p1: u16) -> RawKey {
+        key_on(7, proto, p0, p1)
+    }
+
+    fn names(i: u32) -> String {
+        format!("if{i}")
+    }
+
+    fn ingest(
+        t: &mut FlowTable,
+        host: &HostView,
+        now: u64,
+        e: &[(RawKey, Sample)],
+    ) -> Vec<FlowRecord> {
+        let cx = Context {
+            now_mono_ns: now,
+            clock: Clock::fixed(1_700_000_000_000_000_000),
+            host,
+            name: &names,
+        };
+        t.ingest(e, &cx)
     }
 
     #[test]
     fn syn_decides_even_against_ports() {
-        // Side 1 (port 22) sent the SYN: it is the client.
+        // Side 1 (port 40000) sent the SYN: it is the client.
         let s = Sample {
             packets: [3, 4],
             bytes: [300, 400],
@@ -398,47 +499,30 @@ mod tests {
             tcp_flags: [0x12, 0x02],
             open_side: 2,
             first_side: 2,
-            ..Default::default()
         };
-        let mut t = FlowTable::new(10, Duration::from_secs(60));
-        let recs = t.ingest(&[(key(6, 80, 40000), s)], 10_000, &clock0(), &|_| {
-            "veth0".into()
-        });
+        let mut t = FlowTable::new(10, Duration::from_secs(60), 0);
+        let recs = ingest(
+            &mut t,
+            &HostView::default(),
+            10_000,
+            &[(key(6, 80, 40000), s)],
+        );
         assert_eq!(recs.len(), 1);
-        let r = &recs[0];
-        assert_eq!(r.src_ip.to_string(), "10.0.0.2");
-        assert_eq!((r.src_port, r.dst_port), (40000, 80));
         assert_eq!(
-            r.src_to_dst,
-            Counters {
-                packets: 4,
-                bytes: 400
-            }
-        );
-        assert_eq!(
-            r.dst_to_src,
-            Counters {
-                packets: 3,
-                bytes: 300
-            }
-        );
-        assert_eq!(r.handshake_rtt_us, Some(0.5));
-        assert_eq!(r.orientation, Orientation::Syn);
-        assert_eq!(r.tcp_flags, vec!["SYN", "ACK"]);
-        assert_eq!(
-            serde_json::to_string(r).unwrap(),
-            "{\"interface\":\"veth0\",\"ifindex\":7,\"protocol\":\"tcp\",\"src_ip\":\"10.0.0.2\",\"src_port\":40000,\
+            serde_json::to_string(&recs[0]).unwrap(),
+            "{\"interface\":\"if7\",\"ifindex\":7,\"protocol\":\"tcp\",\"src_ip\":\"10.0.0.2\",\"src_port\":40000,\
              \"dst_ip\":\"10.0.0.1\",\"dst_port\":80,\"src_to_dst\":{\"packets\":4,\"bytes\":400},\
              \"dst_to_src\":{\"packets\":3,\"bytes\":300},\"tcp_flags\":[\"SYN\",\"ACK\"],\
              \"first_seen\":\"2023-11-14T22:13:20.000001Z\",\"last_seen\":\"2023-11-14T22:13:20.000009Z\",\
-             \"handshake_rtt_us\":0.5,\"orientation\":\"syn\"}"
+             \"handshake_rtt_us\":0.5,\"orientation\":\"syn\",\"opened\":true,\"reset\":false}"
         );
+        assert_eq!(recs[0].handshake_this_interval, Some(0.5));
     }
 
     #[test]
     fn handshake_split_over_two_drains_keeps_rtt_and_direction() {
-        let mut t = FlowTable::new(10, Duration::from_secs(60));
-        let c = clock0();
+        let mut t = FlowTable::new(10, Duration::from_secs(60), 0);
+        let h = HostView::default();
         let a = Sample {
             packets: [1, 0],
             bytes: [74, 0],
@@ -450,7 +534,9 @@ mod tests {
             first_side: 1,
             ..Default::default()
         };
-        t.ingest(&[(key(6, 40000, 80), a)], 200, &c, &|_| "x".into());
+        let r = ingest(&mut t, &h, 200, &[(key(6, 40000, 80), a)]);
+        assert!(r[0].opened);
+        assert_eq!(r[0].handshake_rtt_us, None);
         let b = Sample {
             packets: [5, 6],
             bytes: [500, 600],
@@ -461,10 +547,12 @@ mod tests {
             first_side: 2,
             ..Default::default()
         };
-        let r = t.ingest(&[(key(6, 40000, 80), b)], 1000, &c, &|_| "x".into());
+        let r = ingest(&mut t, &h, 1000, &[(key(6, 40000, 80), b)]);
         assert_eq!(r[0].src_port, 40000);
+        assert!(!r[0].opened);
         assert_eq!(r[0].orientation, Orientation::Syn);
         assert_eq!(r[0].handshake_rtt_us, Some(0.25));
+        assert_eq!(r[0].handshake_this_interval, Some(0.25));
         assert_eq!(
             r[0].src_to_dst,
             Counters {
@@ -476,33 +564,139 @@ mod tests {
     }
 
     #[test]
-    fn no_handshake_tcp_uses_lower_port_and_udp_first_packet() {
-        let mut t = FlowTable::new(10, Duration::from_secs(60));
-        let s = Sample {
+    fn orientation_rules_in_order() {
+        let mut h = HostView {
+            addrs: vec!["10.0.0.2".parse().unwrap()],
+            ..Default::default()
+        };
+        h.listeners.insert((6, None, 50000));
+        h.listeners.insert((17, None, 40000));
+        // started at 1000 ns: first_seen 5 is before → start not seen.
+        let mut t = FlowTable::new(10, Duration::from_secs(60), 1_000);
+        let old = Sample {
             packets: [1, 1],
             bytes: [60, 60],
+            first_seen_ns: 5,
+            last_seen_ns: 5,
             first_side: 1,
             ..Default::default()
         };
-        let r = t.ingest(
-            &[(key(6, 443, 50000), s), (key(17, 5353, 40000), s)],
-            0,
-            &clock0(),
-            &|_| "x".into(),
+        let new = Sample {
+            first_seen_ns: 2_000,
+            last_seen_ns: 2_000,
+            ..old
+        };
+        let r = ingest(
+            &mut t,
+            &h,
+            3_000,
+            &[
+                // TCP, no SYN, 10.0.0.2:50000 listens: it is the server.
+                (key(6, 443, 50000), old),
+                // TCP, no SYN, nothing listens: the lower port is the server.
+                (key(6, 50001, 8443), old),
+                // UDP that started while running: the first sender is the client.
+                (key(17, 5353, 40000), new),
+                // Equal ports, nothing else: first seen.
+                (key(17, 7000, 7000), old),
+                // GRE: no ports.
+                (key(47, 0, 0), old),
+            ],
         );
+        let got: Vec<(u16, u16, Orientation)> = r
+            .iter()
+            .map(|r| (r.src_port, r.dst_port, r.orientation))
+            .collect();
         assert_eq!(
-            (r[0].src_port, r[0].dst_port, r[0].orientation),
-            (50000, 443, Orientation::Port)
+            got,
+            vec![
+                (443, 50000, Orientation::ListenSocket),
+                (50001, 8443, Orientation::Port),
+                (5353, 40000, Orientation::FirstPacket),
+                (7000, 7000, Orientation::FirstSeen),
+                (0, 0, Orientation::FirstSeen),
+            ]
         );
+        // The same UDP flow already open at start: 10.0.0.2:40000 is bound.
+        let mut t = FlowTable::new(10, Duration::from_secs(60), 1_000);
+        let r = ingest(&mut t, &h, 3_000, &[(key(17, 5353, 40000), old)]);
         assert_eq!(
-            (r[1].src_port, r[1].dst_port, r[1].orientation),
-            (5353, 40000, Orientation::FirstPacket)
+            (r[0].src_port, r[0].orientation),
+            (5353, Orientation::ListenSocket)
         );
     }
 
     #[test]
-    fn entries_of_one_flow_are_added_up_and_table_is_bounded() {
-        let mut t = FlowTable::new(2, Duration::from_secs(60));
+    fn a_connection_on_two_interfaces_is_counted_once() {
+        let mut t = FlowTable::new(10, Duration::from_secs(60), 0);
+        let h = HostView::default();
+        let on_veth = Sample {
+            packets: [10, 8],
+            bytes: [1000, 800],
+            first_seen_ns: 100,
+            last_seen_ns: 500,
+            first_side: 1,
+            ..Default::default()
+        };
+        let on_eth0 = Sample {
+            first_seen_ns: 101,
+            ..on_veth
+        };
+        let r = ingest(
+            &mut t,
+            &h,
+            600,
+            &[
+                (key_on(3, 17, 1, 2), on_eth0),
+                (key_on(9, 17, 1, 2), on_veth),
+            ],
+        );
+        assert_eq!(r.len(), 1);
+        assert_eq!(
+            (r[0].interface.as_str(), r[0].also_seen_on.clone()),
+            ("if9", vec!["if3".to_string()])
+        );
+        assert_eq!(
+            r[0].src_to_dst,
+            Counters {
+                packets: 10,
+                bytes: 1000
+            }
+        );
+        // Next interval the owner keeps it even if the other saw it first.
+        let later = Sample {
+            first_seen_ns: 700,
+            last_seen_ns: 800,
+            ..on_veth
+        };
+        let r = ingest(
+            &mut t,
+            &h,
+            900,
+            &[
+                (
+                    key_on(3, 17, 1, 2),
+                    Sample {
+                        first_seen_ns: 650,
+                        ..later
+                    },
+                ),
+                (key_on(9, 17, 1, 2), later),
+            ],
+        );
+        assert_eq!(r[0].interface, "if9");
+        // The owner is gone: the other interface takes over.
+        let r = ingest(&mut t, &h, 1000, &[(key_on(3, 17, 1, 2), later)]);
+        assert_eq!(
+            (r[0].interface.as_str(), r[0].also_seen_on.len()),
+            ("if3", 0)
+        );
+    }
+
+    #[test]
+    fn table_is_bounded_and_idle_connections_expire() {
+        let h = HostView::default();
+        let mut t = FlowTable::new(2, Duration::from_secs(60), 0);
         let s = Sample {
             packets: [2, 0],
             bytes: [200, 0],
@@ -511,46 +705,23 @@ mod tests {
             first_side: 1,
             ..Default::default()
         };
-        let r = t.ingest(
-            &[(key(17, 1, 2), s), (key(17, 1, 2), s)],
+        ingest(
+            &mut t,
+            &h,
             10,
-            &clock0(),
-            &|_| "x".into(),
-        );
-        assert_eq!(r.len(), 1);
-        assert_eq!(
-            r[0].src_to_dst,
-            Counters {
-                packets: 4,
-                bytes: 400
-            }
-        );
-        t.ingest(
             &[(key(17, 3, 4), s), (key(17, 5, 6), s), (key(17, 7, 8), s)],
-            10,
-            &clock0(),
-            &|_| "x".into(),
         );
-        assert_eq!(t.len(), 2);
-        assert_eq!(t.evicted, 2);
-    }
-
-    #[test]
-    fn idle_connections_expire() {
-        let mut t = FlowTable::new(10, Duration::from_secs(1));
+        assert_eq!((t.len(), t.evicted), (2, 1));
+        let mut t = FlowTable::new(10, Duration::from_secs(1), 0);
         let s = Sample {
             packets: [1, 0],
             bytes: [60, 0],
-            first_seen_ns: 0,
-            last_seen_ns: 0,
             first_side: 1,
             ..Default::default()
         };
-        t.ingest(&[(key(17, 1, 2), s)], 500_000_000, &clock0(), &|_| {
-            "x".into()
-        });
+        ingest(&mut t, &h, 500_000_000, &[(key(17, 1, 2), s)]);
         assert_eq!(t.len(), 1);
-        t.ingest(&[], 1_000_000_001, &clock0(), &|_| "x".into());
+        ingest(&mut t, &h, 1_000_000_001, &[]);
         assert_eq!(t.len(), 0);
     }
 }

@@ -3,6 +3,10 @@
 
 pub mod agent;
 pub mod config;
+pub mod coordimap;
 pub mod datapath;
+pub mod delivery;
 pub mod flow;
 pub mod frames;
+pub mod graph;
+pub mod host;

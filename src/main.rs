@@ -32,7 +32,11 @@ struct Cli {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum OutputArg {
-    Jsonl,
+    /// One JSON object per flow per interval.
+    #[value(alias = "jsonl")]
+    Flows,
+    /// Each interval's Coordimap batch, one JSON document per line.
+    Graph,
     None,
 }
 
@@ -47,15 +51,28 @@ enum ModeArg {
 enum Cmd {
     /// Run the agent.
     Run {
-        /// Write each interval's flows to stdout, one JSON object per line.
-        #[arg(long, value_enum, default_value = "none")]
-        output: OutputArg,
+        /// What to write to stdout each interval (default: graph without an
+        /// endpoint, none with one).
+        #[arg(long, value_enum)]
+        output: Option<OutputArg>,
         /// Flush and exit after this long (e.g. 30s, 5m).
         #[arg(long, value_parser = parse_duration)]
         duration: Option<Duration>,
         /// Override the hook type (default: the config's attach_mode, else auto).
         #[arg(long, value_enum)]
         attach_mode: Option<ModeArg>,
+        /// Where flowmap keeps its state (the delivery spool).
+        #[arg(long, env = "FLOWMAP_STATE_DIR", default_value = "/var/lib/flowmap")]
+        state_dir: PathBuf,
+        /// Bytes of undelivered batches kept on disk; the oldest go first.
+        #[arg(long, env = "FLOWMAP_SPOOL_MAX_BYTES", default_value_t = 64 << 20)]
+        spool_max_bytes: u64,
+        /// Longest wait between two delivery attempts.
+        #[arg(long, value_parser = parse_duration, default_value = "60s")]
+        retry_max: Duration,
+        /// How long a stopping agent keeps trying to deliver the spool.
+        #[arg(long, value_parser = parse_duration, default_value = "10s")]
+        shutdown_timeout: Duration,
     },
     /// Validate the configuration and print what it resolves to.
     Check,
@@ -219,6 +236,10 @@ fn main() -> ExitCode {
             output,
             duration,
             attach_mode,
+            state_dir,
+            spool_max_bytes,
+            retry_max,
+            shutdown_timeout,
         } => {
             let (cfg, source) = match load_config(cli.config.as_ref()) {
                 Ok(c) => c,
@@ -234,14 +255,26 @@ fn main() -> ExitCode {
                 info!(id = %o.id, kind = %o.kind, "data source not run by flowmap");
             }
             info!(config = %source, "configuration loaded");
-            if endpoint.is_some() {
-                tracing::warn!("shipping to a collector is not in this version yet; flows are only written locally");
-            }
+            let has_endpoint = endpoint.is_some_and(|e| !e.is_empty());
+            let output = output.unwrap_or(if has_endpoint {
+                OutputArg::None
+            } else {
+                OutputArg::Graph
+            });
             let opts = RunOptions {
                 output: match output {
-                    OutputArg::Jsonl => Output::Jsonl,
+                    OutputArg::Flows => Output::Flows,
+                    OutputArg::Graph => Output::Graph,
                     OutputArg::None => Output::None,
                 },
+                endpoint: endpoint.map(str::to_string),
+                state_dir,
+                spool_max_bytes,
+                retry: flowmap::delivery::Retry {
+                    max: retry_max,
+                    ..Default::default()
+                },
+                shutdown_timeout,
                 duration,
                 attach_mode: attach_mode.map(|m| match m {
                     ModeArg::Auto => AttachMode::Auto,

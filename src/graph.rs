@@ -1,0 +1,192 @@
+//! The service graph of one interval: endpoints and the edges between
+//! them, aggregated from the interval's flow records. Ephemeral client
+//! ports disappear: an edge is client endpoint → server endpoint on
+//! (protocol, server port).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use crate::flow::FlowRecord;
+use crate::host::HostView;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndpointKind {
+    /// The host the agent runs on.
+    Host,
+    /// Any address that is not this host's.
+    External,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Endpoint {
+    pub id: String,
+    pub kind: EndpointKind,
+    pub name: String,
+    /// For the host, its addresses; for an external endpoint, its address.
+    pub addresses: Vec<IpAddr>,
+}
+
+/// Maps an address to the endpoint it belongs to.
+pub trait Resolve {
+    fn endpoint(&self, ip: IpAddr) -> Endpoint;
+}
+
+/// Server mode: this host is one endpoint, every other address its own.
+pub struct ServerResolver<'a> {
+    pub data_source_id: &'a str,
+    pub host: &'a HostView,
+}
+
+pub const HOST_TYPE: &str = "flows.host";
+pub const EXTERNAL_TYPE: &str = "flows.external";
+
+impl ServerResolver<'_> {
+    pub fn host_endpoint(&self) -> Endpoint {
+        Endpoint {
+            id: format!("{}-{HOST_TYPE}-{}", self.data_source_id, self.host.hostname),
+            kind: EndpointKind::Host,
+            name: self.host.hostname.clone(),
+            addresses: self
+                .host
+                .addrs
+                .iter()
+                .copied()
+                .filter(|a| !a.is_loopback())
+                .collect(),
+        }
+    }
+}
+
+impl Resolve for ServerResolver<'_> {
+    fn endpoint(&self, ip: IpAddr) -> Endpoint {
+        if self.host.is_local(ip) {
+            return self.host_endpoint();
+        }
+        Endpoint {
+            id: format!("{}-{EXTERNAL_TYPE}-{ip}", self.data_source_id),
+            kind: EndpointKind::External,
+            name: ip.to_string(),
+            addresses: vec![ip],
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct EdgeKey {
+    pub client: String,
+    pub server: String,
+    pub protocol: String,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Handshake {
+    pub count: u64,
+    pub min_us: f64,
+    pub mean_us: f64,
+    pub max_us: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EdgeStats {
+    pub protocol: String,
+    pub port: u16,
+    /// Connections first seen in this interval.
+    pub connections_opened: u64,
+    /// Connections with traffic in this interval.
+    pub connections_active: u64,
+    pub packets_client_to_server: u64,
+    pub bytes_client_to_server: u64,
+    pub packets_server_to_client: u64,
+    pub bytes_server_to_client: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub handshake: Option<Handshake>,
+    pub tcp_resets: u64,
+    pub first_seen: String,
+    pub last_seen: String,
+    #[serde(skip)]
+    first_at: SystemTime,
+    #[serde(skip)]
+    last_at: SystemTime,
+    #[serde(skip)]
+    rtt_sum: f64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Graph {
+    pub endpoints: BTreeMap<String, Endpoint>,
+    pub edges: BTreeMap<EdgeKey, EdgeStats>,
+}
+
+impl Graph {
+    /// Aggregates one interval's records. A connection whose both ends are
+    /// the same endpoint (this host talking to itself) makes no edge.
+    pub fn build(records: &[FlowRecord], resolve: &dyn Resolve) -> Graph {
+        let mut g = Graph::default();
+        for r in records {
+            let client = resolve.endpoint(r.src_ip);
+            let server = resolve.endpoint(r.dst_ip);
+            if client.id == server.id {
+                continue;
+            }
+            let key = EdgeKey {
+                client: client.id.clone(),
+                server: server.id.clone(),
+                protocol: r.protocol.clone(),
+                port: r.dst_port,
+            };
+            g.endpoints.entry(client.id.clone()).or_insert(client);
+            g.endpoints.entry(server.id.clone()).or_insert(server);
+            let e = g.edges.entry(key).or_insert_with(|| EdgeStats {
+                protocol: r.protocol.clone(),
+                port: r.dst_port,
+                connections_opened: 0,
+                connections_active: 0,
+                packets_client_to_server: 0,
+                bytes_client_to_server: 0,
+                packets_server_to_client: 0,
+                bytes_server_to_client: 0,
+                handshake: None,
+                tcp_resets: 0,
+                first_seen: r.first_seen.clone(),
+                last_seen: r.last_seen.clone(),
+                first_at: r.first_seen_at,
+                last_at: r.last_seen_at,
+                rtt_sum: 0.0,
+            });
+            e.connections_opened += r.opened as u64;
+            e.connections_active += 1;
+            e.packets_client_to_server += r.src_to_dst.packets;
+            e.bytes_client_to_server += r.src_to_dst.bytes;
+            e.packets_server_to_client += r.dst_to_src.packets;
+            e.bytes_server_to_client += r.dst_to_src.bytes;
+            e.tcp_resets += r.reset as u64;
+            if r.first_seen_at < e.first_at {
+                e.first_at = r.first_seen_at;
+                e.first_seen = r.first_seen.clone();
+            }
+            if r.last_seen_at > e.last_at {
+                e.last_at = r.last_seen_at;
+                e.last_seen = r.last_seen.clone();
+            }
+            if let Some(rtt) = r.handshake_this_interval {
+                e.rtt_sum += rtt;
+                let h = e.handshake.get_or_insert(Handshake {
+                    count: 0,
+                    min_us: rtt,
+                    mean_us: 0.0,
+                    max_us: rtt,
+                });
+                h.count += 1;
+                h.min_us = h.min_us.min(rtt);
+                h.max_us = h.max_us.max(rtt);
+                h.mean_us = e.rtt_sum / h.count as f64;
+            }
+        }
+        g
+    }
+}

@@ -17,6 +17,7 @@ use common::{sh, VethNs};
 
 /// The e2e tests share interfaces of the host: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
+static CONFIGS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 fn lock() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
@@ -41,24 +42,32 @@ mod tempfile_path {
 
 impl Agent {
     fn start(iface: &str, extra: &[&str]) -> Agent {
-        let path =
-            std::env::temp_dir().join(format!("flowmap-e2e-{}-{iface}.yaml", std::process::id()));
+        Agent::start_full(iface, "", extra, &[])
+    }
+
+    /// `header`: YAML lines under `coordimap:` (api_key, ...).
+    fn start_full(iface: &str, header: &str, extra: &[&str], envs: &[(&str, &str)]) -> Agent {
+        let path = std::env::temp_dir().join(format!(
+            "flowmap-e2e-{}-{iface}-{}.yaml",
+            std::process::id(),
+            CONFIGS.fetch_add(1, Ordering::SeqCst)
+        ));
         std::fs::write(
             &path,
             format!(
-                "coordimap:\n  data_sources:\n    - type: flows\n      data_source_id: e2e\n      config:\n        - name: interface_name\n          value: {iface}\n        - name: crawl_interval\n          value: 1s\n"
+                "coordimap:\n{header}  data_sources:\n    - type: flows\n      data_source_id: e2e\n      config:\n        - name: interface_name\n          value: {iface}\n        - name: crawl_interval\n          value: 1s\n"
             ),
         )
         .unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_flowmap"))
-            .args([
-                "run",
-                "--config",
-                path.to_str().unwrap(),
-                "--output",
-                "jsonl",
-            ])
-            .args(extra)
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_flowmap"));
+        cmd.args(["run", "--config", path.to_str().unwrap()]);
+        if !extra.contains(&"--output") {
+            cmd.args(["--output", "flows"]);
+        }
+        cmd.args(extra)
+            .envs(envs.iter().copied())
+            .env_remove("COORDIMAP_ENDPOINT");
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -613,4 +622,387 @@ fn nothing_stays_attached_after_sigkill_and_restart() {
     );
     let (_, _) = a.stop();
     nothing_attached(&v.host);
+}
+
+/// A collector on loopback, started by the test: it speaks Coordimap's
+/// reply format and can be told to fail, be slow, or be down.
+mod collector {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use axum::body::Bytes;
+    use axum::extract::State;
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::routing::post;
+    use axum::Router;
+
+    #[derive(Clone, Copy, PartialEq, Debug)]
+    pub enum Mode {
+        Ok,
+        Fail500,
+        Slow(Duration),
+    }
+
+    #[derive(Default)]
+    pub struct Log {
+        /// (headers, body) of each accepted request, in arrival order.
+        pub accepted: Vec<(Vec<(String, String)>, Vec<u8>)>,
+        pub refused: u64,
+    }
+
+    #[derive(Clone)]
+    struct Shared {
+        mode: Arc<Mutex<Mode>>,
+        log: Arc<Mutex<Log>>,
+    }
+
+    pub struct Server {
+        pub port: u16,
+        mode: Arc<Mutex<Mode>>,
+        pub log: Arc<Mutex<Log>>,
+        rt: tokio::runtime::Runtime,
+        task: Option<tokio::task::JoinHandle<()>>,
+    }
+
+    async fn collect(
+        State(st): State<Shared>,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> (StatusCode, String) {
+        let mode = *st.mode.lock().unwrap();
+        match mode {
+            Mode::Fail500 => {
+                st.log.lock().unwrap().refused += 1;
+                return (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "{\"status\":{\"http_code\":500,\"message\":\"boom\"}}".into(),
+                );
+            }
+            Mode::Slow(d) => tokio::time::sleep(d).await,
+            Mode::Ok => {}
+        }
+        let h = headers
+            .iter()
+            .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
+            .collect();
+        st.log.lock().unwrap().accepted.push((h, body.to_vec()));
+        (
+            StatusCode::OK,
+            "{\"status\":{\"http_code\":200,\"message\":\"ok\",\"error_code\":\"\"}}".into(),
+        )
+    }
+
+    impl Server {
+        pub fn start() -> Server {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            let mut s = Server {
+                port: 0,
+                mode: Arc::new(Mutex::new(Mode::Ok)),
+                log: Arc::new(Mutex::new(Log::default())),
+                rt,
+                task: None,
+            };
+            s.up();
+            s
+        }
+
+        pub fn url(&self) -> String {
+            format!("http://127.0.0.1:{}/api/crawl", self.port)
+        }
+
+        pub fn set_mode(&self, m: Mode) {
+            *self.mode.lock().unwrap() = m;
+        }
+
+        /// Listens again (on the same port after `down`).
+        pub fn up(&mut self) {
+            let shared = Shared {
+                mode: self.mode.clone(),
+                log: self.log.clone(),
+            };
+            let port = self.port;
+            let listener = self.rt.block_on(async move {
+                for _ in 0..50 {
+                    if let Ok(l) = tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+                        return l;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                panic!("cannot listen on 127.0.0.1:{port}");
+            });
+            self.port = listener.local_addr().unwrap().port();
+            let app = Router::new()
+                .route("/api/crawl", post(collect))
+                .with_state(shared);
+            self.task = Some(self.rt.spawn(async move {
+                let _ = axum::serve(listener, app).await;
+            }));
+        }
+
+        /// Closes the listener and every connection.
+        pub fn down(&mut self) {
+            if let Some(t) = self.task.take() {
+                t.abort();
+                let _ = self.rt.block_on(t);
+            }
+        }
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            self.down();
+        }
+    }
+}
+
+/// A directory removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!("flowmap-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        TempDir(p)
+    }
+    fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn header<'a>(h: &'a [(String, String)], name: &str) -> &'a str {
+    h.iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+        .unwrap_or("")
+}
+
+/// (protocol, port) → summed flow stats of relationship src → dst over all batches.
+fn edge_totals(bodies: &[Vec<u8>], src: &str, dst: &str) -> HashMap<(String, u64), [u64; 6]> {
+    use base64::Engine;
+    let mut out: HashMap<(String, u64), [u64; 6]> = HashMap::new();
+    for b in bodies {
+        let batch: flowmap::coordimap::Batch =
+            serde_json::from_slice(b).expect("a Coordimap batch");
+        for e in &batch.cloud_crawl_data.crawled_data.data {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(&e.data)
+                .unwrap();
+            assert_eq!(
+                e.hash,
+                flowmap::coordimap::hex_sha256(&bytes),
+                "hash of {}",
+                e.id
+            );
+            if e.id != format!("{src}.{dst}") {
+                continue;
+            }
+            assert_eq!(e.kind, "coordimap.relationship_skipinsert");
+            let p: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+            assert_eq!(
+                (p["source_id"].as_str(), p["destination_id"].as_str()),
+                (Some(src), Some(dst))
+            );
+            assert_eq!(p["relation_type"], 104);
+            for f in p["flows"].as_array().unwrap() {
+                let t = out
+                    .entry((
+                        f["protocol"].as_str().unwrap().to_string(),
+                        f["port"].as_u64().unwrap(),
+                    ))
+                    .or_default();
+                for (i, k) in [
+                    "packets_client_to_server",
+                    "bytes_client_to_server",
+                    "packets_server_to_client",
+                    "bytes_server_to_client",
+                    "connections_opened",
+                ]
+                .iter()
+                .enumerate()
+                {
+                    t[i] += f[k].as_u64().unwrap();
+                }
+                t[5] += f["handshake"]["count"].as_u64().unwrap_or(0);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn ships_the_graph_to_a_collector_on_loopback() {
+    if !common::privileged("ships_the_graph_to_a_collector_on_loopback") {
+        return;
+    }
+    let _g = lock();
+    let v = VethNs::new();
+    let _server = Server::start(&v);
+    let col = collector::Server::start();
+    let state = TempDir::new("wire");
+    let cap = Capture::start(v.ifindex());
+    let url = col.url();
+    let agent = Agent::start_full(
+        &v.host,
+        "  api_key: ${FM_TEST_KEY}\n",
+        &[
+            "--endpoint",
+            &url,
+            "--state-dir",
+            state.path(),
+            "--output",
+            "none",
+            "--retry-max",
+            "1s",
+        ],
+        &[("FM_TEST_KEY", "k-123-not-for-logs")],
+    );
+    let (tcp_port, _) = traffic(v.peer_v4.parse().unwrap());
+    std::thread::sleep(Duration::from_millis(300));
+    let captured = cap.finish();
+    let (_, err) = agent.stop();
+    assert!(
+        !err.contains("k-123-not-for-logs"),
+        "the API key reached a log line"
+    );
+    let log = col.log.lock().unwrap();
+    assert!(!log.accepted.is_empty());
+    for (i, (h, _)) in log.accepted.iter().enumerate() {
+        assert_eq!(header(h, "api-key"), "k-123-not-for-logs");
+        assert_eq!(header(h, "content-type"), "application/json");
+        assert_eq!(
+            header(h, "x-flowmap-batch"),
+            (i + 1).to_string(),
+            "batches in order, each once"
+        );
+    }
+    let bodies: Vec<Vec<u8>> = log.accepted.iter().map(|(_, b)| b.clone()).collect();
+    let host = format!("e2e-flows.host-{}", flowmap::host::hostname());
+    let peer = format!("e2e-flows.external-{}", v.peer_v4);
+    let got = edge_totals(&bodies, &host, &peer);
+    let hdr = 14 + 20 + 8;
+    let sent: u64 = UDP_SIZES.iter().map(|s| hdr + *s as u64).sum();
+    assert_eq!(
+        got[&("udp".to_string(), 5002)],
+        [10, sent, 10, 10 * (hdr + 50), 1, 0]
+    );
+    assert_eq!(got[&("icmp".to_string(), 0)], [3, 3 * 98, 3, 3 * 98, 1, 0]);
+    let tcp: Tuple = (
+        "tcp".into(),
+        v.host_v4.clone(),
+        tcp_port,
+        v.peer_v4.clone(),
+        5001,
+    );
+    let o = oracle(&captured, &tcp);
+    assert_eq!(
+        got[&("tcp".to_string(), 5001)],
+        [o.s2d.packets, o.s2d.bytes, o.d2s.packets, o.d2s.bytes, 1, 1]
+    );
+    // The host element carries the host's address on the veth.
+    let first: flowmap::coordimap::Batch = serde_json::from_slice(&bodies[0]).unwrap();
+    let h = first
+        .cloud_crawl_data
+        .crawled_data
+        .data
+        .iter()
+        .find(|e| e.id == host)
+        .expect("host element");
+    let payload: serde_json::Value = serde_json::from_slice(&h.payload().unwrap()).unwrap();
+    assert!(payload["addresses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|a| a == &serde_json::json!(v.host_v4)));
+    assert_eq!(first.cloud_crawl_data.crawl_internal_id, "e2e");
+}
+
+fn count_spooled(err: &str) -> u64 {
+    err.lines().filter(|l| l.contains("batch spooled")).count() as u64
+}
+
+#[test]
+fn every_batch_arrives_once_in_order_through_failures_and_a_restart() {
+    if !common::privileged("every_batch_arrives_once_in_order_through_failures_and_a_restart") {
+        return;
+    }
+    use collector::Mode;
+    let _g = lock();
+    let v = VethNs::new();
+    let mut col = collector::Server::start();
+    let state = TempDir::new("faults");
+    let url = col.url();
+    let args = [
+        "--endpoint",
+        url.as_str(),
+        "--state-dir",
+        state.path(),
+        "--output",
+        "none",
+        "--retry-max",
+        "1s",
+        "--shutdown-timeout",
+        "1s",
+    ];
+    let envs = [("FM_TEST_KEY", "k")];
+    let a1 = Agent::start_full(&v.host, "  api_key: ${FM_TEST_KEY}\n", &args, &envs);
+    std::thread::sleep(Duration::from_millis(2500));
+    col.set_mode(Mode::Fail500);
+    std::thread::sleep(Duration::from_secs(3));
+    col.down();
+    std::thread::sleep(Duration::from_secs(2));
+    // Restarted while the collector is down: what is spooled waits on disk.
+    let (_, err1) = a1.stop();
+    let a2 = Agent::start_full(&v.host, "  api_key: ${FM_TEST_KEY}\n", &args, &envs);
+    std::thread::sleep(Duration::from_secs(2));
+    col.set_mode(Mode::Slow(Duration::from_secs(2)));
+    col.up();
+    std::thread::sleep(Duration::from_secs(4));
+    col.set_mode(Mode::Ok);
+    // Give the backlog time to drain, then stop: the last batch goes too.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let spooled = std::fs::read_dir(std::path::Path::new(state.path()).join("spool"))
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".json")
+            })
+            .count();
+        if spooled == 0 || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (_, err2) = a2.stop();
+    let built = count_spooled(&err1) + count_spooled(&err2);
+    let log = col.log.lock().unwrap();
+    let seqs: Vec<u64> = log
+        .accepted
+        .iter()
+        .map(|(h, _)| header(h, "x-flowmap-batch").parse().unwrap())
+        .collect();
+    assert!(log.refused > 0, "the 500 phase was exercised");
+    assert!(built >= 10, "batches built: {built}");
+    assert_eq!(
+        seqs,
+        (1..=built).collect::<Vec<u64>>(),
+        "every batch once, in order\n--- first run\n{err1}\n--- second run\n{err2}"
+    );
+    assert!(
+        err2.contains("undelivered batches found in the spool"),
+        "{err2}"
+    );
 }

@@ -15,7 +15,15 @@ fn at(s: u64) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + s)
 }
 
-fn rec(src: &str, sport: u16, dst: &str, dport: u16, proto: &str, c2s: (u64, u64), s2c: (u64, u64)) -> FlowRecord {
+fn rec(
+    src: &str,
+    sport: u16,
+    dst: &str,
+    dport: u16,
+    proto: &str,
+    c2s: (u64, u64),
+    s2c: (u64, u64),
+) -> FlowRecord {
     FlowRecord {
         interface: "eth0".into(),
         ifindex: 2,
@@ -25,8 +33,14 @@ fn rec(src: &str, sport: u16, dst: &str, dport: u16, proto: &str, c2s: (u64, u64
         src_port: sport,
         dst_ip: dst.parse().unwrap(),
         dst_port: dport,
-        src_to_dst: Counters { packets: c2s.0, bytes: c2s.1 },
-        dst_to_src: Counters { packets: s2c.0, bytes: s2c.1 },
+        src_to_dst: Counters {
+            packets: c2s.0,
+            bytes: c2s.1,
+        },
+        dst_to_src: Counters {
+            packets: s2c.0,
+            bytes: s2c.1,
+        },
         tcp_flags: vec![],
         first_seen: humantime::format_rfc3339_micros(at(1)).to_string(),
         last_seen: humantime::format_rfc3339_micros(at(2)).to_string(),
@@ -43,7 +57,10 @@ fn rec(src: &str, sport: u16, dst: &str, dport: u16, proto: &str, c2s: (u64, u64
 fn host() -> HostView {
     HostView {
         hostname: "node-a".into(),
-        addrs: vec!["10.0.0.1".parse::<IpAddr>().unwrap(), "127.0.0.1".parse().unwrap()],
+        addrs: vec![
+            "10.0.0.1".parse::<IpAddr>().unwrap(),
+            "127.0.0.1".parse().unwrap(),
+        ],
         ..Default::default()
     }
 }
@@ -51,17 +68,44 @@ fn host() -> HostView {
 #[test]
 fn records_become_edges_without_client_ports() {
     let h = host();
-    let r = ServerResolver { data_source_id: "ds1", host: &h };
-    let mut a = rec("10.0.0.1", 40000, "93.184.216.34", 443, "tcp", (10, 1000), (8, 9000));
+    let r = ServerResolver {
+        data_source_id: "ds1",
+        host: &h,
+    };
+    let mut a = rec(
+        "10.0.0.1",
+        40000,
+        "93.184.216.34",
+        443,
+        "tcp",
+        (10, 1000),
+        (8, 9000),
+    );
     a.opened = true;
     a.handshake_this_interval = Some(100.0);
-    let mut b = rec("10.0.0.1", 40001, "93.184.216.34", 443, "tcp", (2, 200), (1, 100));
+    let mut b = rec(
+        "10.0.0.1",
+        40001,
+        "93.184.216.34",
+        443,
+        "tcp",
+        (2, 200),
+        (1, 100),
+    );
     b.opened = true;
     b.handshake_this_interval = Some(300.0);
     b.first_seen_at = at(0);
     b.first_seen = humantime::format_rfc3339_micros(at(0)).to_string();
     let c = rec("10.0.0.1", 5353, "1.1.1.1", 53, "udp", (1, 80), (1, 120));
-    let mut d = rec("198.51.100.7", 51000, "10.0.0.1", 22, "tcp", (5, 500), (4, 400));
+    let mut d = rec(
+        "198.51.100.7",
+        51000,
+        "10.0.0.1",
+        22,
+        "tcp",
+        (5, 500),
+        (4, 400),
+    );
     d.reset = true;
     let selfie = rec("10.0.0.1", 1, "127.0.0.1", 2, "tcp", (1, 1), (1, 1));
     let g = Graph::build(&[a, b, c, d, selfie], &r);
@@ -69,16 +113,46 @@ fn records_become_edges_without_client_ports() {
     let ids: Vec<&str> = g.endpoints.keys().map(String::as_str).collect();
     assert_eq!(
         ids,
-        vec!["ds1-flows.external-1.1.1.1", "ds1-flows.external-198.51.100.7", "ds1-flows.external-93.184.216.34", "ds1-flows.host-node-a"]
+        vec![
+            "ds1-flows.external-1.1.1.1",
+            "ds1-flows.external-198.51.100.7",
+            "ds1-flows.external-93.184.216.34",
+            "ds1-flows.host-node-a"
+        ]
     );
-    let keys: Vec<(String, String, String, u16)> =
-        g.edges.keys().map(|k| (k.client.clone(), k.server.clone(), k.protocol.clone(), k.port)).collect();
+    let keys: Vec<(String, String, String, u16)> = g
+        .edges
+        .keys()
+        .map(|k| {
+            (
+                k.client.clone(),
+                k.server.clone(),
+                k.protocol.clone(),
+                k.port,
+            )
+        })
+        .collect();
     assert_eq!(
         keys,
         vec![
-            ("ds1-flows.external-198.51.100.7".into(), "ds1-flows.host-node-a".into(), "tcp".into(), 22),
-            ("ds1-flows.host-node-a".into(), "ds1-flows.external-1.1.1.1".into(), "udp".into(), 53),
-            ("ds1-flows.host-node-a".into(), "ds1-flows.external-93.184.216.34".into(), "tcp".into(), 443),
+            (
+                "ds1-flows.external-198.51.100.7".into(),
+                "ds1-flows.host-node-a".into(),
+                "tcp".into(),
+                22
+            ),
+            (
+                "ds1-flows.host-node-a".into(),
+                "ds1-flows.external-1.1.1.1".into(),
+                "udp".into(),
+                53
+            ),
+            (
+                "ds1-flows.host-node-a".into(),
+                "ds1-flows.external-93.184.216.34".into(),
+                "tcp".into(),
+                443
+            ),
         ]
     );
     let https = &g.edges[&EdgeKey {
@@ -101,14 +175,35 @@ fn records_become_edges_without_client_ports() {
         })
     );
     let ssh = g.edges.values().find(|e| e.port == 22).unwrap();
-    assert_eq!((ssh.tcp_resets, ssh.connections_opened, ssh.handshake.is_none()), (1, 0, true));
+    assert_eq!(
+        (
+            ssh.tcp_resets,
+            ssh.connections_opened,
+            ssh.handshake.is_none()
+        ),
+        (1, 0, true)
+    );
 }
 
 #[test]
 fn batch_encoding_is_exact() {
     let h = host();
-    let r = ServerResolver { data_source_id: "ds1", host: &h };
-    let g = Graph::build(&[rec("10.0.0.1", 40000, "192.0.2.5", 80, "tcp", (3, 300), (2, 2000))], &r);
+    let r = ServerResolver {
+        data_source_id: "ds1",
+        host: &h,
+    };
+    let g = Graph::build(
+        &[rec(
+            "10.0.0.1",
+            40000,
+            "192.0.2.5",
+            80,
+            "tcp",
+            (3, 300),
+            (2, 2000),
+        )],
+        &r,
+    );
     let mut src = FlowsSource::default_server();
     src.id = "ds1".into();
     src.name = "edge hosts".into();
@@ -119,20 +214,39 @@ fn batch_encoding_is_exact() {
         ("auth_token".into(), "t0k".into()),
         ("deployedAt".into(), "server".into()),
     ];
-    let batch = encode(&g, &[r.host_endpoint()], &src, &["deployedat".to_string()], at(0), at(30));
+    let batch = encode(
+        &g,
+        &[r.host_endpoint()],
+        &src,
+        &["deployedat".to_string()],
+        at(0),
+        at(30),
+    );
     let body = serde_json::to_string(&batch).unwrap();
-    assert!(!body.contains("hunter2") && !body.contains("t0k"), "secrets never reach a payload");
+    assert!(
+        !body.contains("hunter2") && !body.contains("t0k"),
+        "secrets never reach a payload"
+    );
     assert!(body.starts_with("{\"cloud_crawl_data\":{\"data_source\":{\"data_source_info\":{\"name\":\"edge hosts\",\"desc\":\"\",\"type\":\"flows\"},\"data_source_id\":\"ds1\",\"data_source_config\":{\"value_pairs\":[{\"key\":\"interface_name\",\"value\":\"all\"},{\"key\":\"crawl_interval\",\"value\":\"30s\"}]}},\"crawled_data\":{\"data\":["));
-    assert!(body.ends_with("]},\"timestamp\":\"2027-01-15T08:00:30.000000000Z\",\"crawl_internal_id\":\"ds1\"}}"));
+    assert!(body.ends_with(
+        "]},\"timestamp\":\"2027-01-15T08:00:30.000000000Z\",\"crawl_internal_id\":\"ds1\"}}"
+    ));
 
     let back: Batch = serde_json::from_str(&body).unwrap();
     let data = &back.cloud_crawl_data.crawled_data.data;
-    let summary: Vec<(&str, &str, &str)> = data.iter().map(|e| (e.kind.as_str(), e.id.as_str(), e.name.as_str())).collect();
+    let summary: Vec<(&str, &str, &str)> = data
+        .iter()
+        .map(|e| (e.kind.as_str(), e.id.as_str(), e.name.as_str()))
+        .collect();
     assert_eq!(
         summary,
         vec![
             ("flows.host", "ds1-flows.host-node-a", "node-a"),
-            ("flows.external", "ds1-flows.external-192.0.2.5", "192.0.2.5"),
+            (
+                "flows.external",
+                "ds1-flows.external-192.0.2.5",
+                "192.0.2.5"
+            ),
             (
                 "coordimap.relationship_skipinsert",
                 "ds1-flows.host-node-a.ds1-flows.external-192.0.2.5",
@@ -141,14 +255,32 @@ fn batch_encoding_is_exact() {
         ]
     );
     for e in data {
-        let bytes = base64::engine::general_purpose::STANDARD.decode(&e.data).unwrap();
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(&e.data)
+            .unwrap();
         assert_eq!(e.hash, hex_sha256(&bytes));
-        assert_eq!((e.is_json_data, e.version.as_str(), e.status.as_str()), (true, "", "NoStatus"));
+        assert_eq!(
+            (e.is_json_data, e.version.as_str(), e.status.as_str()),
+            (true, "", "NoStatus")
+        );
         assert_eq!(e.retrieved_at, "2027-01-15T08:00:30.000000000Z");
     }
-    let host_payload = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(&data[0].data).unwrap()).unwrap();
-    assert_eq!(host_payload, r#"{"id":"ds1-flows.host-node-a","kind":"host","name":"node-a","addresses":["10.0.0.1"]}"#);
-    let rel = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(&data[2].data).unwrap()).unwrap();
+    let host_payload = String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(&data[0].data)
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        host_payload,
+        r#"{"id":"ds1-flows.host-node-a","kind":"host","name":"node-a","addresses":["10.0.0.1"]}"#
+    );
+    let rel = String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(&data[2].data)
+            .unwrap(),
+    )
+    .unwrap();
     assert_eq!(
         rel,
         concat!(
@@ -166,7 +298,10 @@ fn batch_encoding_is_exact() {
 #[test]
 fn the_same_element_is_sent_once_per_batch() {
     let h = host();
-    let r = ServerResolver { data_source_id: "flows", host: &h };
+    let r = ServerResolver {
+        data_source_id: "flows",
+        host: &h,
+    };
     let g = Graph::build(
         &[
             rec("10.0.0.1", 40000, "192.0.2.5", 80, "tcp", (1, 1), (1, 1)),
@@ -175,8 +310,21 @@ fn the_same_element_is_sent_once_per_batch() {
         ],
         &r,
     );
-    let b = encode(&g, &[r.host_endpoint(), r.host_endpoint()], &FlowsSource::default_server(), &[], at(0), at(1));
-    let ids: Vec<&str> = b.cloud_crawl_data.crawled_data.data.iter().map(|e| e.id.as_str()).collect();
+    let b = encode(
+        &g,
+        &[r.host_endpoint(), r.host_endpoint()],
+        &FlowsSource::default_server(),
+        &[],
+        at(0),
+        at(1),
+    );
+    let ids: Vec<&str> = b
+        .cloud_crawl_data
+        .crawled_data
+        .data
+        .iter()
+        .map(|e| e.id.as_str())
+        .collect();
     assert_eq!(ids.len(), 4, "host, external, two directions: {ids:?}");
     let rel = b
         .cloud_crawl_data
@@ -186,6 +334,15 @@ fn the_same_element_is_sent_once_per_batch() {
         .find(|e| e.id == "flows-flows.host-node-a.flows-flows.external-192.0.2.5")
         .expect("outbound relationship");
     let payload: serde_json::Value = serde_json::from_slice(&rel.payload().unwrap()).unwrap();
-    let ports: Vec<u64> = payload["flows"].as_array().unwrap().iter().map(|f| f["port"].as_u64().unwrap()).collect();
-    assert_eq!(ports, vec![80, 443], "one relationship per endpoint pair, one flow entry per port");
+    let ports: Vec<u64> = payload["flows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["port"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        ports,
+        vec![80, 443],
+        "one relationship per endpoint pair, one flow entry per port"
+    );
 }

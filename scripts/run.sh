@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 cargo build --release --locked
-exec ./target/release/flowmap run --config examples/server.yaml --output jsonl "$@"
+exec ./target/release/flowmap run --config examples/server.yaml --output flows "$@"

@@ -48,5 +48,13 @@ fn main() {
         println!("cargo:rerun-if-changed={src}");
     }
     println!("cargo:rerun-if-changed=bpf/flows.h");
+
+    // The map page embeds its graph library, installed from the npm
+    // registry by scripts/setup.sh (npm ci in web/), never committed.
+    let cyto = "web/node_modules/cytoscape/dist/cytoscape.min.js";
+    if !std::path::Path::new(cyto).exists() {
+        panic!("{cyto} is missing: run scripts/setup.sh (it runs `npm ci` in web/)");
+    }
+    println!("cargo:rerun-if-changed={cyto}");
     println!("cargo:rerun-if-env-changed=BPF_CLANG");
 }

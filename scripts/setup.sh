@@ -4,7 +4,9 @@
 set -euo pipefail
 
 PKGS=(clang llvm libbpf-dev libelf-dev zlib1g-dev pkg-config linux-libc-dev
-      iproute2 iputils-ping python3 bpftool)
+      iproute2 iputils-ping python3 bpftool
+      # tests: the PostgreSQL store and the map page in headless Chromium
+      postgresql chromium)
 
 missing=()
 for p in "${PKGS[@]}"; do
@@ -23,5 +25,15 @@ fi
 if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: cargo not found; install Rust (rustup) first" >&2
   exit 1
+fi
+# The map page's graph library (cytoscape) comes from the npm registry at
+# the version package-lock.json pins; it is embedded in the binary at build
+# time and never committed.
+if [ ! -f web/node_modules/cytoscape/dist/cytoscape.min.js ]; then
+  if ! command -v npm >/dev/null 2>&1; then
+    echo "setup: npm not found; install Node.js (Debian: apt-get install nodejs npm)" >&2
+    exit 1
+  fi
+  (cd web && npm ci --no-audit --no-fund --loglevel=error)
 fi
 echo "setup: system packages ready" >&2

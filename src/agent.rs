@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -21,6 +22,9 @@ use crate::delivery::{self, Collector, DeliveryStats, Retry, Spool};
 use crate::flow::{clock_ns, Clock, Context, FlowTable};
 use crate::graph::{Graph, ServerResolver};
 use crate::host::HostView;
+use crate::metrics::{Direction, Metrics};
+use crate::store::{self, Location};
+use crate::web;
 
 /// How often the interface list is re-read (new veths are attached within
 /// this period) and the overflow ring buffer is emptied.
@@ -45,6 +49,11 @@ pub struct RunOptions {
     pub retry: Retry,
     /// How long a stopping agent keeps trying to deliver the spool.
     pub shutdown_timeout: Duration,
+    /// The local store (None: disabled).
+    pub store: Option<Location>,
+    pub retention: Duration,
+    /// The map page, API, /metrics and /healthz (None: disabled).
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// Everything the flows data sources of the file ask of the one datapath
@@ -93,6 +102,9 @@ struct Loop {
     spool: Option<Arc<Mutex<Spool>>>,
     wake: Arc<Notify>,
     interval_start: SystemTime,
+    writer: Option<store::Writer>,
+    metrics: Arc<Metrics>,
+    max_flows: u32,
 }
 
 impl Loop {
@@ -106,6 +118,12 @@ impl Loop {
             }
             Err(e) => warn!(error = %e, "reading /sys/class/net failed"),
         }
+        let n = self.dp.attached().count();
+        self.metrics.interfaces_attached.set(n as i64);
+        self.metrics
+            .health
+            .interfaces_attached
+            .store(n as u64, Ordering::Relaxed);
         self.dp.poll_overflow();
     }
 
@@ -149,6 +167,16 @@ impl Loop {
                 self.interval_start,
                 end,
             );
+            self.metrics.batches_built.inc();
+            if let Some(wr) = &self.writer {
+                wr.submit(store::Job {
+                    data_source_id: src.id.clone(),
+                    start: self.interval_start,
+                    end,
+                    graph: graph.clone(),
+                    always: vec![resolver.host_endpoint()],
+                });
+            }
             let body = serde_json::to_vec(&batch)?;
             if self.output == Output::Graph {
                 w.write_all(&body)?;
@@ -181,6 +209,35 @@ impl Loop {
             .map(|(a, b)| a.saturating_sub(*b))
             .collect();
         self.last_stats = drained.stats;
+        let m = &self.metrics;
+        for (dir, p, b) in [
+            (
+                "client_to_server",
+                records.iter().map(|r| r.src_to_dst.packets).sum::<u64>(),
+                records.iter().map(|r| r.src_to_dst.bytes).sum::<u64>(),
+            ),
+            (
+                "server_to_client",
+                records.iter().map(|r| r.dst_to_src.packets).sum(),
+                records.iter().map(|r| r.dst_to_src.bytes).sum(),
+            ),
+        ] {
+            let d = Direction {
+                direction: dir.into(),
+            };
+            m.packets.get_or_create(&d).inc_by(p);
+            m.bytes.get_or_create(&d).inc_by(b);
+        }
+        m.flows_active.set(self.table.len() as i64);
+        m.flows_interval.set(records.len() as i64);
+        m.kernel_map_entries.set(drained.flows.len() as i64);
+        m.kernel_map_capacity.set(self.max_flows as i64);
+        m.kernel_stats(&drained.stats);
+        if let Some(wr) = &self.writer {
+            m.health
+                .store_ok
+                .store(wr.healthy.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
         let packets: u64 = records
             .iter()
             .map(|r| r.src_to_dst.packets + r.dst_to_src.packets)
@@ -220,9 +277,10 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<()> {
     {
         warn!("deployedAt kubernetes: pod and service enrichment is not in this version; endpoints are resolved as on a server");
     }
-    // The spool first: a state directory that cannot be written is an
-    // error before anything is attached.
+    // Sinks and the listener first: a store, spool or address that cannot
+    // be used is an error before anything is attached.
     let stats = Arc::new(DeliveryStats::default());
+    let metrics = Arc::new(Metrics::new(stats.clone()));
     let wake = Arc::new(Notify::new());
     let (finish_tx, finish_rx) = watch::channel(false);
     let mut sender = None;
@@ -246,11 +304,43 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<()> {
             stats.clone(),
         )));
         spool = Some(s);
+        metrics
+            .health
+            .collector_enabled
+            .store(true, Ordering::Relaxed);
+    }
+    let writer = match &opts.store {
+        Some(loc) => {
+            let counters = (
+                metrics.store_written.clone(),
+                metrics.store_errors.clone(),
+                metrics.store_dropped.clone(),
+            );
+            let w = store::Writer::start(loc.clone(), opts.retention, 1024, counters)?;
+            metrics.health.store_enabled.store(true, Ordering::Relaxed);
+            metrics.health.store_ok.store(true, Ordering::Relaxed);
+            Some(w)
+        }
+        None => None,
+    };
+    let mut web_task = None;
+    if let Some(addr) = opts.listen {
+        let st = web::AppState {
+            store: opts.store.clone(),
+            metrics: metrics.clone(),
+            interval,
+        };
+        web_task = Some(web::serve(addr, st).await?);
+        info!(url = %format!("http://{addr}/"), "map page, /metrics and /healthz listening");
     }
 
     let present = ifaces::list().context("listing interfaces")?;
     sel.check_exists(&present).map_err(anyhow::Error::msg)?;
     let dp = Datapath::load(&Options { max_flows, mode })?;
+    metrics
+        .health
+        .datapath_loaded
+        .store(true, Ordering::Relaxed);
     dp.remove_stale(&present);
     let started = clock_ns(libc::CLOCK_MONOTONIC);
     let mut lp = Loop {
@@ -269,6 +359,9 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<()> {
         spool: spool.clone(),
         wake,
         interval_start: SystemTime::now(),
+        writer,
+        metrics: metrics.clone(),
+        max_flows,
     };
     lp.refresh_interfaces();
     if lp.dp.attached().count() == 0 {
@@ -299,7 +392,17 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<()> {
     }
     lp.flush()?;
     lp.dp.detach_all();
+    metrics
+        .health
+        .interfaces_attached
+        .store(0, Ordering::Relaxed);
     info!("detached from every interface");
+    if let Some(w) = lp.writer.take() {
+        w.close();
+    }
+    if let Some(t) = web_task {
+        t.abort();
+    }
     if let Some(handle) = sender {
         let _ = finish_tx.send(true);
         if tokio::time::timeout(opts.shutdown_timeout, handle)

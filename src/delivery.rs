@@ -3,11 +3,12 @@
 //! restart), and a sender that posts the oldest batch until the collector
 //! accepts it, in order, one at a time.
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use std::collections::VecDeque;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -17,16 +18,18 @@ use tracing::{error, info, warn};
 use crate::config::Secret;
 use crate::coordimap::Reply;
 
-/// Counters of the delivery path (read by logs and metrics).
+/// Counters of the delivery path (exported on /metrics).
 #[derive(Debug, Default)]
 pub struct DeliveryStats {
-    pub batches_spooled: AtomicU64,
-    pub batches_delivered: AtomicU64,
-    pub attempts_failed: AtomicU64,
-    pub batches_dropped: AtomicU64,
-    pub batches_rejected: AtomicU64,
+    pub batches_spooled: Counter,
+    pub batches_delivered: Counter,
+    pub attempts_failed: Counter,
+    pub batches_dropped: Counter,
+    pub batches_rejected: Counter,
     /// Unix seconds of the last accepted batch (0: never).
-    pub last_delivery_unix: AtomicU64,
+    pub last_delivery_unix: Gauge,
+    /// Batches waiting in the spool now.
+    pub spool_batches: Gauge,
 }
 
 /// Batches waiting for the collector, oldest first, bounded in bytes.
@@ -115,12 +118,13 @@ impl Spool {
         fs::write(self.dir.join("last_seq"), seq.to_string())?;
         self.files.push_back((seq, body.len() as u64));
         self.bytes += body.len() as u64;
-        self.stats.batches_spooled.fetch_add(1, Ordering::Relaxed);
+        self.stats.spool_batches.set(self.files.len() as i64);
+        self.stats.batches_spooled.inc();
         while self.bytes > self.max_bytes && self.files.len() > 1 {
             if let Some((old, size)) = self.files.pop_front() {
                 let _ = fs::remove_file(self.dir.join(file_name(old)));
                 self.bytes -= size;
-                self.stats.batches_dropped.fetch_add(1, Ordering::Relaxed);
+                self.stats.batches_dropped.inc();
                 warn!(
                     seq = old,
                     bytes = size,
@@ -147,6 +151,7 @@ impl Spool {
             }
             let _ = fs::remove_file(self.dir.join(file_name(seq)));
         }
+        self.stats.spool_batches.set(self.files.len() as i64);
     }
 }
 
@@ -307,12 +312,12 @@ pub async fn run_sender(
                     );
                 }
                 attempt = 0;
-                stats.batches_delivered.fetch_add(1, Ordering::Relaxed);
+                stats.batches_delivered.inc();
                 let now = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .map(|d| d.as_secs())
                     .unwrap_or(0);
-                stats.last_delivery_unix.store(now, Ordering::Relaxed);
+                stats.last_delivery_unix.set(now as i64);
                 continue;
             }
             Outcome::Rejected(why) => {
@@ -320,19 +325,19 @@ pub async fn run_sender(
                 if let Ok(mut s) = spool.lock() {
                     s.remove(seq);
                 }
-                stats.batches_rejected.fetch_add(1, Ordering::Relaxed);
+                stats.batches_rejected.inc();
                 continue;
             }
             Outcome::Transient(why) => {
                 attempt += 1;
-                stats.attempts_failed.fetch_add(1, Ordering::Relaxed);
+                stats.attempts_failed.inc();
                 let d = retry.delay(attempt);
                 warn!(seq, attempt, retry_in_ms = d.as_millis() as u64, reason = %why, "delivery failed; kept in the spool");
                 d
             }
             Outcome::Credentials(why) => {
                 attempt += 1;
-                stats.attempts_failed.fetch_add(1, Ordering::Relaxed);
+                stats.attempts_failed.inc();
                 error!(
                     seq,
                     reason = %why,
@@ -377,7 +382,7 @@ mod tests {
         // 30 bytes > 25: batch 1 goes.
         assert_eq!(s.push(b"cccccccccc").unwrap(), 3);
         assert_eq!((s.len(), s.bytes()), (2, 20));
-        assert_eq!(stats.batches_dropped.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.batches_dropped.get(), 1);
         s.remove(2);
         assert_eq!(s.oldest(), Some((3, b"cccccccccc".to_vec())));
         s.remove(3);

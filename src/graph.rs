@@ -109,9 +109,9 @@ pub struct EdgeStats {
     pub first_seen: String,
     pub last_seen: String,
     #[serde(skip)]
-    first_at: SystemTime,
+    pub first_at: SystemTime,
     #[serde(skip)]
-    last_at: SystemTime,
+    pub last_at: SystemTime,
     #[serde(skip)]
     rtt_sum: f64,
 }

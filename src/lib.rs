@@ -10,3 +10,7 @@ pub mod flow;
 pub mod frames;
 pub mod graph;
 pub mod host;
+pub mod metrics;
+pub mod store;
+pub mod view;
+pub mod web;

@@ -9,6 +9,7 @@ use flowmap::agent::{self, Output, RunOptions};
 use flowmap::config::{self, format_duration, Config, DeployedAt};
 use flowmap::datapath::ifaces::Selection;
 use flowmap::datapath::AttachMode;
+use flowmap::store::{Location, Store};
 
 #[derive(Parser)]
 #[command(
@@ -38,6 +39,13 @@ enum OutputArg {
     /// Each interval's Coordimap batch, one JSON document per line.
     Graph,
     None,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum GraphFormat {
+    Json,
+    Dot,
+    Mermaid,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -73,6 +81,38 @@ enum Cmd {
         /// How long a stopping agent keeps trying to deliver the spool.
         #[arg(long, value_parser = parse_duration, default_value = "10s")]
         shutdown_timeout: Duration,
+        /// Address of the map page, its API, /metrics and /healthz.
+        #[arg(long, env = "FLOWMAP_LISTEN", default_value = "127.0.0.1:9464")]
+        listen: std::net::SocketAddr,
+        /// Do not serve the map page, /metrics and /healthz.
+        #[arg(long)]
+        no_web: bool,
+        /// Do not keep a local store.
+        #[arg(long)]
+        no_store: bool,
+        /// How long the local store keeps intervals.
+        #[arg(long, value_parser = parse_duration, default_value = "24h")]
+        retention: Duration,
+    },
+    /// The busiest edges of the local store.
+    Top {
+        #[arg(long, value_parser = parse_duration, default_value = "15m")]
+        since: Duration,
+        #[arg(long, value_enum, default_value = "bytes")]
+        by: flowmap::view::By,
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        #[arg(long, env = "FLOWMAP_STATE_DIR", default_value = "/var/lib/flowmap")]
+        state_dir: PathBuf,
+    },
+    /// Export the graph of the local store.
+    Graph {
+        #[arg(long, value_parser = parse_duration, default_value = "15m")]
+        since: Duration,
+        #[arg(long, value_enum, default_value = "json")]
+        format: GraphFormat,
+        #[arg(long, env = "FLOWMAP_STATE_DIR", default_value = "/var/lib/flowmap")]
+        state_dir: PathBuf,
     },
     /// Validate the configuration and print what it resolves to.
     Check,
@@ -240,6 +280,10 @@ fn main() -> ExitCode {
             spool_max_bytes,
             retry_max,
             shutdown_timeout,
+            listen,
+            no_web,
+            no_store,
+            retention,
         } => {
             let (cfg, source) = match load_config(cli.config.as_ref()) {
                 Ok(c) => c,
@@ -256,7 +300,7 @@ fn main() -> ExitCode {
             }
             info!(config = %source, "configuration loaded");
             let has_endpoint = endpoint.is_some_and(|e| !e.is_empty());
-            let output = output.unwrap_or(if has_endpoint {
+            let output = output.unwrap_or(if has_endpoint || !no_store {
                 OutputArg::None
             } else {
                 OutputArg::Graph
@@ -268,6 +312,10 @@ fn main() -> ExitCode {
                     OutputArg::None => Output::None,
                 },
                 endpoint: endpoint.map(str::to_string),
+                store: (!no_store)
+                    .then(|| Location::from_config(cfg.database.as_ref(), &state_dir)),
+                retention,
+                listen: (!no_web).then_some(listen),
                 state_dir,
                 spool_max_bytes,
                 retry: flowmap::delivery::Retry {
@@ -296,6 +344,59 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::Top {
+            since,
+            by,
+            limit,
+            state_dir,
+        } => {
+            let (cfg, _) = match load_config(cli.config.as_ref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let loc = Location::from_config(cfg.database.as_ref(), &state_dir);
+            let from = std::time::SystemTime::now() - since;
+            match Store::open(&loc).and_then(|mut s| flowmap::view::top(&mut s, from, by, limit)) {
+                Ok((edges, nodes)) => {
+                    print!("{}", flowmap::view::top_table(&edges, &nodes));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: reading the store ({}): {e:#}", loc.describe());
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::Graph {
+            since,
+            format,
+            state_dir,
+        } => {
+            let (cfg, _) = match load_config(cli.config.as_ref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let loc = Location::from_config(cfg.database.as_ref(), &state_dir);
+            let from = std::time::SystemTime::now() - since;
+            match Store::open(&loc)
+                .and_then(|mut s| flowmap::view::graph(&mut s, from, &Default::default()))
+            {
+                Ok(v) => {
+                    match format {
+                        GraphFormat::Json => {
+                            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default())
+                        }
+                        GraphFormat::Dot => print!("{}", flowmap::view::to_dot(&v)),
+                        GraphFormat::Mermaid => print!("{}", flowmap::view::to_mermaid(&v)),
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: reading the store ({}): {e:#}", loc.describe());
                     ExitCode::FAILURE
                 }
             }

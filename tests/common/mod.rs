@@ -37,6 +37,8 @@ pub fn sh_quiet(args: &[&str]) {
     let _ = Command::new(args[0]).args(&args[1..]).output();
 }
 
+pub mod postgres;
+
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// A network namespace joined to the root namespace by a veth pair. The

@@ -1,0 +1,246 @@
+//! The local store on a real SQLite file and on a real PostgreSQL server:
+//! migrations from an empty database, batches in, the exact graph out,
+//! retention enforced, and the CLI views.
+
+mod common;
+
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime};
+
+use flowmap::flow::{Counters, FlowRecord, Orientation};
+use flowmap::graph::{Graph, ServerResolver};
+use flowmap::host::HostView;
+use flowmap::store::{Location, Store};
+use flowmap::view::{self, By, Filter};
+
+fn at(s: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + s)
+}
+
+fn rec(
+    dst: &str,
+    dport: u16,
+    proto: &str,
+    c2s: u64,
+    s2c: u64,
+    t: u64,
+    rtt: Option<f64>,
+) -> FlowRecord {
+    FlowRecord {
+        interface: "eth0".into(),
+        ifindex: 2,
+        also_seen_on: vec![],
+        protocol: proto.into(),
+        src_ip: "10.0.0.1".parse().unwrap(),
+        src_port: 40000,
+        dst_ip: dst.parse().unwrap(),
+        dst_port: dport,
+        src_to_dst: Counters {
+            packets: c2s / 100,
+            bytes: c2s,
+        },
+        dst_to_src: Counters {
+            packets: s2c / 100,
+            bytes: s2c,
+        },
+        tcp_flags: vec![],
+        first_seen: String::new(),
+        last_seen: String::new(),
+        handshake_rtt_us: rtt,
+        orientation: Orientation::Syn,
+        opened: true,
+        reset: false,
+        handshake_this_interval: rtt,
+        first_seen_at: at(t),
+        last_seen_at: at(t + 5),
+    }
+}
+
+fn host() -> HostView {
+    HostView {
+        hostname: "node-a".into(),
+        addrs: vec!["10.0.0.1".parse::<IpAddr>().unwrap()],
+        ..Default::default()
+    }
+}
+
+/// Three intervals of 30 s: two with HTTPS to one server, one with DNS.
+fn fill(s: &mut Store) {
+    let h = host();
+    let r = ServerResolver {
+        data_source_id: "ds",
+        host: &h,
+    };
+    let intervals = [
+        vec![
+            rec("192.0.2.10", 443, "tcp", 1000, 50000, 0, Some(100.0)),
+            rec("192.0.2.53", 53, "udp", 100, 300, 1, None),
+        ],
+        vec![rec("192.0.2.10", 443, "tcp", 2000, 70000, 31, Some(300.0))],
+        vec![rec("192.0.2.10", 443, "tcp", 500, 500, 61, None)],
+    ];
+    for (i, recs) in intervals.iter().enumerate() {
+        let g = Graph::build(recs, &r);
+        let i = i as u64;
+        s.write("ds", at(i * 30), at(i * 30 + 30), &g, &[r.host_endpoint()])
+            .unwrap();
+    }
+}
+
+fn check_store(loc: &Location) {
+    let mut s = Store::open(loc).unwrap();
+    assert_eq!(s.version().unwrap(), 1, "migrated from an empty database");
+    fill(&mut s);
+    assert_eq!(s.runs().unwrap(), 3);
+
+    let edges = s.edges(at(0)).unwrap();
+    assert_eq!(edges.len(), 2);
+    let https = edges.iter().find(|e| e.port == 443).unwrap();
+    assert_eq!(https.source, "ds-flows.host-node-a");
+    assert_eq!(https.target, "ds-flows.external-192.0.2.10");
+    assert_eq!(
+        (
+            https.connections_opened,
+            https.connections_active,
+            https.bytes_client_to_server,
+            https.bytes_server_to_client
+        ),
+        (3, 3, 3500, 120500)
+    );
+    assert_eq!(
+        (
+            https.packets_client_to_server,
+            https.packets_server_to_client
+        ),
+        (35, 1205)
+    );
+    assert_eq!(
+        (
+            https.handshake_count,
+            https.handshake_min_us,
+            https.handshake_mean_us,
+            https.handshake_max_us
+        ),
+        (2, Some(100.0), Some(200.0), Some(300.0))
+    );
+    assert_eq!(
+        (https.first_seen_ms, https.last_seen_ms),
+        (1_800_000_000_000, 1_800_000_066_000)
+    );
+    // Only the intervals that ended at or after the window's start.
+    let late = s.edges(at(60)).unwrap();
+    assert_eq!(late.len(), 1);
+    assert_eq!(late[0].bytes_client_to_server, 2500);
+
+    let nodes = s.nodes(at(0)).unwrap();
+    let ids: Vec<&str> = nodes.iter().map(|n| n.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        vec![
+            "ds-flows.external-192.0.2.10",
+            "ds-flows.external-192.0.2.53",
+            "ds-flows.host-node-a"
+        ]
+    );
+    assert_eq!(
+        nodes[2].payload["addresses"],
+        serde_json::json!(["10.0.0.1"])
+    );
+    assert_eq!(
+        (nodes[0].first_seen_ms, nodes[0].last_seen_ms),
+        (1_800_000_030_000, 1_800_000_090_000)
+    );
+
+    let (top, nodes) = view::top(&mut s, at(0), By::Bytes, 10).unwrap();
+    assert_eq!(
+        top.iter().map(|e| e.port).collect::<Vec<_>>(),
+        vec![443, 53]
+    );
+    assert_eq!(
+        view::top_table(&top, &nodes),
+        "CLIENT                       SERVER                        PROTO/PORT    CONNS    PACKETS          BYTES     RTT_US\n\
+         node-a                       192.0.2.10                       tcp/443        3       1240         124000      200.0\n\
+         node-a                       192.0.2.53                        udp/53        1          4            400          -\n"
+    );
+    let v = view::graph(
+        &mut s,
+        at(0),
+        &Filter {
+            protocol: Some("udp".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        view::to_mermaid(&v),
+        "flowchart LR\n  n0[\"192.0.2.53\"]\n  n1[\"node-a\"]\n  n1 -->|\"udp/53 400 B\"| n0\n"
+    );
+    let v = view::graph(
+        &mut s,
+        at(0),
+        &Filter {
+            q: Some("192.0.2.10".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        view::to_dot(&v),
+        "digraph flowmap {\n  rankdir=LR;\n  \"ds-flows.external-192.0.2.10\" [label=\"192.0.2.10\", shape=ellipse];\n  \"ds-flows.host-node-a\" [label=\"node-a\", shape=box];\n  \"ds-flows.host-node-a\" -> \"ds-flows.external-192.0.2.10\" [label=\"tcp/443 124000 B\"];\n}\n"
+    );
+
+    // Retention: intervals that ended before 65 s go, and what was last seen then.
+    assert_eq!(s.retain(at(65)).unwrap(), 2);
+    assert_eq!(s.runs().unwrap(), 1);
+    let edges = s.edges(at(0)).unwrap();
+    assert_eq!(edges.len(), 1);
+    assert_eq!(edges[0].bytes_client_to_server, 500);
+    let ids: Vec<String> = s.nodes(at(0)).unwrap().into_iter().map(|n| n.id).collect();
+    assert_eq!(
+        ids,
+        vec!["ds-flows.external-192.0.2.10", "ds-flows.host-node-a"]
+    );
+    drop(s);
+    // Reopening does not migrate again.
+    let mut s = Store::open(loc).unwrap();
+    assert_eq!(s.version().unwrap(), 1);
+    assert_eq!(s.runs().unwrap(), 1);
+}
+
+#[test]
+fn sqlite_store() {
+    let dir = std::env::temp_dir().join(format!("flowmap-store-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let loc = Location::Sqlite(dir.join("sub").join("flowmap.db"));
+    check_store(&loc);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn postgres_store() {
+    if !common::privileged("postgres_store") {
+        return;
+    }
+    let Some(pg) = common::postgres::Pg::start("postgres_store") else {
+        return;
+    };
+    check_store(&Location::Postgres(pg.connection_string()));
+}
+
+#[test]
+fn a_store_newer_than_flowmap_is_refused() {
+    let dir = std::env::temp_dir().join(format!("flowmap-store-new-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("f.db");
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch("CREATE TABLE flowmap_schema (version INTEGER NOT NULL); INSERT INTO flowmap_schema VALUES (99);").unwrap();
+    }
+    let err = Store::open(&Location::Sqlite(path)).err().expect("refused");
+    assert_eq!(
+        format!("{err:#}"),
+        "the store's schema version 99 is newer than this flowmap (1); use a newer flowmap"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -75,6 +75,15 @@ impl Resolve for ServerResolver<'_> {
     }
 }
 
+pub fn is_link_control(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v) => {
+            v.is_broadcast() || (v.octets()[0] == 224 && v.octets()[1] == 0 && v.octets()[2] == 0)
+        }
+        IpAddr::V6(v) => v.segments()[0] == 0xff02,
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct EdgeKey {
     pub client: String,
@@ -124,10 +133,13 @@ pub struct Graph {
 
 impl Graph {
     /// Aggregates one interval's records. A connection whose both ends are
-    /// the same endpoint (this host talking to itself) makes no edge.
+    /// the same endpoint (this host talking to itself) makes no edge, and
+    /// neither does link-local control traffic (to ff02::/16, 224.0.0.0/24
+    /// or 255.255.255.255: neighbour discovery, MLD, IGMP, DHCP): it is
+    /// no service. Both stay in the flow records.
     pub fn build(records: &[FlowRecord], resolve: &dyn Resolve) -> Graph {
         let mut g = Graph::default();
-        for r in records {
+        for r in records.iter().filter(|r| !is_link_control(r.dst_ip)) {
             let client = resolve.endpoint(r.src_ip);
             let server = resolve.endpoint(r.dst_ip);
             if client.id == server.id {

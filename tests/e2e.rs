@@ -1006,3 +1006,227 @@ fn every_batch_arrives_once_in_order_through_failures_and_a_restart() {
         "{err2}"
     );
 }
+
+/// GET over plain HTTP/1.0; returns (status, body).
+fn http_get(port: u16, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, body.to_string())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Parses Prometheus text: every sample line is `name[{labels}] value`.
+fn prom_samples(text: &str) -> HashMap<String, f64> {
+    let mut m = HashMap::new();
+    for line in text.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let (name, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad metrics line {line:?}"));
+        let v: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in {line:?}"));
+        assert!(
+            name.chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_'),
+            "bad metric name in {line:?}"
+        );
+        m.insert(name.to_string(), v);
+    }
+    assert!(
+        text.trim_end().ends_with("# EOF"),
+        "OpenMetrics text ends with # EOF"
+    );
+    m
+}
+
+fn chromium(args: &[&str]) -> String {
+    let profile = TempDir::new("chromium-profile");
+    let out = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--hide-scrollbars",
+            &format!("--user-data-dir={}", profile.path()),
+            "--virtual-time-budget=15000",
+            "--window-size=1400,900",
+        ])
+        .args(args)
+        .output()
+        .expect("chromium runs (scripts/setup.sh installs it)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn local_store_map_page_and_metrics() {
+    if !common::privileged("local_store_map_page_and_metrics") {
+        return;
+    }
+    let _g = lock();
+    if Command::new("chromium").arg("--version").output().is_err() {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("chromium is not installed (scripts/setup.sh installs it) and CI=true forbids skipping");
+        }
+        eprintln!("SKIP local_store_map_page_and_metrics: chromium is not installed");
+        return;
+    }
+    let v = VethNs::new();
+    let _server = Server::start(&v);
+    let state = TempDir::new("store");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let agent = Agent::start_full(
+        &v.host,
+        "",
+        &[
+            "--state-dir",
+            state.path(),
+            "--listen",
+            &listen,
+            "--output",
+            "none",
+        ],
+        &[],
+    );
+    let (code, health) = http_get(port, "/healthz");
+    assert_eq!(code, 200, "{health}");
+    let h: serde_json::Value = serde_json::from_str(&health).unwrap();
+    assert_eq!(
+        (
+            h["status"].as_str(),
+            h["datapath"]["interfaces_attached"].as_u64()
+        ),
+        (Some("ok"), Some(1))
+    );
+    let before = prom_samples(&http_get(port, "/metrics").1);
+
+    traffic(v.peer_v4.parse().unwrap());
+    // Two intervals of 1 s go by: the graph is stored.
+    std::thread::sleep(Duration::from_millis(2500));
+    let (code, body) = http_get(port, "/api/graph?since=15m&protocol=udp");
+    assert_eq!(code, 200, "{body}");
+    let g: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let host = format!("e2e-flows.host-{}", flowmap::host::hostname());
+    let peer = format!("e2e-flows.external-{}", v.peer_v4);
+    let edges = g["edges"].as_array().unwrap();
+    assert_eq!(edges.len(), 1, "{body}");
+    let e = &edges[0];
+    assert_eq!(
+        (
+            e["source"].as_str(),
+            e["target"].as_str(),
+            e["port"].as_u64()
+        ),
+        (Some(host.as_str()), Some(peer.as_str()), Some(5002))
+    );
+    let hdr = 14 + 20 + 8;
+    let sent: u64 = UDP_SIZES.iter().map(|s| hdr + *s as u64).sum();
+    assert_eq!(
+        (
+            e["packets_client_to_server"].as_u64(),
+            e["bytes_client_to_server"].as_u64(),
+            e["bytes_server_to_client"].as_u64()
+        ),
+        (Some(10), Some(sent), Some(10 * (hdr + 50)))
+    );
+    let names: Vec<&str> = g["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["name"].as_str().unwrap())
+        .collect();
+    assert!(names.contains(&v.peer_v4.as_str()), "{names:?}");
+    assert_eq!(http_get(port, "/api/graph?since=soon").0, 400);
+
+    let after = prom_samples(&http_get(port, "/metrics").1);
+    let moved =
+        |k: &str| after.get(k).copied().unwrap_or(0.0) - before.get(k).copied().unwrap_or(0.0);
+    assert!(
+        moved("flowmap_packets_total{direction=\"client_to_server\"}") >= 10.0 + 3.0,
+        "packets counter moved"
+    );
+    assert!(
+        moved("flowmap_bytes_total{direction=\"server_to_client\"}") >= (10 * (hdr + 50)) as f64
+    );
+    assert!(moved("flowmap_batches_built_total") >= 2.0);
+    assert!(moved("flowmap_store_intervals_written_total") >= 2.0);
+    assert_eq!(after["flowmap_interfaces_attached"], 1.0);
+    assert_eq!(after["flowmap_kernel_map_capacity"], 32768.0);
+
+    // The page in a real browser: the map and its edge list show the flows.
+    let url = format!("http://127.0.0.1:{port}/");
+    let dom = chromium(&["--dump-dom", &url]);
+    assert!(
+        dom.contains("data-loaded=\"true\""),
+        "the page did not load its graph:\n{dom}"
+    );
+    assert!(
+        dom.contains(&format!("data-source=\"{host}\" data-target=\"{peer}\"")),
+        "edge row missing:\n{dom}"
+    );
+    assert!(
+        dom.contains("udp/5002") && dom.contains("tcp/5001") && dom.contains(&v.peer_v4),
+        "{dom}"
+    );
+    assert!(!dom.contains("error:"), "{dom}");
+    let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("map-page.png");
+    let _ = std::fs::remove_file(&shot);
+    chromium(&[&format!("--screenshot={}", shot.display()), &url]);
+    let png = std::fs::read(&shot).expect("screenshot written");
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    assert!(
+        png.len() > 10_000,
+        "a real picture, not a blank page: {} bytes",
+        png.len()
+    );
+
+    let (_, _) = agent.stop();
+    // The CLI reads the same store.
+    let out = Command::new(env!("CARGO_BIN_EXE_flowmap"))
+        .args([
+            "top",
+            "--state-dir",
+            state.path(),
+            "--since",
+            "15m",
+            "--by",
+            "packets",
+        ])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}");
+    let row = table
+        .lines()
+        .find(|l| l.contains("udp/5002"))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(
+        row.contains(&v.peer_v4) && row.contains(&format!(" {} ", sent + 10 * (hdr + 50))),
+        "{row}"
+    );
+}

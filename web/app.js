@@ -16,6 +16,8 @@
     return (i ? n.toFixed(1) : String(n)) + " " + u[i];
   }
 
+  const service = (e) => (e.port ? e.protocol + "/" + e.port : e.protocol);
+
   function params() {
     const p = new URLSearchParams();
     p.set("since", $("since").value);
@@ -44,7 +46,7 @@
     showDetails([
       ["client", names[e.source] || e.source],
       ["server", names[e.target] || e.target],
-      ["protocol/port", e.protocol + "/" + e.port],
+      ["service", service(e)],
       ["connections", e.connections_active + " active, " + e.connections_opened + " opened"],
       ["client → server", e.packets_client_to_server + " packets, " + fmtBytes(e.bytes_client_to_server)],
       ["server → client", e.packets_server_to_client + " packets, " + fmtBytes(e.bytes_server_to_client)],
@@ -86,7 +88,7 @@
     data.edges.forEach((e, i) => {
       const bytes = e.bytes_client_to_server + e.bytes_server_to_client;
       els.push({ group: "edges", data: { id: "e" + i, source: e.source, target: e.target,
-        label: e.protocol + "/" + e.port, width: 1 + 9 * Math.log1p(bytes) / Math.log1p(maxBytes), idx: i } });
+        label: service(e), width: 1 + 5 * Math.log1p(bytes) / Math.log1p(maxBytes), idx: i } });
     });
 
     const key = JSON.stringify(els.map((e) => e.data.id + ">" + (e.data.source || "") + (e.data.target || "") + (e.data.parent || "")));
@@ -114,7 +116,16 @@
     if (key !== lastKey) {
       cy.elements().remove();
       cy.add(els);
-      cy.layout({ name: "cose", animate: false, padding: 30, nodeRepulsion: 9000, idealEdgeLength: 120 }).run();
+      const layout = grouping === "none"
+        // A star: this host (or hosts) in the middle, the endpoints it talks to around it.
+        ? { name: "concentric", animate: false, padding: 40, minNodeSpacing: 40, nodeDimensionsIncludeLabels: true,
+            concentric: (n) => (n.data("kind") === "host" ? 2 : 1), levelWidth: () => 1 }
+        : { name: "cose", animate: false, padding: 40, randomize: true, nodeDimensionsIncludeLabels: true,
+            nodeRepulsion: () => 400000, nodeOverlap: 40, idealEdgeLength: () => 140, edgeElasticity: () => 100,
+            nestingFactor: 1.2, gravity: 40, numIter: 2500, componentSpacing: 120 };
+      cy.layout(layout).run();
+      // Few endpoints: do not blow them up to fill the screen.
+      if (cy.zoom() > 1.1) { cy.zoom(1.1); cy.center(); }
       lastKey = key;
     } else {
       for (const el of els) { if (el.group === "edges") cy.getElementById(el.data.id).data("width", el.data.width); }
@@ -128,7 +139,7 @@
       tr.dataset.source = e.source;
       tr.dataset.target = e.target;
       tr.append(text("td", names[e.source] || e.source), text("td", names[e.target] || e.target),
-        text("td", e.protocol + "/" + e.port), text("td", String(e.connections_active), "num"),
+        text("td", service(e)), text("td", String(e.connections_active), "num"),
         text("td", fmtBytes(e.bytes_client_to_server + e.bytes_server_to_client), "num"),
         text("td", e.handshake_mean_us == null ? "-" : e.handshake_mean_us.toFixed(1), "num"));
       tr.addEventListener("click", () => { cy.elements().unselect(); cy.getElementById("e" + i).select(); edgeDetails(e, names); });

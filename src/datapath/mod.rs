@@ -485,18 +485,13 @@ impl Datapath {
         } else {
             &self.skel.maps.flows_b
         };
-        let keys: Vec<Vec<u8>> = map.keys().collect();
-        let mut flows = Vec::with_capacity(keys.len());
-        for k in &keys {
-            if let Some(v) = map.lookup(k, MapFlags::ANY)? {
-                if let (Some(key), Some(val)) =
-                    (from_bytes::<RawKey>(k), from_bytes::<RawStats>(&v))
-                {
-                    flows.push((key, Sample::from_raw(&val, self.ns_per_tick)));
-                }
+        let mut flows = Vec::new();
+        let ns_per_tick = self.ns_per_tick;
+        drain_map(map, &mut |k, v| {
+            if let (Some(key), Some(val)) = (from_bytes::<RawKey>(k), from_bytes::<RawStats>(v)) {
+                flows.push((key, Sample::from_raw(&val, ns_per_tick)));
             }
-            map.delete(k)?;
-        }
+        })?;
         self.poll_overflow();
         let (extra, dropped) = {
             let mut o = self
@@ -580,6 +575,66 @@ impl Drop for Datapath {
 }
 
 use std::os::fd::AsFd;
+
+/// Reads and deletes every entry of a map no program writes any more, in
+/// batches of 8192 (one syscall per batch); element by element if the
+/// kernel refuses batches.
+fn drain_map(map: &libbpf_rs::MapMut<'_>, each: &mut dyn FnMut(&[u8], &[u8])) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    const BATCH: u32 = 8192;
+    let (ks, vs) = (std::mem::size_of::<RawKey>(), std::mem::size_of::<RawStats>());
+    let mut keys = vec![0u8; ks * BATCH as usize];
+    let mut vals = vec![0u8; vs * BATCH as usize];
+    // The kernel's batch cursor for hash maps is opaque; key-sized is enough.
+    let mut cursor = vec![0u8; ks.max(8)];
+    let mut next = vec![0u8; ks.max(8)];
+    let opts = libbpf_sys::bpf_map_batch_opts {
+        sz: std::mem::size_of::<libbpf_sys::bpf_map_batch_opts>() as _,
+        ..Default::default()
+    };
+    let mut first = true;
+    loop {
+        let mut count = BATCH;
+        // SAFETY: the buffers hold BATCH keys and values of the map's sizes,
+        // the cursors are at least key-sized, and count tells the kernel so.
+        let ret = unsafe {
+            libbpf_sys::bpf_map_lookup_and_delete_batch(
+                map.as_fd().as_raw_fd(),
+                if first { std::ptr::null_mut() } else { cursor.as_mut_ptr().cast() },
+                next.as_mut_ptr().cast(),
+                keys.as_mut_ptr().cast(),
+                vals.as_mut_ptr().cast(),
+                &mut count,
+                &opts,
+            )
+        };
+        let err = if ret < 0 { -ret } else { 0 };
+        if err == 0 || err == libc::ENOENT {
+            for i in 0..count as usize {
+                each(&keys[i * ks..(i + 1) * ks], &vals[i * vs..(i + 1) * vs]);
+            }
+        }
+        match err {
+            0 => {
+                cursor.copy_from_slice(&next);
+                first = false;
+            }
+            libc::ENOENT => return Ok(()),
+            libc::EINTR => {}
+            _ => {
+                debug!(errno = err, "batch drain refused; draining entry by entry");
+                let left: Vec<Vec<u8>> = map.keys().collect();
+                for k in &left {
+                    if let Some(v) = map.lookup(k, MapFlags::ANY)? {
+                        each(k, &v);
+                    }
+                    map.delete(k)?;
+                }
+                return Ok(());
+            }
+        }
+    }
+}
 
 /// Reads the kernel's `memlock:` line for a map from /proc/self/fdinfo.
 pub fn memlock_of(fd: std::os::fd::BorrowedFd<'_>) -> u64 {

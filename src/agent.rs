@@ -128,7 +128,9 @@ impl Loop {
     }
 
     fn flush(&mut self) -> Result<()> {
+        let t0 = std::time::Instant::now();
         let drained: Drained = self.dp.drain()?;
+        let t_drain = t0.elapsed();
         let end = SystemTime::now();
         let host = HostView::read();
         let names = &self.names;
@@ -145,6 +147,7 @@ impl Loop {
             name: &name_of,
         };
         let records = self.table.ingest(&drained.flows, &cx);
+        let t_ingest = t0.elapsed();
         let stdout = std::io::stdout();
         let mut w = std::io::BufWriter::new(stdout.lock());
         if self.output == Output::Flows {
@@ -201,6 +204,8 @@ impl Loop {
         w.flush()?;
         drop(w);
         self.interval_start = end;
+        let t_all = t0.elapsed();
+        self.metrics.flush_seconds.set(t_all.as_secs_f64());
 
         let d: Vec<u64> = drained
             .stats
@@ -247,6 +252,9 @@ impl Loop {
             connections = self.table.len(),
             packets,
             attached = self.dp.attached().count(),
+            drain_ms = t_drain.as_millis() as u64,
+            ingest_ms = (t_ingest - t_drain).as_millis() as u64,
+            total_ms = t_all.as_millis() as u64,
             "interval"
         );
         // Index 0 (non-IP) is not a loss.

@@ -11,6 +11,7 @@ pub mod frames;
 pub mod graph;
 pub mod host;
 pub mod metrics;
+pub mod scale;
 pub mod store;
 pub mod view;
 pub mod web;

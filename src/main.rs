@@ -41,6 +41,38 @@ enum OutputArg {
     None,
 }
 
+#[derive(Subcommand)]
+enum ScaleWhat {
+    /// Open UDP flows and TCP connections (IPv4 and IPv6) into a test namespace.
+    Flows {
+        #[arg(long, default_value_t = 99_000)]
+        udp: u32,
+        #[arg(long, default_value_t = 1_000)]
+        tcp: u32,
+        /// Flows per second (0: as fast as possible).
+        #[arg(long, default_value_t = 0)]
+        rate: u32,
+    },
+    /// Attach to many interfaces at start, and to one more while running.
+    Attach {
+        /// veth pairs to create (two interfaces each).
+        #[arg(long, default_value_t = 100)]
+        pairs: u32,
+    },
+    /// Create and delete veth pairs while the agent runs with `all`.
+    Churn {
+        #[arg(long, default_value_t = 100)]
+        cycles: u32,
+    },
+    /// 64-byte UDP through a veth pair, without and with flowmap.
+    Throughput {
+        #[arg(long, default_value_t = 5)]
+        rounds: u32,
+        #[arg(long, default_value_t = 1.0)]
+        seconds: f64,
+    },
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum GraphFormat {
     Json,
@@ -116,6 +148,11 @@ enum Cmd {
     },
     /// Validate the configuration and print what it resolves to.
     Check,
+    /// The load harness: flows, attach, churn and throughput at node scale.
+    BenchScale {
+        #[command(subcommand)]
+        what: ScaleWhat,
+    },
     /// Measure the kernel program per packet with BPF_PROG_TEST_RUN.
     Bench {
         /// Packets per measurement.
@@ -397,6 +434,23 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("error: reading the store ({}): {e:#}", loc.describe());
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::BenchScale { what } => {
+            let stdout = std::io::stdout();
+            let mut out = stdout.lock();
+            let r = match what {
+                ScaleWhat::Flows { udp, tcp, rate } => flowmap::scale::flows(udp, tcp, rate, &mut out),
+                ScaleWhat::Attach { pairs } => flowmap::scale::attach(pairs, &mut out),
+                ScaleWhat::Churn { cycles } => flowmap::scale::churn(cycles, &mut out).map(|_| ()),
+                ScaleWhat::Throughput { rounds, seconds } => flowmap::scale::throughput(rounds.max(1), seconds, &mut out),
+            };
+            match r {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
                     ExitCode::FAILURE
                 }
             }

@@ -47,6 +47,9 @@ pub struct Metrics {
     pub store_errors: Counter,
     pub store_dropped: Counter,
     pub health: Arc<Health>,
+    pub flush_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub resident_memory: Gauge,
+    pub kernel_map_memory: Gauge,
     last_kernel: [AtomicU64; crate::datapath::STAT_NAMES.len()],
 }
 
@@ -69,6 +72,9 @@ impl Metrics {
             store_errors: Counter::default(),
             store_dropped: Counter::default(),
             health: Arc::new(Health::default()),
+            flush_seconds: Gauge::default(),
+            resident_memory: Gauge::default(),
+            kernel_map_memory: Gauge::default(),
             last_kernel: Default::default(),
         };
         r.register(
@@ -166,6 +172,13 @@ impl Metrics {
             "Intervals dropped because the store could not keep up",
             m.store_dropped.clone(),
         );
+        r.register(
+            "interval_processing_seconds",
+            "Time the last interval took from drain to stored/spooled batch",
+            m.flush_seconds.clone(),
+        );
+        r.register("resident_memory_bytes", "Resident memory of the agent process", m.resident_memory.clone());
+        r.register("kernel_map_memory_bytes", "Kernel memory charged for the program's maps", m.kernel_map_memory.clone());
         Metrics { registry: r, ..m }
     }
 
@@ -183,8 +196,22 @@ impl Metrics {
     }
 
     pub fn encode(&self) -> String {
+        self.resident_memory.set(resident_bytes() as i64);
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
+}
+
+/// Resident memory of this process (VmRSS), in bytes.
+pub fn resident_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
 }

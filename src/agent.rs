@@ -94,7 +94,10 @@ struct Loop {
     dp: Datapath,
     sel: Selection,
     table: FlowTable,
-    names: HashMap<u32, String>,
+    /// Interface names by ifindex, with when each was last present; names
+    /// of vanished interfaces are kept a while for their last flows.
+    names: HashMap<u32, (Arc<str>, std::time::Instant)>,
+    interval: Duration,
     last_stats: [u64; STAT_NAMES.len()],
     output: Output,
     sources: Vec<FlowsSource>,
@@ -112,9 +115,17 @@ impl Loop {
         match ifaces::list() {
             Ok(present) => {
                 for i in &present {
-                    self.names.insert(i.ifindex, i.name.clone());
+                    let now = std::time::Instant::now();
+                    match self.names.get_mut(&i.ifindex) {
+                        Some((n, seen)) if **n == *i.name => *seen = now,
+                        _ => {
+                            self.names.insert(i.ifindex, (i.name.as_str().into(), now));
+                        }
+                    }
                 }
                 self.dp.reconcile(&self.sel, &present);
+                let keep = self.interval * 2 + Duration::from_secs(5);
+                self.names.retain(|_, (_, seen)| seen.elapsed() < keep);
             }
             Err(e) => warn!(error = %e, "reading /sys/class/net failed"),
         }
@@ -133,12 +144,13 @@ impl Loop {
         let t_drain = t0.elapsed();
         let end = SystemTime::now();
         let host = HostView::read();
+        let t_host = t0.elapsed();
         let names = &self.names;
         let name_of = |idx: u32| {
             names
                 .get(&idx)
-                .cloned()
-                .unwrap_or_else(|| format!("if{idx}"))
+                .map(|(n, _)| n.clone())
+                .unwrap_or_else(|| format!("if{idx}").into())
         };
         let cx = Context {
             now_mono_ns: clock_ns(libc::CLOCK_MONOTONIC),
@@ -161,7 +173,7 @@ impl Loop {
                 data_source_id: &src.id,
                 host: &host,
             };
-            let graph = Graph::build(&records, &resolver);
+            let graph = Arc::new(Graph::build(&records, &resolver));
             let batch = coordimap::encode(
                 &graph,
                 &[resolver.host_endpoint()],
@@ -253,7 +265,8 @@ impl Loop {
             packets,
             attached = self.dp.attached().count(),
             drain_ms = t_drain.as_millis() as u64,
-            ingest_ms = (t_ingest - t_drain).as_millis() as u64,
+            host_ms = (t_host - t_drain).as_millis() as u64,
+            ingest_ms = (t_ingest - t_host).as_millis() as u64,
             total_ms = t_all.as_millis() as u64,
             "interval"
         );
@@ -269,6 +282,12 @@ impl Loop {
                 "packets not counted normally this interval (see README: kernel statistics)"
             );
         }
+        drop(records);
+        drop(drained);
+        // Give the interval's buffers back to the system: resident memory
+        // follows the live state, not the largest interval seen.
+        // SAFETY: malloc_trim has no preconditions.
+        unsafe { libc::malloc_trim(0) };
         Ok(())
     }
 }
@@ -349,6 +368,9 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<()> {
         .health
         .datapath_loaded
         .store(true, Ordering::Relaxed);
+    let map_bytes: u64 = dp.map_memory().iter().map(|(_, b)| *b).sum();
+    metrics.kernel_map_memory.set(map_bytes as i64);
+    info!(kernel_map_bytes = map_bytes, "BPF program loaded");
     dp.remove_stale(&present);
     let started = clock_ns(libc::CLOCK_MONOTONIC);
     let mut lp = Loop {
@@ -360,6 +382,7 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<()> {
             started,
         ),
         names: HashMap::new(),
+        interval,
         last_stats: [0; STAT_NAMES.len()],
         output: opts.output,
         sources: cfg.flows.clone(),

@@ -181,7 +181,7 @@ pub fn encode(
     let mut pairs: BTreeMap<(&str, &str), Vec<EdgeStats>> = BTreeMap::new();
     for (k, s) in &graph.edges {
         pairs
-            .entry((k.client.as_str(), k.server.as_str()))
+            .entry((&*k.client, &*k.server))
             .or_default()
             .push(s.clone());
     }

@@ -2,8 +2,10 @@
 //! across interfaces, oriented client → server, and the per-interval
 //! records the agent prints and the graph builder aggregates.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
@@ -57,7 +59,7 @@ pub enum Orientation {
     FirstSeen,
 }
 
-pub fn protocol_name(proto: u8) -> String {
+pub fn protocol_name(proto: u8) -> Cow<'static, str> {
     match proto {
         6 => "tcp".into(),
         17 => "udp".into(),
@@ -65,8 +67,13 @@ pub fn protocol_name(proto: u8) -> String {
         58 => "icmpv6".into(),
         132 => "sctp".into(),
         136 => "udplite".into(),
-        _ => proto.to_string(),
+        _ => proto.to_string().into(),
     }
+}
+
+/// RFC 3339 with microseconds, UTC: how times appear in JSON output.
+pub fn rfc3339_micros<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_rfc3339_micros(*t))
 }
 
 fn has_ports(proto: u8) -> bool {
@@ -96,13 +103,13 @@ pub struct Counters {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FlowRecord {
     /// The interface that counted it (the first that saw the connection).
-    pub interface: String,
+    pub interface: Arc<str>,
     pub ifindex: u32,
     /// Other interfaces that saw the same connection this interval; their
     /// packets are not counted again.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub also_seen_on: Vec<String>,
-    pub protocol: String,
+    pub protocol: Cow<'static, str>,
     pub src_ip: IpAddr,
     pub src_port: u16,
     pub dst_ip: IpAddr,
@@ -110,8 +117,10 @@ pub struct FlowRecord {
     pub src_to_dst: Counters,
     pub dst_to_src: Counters,
     pub tcp_flags: Vec<&'static str>,
-    pub first_seen: String,
-    pub last_seen: String,
+    #[serde(serialize_with = "rfc3339_micros")]
+    pub first_seen: SystemTime,
+    #[serde(serialize_with = "rfc3339_micros")]
+    pub last_seen: SystemTime,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub handshake_rtt_us: Option<f64>,
     pub orientation: Orientation,
@@ -122,10 +131,6 @@ pub struct FlowRecord {
     /// Handshake time measured in this interval (for interval statistics).
     #[serde(skip)]
     pub handshake_this_interval: Option<f64>,
-    #[serde(skip)]
-    pub first_seen_at: SystemTime,
-    #[serde(skip)]
-    pub last_seen_at: SystemTime,
 }
 
 #[derive(Debug, Clone)]
@@ -182,12 +187,12 @@ pub struct Context<'a> {
     pub now_mono_ns: u64,
     pub clock: Clock,
     pub host: &'a HostView,
-    pub name: &'a dyn Fn(u32) -> String,
+    pub name: &'a dyn Fn(u32) -> Arc<str>,
 }
 
 /// Connections across intervals, bounded in entries and idle time.
 pub struct FlowTable {
-    conns: HashMap<ConnKey, Conn>,
+    conns: HashMap<ConnKey, Conn, foldhash::fast::RandomState>,
     cap: usize,
     idle: Duration,
     /// Flows that start later than this (monotonic ns) were seen from their
@@ -199,7 +204,7 @@ pub struct FlowTable {
 impl FlowTable {
     pub fn new(cap: usize, idle: Duration, started_ns: u64) -> FlowTable {
         FlowTable {
-            conns: HashMap::new(),
+            conns: HashMap::default(),
             cap: cap.max(1),
             idle,
             started_ns,
@@ -219,58 +224,71 @@ impl FlowTable {
     /// connection. A connection seen on several interfaces is counted on
     /// one of them only (see `owner_of`).
     pub fn ingest(&mut self, entries: &[(RawKey, Sample)], cx: &Context) -> Vec<FlowRecord> {
-        // connection → (ifindex → merged sample), in first-appearance order
-        let mut groups: HashMap<ConnKey, Vec<(u32, Sample)>> = HashMap::new();
-        let mut order: Vec<ConnKey> = Vec::new();
-        for (k, s) in entries {
-            let key = ConnKey::from(k);
-            let g = groups.entry(key).or_insert_with(|| {
-                order.push(key);
-                Vec::new()
-            });
-            match g.iter_mut().find(|(i, _)| *i == k.ifindex) {
-                Some((_, m)) => merge(m, s),
-                None => g.push((k.ifindex, *s)),
+        // Group the entries of one connection (several interfaces, map and
+        // overflow) by sorting, not by a map of vectors: no allocation per
+        // connection (and measured faster than hashing here). Records keep
+        // the order of first appearance.
+        let mut rows: Vec<(ConnKey, u32, u32)> = entries
+            .iter()
+            .enumerate()
+            .map(|(i, (k, _))| (ConnKey::from(k), k.ifindex, i as u32))
+            .collect();
+        rows.sort_unstable();
+        // (first index, range in rows) per connection
+        let mut groups: Vec<(u32, usize, usize)> = Vec::new();
+        let mut i = 0;
+        while i < rows.len() {
+            let mut j = i + 1;
+            while j < rows.len() && rows[j].0 == rows[i].0 {
+                j += 1;
             }
+            let first = rows[i..j].iter().map(|r| r.2).min().unwrap_or(0);
+            groups.push((first, i, j));
+            i = j;
         }
-        let mut out = Vec::with_capacity(order.len());
-        for key in order {
-            let g = &groups[&key];
-            let owner = self.owner_of(&key, g);
-            let Some((_, s)) = g.iter().find(|(i, _)| *i == owner).copied() else {
+        groups.sort_unstable();
+        let mut out = Vec::with_capacity(groups.len());
+        let mut per_if: Vec<(u32, Sample)> = Vec::new();
+        self.conns.reserve(groups.len().min(self.cap));
+        for (_, a, b) in groups {
+            let key = rows[a].0;
+            per_if.clear();
+            for (_, ifindex, idx) in &rows[a..b] {
+                let s = &entries[*idx as usize].1;
+                match per_if.last_mut() {
+                    Some((i, m)) if i == ifindex => merge(m, s),
+                    _ => per_if.push((*ifindex, *s)),
+                }
+            }
+            let prev_owner = self.conns.get(&key).map(|c| c.owner);
+            let owner = owner_of(prev_owner, &per_if);
+            let Some((_, s)) = per_if.iter().find(|(i, _)| *i == owner).copied() else {
                 continue;
             };
-            let others: Vec<String> = g
+            let others: Vec<String> = per_if
                 .iter()
                 .filter(|(i, _)| *i != owner)
-                .map(|(i, _)| (cx.name)(*i))
+                .map(|(i, _)| (cx.name)(*i).to_string())
                 .collect();
-            let opened = !self.conns.contains_key(&key);
-            let conn = self.update_conn(&key, owner, &s, cx.host);
+            let (conn, opened) = self.update_conn(&key, owner, &s, cx.host);
             out.push(record(&key, &s, &conn, opened, others, cx));
         }
         self.expire(cx.now_mono_ns);
         out
     }
 
-    /// The interface a connection is counted on: the one that first saw it,
-    /// as long as it keeps reporting it; when it no longer does (a pod's
-    /// veth went away, a route changed) the earliest of the others.
-    fn owner_of(&self, key: &ConnKey, g: &[(u32, Sample)]) -> u32 {
-        if let Some(c) = self.conns.get(key) {
-            if g.iter().any(|(i, _)| *i == c.owner) {
-                return c.owner;
-            }
-        }
-        g.iter()
-            .min_by_key(|(i, s)| (s.first_seen_ns, *i))
-            .map(|(i, _)| *i)
-            .unwrap_or(0)
-    }
-
-    fn update_conn(&mut self, key: &ConnKey, owner: u32, s: &Sample, host: &HostView) -> Conn {
+    /// Updates (or creates: `true`) the connection.
+    fn update_conn(
+        &mut self,
+        key: &ConnKey,
+        owner: u32,
+        s: &Sample,
+        host: &HostView,
+    ) -> (Conn, bool) {
         let started_ns = self.started_ns;
+        let mut opened = false;
         let c = self.conns.entry(*key).or_insert_with(|| {
+            opened = true;
             let (client_side, rule) = orient(key, s, host, s.first_seen_ns > started_ns);
             Conn {
                 owner,
@@ -302,7 +320,7 @@ impl FlowTable {
         c.first_seen_ns = c.first_seen_ns.min(s.first_seen_ns);
         c.last_seen_ns = c.last_seen_ns.max(s.last_seen_ns);
         c.flags |= s.tcp_flags[0] | s.tcp_flags[1];
-        c.clone()
+        (c.clone(), opened)
     }
 
     fn expire(&mut self, now: u64) {
@@ -331,6 +349,19 @@ impl FlowTable {
             }
         }
     }
+}
+
+/// The interface a connection is counted on: the one that first saw it,
+/// as long as it keeps reporting it; when it no longer does (a pod's veth
+/// went away, a route changed) the earliest of the others.
+fn owner_of(prev: Option<u32>, g: &[(u32, Sample)]) -> u32 {
+    if let Some(o) = prev.filter(|o| g.iter().any(|(i, _)| i == o)) {
+        return o;
+    }
+    g.iter()
+        .min_by_key(|(i, s)| (s.first_seen_ns, *i))
+        .map(|(i, _)| *i)
+        .unwrap_or(0)
 }
 
 fn merge(m: &mut Sample, s: &Sample) {
@@ -428,15 +459,13 @@ fn record(
         } else {
             Vec::new()
         },
-        first_seen: cx.clock.rfc3339(c.first_seen_ns),
-        last_seen: cx.clock.rfc3339(c.last_seen_ns),
+        first_seen: cx.clock.wall(c.first_seen_ns),
+        last_seen: cx.clock.wall(c.last_seen_ns),
         handshake_rtt_us: rtt,
         orientation: c.rule,
         opened,
         reset: key.proto == 6 && flags_now & TCP_RST != 0,
         handshake_this_interval: if s.synack_ns != 0 { rtt } else { None },
-        first_seen_at: cx.clock.wall(c.first_seen_ns),
-        last_seen_at: cx.clock.wall(c.last_seen_ns),
     }
 }
 
@@ -467,8 +496,8 @@ mod tests {
         key_on(7, proto, p0, p1)
     }
 
-    fn names(i: u32) -> String {
-        format!("if{i}")
+    fn names(i: u32) -> Arc<str> {
+        format!("if{i}").into()
     }
 
     fn ingest(
@@ -653,7 +682,7 @@ mod tests {
         );
         assert_eq!(r.len(), 1);
         assert_eq!(
-            (r[0].interface.as_str(), r[0].also_seen_on.clone()),
+            (&*r[0].interface, r[0].also_seen_on.clone()),
             ("if9", vec!["if3".to_string()])
         );
         assert_eq!(
@@ -684,13 +713,10 @@ mod tests {
                 (key_on(9, 17, 1, 2), later),
             ],
         );
-        assert_eq!(r[0].interface, "if9");
+        assert_eq!(&*r[0].interface, "if9");
         // The owner is gone: the other interface takes over.
         let r = ingest(&mut t, &h, 1000, &[(key_on(3, 17, 1, 2), later)]);
-        assert_eq!(
-            (r[0].interface.as_str(), r[0].also_seen_on.len()),
-            ("if3", 0)
-        );
+        assert_eq!((&*r[0].interface, r[0].also_seen_on.len()), ("if3", 0));
     }
 
     #[test]

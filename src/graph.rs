@@ -3,8 +3,10 @@
 //! ports disappear: an edge is client endpoint → server endpoint on
 //! (protocol, server port).
 
-use std::collections::BTreeMap;
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use serde::Serialize;
@@ -86,9 +88,9 @@ pub fn is_link_control(ip: IpAddr) -> bool {
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct EdgeKey {
-    pub client: String,
-    pub server: String,
-    pub protocol: String,
+    pub client: Arc<str>,
+    pub server: Arc<str>,
+    pub protocol: Cow<'static, str>,
     pub port: u16,
 }
 
@@ -102,7 +104,7 @@ pub struct Handshake {
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct EdgeStats {
-    pub protocol: String,
+    pub protocol: Cow<'static, str>,
     pub port: u16,
     /// Connections first seen in this interval.
     pub connections_opened: u64,
@@ -115,19 +117,17 @@ pub struct EdgeStats {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub handshake: Option<Handshake>,
     pub tcp_resets: u64,
-    pub first_seen: String,
-    pub last_seen: String,
-    #[serde(skip)]
-    pub first_at: SystemTime,
-    #[serde(skip)]
-    pub last_at: SystemTime,
+    #[serde(serialize_with = "crate::flow::rfc3339_micros")]
+    pub first_seen: SystemTime,
+    #[serde(serialize_with = "crate::flow::rfc3339_micros")]
+    pub last_seen: SystemTime,
     #[serde(skip)]
     rtt_sum: f64,
 }
 
 #[derive(Debug, Clone, Default)]
 pub struct Graph {
-    pub endpoints: BTreeMap<String, Endpoint>,
+    pub endpoints: BTreeMap<Arc<str>, Endpoint>,
     pub edges: BTreeMap<EdgeKey, EdgeStats>,
 }
 
@@ -139,20 +139,35 @@ impl Graph {
     /// no service. Both stay in the flow records.
     pub fn build(records: &[FlowRecord], resolve: &dyn Resolve) -> Graph {
         let mut g = Graph::default();
+        // Each address is resolved once per interval.
+        let mut ids: HashMap<IpAddr, Arc<str>> = HashMap::new();
+        let mut id_of = |ip: IpAddr, g: &mut Graph| -> Arc<str> {
+            ids.entry(ip)
+                .or_insert_with(|| {
+                    let ep = resolve.endpoint(ip);
+                    let id: Arc<str> = ep.id.as_str().into();
+                    match g.endpoints.get_key_value(&id) {
+                        Some((k, _)) => k.clone(),
+                        None => {
+                            g.endpoints.insert(id.clone(), ep);
+                            id
+                        }
+                    }
+                })
+                .clone()
+        };
         for r in records.iter().filter(|r| !is_link_control(r.dst_ip)) {
-            let client = resolve.endpoint(r.src_ip);
-            let server = resolve.endpoint(r.dst_ip);
-            if client.id == server.id {
+            let client = id_of(r.src_ip, &mut g);
+            let server = id_of(r.dst_ip, &mut g);
+            if client == server {
                 continue;
             }
             let key = EdgeKey {
-                client: client.id.clone(),
-                server: server.id.clone(),
+                client,
+                server,
                 protocol: r.protocol.clone(),
                 port: r.dst_port,
             };
-            g.endpoints.entry(client.id.clone()).or_insert(client);
-            g.endpoints.entry(server.id.clone()).or_insert(server);
             let e = g.edges.entry(key).or_insert_with(|| EdgeStats {
                 protocol: r.protocol.clone(),
                 port: r.dst_port,
@@ -164,10 +179,8 @@ impl Graph {
                 bytes_server_to_client: 0,
                 handshake: None,
                 tcp_resets: 0,
-                first_seen: r.first_seen.clone(),
-                last_seen: r.last_seen.clone(),
-                first_at: r.first_seen_at,
-                last_at: r.last_seen_at,
+                first_seen: r.first_seen,
+                last_seen: r.last_seen,
                 rtt_sum: 0.0,
             });
             e.connections_opened += r.opened as u64;
@@ -177,14 +190,8 @@ impl Graph {
             e.packets_server_to_client += r.dst_to_src.packets;
             e.bytes_server_to_client += r.dst_to_src.bytes;
             e.tcp_resets += r.reset as u64;
-            if r.first_seen_at < e.first_at {
-                e.first_at = r.first_seen_at;
-                e.first_seen = r.first_seen.clone();
-            }
-            if r.last_seen_at > e.last_at {
-                e.last_at = r.last_seen_at;
-                e.last_seen = r.last_seen.clone();
-            }
+            e.first_seen = e.first_seen.min(r.first_seen);
+            e.last_seen = e.last_seen.max(r.last_seen);
             if let Some(rtt) = r.handshake_this_interval {
                 e.rtt_sum += rtt;
                 let h = e.handshake.get_or_insert(Handshake {

@@ -49,6 +49,9 @@ enum ScaleWhat {
         udp: u32,
         #[arg(long, default_value_t = 1_000)]
         tcp: u32,
+        /// Distinct server ports of the UDP flows.
+        #[arg(long, default_value_t = 100)]
+        services: u32,
         /// Flows per second (0: as fast as possible).
         #[arg(long, default_value_t = 0)]
         rate: u32,
@@ -63,6 +66,14 @@ enum ScaleWhat {
     Churn {
         #[arg(long, default_value_t = 100)]
         cycles: u32,
+    },
+    /// The user-space half of an interval on synthetic flows (no kernel).
+    Pipeline {
+        #[arg(long, default_value_t = 100_000)]
+        flows: u32,
+        /// Distinct server ports (0: every flow its own, the worst case).
+        #[arg(long, default_value_t = 100)]
+        services: u32,
     },
     /// 64-byte UDP through a veth pair, without and with flowmap.
     Throughput {
@@ -281,6 +292,10 @@ fn print_check(cfg: &Config, source: &str, endpoint: Option<&str>) {
 }
 
 fn main() -> ExitCode {
+    // Few malloc arenas: the agent's threads are few and mostly idle, and
+    // every arena keeps memory of its own.
+    // SAFETY: mallopt with a valid parameter, before any thread starts.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
     let cli = Cli::parse();
     let filter = if cli.debug { "debug" } else { "info" };
     tracing_subscriber::fmt()
@@ -442,10 +457,20 @@ fn main() -> ExitCode {
             let stdout = std::io::stdout();
             let mut out = stdout.lock();
             let r = match what {
-                ScaleWhat::Flows { udp, tcp, rate } => flowmap::scale::flows(udp, tcp, rate, &mut out),
+                ScaleWhat::Flows {
+                    udp,
+                    tcp,
+                    services,
+                    rate,
+                } => flowmap::scale::flows(udp, tcp, services, rate, &mut out),
+                ScaleWhat::Pipeline { flows, services } => {
+                    flowmap::scale::pipeline(flows, services, &mut out)
+                }
                 ScaleWhat::Attach { pairs } => flowmap::scale::attach(pairs, &mut out),
                 ScaleWhat::Churn { cycles } => flowmap::scale::churn(cycles, &mut out).map(|_| ()),
-                ScaleWhat::Throughput { rounds, seconds } => flowmap::scale::throughput(rounds.max(1), seconds, &mut out),
+                ScaleWhat::Throughput { rounds, seconds } => {
+                    flowmap::scale::throughput(rounds.max(1), seconds, &mut out)
+                }
             };
             match r {
                 Ok(()) => ExitCode::SUCCESS,

@@ -177,8 +177,16 @@ impl Metrics {
             "Time the last interval took from drain to stored/spooled batch",
             m.flush_seconds.clone(),
         );
-        r.register("resident_memory_bytes", "Resident memory of the agent process", m.resident_memory.clone());
-        r.register("kernel_map_memory_bytes", "Kernel memory charged for the program's maps", m.kernel_map_memory.clone());
+        r.register(
+            "resident_memory_bytes",
+            "Resident memory of the agent process",
+            m.resident_memory.clone(),
+        );
+        r.register(
+            "kernel_map_memory_bytes",
+            "Kernel memory charged for the program's maps",
+            m.kernel_map_memory.clone(),
+        );
         Metrics { registry: r, ..m }
     }
 

@@ -13,9 +13,16 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 
 fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip").args(args).output().context("running ip (iproute2)")?;
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip (iproute2)")?;
     if !out.status.success() {
-        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -32,23 +39,53 @@ pub struct Net {
 }
 
 impl Net {
-    /// Host end 10.231.0.1/16 and fd31::1/64; the namespace holds
-    /// 10.231.0.2 and fd31::2, plus `extra` more of each (10.231.1.x, fd31::x).
-    pub fn new(tag: &str, extra: u32) -> Result<Net> {
+    /// Host end 10.231.0.1/16 and fd31::1/64 plus `clients` client
+    /// addresses of each family (10.231.2.x, fd31::1:x); the namespace end
+    /// 10.231.0.2 and fd31::2.
+    pub fn new(tag: &str, clients: u32) -> Result<Net> {
         let id = std::process::id() % 100_000;
-        let n = Net { ns: format!("fms{tag}{id}"), host: format!("fms{tag}h{id}"), peer: format!("fms{tag}p{id}") };
+        let n = Net {
+            ns: format!("fms{tag}{id}"),
+            host: format!("fms{tag}h{id}"),
+            peer: format!("fms{tag}p{id}"),
+        };
         ip(&["netns", "add", &n.ns])?;
-        ip(&["link", "add", &n.host, "type", "veth", "peer", "name", &n.peer])?;
+        ip(&[
+            "link", "add", &n.host, "type", "veth", "peer", "name", &n.peer,
+        ])?;
         ip(&["link", "set", &n.peer, "netns", &n.ns])?;
         ip(&["addr", "add", "10.231.0.1/16", "dev", &n.host])?;
         ip(&["-6", "addr", "add", "fd31::1/64", "dev", &n.host, "nodad"])?;
         ip(&["link", "set", &n.host, "up"])?;
         n.exec(&["ip", "addr", "add", "10.231.0.2/16", "dev", &n.peer])?;
-        for i in 0..extra {
-            n.exec(&["ip", "addr", "add", &format!("10.231.1.{}/16", i + 2), "dev", &n.peer])?;
-            n.exec(&["ip", "-6", "addr", "add", &format!("fd31::{:x}/64", i + 3), "dev", &n.peer, "nodad"])?;
+        for i in 0..clients {
+            ip(&[
+                "addr",
+                "add",
+                &format!("10.231.2.{}/16", i + 1),
+                "dev",
+                &n.host,
+            ])?;
+            ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("fd31::1:{i:x}/64"),
+                "dev",
+                &n.host,
+                "nodad",
+            ])?;
         }
-        n.exec(&["ip", "-6", "addr", "add", "fd31::2/64", "dev", &n.peer, "nodad"])?;
+        n.exec(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            "fd31::2/64",
+            "dev",
+            &n.peer,
+            "nodad",
+        ])?;
         n.exec(&["ip", "link", "set", &n.peer, "up"])?;
         n.exec(&["ip", "link", "set", "lo", "up"])?;
         Ok(n)
@@ -62,12 +99,16 @@ impl Net {
 
     /// Runs `f` on a thread that has entered the namespace (setns affects
     /// only the calling thread, so it gets a thread of its own).
-    pub fn spawn_in<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<Result<T>> {
+    pub fn spawn_in<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<Result<T>> {
         let path = format!("/run/netns/{}", self.ns);
         std::thread::spawn(move || {
             let fd = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
             // SAFETY: setns on this thread with a namespace fd we hold open.
-            let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&fd), libc::CLONE_NEWNET) };
+            let rc =
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&fd), libc::CLONE_NEWNET) };
             if rc != 0 {
                 bail!("setns: {}", std::io::Error::last_os_error());
             }
@@ -114,12 +155,24 @@ impl AgentProc {
             ),
         )?;
         let port = free_port()?;
-        let state = std::env::temp_dir().join(format!("flowmap-scale-state-{}", std::process::id()));
+        let state =
+            std::env::temp_dir().join(format!("flowmap-scale-state-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&state);
         let mut child = Command::new(std::env::current_exe()?)
-            .args(["run", "--config", cfg.to_str().unwrap_or_default(), "--listen", &format!("127.0.0.1:{port}")])
-            .args(["--state-dir", state.to_str().unwrap_or_default(), "--output", "none"])
-            .env("RUST_LOG", "info")
+            .args([
+                "run",
+                "--config",
+                cfg.to_str().unwrap_or_default(),
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .args([
+                "--state-dir",
+                state.to_str().unwrap_or_default(),
+                "--output",
+                "none",
+            ])
+            .env("RUST_LOG", "info,flowmap::datapath=debug")
             .env_remove("COORDIMAP_ENDPOINT")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -134,7 +187,13 @@ impl AgentProc {
                 }
             }
         });
-        let a = AgentProc { child, log, port, _cfg: TempFile(cfg), state };
+        let a = AgentProc {
+            child,
+            log,
+            port,
+            _cfg: TempFile(cfg),
+            state,
+        };
         a.wait_log("flowmap running", Duration::from_secs(30))?;
         Ok(a)
     }
@@ -146,7 +205,12 @@ impl AgentProc {
     pub fn wait_log(&self, needle: &str, timeout: Duration) -> Result<Instant> {
         let end = Instant::now() + timeout;
         loop {
-            if self.log.lock().map(|l| l.iter().any(|s| s.contains(needle))).unwrap_or(false) {
+            if self
+                .log
+                .lock()
+                .map(|l| l.iter().any(|s| s.contains(needle)))
+                .unwrap_or(false)
+            {
                 return Ok(Instant::now());
             }
             if Instant::now() > end {
@@ -157,7 +221,10 @@ impl AgentProc {
     }
 
     pub fn count_log(&self, needle: &str) -> usize {
-        self.log.lock().map(|l| l.iter().filter(|s| s.contains(needle)).count()).unwrap_or(0)
+        self.log
+            .lock()
+            .map(|l| l.iter().filter(|s| s.contains(needle)).count())
+            .unwrap_or(0)
     }
 
     /// One sample of /metrics.
@@ -167,7 +234,10 @@ impl AgentProc {
         let mut body = String::new();
         s.read_to_string(&mut body)?;
         body.lines()
-            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse::<f64>().ok()))
+            .find_map(|l| {
+                l.strip_prefix(name)
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+            })
             .ok_or_else(|| anyhow!("metric {name} not found"))
     }
 
@@ -188,13 +258,19 @@ impl Drop for AgentProc {
 }
 
 pub fn proc_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
 
 pub fn proc_rss(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
         .map(|kb| kb * 1024)
         .unwrap_or(0)
 }
@@ -216,10 +292,11 @@ pub fn flowmap_links() -> usize {
     ids.iter().filter(|id| ours.contains(id)).count()
 }
 
-/// Opens `udp` distinct UDP flows (one datagram each, IPv4 and IPv6 alike)
-/// and `tcp` TCP connections into the namespace, at `rate` flows/s (0: as
-/// fast as possible). Returns the TCP connections, kept open.
-pub fn generate(net: &Net, udp: u32, tcp: u32, rate: u32) -> Result<Vec<TcpStream>> {
+/// Opens `udp` distinct UDP flows (one datagram each, IPv4 and IPv6 alike,
+/// to `services` server ports) and `tcp` TCP connections into the
+/// namespace, at `rate` flows/s (0: as fast as possible). Returns the TCP
+/// connections, kept open.
+pub fn generate(net: &Net, udp: u32, tcp: u32, services: u32, rate: u32) -> Result<Vec<TcpStream>> {
     // A listener in the namespace for the TCP connections.
     let ready = Arc::new(AtomicBool::new(false));
     let r2 = ready.clone();
@@ -250,44 +327,54 @@ pub fn generate(net: &Net, udp: u32, tcp: u32, rate: u32) -> Result<Vec<TcpStrea
         }
     };
     let start = Instant::now();
-    let u4 = UdpSocket::bind("0.0.0.0:0")?;
-    let u6 = UdpSocket::bind("[::]:0")?;
     let payload = [0u8; 32];
-    // Distinct 5-tuples: destination ports 1024.. over several addresses.
+    // Distinct 5-tuples as real traffic makes them: many client ports, few
+    // services. Client (address, port) pairs: ports 10000..60000 on the
+    // host's addresses 10.231.2.x / fd31::1:x; server port 8000 + i % services.
     for i in 0..udp {
         pace(i, start);
-        // Per family: ports 1024..61024 on the first address, then the next.
         let j = i / 2;
-        let port = 1024 + (j % 60_000) as u16;
-        let h = j / 60_000;
-        let dst: SocketAddr = if i % 2 == 0 {
-            let a = if h == 0 { Ipv4Addr::new(10, 231, 0, 2) } else { Ipv4Addr::new(10, 231, 1, h as u8 + 1) };
-            (a, port).into()
+        let sport = 10_000 + (j % 50_000) as u16;
+        let h = (j / 50_000) as u16;
+        let dport = 8000 + (i % services.max(1)) as u16;
+        let (src, dst): (SocketAddr, SocketAddr) = if i % 2 == 0 {
+            (
+                (Ipv4Addr::new(10, 231, 2, 1 + h as u8), sport).into(),
+                (Ipv4Addr::new(10, 231, 0, 2), dport).into(),
+            )
         } else {
-            (Ipv6Addr::new(0xfd31, 0, 0, 0, 0, 0, 0, 2 + h as u16), port).into()
+            (
+                (Ipv6Addr::new(0xfd31, 0, 0, 0, 0, 0, 1, h), sport).into(),
+                (Ipv6Addr::new(0xfd31, 0, 0, 0, 0, 0, 0, 2), dport).into(),
+            )
         };
-        let sock = if dst.is_ipv4() { &u4 } else { &u6 };
+        let sock = UdpSocket::bind(src).with_context(|| format!("binding {src}"))?;
         sock.send_to(&payload, dst)?;
     }
     let mut conns = Vec::with_capacity(tcp as usize);
     for i in 0..tcp {
         pace(udp + i, start);
-        let dst: SocketAddr = if i % 2 == 0 { "10.231.0.2:7000".parse()? } else { "[fd31::2]:7000".parse()? };
+        let dst: SocketAddr = if i % 2 == 0 {
+            "10.231.0.2:7000".parse()?
+        } else {
+            "[fd31::2]:7000".parse()?
+        };
         conns.push(TcpStream::connect_timeout(&dst, Duration::from_secs(5))?);
     }
     stop.store(true, Ordering::SeqCst);
-    let _held = server.join().map_err(|_| anyhow!("listener thread panicked"))???;
+    let _held = server
+        .join()
+        .map_err(|_| anyhow!("listener thread panicked"))???;
     Ok(conns)
 }
 
-pub fn flows(udp: u32, tcp: u32, rate: u32, out: &mut dyn Write) -> Result<()> {
-    let extra = udp / 2 / 60_000 + 1;
-    let net = Net::new("f", extra)?;
+pub fn flows(udp: u32, tcp: u32, services: u32, rate: u32, out: &mut dyn Write) -> Result<()> {
+    let net = Net::new("f", udp / 2 / 50_000 + 1)?;
     let max_flows = ((udp + tcp + 1024) * 5 / 4).next_power_of_two().max(1024);
     let agent = AgentProc::start(&net.host, "5s", max_flows)?;
     let rss0 = proc_rss(agent.pid());
     let t = Instant::now();
-    let conns = generate(&net, udp, tcp, rate)?;
+    let conns = generate(&net, udp, tcp, services, rate)?;
     let gen = t.elapsed();
     // The next interval carries them all.
     let seen0 = agent.count_log("interval ");
@@ -302,16 +389,56 @@ pub fn flows(udp: u32, tcp: u32, rate: u32, out: &mut dyn Write) -> Result<()> {
     let secs = agent.metric("flowmap_interval_processing_seconds ")?;
     let rss = agent.metric("flowmap_resident_memory_bytes ")?;
     let kmem = agent.metric("flowmap_kernel_map_memory_bytes ")?;
-    let lost = agent.metric("flowmap_kernel_events_total{reason=\"ring_lost\"} ").unwrap_or(0.0);
-    writeln!(out, "bench scale flows flows_sent={} generate_ms={}", udp + tcp, gen.as_millis())?;
-    writeln!(out, "bench scale flows flows_in_interval={flows:.0} ring_lost={lost:.0}")?;
-    writeln!(out, "bench scale flows interval_processing_ms={:.1}", secs * 1000.0)?;
-    if let Some(line) = agent.log.lock().ok().and_then(|l| l.iter().rev().find(|s| s.contains("interval ")).cloned()) {
-        let parts: Vec<&str> = line.split_whitespace().filter(|w| w.ends_with("_ms") || w.contains("_ms=")).collect();
+    let lost = agent
+        .metric("flowmap_kernel_events_total{reason=\"ring_lost\"} ")
+        .unwrap_or(0.0);
+    writeln!(
+        out,
+        "bench scale flows flows_sent={} services={services} generate_ms={}",
+        udp + tcp,
+        gen.as_millis()
+    )?;
+    writeln!(
+        out,
+        "bench scale flows flows_in_interval={flows:.0} ring_lost={lost:.0}"
+    )?;
+    writeln!(
+        out,
+        "bench scale flows interval_processing_ms={:.1}",
+        secs * 1000.0
+    )?;
+    if let Some(line) = agent
+        .log
+        .lock()
+        .ok()
+        .and_then(|l| l.iter().rev().find(|s| s.contains("interval ")).cloned())
+    {
+        let parts: Vec<&str> = line
+            .split_whitespace()
+            .filter(|w| w.ends_with("_ms") || w.contains("_ms="))
+            .collect();
         writeln!(out, "bench scale flows phases {}", parts.join(" "))?;
     }
-    writeln!(out, "bench scale flows agent_rss_bytes={rss:.0} agent_rss_start_bytes={rss0}")?;
-    writeln!(out, "bench scale flows kernel_map_bytes={kmem:.0} max_flows={max_flows}")?;
+    if let Some(line) = agent.log.lock().ok().and_then(|l| {
+        l.iter()
+            .rev()
+            .find(|s| s.contains("flow maps swapped"))
+            .cloned()
+    }) {
+        let w: Vec<&str> = line
+            .split_whitespace()
+            .filter(|w| w.starts_with("wait_us="))
+            .collect();
+        writeln!(out, "bench scale flows swap {}", w.join(" "))?;
+    }
+    writeln!(
+        out,
+        "bench scale flows agent_rss_bytes={rss:.0} agent_rss_start_bytes={rss0}"
+    )?;
+    writeln!(
+        out,
+        "bench scale flows kernel_map_bytes={kmem:.0} max_flows={max_flows}"
+    )?;
     drop(conns);
     agent.stop()?;
     Ok(())
@@ -332,25 +459,55 @@ pub fn attach(n: u32, out: &mut dyn Write) -> Result<()> {
     }
     let links = Links(names.clone());
     for name in &links.0 {
-        ip(&["link", "add", name, "type", "veth", "peer", "name", &format!("{name}p")])?;
+        ip(&[
+            "link",
+            "add",
+            name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &format!("{name}p"),
+        ])?;
     }
     let t = Instant::now();
     let agent = AgentProc::start("all", "30s", 32768)?;
     let end = Instant::now() + Duration::from_secs(60);
-    while names.iter().any(|nm| agent.count_log(&format!("interface={nm} ")) == 0) {
+    while names
+        .iter()
+        .any(|nm| agent.count_log(&format!("interface={nm} ")) == 0)
+    {
         if Instant::now() > end {
             bail!("not every interface was attached within 60 s");
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    writeln!(out, "bench scale attach interfaces={} attach_all_ms={}", 2 * n, t.elapsed().as_millis())?;
+    writeln!(
+        out,
+        "bench scale attach interfaces={} attach_all_ms={}",
+        2 * n,
+        t.elapsed().as_millis()
+    )?;
     // One more, while running.
     let late = format!("fma{id}late");
     let t = Instant::now();
-    ip(&["link", "add", &late, "type", "veth", "peer", "name", &format!("{late}p")])?;
+    ip(&[
+        "link",
+        "add",
+        &late,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &format!("{late}p"),
+    ])?;
     let late_links = Links(vec![late.clone()]);
     agent.wait_log(&format!("interface={late} "), Duration::from_secs(10))?;
-    writeln!(out, "bench scale attach new_interface_ms={}", t.elapsed().as_millis())?;
+    writeln!(
+        out,
+        "bench scale attach new_interface_ms={}",
+        t.elapsed().as_millis()
+    )?;
     agent.stop()?;
     drop(late_links);
     drop(links);
@@ -370,7 +527,16 @@ pub fn churn(cycles: u32, out: &mut dyn Write) -> Result<ChurnResult> {
     for c in 0..cycles {
         let name = format!("fmc{id}c{c}");
         let t = Instant::now();
-        ip(&["link", "add", &name, "type", "veth", "peer", "name", &format!("{name}p")])?;
+        ip(&[
+            "link",
+            "add",
+            &name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &format!("{name}p"),
+        ])?;
         let r = agent.wait_log(&format!("interface={name} "), Duration::from_secs(10));
         ip_quiet(&["link", "del", &name]);
         r?;
@@ -387,10 +553,19 @@ pub fn churn(cycles: u32, out: &mut dyn Write) -> Result<ChurnResult> {
         (total / cycles.max(1)).as_millis(),
         worst.as_millis()
     )?;
-    writeln!(out, "bench scale churn fds_start={fd0} fds_end={fd1} links_start={links0} links_end={links1}")?;
-    writeln!(out, "bench scale churn rss_start_bytes={rss0} rss_end_bytes={rss1}")?;
+    writeln!(
+        out,
+        "bench scale churn fds_start={fd0} fds_end={fd1} links_start={links0} links_end={links1}"
+    )?;
+    writeln!(
+        out,
+        "bench scale churn rss_start_bytes={rss0} rss_end_bytes={rss1}"
+    )?;
     agent.stop()?;
-    Ok(ChurnResult { fds: (fd0, fd1), links: (links0, links1) })
+    Ok(ChurnResult {
+        fds: (fd0, fd1),
+        links: (links0, links1),
+    })
 }
 
 pub struct ChurnResult {
@@ -464,7 +639,110 @@ pub fn throughput(rounds: u32, secs: f64, out: &mut dyn Write) -> Result<()> {
         v[v.len() / 2]
     };
     let (w, wo) = (median(&mut with), median(&mut without));
-    writeln!(out, "bench scale throughput frame_bytes=64 rounds={rounds} seconds_per_round={secs}")?;
-    writeln!(out, "bench scale throughput pps_without={wo:.0} pps_with={w:.0} ratio={:.3}", w / wo.max(1.0))?;
+    writeln!(
+        out,
+        "bench scale throughput frame_bytes=64 rounds={rounds} seconds_per_round={secs}"
+    )?;
+    writeln!(
+        out,
+        "bench scale throughput pps_without={wo:.0} pps_with={w:.0} ratio={:.3}",
+        w / wo.max(1.0)
+    )?;
+    Ok(())
+}
+
+/// The user-space half of an interval on `n` synthetic flows (no kernel):
+/// ingest, graph build, encoding and serialisation, timed apart.
+/// `services`: distinct server ports the flows go to (0: every flow its own
+/// port, so every flow is its own edge: the worst case).
+pub fn pipeline(n: u32, services: u32, out: &mut dyn Write) -> Result<()> {
+    use crate::datapath::{RawKey, Sample};
+    use crate::flow::{Clock, Context, FlowTable};
+    use crate::graph::{Graph, ServerResolver};
+    let host = crate::host::HostView {
+        hostname: "bench".into(),
+        addrs: vec!["10.231.0.1".parse()?],
+        ..Default::default()
+    };
+    let mut entries = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        let mut k = RawKey {
+            ifindex: 2,
+            proto: 17,
+            family: 4,
+            ..Default::default()
+        };
+        k.addr[0][10] = 0xff;
+        k.addr[0][11] = 0xff;
+        k.addr[0][12..].copy_from_slice(&[10, 231, 0, 1]);
+        k.addr[1] = k.addr[0];
+        k.addr[1][15] = 2 + (i / 60_000) as u8;
+        // Client ports vary; the server port is one of `services`.
+        let dport = if services == 0 {
+            1024 + (i % 60_000) as u16
+        } else {
+            8000 + (i % services) as u16
+        };
+        let sport = if services == 0 {
+            40000
+        } else {
+            1024 + (i % 60_000) as u16
+        };
+        k.port = [sport, dport];
+        let s = Sample {
+            packets: [1, 0],
+            bytes: [74, 0],
+            first_seen_ns: 10,
+            last_seen_ns: 20,
+            first_side: 1,
+            ..Default::default()
+        };
+        entries.push((k, s));
+    }
+    let mut table = FlowTable::new(n as usize * 2, Duration::from_secs(120), 0);
+    let name = |_: u32| -> Arc<str> { "eth0".into() };
+    let cx = Context {
+        now_mono_ns: 30,
+        clock: Clock::now(),
+        host: &host,
+        name: &name,
+    };
+    let rss0 = crate::metrics::resident_bytes();
+    let t = Instant::now();
+    let records = table.ingest(&entries, &cx);
+    let t_ingest = t.elapsed();
+    let resolver = ServerResolver {
+        data_source_id: "bench",
+        host: &host,
+    };
+    let graph = Graph::build(&records, &resolver);
+    let t_graph = t.elapsed();
+    let src = crate::config::FlowsSource::default_server();
+    let now = std::time::SystemTime::now();
+    let batch = crate::coordimap::encode(&graph, &[resolver.host_endpoint()], &src, &[], now, now);
+    let t_encode = t.elapsed();
+    let body = serde_json::to_vec(&batch)?;
+    let t_json = t.elapsed();
+    let rss1 = crate::metrics::resident_bytes();
+    writeln!(
+        out,
+        "bench scale pipeline flows={n} services={services} edges={} body_bytes={}",
+        graph.edges.len(),
+        body.len()
+    )?;
+    writeln!(
+        out,
+        "bench scale pipeline ingest_ms={} graph_ms={} encode_ms={} json_ms={} total_ms={}",
+        t_ingest.as_millis(),
+        (t_graph - t_ingest).as_millis(),
+        (t_encode - t_graph).as_millis(),
+        (t_json - t_encode).as_millis(),
+        t_json.as_millis()
+    )?;
+    writeln!(
+        out,
+        "bench scale pipeline rss_growth_bytes={}",
+        rss1.saturating_sub(rss0)
+    )?;
     Ok(())
 }

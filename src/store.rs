@@ -365,10 +365,8 @@ impl Store {
         }
         let mut pairs: BTreeMap<(&str, &str), i64> = BTreeMap::new();
         for (k, e) in &graph.edges {
-            let first = unix_ms(e.first_at);
-            let p = pairs
-                .entry((k.client.as_str(), k.server.as_str()))
-                .or_insert(first);
+            let first = unix_ms(e.first_seen);
+            let p = pairs.entry((&*k.client, &*k.server)).or_insert(first);
             *p = (*p).min(first);
             let h = e.handshake.as_ref();
             self.run(
@@ -378,9 +376,9 @@ impl Store {
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
                 &[
                     Val::I(run_id),
-                    Val::T(k.client.clone()),
-                    Val::T(k.server.clone()),
-                    Val::T(k.protocol.clone()),
+                    Val::T(k.client.to_string()),
+                    Val::T(k.server.to_string()),
+                    Val::T(k.protocol.to_string()),
                     Val::I(k.port as i64),
                     Val::I(e.connections_opened as i64),
                     Val::I(e.connections_active as i64),
@@ -394,7 +392,7 @@ impl Store {
                     Val::F(h.map(|h| h.max_us)),
                     Val::I(e.tcp_resets as i64),
                     Val::I(first),
-                    Val::I(unix_ms(e.last_at)),
+                    Val::I(unix_ms(e.last_seen)),
                 ],
             )?;
         }
@@ -578,7 +576,7 @@ pub struct Job {
     pub data_source_id: String,
     pub start: SystemTime,
     pub end: SystemTime,
-    pub graph: Graph,
+    pub graph: Arc<Graph>,
     pub always: Vec<crate::graph::Endpoint>,
 }
 

@@ -28,7 +28,7 @@ fn rec(
         interface: "eth0".into(),
         ifindex: 2,
         also_seen_on: vec![],
-        protocol: proto.into(),
+        protocol: proto.to_string().into(),
         src_ip: src.parse().unwrap(),
         src_port: sport,
         dst_ip: dst.parse().unwrap(),
@@ -42,15 +42,13 @@ fn rec(
             bytes: s2c.1,
         },
         tcp_flags: vec![],
-        first_seen: humantime::format_rfc3339_micros(at(1)).to_string(),
-        last_seen: humantime::format_rfc3339_micros(at(2)).to_string(),
+        first_seen: at(1),
+        last_seen: at(2),
         handshake_rtt_us: None,
         orientation: Orientation::Syn,
         opened: false,
         reset: false,
         handshake_this_interval: None,
-        first_seen_at: at(1),
-        last_seen_at: at(2),
     }
 }
 
@@ -94,8 +92,7 @@ fn records_become_edges_without_client_ports() {
     );
     b.opened = true;
     b.handshake_this_interval = Some(300.0);
-    b.first_seen_at = at(0);
-    b.first_seen = humantime::format_rfc3339_micros(at(0)).to_string();
+    b.first_seen = at(0);
     let c = rec("10.0.0.1", 5353, "1.1.1.1", 53, "udp", (1, 80), (1, 120));
     let mut d = rec(
         "198.51.100.7",
@@ -110,7 +107,7 @@ fn records_become_edges_without_client_ports() {
     let selfie = rec("10.0.0.1", 1, "127.0.0.1", 2, "tcp", (1, 1), (1, 1));
     let g = Graph::build(&[a, b, c, d, selfie], &r);
 
-    let ids: Vec<&str> = g.endpoints.keys().map(String::as_str).collect();
+    let ids: Vec<&str> = g.endpoints.keys().map(|k| &**k).collect();
     assert_eq!(
         ids,
         vec![
@@ -125,9 +122,9 @@ fn records_become_edges_without_client_ports() {
         .keys()
         .map(|k| {
             (
-                k.client.clone(),
-                k.server.clone(),
-                k.protocol.clone(),
+                k.client.to_string(),
+                k.server.to_string(),
+                k.protocol.to_string(),
                 k.port,
             )
         })

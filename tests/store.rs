@@ -30,7 +30,7 @@ fn rec(
         interface: "eth0".into(),
         ifindex: 2,
         also_seen_on: vec![],
-        protocol: proto.into(),
+        protocol: proto.to_string().into(),
         src_ip: "10.0.0.1".parse().unwrap(),
         src_port: 40000,
         dst_ip: dst.parse().unwrap(),
@@ -44,15 +44,13 @@ fn rec(
             bytes: s2c,
         },
         tcp_flags: vec![],
-        first_seen: String::new(),
-        last_seen: String::new(),
+        first_seen: at(t),
+        last_seen: at(t + 5),
         handshake_rtt_us: rtt,
         orientation: Orientation::Syn,
         opened: true,
         reset: false,
         handshake_this_interval: rtt,
-        first_seen_at: at(t),
-        last_seen_at: at(t + 5),
     }
 }
 

@@ -479,7 +479,12 @@ impl Datapath {
     pub fn drain(&mut self) -> Result<Drained> {
         let old = self.active;
         self.set_active(1 - old)?;
+        let t = std::time::Instant::now();
         wait_for_programs();
+        debug!(
+            wait_us = t.elapsed().as_micros() as u64,
+            "flow maps swapped; readers gone"
+        );
         let map = if old == 0 {
             &self.skel.maps.flows_a
         } else {
@@ -582,7 +587,10 @@ use std::os::fd::AsFd;
 fn drain_map(map: &libbpf_rs::MapMut<'_>, each: &mut dyn FnMut(&[u8], &[u8])) -> Result<()> {
     use std::os::fd::AsRawFd;
     const BATCH: u32 = 8192;
-    let (ks, vs) = (std::mem::size_of::<RawKey>(), std::mem::size_of::<RawStats>());
+    let (ks, vs) = (
+        std::mem::size_of::<RawKey>(),
+        std::mem::size_of::<RawStats>(),
+    );
     let mut keys = vec![0u8; ks * BATCH as usize];
     let mut vals = vec![0u8; vs * BATCH as usize];
     // The kernel's batch cursor for hash maps is opaque; key-sized is enough.
@@ -600,7 +608,11 @@ fn drain_map(map: &libbpf_rs::MapMut<'_>, each: &mut dyn FnMut(&[u8], &[u8])) ->
         let ret = unsafe {
             libbpf_sys::bpf_map_lookup_and_delete_batch(
                 map.as_fd().as_raw_fd(),
-                if first { std::ptr::null_mut() } else { cursor.as_mut_ptr().cast() },
+                if first {
+                    std::ptr::null_mut()
+                } else {
+                    cursor.as_mut_ptr().cast()
+                },
                 next.as_mut_ptr().cast(),
                 keys.as_mut_ptr().cast(),
                 vals.as_mut_ptr().cast(),

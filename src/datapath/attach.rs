@@ -1,11 +1,10 @@
 //! Attaching one program pair (ingress + egress) to one interface, with
 //! TCX where the kernel has it and a classic clsact filter otherwise.
 
-use std::os::fd::AsFd;
-use std::ptr::NonNull;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use anyhow::{anyhow, Context, Result};
-use libbpf_rs::{AsRawLibbpf, Link, Program, TcHook, TcHookBuilder, TC_EGRESS, TC_INGRESS};
+use libbpf_rs::{Program, TcHook, TcHookBuilder, TC_EGRESS, TC_INGRESS};
 
 /// Handle and priority of flowmap's classic TC filters. A fixed pair lets a
 /// new agent find and remove the filters a killed one left behind.
@@ -31,7 +30,8 @@ impl std::fmt::Display for HookKind {
 /// What is attached to one interface. Dropping it detaches, with the same
 /// kind of hook it was attached with.
 pub enum Hook {
-    Tcx { _ingress: Link, _egress: Link },
+    /// TCX link fds: closing them detaches.
+    Tcx { _ingress: OwnedFd, _egress: OwnedFd },
     Tc { ingress: TcHook, egress: TcHook },
 }
 
@@ -51,43 +51,42 @@ impl Drop for Hook {
             let _ = ingress.detach();
             let _ = egress.detach();
         }
-        // TCX links detach when their Link (fd) is dropped.
+        // TCX links detach when their fd is closed.
     }
 }
 
-/// Attaches with TCX. This is the one place that calls libbpf directly:
-/// libbpf-rs 0.27 has no safe wrapper for TCX links.
-fn attach_tcx_one(prog: &Program<'_>, ifindex: u32) -> Result<Link> {
-    let opts = libbpf_sys::bpf_tcx_opts {
-        sz: std::mem::size_of::<libbpf_sys::bpf_tcx_opts>() as _,
+/// Creates one TCX link. This is the one place that calls libbpf directly:
+/// libbpf-rs 0.27 has no TCX wrapper. The link is its fd: closing it
+/// detaches, and a killed agent's links go with its fds.
+fn tcx_link(prog_fd: RawFd, ifindex: u32, ingress: bool) -> Result<OwnedFd> {
+    let opts = libbpf_sys::bpf_link_create_opts {
+        sz: std::mem::size_of::<libbpf_sys::bpf_link_create_opts>() as _,
         // Go first, so flowmap sees each packet before another program can
         // redirect it; the program always returns TCX_NEXT, so whatever
         // runs after it (Cilium, Calico, ...) still sees every packet.
         flags: libbpf_sys::BPF_F_BEFORE,
         ..Default::default()
     };
-    // SAFETY: the program pointer comes from a loaded libbpf object that
-    // outlives this call, and opts is a valid, correctly sized struct.
-    let ptr = unsafe {
-        libbpf_sys::bpf_program__attach_tcx(prog.as_libbpf_object().as_ptr(), ifindex as i32, &opts)
-    };
-    let ptr = NonNull::new(ptr).ok_or_else(|| anyhow!("bpf_program__attach_tcx returned NULL"))?;
-    // libbpf returns errors as small negative pointers.
-    let raw = ptr.as_ptr() as isize;
-    if (-4095..0).contains(&raw) {
-        return Err(std::io::Error::from_raw_os_error(-raw as i32).into());
+    let kind = if ingress { libbpf_sys::BPF_TCX_INGRESS } else { libbpf_sys::BPF_TCX_EGRESS };
+    // SAFETY: plain syscall wrapper with a valid, correctly sized opts struct.
+    let fd = unsafe { libbpf_sys::bpf_link_create(prog_fd, ifindex as i32, kind, &opts) };
+    if fd < 0 {
+        return Err(std::io::Error::from_raw_os_error(-fd).into());
     }
-    // SAFETY: a valid bpf_link from libbpf, owned from here on by Link.
-    Ok(unsafe { Link::from_ptr(ptr) })
+    // SAFETY: a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Attaches ingress and egress of one interface with TCX; the two link fds.
+fn tcx_pair(ingress: RawFd, egress: RawFd, ifindex: u32) -> Result<(OwnedFd, OwnedFd)> {
+    let i = tcx_link(ingress, ifindex, true).context("TCX ingress")?;
+    let e = tcx_link(egress, ifindex, false).context("TCX egress")?;
+    Ok((i, e))
 }
 
 pub fn attach_tcx(ingress: &Program<'_>, egress: &Program<'_>, ifindex: u32) -> Result<Hook> {
-    let i = attach_tcx_one(ingress, ifindex).context("TCX ingress")?;
-    let e = attach_tcx_one(egress, ifindex).context("TCX egress")?;
-    Ok(Hook::Tcx {
-        _ingress: i,
-        _egress: e,
-    })
+    let (i, e) = tcx_pair(ingress.as_fd().as_raw_fd(), egress.as_fd().as_raw_fd(), ifindex)?;
+    Ok(Hook::Tcx { _ingress: i, _egress: e })
 }
 
 fn tc_builder(prog: &Program<'_>, ifindex: u32) -> TcHookBuilder<'static> {

@@ -428,10 +428,11 @@ impl Datapath {
             }
         }
         let mut added = Vec::new();
-        for i in present.iter().filter(|i| sel.wants(i)) {
-            if self.attached.contains_key(&i.ifindex) {
-                continue;
-            }
+        let todo: Vec<&Interface> =
+            present.iter().filter(|i| sel.wants(i) && !self.attached.contains_key(&i.ifindex)).collect();
+        // One at a time: the kernel serialises TCX attaches (each waits for
+        // an RCU grace period under RTNL), so threads would not help.
+        for i in todo {
             match self.attach(i) {
                 Ok(kind) => {
                     info!(interface = %i.name, ifindex = i.ifindex, hook = %kind, "attached");

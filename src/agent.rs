@@ -308,6 +308,7 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<()> {
     // be used is an error before anything is attached.
     let stats = Arc::new(DeliveryStats::default());
     let metrics = Arc::new(Metrics::new(stats.clone()));
+    metrics.kernel_stats(&[0; STAT_NAMES.len()]);
     let wake = Arc::new(Notify::new());
     let (finish_tx, finish_rx) = watch::channel(false);
     let mut sender = None;

@@ -128,6 +128,7 @@ impl Drop for Net {
 pub struct AgentProc {
     child: Child,
     pub log: Arc<Mutex<Vec<String>>>,
+    stdout: Option<std::thread::JoinHandle<String>>,
     pub port: u16,
     _cfg: TempFile,
     state: std::path::PathBuf,
@@ -147,6 +148,16 @@ fn free_port() -> Result<u16> {
 
 impl AgentProc {
     pub fn start(iface: &str, interval: &str, max_flows: u32) -> Result<AgentProc> {
+        AgentProc::start_with(iface, interval, max_flows, &["--output", "none"])
+    }
+
+    /// `extra`: more `flowmap run` arguments; stdout is collected.
+    pub fn start_with(
+        iface: &str,
+        interval: &str,
+        max_flows: u32,
+        extra: &[&str],
+    ) -> Result<AgentProc> {
         let cfg = std::env::temp_dir().join(format!("flowmap-scale-{}.yaml", std::process::id()));
         std::fs::write(
             &cfg,
@@ -158,7 +169,13 @@ impl AgentProc {
         let state =
             std::env::temp_dir().join(format!("flowmap-scale-state-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&state);
-        let mut child = Command::new(std::env::current_exe()?)
+        // The agent binary: this one, or FLOWMAP_BIN (tests run from their
+        // own binaries).
+        let bin = match std::env::var_os("FLOWMAP_BIN") {
+            Some(b) => std::path::PathBuf::from(b),
+            None => std::env::current_exe()?,
+        };
+        let mut child = Command::new(bin)
             .args([
                 "run",
                 "--config",
@@ -166,17 +183,19 @@ impl AgentProc {
                 "--listen",
                 &format!("127.0.0.1:{port}"),
             ])
-            .args([
-                "--state-dir",
-                state.to_str().unwrap_or_default(),
-                "--output",
-                "none",
-            ])
+            .args(["--state-dir", state.to_str().unwrap_or_default()])
+            .args(extra)
             .env("RUST_LOG", "info,flowmap::datapath=debug")
             .env_remove("COORDIMAP_ENDPOINT")
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()?;
+        let mut so = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+        let stdout = Some(std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = so.read_to_string(&mut s);
+            s
+        }));
         let log = Arc::new(Mutex::new(Vec::new()));
         let sink = log.clone();
         let err = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
@@ -190,6 +209,7 @@ impl AgentProc {
         let a = AgentProc {
             child,
             log,
+            stdout,
             port,
             _cfg: TempFile(cfg),
             state,
@@ -241,11 +261,19 @@ impl AgentProc {
             .ok_or_else(|| anyhow!("metric {name} not found"))
     }
 
-    pub fn stop(mut self) -> Result<()> {
+    /// SIGTERM, wait; returns what the agent wrote to stdout.
+    pub fn stop(mut self) -> Result<String> {
         // SAFETY: signalling our own child process.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        self.child.wait()?;
-        Ok(())
+        let st = self.child.wait()?;
+        if !st.success() {
+            bail!("the agent exited with {st}");
+        }
+        Ok(self
+            .stdout
+            .take()
+            .map(|h| h.join().unwrap_or_default())
+            .unwrap_or_default())
     }
 }
 

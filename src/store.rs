@@ -585,6 +585,17 @@ struct Queue {
     closed: bool,
 }
 
+/// Queues a job; when `cap` jobs already wait, the oldest is dropped
+/// (returns true then).
+fn push_bounded(jobs: &mut VecDeque<Job>, job: Job, cap: usize) -> bool {
+    let dropped = jobs.len() >= cap;
+    if dropped {
+        jobs.pop_front();
+    }
+    jobs.push_back(job);
+    dropped
+}
+
 /// Writes on a thread of its own, so a slow disk or database never holds
 /// up the agent loop. The queue is bounded; when it is full the oldest
 /// interval waiting is dropped and counted.
@@ -712,5 +723,30 @@ impl Writer {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(n: u64) -> Job {
+        Job {
+            data_source_id: format!("ds{n}"),
+            start: UNIX_EPOCH,
+            end: UNIX_EPOCH + Duration::from_secs(n),
+            graph: Arc::new(Graph::default()),
+            always: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_write_queue_is_bounded_and_drops_the_oldest() {
+        let mut q = VecDeque::new();
+        assert!(!push_bounded(&mut q, job(1), 2));
+        assert!(!push_bounded(&mut q, job(2), 2));
+        assert!(push_bounded(&mut q, job(3), 2));
+        let ids: Vec<&str> = q.iter().map(|j| j.data_source_id.as_str()).collect();
+        assert_eq!(ids, vec!["ds2", "ds3"]);
     }
 }

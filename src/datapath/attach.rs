@@ -31,8 +31,14 @@ impl std::fmt::Display for HookKind {
 /// kind of hook it was attached with.
 pub enum Hook {
     /// TCX link fds: closing them detaches.
-    Tcx { _ingress: OwnedFd, _egress: OwnedFd },
-    Tc { ingress: TcHook, egress: TcHook },
+    Tcx {
+        _ingress: OwnedFd,
+        _egress: OwnedFd,
+    },
+    Tc {
+        ingress: TcHook,
+        egress: TcHook,
+    },
 }
 
 impl Hook {
@@ -67,7 +73,11 @@ fn tcx_link(prog_fd: RawFd, ifindex: u32, ingress: bool) -> Result<OwnedFd> {
         flags: libbpf_sys::BPF_F_BEFORE,
         ..Default::default()
     };
-    let kind = if ingress { libbpf_sys::BPF_TCX_INGRESS } else { libbpf_sys::BPF_TCX_EGRESS };
+    let kind = if ingress {
+        libbpf_sys::BPF_TCX_INGRESS
+    } else {
+        libbpf_sys::BPF_TCX_EGRESS
+    };
     // SAFETY: plain syscall wrapper with a valid, correctly sized opts struct.
     let fd = unsafe { libbpf_sys::bpf_link_create(prog_fd, ifindex as i32, kind, &opts) };
     if fd < 0 {
@@ -85,8 +95,15 @@ fn tcx_pair(ingress: RawFd, egress: RawFd, ifindex: u32) -> Result<(OwnedFd, Own
 }
 
 pub fn attach_tcx(ingress: &Program<'_>, egress: &Program<'_>, ifindex: u32) -> Result<Hook> {
-    let (i, e) = tcx_pair(ingress.as_fd().as_raw_fd(), egress.as_fd().as_raw_fd(), ifindex)?;
-    Ok(Hook::Tcx { _ingress: i, _egress: e })
+    let (i, e) = tcx_pair(
+        ingress.as_fd().as_raw_fd(),
+        egress.as_fd().as_raw_fd(),
+        ifindex,
+    )?;
+    Ok(Hook::Tcx {
+        _ingress: i,
+        _egress: e,
+    })
 }
 
 fn tc_builder(prog: &Program<'_>, ifindex: u32) -> TcHookBuilder<'static> {

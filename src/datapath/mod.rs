@@ -428,8 +428,10 @@ impl Datapath {
             }
         }
         let mut added = Vec::new();
-        let todo: Vec<&Interface> =
-            present.iter().filter(|i| sel.wants(i) && !self.attached.contains_key(&i.ifindex)).collect();
+        let todo: Vec<&Interface> = present
+            .iter()
+            .filter(|i| sel.wants(i) && !self.attached.contains_key(&i.ifindex))
+            .collect();
         // One at a time: the kernel serialises TCX attaches (each waits for
         // an RCU grace period under RTNL), so threads would not help.
         for i in todo {
@@ -691,4 +693,53 @@ fn wait_for_programs() {
 /// The raw key as bytes (used by tests to compare keys).
 pub fn raw_key_bytes(k: &RawKey) -> Vec<u8> {
     as_bytes(k).to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(port: u16, side: u32) -> RawEvent {
+        RawEvent {
+            key: RawKey {
+                ifindex: 3,
+                port: [port, 53],
+                proto: 17,
+                family: 4,
+                ..Default::default()
+            },
+            side,
+            bytes: 100,
+            ts_ns: 1000 + port as u64,
+            jiffies: 0,
+            tcp_flags: 0,
+            opens: 0,
+            synack: 0,
+            pad: [0; 2],
+        }
+    }
+
+    #[test]
+    fn the_overflow_table_is_bounded_and_counts_what_it_cannot_keep() {
+        let mut o = Overflow {
+            cap: 2,
+            ..Default::default()
+        };
+        for p in [1, 1, 2, 3, 3, 2] {
+            o.add(&event(p, 0));
+        }
+        o.add(&event(1, 1));
+        assert_eq!(o.flows.len(), 2);
+        assert_eq!(
+            o.dropped, 2,
+            "both packets of flow 3 are counted as dropped"
+        );
+        let f1 = o.flows[&key_bytes(&event(1, 0).key)];
+        assert_eq!(
+            (f1.packets, f1.bytes, f1.first_seen_ns, f1.last_seen_ns),
+            ([2, 1], [200, 100], 1001, 1001)
+        );
+        let f2 = o.flows[&key_bytes(&event(2, 0).key)];
+        assert_eq!(f2.packets, [2, 0]);
+    }
 }

@@ -1,0 +1,142 @@
+//! Node-scale behaviour (not speed): overflow accounting with a small flow
+//! map, interface churn without leaks, and the last veth's traffic counted.
+
+mod common;
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use flowmap::scale::{flowmap_links, generate, proc_fds, AgentProc, Net};
+
+/// These tests share the 10.231.0.0/16 test network: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn lock() -> std::sync::MutexGuard<'static, ()> {
+    let g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    std::env::set_var("FLOWMAP_BIN", env!("CARGO_BIN_EXE_flowmap"));
+    g
+}
+
+/// Sums the client→server packets of the UDP flow records from 10.231.2.1
+/// to the services 8000..8009.
+fn udp_packets(jsonl: &str) -> (u64, usize) {
+    let mut packets = 0;
+    let mut flows = std::collections::HashSet::new();
+    for line in jsonl.lines().filter(|l| !l.is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let dport = v["dst_port"].as_u64().unwrap();
+        if v["protocol"] == "udp" && (8000..8010).contains(&dport) && v["src_ip"] == "10.231.2.1" {
+            packets += v["src_to_dst"]["packets"].as_u64().unwrap();
+            flows.insert((v["src_port"].as_u64().unwrap(), dport));
+        }
+    }
+    (packets, flows.len())
+}
+
+fn agent_log_mentions_overflow(log: &str) -> bool {
+    log.lines()
+        .any(|l| l.contains("map_full=") && l.contains("packets not counted normally"))
+}
+
+#[test]
+fn more_flows_than_the_map_holds_are_all_counted_or_counted_as_lost() {
+    if !common::privileged("more_flows_than_the_map_holds_are_all_counted_or_counted_as_lost") {
+        return;
+    }
+    let _g = lock();
+    let net = Net::new("o", 1).unwrap();
+    let agent =
+        AgentProc::start_with(&net.host, "2s", 1024, &["--output", "flows", "--no-store"]).unwrap();
+    // 6000 flows (3000 IPv4 from 10.231.2.1, 3000 IPv6), 1 datagram each,
+    // into a map of 1024 entries.
+    let seen = agent.count_log("interval ");
+    let conns = generate(&net, 6000, 0, 10, 0).unwrap();
+    drop(conns);
+    // Until an interval has drained what was sent.
+    let t = std::time::Instant::now();
+    while agent.count_log("interval ") < seen + 2 && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let map_full = agent
+        .metric("flowmap_kernel_events_total{reason=\"map_full\"} ")
+        .unwrap();
+    let lost = agent
+        .metric("flowmap_kernel_events_total{reason=\"ring_lost\"} ")
+        .unwrap();
+    let out_log = agent.log.lock().unwrap().join("\n");
+    let out = agent.stop().unwrap();
+    let (packets, flows) = udp_packets(&out);
+    assert!(map_full > 0.0, "the map overflowed");
+    assert!(
+        agent_log_mentions_overflow(&out_log),
+        "the overflow is in the log"
+    );
+    // Only the IPv4 half is summed here; ring losses are not split by
+    // family, so they bound the IPv4 shortfall from above.
+    assert!(packets <= 3000);
+    assert!(
+        3000 - packets <= lost as u64,
+        "sent 3000, counted {packets}, lost {lost}"
+    );
+    if lost == 0.0 {
+        assert_eq!(
+            (packets, flows),
+            (3000, 3000),
+            "nothing lost: every packet counted once"
+        );
+    }
+}
+
+#[test]
+fn interface_churn_leaks_nothing_and_the_last_veth_is_counted() {
+    if !common::privileged("interface_churn_leaks_nothing_and_the_last_veth_is_counted") {
+        return;
+    }
+    let _g = lock();
+    let agent =
+        AgentProc::start_with("all", "30s", 32768, &["--output", "flows", "--no-store"]).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = agent.pid();
+    let (fds0, links0) = (proc_fds(pid), flowmap_links());
+    let id = std::process::id() % 100_000;
+    for c in 0..19 {
+        let name = format!("fmk{id}c{c}");
+        common::sh(&[
+            "ip",
+            "link",
+            "add",
+            &name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &format!("{name}p"),
+        ]);
+        let r = agent.wait_log(&format!("interface={name} "), Duration::from_secs(5));
+        common::sh_quiet(&["ip", "link", "del", &name]);
+        r.unwrap();
+    }
+    // The 20th: a namespace behind a veth, with traffic.
+    let net = Net::new("k", 1).unwrap();
+    agent
+        .wait_log(&format!("interface={} ", net.host), Duration::from_secs(5))
+        .unwrap();
+    let conns = generate(&net, 20, 0, 10, 0).unwrap();
+    drop(conns);
+    std::thread::sleep(Duration::from_millis(300));
+    drop(net);
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(proc_fds(pid), fds0, "file descriptors back to the start");
+    assert_eq!(flowmap_links(), links0, "TCX links back to the start");
+    let out = agent.stop().unwrap();
+    assert_eq!(
+        udp_packets(&out),
+        (10, 10),
+        "the last veth's 10 IPv4 datagrams"
+    );
+    assert_eq!(
+        flowmap_links(),
+        0,
+        "nothing stays attached after the agent stops"
+    );
+}

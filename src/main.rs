@@ -291,6 +291,35 @@ fn print_check(cfg: &Config, source: &str, endpoint: Option<&str>) {
     }
 }
 
+/// `top` and `graph`: opens the store the configuration names (or the
+/// SQLite file of the state directory) and prints what `view` makes of the
+/// window that ends now.
+fn read_store(
+    config: Option<&PathBuf>,
+    state_dir: &std::path::Path,
+    since: Duration,
+    view: impl FnOnce(&mut Store, std::time::SystemTime) -> anyhow::Result<String>,
+) -> ExitCode {
+    let (cfg, _) = match load_config(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let loc = Location::from_config(cfg.database.as_ref(), state_dir);
+    let from = std::time::SystemTime::now()
+        .checked_sub(since)
+        .unwrap_or(std::time::UNIX_EPOCH);
+    match Store::open(&loc).and_then(|mut s| view(&mut s, from)) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: reading the store ({}): {e:#}", loc.describe());
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     // Few malloc arenas: the agent's threads are few and mostly idle, and
     // every arena keeps memory of its own.
@@ -405,54 +434,22 @@ fn main() -> ExitCode {
             by,
             limit,
             state_dir,
-        } => {
-            let (cfg, _) = match load_config(cli.config.as_ref()) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            let loc = Location::from_config(cfg.database.as_ref(), &state_dir);
-            let from = std::time::SystemTime::now() - since;
-            match Store::open(&loc).and_then(|mut s| flowmap::view::top(&mut s, from, by, limit)) {
-                Ok((edges, nodes)) => {
-                    print!("{}", flowmap::view::top_table(&edges, &nodes));
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: reading the store ({}): {e:#}", loc.describe());
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        } => read_store(cli.config.as_ref(), &state_dir, since, |s, from| {
+            let (edges, nodes) = flowmap::view::top(s, from, by, limit)?;
+            Ok(flowmap::view::top_table(&edges, &nodes))
+        }),
         Cmd::Graph {
             since,
             format,
             state_dir,
-        } => {
-            let (cfg, _) = match load_config(cli.config.as_ref()) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            let loc = Location::from_config(cfg.database.as_ref(), &state_dir);
-            let from = std::time::SystemTime::now() - since;
-            match Store::open(&loc)
-                .and_then(|mut s| flowmap::view::graph(&mut s, from, &Default::default()))
-            {
-                Ok(v) => {
-                    match format {
-                        GraphFormat::Json => {
-                            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default())
-                        }
-                        GraphFormat::Dot => print!("{}", flowmap::view::to_dot(&v)),
-                        GraphFormat::Mermaid => print!("{}", flowmap::view::to_mermaid(&v)),
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: reading the store ({}): {e:#}", loc.describe());
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        } => read_store(cli.config.as_ref(), &state_dir, since, |s, from| {
+            let v = flowmap::view::graph(s, from, &Default::default())?;
+            Ok(match format {
+                GraphFormat::Json => serde_json::to_string_pretty(&v)? + "\n",
+                GraphFormat::Dot => flowmap::view::to_dot(&v),
+                GraphFormat::Mermaid => flowmap::view::to_mermaid(&v),
+            })
+        }),
         Cmd::BenchScale { what } => {
             let stdout = std::io::stdout();
             let mut out = stdout.lock();

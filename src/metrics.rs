@@ -213,7 +213,12 @@ impl Metrics {
 
 /// Resident memory of this process (VmRSS), in bytes.
 pub fn resident_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+    resident_bytes_of("self")
+}
+
+/// Resident memory (VmRSS) of a process, `pid` a number or `self`.
+pub fn resident_bytes_of(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()

@@ -31,6 +31,20 @@ fn ip_quiet(args: &[&str]) {
     let _ = Command::new("ip").args(args).output();
 }
 
+/// A veth pair `name` / `<name>p`, both ends in this namespace.
+pub fn add_veth_pair(name: &str) -> Result<()> {
+    ip(&[
+        "link",
+        "add",
+        name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &format!("{name}p"),
+    ])
+}
+
 /// A namespace joined to the root namespace by a veth pair; removed on drop.
 pub struct Net {
     pub ns: String,
@@ -292,15 +306,7 @@ pub fn proc_fds(pid: u32) -> usize {
 }
 
 pub fn proc_rss(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map(|kb| kb * 1024)
-        .unwrap_or(0)
+    crate::metrics::resident_bytes_of(&pid.to_string())
 }
 
 /// TCX links of flowmap programs, on any interface.
@@ -487,16 +493,7 @@ pub fn attach(n: u32, out: &mut dyn Write) -> Result<()> {
     }
     let links = Links(names.clone());
     for name in &links.0 {
-        ip(&[
-            "link",
-            "add",
-            name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &format!("{name}p"),
-        ])?;
+        add_veth_pair(name)?;
     }
     let t = Instant::now();
     let agent = AgentProc::start("all", "30s", 32768)?;
@@ -519,16 +516,7 @@ pub fn attach(n: u32, out: &mut dyn Write) -> Result<()> {
     // One more, while running.
     let late = format!("fma{id}late");
     let t = Instant::now();
-    ip(&[
-        "link",
-        "add",
-        &late,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        &format!("{late}p"),
-    ])?;
+    add_veth_pair(&late)?;
     let late_links = Links(vec![late.clone()]);
     agent.wait_log(&format!("interface={late} "), Duration::from_secs(10))?;
     writeln!(
@@ -555,16 +543,7 @@ pub fn churn(cycles: u32, out: &mut dyn Write) -> Result<ChurnResult> {
     for c in 0..cycles {
         let name = format!("fmc{id}c{c}");
         let t = Instant::now();
-        ip(&[
-            "link",
-            "add",
-            &name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &format!("{name}p"),
-        ])?;
+        add_veth_pair(&name)?;
         let r = agent.wait_log(&format!("interface={name} "), Duration::from_secs(10));
         ip_quiet(&["link", "del", &name]);
         r?;

@@ -698,15 +698,13 @@ impl Writer {
     pub fn submit(&self, job: Job) {
         let (m, cv) = &*self.q;
         if let Ok(mut g) = m.lock() {
-            if g.jobs.len() >= self.cap {
-                g.jobs.pop_front();
+            if push_bounded(&mut g.jobs, job, self.cap) {
                 self.dropped.inc();
                 warn!(
                     queue = self.cap,
                     "store too slow: oldest interval waiting to be stored dropped"
                 );
             }
-            g.jobs.push_back(job);
             cv.notify_one();
         }
     }

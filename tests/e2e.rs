@@ -1023,14 +1023,6 @@ fn http_get(port: u16, path: &str) -> (u16, String) {
     (status, body.to_string())
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Parses Prometheus text: every sample line is `name[{labels}] value`.
 fn prom_samples(text: &str) -> HashMap<String, f64> {
     let mut m = HashMap::new();
@@ -1098,7 +1090,7 @@ fn local_store_map_page_and_metrics() {
     let v = VethNs::new();
     let _server = Server::start(&v);
     let state = TempDir::new("store");
-    let port = free_port();
+    let port = common::free_port();
     let listen = format!("127.0.0.1:{port}");
     let agent = Agent::start_full(
         &v.host,

@@ -21,14 +21,6 @@ fn bin_dir() -> Option<PathBuf> {
     dirs.pop()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl Pg {
     /// None (with a reason printed) when PostgreSQL is not installed and
     /// CI is not set; under CI=true a missing server is a failure.
@@ -40,11 +32,14 @@ impl Pg {
             eprintln!("SKIP {test}: PostgreSQL is not installed; run scripts/setup.sh");
             return None;
         };
-        let dir =
-            std::env::temp_dir().join(format!("flowmap-pg-{}-{}", std::process::id(), free_port()));
+        let dir = std::env::temp_dir().join(format!(
+            "flowmap-pg-{}-{}",
+            std::process::id(),
+            super::free_port()
+        ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let port = free_port();
+        let port = super::free_port();
         let pg = Pg { dir, port, bin };
         let d = pg.dir.to_str().unwrap().to_string();
         super::sh(&["chown", "postgres:postgres", &d]);

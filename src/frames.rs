@@ -95,7 +95,7 @@ pub fn ipv4_header(
     frag: u16,
     id: u16,
 ) -> Vec<u8> {
-    assert!(options.len() % 4 == 0 && options.len() <= 40);
+    assert!(options.len().is_multiple_of(4) && options.len() <= 40);
     let ihl = 20 + options.len();
     let mut h = vec![0u8; ihl];
     h[0] = 0x40 | (ihl / 4) as u8;

@@ -604,38 +604,35 @@ pub fn throughput(rounds: u32, secs: f64, out: &mut dyn Write) -> Result<()> {
     // 14 + 20 + 8 + 22 = a 64-byte frame.
     let payload = [0u8; 22];
     let mut dp = crate::datapath::Datapath::load(&crate::datapath::Options::default())?;
+    let floor = crate::datapath::bench::Floor::load()?;
     let iface = crate::datapath::ifaces::list()?
         .into_iter()
         .find(|i| i.name == net.host)
         .ok_or_else(|| anyhow!("veth {} not found", net.host))?;
-    let mut with = Vec::new();
-    let mut without = Vec::new();
-    for round in 0..rounds * 2 {
-        let attached = round % 2 == 1;
-        if attached {
-            dp.attach(&iface)?;
+    // Rounds rotate: nothing attached, the empty program, flowmap.
+    let mut pps: [Vec<f64>; 3] = Default::default();
+    for round in 0..rounds * 3 {
+        let mode = (round % 3) as usize;
+        dp.detach_all();
+        let floor_hook = if mode == 1 {
+            Some(floor.attach(iface.ifindex)?)
         } else {
-            dp.detach_all();
+            None
+        };
+        if mode == 2 {
+            dp.attach(&iface)?;
         }
         let before = received.load(Ordering::Relaxed);
         let t = Instant::now();
-        let mut sent = 0u64;
         while t.elapsed().as_secs_f64() < secs {
             for _ in 0..256 {
-                if tx.send(&payload).is_ok() {
-                    sent += 1;
-                }
+                let _ = tx.send(&payload);
             }
         }
         std::thread::sleep(Duration::from_millis(150));
         let got = received.load(Ordering::Relaxed) - before;
-        let pps = got as f64 / secs;
-        let _ = sent;
-        if attached {
-            with.push(pps);
-        } else {
-            without.push(pps);
-        }
+        pps[mode].push(got as f64 / secs);
+        drop(floor_hook);
         dp.drain()?;
     }
     dp.detach_all();
@@ -645,15 +642,22 @@ pub fn throughput(rounds: u32, secs: f64, out: &mut dyn Write) -> Result<()> {
         v.sort_by(|a, b| a.total_cmp(b));
         v[v.len() / 2]
     };
-    let (w, wo) = (median(&mut with), median(&mut without));
+    let [mut a, mut b, mut c] = pps;
+    let (wo, fl, w) = (median(&mut a), median(&mut b), median(&mut c));
     writeln!(
         out,
         "bench scale throughput frame_bytes=64 rounds={rounds} seconds_per_round={secs}"
     )?;
     writeln!(
         out,
-        "bench scale throughput pps_without={wo:.0} pps_with={w:.0} ratio={:.3}",
-        w / wo.max(1.0)
+        "bench scale throughput pps_without={wo:.0} pps_empty_program={fl:.0} pps_with={w:.0}"
+    )?;
+    writeln!(
+        out,
+        "bench scale throughput ratio={:.3} empty_program_ratio={:.3} flowmap_over_empty={:.3}",
+        w / wo.max(1.0),
+        fl / wo.max(1.0),
+        w / fl.max(1.0)
     )?;
     Ok(())
 }

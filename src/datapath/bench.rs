@@ -161,3 +161,29 @@ pub fn run(repeat: u32, rounds: usize, out: &mut dyn std::io::Write) -> Result<(
     writeln!(out, "bench memory map=total bytes={total}")?;
     Ok(())
 }
+
+/// The empty reference program, loaded for attaching to a real interface.
+pub struct Floor {
+    skel: floor_skel::FloorSkel<'static>,
+}
+
+impl Floor {
+    pub fn load() -> Result<Floor> {
+        // One small allocation per load, kept for the process's life (the
+        // skeleton borrows it).
+        let storage: &'static mut MaybeUninit<libbpf_rs::OpenObject> =
+            Box::leak(Box::new(MaybeUninit::uninit()));
+        let skel = floor_skel::FloorSkelBuilder::default()
+            .open(storage)?
+            .load()?;
+        Ok(Floor { skel })
+    }
+
+    pub fn attach(&self, ifindex: u32) -> Result<super::attach::Hook> {
+        super::attach::attach_tcx(
+            &self.skel.progs.floor_in,
+            &self.skel.progs.floor_out,
+            ifindex,
+        )
+    }
+}

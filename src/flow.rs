@@ -399,7 +399,7 @@ pub fn orient(key: &ConnKey, s: &Sample, host: &HostView, saw_start: bool) -> (u
         } else {
             Orientation::IcmpEcho
         };
-        return ((s.open_side - 1) as usize, rule);
+        return (((s.open_side - 1) as usize).min(1), rule);
     }
     if !has_ports(key.proto) {
         return (first, Orientation::FirstSeen);

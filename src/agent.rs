@@ -30,6 +30,10 @@ use crate::web;
 /// this period) and the overflow ring buffer is emptied.
 pub const IFACE_POLL: Duration = Duration::from_millis(250);
 
+/// UDP flows first seen this soon after the agent attached may have been
+/// running before it; their direction comes from sockets and ports.
+pub const STARTUP_GRACE: Duration = Duration::from_secs(1);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Output {
     /// One JSON object per flow per interval.
@@ -174,14 +178,6 @@ impl Loop {
                 host: &host,
             };
             let graph = Arc::new(Graph::build(&records, &resolver));
-            let batch = coordimap::encode(
-                &graph,
-                &[resolver.host_endpoint()],
-                src,
-                &self.skip_fields,
-                self.interval_start,
-                end,
-            );
             self.metrics.batches_built.inc();
             if let Some(wr) = &self.writer {
                 wr.submit(store::Job {
@@ -192,6 +188,18 @@ impl Loop {
                     always: vec![resolver.host_endpoint()],
                 });
             }
+            // The Coordimap encoding only for a sink that takes it.
+            if self.spool.is_none() && self.output != Output::Graph {
+                continue;
+            }
+            let batch = coordimap::encode(
+                &graph,
+                &[resolver.host_endpoint()],
+                src,
+                &self.skip_fields,
+                self.interval_start,
+                end,
+            );
             let body = serde_json::to_vec(&batch)?;
             if self.output == Output::Graph {
                 w.write_all(&body)?;
@@ -373,14 +381,13 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<()> {
     metrics.kernel_map_memory.set(map_bytes as i64);
     info!(kernel_map_bytes = map_bytes, "BPF program loaded");
     dp.remove_stale(&present);
-    let started = clock_ns(libc::CLOCK_MONOTONIC);
     let mut lp = Loop {
         dp,
         sel,
         table: FlowTable::new(
             max_flows as usize * 4,
             (interval * 4).max(Duration::from_secs(120)),
-            started,
+            u64::MAX,
         ),
         names: HashMap::new(),
         interval,
@@ -396,6 +403,12 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<()> {
         max_flows,
     };
     lp.refresh_interfaces();
+    // Every packet is seen after the attach, so "first seen after start"
+    // says nothing about flows that were already running then: only flows
+    // that begin STARTUP_GRACE after the first attach count as seen from
+    // their first packet.
+    lp.table
+        .set_started(clock_ns(libc::CLOCK_MONOTONIC) + STARTUP_GRACE.as_nanos() as u64);
     if lp.dp.attached().count() == 0 {
         warn!("no interface to attach to yet; waiting for one to appear");
     }

@@ -167,9 +167,6 @@ impl Clock {
         let ns = (mono_ns as i128 + self.offset_ns).max(0) as u64;
         SystemTime::UNIX_EPOCH + Duration::from_nanos(ns)
     }
-    pub fn rfc3339(&self, mono_ns: u64) -> String {
-        humantime::format_rfc3339_micros(self.wall(mono_ns)).to_string()
-    }
 }
 
 pub fn clock_ns(clock: libc::clockid_t) -> u64 {
@@ -214,6 +211,12 @@ impl FlowTable {
 
     pub fn len(&self) -> usize {
         self.conns.len()
+    }
+
+    /// Flows first seen after `ns` (monotonic) are taken as seen from their
+    /// first packet.
+    pub fn set_started(&mut self, ns: u64) {
+        self.started_ns = ns;
     }
 
     pub fn is_empty(&self) -> bool {

@@ -23,6 +23,7 @@ impl HostView {
         addrs.sort();
         addrs.dedup();
         let mut listeners = HashSet::new();
+        let ephemeral = ephemeral_ports();
         for (file, proto, state) in [
             ("/proc/net/tcp", 6u8, "0A"),
             ("/proc/net/tcp6", 6, "0A"),
@@ -30,7 +31,11 @@ impl HostView {
             ("/proc/net/udp6", 17, "07"),
         ] {
             if let Ok(text) = std::fs::read_to_string(file) {
-                listeners.extend(parse_proc_net(&text, proto, state));
+                listeners.extend(
+                    parse_proc_net(&text, proto, state)
+                        .into_iter()
+                        .filter(|l| is_server_socket(l, ephemeral)),
+                );
             }
         }
         HostView {
@@ -50,6 +55,24 @@ impl HostView {
             && (self.listeners.contains(&(proto, Some(ip), port))
                 || self.listeners.contains(&(proto, None, port)))
     }
+}
+
+/// The kernel's ephemeral port range (ip_local_port_range).
+pub fn ephemeral_ports() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().filter_map(|p| p.parse::<u16>().ok());
+            Some((it.next()?, it.next()?))
+        })
+        .unwrap_or((32768, 60999))
+}
+
+/// A TCP socket in LISTEN is a server. A bound, unconnected UDP socket is
+/// one only outside the ephemeral range: every UDP client that has not
+/// called connect() looks the same in /proc, on a port the kernel picked.
+pub fn is_server_socket(l: &(u8, Option<IpAddr>, u16), ephemeral: (u16, u16)) -> bool {
+    l.0 != 17 || l.2 < ephemeral.0 || l.2 > ephemeral.1
 }
 
 pub fn hostname() -> String {
@@ -137,6 +160,18 @@ mod tests {
         );
         let udp = "sl local rem st\n 1: 00000000:0035 00000000:0000 07 x\n 2: 0100007F:A000 0100007F:0035 07 x\n";
         assert_eq!(parse_proc_net(udp, 17, "07"), vec![(17, None, 53)]);
+    }
+
+    #[test]
+    fn unconnected_udp_clients_on_ephemeral_ports_are_no_servers() {
+        let r = (32768, 60999);
+        assert!(is_server_socket(&(17, None, 53), r));
+        assert!(is_server_socket(&(17, None, 61000), r));
+        assert!(!is_server_socket(&(17, None, 41327), r));
+        assert!(
+            is_server_socket(&(6, None, 41327), r),
+            "a TCP LISTEN socket is a server on any port"
+        );
     }
 
     #[test]

@@ -457,6 +457,15 @@ fn exact_counts_ipv4_and_ipv6_through_a_veth() {
     let _server = Server::start(&v);
     let cap = Capture::start(v.ifindex());
     let agent = Agent::start(&v.host, &[]);
+    // Within the start-up grace a UDP flow may have been running before the
+    // agent: its first packet does not decide; the bound socket on this
+    // host's port 7000 does.
+    let early = UdpSocket::bind((v.host_v4.as_str(), 7000)).unwrap();
+    early
+        .send_to(&[0u8; 10], (v.peer_v4.as_str(), 40001))
+        .unwrap();
+    // Past the grace: flows from here on are seen from their start.
+    std::thread::sleep(Duration::from_millis(1100));
     let (t4, u4) = traffic(v.peer_v4.parse().unwrap());
     let (t6, u6) = traffic(v.peer_v6.parse().unwrap());
     std::thread::sleep(Duration::from_millis(300));
@@ -464,6 +473,26 @@ fn exact_counts_ipv4_and_ipv6_through_a_veth() {
     let (out, err) = agent.stop();
     nothing_attached(&v.host);
     let got = agent_totals(&out);
+    let early: Tuple = (
+        "udp".into(),
+        v.peer_v4.clone(),
+        40001,
+        v.host_v4.clone(),
+        7000,
+    );
+    let e = got
+        .get(&early)
+        .unwrap_or_else(|| panic!("no early UDP flow {early:?} in:\n{out}"));
+    assert_eq!(
+        (e.orientation.as_str(), e.d2s),
+        (
+            "listen_socket",
+            Dir {
+                packets: 1,
+                bytes: 14 + 20 + 8 + 10
+            }
+        )
+    );
 
     for (host, peer, tcp_port, udp_port, ip_hdr, icmp) in [
         (&v.host_v4, &v.peer_v4, t4, u4, 20u64, "icmp"),

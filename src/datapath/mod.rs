@@ -151,15 +151,7 @@ type KeyBytes = [u8; std::mem::size_of::<RawKey>()];
 
 fn key_bytes(k: &RawKey) -> KeyBytes {
     let mut out = [0u8; std::mem::size_of::<RawKey>()];
-    // SAFETY: RawKey is a plain repr(C) struct of integers, no padding
-    // beyond the explicit pad fields.
-    let src = unsafe {
-        std::slice::from_raw_parts(
-            (k as *const RawKey).cast::<u8>(),
-            std::mem::size_of::<RawKey>(),
-        )
-    };
-    out.copy_from_slice(src);
+    out.copy_from_slice(as_bytes(k));
     out
 }
 
@@ -323,10 +315,6 @@ impl Datapath {
             .min_by(|a, b| (*a as f64 - hz).abs().total_cmp(&(*b as f64 - hz).abs()))
             .unwrap_or(250);
         Ok(1_000_000_000 / best)
-    }
-
-    pub fn ns_per_tick(&self) -> u64 {
-        self.ns_per_tick
     }
 
     fn progs_for(
@@ -688,11 +676,6 @@ fn wait_for_programs() {
     } else {
         std::thread::sleep(Duration::from_millis(1));
     }
-}
-
-/// The raw key as bytes (used by tests to compare keys).
-pub fn raw_key_bytes(k: &RawKey) -> Vec<u8> {
-    as_bytes(k).to_vec()
 }
 
 #[cfg(test)]

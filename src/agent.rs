@@ -22,6 +22,7 @@ use crate::delivery::{self, Collector, DeliveryStats, Retry, Spool};
 use crate::flow::{clock_ns, Clock, Context, FlowTable};
 use crate::graph::{Graph, ServerResolver};
 use crate::host::HostView;
+use crate::k8s::{self, KubeResolver};
 use crate::metrics::{Direction, Metrics};
 use crate::store::{self, Location};
 use crate::web;
@@ -112,6 +113,69 @@ struct Loop {
     writer: Option<store::Writer>,
     metrics: Arc<Metrics>,
     max_flows: u32,
+    kube: Option<Kube>,
+}
+
+/// Kubernetes mode: the watch caches, this node's name and the cluster UID
+/// of each kubernetes data source.
+struct Kube {
+    cluster: k8s::watch::Shared,
+    node: String,
+    uids: HashMap<String, String>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// How long the agent waits for the first full list of every watched kind
+/// before it attaches anyway.
+pub const KUBE_SYNC_WAIT: Duration = Duration::from_secs(30);
+
+/// The node this agent runs on: `NODE_NAME` (the DaemonSet sets it from
+/// `spec.nodeName`), else the host name.
+pub fn node_name() -> String {
+    std::env::var("NODE_NAME")
+        .ok()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| HostView::read().hostname)
+}
+
+async fn start_kube(cfg: &Config, interval: Duration, metrics: &Arc<Metrics>) -> Result<Option<Kube>> {
+    let kube_sources: Vec<&FlowsSource> = cfg
+        .flows
+        .iter()
+        .filter(|f| f.deployed_at == DeployedAt::Kubernetes)
+        .collect();
+    if kube_sources.is_empty() {
+        return Ok(None);
+    }
+    let node = node_name();
+    let mut uids = HashMap::new();
+    for src in &kube_sources {
+        let uid = src.cluster_uid(&node).with_context(|| {
+            format!(
+                "data source {:?}: no external_mappings key matches this node {node:?}; add \"*@<cluster UID>\" or \"{node}@<cluster UID>\"",
+                src.id
+            )
+        })?;
+        uids.insert(src.id.clone(), uid.to_string());
+    }
+    let client = k8s::watch::client().await?;
+    let cluster = Arc::new(std::sync::RwLock::new(k8s::index::Cluster::new(
+        interval * 2 + Duration::from_secs(60),
+    )));
+    let tasks = k8s::watch::start(client, cluster.clone(), metrics.clone());
+    if k8s::watch::wait_synced(&cluster, KUBE_SYNC_WAIT).await {
+        let c = k8s::watch::read(&cluster);
+        k8s::watch::publish(&c, metrics);
+        info!(node = %node, counts = ?c.counts(), "Kubernetes watch caches in sync");
+    } else {
+        warn!(wait = ?KUBE_SYNC_WAIT, "the Kubernetes watch caches are not in sync yet; attaching anyway, they keep trying");
+    }
+    Ok(Some(Kube {
+        cluster,
+        node,
+        uids,
+        tasks,
+    }))
 }
 
 impl Loop {
@@ -172,12 +236,36 @@ impl Loop {
                 w.write_all(b"\n")?;
             }
         }
+        if let Some(k) = &self.kube {
+            let mut c = k8s::watch::write(&k.cluster);
+            c.prune(end);
+            k8s::watch::publish(&c, &self.metrics);
+            if !c.all_synced() {
+                warn!("the Kubernetes watch caches are not in sync yet; addresses they do not know yet resolve as external");
+            }
+        }
         for src in &self.sources {
-            let resolver = ServerResolver {
-                data_source_id: &src.id,
-                host: &host,
+            let (graph, always) = match (&self.kube, src.deployed_at) {
+                (Some(k), DeployedAt::Kubernetes) => {
+                    let cluster = k8s::watch::read(&k.cluster);
+                    let resolver = KubeResolver {
+                        cluster: &cluster,
+                        cluster_uid: k.uids.get(&src.id).map(String::as_str).unwrap_or_default(),
+                        data_source_id: &src.id,
+                        node: &k.node,
+                        host: &host,
+                    };
+                    (Graph::build(&records, &resolver), resolver.node_endpoint(&k.node))
+                }
+                _ => {
+                    let resolver = ServerResolver {
+                        data_source_id: &src.id,
+                        host: &host,
+                    };
+                    (Graph::build(&records, &resolver), resolver.host_endpoint())
+                }
             };
-            let graph = Arc::new(Graph::build(&records, &resolver));
+            let graph = Arc::new(graph);
             self.metrics.batches_built.inc();
             if let Some(wr) = &self.writer {
                 wr.submit(store::Job {
@@ -185,7 +273,7 @@ impl Loop {
                     start: self.interval_start,
                     end,
                     graph: graph.clone(),
-                    always: vec![resolver.host_endpoint()],
+                    always: vec![always.clone()],
                 });
             }
             // The Coordimap encoding only for a sink that takes it.
@@ -194,7 +282,7 @@ impl Loop {
             }
             let batch = coordimap::encode(
                 &graph,
-                &[resolver.host_endpoint()],
+                &[always],
                 src,
                 &self.skip_fields,
                 self.interval_start,
@@ -305,13 +393,6 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<()> {
     if let Some(m) = opts.attach_mode {
         mode = m;
     }
-    if cfg
-        .flows
-        .iter()
-        .any(|f| f.deployed_at == DeployedAt::Kubernetes)
-    {
-        warn!("deployedAt kubernetes: pod and service enrichment is not in this version; endpoints are resolved as on a server");
-    }
     // Sinks and the listener first: a store, spool or address that cannot
     // be used is an error before anything is attached.
     let stats = Arc::new(DeliveryStats::default());
@@ -370,6 +451,9 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<()> {
         info!(url = %format!("http://{addr}/"), "map page, /metrics and /healthz listening");
     }
 
+    // Kubernetes mode: the API and the caches before anything is attached.
+    let kube = start_kube(cfg, interval, &metrics).await?;
+
     let present = ifaces::list().context("listing interfaces")?;
     sel.check_exists(&present).map_err(anyhow::Error::msg)?;
     let dp = Datapath::load(&Options { max_flows, mode })?;
@@ -401,6 +485,7 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<()> {
         writer,
         metrics: metrics.clone(),
         max_flows,
+        kube,
     };
     lp.refresh_interfaces();
     // Every packet is seen after the attach, so "first seen after start"
@@ -447,6 +532,11 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<()> {
     }
     if let Some(t) = web_task {
         t.abort();
+    }
+    if let Some(k) = lp.kube.take() {
+        for t in k.tasks {
+            t.abort();
+        }
     }
     if let Some(handle) = sender {
         let _ = finish_tx.send(true);

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::config::FlowsSource;
-use crate::graph::{EdgeStats, EndpointKind, Graph, EXTERNAL_TYPE, HOST_TYPE};
+use crate::graph::{EdgeStats, Graph};
 
 pub const RELATIONSHIP_TYPE: &str = "coordimap.relationship_skipinsert";
 /// Coordimap's relation type of eBPF flow edges.
@@ -172,11 +172,10 @@ pub fn encode(
         }
     };
     for ep in always.iter().chain(graph.endpoints.values()) {
-        let kind = match ep.kind {
-            EndpointKind::Host => HOST_TYPE,
-            EndpointKind::External => EXTERNAL_TYPE,
-        };
-        push(Element::new(ep, &ep.name, &ep.id, kind, &at), &mut data);
+        push(
+            Element::new(ep, &ep.name, &ep.id, ep.kind.element_type(), &at),
+            &mut data,
+        );
     }
     let mut pairs: BTreeMap<(&str, &str), Vec<EdgeStats>> = BTreeMap::new();
     for (k, s) in &graph.edges {

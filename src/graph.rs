@@ -17,10 +17,27 @@ use crate::host::HostView;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EndpointKind {
-    /// The host the agent runs on.
+    /// The host the agent runs on (server mode).
     Host,
-    /// Any address that is not this host's.
+    /// Any address that is none of the others.
     External,
+    /// Kubernetes mode: a pod, a Service (by its ClusterIP), a node.
+    Pod,
+    Service,
+    Node,
+}
+
+impl EndpointKind {
+    /// The Coordimap element type.
+    pub fn element_type(&self) -> &'static str {
+        match self {
+            EndpointKind::Host => HOST_TYPE,
+            EndpointKind::External => EXTERNAL_TYPE,
+            EndpointKind::Pod => crate::k8s::index::POD_TYPE,
+            EndpointKind::Service => crate::k8s::index::SERVICE_TYPE,
+            EndpointKind::Node => crate::k8s::index::NODE_TYPE,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -28,13 +45,48 @@ pub struct Endpoint {
     pub id: String,
     pub kind: EndpointKind,
     pub name: String,
-    /// For the host, its addresses; for an external endpoint, its address.
+    /// For the host or a node, its addresses; for the others, the address
+    /// the flows used.
     pub addresses: Vec<IpAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// A pod's workload, as `Kind/name` (Coordimap's form).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workload_kind: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workload_name: Option<String>,
+    /// The node a pod runs on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+}
+
+impl Endpoint {
+    pub fn new(id: String, kind: EndpointKind, name: String, addresses: Vec<IpAddr>) -> Endpoint {
+        Endpoint {
+            id,
+            kind,
+            name,
+            addresses,
+            namespace: None,
+            workload: None,
+            workload_kind: None,
+            workload_name: None,
+            node: None,
+        }
+    }
 }
 
 /// Maps an address to the endpoint it belongs to.
 pub trait Resolve {
-    fn endpoint(&self, ip: IpAddr) -> Endpoint;
+    /// The endpoint `ip` was at time `at`.
+    fn endpoint(&self, ip: IpAddr, at: SystemTime) -> Endpoint;
+    /// Whether the answer depends on `at` (else one lookup per address
+    /// per interval is enough).
+    fn by_time(&self) -> bool {
+        false
+    }
 }
 
 /// Server mode: this host is one endpoint, every other address its own.
@@ -48,32 +100,36 @@ pub const EXTERNAL_TYPE: &str = "flows.external";
 
 impl ServerResolver<'_> {
     pub fn host_endpoint(&self) -> Endpoint {
-        Endpoint {
-            id: format!("{}-{HOST_TYPE}-{}", self.data_source_id, self.host.hostname),
-            kind: EndpointKind::Host,
-            name: self.host.hostname.clone(),
-            addresses: self
-                .host
+        Endpoint::new(
+            format!("{}-{HOST_TYPE}-{}", self.data_source_id, self.host.hostname),
+            EndpointKind::Host,
+            self.host.hostname.clone(),
+            self.host
                 .addrs
                 .iter()
                 .copied()
                 .filter(|a| !a.is_loopback())
                 .collect(),
-        }
+        )
     }
 }
 
+/// An address that belongs to nothing known: its own endpoint.
+pub fn external_endpoint(data_source_id: &str, ip: IpAddr) -> Endpoint {
+    Endpoint::new(
+        format!("{data_source_id}-{EXTERNAL_TYPE}-{ip}"),
+        EndpointKind::External,
+        ip.to_string(),
+        vec![ip],
+    )
+}
+
 impl Resolve for ServerResolver<'_> {
-    fn endpoint(&self, ip: IpAddr) -> Endpoint {
+    fn endpoint(&self, ip: IpAddr, _at: SystemTime) -> Endpoint {
         if self.host.is_local(ip) {
             return self.host_endpoint();
         }
-        Endpoint {
-            id: format!("{}-{EXTERNAL_TYPE}-{ip}", self.data_source_id),
-            kind: EndpointKind::External,
-            name: ip.to_string(),
-            addresses: vec![ip],
-        }
+        external_endpoint(self.data_source_id, ip)
     }
 }
 
@@ -137,28 +193,59 @@ impl Graph {
     /// neither does link-local control traffic (to ff02::/16, 224.0.0.0/24
     /// or 255.255.255.255: neighbour discovery, MLD, IGMP, DHCP): it is
     /// no service. Both stay in the flow records.
+    ///
+    /// A connection to a Service ClusterIP is seen twice on a node: before
+    /// kube-proxy's DNAT (client → ClusterIP:port) and after it (client →
+    /// pod:targetPort), with the same client address and port. The first
+    /// makes the edge client → service; the second, matched on (protocol,
+    /// client address, client port), makes service → pod instead of
+    /// client → pod.
     pub fn build(records: &[FlowRecord], resolve: &dyn Resolve) -> Graph {
         let mut g = Graph::default();
-        // Each address is resolved once per interval.
+        // Without time, each address is resolved once per interval.
+        let by_time = resolve.by_time();
         let mut ids: HashMap<IpAddr, Arc<str>> = HashMap::new();
-        let mut id_of = |ip: IpAddr, g: &mut Graph| -> Arc<str> {
-            ids.entry(ip)
-                .or_insert_with(|| {
-                    let ep = resolve.endpoint(ip);
-                    let id: Arc<str> = ep.id.as_str().into();
-                    match g.endpoints.get_key_value(&id) {
-                        Some((k, _)) => k.clone(),
-                        None => {
-                            g.endpoints.insert(id.clone(), ep);
-                            id
-                        }
+        let mut id_of = |ip: IpAddr, at: SystemTime, g: &mut Graph| -> (Arc<str>, EndpointKind) {
+            let intern = |ep: Endpoint, g: &mut Graph| -> Arc<str> {
+                match g.endpoints.get_key_value(ep.id.as_str()) {
+                    Some((k, _)) => k.clone(),
+                    None => {
+                        let id: Arc<str> = ep.id.as_str().into();
+                        g.endpoints.insert(id.clone(), ep);
+                        id
                     }
-                })
-                .clone()
+                }
+            };
+            let id = if by_time {
+                intern(resolve.endpoint(ip, at), g)
+            } else {
+                ids.entry(ip)
+                    .or_insert_with(|| intern(resolve.endpoint(ip, at), g))
+                    .clone()
+            };
+            let kind = g.endpoints[&id].kind.clone();
+            (id, kind)
         };
-        for r in records.iter().filter(|r| !is_link_control(r.dst_ip)) {
-            let client = id_of(r.src_ip, &mut g);
-            let server = id_of(r.dst_ip, &mut g);
+        let records: Vec<&FlowRecord> = records.iter().filter(|r| !is_link_control(r.dst_ip)).collect();
+        let mut servers = Vec::with_capacity(records.len());
+        // (protocol, client address, client port) → the service it dialled.
+        let mut via: HashMap<(&str, IpAddr, u16), Arc<str>> = HashMap::new();
+        for r in &records {
+            let (server, kind) = id_of(r.dst_ip, r.last_seen, &mut g);
+            if kind == EndpointKind::Service {
+                via.insert((&*r.protocol, r.src_ip, r.src_port), server.clone());
+            }
+            servers.push((server, kind));
+        }
+        for (r, (server, kind)) in records.iter().zip(servers) {
+            let through = match kind {
+                EndpointKind::Pod => via.get(&(&*r.protocol, r.src_ip, r.src_port)).cloned(),
+                _ => None,
+            };
+            let client = match through {
+                Some(svc) => svc,
+                None => id_of(r.src_ip, r.last_seen, &mut g).0,
+            };
             if client == server {
                 continue;
             }

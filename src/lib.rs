@@ -10,6 +10,7 @@ pub mod flow;
 pub mod frames;
 pub mod graph;
 pub mod host;
+pub mod k8s;
 pub mod metrics;
 pub mod scale;
 pub mod store;

@@ -29,6 +29,14 @@ pub struct Health {
     pub store_ok: AtomicBool,
     pub store_enabled: AtomicBool,
     pub collector_enabled: AtomicBool,
+    pub kube_enabled: AtomicBool,
+    /// Every watch cache has had its first full list.
+    pub kube_synced: AtomicBool,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
 }
 
 pub struct Metrics {
@@ -50,6 +58,9 @@ pub struct Metrics {
     pub flush_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub resident_memory: Gauge,
     pub kernel_map_memory: Gauge,
+    pub kube_objects: Family<KindLabel, Gauge>,
+    pub kube_watch_errors: Counter,
+    pub kube_relists: Counter,
     last_kernel: [AtomicU64; crate::datapath::STAT_NAMES.len()],
 }
 
@@ -75,6 +86,9 @@ impl Metrics {
             flush_seconds: Gauge::default(),
             resident_memory: Gauge::default(),
             kernel_map_memory: Gauge::default(),
+            kube_objects: Family::default(),
+            kube_watch_errors: Counter::default(),
+            kube_relists: Counter::default(),
             last_kernel: Default::default(),
         };
         r.register(
@@ -186,6 +200,21 @@ impl Metrics {
             "kernel_map_memory_bytes",
             "Kernel memory charged for the program's maps",
             m.kernel_map_memory.clone(),
+        );
+        r.register(
+            "kube_objects",
+            "Kubernetes mode: objects in the watch caches (pods, pod_ip_records incl. deleted pods within grace, replicasets, jobs, services, nodes)",
+            m.kube_objects.clone(),
+        );
+        r.register(
+            "kube_watch_errors",
+            "Kubernetes mode: watch or list errors (each retried with backoff)",
+            m.kube_watch_errors.clone(),
+        );
+        r.register(
+            "kube_relists",
+            "Kubernetes mode: full lists of a watched kind (one per kind at start, again after 410 Gone)",
+            m.kube_relists.clone(),
         );
         Metrics { registry: r, ..m }
     }

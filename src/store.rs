@@ -13,7 +13,7 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::config::{Database, Driver};
-use crate::graph::{EndpointKind, Graph};
+use crate::graph::Graph;
 
 /// Where the store lives.
 #[derive(Debug, Clone, PartialEq)]
@@ -353,10 +353,7 @@ impl Store {
                 .get(0),
         };
         for ep in always.iter().chain(graph.endpoints.values()) {
-            let kind = match ep.kind {
-                EndpointKind::Host => crate::graph::HOST_TYPE,
-                EndpointKind::External => crate::graph::EXTERNAL_TYPE,
-            };
+            let kind = ep.kind.element_type();
             self.run(
                 "INSERT INTO elements (id, type, name, payload, first_seen_ms, last_seen_ms) VALUES ($1, $2, $3, $4, $5, $5)
                  ON CONFLICT (id) DO UPDATE SET type = excluded.type, name = excluded.name, payload = excluded.payload, last_seen_ms = excluded.last_seen_ms",

@@ -128,6 +128,10 @@ async fn healthz(State(st): State<AppState>) -> Response {
         "collector": if h.collector_enabled.load(Ordering::Relaxed) {
             json!({"spooled_batches": d.spool_batches.get(), "last_delivery_unix": d.last_delivery_unix.get()})
         } else { json!("disabled") },
+        // Nor does an API server outage: the caches keep their last state.
+        "kubernetes": if h.kube_enabled.load(Ordering::Relaxed) {
+            json!({"synced": h.kube_synced.load(Ordering::Relaxed)})
+        } else { json!("disabled") },
     });
     (
         if ok {

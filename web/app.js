@@ -59,9 +59,18 @@
 
   function nodeDetails(n) {
     const addrs = (n.payload && n.payload.addresses) || [];
-    showDetails([["name", n.name], ["type", n.type], ["id", n.id], ["addresses", addrs.join(", ") || "-"],
+    const p = n.payload || {};
+    const extra = [];
+    if (p.namespace) extra.push(["namespace", p.namespace]);
+    if (p.workload) extra.push(["workload", p.workload]);
+    if (p.node) extra.push(["node", p.node]);
+    showDetails([["name", n.name], ["type", n.type], ["id", n.id], ...extra, ["addresses", addrs.join(", ") || "-"],
       ["last seen", new Date(n.last_seen_ms).toISOString()]]);
   }
+
+  const KINDS = { "flows.host": "host", "flows.external": "external", "kubernetes.pod": "pod",
+    "kubernetes.service": "service", "kubernetes.node": "host" };
+  const GROUP_LABELS = { host: "hosts and nodes", external: "external", pod: "pods", service: "services" };
 
   function render(data) {
     const names = {};
@@ -71,8 +80,9 @@
     const grouping = $("group").value;
     const groups = new Set();
     for (const n of data.nodes) {
-      const kind = n.type === "flows.host" ? "host" : "external";
-      const el = { group: "nodes", data: { id: n.id, label: n.name, kind: kind } };
+      const kind = KINDS[n.type] || "external";
+      const ns = n.payload && n.payload.namespace;
+      const el = { group: "nodes", data: { id: n.id, label: ns ? ns + "/" + n.name : n.name, kind: kind } };
       if (grouping === "kind") {
         const g = "group:" + kind;
         groups.add(g);
@@ -82,7 +92,7 @@
       els.push(el);
     }
     for (const g of groups) {
-      els.push({ group: "nodes", data: { id: g, label: g === "group:host" ? "this host" : "external", kind: "group" } });
+      els.push({ group: "nodes", data: { id: g, label: GROUP_LABELS[g.slice(6)] || g.slice(6), kind: "group" } });
     }
     const maxBytes = Math.max(1, ...data.edges.map((e) => e.bytes_client_to_server + e.bytes_server_to_client));
     data.edges.forEach((e, i) => {
@@ -99,6 +109,8 @@
           { selector: "node", style: { "label": "data(label)", "font-size": 11, "text-valign": "bottom", "text-margin-y": 4,
             "background-color": "#6b7a90", "width": 22, "height": 22 } },
           { selector: "node[kind = 'host']", style: { "background-color": "#1f6feb", "shape": "round-rectangle", "width": 34, "height": 26 } },
+          { selector: "node[kind = 'pod']", style: { "background-color": "#2da44e" } },
+          { selector: "node[kind = 'service']", style: { "background-color": "#8250df", "shape": "diamond", "width": 26, "height": 26 } },
           { selector: "node[kind = 'group']", style: { "background-color": "#eef2f7", "border-color": "#c7ced9", "border-width": 1,
             "text-valign": "top", "font-weight": "bold", "color": "#5a6474" } },
           { selector: "edge", style: { "width": "data(width)", "curve-style": "bezier", "target-arrow-shape": "triangle",

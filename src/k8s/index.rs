@@ -1,0 +1,502 @@
+//! What the agent knows of the cluster: pods by IP over time, the owners
+//! of ReplicaSets and Jobs, Services by ClusterIP and Nodes by address.
+//! Filled from the watch caches; read once per interval to resolve the
+//! interval's flows. Only the few fields resolution needs are kept, so
+//! memory follows the number of objects, not their size.
+//!
+//! A pod IP is held by one pod at a time, but pods come and go: each IP
+//! keeps the list of the pods that held it, with when they did. A flow is
+//! resolved at its own time, so traffic of a deleted pod stays with that
+//! pod, and traffic after the IP was reused goes to the new one. Deleted
+//! pods are forgotten `grace` after they went.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use k8s_openapi::api::apps::v1::ReplicaSet;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use serde::Serialize;
+
+/// A pod's workload: the top of its owner chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Workload {
+    /// Deployment, ReplicaSet, StatefulSet, DaemonSet, CronJob, Job, Pod,
+    /// or the kind of any other controller.
+    pub kind: String,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodMeta {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub node: Option<String>,
+    /// The controller owner reference: (kind, name).
+    pub owner: Option<(String, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceMeta {
+    pub namespace: String,
+    pub name: String,
+}
+
+#[derive(Debug, Clone)]
+struct Occupant {
+    pod: Arc<PodMeta>,
+    from: SystemTime,
+    until: Option<SystemTime>,
+}
+
+impl Occupant {
+    /// How far `at` lies outside the time this pod held the IP.
+    fn distance(&self, at: SystemTime) -> Duration {
+        if at < self.from {
+            return self.from.duration_since(at).unwrap_or_default();
+        }
+        match self.until {
+            Some(u) if at >= u => at.duration_since(u).unwrap_or_default(),
+            _ => Duration::ZERO,
+        }
+    }
+}
+
+/// What an address is in the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Pod(Arc<PodMeta>),
+    Service(Arc<ServiceMeta>),
+    Node(Arc<str>),
+}
+
+/// Which of the watched kinds an event is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Pod,
+    ReplicaSet,
+    Job,
+    Service,
+    Node,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 5] = [Kind::Pod, Kind::ReplicaSet, Kind::Job, Kind::Service, Kind::Node];
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Pod => "pods",
+            Kind::ReplicaSet => "replicasets",
+            Kind::Job => "jobs",
+            Kind::Service => "services",
+            Kind::Node => "nodes",
+        }
+    }
+}
+
+type NsName = (String, String);
+
+#[derive(Debug)]
+pub struct Cluster {
+    /// Current pods by UID, with the IPs each holds now.
+    pods: HashMap<String, (Arc<PodMeta>, Vec<IpAddr>)>,
+    by_ip: HashMap<IpAddr, Vec<Occupant>>,
+    rs_owner: HashMap<NsName, Option<(String, String)>>,
+    job_owner: HashMap<NsName, Option<(String, String)>>,
+    services: HashMap<NsName, (Arc<ServiceMeta>, Vec<IpAddr>)>,
+    service_ips: HashMap<IpAddr, Arc<ServiceMeta>>,
+    nodes: HashMap<String, (Arc<str>, Vec<IpAddr>)>,
+    node_ips: HashMap<IpAddr, Arc<str>>,
+    /// How long a deleted pod stays resolvable for flows of its time.
+    pub grace: Duration,
+    /// Kinds whose first full list has been applied.
+    synced: HashSet<Kind>,
+    /// Keys seen since the current (re)list began, per kind.
+    relist: HashMap<Kind, HashSet<String>>,
+}
+
+fn ns_name(m: &ObjectMeta) -> Option<NsName> {
+    Some((m.namespace.clone().unwrap_or_default(), m.name.clone()?))
+}
+
+fn controller(refs: &Option<Vec<OwnerReference>>) -> Option<(String, String)> {
+    let refs = refs.as_ref()?;
+    refs.iter()
+        .find(|r| r.controller == Some(true))
+        .or_else(|| refs.first())
+        .map(|r| (r.kind.clone(), r.name.clone()))
+}
+
+fn parse_ips<'a>(it: impl Iterator<Item = &'a str>) -> Vec<IpAddr> {
+    let mut v: Vec<IpAddr> = it.filter_map(|s| s.trim().parse().ok()).collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+impl Cluster {
+    pub fn new(grace: Duration) -> Cluster {
+        Cluster {
+            pods: HashMap::new(),
+            by_ip: HashMap::new(),
+            rs_owner: HashMap::new(),
+            job_owner: HashMap::new(),
+            services: HashMap::new(),
+            service_ips: HashMap::new(),
+            nodes: HashMap::new(),
+            node_ips: HashMap::new(),
+            grace,
+            synced: HashSet::new(),
+            relist: HashMap::new(),
+        }
+    }
+
+    pub fn is_synced(&self, k: Kind) -> bool {
+        self.synced.contains(&k)
+    }
+
+    pub fn all_synced(&self) -> bool {
+        Kind::ALL.iter().all(|k| self.synced.contains(k))
+    }
+
+    /// Object counts: current pods, pod IP records (current and deleted
+    /// within grace), ReplicaSets, Jobs, Services, Nodes.
+    pub fn counts(&self) -> [(&'static str, usize); 6] {
+        [
+            ("pods", self.pods.len()),
+            ("pod_ip_records", self.by_ip.values().map(Vec::len).sum()),
+            ("replicasets", self.rs_owner.len()),
+            ("jobs", self.job_owner.len()),
+            ("services", self.services.len()),
+            ("nodes", self.nodes.len()),
+        ]
+    }
+
+    // ---- list/watch bookkeeping ------------------------------------
+
+    /// A (re)list of `k` begins: objects it does not list again are gone.
+    pub fn begin_list(&mut self, k: Kind) {
+        self.relist.insert(k, HashSet::new());
+    }
+
+    fn listed(&mut self, k: Kind, key: String) {
+        if let Some(s) = self.relist.get_mut(&k) {
+            s.insert(key);
+        }
+    }
+
+    /// The (re)list of `k` is complete: whatever it did not name was
+    /// deleted while the agent was not watching.
+    pub fn end_list(&mut self, k: Kind, now: SystemTime) {
+        let seen = self.relist.remove(&k).unwrap_or_default();
+        match k {
+            Kind::Pod => {
+                let gone: Vec<String> = self.pods.keys().filter(|u| !seen.contains(*u)).cloned().collect();
+                for uid in gone {
+                    self.remove_pod_uid(&uid, now);
+                }
+            }
+            Kind::ReplicaSet => self.rs_owner.retain(|(ns, n), _| seen.contains(&format!("{ns}/{n}"))),
+            Kind::Job => self.job_owner.retain(|(ns, n), _| seen.contains(&format!("{ns}/{n}"))),
+            Kind::Service => {
+                let gone: Vec<NsName> = self
+                    .services
+                    .keys()
+                    .filter(|(ns, n)| !seen.contains(&format!("{ns}/{n}")))
+                    .cloned()
+                    .collect();
+                for key in gone {
+                    self.remove_service(&key);
+                }
+            }
+            Kind::Node => {
+                let gone: Vec<String> = self.nodes.keys().filter(|n| !seen.contains(*n)).cloned().collect();
+                for n in gone {
+                    self.remove_node(&n);
+                }
+            }
+        }
+        self.synced.insert(k);
+    }
+
+    // ---- pods ---------------------------------------------------------
+
+    /// A pod was added or changed, observed at `now`. Its IPs are those
+    /// of `status.podIPs` while it runs; a pod on the host network, or one
+    /// that has finished, holds no pod IP of its own.
+    pub fn apply_pod(&mut self, pod: &Pod, now: SystemTime) {
+        let m = &pod.metadata;
+        let Some(uid) = m.uid.clone() else { return };
+        let Some((namespace, name)) = ns_name(m) else { return };
+        self.listed(Kind::Pod, uid.clone());
+        let spec = pod.spec.as_ref();
+        let status = pod.status.as_ref();
+        let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
+        let finished = matches!(
+            status.and_then(|s| s.phase.as_deref()),
+            Some("Succeeded") | Some("Failed")
+        );
+        let ips = if host_network || finished {
+            Vec::new()
+        } else {
+            let from_list = status
+                .and_then(|s| s.pod_ips.as_ref())
+                .map(|v| parse_ips(v.iter().map(|p| p.ip.as_str())))
+                .unwrap_or_default();
+            if from_list.is_empty() {
+                parse_ips(status.and_then(|s| s.pod_ip.as_deref()).into_iter())
+            } else {
+                from_list
+            }
+        };
+        let meta = PodMeta {
+            namespace,
+            name,
+            uid: uid.clone(),
+            node: spec.and_then(|s| s.node_name.clone()),
+            owner: controller(&m.owner_references),
+        };
+        // The first list: these pods held their IPs before the agent
+        // looked, as far as anyone here can tell.
+        let from = if self.is_synced(Kind::Pod) { now } else { SystemTime::UNIX_EPOCH };
+        let (meta, old_ips) = match self.pods.remove(&uid) {
+            Some((old, old_ips)) if *old == meta => (old, old_ips),
+            Some((_, old_ips)) => (Arc::new(meta), old_ips),
+            None => (Arc::new(meta), Vec::new()),
+        };
+        for ip in old_ips.iter().filter(|ip| !ips.contains(ip)) {
+            self.close(*ip, &uid, now);
+        }
+        for ip in &ips {
+            let occ = self.by_ip.entry(*ip).or_default();
+            match occ.iter_mut().find(|o| o.pod.uid == uid && o.until.is_none()) {
+                // Same pod, same IP: keep when it began, take new metadata.
+                Some(o) => o.pod = meta.clone(),
+                None => {
+                    // A new holder: whoever held it before has let it go.
+                    for o in occ.iter_mut().filter(|o| o.until.is_none()) {
+                        o.until = Some(now);
+                    }
+                    occ.push(Occupant {
+                        pod: meta.clone(),
+                        from,
+                        until: None,
+                    });
+                }
+            }
+        }
+        self.pods.insert(uid, (meta, ips));
+    }
+
+    pub fn delete_pod(&mut self, pod: &Pod, now: SystemTime) {
+        if let Some(uid) = &pod.metadata.uid {
+            self.remove_pod_uid(uid, now);
+        }
+    }
+
+    fn remove_pod_uid(&mut self, uid: &str, now: SystemTime) {
+        if let Some((_, ips)) = self.pods.remove(uid) {
+            for ip in ips {
+                self.close(ip, uid, now);
+            }
+        }
+    }
+
+    fn close(&mut self, ip: IpAddr, uid: &str, now: SystemTime) {
+        if let Some(occ) = self.by_ip.get_mut(&ip) {
+            for o in occ.iter_mut().filter(|o| o.pod.uid == uid && o.until.is_none()) {
+                o.until = Some(now);
+            }
+        }
+    }
+
+    /// Forgets pods that left more than `grace` ago.
+    pub fn prune(&mut self, now: SystemTime) {
+        let grace = self.grace;
+        self.by_ip.retain(|_, occ| {
+            occ.retain(|o| match o.until {
+                Some(u) => now.duration_since(u).map(|d| d <= grace).unwrap_or(true),
+                None => true,
+            });
+            !occ.is_empty()
+        });
+    }
+
+    // ---- owners -------------------------------------------------------
+
+    pub fn apply_replicaset(&mut self, rs: &ReplicaSet) {
+        if let Some(k) = ns_name(&rs.metadata) {
+            self.listed(Kind::ReplicaSet, format!("{}/{}", k.0, k.1));
+            self.rs_owner.insert(k, controller(&rs.metadata.owner_references));
+        }
+    }
+
+    pub fn delete_replicaset(&mut self, rs: &ReplicaSet) {
+        if let Some(k) = ns_name(&rs.metadata) {
+            self.rs_owner.remove(&k);
+        }
+    }
+
+    pub fn apply_job(&mut self, job: &Job) {
+        if let Some(k) = ns_name(&job.metadata) {
+            self.listed(Kind::Job, format!("{}/{}", k.0, k.1));
+            self.job_owner.insert(k, controller(&job.metadata.owner_references));
+        }
+    }
+
+    pub fn delete_job(&mut self, job: &Job) {
+        if let Some(k) = ns_name(&job.metadata) {
+            self.job_owner.remove(&k);
+        }
+    }
+
+    /// The workload of a pod: ReplicaSet→Deployment, Job→CronJob,
+    /// StatefulSet, DaemonSet, another controller, or the bare pod.
+    pub fn workload(&self, pod: &PodMeta) -> Workload {
+        let Some((kind, name)) = &pod.owner else {
+            return Workload {
+                kind: "Pod".into(),
+                name: pod.name.clone(),
+            };
+        };
+        let parent = match kind.as_str() {
+            "ReplicaSet" => self.rs_owner.get(&(pod.namespace.clone(), name.clone())),
+            "Job" => self.job_owner.get(&(pod.namespace.clone(), name.clone())),
+            _ => None,
+        };
+        match parent {
+            Some(Some((pk, pn))) if (kind == "ReplicaSet" && pk == "Deployment") || (kind == "Job" && pk == "CronJob") => {
+                Workload {
+                    kind: pk.clone(),
+                    name: pn.clone(),
+                }
+            }
+            _ => Workload {
+                kind: kind.clone(),
+                name: name.clone(),
+            },
+        }
+    }
+
+    // ---- services and nodes -------------------------------------------
+
+    /// A Service's ClusterIPs (`spec.clusterIPs`, or `spec.clusterIP`);
+    /// a headless service has none.
+    pub fn apply_service(&mut self, svc: &Service) {
+        let Some(key) = ns_name(&svc.metadata) else { return };
+        self.listed(Kind::Service, format!("{}/{}", key.0, key.1));
+        let spec = svc.spec.as_ref();
+        let mut ips = spec
+            .and_then(|s| s.cluster_ips.as_ref())
+            .map(|v| parse_ips(v.iter().map(String::as_str)))
+            .unwrap_or_default();
+        if ips.is_empty() {
+            ips = parse_ips(spec.and_then(|s| s.cluster_ip.as_deref()).into_iter());
+        }
+        self.remove_service(&key);
+        let meta = Arc::new(ServiceMeta {
+            namespace: key.0.clone(),
+            name: key.1.clone(),
+        });
+        for ip in &ips {
+            self.service_ips.insert(*ip, meta.clone());
+        }
+        self.services.insert(key, (meta, ips));
+    }
+
+    pub fn delete_service(&mut self, svc: &Service) {
+        if let Some(key) = ns_name(&svc.metadata) {
+            self.remove_service(&key);
+        }
+    }
+
+    fn remove_service(&mut self, key: &NsName) {
+        if let Some((meta, ips)) = self.services.remove(key) {
+            for ip in ips {
+                if self.service_ips.get(&ip).is_some_and(|m| Arc::ptr_eq(m, &meta)) {
+                    self.service_ips.remove(&ip);
+                }
+            }
+        }
+    }
+
+    /// A Node's InternalIP and ExternalIP addresses.
+    pub fn apply_node(&mut self, node: &Node) {
+        let Some(name) = node.metadata.name.clone() else { return };
+        self.listed(Kind::Node, name.clone());
+        let ips = node
+            .status
+            .as_ref()
+            .and_then(|s| s.addresses.as_ref())
+            .map(|v| {
+                parse_ips(
+                    v.iter()
+                        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+                        .map(|a| a.address.as_str()),
+                )
+            })
+            .unwrap_or_default();
+        self.remove_node(&name);
+        let n: Arc<str> = name.as_str().into();
+        for ip in &ips {
+            self.node_ips.insert(*ip, n.clone());
+        }
+        self.nodes.insert(name, (n, ips));
+    }
+
+    pub fn delete_node(&mut self, node: &Node) {
+        if let Some(name) = &node.metadata.name {
+            self.remove_node(name);
+        }
+    }
+
+    fn remove_node(&mut self, name: &str) {
+        if let Some((n, ips)) = self.nodes.remove(name) {
+            for ip in ips {
+                if self.node_ips.get(&ip).is_some_and(|m| Arc::ptr_eq(m, &n)) {
+                    self.node_ips.remove(&ip);
+                }
+            }
+        }
+    }
+
+    // ---- resolution ---------------------------------------------------
+
+    /// What `ip` was at time `at`: the pod that held it then (or, when
+    /// `at` falls between holders, the one whose time is nearest: a watch
+    /// event may arrive a moment after the pod's first packet), else a
+    /// Service ClusterIP, else a node address.
+    pub fn resolve(&self, ip: IpAddr, at: SystemTime) -> Option<Target> {
+        if let Some(occ) = self.by_ip.get(&ip) {
+            // Ties go to the later holder.
+            if let Some(o) = occ
+                .iter()
+                .rev()
+                .min_by_key(|o| o.distance(at))
+            {
+                return Some(Target::Pod(o.pod.clone()));
+            }
+        }
+        if let Some(s) = self.service_ips.get(&ip) {
+            return Some(Target::Service(s.clone()));
+        }
+        self.node_ips.get(&ip).map(|n| Target::Node(n.clone()))
+    }
+
+    pub fn node_addresses(&self, name: &str) -> &[IpAddr] {
+        self.nodes.get(name).map(|(_, v)| v.as_slice()).unwrap_or(&[])
+    }
+}
+
+/// The internal ID the Kubernetes crawler gives an object:
+/// `<cluster uid>-<namespace>-<type>-<name>` (namespace empty for nodes).
+pub fn internal_id(cluster_uid: &str, namespace: &str, kind: &str, name: &str) -> String {
+    format!("{cluster_uid}-{namespace}-{kind}-{name}")
+}
+
+pub const POD_TYPE: &str = "kubernetes.pod";
+pub const SERVICE_TYPE: &str = "kubernetes.service";
+pub const NODE_TYPE: &str = "kubernetes.node";

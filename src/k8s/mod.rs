@@ -1,0 +1,82 @@
+//! Kubernetes mode: watch caches of the cluster's pods, ReplicaSets, Jobs,
+//! Services and Nodes, and the resolver that maps each flow's addresses
+//! onto them at the flow's time.
+
+pub mod index;
+pub mod standin;
+pub mod watch;
+
+use std::net::IpAddr;
+use std::time::SystemTime;
+
+use crate::graph::{external_endpoint, Endpoint, EndpointKind, Resolve};
+use crate::host::HostView;
+use index::{internal_id, Cluster, Target, NODE_TYPE, POD_TYPE, SERVICE_TYPE};
+
+/// Resolves addresses against the cluster: pod (at the flow's time),
+/// Service ClusterIP, node address; an address of this host that no Node
+/// object lists (a CNI bridge, say) is this node; anything else external.
+pub struct KubeResolver<'a> {
+    pub cluster: &'a Cluster,
+    pub cluster_uid: &'a str,
+    pub data_source_id: &'a str,
+    /// The node the agent runs on.
+    pub node: &'a str,
+    pub host: &'a HostView,
+}
+
+impl KubeResolver<'_> {
+    pub fn node_endpoint(&self, name: &str) -> Endpoint {
+        Endpoint::new(
+            internal_id(self.cluster_uid, "", NODE_TYPE, name),
+            EndpointKind::Node,
+            name.to_string(),
+            self.cluster.node_addresses(name).to_vec(),
+        )
+    }
+
+    fn target_endpoint(&self, t: Target, ip: IpAddr) -> Endpoint {
+        match t {
+            Target::Pod(p) => {
+                let w = self.cluster.workload(&p);
+                let mut e = Endpoint::new(
+                    internal_id(self.cluster_uid, &p.namespace, POD_TYPE, &p.name),
+                    EndpointKind::Pod,
+                    p.name.clone(),
+                    vec![ip],
+                );
+                e.namespace = Some(p.namespace.clone());
+                e.workload = Some(format!("{}/{}", w.kind, w.name));
+                e.workload_kind = Some(w.kind);
+                e.workload_name = Some(w.name);
+                e.node = p.node.clone();
+                e
+            }
+            Target::Service(s) => {
+                let mut e = Endpoint::new(
+                    internal_id(self.cluster_uid, &s.namespace, SERVICE_TYPE, &s.name),
+                    EndpointKind::Service,
+                    s.name.clone(),
+                    vec![ip],
+                );
+                e.namespace = Some(s.namespace.clone());
+                e
+            }
+            Target::Node(n) => self.node_endpoint(&n),
+        }
+    }
+}
+
+impl Resolve for KubeResolver<'_> {
+    fn endpoint(&self, ip: IpAddr, at: SystemTime) -> Endpoint {
+        match self.cluster.resolve(ip, at) {
+            Some(t) => self.target_endpoint(t, ip),
+            None if self.host.is_local(ip) => self.node_endpoint(self.node),
+            None => external_endpoint(self.data_source_id, ip),
+        }
+    }
+
+    fn by_time(&self) -> bool {
+        true
+    }
+}

@@ -298,3 +298,114 @@ fn edges_between_pods_services_nodes_and_external_with_exact_ids() {
     let rel = d.iter().find(|e| e.id == format!("{svc}.{pod_w}")).unwrap();
     assert_eq!(rel.kind, "coordimap.relationship_skipinsert");
 }
+
+// ---- the real kube-rs watch caches against the stand-in API server ----
+
+mod watching {
+    use super::*;
+    use flowmap::delivery::DeliveryStats;
+    use flowmap::k8s::standin::StandIn;
+    use flowmap::k8s::watch;
+    use flowmap::metrics::Metrics;
+    use std::sync::{Arc, RwLock};
+
+    async fn until(what: &str, mut f: impl FnMut() -> bool) {
+        let end = std::time::Instant::now() + Duration::from_secs(15);
+        while !f() {
+            assert!(std::time::Instant::now() < end, "timed out waiting for: {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn now_pod(c: &watch::Shared, addr: &str) -> Option<String> {
+        pod_name(&watch::read(c), addr, SystemTime::now())
+    }
+
+    /// The index of the request for `path` with a query containing all of `parts`.
+    fn find(reqs: &[String], path: &str, parts: &[&str]) -> Option<usize> {
+        reqs.iter().position(|r| r.starts_with(&format!("{path}?")) && parts.iter().all(|p| r.contains(p)))
+    }
+
+    fn watch_rvs(reqs: &[String], path: &str) -> Vec<u64> {
+        reqs.iter()
+            .filter(|r| r.starts_with(&format!("{path}?")) && r.contains("watch=true"))
+            .filter_map(|r| r.split('&').find_map(|kv| kv.strip_prefix("resourceVersion=")).and_then(|v| v.parse().ok()))
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn list_watch_resume_and_relist_against_the_stand_in() {
+        let api = StandIn::start().unwrap();
+        api.set_bookmark_every(Some(Duration::from_millis(200)));
+        // 600 pods: more than one page of 500.
+        for i in 0..600u32 {
+            let addr = format!("10.244.{}.{}", 2 + i / 250, 1 + i % 250);
+            api.upsert(standin::pod("bulk", &format!("p{i}"), "1", &addr, "node-a", Some(("ReplicaSet", "bulk-rs"))));
+        }
+        api.upsert(standin::replicaset("bulk", "bulk-rs", Some("bulk")));
+        api.upsert(standin::job("batch", "nightly-1", Some("nightly")));
+        api.upsert(standin::service("shop", "web", "10.96.0.10", 80, 8080));
+        api.upsert(standin::node("node-a", "192.0.2.1"));
+        let kc = kube::config::Kubeconfig::from_yaml(&api.kubeconfig()).unwrap();
+        let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.unwrap();
+        let client = kube::Client::try_from(cfg).unwrap();
+        let cluster: watch::Shared = Arc::new(RwLock::new(Cluster::new(Duration::from_secs(120))));
+        let metrics = Arc::new(Metrics::new(Arc::new(DeliveryStats::default())));
+        let tasks = watch::start(client, cluster.clone(), metrics.clone());
+        assert!(watch::wait_synced(&cluster, Duration::from_secs(15)).await, "first list never completed");
+        {
+            let c = watch::read(&cluster);
+            assert_eq!(c.counts(), [("pods", 600), ("pod_ip_records", 600), ("replicasets", 1), ("jobs", 1), ("services", 1), ("nodes", 1)]);
+            let Some(Target::Pod(p)) = c.resolve(ip("10.244.4.100"), SystemTime::now()) else { panic!() };
+            assert_eq!((p.name.as_str(), c.workload(&p).name.as_str()), ("p599", "bulk"));
+        }
+        assert_eq!(metrics.kube_relists.get(), 5);
+        // The watch begins right after the list's last page.
+        until("the pod watch", || find(&api.requests(), "/api/v1/pods", &["watch=true"]).is_some()).await;
+        let reqs = api.requests();
+        let first_page = find(&reqs, "/api/v1/pods", &["limit=500"]).expect("paged list");
+        let second_page = find(&reqs, "/api/v1/pods", &["limit=500", "continue="]).expect("continued list");
+        assert!(first_page < second_page, "{reqs:?}");
+        find(&reqs, "/api/v1/pods", &["watch=true", "allowWatchBookmarks=true", "resourceVersion="]).expect("watch from the list's version");
+
+        // Live events: added, changed, deleted.
+        api.upsert(standin::pod("shop", "fresh", "1", "10.244.9.1", "node-a", None));
+        api.upsert(standin::service("shop", "web", "10.96.0.11", 80, 8080));
+        api.delete("Pod", Some("bulk"), "p0");
+        until("live events applied", || {
+            let c = watch::read(&cluster);
+            now_pod(&cluster, "10.244.9.1").as_deref() == Some("shop/fresh")
+                && c.resolve(ip("10.96.0.11"), SystemTime::now()).is_some()
+                && c.resolve(ip("10.96.0.10"), SystemTime::now()).is_none()
+                && c.counts()[0] == ("pods", 600)
+        })
+        .await;
+
+        // Bookmarks move the version on: a watch cut now resumes past the
+        // node list's version although no node changed.
+        let node_rv0 = watch_rvs(&api.requests(), "/api/v1/nodes")[0];
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        api.drop_connections();
+        until("every watch resumed", || ["/api/v1/pods", "/api/v1/nodes"].iter().all(|p| watch_rvs(&api.requests(), p).len() >= 2)).await;
+        let node_rvs = watch_rvs(&api.requests(), "/api/v1/nodes");
+        assert!(node_rvs[1] > node_rv0, "resumed at {node_rvs:?}");
+        // Resumed, not listed again.
+        assert_eq!(metrics.kube_relists.get(), 5);
+        api.upsert(standin::pod("shop", "after-cut", "1", "10.244.9.2", "node-a", None));
+        until("an event after the cut", || now_pod(&cluster, "10.244.9.2").is_some()).await;
+
+        // History expired while a pod was deleted unseen: 410, relist, gone.
+        assert!(api.delete_unseen("Pod", Some("shop"), "fresh"));
+        api.expire_and_drop();
+        until("relisted after 410", || metrics.kube_relists.get() >= 10).await;
+        until("the unseen deletion applied", || watch::read(&cluster).counts()[0] == ("pods", 600)).await;
+        // Its flows from before stay its own; from now on it is no pod.
+        let c = watch::read(&cluster);
+        assert_eq!(pod_name(&c, "10.244.9.1", SystemTime::now() - Duration::from_secs(1)).as_deref(), Some("shop/fresh"));
+        drop(c);
+        assert!(metrics.kube_watch_errors.get() >= 1, "the 410 is counted as a watch error");
+        for t in tasks {
+            t.abort();
+        }
+    }
+}

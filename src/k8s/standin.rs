@@ -173,6 +173,18 @@ impl StandIn {
         true
     }
 
+    /// Deletes an object without any event, as if the DELETED event had
+    /// been compacted away while nobody watched. Only a relist shows it.
+    pub fn delete_unseen(&self, kind: &str, namespace: Option<&str>, name: &str) -> bool {
+        let mut s = self.lock();
+        let key = match namespace {
+            Some(ns) => format!("{ns}/{name}"),
+            None => name.to_string(),
+        };
+        s.rv += 1;
+        s.objects.get_mut(kind).and_then(|m| m.remove(&key)).is_some()
+    }
+
     /// Forgets all history: every watch or list continuation from a
     /// resourceVersion before now gets "410 Gone".
     pub fn expire(&self) {

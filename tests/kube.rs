@@ -409,3 +409,25 @@ mod watching {
         }
     }
 }
+
+#[test]
+fn deleted_pods_kept_for_their_flows_are_capped() {
+    let mut c = synced();
+    c.max_deleted = 3;
+    for i in 0..6u64 {
+        let p = pod("churn", &format!("p{i}"), "1", &format!("10.244.7.{i}"), None);
+        c.apply_pod(&p, at(i));
+        c.delete_pod(&p, at(10 + i));
+    }
+    c.apply_pod(&pod("churn", "live", "1", "10.244.7.100", None), at(20));
+    c.prune(at(30));
+    // The three that left last stay, the live pod too; the rest went early.
+    assert_eq!(c.counts()[1], ("pod_ip_records", 4));
+    for i in 0..3 {
+        assert_eq!(pod_name(&c, &format!("10.244.7.{i}"), at(5)), None, "p{i}");
+    }
+    for i in 3..6 {
+        assert_eq!(pod_name(&c, &format!("10.244.7.{i}"), at(12)).as_deref(), Some(format!("churn/p{i}").as_str()));
+    }
+    assert_eq!(pod_name(&c, "10.244.7.100", at(30)).as_deref(), Some("churn/live"));
+}

@@ -112,6 +112,9 @@ pub struct Cluster {
     node_ips: HashMap<IpAddr, Arc<str>>,
     /// How long a deleted pod stays resolvable for flows of its time.
     pub grace: Duration,
+    /// At most this many IP records of deleted pods are kept, however
+    /// fast pods churn; beyond it the oldest go before their grace ends.
+    pub max_deleted: usize,
     /// Kinds whose first full list has been applied.
     synced: HashSet<Kind>,
     /// Keys seen since the current (re)list began, per kind.
@@ -149,6 +152,7 @@ impl Cluster {
             nodes: HashMap::new(),
             node_ips: HashMap::new(),
             grace,
+            max_deleted: DEFAULT_MAX_DELETED,
             synced: HashSet::new(),
             relist: HashMap::new(),
         }
@@ -313,16 +317,30 @@ impl Cluster {
         }
     }
 
-    /// Forgets pods that left more than `grace` ago.
+    /// Forgets pods that left more than `grace` ago, and the oldest
+    /// deleted ones beyond `max_deleted`.
     pub fn prune(&mut self, now: SystemTime) {
         let grace = self.grace;
+        let mut ends: Vec<SystemTime> = Vec::new();
         self.by_ip.retain(|_, occ| {
             occ.retain(|o| match o.until {
                 Some(u) => now.duration_since(u).map(|d| d <= grace).unwrap_or(true),
                 None => true,
             });
+            ends.extend(occ.iter().filter_map(|o| o.until));
             !occ.is_empty()
         });
+        if ends.len() > self.max_deleted {
+            // Keep the newest max_deleted: drop those that ended before
+            // the cut (and, on a tie at the cut, keep them all).
+            let drop_n = ends.len() - self.max_deleted;
+            let (_, cut, _) = ends.select_nth_unstable(drop_n);
+            let cut = *cut;
+            self.by_ip.retain(|_, occ| {
+                occ.retain(|o| o.until.is_none_or(|u| u >= cut));
+                !occ.is_empty()
+            });
+        }
     }
 
     // ---- owners -------------------------------------------------------
@@ -496,6 +514,9 @@ impl Cluster {
 pub fn internal_id(cluster_uid: &str, namespace: &str, kind: &str, name: &str) -> String {
     format!("{cluster_uid}-{namespace}-{kind}-{name}")
 }
+
+/// Default cap on IP records of deleted pods (about 200 bytes each).
+pub const DEFAULT_MAX_DELETED: usize = 50_000;
 
 pub const POD_TYPE: &str = "kubernetes.pod";
 pub const SERVICE_TYPE: &str = "kubernetes.service";

@@ -159,6 +159,16 @@ async fn start_kube(cfg: &Config, interval: Duration, metrics: &Arc<Metrics>) ->
         uids.insert(src.id.clone(), uid.to_string());
     }
     let client = k8s::watch::client().await?;
+    // A wrong UID would file every edge under objects the Kubernetes
+    // crawler never made: say so (it may be a deliberate scope_id).
+    if let Some(actual) = k8s::watch::cluster_uid(&client).await {
+        for (id, uid) in &uids {
+            if *uid != actual {
+                warn!(data_source = %id, configured = %uid, cluster = %actual,
+                    "external_mappings names a cluster UID that differs from this cluster's (the kube-system namespace UID); flow edges will not attach to the Kubernetes crawler's objects unless its scope_id is the configured value");
+            }
+        }
+    }
     let cluster = Arc::new(std::sync::RwLock::new(k8s::index::Cluster::new(
         interval * 2 + Duration::from_secs(60),
     )));

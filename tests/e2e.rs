@@ -1338,6 +1338,7 @@ fn kubernetes_mode_attaches_flows_to_pods_and_follows_ip_reuse() {
     let server1 = Server::start_in(&web1.ns);
 
     let api = StandIn::start().unwrap();
+    api.set_cluster_uid(UID);
     api.upsert(standin::node("node-e2e", &node_ip));
     api.upsert(standin::replicaset("shop", "web-6b9f", Some("web")));
     api.upsert(standin::pod("shop", "client", "1", &client_ip, "node-e2e", None));
@@ -1357,6 +1358,7 @@ fn kubernetes_mode_attaches_flows_to_pods_and_follows_ip_reuse() {
         &[("KUBECONFIG", kubeconfig.to_str().unwrap()), ("NODE_NAME", "node-e2e")],
     );
     assert!(agent.stderr().contains("Kubernetes watch caches in sync"), "{}", agent.stderr());
+    assert!(!agent.stderr().contains("differs from this cluster's"), "{}", agent.stderr());
 
     // Traffic to the first pod, which is then deleted before the agent's
     // next drain: its flows still belong to it, by their time.

@@ -431,3 +431,49 @@ fn deleted_pods_kept_for_their_flows_are_capped() {
     }
     assert_eq!(pod_name(&c, "10.244.7.100", at(30)).as_deref(), Some("churn/live"));
 }
+
+/// Kubernetes mode with no API to talk to: a clear error, before the
+/// program is loaded or anything attached.
+#[test]
+fn without_an_api_server_the_agent_stops_before_attaching() {
+    let dir = std::env::temp_dir().join(format!("flowmap-nokube-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("config.yaml");
+    std::fs::write(
+        &cfg,
+        format!("coordimap:\n  data_sources:\n    - type: flows\n      data_source_id: f1\n      config:\n        - name: deployedAt\n          value: kubernetes\n        - name: external_mappings\n          value: \"*@{UID}\"\n"),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_flowmap"))
+        .args(["run", "--config", cfg.to_str().unwrap(), "--no-store", "--no-web", "--state-dir", dir.to_str().unwrap()])
+        .env("HOME", &dir)
+        .env_remove("KUBECONFIG")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBERNETES_SERVICE_PORT")
+        .env_remove("COORDIMAP_ENDPOINT")
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("deployedAt kubernetes: no Kubernetes API to talk to") && err.contains("set KUBECONFIG (or ~/.kube/config)"),
+        "{err}"
+    );
+    assert!(!err.contains("BPF program loaded"), "{err}");
+
+    // A mapping whose key matches neither this node nor `*`: named.
+    let cfg2 = "coordimap:\n  data_sources:\n    - type: flows\n      data_source_id: f1\n      config:\n        - name: deployedAt\n          value: kubernetes\n        - name: external_mappings\n          value: \"other-node@x\"\n";
+    let dir2 = std::env::temp_dir().join(format!("flowmap-nokube2-{}", std::process::id()));
+    std::fs::create_dir_all(&dir2).unwrap();
+    std::fs::write(dir2.join("c.yaml"), cfg2).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_flowmap"))
+        .args(["run", "--config", dir2.join("c.yaml").to_str().unwrap(), "--no-store", "--no-web", "--state-dir", dir2.to_str().unwrap()])
+        .env("NODE_NAME", "node-7")
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir2);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(r#"data source "f1": no external_mappings key matches this node "node-7""#), "{err}");
+}

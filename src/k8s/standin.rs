@@ -55,6 +55,8 @@ struct Inner {
     requests: Vec<String>,
     /// Interval between BOOKMARK events on watches that allow them.
     bookmark_every: Option<Duration>,
+    /// The UID of the kube-system namespace (None: no such namespace).
+    cluster_uid: Option<String>,
 }
 
 struct Shared {
@@ -208,6 +210,11 @@ impl StandIn {
         self.drop_connections();
     }
 
+    /// Serves the kube-system namespace with this UID.
+    pub fn set_cluster_uid(&self, uid: &str) {
+        self.lock().cluster_uid = Some(uid.to_string());
+    }
+
     pub fn set_bookmark_every(&self, every: Option<Duration>) {
         self.lock().bookmark_every = every;
     }
@@ -256,6 +263,18 @@ async fn handle(State(st): State<Arc<Shared>>, uri: Uri, Query(q): Query<HashMap
         .unwrap_or_else(|p| p.into_inner())
         .requests
         .push(format!("{path}?{}", uri.query().unwrap_or("")));
+    if path == "/api/v1/namespaces/kube-system" {
+        let uid = st.inner.lock().unwrap_or_else(|p| p.into_inner()).cluster_uid.clone();
+        return match uid {
+            Some(uid) => reply(
+                StatusCode::OK,
+                &json!({"apiVersion": "v1", "kind": "Namespace",
+                        "metadata": {"name": "kube-system", "uid": uid, "resourceVersion": "1", "creationTimestamp": CREATED},
+                        "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}}),
+            ),
+            None => reply(StatusCode::NOT_FOUND, &status(404, "NotFound", "namespaces \"kube-system\" not found")),
+        };
+    }
     let Some((kind, api_version, _)) = KINDS.iter().find(|(_, _, p)| *p == path) else {
         return reply(StatusCode::NOT_FOUND, &status(404, "NotFound", &format!("the server could not find the requested resource ({path})")));
     };

@@ -138,6 +138,20 @@ pub fn start(client: Client, cluster: Shared, metrics: Arc<Metrics>) -> Vec<Join
     ]
 }
 
+/// The cluster's UID as Coordimap's Kubernetes crawler takes it: the UID
+/// of the kube-system namespace. None when it cannot be read (no such
+/// namespace, or RBAC without `get` on it).
+pub async fn cluster_uid(client: &Client) -> Option<String> {
+    let api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    match api.get_opt("kube-system").await {
+        Ok(ns) => ns.and_then(|n| n.metadata.uid),
+        Err(e) => {
+            debug!(error = %e, "reading the kube-system namespace failed");
+            None
+        }
+    }
+}
+
 /// Waits until every cache has had its first list, at most `timeout`.
 pub async fn wait_synced(cluster: &Shared, timeout: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + timeout;

@@ -87,7 +87,8 @@ pub fn graph(store: &mut Store, since: SystemTime, f: &Filter) -> Result<GraphVi
     let nodes: Vec<NodeRow> = nodes
         .into_iter()
         .filter(|n| {
-            used.contains(n.id.as_str()) || (unfiltered && n.kind == crate::graph::HOST_TYPE)
+            used.contains(n.id.as_str())
+                || (unfiltered && (n.kind == crate::graph::HOST_TYPE || n.kind == crate::k8s::index::NODE_TYPE))
         })
         .collect();
     Ok(GraphView {
@@ -167,7 +168,7 @@ fn dot_quote(s: &str) -> String {
 pub fn to_dot(v: &GraphView) -> String {
     let mut out = String::from("digraph flowmap {\n  rankdir=LR;\n");
     for n in &v.nodes {
-        let shape = if n.kind == crate::graph::HOST_TYPE {
+        let shape = if n.kind == crate::graph::HOST_TYPE || n.kind == crate::k8s::index::NODE_TYPE {
             "box"
         } else {
             "ellipse"

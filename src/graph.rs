@@ -82,10 +82,12 @@ impl Endpoint {
 pub trait Resolve {
     /// The endpoint `ip` was at time `at`.
     fn endpoint(&self, ip: IpAddr, at: SystemTime) -> Endpoint;
-    /// Whether the answer depends on `at` (else one lookup per address
-    /// per interval is enough).
-    fn by_time(&self) -> bool {
-        false
+    /// Which of the things `ip` may be it was at `at`: two calls with the
+    /// same address and the same answer here resolve to the same endpoint,
+    /// so the graph resolves each (address, holder) once per interval.
+    /// Resolvers whose answer does not depend on time keep the default.
+    fn holder(&self, _ip: IpAddr, _at: SystemTime) -> usize {
+        0
     }
 }
 
@@ -202,34 +204,30 @@ impl Graph {
     /// client → pod.
     pub fn build(records: &[FlowRecord], resolve: &dyn Resolve) -> Graph {
         let mut g = Graph::default();
-        // Without time, each address is resolved once per interval.
-        let by_time = resolve.by_time();
-        let mut ids: HashMap<IpAddr, Arc<str>> = HashMap::new();
+        // Each (address, holder) is resolved once per interval.
+        type Fast<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+        let mut ids: Fast<(IpAddr, usize), (Arc<str>, EndpointKind)> = Fast::default();
         let mut id_of = |ip: IpAddr, at: SystemTime, g: &mut Graph| -> (Arc<str>, EndpointKind) {
-            let intern = |ep: Endpoint, g: &mut Graph| -> Arc<str> {
-                match g.endpoints.get_key_value(ep.id.as_str()) {
-                    Some((k, _)) => k.clone(),
-                    None => {
-                        let id: Arc<str> = ep.id.as_str().into();
-                        g.endpoints.insert(id.clone(), ep);
-                        id
-                    }
-                }
-            };
-            let id = if by_time {
-                intern(resolve.endpoint(ip, at), g)
-            } else {
-                ids.entry(ip)
-                    .or_insert_with(|| intern(resolve.endpoint(ip, at), g))
-                    .clone()
-            };
-            let kind = g.endpoints[&id].kind.clone();
-            (id, kind)
+            ids.entry((ip, resolve.holder(ip, at)))
+                .or_insert_with(|| {
+                    let ep = resolve.endpoint(ip, at);
+                    let kind = ep.kind.clone();
+                    let id = match g.endpoints.get_key_value(ep.id.as_str()) {
+                        Some((k, _)) => k.clone(),
+                        None => {
+                            let id: Arc<str> = ep.id.as_str().into();
+                            g.endpoints.insert(id.clone(), ep);
+                            id
+                        }
+                    };
+                    (id, kind)
+                })
+                .clone()
         };
         let records: Vec<&FlowRecord> = records.iter().filter(|r| !is_link_control(r.dst_ip)).collect();
         let mut servers = Vec::with_capacity(records.len());
         // (protocol, client address, client port) → the service it dialled.
-        let mut via: HashMap<(&str, IpAddr, u16), Arc<str>> = HashMap::new();
+        let mut via: Fast<(&str, IpAddr, u16), Arc<str>> = Fast::default();
         for r in &records {
             let (server, kind) = id_of(r.dst_ip, r.last_seen, &mut g);
             if kind == EndpointKind::Service {

@@ -828,12 +828,63 @@ pub fn kube(pods: u32, out: &mut dyn Write) -> Result<()> {
         found += c.resolve(ips[(i % 1024) as usize], now).is_some() as u64;
     }
     let per = t.elapsed().as_nanos() as f64 / n as f64;
+    // The graph of 100,000 flows between pods, each pod a client of three
+    // others (10 % through a ClusterIP), with pod resolution and, for
+    // comparison, with server-mode resolution of the same records.
+    let host = crate::host::HostView::default();
+    let resolver = crate::k8s::KubeResolver {
+        cluster: &c,
+        cluster_uid: "bench-cluster",
+        data_source_id: "bench",
+        node: "node-0",
+        host: &host,
+    };
+    let records: Vec<crate::flow::FlowRecord> = (0..100_000u32)
+        .map(|i| {
+            let a = i.wrapping_mul(2_654_435_761) % pods.max(1);
+            let b = (a.wrapping_mul(7) + i % 3) % pods.max(1);
+            let via = i % 10 == 0;
+            let dst = if via { format!("10.96.{}.{}", (b / 10) / 256, (b / 10) % 256) } else { ip_of(b) };
+            crate::flow::FlowRecord {
+                interface: "veth0".into(),
+                ifindex: 2,
+                also_seen_on: vec![],
+                protocol: "tcp".into(),
+                src_ip: ip_of(a).parse().unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()),
+                src_port: 1024 + (i % 60_000) as u16,
+                dst_ip: dst.parse().unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()),
+                dst_port: if via { 80 } else { 8080 },
+                src_to_dst: Default::default(),
+                dst_to_src: Default::default(),
+                tcp_flags: vec![],
+                first_seen: now,
+                last_seen: now,
+                handshake_rtt_us: None,
+                orientation: crate::flow::Orientation::Syn,
+                opened: true,
+                reset: false,
+                handshake_this_interval: None,
+            }
+        })
+        .collect();
+    let t = Instant::now();
+    let graph = crate::graph::Graph::build(&records, &resolver);
+    let graph_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let server = crate::graph::ServerResolver {
+        data_source_id: "bench",
+        host: &host,
+    };
+    let t = Instant::now();
+    let plain = crate::graph::Graph::build(&records, &server);
+    let plain_ms = t.elapsed().as_secs_f64() * 1000.0;
+    drop(plain);
     drop(c);
     writeln!(
         out,
-        "bench scale kube pods={pods} sync_ms={} cache_rss_bytes={} resolve_ns={per:.0} resolved={found}",
+        "bench scale kube pods={pods} sync_ms={} cache_rss_bytes={} resolve_ns={per:.0} resolved={found} graph_100k_flows_ms={graph_ms:.0} graph_edges={} server_mode_graph_ms={plain_ms:.0}",
         sync.as_millis(),
-        rss1.saturating_sub(rss0)
+        rss1.saturating_sub(rss0),
+        graph.edges.len()
     )?;
 
     // A real agent in Kubernetes mode against the same API.

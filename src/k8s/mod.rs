@@ -76,7 +76,14 @@ impl Resolve for KubeResolver<'_> {
         }
     }
 
-    fn by_time(&self) -> bool {
-        true
+    /// The identity of the pod, service or node object (its shared
+    /// record's address), 0 for none.
+    fn holder(&self, ip: IpAddr, at: SystemTime) -> usize {
+        match self.cluster.resolve(ip, at) {
+            Some(Target::Pod(p)) => std::sync::Arc::as_ptr(&p) as usize,
+            Some(Target::Service(s)) => std::sync::Arc::as_ptr(&s) as usize,
+            Some(Target::Node(n)) => std::sync::Arc::as_ptr(&n) as *const u8 as usize,
+            None => 0,
+        }
     }
 }

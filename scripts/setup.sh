@@ -6,7 +6,9 @@ set -euo pipefail
 PKGS=(clang llvm libbpf-dev libelf-dev zlib1g-dev pkg-config linux-libc-dev
       iproute2 iputils-ping python3 bpftool
       # tests: the PostgreSQL store and the map page in headless Chromium
-      postgresql chromium)
+      postgresql chromium
+      # tests: kube-proxy's ClusterIP DNAT inside a test namespace
+      nftables)
 
 missing=()
 for p in "${PKGS[@]}"; do

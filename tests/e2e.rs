@@ -52,6 +52,18 @@ impl Agent {
 
     /// `options`: more YAML option entries of the data source.
     fn start_with(iface: &str, header: &str, options: &str, extra: &[&str], envs: &[(&str, &str)]) -> Agent {
+        Agent::start_in(None, iface, header, options, extra, envs)
+    }
+
+    /// As `start_with`, in network namespace `netns` when given.
+    fn start_in(
+        netns: Option<&str>,
+        iface: &str,
+        header: &str,
+        options: &str,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Agent {
         let path = std::env::temp_dir().join(format!(
             "flowmap-e2e-{}-{iface}-{}.yaml",
             std::process::id(),
@@ -64,7 +76,14 @@ impl Agent {
             ),
         )
         .unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_flowmap"));
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_flowmap")]);
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_flowmap")),
+        };
         cmd.args(["run", "--config", path.to_str().unwrap()]);
         if !extra.contains(&"--output") {
             cmd.args(["--output", "flows"]);
@@ -1422,4 +1441,121 @@ fn kubernetes_mode_attaches_flows_to_pods_and_follows_ip_reuse() {
     );
     drop(web2);
     drop(client);
+}
+
+/// A network namespace removed on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new(name: String) -> Netns {
+        sh(&["ip", "netns", "add", &name]);
+        Netns(name)
+    }
+
+    fn exec(&self, args: &[&str]) -> String {
+        let mut a = vec!["ip", "netns", "exec", self.0.as_str()];
+        a.extend_from_slice(args);
+        sh(&a)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        sh_quiet(&["ip", "netns", "del", &self.0]);
+    }
+}
+
+/// Runs `f` on a thread inside network namespace `ns`: sockets it makes,
+/// and threads it starts, live there.
+fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let fd = std::fs::File::open(&path).unwrap();
+        // SAFETY: setns on an open namespace file for this thread only.
+        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&fd), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}");
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+#[test]
+fn kubernetes_mode_sees_pod_to_service_to_pod_through_a_cluster_ip() {
+    use flowmap::k8s::standin::{self, StandIn};
+    if !common::privileged("kubernetes_mode_sees_pod_to_service_to_pod_through_a_cluster_ip") {
+        return;
+    }
+    let _g = lock();
+    const UID: &str = "6f5f56e3-0123-4567-89ab-6c8f1e2a0cde";
+    let id = std::process::id() % 100_000;
+    // A node that routes between two pods and DNATs a ClusterIP the way
+    // kube-proxy's nftables mode does; the agent, the API server and the
+    // collector all live in the node's namespace (its loopback).
+    let node = Netns::new(format!("fmk{id}n"));
+    let client = Netns::new(format!("fmk{id}x"));
+    let web = Netns::new(format!("fmk{id}y"));
+    for (pod, i) in [(&client, 1), (&web, 2)] {
+        let host = format!("fmk{id}{i}h");
+        sh(&["ip", "link", "add", &host, "type", "veth", "peer", "name", "eth0", "netns", &pod.0]);
+        sh(&["ip", "link", "set", &host, "netns", &node.0]);
+        node.exec(&["ip", "addr", "add", &format!("10.214.{i}.1/24"), "dev", &host]);
+        node.exec(&["ip", "link", "set", &host, "up"]);
+        pod.exec(&["ip", "addr", "add", &format!("10.214.{i}.2/24"), "dev", "eth0"]);
+        pod.exec(&["ip", "link", "set", "eth0", "up"]);
+        pod.exec(&["ip", "link", "set", "lo", "up"]);
+        pod.exec(&["ip", "route", "add", "default", "via", &format!("10.214.{i}.1")]);
+    }
+    node.exec(&["ip", "link", "set", "lo", "up"]);
+    node.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    node.exec(&[
+        "nft",
+        "add table ip kubeproxy; \
+         add chain ip kubeproxy prerouting { type nat hook prerouting priority dstnat; policy accept; }; \
+         add rule ip kubeproxy prerouting ip daddr 10.96.0.10 udp dport 80 dnat to 10.214.2.2:5002",
+    ]);
+    let _server = Server::start_in(&web.0);
+    let (api, col) = in_netns(&node.0, || (StandIn::start().unwrap(), collector::Server::start()));
+    api.set_cluster_uid(UID);
+    api.upsert(standin::node("node-k", "10.214.1.1"));
+    api.upsert(standin::replicaset("shop", "web-6b9f", Some("web")));
+    api.upsert(standin::pod("shop", "client", "1", "10.214.1.2", "node-k", None));
+    api.upsert(standin::pod("shop", "web-6b9f-aaaaa", "1", "10.214.2.2", "node-k", Some(("ReplicaSet", "web-6b9f"))));
+    api.upsert(standin::service("shop", "web", "10.96.0.10", 80, 5002));
+    let kubeconfig = std::env::temp_dir().join(format!("flowmap-e2e-kubeconfig-svc-{}", std::process::id()));
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    let _kc = tempfile_path::TempPath(kubeconfig.clone());
+    let state = TempDir::new("kube-svc");
+    let url = col.url();
+    let agent = Agent::start_in(
+        Some(&node.0),
+        "all",
+        "  api_key: k-kube\n",
+        &format!("        - name: deployedAt\n          value: kubernetes\n        - name: external_mappings\n          value: \"*@{UID}\"\n"),
+        &["--endpoint", &url, "--state-dir", state.path(), "--output", "none", "--retry-max", "1s", "--no-web"],
+        &[("KUBECONFIG", kubeconfig.to_str().unwrap()), ("NODE_NAME", "node-k")],
+    );
+    let sizes = [120usize, 240, 360];
+    let script = format!(
+        "import socket\nu=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nu.settimeout(3)\n\
+         for n in {sizes:?}:\n    u.sendto(b'x'*n,('10.96.0.10',80))\n    assert len(u.recv(100))==50\n"
+    );
+    client.exec(&["python3", "-c", &script]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let (_, err) = agent.stop();
+
+    let bodies: Vec<Vec<u8>> = col.log.lock().unwrap().accepted.iter().map(|(_, b)| b.clone()).collect();
+    let pod = |name: &str| format!("{UID}-shop-kubernetes.pod-{name}");
+    let svc = format!("{UID}-shop-kubernetes.service-web");
+    let hdr = 14 + 20 + 8u64;
+    let sent: u64 = sizes.iter().map(|s| hdr + *s as u64).sum();
+    let want = [3, sent, 3, 3 * (hdr + 50), 1, 0];
+    let to_svc = edge_totals(&bodies, &pod("client"), &svc);
+    assert_eq!(to_svc.get(&("udp".to_string(), 80)).copied(), Some(want), "{to_svc:?}\n{err}");
+    let from_svc = edge_totals(&bodies, &svc, &pod("web-6b9f-aaaaa"));
+    assert_eq!(from_svc.get(&("udp".to_string(), 5002)).copied(), Some(want), "{from_svc:?}\n{err}");
+    let direct = edge_totals(&bodies, &pod("client"), &pod("web-6b9f-aaaaa"));
+    assert!(direct.is_empty(), "no pod → pod edge past the service: {direct:?}");
+    drop(api);
+    drop(col);
 }

@@ -138,7 +138,11 @@ pub fn node_name() -> String {
         .unwrap_or_else(|| HostView::read().hostname)
 }
 
-async fn start_kube(cfg: &Config, interval: Duration, metrics: &Arc<Metrics>) -> Result<Option<Kube>> {
+async fn start_kube(
+    cfg: &Config,
+    interval: Duration,
+    metrics: &Arc<Metrics>,
+) -> Result<Option<Kube>> {
     let kube_sources: Vec<&FlowsSource> = cfg
         .flows
         .iter()
@@ -265,7 +269,10 @@ impl Loop {
                         node: &k.node,
                         host: &host,
                     };
-                    (Graph::build(&records, &resolver), resolver.node_endpoint(&k.node))
+                    (
+                        Graph::build(&records, &resolver),
+                        resolver.node_endpoint(&k.node),
+                    )
                 }
                 _ => {
                     let resolver = ServerResolver {

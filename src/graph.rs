@@ -224,7 +224,10 @@ impl Graph {
                 })
                 .clone()
         };
-        let records: Vec<&FlowRecord> = records.iter().filter(|r| !is_link_control(r.dst_ip)).collect();
+        let records: Vec<&FlowRecord> = records
+            .iter()
+            .filter(|r| !is_link_control(r.dst_ip))
+            .collect();
         let mut servers = Vec::with_capacity(records.len());
         // (protocol, client address, client port) → the service it dialled.
         let mut via: Fast<(&str, IpAddr, u16), Arc<str>> = Fast::default();

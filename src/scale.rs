@@ -776,29 +776,55 @@ pub fn kube(pods: u32, out: &mut dyn Write) -> Result<()> {
     let api = StandIn::start()?;
     let ip_of = |i: u32| format!("10.{}.{}.{}", 100 + i / 65536, (i / 256) % 256, i % 256);
     for n in 0..pods.div_ceil(100).max(1) {
-        api.upsert(standin::node(&format!("node-{n}"), &format!("192.168.{}.{}", n / 250, 1 + n % 250)));
+        api.upsert(standin::node(
+            &format!("node-{n}"),
+            &format!("192.168.{}.{}", n / 250, 1 + n % 250),
+        ));
     }
     for r in 0..pods.div_ceil(5) {
-        api.upsert(standin::replicaset("bench", &format!("rs-{r}"), Some(&format!("deploy-{r}"))));
+        api.upsert(standin::replicaset(
+            "bench",
+            &format!("rs-{r}"),
+            Some(&format!("deploy-{r}")),
+        ));
     }
     for s in 0..pods.div_ceil(10) {
-        api.upsert(standin::service("bench", &format!("svc-{s}"), &format!("10.96.{}.{}", s / 256, s % 256), 80, 8080));
+        api.upsert(standin::service(
+            "bench",
+            &format!("svc-{s}"),
+            &format!("10.96.{}.{}", s / 256, s % 256),
+            80,
+            8080,
+        ));
     }
     for i in 0..pods {
         let rs = format!("rs-{}", i / 5);
-        api.upsert(standin::pod("bench", &format!("pod-{i}"), "1", &ip_of(i), &format!("node-{}", i / 100), Some(("ReplicaSet", &rs))));
+        api.upsert(standin::pod(
+            "bench",
+            &format!("pod-{i}"),
+            "1",
+            &ip_of(i),
+            &format!("node-{}", i / 100),
+            Some(("ReplicaSet", &rs)),
+        ));
     }
     // SAFETY: malloc_trim has no preconditions.
     unsafe { libc::malloc_trim(0) };
     let rss0 = crate::metrics::resident_bytes();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let kubeconfig = api.kubeconfig();
     let (cluster, sync) = rt.block_on(async {
         let kc = kube::config::Kubeconfig::from_yaml(&kubeconfig)?;
         let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
         let client = kube::Client::try_from(cfg)?;
-        let cluster = Arc::new(std::sync::RwLock::new(Cluster::new(Duration::from_secs(120))));
-        let metrics = Arc::new(crate::metrics::Metrics::new(Arc::new(crate::delivery::DeliveryStats::default())));
+        let cluster = Arc::new(std::sync::RwLock::new(Cluster::new(Duration::from_secs(
+            120,
+        ))));
+        let metrics = Arc::new(crate::metrics::Metrics::new(Arc::new(
+            crate::delivery::DeliveryStats::default(),
+        )));
         let t0 = Instant::now();
         let tasks = crate::k8s::watch::start(client, cluster.clone(), metrics);
         if !crate::k8s::watch::wait_synced(&cluster, Duration::from_secs(120)).await {
@@ -821,7 +847,13 @@ pub fn kube(pods: u32, out: &mut dyn Write) -> Result<()> {
     }
     let n = 1_000_000u32;
     let now = std::time::SystemTime::now();
-    let ips: Vec<std::net::IpAddr> = (0..1024u32).map(|i| ip_of(i.wrapping_mul(2_654_435_761) % pods.max(1)).parse().unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into())).collect();
+    let ips: Vec<std::net::IpAddr> = (0..1024u32)
+        .map(|i| {
+            ip_of(i.wrapping_mul(2_654_435_761) % pods.max(1))
+                .parse()
+                .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into())
+        })
+        .collect();
     let t = Instant::now();
     let mut found = 0u64;
     for i in 0..n {
@@ -844,15 +876,23 @@ pub fn kube(pods: u32, out: &mut dyn Write) -> Result<()> {
             let a = i.wrapping_mul(2_654_435_761) % pods.max(1);
             let b = (a.wrapping_mul(7) + i % 3) % pods.max(1);
             let via = i % 10 == 0;
-            let dst = if via { format!("10.96.{}.{}", (b / 10) / 256, (b / 10) % 256) } else { ip_of(b) };
+            let dst = if via {
+                format!("10.96.{}.{}", (b / 10) / 256, (b / 10) % 256)
+            } else {
+                ip_of(b)
+            };
             crate::flow::FlowRecord {
                 interface: "veth0".into(),
                 ifindex: 2,
                 also_seen_on: vec![],
                 protocol: "tcp".into(),
-                src_ip: ip_of(a).parse().unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()),
+                src_ip: ip_of(a)
+                    .parse()
+                    .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()),
                 src_port: 1024 + (i % 60_000) as u16,
-                dst_ip: dst.parse().unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()),
+                dst_ip: dst
+                    .parse()
+                    .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()),
                 dst_port: if via { 80 } else { 8080 },
                 src_to_dst: Default::default(),
                 dst_to_src: Default::default(),
@@ -888,20 +928,27 @@ pub fn kube(pods: u32, out: &mut dyn Write) -> Result<()> {
     )?;
 
     // A real agent in Kubernetes mode against the same API.
-    let kc_path = std::env::temp_dir().join(format!("flowmap-scale-kubeconfig-{}", std::process::id()));
+    let kc_path =
+        std::env::temp_dir().join(format!("flowmap-scale-kubeconfig-{}", std::process::id()));
     std::fs::write(&kc_path, &kubeconfig)?;
     let _kc = TempFile(kc_path.clone());
     let config = "coordimap:\n  data_sources:\n    - type: flows\n      id: scale\n      config:\n        - name: interface_name\n          value: lo\n        - name: deployedAt\n          value: kubernetes\n        - name: external_mappings\n          value: \"*@bench-cluster\"\n        - name: crawl_interval\n          value: 1s\n";
     let agent = AgentProc::start_config(
         config,
         &["--output", "none", "--no-store"],
-        &[("KUBECONFIG", kc_path.to_str().unwrap_or_default()), ("NODE_NAME", "node-0")],
+        &[
+            ("KUBECONFIG", kc_path.to_str().unwrap_or_default()),
+            ("NODE_NAME", "node-0"),
+        ],
     )?;
     agent.wait_log("interval", Duration::from_secs(10))?;
     std::thread::sleep(Duration::from_secs(2));
     let rss = crate::metrics::resident_bytes_of(&agent.pid().to_string());
     let objects = agent.metric("flowmap_kube_objects{kind=\"pods\"}")?;
     agent.stop()?;
-    writeln!(out, "bench scale kube pods={pods} agent_rss_bytes={rss} agent_cached_pods={objects}")?;
+    writeln!(
+        out,
+        "bench scale kube pods={pods} agent_rss_bytes={rss} agent_cached_pods={objects}"
+    )?;
     Ok(())
 }

@@ -88,7 +88,9 @@ pub fn graph(store: &mut Store, since: SystemTime, f: &Filter) -> Result<GraphVi
         .into_iter()
         .filter(|n| {
             used.contains(n.id.as_str())
-                || (unfiltered && (n.kind == crate::graph::HOST_TYPE || n.kind == crate::k8s::index::NODE_TYPE))
+                || (unfiltered
+                    && (n.kind == crate::graph::HOST_TYPE
+                        || n.kind == crate::k8s::index::NODE_TYPE))
         })
         .collect();
     Ok(GraphView {

@@ -51,7 +51,13 @@ impl Agent {
     }
 
     /// `options`: more YAML option entries of the data source.
-    fn start_with(iface: &str, header: &str, options: &str, extra: &[&str], envs: &[(&str, &str)]) -> Agent {
+    fn start_with(
+        iface: &str,
+        header: &str,
+        options: &str,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Agent {
         Agent::start_in(None, iface, header, options, extra, envs)
     }
 
@@ -1296,7 +1302,9 @@ impl PodNs {
         };
         let peer = format!("fmk{id}{tag}p");
         sh(&["ip", "netns", "add", &p.ns]);
-        sh(&["ip", "link", "add", &p.host, "type", "veth", "peer", "name", &peer]);
+        sh(&[
+            "ip", "link", "add", &p.host, "type", "veth", "peer", "name", &peer,
+        ]);
         sh(&["ip", "link", "set", &peer, "netns", &p.ns]);
         sh(&["ip", "link", "set", &p.host, "master", bridge]);
         sh(&["ip", "link", "set", &p.host, "up"]);
@@ -1347,7 +1355,8 @@ fn kubernetes_mode_attaches_flows_to_pods_and_follows_ip_reuse() {
     let _g = lock();
     const UID: &str = "6f5f56e3-0123-4567-89ab-6c8f1e2a0cde";
     let net = format!("10.213.{}", 230 + std::process::id() % 20);
-    let (node_ip, client_ip, web_ip) = (format!("{net}.1"), format!("{net}.10"), format!("{net}.11"));
+    let (node_ip, client_ip, web_ip) =
+        (format!("{net}.1"), format!("{net}.10"), format!("{net}.11"));
     let br = Bridge(format!("fmkb{}", std::process::id() % 100_000));
     sh(&["ip", "link", "add", &br.0, "type", "bridge"]);
     sh(&["ip", "addr", "add", &format!("{node_ip}/24"), "dev", &br.0]);
@@ -1360,9 +1369,19 @@ fn kubernetes_mode_attaches_flows_to_pods_and_follows_ip_reuse() {
     api.set_cluster_uid(UID);
     api.upsert(standin::node("node-e2e", &node_ip));
     api.upsert(standin::replicaset("shop", "web-6b9f", Some("web")));
-    api.upsert(standin::pod("shop", "client", "1", &client_ip, "node-e2e", None));
-    api.upsert(standin::pod("shop", "web-6b9f-aaaaa", "1", &web_ip, "node-e2e", Some(("ReplicaSet", "web-6b9f"))));
-    let kubeconfig = std::env::temp_dir().join(format!("flowmap-e2e-kubeconfig-{}", std::process::id()));
+    api.upsert(standin::pod(
+        "shop", "client", "1", &client_ip, "node-e2e", None,
+    ));
+    api.upsert(standin::pod(
+        "shop",
+        "web-6b9f-aaaaa",
+        "1",
+        &web_ip,
+        "node-e2e",
+        Some(("ReplicaSet", "web-6b9f")),
+    ));
+    let kubeconfig =
+        std::env::temp_dir().join(format!("flowmap-e2e-kubeconfig-{}", std::process::id()));
     std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
     let _kc = tempfile_path::TempPath(kubeconfig.clone());
 
@@ -1376,8 +1395,16 @@ fn kubernetes_mode_attaches_flows_to_pods_and_follows_ip_reuse() {
         &["--endpoint", &url, "--state-dir", state.path(), "--output", "none", "--retry-max", "1s"],
         &[("KUBECONFIG", kubeconfig.to_str().unwrap()), ("NODE_NAME", "node-e2e")],
     );
-    assert!(agent.stderr().contains("Kubernetes watch caches in sync"), "{}", agent.stderr());
-    assert!(!agent.stderr().contains("differs from this cluster's"), "{}", agent.stderr());
+    assert!(
+        agent.stderr().contains("Kubernetes watch caches in sync"),
+        "{}",
+        agent.stderr()
+    );
+    assert!(
+        !agent.stderr().contains("differs from this cluster's"),
+        "{}",
+        agent.stderr()
+    );
 
     // Traffic to the first pod, which is then deleted before the agent's
     // next drain: its flows still belong to it, by their time.
@@ -1389,16 +1416,32 @@ fn kubernetes_mode_attaches_flows_to_pods_and_follows_ip_reuse() {
     // The IP comes back as a new pod, in a new namespace on a new veth.
     let web2 = PodNs::new("c", &br.0, &web_ip);
     let _server2 = Server::start_in(&web2.ns);
-    api.upsert(standin::pod("shop", "web-6b9f-bbbbb", "1", &web_ip, "node-e2e", Some(("ReplicaSet", "web-6b9f"))));
+    api.upsert(standin::pod(
+        "shop",
+        "web-6b9f-bbbbb",
+        "1",
+        &web_ip,
+        "node-e2e",
+        Some(("ReplicaSet", "web-6b9f")),
+    ));
     // The client forgets the old pod's MAC (a CNI announces the new one).
-    sh(&["ip", "netns", "exec", &client.ns, "ip", "neigh", "flush", "all"]);
+    sh(&[
+        "ip", "netns", "exec", &client.ns, "ip", "neigh", "flush", "all",
+    ]);
     // The new veth is attached within the poll period.
     std::thread::sleep(Duration::from_millis(1200));
     client.udp(&web_ip, &[400, 500, 600, 700]);
     std::thread::sleep(Duration::from_millis(1500));
     let (_, err) = agent.stop();
 
-    let bodies: Vec<Vec<u8>> = col.log.lock().unwrap().accepted.iter().map(|(_, b)| b.clone()).collect();
+    let bodies: Vec<Vec<u8>> = col
+        .log
+        .lock()
+        .unwrap()
+        .accepted
+        .iter()
+        .map(|(_, b)| b.clone())
+        .collect();
     let pod = |name: &str| format!("{UID}-shop-kubernetes.pod-{name}");
     let hdr = 14 + 20 + 8;
     let sent = |sizes: &[u64]| sizes.iter().map(|s| hdr + s).sum::<u64>();
@@ -1428,14 +1471,23 @@ fn kubernetes_mode_attaches_flows_to_pods_and_follows_ip_reuse() {
     let (kind, p) = &seen[&pod("web-6b9f-bbbbb")];
     assert_eq!(kind, "kubernetes.pod");
     assert_eq!(
-        (p["namespace"].as_str(), p["workload"].as_str(), p["node"].as_str()),
+        (
+            p["namespace"].as_str(),
+            p["workload"].as_str(),
+            p["node"].as_str()
+        ),
         (Some("shop"), Some("Deployment/web"), Some("node-e2e"))
     );
     assert_eq!(seen[&pod("client")].1["workload"], "Pod/client");
-    assert_eq!(seen[&format!("{UID}--kubernetes.node-node-e2e")].0, "kubernetes.node");
+    assert_eq!(
+        seen[&format!("{UID}--kubernetes.node-node-e2e")].0,
+        "kubernetes.node"
+    );
     // No pod traffic went to an external endpoint.
     assert!(
-        !seen.keys().any(|k| k.contains(&format!("flows.external-{net}."))),
+        !seen
+            .keys()
+            .any(|k| k.contains(&format!("flows.external-{net}."))),
         "{:?}",
         seen.keys().collect::<Vec<_>>()
     );
@@ -1497,14 +1549,37 @@ fn kubernetes_mode_sees_pod_to_service_to_pod_through_a_cluster_ip() {
     let web = Netns::new(format!("fmk{id}y"));
     for (pod, i) in [(&client, 1), (&web, 2)] {
         let host = format!("fmk{id}{i}h");
-        sh(&["ip", "link", "add", &host, "type", "veth", "peer", "name", "eth0", "netns", &pod.0]);
+        sh(&[
+            "ip", "link", "add", &host, "type", "veth", "peer", "name", "eth0", "netns", &pod.0,
+        ]);
         sh(&["ip", "link", "set", &host, "netns", &node.0]);
-        node.exec(&["ip", "addr", "add", &format!("10.214.{i}.1/24"), "dev", &host]);
+        node.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("10.214.{i}.1/24"),
+            "dev",
+            &host,
+        ]);
         node.exec(&["ip", "link", "set", &host, "up"]);
-        pod.exec(&["ip", "addr", "add", &format!("10.214.{i}.2/24"), "dev", "eth0"]);
+        pod.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("10.214.{i}.2/24"),
+            "dev",
+            "eth0",
+        ]);
         pod.exec(&["ip", "link", "set", "eth0", "up"]);
         pod.exec(&["ip", "link", "set", "lo", "up"]);
-        pod.exec(&["ip", "route", "add", "default", "via", &format!("10.214.{i}.1")]);
+        pod.exec(&[
+            "ip",
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("10.214.{i}.1"),
+        ]);
     }
     node.exec(&["ip", "link", "set", "lo", "up"]);
     node.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
@@ -1515,14 +1590,31 @@ fn kubernetes_mode_sees_pod_to_service_to_pod_through_a_cluster_ip() {
          add rule ip kubeproxy prerouting ip daddr 10.96.0.10 udp dport 80 dnat to 10.214.2.2:5002",
     ]);
     let _server = Server::start_in(&web.0);
-    let (api, col) = in_netns(&node.0, || (StandIn::start().unwrap(), collector::Server::start()));
+    let (api, col) = in_netns(&node.0, || {
+        (StandIn::start().unwrap(), collector::Server::start())
+    });
     api.set_cluster_uid(UID);
     api.upsert(standin::node("node-k", "10.214.1.1"));
     api.upsert(standin::replicaset("shop", "web-6b9f", Some("web")));
-    api.upsert(standin::pod("shop", "client", "1", "10.214.1.2", "node-k", None));
-    api.upsert(standin::pod("shop", "web-6b9f-aaaaa", "1", "10.214.2.2", "node-k", Some(("ReplicaSet", "web-6b9f"))));
+    api.upsert(standin::pod(
+        "shop",
+        "client",
+        "1",
+        "10.214.1.2",
+        "node-k",
+        None,
+    ));
+    api.upsert(standin::pod(
+        "shop",
+        "web-6b9f-aaaaa",
+        "1",
+        "10.214.2.2",
+        "node-k",
+        Some(("ReplicaSet", "web-6b9f")),
+    ));
     api.upsert(standin::service("shop", "web", "10.96.0.10", 80, 5002));
-    let kubeconfig = std::env::temp_dir().join(format!("flowmap-e2e-kubeconfig-svc-{}", std::process::id()));
+    let kubeconfig =
+        std::env::temp_dir().join(format!("flowmap-e2e-kubeconfig-svc-{}", std::process::id()));
     std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
     let _kc = tempfile_path::TempPath(kubeconfig.clone());
     let state = TempDir::new("kube-svc");
@@ -1544,18 +1636,36 @@ fn kubernetes_mode_sees_pod_to_service_to_pod_through_a_cluster_ip() {
     std::thread::sleep(Duration::from_millis(1500));
     let (_, err) = agent.stop();
 
-    let bodies: Vec<Vec<u8>> = col.log.lock().unwrap().accepted.iter().map(|(_, b)| b.clone()).collect();
+    let bodies: Vec<Vec<u8>> = col
+        .log
+        .lock()
+        .unwrap()
+        .accepted
+        .iter()
+        .map(|(_, b)| b.clone())
+        .collect();
     let pod = |name: &str| format!("{UID}-shop-kubernetes.pod-{name}");
     let svc = format!("{UID}-shop-kubernetes.service-web");
     let hdr = 14 + 20 + 8u64;
     let sent: u64 = sizes.iter().map(|s| hdr + *s as u64).sum();
     let want = [3, sent, 3, 3 * (hdr + 50), 1, 0];
     let to_svc = edge_totals(&bodies, &pod("client"), &svc);
-    assert_eq!(to_svc.get(&("udp".to_string(), 80)).copied(), Some(want), "{to_svc:?}\n{err}");
+    assert_eq!(
+        to_svc.get(&("udp".to_string(), 80)).copied(),
+        Some(want),
+        "{to_svc:?}\n{err}"
+    );
     let from_svc = edge_totals(&bodies, &svc, &pod("web-6b9f-aaaaa"));
-    assert_eq!(from_svc.get(&("udp".to_string(), 5002)).copied(), Some(want), "{from_svc:?}\n{err}");
+    assert_eq!(
+        from_svc.get(&("udp".to_string(), 5002)).copied(),
+        Some(want),
+        "{from_svc:?}\n{err}"
+    );
     let direct = edge_totals(&bodies, &pod("client"), &pod("web-6b9f-aaaaa"));
-    assert!(direct.is_empty(), "no pod → pod edge past the service: {direct:?}");
+    assert!(
+        direct.is_empty(),
+        "no pod → pod edge past the service: {direct:?}"
+    );
     drop(api);
     drop(col);
 }

@@ -54,37 +54,65 @@ fn pod_name(c: &Cluster, addr: &str, t: SystemTime) -> Option<String> {
 #[test]
 fn owner_chain_gives_the_workload() {
     let mut c = synced();
-    let rs = |ns: &str, n: &str, d: Option<&str>| -> ReplicaSet { serde_json::from_value(standin::replicaset(ns, n, d)).unwrap() };
-    let job = |ns: &str, n: &str, cj: Option<&str>| -> Job { serde_json::from_value(standin::job(ns, n, cj)).unwrap() };
+    let rs = |ns: &str, n: &str, d: Option<&str>| -> ReplicaSet {
+        serde_json::from_value(standin::replicaset(ns, n, d)).unwrap()
+    };
+    let job = |ns: &str, n: &str, cj: Option<&str>| -> Job {
+        serde_json::from_value(standin::job(ns, n, cj)).unwrap()
+    };
     c.apply_replicaset(&rs("shop", "web-7d4b9c", Some("web")));
     c.apply_replicaset(&rs("shop", "orphan-rs", None));
     c.apply_job(&job("batch", "report-2911", Some("report")));
     c.apply_job(&job("batch", "oneoff", None));
     let cases = [
         (Some(("ReplicaSet", "web-7d4b9c")), "shop", "Deployment/web"),
-        (Some(("ReplicaSet", "orphan-rs")), "shop", "ReplicaSet/orphan-rs"),
+        (
+            Some(("ReplicaSet", "orphan-rs")),
+            "shop",
+            "ReplicaSet/orphan-rs",
+        ),
         // Not (yet) in the cache: the ReplicaSet itself.
-        (Some(("ReplicaSet", "unknown-rs")), "shop", "ReplicaSet/unknown-rs"),
+        (
+            Some(("ReplicaSet", "unknown-rs")),
+            "shop",
+            "ReplicaSet/unknown-rs",
+        ),
         // The same name in another namespace is another ReplicaSet.
-        (Some(("ReplicaSet", "web-7d4b9c")), "other", "ReplicaSet/web-7d4b9c"),
+        (
+            Some(("ReplicaSet", "web-7d4b9c")),
+            "other",
+            "ReplicaSet/web-7d4b9c",
+        ),
         (Some(("Job", "report-2911")), "batch", "CronJob/report"),
         (Some(("Job", "oneoff")), "batch", "Job/oneoff"),
         (Some(("StatefulSet", "db")), "shop", "StatefulSet/db"),
-        (Some(("DaemonSet", "agent")), "kube-system", "DaemonSet/agent"),
+        (
+            Some(("DaemonSet", "agent")),
+            "kube-system",
+            "DaemonSet/agent",
+        ),
         (Some(("Rollout", "canary")), "shop", "Rollout/canary"),
         (None, "shop", "Pod/bare"),
     ];
     for (i, (owner, ns, want)) in cases.iter().enumerate() {
-        let name = if owner.is_none() { "bare".to_string() } else { format!("p{i}") };
+        let name = if owner.is_none() {
+            "bare".to_string()
+        } else {
+            format!("p{i}")
+        };
         let addr = format!("10.244.0.{}", 10 + i);
         c.apply_pod(&pod(ns, &name, "1", &addr, *owner), at(1));
-        let Some(Target::Pod(p)) = c.resolve(ip(&addr), at(2)) else { panic!("{addr} not a pod") };
+        let Some(Target::Pod(p)) = c.resolve(ip(&addr), at(2)) else {
+            panic!("{addr} not a pod")
+        };
         let w = c.workload(&p);
         assert_eq!(format!("{}/{}", w.kind, w.name), *want, "case {i}");
     }
     // The Deployment's ReplicaSet goes: its pods fall back to the ReplicaSet.
     c.delete_replicaset(&rs("shop", "web-7d4b9c", Some("web")));
-    let Some(Target::Pod(p)) = c.resolve(ip("10.244.0.10"), at(3)) else { panic!() };
+    let Some(Target::Pod(p)) = c.resolve(ip("10.244.0.10"), at(3)) else {
+        panic!()
+    };
     assert_eq!(c.workload(&p).kind, "ReplicaSet");
 }
 
@@ -95,62 +123,134 @@ fn a_reused_pod_ip_keeps_old_flows_with_the_old_pod() {
     c.apply_pod(&pod("shop", "old", "1", "10.244.0.7", None), at(0));
     c.end_list(Kind::Pod, at(0));
     // Held since before the agent looked.
-    assert_eq!(pod_name(&c, "10.244.0.7", at(0) - Duration::from_secs(3600)).as_deref(), Some("shop/old"));
+    assert_eq!(
+        pod_name(&c, "10.244.0.7", at(0) - Duration::from_secs(3600)).as_deref(),
+        Some("shop/old")
+    );
     c.delete_pod(&pod("shop", "old", "1", "10.244.0.7", None), at(100));
     c.apply_pod(&pod("shop", "new", "1", "10.244.0.7", None), at(110));
-    assert_eq!(pod_name(&c, "10.244.0.7", at(50)).as_deref(), Some("shop/old"));
-    assert_eq!(pod_name(&c, "10.244.0.7", at(99)).as_deref(), Some("shop/old"));
-    assert_eq!(pod_name(&c, "10.244.0.7", at(110)).as_deref(), Some("shop/new"));
-    assert_eq!(pod_name(&c, "10.244.0.7", at(200)).as_deref(), Some("shop/new"));
+    assert_eq!(
+        pod_name(&c, "10.244.0.7", at(50)).as_deref(),
+        Some("shop/old")
+    );
+    assert_eq!(
+        pod_name(&c, "10.244.0.7", at(99)).as_deref(),
+        Some("shop/old")
+    );
+    assert_eq!(
+        pod_name(&c, "10.244.0.7", at(110)).as_deref(),
+        Some("shop/new")
+    );
+    assert_eq!(
+        pod_name(&c, "10.244.0.7", at(200)).as_deref(),
+        Some("shop/new")
+    );
     // Between the two, the nearer: the new pod's first packet may come a
     // moment before its watch event.
-    assert_eq!(pod_name(&c, "10.244.0.7", at(109)).as_deref(), Some("shop/new"));
-    assert_eq!(pod_name(&c, "10.244.0.7", at(101)).as_deref(), Some("shop/old"));
+    assert_eq!(
+        pod_name(&c, "10.244.0.7", at(109)).as_deref(),
+        Some("shop/new")
+    );
+    assert_eq!(
+        pod_name(&c, "10.244.0.7", at(101)).as_deref(),
+        Some("shop/old")
+    );
     // Within grace the old pod stays; after it, it is forgotten.
     c.prune(at(220));
-    assert_eq!(pod_name(&c, "10.244.0.7", at(50)).as_deref(), Some("shop/old"));
+    assert_eq!(
+        pod_name(&c, "10.244.0.7", at(50)).as_deref(),
+        Some("shop/old")
+    );
     c.prune(at(221));
-    assert_eq!(pod_name(&c, "10.244.0.7", at(50)).as_deref(), Some("shop/new"));
+    assert_eq!(
+        pod_name(&c, "10.244.0.7", at(50)).as_deref(),
+        Some("shop/new")
+    );
     assert_eq!(c.counts()[1], ("pod_ip_records", 1));
 
     // A pod that finishes lets its IP go at that moment.
-    let mut done: serde_json::Value = standin::pod("batch", "job-x", "1", "10.244.0.8", "node-a", Some(("Job", "x")));
+    let mut done: serde_json::Value = standin::pod(
+        "batch",
+        "job-x",
+        "1",
+        "10.244.0.8",
+        "node-a",
+        Some(("Job", "x")),
+    );
     c.apply_pod(&serde_json::from_value(done.clone()).unwrap(), at(300));
     done["status"]["phase"] = json!("Succeeded");
     c.apply_pod(&serde_json::from_value(done).unwrap(), at(310));
     c.apply_pod(&pod("shop", "next", "1", "10.244.0.8", None), at(320));
-    assert_eq!(pod_name(&c, "10.244.0.8", at(305)).as_deref(), Some("batch/job-x"));
-    assert_eq!(pod_name(&c, "10.244.0.8", at(321)).as_deref(), Some("shop/next"));
+    assert_eq!(
+        pod_name(&c, "10.244.0.8", at(305)).as_deref(),
+        Some("batch/job-x")
+    );
+    assert_eq!(
+        pod_name(&c, "10.244.0.8", at(321)).as_deref(),
+        Some("shop/next")
+    );
 
     // A pod recreated under the same name is another pod (another UID).
     c.delete_pod(&pod("shop", "new", "1", "10.244.0.7", None), at(400));
     c.apply_pod(&pod("shop", "new", "2", "10.244.0.9", None), at(401));
-    assert_eq!(pod_name(&c, "10.244.0.7", at(399)).as_deref(), Some("shop/new"));
-    assert_eq!(pod_name(&c, "10.244.0.9", at(402)).as_deref(), Some("shop/new"));
+    assert_eq!(
+        pod_name(&c, "10.244.0.7", at(399)).as_deref(),
+        Some("shop/new")
+    );
+    assert_eq!(
+        pod_name(&c, "10.244.0.9", at(402)).as_deref(),
+        Some("shop/new")
+    );
     assert_eq!(c.counts()[0], ("pods", 3));
 }
 
 #[test]
 fn services_nodes_and_host_network_pods() {
     let mut c = synced();
-    let svc: Service = serde_json::from_value(standin::service("shop", "web", "10.96.0.10", 80, 8080)).unwrap();
+    let svc: Service =
+        serde_json::from_value(standin::service("shop", "web", "10.96.0.10", 80, 8080)).unwrap();
     c.apply_service(&svc);
     let mut headless = standin::service("shop", "db", "None", 5432, 5432);
     headless["spec"]["clusterIPs"] = json!(["None"]);
     c.apply_service(&serde_json::from_value(headless).unwrap());
     let node: Node = serde_json::from_value(standin::node("node-a", "192.0.2.1")).unwrap();
     c.apply_node(&node);
-    let mut hn = standin::pod("kube-system", "kube-proxy-x", "1", "192.0.2.1", "node-a", Some(("DaemonSet", "kube-proxy")));
+    let mut hn = standin::pod(
+        "kube-system",
+        "kube-proxy-x",
+        "1",
+        "192.0.2.1",
+        "node-a",
+        Some(("DaemonSet", "kube-proxy")),
+    );
     hn["spec"]["hostNetwork"] = json!(true);
     c.apply_pod(&serde_json::from_value(hn).unwrap(), at(1));
 
-    assert_eq!(pod_name(&c, "10.96.0.10", at(2)), Some(r#"Service(ServiceMeta { namespace: "shop", name: "web" })"#.into()));
-    assert_eq!(pod_name(&c, "192.0.2.1", at(2)), Some(r#"Node("node-a")"#.into()));
+    assert_eq!(
+        pod_name(&c, "10.96.0.10", at(2)),
+        Some(r#"Service(ServiceMeta { namespace: "shop", name: "web" })"#.into())
+    );
+    assert_eq!(
+        pod_name(&c, "192.0.2.1", at(2)),
+        Some(r#"Node("node-a")"#.into())
+    );
     assert_eq!(pod_name(&c, "10.0.0.99", at(2)), None);
-    assert_eq!(c.counts(), [("pods", 1), ("pod_ip_records", 0), ("replicasets", 0), ("jobs", 0), ("services", 2), ("nodes", 1)]);
+    assert_eq!(
+        c.counts(),
+        [
+            ("pods", 1),
+            ("pod_ip_records", 0),
+            ("replicasets", 0),
+            ("jobs", 0),
+            ("services", 2),
+            ("nodes", 1)
+        ]
+    );
 
     // A changed ClusterIP moves; a deleted service and node are gone.
-    c.apply_service(&serde_json::from_value(standin::service("shop", "web", "10.96.0.11", 80, 8080)).unwrap());
+    c.apply_service(
+        &serde_json::from_value(standin::service("shop", "web", "10.96.0.11", 80, 8080)).unwrap(),
+    );
     assert_eq!(pod_name(&c, "10.96.0.10", at(3)), None);
     assert!(pod_name(&c, "10.96.0.11", at(3)).is_some());
     c.delete_service(&svc);
@@ -164,7 +264,9 @@ fn a_relist_removes_what_was_deleted_unseen() {
     let mut c = synced();
     c.apply_pod(&pod("shop", "a", "1", "10.244.1.1", None), at(1));
     c.apply_pod(&pod("shop", "b", "1", "10.244.1.2", None), at(1));
-    c.apply_service(&serde_json::from_value(standin::service("shop", "web", "10.96.0.10", 80, 8080)).unwrap());
+    c.apply_service(
+        &serde_json::from_value(standin::service("shop", "web", "10.96.0.10", 80, 8080)).unwrap(),
+    );
     // The watch broke; the relist no longer names b or the service.
     for k in Kind::ALL {
         c.begin_list(k);
@@ -173,9 +275,15 @@ fn a_relist_removes_what_was_deleted_unseen() {
     for k in Kind::ALL {
         c.end_list(k, at(50));
     }
-    assert_eq!(pod_name(&c, "10.244.1.1", at(60)).as_deref(), Some("shop/a"));
+    assert_eq!(
+        pod_name(&c, "10.244.1.1", at(60)).as_deref(),
+        Some("shop/a")
+    );
     // b's flows from before the relist are still b's.
-    assert_eq!(pod_name(&c, "10.244.1.2", at(40)).as_deref(), Some("shop/b"));
+    assert_eq!(
+        pod_name(&c, "10.244.1.2", at(40)).as_deref(),
+        Some("shop/b")
+    );
     assert_eq!(c.counts()[0], ("pods", 1));
     assert_eq!(pod_name(&c, "10.96.0.10", at(60)), None);
 }
@@ -196,7 +304,15 @@ fn the_cluster_uid_comes_from_external_mappings() {
     assert_eq!(f.cluster_uid("node-c"), None);
 }
 
-fn rec(src: &str, sport: u16, dst: &str, dport: u16, t: u64, c2s: (u64, u64), s2c: (u64, u64)) -> FlowRecord {
+fn rec(
+    src: &str,
+    sport: u16,
+    dst: &str,
+    dport: u16,
+    t: u64,
+    c2s: (u64, u64),
+    s2c: (u64, u64),
+) -> FlowRecord {
     FlowRecord {
         interface: "veth1".into(),
         ifindex: 7,
@@ -206,8 +322,14 @@ fn rec(src: &str, sport: u16, dst: &str, dport: u16, t: u64, c2s: (u64, u64), s2
         src_port: sport,
         dst_ip: ip(dst),
         dst_port: dport,
-        src_to_dst: Counters { packets: c2s.0, bytes: c2s.1 },
-        dst_to_src: Counters { packets: s2c.0, bytes: s2c.1 },
+        src_to_dst: Counters {
+            packets: c2s.0,
+            bytes: c2s.1,
+        },
+        dst_to_src: Counters {
+            packets: s2c.0,
+            bytes: s2c.1,
+        },
         tcp_flags: vec![],
         first_seen: at(t),
         last_seen: at(t),
@@ -222,27 +344,86 @@ fn rec(src: &str, sport: u16, dst: &str, dport: u16, t: u64, c2s: (u64, u64), s2
 #[test]
 fn edges_between_pods_services_nodes_and_external_with_exact_ids() {
     let mut c = synced();
-    c.apply_replicaset(&serde_json::from_value(standin::replicaset("shop", "web-7d4b9c", Some("web"))).unwrap());
+    c.apply_replicaset(
+        &serde_json::from_value(standin::replicaset("shop", "web-7d4b9c", Some("web"))).unwrap(),
+    );
     c.apply_pod(&pod("shop", "client", "1", "10.244.0.5", None), at(1));
-    c.apply_pod(&pod("shop", "web-7d4b9c-x1", "1", "10.244.0.6", Some(("ReplicaSet", "web-7d4b9c"))), at(1));
-    c.apply_service(&serde_json::from_value(standin::service("shop", "web", "10.96.0.10", 80, 8080)).unwrap());
+    c.apply_pod(
+        &pod(
+            "shop",
+            "web-7d4b9c-x1",
+            "1",
+            "10.244.0.6",
+            Some(("ReplicaSet", "web-7d4b9c")),
+        ),
+        at(1),
+    );
+    c.apply_service(
+        &serde_json::from_value(standin::service("shop", "web", "10.96.0.10", 80, 8080)).unwrap(),
+    );
     c.apply_node(&serde_json::from_value(standin::node("node-a", "192.0.2.1")).unwrap());
     let host = HostView {
         hostname: "node-a".into(),
         addrs: vec![ip("192.0.2.1"), ip("10.244.0.1")],
         ..Default::default()
     };
-    let r = KubeResolver { cluster: &c, cluster_uid: UID, data_source_id: "flows-k8s", node: "node-a", host: &host };
+    let r = KubeResolver {
+        cluster: &c,
+        cluster_uid: UID,
+        data_source_id: "flows-k8s",
+        node: "node-a",
+        host: &host,
+    };
     let records = vec![
         // Through the ClusterIP: before DNAT, then after it (same client port).
-        rec("10.244.0.5", 41000, "10.96.0.10", 80, 5, (6, 600), (4, 4000)),
-        rec("10.244.0.5", 41000, "10.244.0.6", 8080, 5, (6, 600), (4, 4000)),
+        rec(
+            "10.244.0.5",
+            41000,
+            "10.96.0.10",
+            80,
+            5,
+            (6, 600),
+            (4, 4000),
+        ),
+        rec(
+            "10.244.0.5",
+            41000,
+            "10.244.0.6",
+            8080,
+            5,
+            (6, 600),
+            (4, 4000),
+        ),
         // Straight to the pod.
-        rec("10.244.0.5", 41001, "10.244.0.6", 8080, 5, (2, 200), (1, 100)),
+        rec(
+            "10.244.0.5",
+            41001,
+            "10.244.0.6",
+            8080,
+            5,
+            (2, 200),
+            (1, 100),
+        ),
         // The kubelet probing from the CNI bridge address of this node.
-        rec("10.244.0.1", 50000, "10.244.0.6", 8080, 5, (3, 180), (3, 300)),
+        rec(
+            "10.244.0.1",
+            50000,
+            "10.244.0.6",
+            8080,
+            5,
+            (3, 180),
+            (3, 300),
+        ),
         // Out of the cluster.
-        rec("10.244.0.6", 42000, "203.0.113.9", 443, 5, (5, 500), (5, 5000)),
+        rec(
+            "10.244.0.6",
+            42000,
+            "203.0.113.9",
+            443,
+            5,
+            (5, 500),
+            (5, 5000),
+        ),
     ];
     let g = Graph::build(&records, &r);
     let pod_c = format!("{UID}-shop-kubernetes.pod-client");
@@ -253,7 +434,15 @@ fn edges_between_pods_services_nodes_and_external_with_exact_ids() {
     let edges: Vec<(String, String, u16, u64, u64)> = g
         .edges
         .iter()
-        .map(|(k, s): (&EdgeKey, _)| (k.client.to_string(), k.server.to_string(), k.port, s.connections_active, s.bytes_client_to_server))
+        .map(|(k, s): (&EdgeKey, _)| {
+            (
+                k.client.to_string(),
+                k.server.to_string(),
+                k.port,
+                s.connections_active,
+                s.bytes_client_to_server,
+            )
+        })
         .collect();
     assert_eq!(
         edges,
@@ -266,7 +455,13 @@ fn edges_between_pods_services_nodes_and_external_with_exact_ids() {
         ]
     );
     let ids: Vec<&str> = g.endpoints.keys().map(|k| &**k).collect();
-    let mut want = vec![pod_c.as_str(), pod_w.as_str(), svc.as_str(), node.as_str(), ext.as_str()];
+    let mut want = vec![
+        pod_c.as_str(),
+        pod_w.as_str(),
+        svc.as_str(),
+        node.as_str(),
+        ext.as_str(),
+    ];
     want.sort();
     assert_eq!(ids, want);
 
@@ -275,7 +470,11 @@ fn edges_between_pods_services_nodes_and_external_with_exact_ids() {
     src.id = "flows-k8s".into();
     let batch = encode(&g, &[r.node_endpoint("node-a")], &src, &[], at(0), at(30));
     let d = &batch.cloud_crawl_data.crawled_data.data;
-    let types: Vec<(&str, &str)> = d.iter().filter(|e| !e.kind.starts_with("coordimap")).map(|e| (e.kind.as_str(), e.id.as_str())).collect();
+    let types: Vec<(&str, &str)> = d
+        .iter()
+        .filter(|e| !e.kind.starts_with("coordimap"))
+        .map(|e| (e.kind.as_str(), e.id.as_str()))
+        .collect();
     assert_eq!(
         types,
         vec![
@@ -287,7 +486,12 @@ fn edges_between_pods_services_nodes_and_external_with_exact_ids() {
         ]
     );
     let w = d.iter().find(|e| e.id == pod_w).unwrap();
-    let payload: serde_json::Value = serde_json::from_slice(&base64::engine::general_purpose::STANDARD.decode(&w.data).unwrap()).unwrap();
+    let payload: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::STANDARD
+            .decode(&w.data)
+            .unwrap(),
+    )
+    .unwrap();
     assert_eq!(
         payload,
         json!({"id": pod_w, "kind": "pod", "name": "web-7d4b9c-x1", "addresses": ["10.244.0.6"],
@@ -312,7 +516,10 @@ mod watching {
     async fn until(what: &str, mut f: impl FnMut() -> bool) {
         let end = std::time::Instant::now() + Duration::from_secs(15);
         while !f() {
-            assert!(std::time::Instant::now() < end, "timed out waiting for: {what}");
+            assert!(
+                std::time::Instant::now() < end,
+                "timed out waiting for: {what}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -323,13 +530,18 @@ mod watching {
 
     /// The index of the request for `path` with a query containing all of `parts`.
     fn find(reqs: &[String], path: &str, parts: &[&str]) -> Option<usize> {
-        reqs.iter().position(|r| r.starts_with(&format!("{path}?")) && parts.iter().all(|p| r.contains(p)))
+        reqs.iter()
+            .position(|r| r.starts_with(&format!("{path}?")) && parts.iter().all(|p| r.contains(p)))
     }
 
     fn watch_rvs(reqs: &[String], path: &str) -> Vec<u64> {
         reqs.iter()
             .filter(|r| r.starts_with(&format!("{path}?")) && r.contains("watch=true"))
-            .filter_map(|r| r.split('&').find_map(|kv| kv.strip_prefix("resourceVersion=")).and_then(|v| v.parse().ok()))
+            .filter_map(|r| {
+                r.split('&')
+                    .find_map(|kv| kv.strip_prefix("resourceVersion="))
+                    .and_then(|v| v.parse().ok())
+            })
             .collect()
     }
 
@@ -340,36 +552,79 @@ mod watching {
         // 600 pods: more than one page of 500.
         for i in 0..600u32 {
             let addr = format!("10.244.{}.{}", 2 + i / 250, 1 + i % 250);
-            api.upsert(standin::pod("bulk", &format!("p{i}"), "1", &addr, "node-a", Some(("ReplicaSet", "bulk-rs"))));
+            api.upsert(standin::pod(
+                "bulk",
+                &format!("p{i}"),
+                "1",
+                &addr,
+                "node-a",
+                Some(("ReplicaSet", "bulk-rs")),
+            ));
         }
         api.upsert(standin::replicaset("bulk", "bulk-rs", Some("bulk")));
         api.upsert(standin::job("batch", "nightly-1", Some("nightly")));
         api.upsert(standin::service("shop", "web", "10.96.0.10", 80, 8080));
         api.upsert(standin::node("node-a", "192.0.2.1"));
         let kc = kube::config::Kubeconfig::from_yaml(&api.kubeconfig()).unwrap();
-        let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.unwrap();
+        let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            .await
+            .unwrap();
         let client = kube::Client::try_from(cfg).unwrap();
         let cluster: watch::Shared = Arc::new(RwLock::new(Cluster::new(Duration::from_secs(120))));
         let metrics = Arc::new(Metrics::new(Arc::new(DeliveryStats::default())));
         let tasks = watch::start(client, cluster.clone(), metrics.clone());
-        assert!(watch::wait_synced(&cluster, Duration::from_secs(15)).await, "first list never completed");
+        assert!(
+            watch::wait_synced(&cluster, Duration::from_secs(15)).await,
+            "first list never completed"
+        );
         {
             let c = watch::read(&cluster);
-            assert_eq!(c.counts(), [("pods", 600), ("pod_ip_records", 600), ("replicasets", 1), ("jobs", 1), ("services", 1), ("nodes", 1)]);
-            let Some(Target::Pod(p)) = c.resolve(ip("10.244.4.100"), SystemTime::now()) else { panic!() };
-            assert_eq!((p.name.as_str(), c.workload(&p).name.as_str()), ("p599", "bulk"));
+            assert_eq!(
+                c.counts(),
+                [
+                    ("pods", 600),
+                    ("pod_ip_records", 600),
+                    ("replicasets", 1),
+                    ("jobs", 1),
+                    ("services", 1),
+                    ("nodes", 1)
+                ]
+            );
+            let Some(Target::Pod(p)) = c.resolve(ip("10.244.4.100"), SystemTime::now()) else {
+                panic!()
+            };
+            assert_eq!(
+                (p.name.as_str(), c.workload(&p).name.as_str()),
+                ("p599", "bulk")
+            );
         }
         assert_eq!(metrics.kube_relists.get(), 5);
         // The watch begins right after the list's last page.
-        until("the pod watch", || find(&api.requests(), "/api/v1/pods", &["watch=true"]).is_some()).await;
+        until("the pod watch", || {
+            find(&api.requests(), "/api/v1/pods", &["watch=true"]).is_some()
+        })
+        .await;
         let reqs = api.requests();
         let first_page = find(&reqs, "/api/v1/pods", &["limit=500"]).expect("paged list");
-        let second_page = find(&reqs, "/api/v1/pods", &["limit=500", "continue="]).expect("continued list");
+        let second_page =
+            find(&reqs, "/api/v1/pods", &["limit=500", "continue="]).expect("continued list");
         assert!(first_page < second_page, "{reqs:?}");
-        find(&reqs, "/api/v1/pods", &["watch=true", "allowWatchBookmarks=true", "resourceVersion="]).expect("watch from the list's version");
+        find(
+            &reqs,
+            "/api/v1/pods",
+            &["watch=true", "allowWatchBookmarks=true", "resourceVersion="],
+        )
+        .expect("watch from the list's version");
 
         // Live events: added, changed, deleted.
-        api.upsert(standin::pod("shop", "fresh", "1", "10.244.9.1", "node-a", None));
+        api.upsert(standin::pod(
+            "shop",
+            "fresh",
+            "1",
+            "10.244.9.1",
+            "node-a",
+            None,
+        ));
         api.upsert(standin::service("shop", "web", "10.96.0.11", 80, 8080));
         api.delete("Pod", Some("bulk"), "p0");
         until("live events applied", || {
@@ -386,24 +641,48 @@ mod watching {
         let node_rv0 = watch_rvs(&api.requests(), "/api/v1/nodes")[0];
         tokio::time::sleep(Duration::from_millis(600)).await;
         api.drop_connections();
-        until("every watch resumed", || ["/api/v1/pods", "/api/v1/nodes"].iter().all(|p| watch_rvs(&api.requests(), p).len() >= 2)).await;
+        until("every watch resumed", || {
+            ["/api/v1/pods", "/api/v1/nodes"]
+                .iter()
+                .all(|p| watch_rvs(&api.requests(), p).len() >= 2)
+        })
+        .await;
         let node_rvs = watch_rvs(&api.requests(), "/api/v1/nodes");
         assert!(node_rvs[1] > node_rv0, "resumed at {node_rvs:?}");
         // Resumed, not listed again.
         assert_eq!(metrics.kube_relists.get(), 5);
-        api.upsert(standin::pod("shop", "after-cut", "1", "10.244.9.2", "node-a", None));
-        until("an event after the cut", || now_pod(&cluster, "10.244.9.2").is_some()).await;
+        api.upsert(standin::pod(
+            "shop",
+            "after-cut",
+            "1",
+            "10.244.9.2",
+            "node-a",
+            None,
+        ));
+        until("an event after the cut", || {
+            now_pod(&cluster, "10.244.9.2").is_some()
+        })
+        .await;
 
         // History expired while a pod was deleted unseen: 410, relist, gone.
         assert!(api.delete_unseen("Pod", Some("shop"), "fresh"));
         api.expire_and_drop();
         until("relisted after 410", || metrics.kube_relists.get() >= 10).await;
-        until("the unseen deletion applied", || watch::read(&cluster).counts()[0] == ("pods", 600)).await;
+        until("the unseen deletion applied", || {
+            watch::read(&cluster).counts()[0] == ("pods", 600)
+        })
+        .await;
         // Its flows from before stay its own; from now on it is no pod.
         let c = watch::read(&cluster);
-        assert_eq!(pod_name(&c, "10.244.9.1", SystemTime::now() - Duration::from_secs(1)).as_deref(), Some("shop/fresh"));
+        assert_eq!(
+            pod_name(&c, "10.244.9.1", SystemTime::now() - Duration::from_secs(1)).as_deref(),
+            Some("shop/fresh")
+        );
         drop(c);
-        assert!(metrics.kube_watch_errors.get() >= 1, "the 410 is counted as a watch error");
+        assert!(
+            metrics.kube_watch_errors.get() >= 1,
+            "the 410 is counted as a watch error"
+        );
         for t in tasks {
             t.abort();
         }
@@ -415,7 +694,13 @@ fn deleted_pods_kept_for_their_flows_are_capped() {
     let mut c = synced();
     c.max_deleted = 3;
     for i in 0..6u64 {
-        let p = pod("churn", &format!("p{i}"), "1", &format!("10.244.7.{i}"), None);
+        let p = pod(
+            "churn",
+            &format!("p{i}"),
+            "1",
+            &format!("10.244.7.{i}"),
+            None,
+        );
         c.apply_pod(&p, at(i));
         c.delete_pod(&p, at(10 + i));
     }
@@ -427,9 +712,15 @@ fn deleted_pods_kept_for_their_flows_are_capped() {
         assert_eq!(pod_name(&c, &format!("10.244.7.{i}"), at(5)), None, "p{i}");
     }
     for i in 3..6 {
-        assert_eq!(pod_name(&c, &format!("10.244.7.{i}"), at(12)).as_deref(), Some(format!("churn/p{i}").as_str()));
+        assert_eq!(
+            pod_name(&c, &format!("10.244.7.{i}"), at(12)).as_deref(),
+            Some(format!("churn/p{i}").as_str())
+        );
     }
-    assert_eq!(pod_name(&c, "10.244.7.100", at(30)).as_deref(), Some("churn/live"));
+    assert_eq!(
+        pod_name(&c, "10.244.7.100", at(30)).as_deref(),
+        Some("churn/live")
+    );
 }
 
 /// Kubernetes mode with no API to talk to: a clear error, before the
@@ -445,7 +736,15 @@ fn without_an_api_server_the_agent_stops_before_attaching() {
     )
     .unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_flowmap"))
-        .args(["run", "--config", cfg.to_str().unwrap(), "--no-store", "--no-web", "--state-dir", dir.to_str().unwrap()])
+        .args([
+            "run",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--no-store",
+            "--no-web",
+            "--state-dir",
+            dir.to_str().unwrap(),
+        ])
         .env("HOME", &dir)
         .env_remove("KUBECONFIG")
         .env_remove("KUBERNETES_SERVICE_HOST")
@@ -457,7 +756,8 @@ fn without_an_api_server_the_agent_stops_before_attaching() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
-        err.contains("deployedAt kubernetes: no Kubernetes API to talk to") && err.contains("set KUBECONFIG (or ~/.kube/config)"),
+        err.contains("deployedAt kubernetes: no Kubernetes API to talk to")
+            && err.contains("set KUBECONFIG (or ~/.kube/config)"),
         "{err}"
     );
     assert!(!err.contains("BPF program loaded"), "{err}");
@@ -468,12 +768,23 @@ fn without_an_api_server_the_agent_stops_before_attaching() {
     std::fs::create_dir_all(&dir2).unwrap();
     std::fs::write(dir2.join("c.yaml"), cfg2).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_flowmap"))
-        .args(["run", "--config", dir2.join("c.yaml").to_str().unwrap(), "--no-store", "--no-web", "--state-dir", dir2.to_str().unwrap()])
+        .args([
+            "run",
+            "--config",
+            dir2.join("c.yaml").to_str().unwrap(),
+            "--no-store",
+            "--no-web",
+            "--state-dir",
+            dir2.to_str().unwrap(),
+        ])
         .env("NODE_NAME", "node-7")
         .output()
         .unwrap();
     let _ = std::fs::remove_dir_all(&dir2);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains(r#"data source "f1": no external_mappings key matches this node "node-7""#), "{err}");
+    assert!(
+        err.contains(r#"data source "f1": no external_mappings key matches this node "node-7""#),
+        "{err}"
+    );
 }

@@ -17,7 +17,9 @@ const MANIFEST: &str = "deploy/kubernetes/flowmap.yaml";
 
 fn docs(text: &str) -> Vec<Value> {
     text.split("\n---\n")
-        .map(|d| serde_saphyr::from_str::<Value>(d).unwrap_or_else(|e| panic!("not YAML: {e}\n{d}")))
+        .map(|d| {
+            serde_saphyr::from_str::<Value>(d).unwrap_or_else(|e| panic!("not YAML: {e}\n{d}"))
+        })
         .filter(|v| !v.is_null())
         .collect()
 }
@@ -26,7 +28,12 @@ fn docs(text: &str) -> Vec<Value> {
 /// dropped by the typed parse, so the two must be equal.
 fn typed<T: DeserializeOwned + Serialize>(v: &Value) -> T {
     let t: T = serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("{}: {e}", v["kind"]));
-    assert_eq!(&serde_json::to_value(&t).unwrap(), v, "{} has fields its API type does not", v["kind"]);
+    assert_eq!(
+        &serde_json::to_value(&t).unwrap(),
+        v,
+        "{} has fields its API type does not",
+        v["kind"]
+    );
     t
 }
 
@@ -76,7 +83,15 @@ fn every_manifest_parses_into_the_kubernetes_types() {
     let p = parse_all(&std::fs::read_to_string(MANIFEST).unwrap());
     assert_eq!(
         p.kinds,
-        ["Namespace", "ServiceAccount", "Secret", "ConfigMap", "ClusterRole", "ClusterRoleBinding", "DaemonSet"]
+        [
+            "Namespace",
+            "ServiceAccount",
+            "Secret",
+            "ConfigMap",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "DaemonSet"
+        ]
     );
 
     // Read-only access to exactly what the watch caches read.
@@ -86,7 +101,14 @@ fn every_manifest_parses_into_the_kubernetes_types() {
             for res in r.resources.clone().unwrap_or_default() {
                 let mut verbs = r.verbs.clone();
                 verbs.sort();
-                rules.insert(format!("{g}/{res}:{}{}", verbs.join(","), r.resource_names.as_ref().map(|n| format!(" {n:?}")).unwrap_or_default()));
+                rules.insert(format!(
+                    "{g}/{res}:{}{}",
+                    verbs.join(","),
+                    r.resource_names
+                        .as_ref()
+                        .map(|n| format!(" {n:?}"))
+                        .unwrap_or_default()
+                ));
             }
         }
     }
@@ -112,7 +134,14 @@ fn every_manifest_parses_into_the_kubernetes_types() {
     assert_eq!(sc.read_only_root_filesystem, Some(true));
     let caps = sc.capabilities.unwrap();
     assert_eq!(caps.drop, Some(vec!["ALL".to_string()]));
-    assert_eq!(caps.add, Some(vec!["BPF".to_string(), "NET_ADMIN".to_string(), "PERFMON".to_string()]));
+    assert_eq!(
+        caps.add,
+        Some(vec![
+            "BPF".to_string(),
+            "NET_ADMIN".to_string(),
+            "PERFMON".to_string()
+        ])
+    );
     assert_eq!(
         c.args.clone().unwrap(),
         [
@@ -125,7 +154,10 @@ fn every_manifest_parses_into_the_kubernetes_types() {
             "--no-store",
         ]
     );
-    for probe in [c.liveness_probe.clone().unwrap(), c.readiness_probe.clone().unwrap()] {
+    for probe in [
+        c.liveness_probe.clone().unwrap(),
+        c.readiness_probe.clone().unwrap(),
+    ] {
         assert_eq!(probe.http_get.unwrap().path.as_deref(), Some("/healthz"));
     }
     let res = c.resources.clone().unwrap();
@@ -135,14 +167,26 @@ fn every_manifest_parses_into_the_kubernetes_types() {
     let env = c.env.clone().unwrap();
     let key = env.iter().find(|e| e.name == "COORDIMAP_API_KEY").unwrap();
     assert!(key.value.is_none());
-    assert_eq!(key.value_from.clone().unwrap().secret_key_ref.unwrap().key, "api-key");
+    assert_eq!(
+        key.value_from.clone().unwrap().secret_key_ref.unwrap().key,
+        "api-key"
+    );
     assert!(env.iter().any(|e| e.name == "NODE_NAME"));
 
     // The ConfigMap holds a valid Kubernetes-mode configuration.
     let text = &p.config.data.unwrap()["config.yaml"];
-    let cfg = flowmap::config::parse(text, &|v| (v == "COORDIMAP_API_KEY").then(|| "k".to_string())).unwrap();
-    assert_eq!(cfg.flows[0].deployed_at, flowmap::config::DeployedAt::Kubernetes);
-    assert_eq!(cfg.flows[0].cluster_uid("any-node"), Some("REPLACE-WITH-CLUSTER-UID"));
+    let cfg = flowmap::config::parse(text, &|v| {
+        (v == "COORDIMAP_API_KEY").then(|| "k".to_string())
+    })
+    .unwrap();
+    assert_eq!(
+        cfg.flows[0].deployed_at,
+        flowmap::config::DeployedAt::Kubernetes
+    );
+    assert_eq!(
+        cfg.flows[0].cluster_uid("any-node"),
+        Some("REPLACE-WITH-CLUSTER-UID")
+    );
     assert_eq!(cfg.flows[0].max_flows, 32768);
 }
 
@@ -157,37 +201,75 @@ fn the_committed_manifests_are_the_chart_rendered_and_values_apply() {
     assert!(st.success());
     let rendered = std::fs::read_to_string(&out).unwrap();
     let _ = std::fs::remove_file(&out);
-    assert_eq!(rendered, std::fs::read_to_string(MANIFEST).unwrap(), "run scripts/render-manifests.sh");
+    assert_eq!(
+        rendered,
+        std::fs::read_to_string(MANIFEST).unwrap(),
+        "run scripts/render-manifests.sh"
+    );
 
     let lint = helm(&["lint", "deploy/helm/flowmap", "--set", "clusterUID=x"]);
-    assert!(lint.status.success(), "{}", String::from_utf8_lossy(&lint.stdout));
+    assert!(
+        lint.status.success(),
+        "{}",
+        String::from_utf8_lossy(&lint.stdout)
+    );
 
     // Without a cluster UID the chart refuses, and says how to get one.
     let no_uid = helm(&["template", "deploy/helm/flowmap"]);
     assert!(!no_uid.status.success());
-    assert!(String::from_utf8_lossy(&no_uid.stderr).contains("clusterUID is required: kubectl get namespace kube-system"));
+    assert!(String::from_utf8_lossy(&no_uid.stderr)
+        .contains("clusterUID is required: kubectl get namespace kube-system"));
 
     let custom = helm(&[
-        "template", "fm", "deploy/helm/flowmap", "--namespace", "obs",
-        "--set", "clusterUID=0e3c-uid", "--set", "collector.existingSecret=my-key",
-        "--set", "store.enabled=true", "--set", "crawlInterval=1m", "--set", "port=9555",
-        "--set", "interfaceName=eth0",
+        "template",
+        "fm",
+        "deploy/helm/flowmap",
+        "--namespace",
+        "obs",
+        "--set",
+        "clusterUID=0e3c-uid",
+        "--set",
+        "collector.existingSecret=my-key",
+        "--set",
+        "store.enabled=true",
+        "--set",
+        "crawlInterval=1m",
+        "--set",
+        "port=9555",
+        "--set",
+        "interfaceName=eth0",
     ]);
-    assert!(custom.status.success(), "{}", String::from_utf8_lossy(&custom.stderr));
+    assert!(
+        custom.status.success(),
+        "{}",
+        String::from_utf8_lossy(&custom.stderr)
+    );
     let p = parse_all(&String::from_utf8(custom.stdout).unwrap());
-    assert!(!p.kinds.contains(&"Secret".to_string()), "an existing Secret is used, none made");
+    assert!(
+        !p.kinds.contains(&"Secret".to_string()),
+        "an existing Secret is used, none made"
+    );
     let c = &p.daemonset.spec.unwrap().template.spec.unwrap().containers[0];
     let args = c.args.clone().unwrap();
     assert!(!args.contains(&"--no-store".to_string()));
     assert!(args.contains(&"--listen=$(HOST_IP):9555".to_string()));
     let env = c.env.clone().unwrap();
     let key = env.iter().find(|e| e.name == "COORDIMAP_API_KEY").unwrap();
-    assert_eq!(key.value_from.clone().unwrap().secret_key_ref.unwrap().name, "my-key");
-    let cfg = flowmap::config::parse(&p.config.data.unwrap()["config.yaml"], &|_| Some(String::new())).unwrap();
+    assert_eq!(
+        key.value_from.clone().unwrap().secret_key_ref.unwrap().name,
+        "my-key"
+    );
+    let cfg = flowmap::config::parse(&p.config.data.unwrap()["config.yaml"], &|_| {
+        Some(String::new())
+    })
+    .unwrap();
     let f = &cfg.flows[0];
     assert_eq!(f.cluster_uid("n"), Some("0e3c-uid"));
     assert_eq!(f.crawl_interval, std::time::Duration::from_secs(60));
-    assert_eq!(f.interfaces, flowmap::datapath::ifaces::Selection::Names(vec!["eth0".into()]));
+    assert_eq!(
+        f.interfaces,
+        flowmap::datapath::ifaces::Selection::Names(vec!["eth0".into()])
+    );
 }
 
 #[test]
@@ -199,7 +281,11 @@ fn the_systemd_unit_verifies() {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("flowmap.service");
     std::fs::write(&path, unit.replace("/usr/local/bin/flowmap", bin)).unwrap();
-    let out = Command::new("systemd-analyze").arg("verify").arg(&path).output().expect("systemd-analyze");
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze");
     let _ = std::fs::remove_dir_all(&dir);
     assert!(
         out.status.success() && out.stderr.is_empty(),

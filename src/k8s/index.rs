@@ -85,7 +85,13 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [Kind::Pod, Kind::ReplicaSet, Kind::Job, Kind::Service, Kind::Node];
+    pub const ALL: [Kind; 5] = [
+        Kind::Pod,
+        Kind::ReplicaSet,
+        Kind::Job,
+        Kind::Service,
+        Kind::Node,
+    ];
     pub fn name(self) -> &'static str {
         match self {
             Kind::Pod => "pods",
@@ -198,13 +204,22 @@ impl Cluster {
         let seen = self.relist.remove(&k).unwrap_or_default();
         match k {
             Kind::Pod => {
-                let gone: Vec<String> = self.pods.keys().filter(|u| !seen.contains(*u)).cloned().collect();
+                let gone: Vec<String> = self
+                    .pods
+                    .keys()
+                    .filter(|u| !seen.contains(*u))
+                    .cloned()
+                    .collect();
                 for uid in gone {
                     self.remove_pod_uid(&uid, now);
                 }
             }
-            Kind::ReplicaSet => self.rs_owner.retain(|(ns, n), _| seen.contains(&format!("{ns}/{n}"))),
-            Kind::Job => self.job_owner.retain(|(ns, n), _| seen.contains(&format!("{ns}/{n}"))),
+            Kind::ReplicaSet => self
+                .rs_owner
+                .retain(|(ns, n), _| seen.contains(&format!("{ns}/{n}"))),
+            Kind::Job => self
+                .job_owner
+                .retain(|(ns, n), _| seen.contains(&format!("{ns}/{n}"))),
             Kind::Service => {
                 let gone: Vec<NsName> = self
                     .services
@@ -217,7 +232,12 @@ impl Cluster {
                 }
             }
             Kind::Node => {
-                let gone: Vec<String> = self.nodes.keys().filter(|n| !seen.contains(*n)).cloned().collect();
+                let gone: Vec<String> = self
+                    .nodes
+                    .keys()
+                    .filter(|n| !seen.contains(*n))
+                    .cloned()
+                    .collect();
                 for n in gone {
                     self.remove_node(&n);
                 }
@@ -234,7 +254,9 @@ impl Cluster {
     pub fn apply_pod(&mut self, pod: &Pod, now: SystemTime) {
         let m = &pod.metadata;
         let Some(uid) = m.uid.clone() else { return };
-        let Some((namespace, name)) = ns_name(m) else { return };
+        let Some((namespace, name)) = ns_name(m) else {
+            return;
+        };
         self.listed(Kind::Pod, uid.clone());
         let spec = pod.spec.as_ref();
         let status = pod.status.as_ref();
@@ -265,7 +287,11 @@ impl Cluster {
         };
         // The first list: these pods held their IPs before the agent
         // looked, as far as anyone here can tell.
-        let from = if self.is_synced(Kind::Pod) { now } else { SystemTime::UNIX_EPOCH };
+        let from = if self.is_synced(Kind::Pod) {
+            now
+        } else {
+            SystemTime::UNIX_EPOCH
+        };
         let (meta, old_ips) = match self.pods.remove(&uid) {
             Some((old, old_ips)) if *old == meta => (old, old_ips),
             Some((_, old_ips)) => (Arc::new(meta), old_ips),
@@ -276,7 +302,10 @@ impl Cluster {
         }
         for ip in &ips {
             let occ = self.by_ip.entry(*ip).or_default();
-            match occ.iter_mut().find(|o| o.pod.uid == uid && o.until.is_none()) {
+            match occ
+                .iter_mut()
+                .find(|o| o.pod.uid == uid && o.until.is_none())
+            {
                 // Same pod, same IP: keep when it began, take new metadata.
                 Some(o) => o.pod = meta.clone(),
                 None => {
@@ -311,7 +340,10 @@ impl Cluster {
 
     fn close(&mut self, ip: IpAddr, uid: &str, now: SystemTime) {
         if let Some(occ) = self.by_ip.get_mut(&ip) {
-            for o in occ.iter_mut().filter(|o| o.pod.uid == uid && o.until.is_none()) {
+            for o in occ
+                .iter_mut()
+                .filter(|o| o.pod.uid == uid && o.until.is_none())
+            {
                 o.until = Some(now);
             }
         }
@@ -348,7 +380,8 @@ impl Cluster {
     pub fn apply_replicaset(&mut self, rs: &ReplicaSet) {
         if let Some(k) = ns_name(&rs.metadata) {
             self.listed(Kind::ReplicaSet, format!("{}/{}", k.0, k.1));
-            self.rs_owner.insert(k, controller(&rs.metadata.owner_references));
+            self.rs_owner
+                .insert(k, controller(&rs.metadata.owner_references));
         }
     }
 
@@ -361,7 +394,8 @@ impl Cluster {
     pub fn apply_job(&mut self, job: &Job) {
         if let Some(k) = ns_name(&job.metadata) {
             self.listed(Kind::Job, format!("{}/{}", k.0, k.1));
-            self.job_owner.insert(k, controller(&job.metadata.owner_references));
+            self.job_owner
+                .insert(k, controller(&job.metadata.owner_references));
         }
     }
 
@@ -386,7 +420,10 @@ impl Cluster {
             _ => None,
         };
         match parent {
-            Some(Some((pk, pn))) if (kind == "ReplicaSet" && pk == "Deployment") || (kind == "Job" && pk == "CronJob") => {
+            Some(Some((pk, pn)))
+                if (kind == "ReplicaSet" && pk == "Deployment")
+                    || (kind == "Job" && pk == "CronJob") =>
+            {
                 Workload {
                     kind: pk.clone(),
                     name: pn.clone(),
@@ -404,7 +441,9 @@ impl Cluster {
     /// A Service's ClusterIPs (`spec.clusterIPs`, or `spec.clusterIP`);
     /// a headless service has none.
     pub fn apply_service(&mut self, svc: &Service) {
-        let Some(key) = ns_name(&svc.metadata) else { return };
+        let Some(key) = ns_name(&svc.metadata) else {
+            return;
+        };
         self.listed(Kind::Service, format!("{}/{}", key.0, key.1));
         let spec = svc.spec.as_ref();
         let mut ips = spec
@@ -434,7 +473,11 @@ impl Cluster {
     fn remove_service(&mut self, key: &NsName) {
         if let Some((meta, ips)) = self.services.remove(key) {
             for ip in ips {
-                if self.service_ips.get(&ip).is_some_and(|m| Arc::ptr_eq(m, &meta)) {
+                if self
+                    .service_ips
+                    .get(&ip)
+                    .is_some_and(|m| Arc::ptr_eq(m, &meta))
+                {
                     self.service_ips.remove(&ip);
                 }
             }
@@ -443,7 +486,9 @@ impl Cluster {
 
     /// A Node's InternalIP and ExternalIP addresses.
     pub fn apply_node(&mut self, node: &Node) {
-        let Some(name) = node.metadata.name.clone() else { return };
+        let Some(name) = node.metadata.name.clone() else {
+            return;
+        };
         self.listed(Kind::Node, name.clone());
         let ips = node
             .status
@@ -490,11 +535,7 @@ impl Cluster {
     pub fn resolve(&self, ip: IpAddr, at: SystemTime) -> Option<Target> {
         if let Some(occ) = self.by_ip.get(&ip) {
             // Ties go to the later holder.
-            if let Some(o) = occ
-                .iter()
-                .rev()
-                .min_by_key(|o| o.distance(at))
-            {
+            if let Some(o) = occ.iter().rev().min_by_key(|o| o.distance(at)) {
                 return Some(Target::Pod(o.pod.clone()));
             }
         }
@@ -505,7 +546,10 @@ impl Cluster {
     }
 
     pub fn node_addresses(&self, name: &str) -> &[IpAddr] {
-        self.nodes.get(name).map(|(_, v)| v.as_slice()).unwrap_or(&[])
+        self.nodes
+            .get(name)
+            .map(|(_, v)| v.as_slice())
+            .unwrap_or(&[])
     }
 }
 

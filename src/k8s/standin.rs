@@ -94,7 +94,8 @@ impl StandIn {
             events,
             cut,
         });
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding the stand-in API server")?;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")
+            .context("binding the stand-in API server")?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -102,7 +103,10 @@ impl StandIn {
         let thread = std::thread::Builder::new()
             .name("standin-api".into())
             .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
                     Ok(rt) => rt,
                     Err(_) => return,
                 };
@@ -139,7 +143,11 @@ impl StandIn {
         obj["metadata"]["resourceVersion"] = json!(rv.to_string());
         let kind = obj["kind"].as_str().unwrap_or("").to_string();
         let key = key_of(&obj);
-        let old = s.objects.entry(kind.clone()).or_default().insert(key, obj.clone());
+        let old = s
+            .objects
+            .entry(kind.clone())
+            .or_default()
+            .insert(key, obj.clone());
         let ev = Ev {
             rv,
             kind,
@@ -184,7 +192,10 @@ impl StandIn {
             None => name.to_string(),
         };
         s.rv += 1;
-        s.objects.get_mut(kind).and_then(|m| m.remove(&key)).is_some()
+        s.objects
+            .get_mut(kind)
+            .and_then(|m| m.remove(&key))
+            .is_some()
     }
 
     /// Forgets all history: every watch or list continuation from a
@@ -256,7 +267,11 @@ fn reply(code: StatusCode, v: &Value) -> Response {
     (code, [("content-type", "application/json")], v.to_string()).into_response()
 }
 
-async fn handle(State(st): State<Arc<Shared>>, uri: Uri, Query(q): Query<HashMap<String, String>>) -> Response {
+async fn handle(
+    State(st): State<Arc<Shared>>,
+    uri: Uri,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
     let path = uri.path().to_string();
     st.inner
         .lock()
@@ -264,7 +279,12 @@ async fn handle(State(st): State<Arc<Shared>>, uri: Uri, Query(q): Query<HashMap
         .requests
         .push(format!("{path}?{}", uri.query().unwrap_or("")));
     if path == "/api/v1/namespaces/kube-system" {
-        let uid = st.inner.lock().unwrap_or_else(|p| p.into_inner()).cluster_uid.clone();
+        let uid = st
+            .inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .cluster_uid
+            .clone();
         return match uid {
             Some(uid) => reply(
                 StatusCode::OK,
@@ -272,22 +292,42 @@ async fn handle(State(st): State<Arc<Shared>>, uri: Uri, Query(q): Query<HashMap
                         "metadata": {"name": "kube-system", "uid": uid, "resourceVersion": "1", "creationTimestamp": CREATED},
                         "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}}),
             ),
-            None => reply(StatusCode::NOT_FOUND, &status(404, "NotFound", "namespaces \"kube-system\" not found")),
+            None => reply(
+                StatusCode::NOT_FOUND,
+                &status(404, "NotFound", "namespaces \"kube-system\" not found"),
+            ),
         };
     }
     let Some((kind, api_version, _)) = KINDS.iter().find(|(_, _, p)| *p == path) else {
-        return reply(StatusCode::NOT_FOUND, &status(404, "NotFound", &format!("the server could not find the requested resource ({path})")));
+        return reply(
+            StatusCode::NOT_FOUND,
+            &status(
+                404,
+                "NotFound",
+                &format!("the server could not find the requested resource ({path})"),
+            ),
+        );
     };
     let watch = matches!(q.get("watch").map(String::as_str), Some("true") | Some("1"));
     if watch {
         return watch_stream(st, kind, api_version, &q);
     }
     let mut s = st.inner.lock().unwrap_or_else(|p| p.into_inner());
-    let limit: usize = q.get("limit").and_then(|l| l.parse().ok()).filter(|l| *l > 0).unwrap_or(usize::MAX);
+    let limit: usize = q
+        .get("limit")
+        .and_then(|l| l.parse().ok())
+        .filter(|l| *l > 0)
+        .unwrap_or(usize::MAX);
     let (list_rv, offset) = match q.get("continue").filter(|c| !c.is_empty()) {
         Some(c) => {
-            let Some((rv, off)) = c.split_once('-').and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<usize>().ok()?))) else {
-                return reply(StatusCode::BAD_REQUEST, &status(400, "BadRequest", "invalid continue token"));
+            let Some((rv, off)) = c
+                .split_once('-')
+                .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<usize>().ok()?)))
+            else {
+                return reply(
+                    StatusCode::BAD_REQUEST,
+                    &status(400, "BadRequest", "invalid continue token"),
+                );
             };
             if rv < s.expired_below {
                 return reply(
@@ -318,8 +358,16 @@ fn line(kind_type: &str, object: &Value) -> Result<Bytes, std::io::Error> {
     Ok(v.into())
 }
 
-fn watch_stream(st: Arc<Shared>, kind: &'static str, api_version: &'static str, q: &HashMap<String, String>) -> Response {
-    let from: Option<u64> = q.get("resourceVersion").and_then(|r| r.parse().ok()).filter(|r| *r > 0);
+fn watch_stream(
+    st: Arc<Shared>,
+    kind: &'static str,
+    api_version: &'static str,
+    q: &HashMap<String, String>,
+) -> Response {
+    let from: Option<u64> = q
+        .get("resourceVersion")
+        .and_then(|r| r.parse().ok())
+        .filter(|r| *r > 0);
     let timeout = q
         .get("timeoutSeconds")
         .and_then(|t| t.parse::<u64>().ok())
@@ -334,13 +382,20 @@ fn watch_stream(st: Arc<Shared>, kind: &'static str, api_version: &'static str, 
         match from {
             Some(rv) if rv < s.expired_below => (Vec::new(), Some(rv), None),
             Some(rv) => (
-                s.log.iter().filter(|e| e.kind == kind && e.rv > rv).map(|e| (e.kind_type, e.object.clone())).collect::<Vec<_>>(),
+                s.log
+                    .iter()
+                    .filter(|e| e.kind == kind && e.rv > rv)
+                    .map(|e| (e.kind_type, e.object.clone()))
+                    .collect::<Vec<_>>(),
                 None,
                 s.bookmark_every,
             ),
             // No resourceVersion: the current state as ADDED events.
             None => (
-                s.objects.get(kind).map(|m| m.values().map(|o| ("ADDED", o.clone())).collect()).unwrap_or_default(),
+                s.objects
+                    .get(kind)
+                    .map(|m| m.values().map(|o| ("ADDED", o.clone())).collect())
+                    .unwrap_or_default(),
                 None,
                 s.bookmark_every,
             ),
@@ -348,53 +403,66 @@ fn watch_stream(st: Arc<Shared>, kind: &'static str, api_version: &'static str, 
     };
     let last_sent = backlog
         .iter()
-        .filter_map(|(_, o)| o["metadata"]["resourceVersion"].as_str().and_then(|r| r.parse::<u64>().ok()))
+        .filter_map(|(_, o)| {
+            o["metadata"]["resourceVersion"]
+                .as_str()
+                .and_then(|r| r.parse::<u64>().ok())
+        })
         .max()
         .or(from)
         .unwrap_or(0);
-    let stream = async_stream(move |tx: tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>| async move {
-        if let Some(rv) = gone {
-            let _ = tx.send(line("ERROR", &status(410, "Expired", &format!("too old resource version: {rv}")))).await;
-            return;
-        }
-        let mut last = last_sent;
-        for (t, o) in backlog {
-            if tx.send(line(t, &o)).await.is_err() {
+    let stream = async_stream(
+        move |tx: tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>| async move {
+            if let Some(rv) = gone {
+                let _ = tx
+                    .send(line(
+                        "ERROR",
+                        &status(410, "Expired", &format!("too old resource version: {rv}")),
+                    ))
+                    .await;
                 return;
             }
-        }
-        let end = tokio::time::sleep(timeout);
-        tokio::pin!(end);
-        let every = bookmark_every.filter(|_| bookmarks).unwrap_or(Duration::from_secs(3600));
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-        loop {
-            tokio::select! {
-                _ = &mut end => return,
-                _ = cut.recv() => {
-                    let _ = tx.send(Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "stand-in dropped the connection"))).await;
+            let mut last = last_sent;
+            for (t, o) in backlog {
+                if tx.send(line(t, &o)).await.is_err() {
                     return;
                 }
-                _ = tick.tick() => {
-                    let rv = st.inner.lock().unwrap_or_else(|p| p.into_inner()).rv;
-                    let bm = json!({"kind": kind, "apiVersion": api_version, "metadata": {"resourceVersion": rv.max(last).to_string()}});
-                    if tx.send(line("BOOKMARK", &bm)).await.is_err() { return; }
-                }
-                ev = live.recv() => match ev {
-                    Ok(e) if e.kind == kind && e.rv > last => {
-                        last = e.rv;
-                        if tx.send(line(e.kind_type, &e.object)).await.is_err() { return; }
-                    }
-                    Ok(_) => {}
-                    // A watcher that falls this far behind is cut, as a
-                    // real server would.
-                    Err(_) => {
-                        let _ = tx.send(Err(std::io::Error::other("watcher too slow"))).await;
+            }
+            let end = tokio::time::sleep(timeout);
+            tokio::pin!(end);
+            let every = bookmark_every
+                .filter(|_| bookmarks)
+                .unwrap_or(Duration::from_secs(3600));
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            loop {
+                tokio::select! {
+                    _ = &mut end => return,
+                    _ = cut.recv() => {
+                        let _ = tx.send(Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "stand-in dropped the connection"))).await;
                         return;
+                    }
+                    _ = tick.tick() => {
+                        let rv = st.inner.lock().unwrap_or_else(|p| p.into_inner()).rv;
+                        let bm = json!({"kind": kind, "apiVersion": api_version, "metadata": {"resourceVersion": rv.max(last).to_string()}});
+                        if tx.send(line("BOOKMARK", &bm)).await.is_err() { return; }
+                    }
+                    ev = live.recv() => match ev {
+                        Ok(e) if e.kind == kind && e.rv > last => {
+                            last = e.rv;
+                            if tx.send(line(e.kind_type, &e.object)).await.is_err() { return; }
+                        }
+                        Ok(_) => {}
+                        // A watcher that falls this far behind is cut, as a
+                        // real server would.
+                        Err(_) => {
+                            let _ = tx.send(Err(std::io::Error::other("watcher too slow"))).await;
+                            return;
+                        }
                     }
                 }
             }
-        }
-    });
+        },
+    );
     Response::builder()
         .status(StatusCode::OK)
         .header("content-type", "application/json")
@@ -413,7 +481,9 @@ where
     Body::from_stream(tokio_stream_rx(rx))
 }
 
-fn tokio_stream_rx<T: Send + 'static>(mut rx: tokio::sync::mpsc::Receiver<T>) -> impl futures_util::Stream<Item = T> + Send {
+fn tokio_stream_rx<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> + Send {
     futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
@@ -422,7 +492,14 @@ fn tokio_stream_rx<T: Send + 'static>(mut rx: tokio::sync::mpsc::Receiver<T>) ->
 /// A deterministic UID for a name.
 pub fn uid(seed: &str) -> String {
     let h = crate::coordimap::hex_sha256(seed.as_bytes());
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 const CREATED: &str = "2026-11-24T10:00:00Z";
@@ -438,7 +515,14 @@ fn owner_refs(owner: Option<(&str, &str)>, api_version: &str) -> Value {
 /// A running pod with one container. `owner` is its controller, e.g.
 /// `("ReplicaSet", "web-7d4b9c")`. `seed` makes its UID (a pod recreated
 /// under the same name gets a new one).
-pub fn pod(namespace: &str, name: &str, seed: &str, ip: &str, node: &str, owner: Option<(&str, &str)>) -> Value {
+pub fn pod(
+    namespace: &str,
+    name: &str,
+    seed: &str,
+    ip: &str,
+    node: &str,
+    owner: Option<(&str, &str)>,
+) -> Value {
     let api = match owner.map(|o| o.0) {
         Some("Job") | Some("CronJob") => "batch/v1",
         _ => "apps/v1",
@@ -545,7 +629,13 @@ pub fn job(namespace: &str, name: &str, cronjob: Option<&str>) -> Value {
 }
 
 /// A ClusterIP Service on `port`, forwarding to `target_port`.
-pub fn service(namespace: &str, name: &str, cluster_ip: &str, port: u16, target_port: u16) -> Value {
+pub fn service(
+    namespace: &str,
+    name: &str,
+    cluster_ip: &str,
+    port: u16,
+    target_port: u16,
+) -> Value {
     json!({
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"creationTimestamp": CREATED, "name": name, "namespace": namespace,

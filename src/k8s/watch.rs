@@ -143,10 +143,14 @@ pub fn start(client: Client, cluster: Shared, metrics: Arc<Metrics>) -> Vec<Join
 /// namespace, or RBAC without `get` on it).
 pub async fn cluster_uid(client: &Client) -> Option<String> {
     let api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
-    match api.get_opt("kube-system").await {
-        Ok(ns) => ns.and_then(|n| n.metadata.uid),
-        Err(e) => {
+    match tokio::time::timeout(Duration::from_secs(5), api.get_opt("kube-system")).await {
+        Ok(Ok(ns)) => ns.and_then(|n| n.metadata.uid),
+        Ok(Err(e)) => {
             debug!(error = %e, "reading the kube-system namespace failed");
+            None
+        }
+        Err(_) => {
+            debug!("reading the kube-system namespace timed out");
             None
         }
     }

@@ -546,18 +546,72 @@ static __always_inline int handle_l3(struct __sk_buff *skb)
 	return TC_ACT_UNSPEC;
 }
 
-/* TC_ACT_UNSPEC is TCX_NEXT: the next program on the hook always runs. */
+/* Hand-over from a classic TC filter to a TCX link on one interface (the
+ * agent attaches many interfaces at start with fast classic filters, then
+ * moves each to TCX). While both are attached, every packet meets the TCX
+ * program first, on the same CPU and with nothing in between: the TCX
+ * program marks the packet's control block with a value tied to this
+ * device, and the classic program skips (and unmarks) a packet so marked.
+ * So every packet is counted once, whatever instant the hand-over takes.
+ * The IP layer and the bridge reuse the control block, and another device
+ * has another mark, so a mark never reaches another hook. */
+#define HANDOVER_MAGIC 0x6f1e5a9dc3b2718fULL
+
+static __always_inline __u64 handover_mark(struct __sk_buff *skb)
+{
+	return HANDOVER_MAGIC ^ (((__u64)skb->ifindex << 32) | skb->ingress_ifindex);
+}
+
+static __always_inline void mark_handover(struct __sk_buff *skb)
+{
+	__u64 m = handover_mark(skb);
+	skb->cb[0] = (__u32)m;
+	skb->cb[1] = (__u32)(m >> 32);
+}
+
+static __always_inline int counted_by_tcx(struct __sk_buff *skb)
+{
+	__u64 m = handover_mark(skb);
+	if (skb->cb[0] != (__u32)m || skb->cb[1] != (__u32)(m >> 32))
+		return 0;
+	skb->cb[0] = 0;
+	skb->cb[1] = 0;
+	return 1;
+}
+
+/* TC_ACT_UNSPEC is TCX_NEXT: the next program on the hook always runs.
+ * The code is the same at ingress and egress, so one program serves both
+ * hooks (a SCHED_CLS program attaches to either). */
 SEC("tcx/ingress")
-int flowmap_eth_in(struct __sk_buff *skb) { return handle_eth(skb); }
-
-SEC("tcx/egress")
-int flowmap_eth_out(struct __sk_buff *skb) { return handle_eth(skb); }
+int flowmap_eth(struct __sk_buff *skb)
+{
+	mark_handover(skb);
+	return handle_eth(skb);
+}
 
 SEC("tcx/ingress")
-int flowmap_l3_in(struct __sk_buff *skb) { return handle_l3(skb); }
+int flowmap_l3(struct __sk_buff *skb)
+{
+	mark_handover(skb);
+	return handle_l3(skb);
+}
 
-SEC("tcx/egress")
-int flowmap_l3_out(struct __sk_buff *skb) { return handle_l3(skb); }
+/* The classic TC filters. */
+SEC("tc")
+int flowmap_eth_tc(struct __sk_buff *skb)
+{
+	if (counted_by_tcx(skb))
+		return TC_ACT_UNSPEC;
+	return handle_eth(skb);
+}
+
+SEC("tc")
+int flowmap_l3_tc(struct __sk_buff *skb)
+{
+	if (counted_by_tcx(skb))
+		return TC_ACT_UNSPEC;
+	return handle_l3(skb);
+}
 
 /* Not attached anywhere: user space runs it with BPF_PROG_TEST_RUN to read
  * the tick and the clock at one instant. */

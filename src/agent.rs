@@ -206,6 +206,9 @@ impl Loop {
                     }
                 }
                 self.dp.reconcile(&self.sel, &present);
+                // Interfaces attached in a batch with classic filters move
+                // to TCX a few at a time, so the loop is never held long.
+                self.dp.hand_over_some(Duration::from_millis(150));
                 let keep = self.interval * 2 + Duration::from_secs(5);
                 self.names.retain(|_, (_, seen)| seen.elapsed() < keep);
             }

@@ -521,6 +521,20 @@ pub fn attach(n: u32, out: &mut dyn Write) -> Result<()> {
         2 * n,
         t.elapsed().as_millis()
     )?;
+    // Then every one moves from its classic filters to TCX links.
+    let before = flowmap_links();
+    while agent.count_log("left=0") == 0 && before < 2 * 2 * n as usize {
+        if Instant::now() > end {
+            bail!("not every interface moved to TCX within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    writeln!(
+        out,
+        "bench scale attach all_tcx_ms={} tcx_links={}",
+        t.elapsed().as_millis(),
+        flowmap_links()
+    )?;
     // One more, while running.
     let late = format!("fma{id}late");
     let t = Instant::now();

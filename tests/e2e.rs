@@ -672,7 +672,7 @@ fn nothing_stays_attached_after_sigkill_and_restart() {
     a.kill();
     let left = sh(&["tc", "filter", "show", "dev", &v.host, "ingress"]);
     assert!(
-        left.contains("flowmap_eth_in"),
+        left.contains("flowmap_eth"),
         "the killed agent's filter should remain:\n{left}"
     );
     // ... and the next start removes them, and its own at exit.

@@ -140,3 +140,51 @@ fn interface_churn_leaks_nothing_and_the_last_veth_is_counted() {
         "nothing stays attached after the agent stops"
     );
 }
+
+/// Moving an interface from classic filters to TCX while traffic flows
+/// counts every packet exactly once.
+#[test]
+fn the_hand_over_from_classic_filters_to_tcx_counts_every_packet_once() {
+    use flowmap::datapath::attach::{tcx_programs, HookKind};
+    use flowmap::datapath::{ifaces, Datapath, Options};
+    if !common::privileged("the_hand_over_from_classic_filters_to_tcx_counts_every_packet_once") {
+        return;
+    }
+    let _g = lock();
+    let net = Net::new("h", 0).unwrap();
+    let mut dp = Datapath::load(&Options::default()).unwrap();
+    let iface = ifaces::list().unwrap().into_iter().find(|i| i.name == net.host).unwrap();
+    dp.attach_as(&iface, HookKind::Tc).unwrap();
+    let tc = |dir: &str| common::sh(&["tc", "filter", "show", "dev", &net.host, dir]);
+    assert!(tc("egress").contains("flowmap_eth_tc"));
+
+    // 3000 datagrams of 100 bytes over about 1.5 s; the hand-over happens
+    // in the middle.
+    let sender = std::thread::spawn(|| {
+        let u = std::net::UdpSocket::bind("10.231.0.1:0").unwrap();
+        for _ in 0..3000 {
+            u.send_to(&[5u8; 100], "10.231.0.2:9999").unwrap();
+            std::thread::sleep(Duration::from_micros(500));
+        }
+    });
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(dp.hand_over(iface.ifindex).unwrap());
+    assert_eq!(dp.attached().next().unwrap().kind(), HookKind::Tcx);
+    assert!(!tc("egress").contains("flowmap"), "the classic filter went");
+    assert!(!tc("ingress").contains("flowmap"));
+    assert!(tcx_programs(iface.ifindex).iter().any(|p| p == "flowmap_eth"));
+    sender.join().unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+
+    let d = dp.drain().unwrap();
+    let (mut packets, mut bytes) = (0, 0);
+    for (k, s) in &d.flows {
+        if k.ifindex == iface.ifindex && k.proto == 17 && k.port.contains(&9999) {
+            packets += s.packets[0] + s.packets[1];
+            bytes += s.bytes[0] + s.bytes[1];
+        }
+    }
+    assert_eq!((packets, bytes), (3000, 3000 * (14 + 20 + 8 + 100)));
+    dp.detach_all();
+    assert!(tcx_programs(iface.ifindex).is_empty());
+}

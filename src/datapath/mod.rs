@@ -228,8 +228,13 @@ pub struct Datapath {
     active: u32,
     mode: AttachMode,
     tcx_works: Option<bool>,
-    /// Nanoseconds per kernel tick (1e9 / CONFIG_HZ), measured at load.
+    /// Nanoseconds per kernel tick (1e9 / CONFIG_HZ), measured over the
+    /// first 100 ms after load (0 until then).
     ns_per_tick: u64,
+    /// The clock reading the tick measurement starts from.
+    tick_start: (u64, u64, std::time::Instant),
+    /// Interfaces attached with classic filters, to be moved to TCX.
+    handover: std::collections::VecDeque<u32>,
 }
 
 impl Datapath {
@@ -274,9 +279,13 @@ impl Datapath {
             mode: opts.mode,
             tcx_works: None,
             ns_per_tick: 0,
+            tick_start: (0, 0, std::time::Instant::now()),
+            handover: Default::default(),
         };
-        dp.ns_per_tick = dp.measure_tick()?;
-        debug!(ns_per_tick = dp.ns_per_tick, "kernel tick measured");
+        // The tick is measured over 100 ms; the agent attaches meanwhile
+        // and the first drain finishes the measurement.
+        let (n0, j0) = dp.clock_sample()?;
+        dp.tick_start = (n0, j0, std::time::Instant::now());
         Ok(dp)
     }
 
@@ -303,32 +312,45 @@ impl Datapath {
         Ok((c.ns, c.jiffies))
     }
 
-    /// The kernel tick length: ticks counted over 100 ms, rounded to the
-    /// nearest CONFIG_HZ Linux offers (100, 250, 300, 1000).
-    fn measure_tick(&self) -> Result<u64> {
-        let (n0, j0) = self.clock_sample()?;
-        std::thread::sleep(Duration::from_millis(100));
+    /// The kernel tick length: ticks counted over at least 100 ms since
+    /// load, rounded to the nearest CONFIG_HZ Linux offers (100, 250, 300,
+    /// 1000). Measured once.
+    fn ns_per_tick(&mut self) -> Result<u64> {
+        if self.ns_per_tick != 0 {
+            return Ok(self.ns_per_tick);
+        }
+        let (n0, j0, t0) = self.tick_start;
+        if let Some(rest) = Duration::from_millis(100).checked_sub(t0.elapsed()) {
+            std::thread::sleep(rest);
+        }
         let (n1, j1) = self.clock_sample()?;
         let hz = (j1 - j0) as f64 * 1e9 / (n1 - n0).max(1) as f64;
         let best = [100u64, 250, 300, 1000]
             .into_iter()
             .min_by(|a, b| (*a as f64 - hz).abs().total_cmp(&(*b as f64 - hz).abs()))
             .unwrap_or(250);
-        Ok(1_000_000_000 / best)
+        self.ns_per_tick = 1_000_000_000 / best;
+        debug!(ns_per_tick = self.ns_per_tick, "kernel tick measured");
+        Ok(self.ns_per_tick)
     }
 
-    fn progs_for(
-        &self,
-        l3: bool,
-    ) -> (
-        &libbpf_rs::ProgramMut<'static>,
-        &libbpf_rs::ProgramMut<'static>,
-    ) {
+    /// The program for an interface and a kind of hook (the TCX one marks
+    /// packets for the hand-over, the classic one skips marked packets).
+    fn prog_for(&self, l3: bool, kind: HookKind) -> &libbpf_rs::ProgramMut<'static> {
         let p = &self.skel.progs;
-        if l3 {
-            (&p.flowmap_l3_in, &p.flowmap_l3_out)
-        } else {
-            (&p.flowmap_eth_in, &p.flowmap_eth_out)
+        match (l3, kind) {
+            (true, HookKind::Tcx) => &p.flowmap_l3,
+            (false, HookKind::Tcx) => &p.flowmap_eth,
+            (true, HookKind::Tc) => &p.flowmap_l3_tc,
+            (false, HookKind::Tc) => &p.flowmap_eth_tc,
+        }
+    }
+
+    fn hook(&self, iface: &Interface, kind: HookKind) -> Result<Hook> {
+        let p = self.prog_for(iface.l3, kind);
+        match kind {
+            HookKind::Tcx => attach::attach_tcx(p, p, iface.ifindex),
+            HookKind::Tc => attach::attach_tc(p, p, iface.ifindex),
         }
     }
 
@@ -337,7 +359,7 @@ impl Datapath {
     pub fn remove_stale(&self, ifaces: &[Interface]) -> usize {
         let mut n = 0;
         for i in ifaces {
-            let removed = attach::remove_stale_tc(&self.skel.progs.flowmap_eth_in, i.ifindex);
+            let removed = attach::remove_stale_tc(&self.skel.progs.flowmap_eth, i.ifindex);
             if removed > 0 {
                 info!(interface = %i.name, removed, "removed TC filters left by an earlier flowmap");
             }
@@ -353,26 +375,12 @@ impl Datapath {
                 return Ok(a.kind());
             }
         }
-        let mut tcx_works = self.tcx_works;
-        let (i, e) = self.progs_for(iface.l3);
         let hook = match self.mode {
-            AttachMode::Tcx => attach::attach_tcx(i, e, iface.ifindex)?,
-            AttachMode::Tc => attach::attach_tc(i, e, iface.ifindex)?,
-            AttachMode::Auto if tcx_works == Some(false) => attach::attach_tc(i, e, iface.ifindex)?,
-            AttachMode::Auto => match attach::attach_tcx(i, e, iface.ifindex) {
-                Ok(h) => {
-                    tcx_works = Some(true);
-                    h
-                }
-                Err(err) if tcx_works.is_none() => {
-                    info!(error = %format!("{err:#}"), "TCX not available; using classic clsact filters");
-                    tcx_works = Some(false);
-                    attach::attach_tc(i, e, iface.ifindex)?
-                }
-                Err(err) => return Err(err),
-            },
+            AttachMode::Tcx => self.hook(iface, HookKind::Tcx)?,
+            AttachMode::Tc => self.hook(iface, HookKind::Tc)?,
+            AttachMode::Auto if self.tcx_works == Some(false) => self.hook(iface, HookKind::Tc)?,
+            AttachMode::Auto => self.hook_tcx_or_tc(iface)?,
         };
-        self.tcx_works = tcx_works;
         let kind = hook.kind();
         self.attached.insert(
             iface.ifindex,
@@ -382,6 +390,94 @@ impl Datapath {
             },
         );
         Ok(kind)
+    }
+
+    /// Auto mode: TCX, or classic filters if the kernel has no TCX (found
+    /// out once).
+    fn hook_tcx_or_tc(&mut self, iface: &Interface) -> Result<Hook> {
+        match self.hook(iface, HookKind::Tcx) {
+            Ok(h) => {
+                self.tcx_works = Some(true);
+                Ok(h)
+            }
+            Err(err) if self.tcx_works.is_none() => {
+                info!(error = %format!("{err:#}"), "TCX not available; using classic clsact filters");
+                self.tcx_works = Some(false);
+                self.hook(iface, HookKind::Tc)
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Attaches one interface with the given kind of hook, whatever the
+    /// mode (for the hand-over and its tests).
+    pub fn attach_as(&mut self, iface: &Interface, kind: HookKind) -> Result<()> {
+        let hook = self.hook(iface, kind)?;
+        self.attached.insert(
+            iface.ifindex,
+            Attached {
+                iface: iface.clone(),
+                hook,
+            },
+        );
+        Ok(())
+    }
+
+    /// Moves one interface from its classic filters to TCX: the TCX link
+    /// first, then the filters go. Packets in between are counted once
+    /// (see the hand-over in bpf/flows.bpf.c). Returns false when the
+    /// interface is not attached with classic filters.
+    pub fn hand_over(&mut self, ifindex: u32) -> Result<bool> {
+        let Some(a) = self.attached.get(&ifindex) else {
+            return Ok(false);
+        };
+        if a.kind() != HookKind::Tc {
+            return Ok(false);
+        }
+        let iface = a.iface.clone();
+        let tcx = self.hook(&iface, HookKind::Tcx)?;
+        // Dropping the old hook removes the classic filters.
+        if let Some(a) = self.attached.get_mut(&ifindex) {
+            a.hook = tcx;
+        }
+        Ok(true)
+    }
+
+    /// Hands over queued interfaces from classic filters to TCX for at most
+    /// `budget`. Returns how many moved.
+    pub fn hand_over_some(&mut self, budget: Duration) -> usize {
+        let t = std::time::Instant::now();
+        let mut moved = 0;
+        while t.elapsed() < budget {
+            let Some(idx) = self.handover.pop_front() else { break };
+            match self.hand_over(idx) {
+                Ok(true) => {
+                    moved += 1;
+                    self.tcx_works = Some(true);
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    // No TCX after all: the classic filters stay, and so
+                    // does everything else.
+                    if self.tcx_works.is_none() {
+                        info!(error = %format!("{e:#}"), "TCX not available; keeping classic clsact filters");
+                        self.tcx_works = Some(false);
+                        self.handover.clear();
+                    } else {
+                        debug!(ifindex = idx, error = %format!("{e:#}"), "hand-over to TCX failed; keeping the classic filters");
+                    }
+                }
+            }
+        }
+        if moved > 0 {
+            info!(moved, left = self.handover.len(), "interfaces moved from classic filters to TCX");
+        }
+        moved
+    }
+
+    /// Interfaces waiting to move from classic filters to TCX.
+    pub fn handover_pending(&self) -> usize {
+        self.handover.len()
     }
 
     /// Brings the attachments in line with the interfaces that exist now:
@@ -420,10 +516,24 @@ impl Datapath {
             .iter()
             .filter(|i| sel.wants(i) && !self.attached.contains_key(&i.ifindex))
             .collect();
-        // One at a time: the kernel serialises TCX attaches (each waits for
-        // an RCU grace period under RTNL), so threads would not help.
+        // The kernel serialises TCX attaches and each waits for an RCU
+        // grace period (about 17 ms per interface here), so threads do not
+        // help. In auto mode a batch of interfaces (the start, or many new
+        // veths at once) is attached with classic filters, which take well
+        // under a millisecond each, and then handed over to TCX a few at a
+        // time (`hand_over_some`), without losing or double-counting a
+        // packet.
+        let batch = self.mode == AttachMode::Auto && self.tcx_works != Some(false) && todo.len() > 1;
         for i in todo {
-            match self.attach(i) {
+            let r = if batch {
+                self.attach_as(i, HookKind::Tc).map(|_| {
+                    self.handover.push_back(i.ifindex);
+                    HookKind::Tc
+                })
+            } else {
+                self.attach(i)
+            };
+            match r {
                 Ok(kind) => {
                     info!(interface = %i.name, ifindex = i.ifindex, hook = %kind, "attached");
                     added.push(i.name.clone());
@@ -441,6 +551,7 @@ impl Datapath {
 
     /// Detaches everything.
     pub fn detach_all(&mut self) {
+        self.handover.clear();
         self.attached.clear();
     }
 
@@ -468,6 +579,7 @@ impl Datapath {
     /// writes. Counts that arrive meanwhile go to the other map and are
     /// returned by the next drain, so nothing is lost.
     pub fn drain(&mut self) -> Result<Drained> {
+        let ns_per_tick = self.ns_per_tick()?;
         let old = self.active;
         self.set_active(1 - old)?;
         let t = std::time::Instant::now();
@@ -482,7 +594,6 @@ impl Datapath {
             &self.skel.maps.flows_b
         };
         let mut flows = Vec::new();
-        let ns_per_tick = self.ns_per_tick;
         drain_map(map, &mut |k, v| {
             if let (Some(key), Some(val)) = (from_bytes::<RawKey>(k), from_bytes::<RawStats>(v)) {
                 flows.push((key, Sample::from_raw(&val, ns_per_tick)));
@@ -525,10 +636,8 @@ impl Datapath {
     pub fn program(&self, entry: Entry) -> &libbpf_rs::ProgramMut<'static> {
         let p = &self.skel.progs;
         match entry {
-            Entry::EthIngress => &p.flowmap_eth_in,
-            Entry::EthEgress => &p.flowmap_eth_out,
-            Entry::L3Ingress => &p.flowmap_l3_in,
-            Entry::L3Egress => &p.flowmap_l3_out,
+            Entry::EthIngress | Entry::EthEgress => &p.flowmap_eth,
+            Entry::L3Ingress | Entry::L3Egress => &p.flowmap_l3,
         }
     }
 

@@ -659,7 +659,7 @@ fn nothing_stays_attached_after_sigkill_and_restart() {
     let a = Agent::start(&v.host, &["--attach-mode", "tcx"]);
     let tcx = flowmap::datapath::attach::tcx_programs(v.ifindex());
     assert_eq!(
-        tcx.iter().filter(|n| n.starts_with("flowmap_eth_")).count(),
+        tcx.iter().filter(|n| *n == "flowmap_eth").count(),
         2,
         "TCX ingress+egress expected: {tcx:?}"
     );

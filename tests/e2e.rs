@@ -706,10 +706,13 @@ mod collector {
         Slow(Duration),
     }
 
+    /// (headers, body) of one accepted request.
+    pub type Request = (Vec<(String, String)>, Vec<u8>);
+
     #[derive(Default)]
     pub struct Log {
-        /// (headers, body) of each accepted request, in arrival order.
-        pub accepted: Vec<(Vec<(String, String)>, Vec<u8>)>,
+        /// Each accepted request, in arrival order.
+        pub accepted: Vec<Request>,
         pub refused: u64,
     }
 

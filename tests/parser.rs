@@ -416,8 +416,8 @@ fn no_ethernet_devices() {
             payload: 30,
         },
     );
-    let (mut flows, _) = run(&mut dp, Entry::L3Ingress, &[p4.clone()]);
-    let (f6, _) = run(&mut dp, Entry::L3Egress, &[p6.clone()]);
+    let (mut flows, _) = run(&mut dp, Entry::L3Ingress, std::slice::from_ref(&p4));
+    let (f6, _) = run(&mut dp, Entry::L3Egress, std::slice::from_ref(&p6));
     flows.extend(f6);
     assert_eq!(flows.len(), 2);
     expect_key(&flows[0].0, "100.64.0.1", 51820, "100.64.0.2", 443, 6);

@@ -479,6 +479,9 @@ fn nothing_attached(dev: &str) {
             "flowmap TC filter left on {dev} {dir}:\n{tc}"
         );
     }
+    // Nor the clsact qdisc flowmap made for its filters.
+    let q = sh(&["tc", "qdisc", "show", "dev", dev]);
+    assert!(!q.contains("clsact"), "clsact qdisc left on {dev}:\n{q}");
 }
 
 #[test]

@@ -153,7 +153,11 @@ fn the_hand_over_from_classic_filters_to_tcx_counts_every_packet_once() {
     let _g = lock();
     let net = Net::new("h", 0).unwrap();
     let mut dp = Datapath::load(&Options::default()).unwrap();
-    let iface = ifaces::list().unwrap().into_iter().find(|i| i.name == net.host).unwrap();
+    let iface = ifaces::list()
+        .unwrap()
+        .into_iter()
+        .find(|i| i.name == net.host)
+        .unwrap();
     dp.attach_as(&iface, HookKind::Tc).unwrap();
     let tc = |dir: &str| common::sh(&["tc", "filter", "show", "dev", &net.host, dir]);
     assert!(tc("egress").contains("flowmap_eth_tc"));
@@ -172,7 +176,14 @@ fn the_hand_over_from_classic_filters_to_tcx_counts_every_packet_once() {
     assert_eq!(dp.attached().next().unwrap().kind(), HookKind::Tcx);
     assert!(!tc("egress").contains("flowmap"), "the classic filter went");
     assert!(!tc("ingress").contains("flowmap"));
-    assert!(tcx_programs(iface.ifindex).iter().any(|p| p == "flowmap_eth"));
+    let q = common::sh(&["tc", "qdisc", "show", "dev", &net.host]);
+    assert!(
+        !q.contains("clsact"),
+        "the clsact qdisc made for the filters went:\n{q}"
+    );
+    assert!(tcx_programs(iface.ifindex)
+        .iter()
+        .any(|p| p == "flowmap_eth"));
     sender.join().unwrap();
     std::thread::sleep(Duration::from_millis(50));
 
@@ -187,4 +198,40 @@ fn the_hand_over_from_classic_filters_to_tcx_counts_every_packet_once() {
     assert_eq!((packets, bytes), (3000, 3000 * (14 + 20 + 8 + 100)));
     dp.detach_all();
     assert!(tcx_programs(iface.ifindex).is_empty());
+}
+
+/// flowmap removes the clsact qdisc it made, but never one that carries
+/// someone else's filters.
+#[test]
+fn a_clsact_qdisc_with_other_filters_is_left_alone() {
+    use flowmap::datapath::attach::HookKind;
+    use flowmap::datapath::{ifaces, Datapath, Options};
+    if !common::privileged("a_clsact_qdisc_with_other_filters_is_left_alone") {
+        return;
+    }
+    let _g = lock();
+    let net = Net::new("q", 0).unwrap();
+    let mut dp = Datapath::load(&Options::default()).unwrap();
+    let iface = ifaces::list()
+        .unwrap()
+        .into_iter()
+        .find(|i| i.name == net.host)
+        .unwrap();
+    let qdisc = || common::sh(&["tc", "qdisc", "show", "dev", &net.host]);
+    dp.attach_as(&iface, HookKind::Tc).unwrap();
+    assert!(qdisc().contains("clsact"));
+    // Another tool adds its filter to the qdisc flowmap made.
+    common::sh(&[
+        "tc", "filter", "add", "dev", &net.host, "ingress", "prio", "1", "protocol", "all", "u32",
+        "match", "u32", "0", "0", "classid", "1:1",
+    ]);
+    dp.detach_all();
+    assert!(qdisc().contains("clsact"), "the other tool's qdisc stays");
+    let f = common::sh(&["tc", "filter", "show", "dev", &net.host, "ingress"]);
+    assert!(f.contains("u32") && !f.contains("flowmap"), "{f}");
+    // Without it, flowmap's own qdisc goes with its filters.
+    common::sh(&["tc", "qdisc", "del", "dev", &net.host, "clsact"]);
+    dp.attach_as(&iface, HookKind::Tc).unwrap();
+    dp.detach_all();
+    assert!(!qdisc().contains("clsact"), "{}", qdisc());
 }

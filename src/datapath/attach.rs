@@ -31,13 +31,14 @@ impl std::fmt::Display for HookKind {
 /// kind of hook it was attached with.
 pub enum Hook {
     /// TCX link fds: closing them detaches.
-    Tcx {
-        _ingress: OwnedFd,
-        _egress: OwnedFd,
-    },
+    Tcx { _ingress: OwnedFd, _egress: OwnedFd },
     Tc {
         ingress: TcHook,
         egress: TcHook,
+        /// The clsact qdisc (ingress and egress), when it was made for
+        /// these filters (not there before).
+        made_qdisc: Option<TcHook>,
+        ifindex: u32,
     },
 }
 
@@ -52,10 +53,25 @@ impl Hook {
 
 impl Drop for Hook {
     fn drop(&mut self) {
-        if let Hook::Tc { ingress, egress } = self {
+        if let Hook::Tc {
+            ingress,
+            egress,
+            made_qdisc,
+            ifindex,
+        } = self
+        {
             // The interface may be gone already; nothing is left then.
             let _ = ingress.detach();
             let _ = egress.detach();
+            // A clsact qdisc flowmap made goes too, unless someone else's
+            // filters are on it now.
+            if let Some(q) = made_qdisc {
+                if tc_filter_count(*ifindex, true) == Some(0)
+                    && tc_filter_count(*ifindex, false) == Some(0)
+                {
+                    let _ = q.destroy();
+                }
+            }
         }
         // TCX links detach when their fd is closed.
     }
@@ -122,24 +138,98 @@ fn tc_builder(prog: &Program<'_>, ifindex: u32) -> TcHookBuilder<'static> {
 }
 
 pub fn attach_tc(ingress: &Program<'_>, egress: &Program<'_>, ifindex: u32) -> Result<Hook> {
-    let mut qdisc = tc_builder(ingress, ifindex).hook(TC_INGRESS);
+    let mut qdisc = tc_builder(ingress, ifindex).hook(TC_INGRESS | TC_EGRESS);
     // clsact may exist already (another tool, or us): that is fine.
-    if let Err(e) = qdisc.create() {
-        if e.kind() != libbpf_rs::ErrorKind::AlreadyExists {
-            return Err(anyhow!("creating clsact qdisc: {e}"));
-        }
-    }
+    let made_qdisc = match qdisc.create() {
+        Ok(_) => Some(qdisc),
+        Err(e) if e.kind() == libbpf_rs::ErrorKind::AlreadyExists => None,
+        Err(e) => return Err(anyhow!("creating clsact qdisc: {e}")),
+    };
     let mut i = tc_builder(ingress, ifindex).hook(TC_INGRESS);
-    i.attach().context("TC ingress filter")?;
+    if let Err(err) = i.attach() {
+        if let Some(mut q) = made_qdisc {
+            let _ = q.destroy();
+        }
+        return Err(anyhow!("TC ingress filter: {err}"));
+    }
     let mut e = tc_builder(egress, ifindex).hook(TC_EGRESS);
     if let Err(err) = e.attach() {
         let _ = i.detach();
+        if let Some(mut q) = made_qdisc {
+            let _ = q.destroy();
+        }
         return Err(anyhow!("TC egress filter: {err}"));
     }
     Ok(Hook::Tc {
         ingress: i,
         egress: e,
+        made_qdisc,
+        ifindex,
     })
+}
+
+/// How many TC filters are on an interface's clsact ingress or egress,
+/// by a netlink dump (libbpf can only look up one handle). None when the
+/// dump fails.
+pub fn tc_filter_count(ifindex: u32, ingress: bool) -> Option<usize> {
+    const HDR: usize = 16;
+    const TCMSG: usize = 20;
+    // TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS / TC_H_MIN_EGRESS)
+    let parent: u32 = if ingress { 0xFFFF_FFF2 } else { 0xFFFF_FFF3 };
+    // SAFETY: a plain socket; closed by OwnedFd.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: fd is a new, valid descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut req = [0u8; HDR + TCMSG];
+    req[0..4].copy_from_slice(&((HDR + TCMSG) as u32).to_ne_bytes());
+    req[4..6].copy_from_slice(&libc::RTM_GETTFILTER.to_ne_bytes());
+    req[6..8].copy_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
+    req[8..12].copy_from_slice(&1u32.to_ne_bytes());
+    // tcmsg: family, pads, ifindex, handle, parent, info
+    req[HDR + 4..HDR + 8].copy_from_slice(&(ifindex as i32).to_ne_bytes());
+    req[HDR + 12..HDR + 16].copy_from_slice(&parent.to_ne_bytes());
+    // SAFETY: sending a buffer we own to the kernel (pid 0).
+    let sent = unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) };
+    if sent != req.len() as isize {
+        return None;
+    }
+    let mut buf = vec![0u8; 32 * 1024];
+    let mut count = 0;
+    loop {
+        // SAFETY: receiving into a buffer we own, within its length.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n <= 0 {
+            return None;
+        }
+        let mut off = 0usize;
+        let n = n as usize;
+        while off + HDR <= n {
+            let len = u32::from_ne_bytes(buf[off..off + 4].try_into().ok()?) as usize;
+            let kind = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().ok()?);
+            if len < HDR || off + len > n {
+                return None;
+            }
+            match kind as i32 {
+                x if x == libc::NLMSG_DONE => return Some(count),
+                x if x == libc::NLMSG_ERROR => {
+                    // No clsact (ENOENT/EINVAL): no filters.
+                    return Some(count);
+                }
+                x if x == libc::RTM_NEWTFILTER as i32 => count += 1,
+                _ => {}
+            }
+            off += (len + 3) & !3;
+        }
+    }
 }
 
 /// Removes classic TC filters with flowmap's handle and priority that a
@@ -151,6 +241,16 @@ pub fn remove_stale_tc(any_prog: &Program<'_>, ifindex: u32) -> usize {
         if h.query().is_ok() && h.detach().is_ok() {
             removed += 1;
         }
+    }
+    // The clsact qdisc the killed agent made for them goes too, when no
+    // other filter is on it.
+    if removed > 0
+        && tc_filter_count(ifindex, true) == Some(0)
+        && tc_filter_count(ifindex, false) == Some(0)
+    {
+        let _ = tc_builder(any_prog, ifindex)
+            .hook(TC_INGRESS | TC_EGRESS)
+            .destroy();
     }
     removed
 }

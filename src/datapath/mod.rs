@@ -449,7 +449,9 @@ impl Datapath {
         let t = std::time::Instant::now();
         let mut moved = 0;
         while t.elapsed() < budget {
-            let Some(idx) = self.handover.pop_front() else { break };
+            let Some(idx) = self.handover.pop_front() else {
+                break;
+            };
             match self.hand_over(idx) {
                 Ok(true) => {
                     moved += 1;
@@ -470,7 +472,11 @@ impl Datapath {
             }
         }
         if moved > 0 {
-            info!(moved, left = self.handover.len(), "interfaces moved from classic filters to TCX");
+            info!(
+                moved,
+                left = self.handover.len(),
+                "interfaces moved from classic filters to TCX"
+            );
         }
         moved
     }
@@ -523,7 +529,8 @@ impl Datapath {
         // under a millisecond each, and then handed over to TCX a few at a
         // time (`hand_over_some`), without losing or double-counting a
         // packet.
-        let batch = self.mode == AttachMode::Auto && self.tcx_works != Some(false) && todo.len() > 1;
+        let batch =
+            self.mode == AttachMode::Auto && self.tcx_works != Some(false) && todo.len() > 1;
         for i in todo {
             let r = if batch {
                 self.attach_as(i, HookKind::Tc).map(|_| {

@@ -442,7 +442,25 @@ fn watch_stream(
                         return;
                     }
                     _ = tick.tick() => {
+                        // Events get their version and enter the channel
+                        // under the lock: once the version is read, every
+                        // event up to it is queued. Send those first, so
+                        // the bookmark never claims one not yet delivered.
                         let rv = st.inner.lock().unwrap_or_else(|p| p.into_inner()).rv;
+                        loop {
+                            match live.try_recv() {
+                                Ok(e) if e.kind == kind && e.rv > last => {
+                                    last = e.rv;
+                                    if tx.send(line(e.kind_type, &e.object)).await.is_err() { return; }
+                                }
+                                Ok(_) => {}
+                                Err(broadcast::error::TryRecvError::Empty) => break,
+                                Err(_) => {
+                                    let _ = tx.send(Err(std::io::Error::other("watcher too slow"))).await;
+                                    return;
+                                }
+                            }
+                        }
                         let bm = json!({"kind": kind, "apiVersion": api_version, "metadata": {"resourceVersion": rv.max(last).to_string()}});
                         if tx.send(line("BOOKMARK", &bm)).await.is_err() { return; }
                     }

@@ -129,8 +129,10 @@ enum Cmd {
         /// How long a stopping agent keeps trying to deliver the spool.
         #[arg(long, value_parser = parse_duration, default_value = "10s")]
         shutdown_timeout: Duration,
-        /// Address of the map page, its API, /metrics and /healthz.
-        #[arg(long, env = "FLOWMAP_LISTEN", default_value = "127.0.0.1:9464")]
+        /// Address of the map page, its API, /metrics and /healthz
+        /// (`10.0.0.5:9464`, `[fd00::5]:9464`, or `fd00::5:9464` as the
+        /// DaemonSet writes `$(HOST_IP):9464`).
+        #[arg(long, env = "FLOWMAP_LISTEN", default_value = "127.0.0.1:9464", value_parser = parse_listen)]
         listen: std::net::SocketAddr,
         /// Do not serve the map page, /metrics and /healthz.
         #[arg(long)]
@@ -323,6 +325,17 @@ fn read_store(
             ExitCode::FAILURE
         }
     }
+}
+
+/// A socket address; an IPv6 address without brackets takes the part
+/// after its last colon as the port.
+fn parse_listen(s: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(a) = s.parse() {
+        return Ok(a);
+    }
+    s.rsplit_once(':')
+        .and_then(|(ip, port)| Some(std::net::SocketAddr::new(ip.parse().ok()?, port.parse().ok()?)))
+        .ok_or_else(|| format!("{s:?} is not an address and port (e.g. 127.0.0.1:9464 or [::1]:9464)"))
 }
 
 fn main() -> ExitCode {

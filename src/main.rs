@@ -334,8 +334,15 @@ fn parse_listen(s: &str) -> Result<std::net::SocketAddr, String> {
         return Ok(a);
     }
     s.rsplit_once(':')
-        .and_then(|(ip, port)| Some(std::net::SocketAddr::new(ip.parse().ok()?, port.parse().ok()?)))
-        .ok_or_else(|| format!("{s:?} is not an address and port (e.g. 127.0.0.1:9464 or [::1]:9464)"))
+        .and_then(|(ip, port)| {
+            Some(std::net::SocketAddr::new(
+                ip.parse().ok()?,
+                port.parse().ok()?,
+            ))
+        })
+        .ok_or_else(|| {
+            format!("{s:?} is not an address and port (e.g. 127.0.0.1:9464 or [::1]:9464)")
+        })
 }
 
 fn main() -> ExitCode {

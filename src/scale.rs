@@ -895,29 +895,15 @@ pub fn kube(pods: u32, out: &mut dyn Write) -> Result<()> {
             } else {
                 ip_of(b)
             };
+            let ip = |s: String| s.parse().unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
             crate::flow::FlowRecord {
-                interface: "veth0".into(),
-                ifindex: 2,
-                also_seen_on: vec![],
-                protocol: "tcp".into(),
-                src_ip: ip_of(a)
-                    .parse()
-                    .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()),
-                src_port: 1024 + (i % 60_000) as u16,
-                dst_ip: dst
-                    .parse()
-                    .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()),
-                dst_port: if via { 80 } else { 8080 },
-                src_to_dst: Default::default(),
-                dst_to_src: Default::default(),
-                tcp_flags: vec![],
-                first_seen: now,
-                last_seen: now,
-                handshake_rtt_us: None,
-                orientation: crate::flow::Orientation::Syn,
                 opened: true,
-                reset: false,
-                handshake_this_interval: None,
+                ..crate::flow::FlowRecord::between(
+                    "tcp",
+                    (ip(ip_of(a)), 1024 + (i % 60_000) as u16),
+                    (ip(dst), if via { 80 } else { 8080 }),
+                    now,
+                )
             }
         })
         .collect();

@@ -329,16 +329,31 @@ fn check_and_run_refuse_invalid_files_with_status_2_and_hide_the_key() {
 fn listen_addresses() {
     let run = |listen: &str| {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_flowmap"))
-            .args(["run", "--listen", listen, "--config", "/nonexistent/flowmap.yaml"])
+            .args([
+                "run",
+                "--listen",
+                listen,
+                "--config",
+                "/nonexistent/flowmap.yaml",
+            ])
             .output()
             .unwrap();
-        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     for ok in ["127.0.0.1:9464", "[fd00::5]:9464", "fd00::5:9464"] {
         let (_, err) = run(ok);
-        assert!(err.contains("reading configuration /nonexistent/flowmap.yaml"), "{ok}: {err}");
+        assert!(
+            err.contains("reading configuration /nonexistent/flowmap.yaml"),
+            "{ok}: {err}"
+        );
     }
     let (code, err) = run("nonsense");
     assert_eq!(code, Some(2));
-    assert!(err.contains(r#""nonsense" is not an address and port"#), "{err}");
+    assert!(
+        err.contains(r#""nonsense" is not an address and port"#),
+        "{err}"
+    );
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 use base64::Engine;
 use flowmap::config::FlowsSource;
 use flowmap::coordimap::{encode, hex_sha256, Batch};
-use flowmap::flow::{Counters, FlowRecord, Orientation};
+use flowmap::flow::{Counters, FlowRecord};
 use flowmap::graph::{EdgeKey, Graph, ServerResolver};
 use flowmap::host::HostView;
 use serde_json::json;
@@ -20,19 +20,11 @@ fn rec(
     sport: u16,
     dst: &str,
     dport: u16,
-    proto: &str,
+    proto: &'static str,
     c2s: (u64, u64),
     s2c: (u64, u64),
 ) -> FlowRecord {
     FlowRecord {
-        interface: "eth0".into(),
-        ifindex: 2,
-        also_seen_on: vec![],
-        protocol: proto.to_string().into(),
-        src_ip: src.parse().unwrap(),
-        src_port: sport,
-        dst_ip: dst.parse().unwrap(),
-        dst_port: dport,
         src_to_dst: Counters {
             packets: c2s.0,
             bytes: c2s.1,
@@ -41,14 +33,14 @@ fn rec(
             packets: s2c.0,
             bytes: s2c.1,
         },
-        tcp_flags: vec![],
         first_seen: at(1),
         last_seen: at(2),
-        handshake_rtt_us: None,
-        orientation: Orientation::Syn,
-        opened: false,
-        reset: false,
-        handshake_this_interval: None,
+        ..FlowRecord::between(
+            proto,
+            (src.parse().unwrap(), sport),
+            (dst.parse().unwrap(), dport),
+            at(1),
+        )
     }
 }
 

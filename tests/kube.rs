@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use base64::Engine;
 use flowmap::config::parse;
 use flowmap::coordimap::encode;
-use flowmap::flow::{Counters, FlowRecord, Orientation};
+use flowmap::flow::{Counters, FlowRecord};
 use flowmap::graph::{EdgeKey, Graph};
 use flowmap::host::HostView;
 use flowmap::k8s::index::{Cluster, Kind, Target};
@@ -314,14 +314,6 @@ fn rec(
     s2c: (u64, u64),
 ) -> FlowRecord {
     FlowRecord {
-        interface: "veth1".into(),
-        ifindex: 7,
-        also_seen_on: vec![],
-        protocol: "tcp".into(),
-        src_ip: ip(src),
-        src_port: sport,
-        dst_ip: ip(dst),
-        dst_port: dport,
         src_to_dst: Counters {
             packets: c2s.0,
             bytes: c2s.1,
@@ -330,14 +322,8 @@ fn rec(
             packets: s2c.0,
             bytes: s2c.1,
         },
-        tcp_flags: vec![],
-        first_seen: at(t),
-        last_seen: at(t),
-        handshake_rtt_us: None,
-        orientation: Orientation::Syn,
         opened: true,
-        reset: false,
-        handshake_this_interval: None,
+        ..FlowRecord::between("tcp", (ip(src), sport), (ip(dst), dport), at(t))
     }
 }
 

@@ -7,7 +7,7 @@ mod common;
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
-use flowmap::flow::{Counters, FlowRecord, Orientation};
+use flowmap::flow::{Counters, FlowRecord};
 use flowmap::graph::{Graph, ServerResolver};
 use flowmap::host::HostView;
 use flowmap::store::{Location, Store};
@@ -20,21 +20,13 @@ fn at(s: u64) -> SystemTime {
 fn rec(
     dst: &str,
     dport: u16,
-    proto: &str,
+    proto: &'static str,
     c2s: u64,
     s2c: u64,
     t: u64,
     rtt: Option<f64>,
 ) -> FlowRecord {
     FlowRecord {
-        interface: "eth0".into(),
-        ifindex: 2,
-        also_seen_on: vec![],
-        protocol: proto.to_string().into(),
-        src_ip: "10.0.0.1".parse().unwrap(),
-        src_port: 40000,
-        dst_ip: dst.parse().unwrap(),
-        dst_port: dport,
         src_to_dst: Counters {
             packets: c2s / 100,
             bytes: c2s,
@@ -43,14 +35,16 @@ fn rec(
             packets: s2c / 100,
             bytes: s2c,
         },
-        tcp_flags: vec![],
-        first_seen: at(t),
         last_seen: at(t + 5),
         handshake_rtt_us: rtt,
-        orientation: Orientation::Syn,
         opened: true,
-        reset: false,
         handshake_this_interval: rtt,
+        ..FlowRecord::between(
+            proto,
+            ("10.0.0.1".parse().unwrap(), 40000),
+            (dst.parse().unwrap(), dport),
+            at(t),
+        )
     }
 }
 

@@ -103,19 +103,76 @@ impl Kind {
     }
 }
 
-type NsName = (String, String);
+/// An object's key: `namespace/name`, or the name of a cluster-scoped one.
+fn key_of(m: &ObjectMeta) -> Option<String> {
+    let name = m.name.as_deref()?;
+    Some(match &m.namespace {
+        Some(ns) => format!("{ns}/{name}"),
+        None => name.to_string(),
+    })
+}
+
+/// Objects that own addresses (Services by ClusterIP, Nodes), by key and
+/// by address.
+#[derive(Debug)]
+struct IpIndex<V: ?Sized> {
+    by_key: HashMap<String, (Arc<V>, Vec<IpAddr>)>,
+    by_ip: HashMap<IpAddr, Arc<V>>,
+}
+
+impl<V: ?Sized> Default for IpIndex<V> {
+    fn default() -> Self {
+        IpIndex {
+            by_key: HashMap::new(),
+            by_ip: HashMap::new(),
+        }
+    }
+}
+
+impl<V: ?Sized> IpIndex<V> {
+    fn set(&mut self, key: String, v: Arc<V>, ips: Vec<IpAddr>) {
+        self.remove(&key);
+        for ip in &ips {
+            self.by_ip.insert(*ip, v.clone());
+        }
+        self.by_key.insert(key, (v, ips));
+    }
+
+    fn remove(&mut self, key: &str) {
+        if let Some((v, ips)) = self.by_key.remove(key) {
+            for ip in ips {
+                // Another object may have taken the address since.
+                if self.by_ip.get(&ip).is_some_and(|m| Arc::ptr_eq(m, &v)) {
+                    self.by_ip.remove(&ip);
+                }
+            }
+        }
+    }
+
+    /// Keeps only the objects a (re)list named.
+    fn keep_listed(&mut self, seen: &HashSet<String>) {
+        let gone: Vec<String> = self
+            .by_key
+            .keys()
+            .filter(|k| !seen.contains(*k))
+            .cloned()
+            .collect();
+        for k in gone {
+            self.remove(&k);
+        }
+    }
+}
 
 #[derive(Debug)]
 pub struct Cluster {
     /// Current pods by UID, with the IPs each holds now.
     pods: HashMap<String, (Arc<PodMeta>, Vec<IpAddr>)>,
     by_ip: HashMap<IpAddr, Vec<Occupant>>,
-    rs_owner: HashMap<NsName, Option<(String, String)>>,
-    job_owner: HashMap<NsName, Option<(String, String)>>,
-    services: HashMap<NsName, (Arc<ServiceMeta>, Vec<IpAddr>)>,
-    service_ips: HashMap<IpAddr, Arc<ServiceMeta>>,
-    nodes: HashMap<String, (Arc<str>, Vec<IpAddr>)>,
-    node_ips: HashMap<IpAddr, Arc<str>>,
+    /// Controllers of ReplicaSets and Jobs, by `namespace/name`.
+    rs_owner: HashMap<String, Option<(String, String)>>,
+    job_owner: HashMap<String, Option<(String, String)>>,
+    services: IpIndex<ServiceMeta>,
+    nodes: IpIndex<str>,
     /// How long a deleted pod stays resolvable for flows of its time.
     pub grace: Duration,
     /// At most this many IP records of deleted pods are kept, however
@@ -125,10 +182,6 @@ pub struct Cluster {
     synced: HashSet<Kind>,
     /// Keys seen since the current (re)list began, per kind.
     relist: HashMap<Kind, HashSet<String>>,
-}
-
-fn ns_name(m: &ObjectMeta) -> Option<NsName> {
-    Some((m.namespace.clone().unwrap_or_default(), m.name.clone()?))
 }
 
 fn controller(refs: &Option<Vec<OwnerReference>>) -> Option<(String, String)> {
@@ -153,10 +206,8 @@ impl Cluster {
             by_ip: HashMap::new(),
             rs_owner: HashMap::new(),
             job_owner: HashMap::new(),
-            services: HashMap::new(),
-            service_ips: HashMap::new(),
-            nodes: HashMap::new(),
-            node_ips: HashMap::new(),
+            services: IpIndex::default(),
+            nodes: IpIndex::default(),
             grace,
             max_deleted: DEFAULT_MAX_DELETED,
             synced: HashSet::new(),
@@ -180,8 +231,8 @@ impl Cluster {
             ("pod_ip_records", self.by_ip.values().map(Vec::len).sum()),
             ("replicasets", self.rs_owner.len()),
             ("jobs", self.job_owner.len()),
-            ("services", self.services.len()),
-            ("nodes", self.nodes.len()),
+            ("services", self.services.by_key.len()),
+            ("nodes", self.nodes.by_key.len()),
         ]
     }
 
@@ -214,34 +265,10 @@ impl Cluster {
                     self.remove_pod_uid(&uid, now);
                 }
             }
-            Kind::ReplicaSet => self
-                .rs_owner
-                .retain(|(ns, n), _| seen.contains(&format!("{ns}/{n}"))),
-            Kind::Job => self
-                .job_owner
-                .retain(|(ns, n), _| seen.contains(&format!("{ns}/{n}"))),
-            Kind::Service => {
-                let gone: Vec<NsName> = self
-                    .services
-                    .keys()
-                    .filter(|(ns, n)| !seen.contains(&format!("{ns}/{n}")))
-                    .cloned()
-                    .collect();
-                for key in gone {
-                    self.remove_service(&key);
-                }
-            }
-            Kind::Node => {
-                let gone: Vec<String> = self
-                    .nodes
-                    .keys()
-                    .filter(|n| !seen.contains(*n))
-                    .cloned()
-                    .collect();
-                for n in gone {
-                    self.remove_node(&n);
-                }
-            }
+            Kind::ReplicaSet => self.rs_owner.retain(|k, _| seen.contains(k)),
+            Kind::Job => self.job_owner.retain(|k, _| seen.contains(k)),
+            Kind::Service => self.services.keep_listed(&seen),
+            Kind::Node => self.nodes.keep_listed(&seen),
         }
         self.synced.insert(k);
     }
@@ -254,7 +281,7 @@ impl Cluster {
     pub fn apply_pod(&mut self, pod: &Pod, now: SystemTime) {
         let m = &pod.metadata;
         let Some(uid) = m.uid.clone() else { return };
-        let Some((namespace, name)) = ns_name(m) else {
+        let (Some(namespace), Some(name)) = (m.namespace.clone(), m.name.clone()) else {
             return;
         };
         self.listed(Kind::Pod, uid.clone());
@@ -378,29 +405,29 @@ impl Cluster {
     // ---- owners -------------------------------------------------------
 
     pub fn apply_replicaset(&mut self, rs: &ReplicaSet) {
-        if let Some(k) = ns_name(&rs.metadata) {
-            self.listed(Kind::ReplicaSet, format!("{}/{}", k.0, k.1));
+        if let Some(k) = key_of(&rs.metadata) {
+            self.listed(Kind::ReplicaSet, k.clone());
             self.rs_owner
                 .insert(k, controller(&rs.metadata.owner_references));
         }
     }
 
     pub fn delete_replicaset(&mut self, rs: &ReplicaSet) {
-        if let Some(k) = ns_name(&rs.metadata) {
+        if let Some(k) = key_of(&rs.metadata) {
             self.rs_owner.remove(&k);
         }
     }
 
     pub fn apply_job(&mut self, job: &Job) {
-        if let Some(k) = ns_name(&job.metadata) {
-            self.listed(Kind::Job, format!("{}/{}", k.0, k.1));
+        if let Some(k) = key_of(&job.metadata) {
+            self.listed(Kind::Job, k.clone());
             self.job_owner
                 .insert(k, controller(&job.metadata.owner_references));
         }
     }
 
     pub fn delete_job(&mut self, job: &Job) {
-        if let Some(k) = ns_name(&job.metadata) {
+        if let Some(k) = key_of(&job.metadata) {
             self.job_owner.remove(&k);
         }
     }
@@ -415,8 +442,8 @@ impl Cluster {
             };
         };
         let parent = match kind.as_str() {
-            "ReplicaSet" => self.rs_owner.get(&(pod.namespace.clone(), name.clone())),
-            "Job" => self.job_owner.get(&(pod.namespace.clone(), name.clone())),
+            "ReplicaSet" => self.rs_owner.get(&format!("{}/{name}", pod.namespace)),
+            "Job" => self.job_owner.get(&format!("{}/{name}", pod.namespace)),
             _ => None,
         };
         match parent {
@@ -441,10 +468,13 @@ impl Cluster {
     /// A Service's ClusterIPs (`spec.clusterIPs`, or `spec.clusterIP`);
     /// a headless service has none.
     pub fn apply_service(&mut self, svc: &Service) {
-        let Some(key) = ns_name(&svc.metadata) else {
+        let m = &svc.metadata;
+        let (Some(key), Some(namespace), Some(name)) =
+            (key_of(m), m.namespace.clone(), m.name.clone())
+        else {
             return;
         };
-        self.listed(Kind::Service, format!("{}/{}", key.0, key.1));
+        self.listed(Kind::Service, key.clone());
         let spec = svc.spec.as_ref();
         let mut ips = spec
             .and_then(|s| s.cluster_ips.as_ref())
@@ -453,34 +483,13 @@ impl Cluster {
         if ips.is_empty() {
             ips = parse_ips(spec.and_then(|s| s.cluster_ip.as_deref()).into_iter());
         }
-        self.remove_service(&key);
-        let meta = Arc::new(ServiceMeta {
-            namespace: key.0.clone(),
-            name: key.1.clone(),
-        });
-        for ip in &ips {
-            self.service_ips.insert(*ip, meta.clone());
-        }
-        self.services.insert(key, (meta, ips));
+        self.services
+            .set(key, Arc::new(ServiceMeta { namespace, name }), ips);
     }
 
     pub fn delete_service(&mut self, svc: &Service) {
-        if let Some(key) = ns_name(&svc.metadata) {
-            self.remove_service(&key);
-        }
-    }
-
-    fn remove_service(&mut self, key: &NsName) {
-        if let Some((meta, ips)) = self.services.remove(key) {
-            for ip in ips {
-                if self
-                    .service_ips
-                    .get(&ip)
-                    .is_some_and(|m| Arc::ptr_eq(m, &meta))
-                {
-                    self.service_ips.remove(&ip);
-                }
-            }
+        if let Some(key) = key_of(&svc.metadata) {
+            self.services.remove(&key);
         }
     }
 
@@ -502,27 +511,13 @@ impl Cluster {
                 )
             })
             .unwrap_or_default();
-        self.remove_node(&name);
         let n: Arc<str> = name.as_str().into();
-        for ip in &ips {
-            self.node_ips.insert(*ip, n.clone());
-        }
-        self.nodes.insert(name, (n, ips));
+        self.nodes.set(name, n, ips);
     }
 
     pub fn delete_node(&mut self, node: &Node) {
         if let Some(name) = &node.metadata.name {
-            self.remove_node(name);
-        }
-    }
-
-    fn remove_node(&mut self, name: &str) {
-        if let Some((n, ips)) = self.nodes.remove(name) {
-            for ip in ips {
-                if self.node_ips.get(&ip).is_some_and(|m| Arc::ptr_eq(m, &n)) {
-                    self.node_ips.remove(&ip);
-                }
-            }
+            self.nodes.remove(name);
         }
     }
 
@@ -539,14 +534,15 @@ impl Cluster {
                 return Some(Target::Pod(o.pod.clone()));
             }
         }
-        if let Some(s) = self.service_ips.get(&ip) {
+        if let Some(s) = self.services.by_ip.get(&ip) {
             return Some(Target::Service(s.clone()));
         }
-        self.node_ips.get(&ip).map(|n| Target::Node(n.clone()))
+        self.nodes.by_ip.get(&ip).map(|n| Target::Node(n.clone()))
     }
 
     pub fn node_addresses(&self, name: &str) -> &[IpAddr] {
         self.nodes
+            .by_key
             .get(name)
             .map(|(_, v)| v.as_slice())
             .unwrap_or(&[])

@@ -11,7 +11,7 @@ use std::time::SystemTime;
 
 use crate::graph::{external_endpoint, Endpoint, EndpointKind, Resolve};
 use crate::host::HostView;
-use index::{internal_id, Cluster, Target, NODE_TYPE, POD_TYPE, SERVICE_TYPE};
+use index::{internal_id, Cluster, Target};
 
 /// Resolves addresses against the cluster: pod (at the flow's time),
 /// Service ClusterIP, node address; an address of this host that no Node
@@ -27,25 +27,39 @@ pub struct KubeResolver<'a> {
 
 impl KubeResolver<'_> {
     pub fn node_endpoint(&self, name: &str) -> Endpoint {
-        Endpoint::new(
-            internal_id(self.cluster_uid, "", NODE_TYPE, name),
+        self.object(
             EndpointKind::Node,
-            name.to_string(),
+            "",
+            name,
             self.cluster.node_addresses(name).to_vec(),
         )
+    }
+
+    /// An object with the Kubernetes crawler's internal ID.
+    fn object(
+        &self,
+        kind: EndpointKind,
+        namespace: &str,
+        name: &str,
+        addresses: Vec<IpAddr>,
+    ) -> Endpoint {
+        let mut e = Endpoint::new(
+            internal_id(self.cluster_uid, namespace, kind.element_type(), name),
+            kind,
+            name.to_string(),
+            addresses,
+        );
+        if !namespace.is_empty() {
+            e.namespace = Some(namespace.to_string());
+        }
+        e
     }
 
     fn target_endpoint(&self, t: Target, ip: IpAddr) -> Endpoint {
         match t {
             Target::Pod(p) => {
                 let w = self.cluster.workload(&p);
-                let mut e = Endpoint::new(
-                    internal_id(self.cluster_uid, &p.namespace, POD_TYPE, &p.name),
-                    EndpointKind::Pod,
-                    p.name.clone(),
-                    vec![ip],
-                );
-                e.namespace = Some(p.namespace.clone());
+                let mut e = self.object(EndpointKind::Pod, &p.namespace, &p.name, vec![ip]);
                 e.workload = Some(format!("{}/{}", w.kind, w.name));
                 e.workload_kind = Some(w.kind);
                 e.workload_name = Some(w.name);
@@ -53,14 +67,7 @@ impl KubeResolver<'_> {
                 e
             }
             Target::Service(s) => {
-                let mut e = Endpoint::new(
-                    internal_id(self.cluster_uid, &s.namespace, SERVICE_TYPE, &s.name),
-                    EndpointKind::Service,
-                    s.name.clone(),
-                    vec![ip],
-                );
-                e.namespace = Some(s.namespace.clone());
-                e
+                self.object(EndpointKind::Service, &s.namespace, &s.name, vec![ip])
             }
             Target::Node(n) => self.node_endpoint(&n),
         }

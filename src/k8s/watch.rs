@@ -50,6 +50,29 @@ pub fn read(c: &Shared) -> std::sync::RwLockReadGuard<'_, Cluster> {
 
 type Apply<K> = fn(&mut Cluster, &K, SystemTime);
 
+/// What every watch cache shares.
+struct Watch {
+    client: Client,
+    cluster: Shared,
+    metrics: Arc<Metrics>,
+}
+
+impl Watch {
+    fn spawn<K>(&self, kind: Kind, apply: Apply<K>, delete: Apply<K>) -> JoinHandle<()>
+    where
+        K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + 'static,
+    {
+        tokio::spawn(watch_kind(
+            self.client.clone(),
+            self.cluster.clone(),
+            kind,
+            apply,
+            delete,
+            self.metrics.clone(),
+        ))
+    }
+}
+
 async fn watch_kind<K>(
     client: Client,
     cluster: Shared,
@@ -94,47 +117,33 @@ async fn watch_kind<K>(
 /// Starts the five watch caches.
 pub fn start(client: Client, cluster: Shared, metrics: Arc<Metrics>) -> Vec<JoinHandle<()>> {
     metrics.health.kube_enabled.store(true, Ordering::Relaxed);
+    let w = Watch {
+        client,
+        cluster,
+        metrics,
+    };
     vec![
-        tokio::spawn(watch_kind::<Pod>(
-            client.clone(),
-            cluster.clone(),
-            Kind::Pod,
-            |c, o, t| c.apply_pod(o, t),
-            |c, o, t| c.delete_pod(o, t),
-            metrics.clone(),
-        )),
-        tokio::spawn(watch_kind::<ReplicaSet>(
-            client.clone(),
-            cluster.clone(),
+        w.spawn::<Pod>(Kind::Pod, Cluster::apply_pod, Cluster::delete_pod),
+        w.spawn::<ReplicaSet>(
             Kind::ReplicaSet,
             |c, o, _| c.apply_replicaset(o),
             |c, o, _| c.delete_replicaset(o),
-            metrics.clone(),
-        )),
-        tokio::spawn(watch_kind::<Job>(
-            client.clone(),
-            cluster.clone(),
+        ),
+        w.spawn::<Job>(
             Kind::Job,
             |c, o, _| c.apply_job(o),
             |c, o, _| c.delete_job(o),
-            metrics.clone(),
-        )),
-        tokio::spawn(watch_kind::<Service>(
-            client.clone(),
-            cluster.clone(),
+        ),
+        w.spawn::<Service>(
             Kind::Service,
             |c, o, _| c.apply_service(o),
             |c, o, _| c.delete_service(o),
-            metrics.clone(),
-        )),
-        tokio::spawn(watch_kind::<Node>(
-            client,
-            cluster,
+        ),
+        w.spawn::<Node>(
             Kind::Node,
             |c, o, _| c.apply_node(o),
             |c, o, _| c.delete_node(o),
-            metrics,
-        )),
+        ),
     ]
 }
 

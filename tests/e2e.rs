@@ -783,6 +783,12 @@ mod collector {
             format!("http://127.0.0.1:{}/api/crawl", self.port)
         }
 
+        /// The bodies of the accepted requests, in arrival order.
+        pub fn bodies(&self) -> Vec<Vec<u8>> {
+            let log = self.log.lock().unwrap();
+            log.accepted.iter().map(|(_, b)| b.clone()).collect()
+        }
+
         pub fn set_mode(&self, m: Mode) {
             *self.mode.lock().unwrap() = m;
         }
@@ -954,16 +960,12 @@ fn ships_the_graph_to_a_collector_on_loopback() {
             "batches in order, each once"
         );
     }
-    let bodies: Vec<Vec<u8>> = log.accepted.iter().map(|(_, b)| b.clone()).collect();
+    drop(log);
+    let bodies = col.bodies();
     let host = format!("e2e-flows.host-{}", flowmap::host::hostname());
     let peer = format!("e2e-flows.external-{}", v.peer_v4);
     let got = edge_totals(&bodies, &host, &peer);
-    let hdr = 14 + 20 + 8;
-    let sent: u64 = UDP_SIZES.iter().map(|s| hdr + *s as u64).sum();
-    assert_eq!(
-        got[&("udp".to_string(), 5002)],
-        [10, sent, 10, 10 * (hdr + 50), 1, 0]
-    );
+    assert_eq!(got[&("udp".to_string(), 5002)], udp_exchange(&UDP_SIZES));
     assert_eq!(got[&("icmp".to_string(), 0)], [3, 3 * 98, 3, 3 * 98, 1, 0]);
     let tcp: Tuple = (
         "tcp".into(),
@@ -1292,214 +1294,9 @@ fn local_store_map_page_and_metrics() {
     );
 }
 
-/// A "pod" of the Kubernetes e2e test: a network namespace whose veth's
-/// node end is a port of the test's bridge (as with a bridge CNI).
-struct PodNs {
-    ns: String,
-    host: String,
-}
+// ---- Kubernetes mode --------------------------------------------------
 
-impl PodNs {
-    fn new(tag: &str, bridge: &str, ip: &str) -> PodNs {
-        let id = std::process::id() % 100_000;
-        let p = PodNs {
-            ns: format!("fmk{id}{tag}"),
-            host: format!("fmk{id}{tag}h"),
-        };
-        let peer = format!("fmk{id}{tag}p");
-        sh(&["ip", "netns", "add", &p.ns]);
-        sh(&[
-            "ip", "link", "add", &p.host, "type", "veth", "peer", "name", &peer,
-        ]);
-        sh(&["ip", "link", "set", &peer, "netns", &p.ns]);
-        sh(&["ip", "link", "set", &p.host, "master", bridge]);
-        sh(&["ip", "link", "set", &p.host, "up"]);
-        for cmd in [
-            vec!["ip", "addr", "add", &format!("{ip}/24"), "dev", &peer],
-            vec!["ip", "link", "set", &peer, "up"],
-            vec!["ip", "link", "set", "lo", "up"],
-        ] {
-            let mut a = vec!["ip", "netns", "exec", p.ns.as_str()];
-            a.extend(cmd.iter().copied());
-            sh(&a);
-        }
-        p
-    }
-
-    /// Sends UDP datagrams of `sizes` to `dst`:5002 from this pod, each
-    /// answered with 50 bytes.
-    fn udp(&self, dst: &str, sizes: &[usize]) {
-        let script = format!(
-            "import socket\nu=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nu.settimeout(3)\n\
-             for n in {sizes:?}:\n    u.sendto(b'x'*n,('{dst}',5002))\n    assert len(u.recv(100))==50\n"
-        );
-        sh(&["ip", "netns", "exec", &self.ns, "python3", "-c", &script]);
-    }
-}
-
-impl Drop for PodNs {
-    fn drop(&mut self) {
-        sh_quiet(&["ip", "link", "del", &self.host]);
-        sh_quiet(&["ip", "netns", "del", &self.ns]);
-    }
-}
-
-struct Bridge(String);
-
-impl Drop for Bridge {
-    fn drop(&mut self) {
-        sh_quiet(&["ip", "link", "del", &self.0]);
-    }
-}
-
-#[test]
-fn kubernetes_mode_attaches_flows_to_pods_and_follows_ip_reuse() {
-    use flowmap::k8s::standin::{self, StandIn};
-    if !common::privileged("kubernetes_mode_attaches_flows_to_pods_and_follows_ip_reuse") {
-        return;
-    }
-    let _g = lock();
-    const UID: &str = "6f5f56e3-0123-4567-89ab-6c8f1e2a0cde";
-    let net = format!("10.213.{}", 230 + std::process::id() % 20);
-    let (node_ip, client_ip, web_ip) =
-        (format!("{net}.1"), format!("{net}.10"), format!("{net}.11"));
-    let br = Bridge(format!("fmkb{}", std::process::id() % 100_000));
-    sh(&["ip", "link", "add", &br.0, "type", "bridge"]);
-    sh(&["ip", "addr", "add", &format!("{node_ip}/24"), "dev", &br.0]);
-    sh(&["ip", "link", "set", &br.0, "up"]);
-    let client = PodNs::new("a", &br.0, &client_ip);
-    let web1 = PodNs::new("b", &br.0, &web_ip);
-    let server1 = Server::start_in(&web1.ns);
-
-    let api = StandIn::start().unwrap();
-    api.set_cluster_uid(UID);
-    api.upsert(standin::node("node-e2e", &node_ip));
-    api.upsert(standin::replicaset("shop", "web-6b9f", Some("web")));
-    api.upsert(standin::pod(
-        "shop", "client", "1", &client_ip, "node-e2e", None,
-    ));
-    api.upsert(standin::pod(
-        "shop",
-        "web-6b9f-aaaaa",
-        "1",
-        &web_ip,
-        "node-e2e",
-        Some(("ReplicaSet", "web-6b9f")),
-    ));
-    let kubeconfig =
-        std::env::temp_dir().join(format!("flowmap-e2e-kubeconfig-{}", std::process::id()));
-    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
-    let _kc = tempfile_path::TempPath(kubeconfig.clone());
-
-    let col = collector::Server::start();
-    let state = TempDir::new("kube");
-    let url = col.url();
-    let agent = Agent::start_with(
-        "all",
-        "  api_key: k-kube\n",
-        &format!("        - name: deployedAt\n          value: kubernetes\n        - name: external_mappings\n          value: \"*@{UID}\"\n"),
-        &["--endpoint", &url, "--state-dir", state.path(), "--output", "none", "--retry-max", "1s"],
-        &[("KUBECONFIG", kubeconfig.to_str().unwrap()), ("NODE_NAME", "node-e2e")],
-    );
-    assert!(
-        agent.stderr().contains("Kubernetes watch caches in sync"),
-        "{}",
-        agent.stderr()
-    );
-    assert!(
-        !agent.stderr().contains("differs from this cluster's"),
-        "{}",
-        agent.stderr()
-    );
-
-    // Traffic to the first pod, which is then deleted before the agent's
-    // next drain: its flows still belong to it, by their time.
-    client.udp(&web_ip, &[100, 200, 300]);
-    std::thread::sleep(Duration::from_millis(100));
-    api.delete("Pod", Some("shop"), "web-6b9f-aaaaa");
-    drop(server1);
-    drop(web1);
-    // The IP comes back as a new pod, in a new namespace on a new veth.
-    let web2 = PodNs::new("c", &br.0, &web_ip);
-    let _server2 = Server::start_in(&web2.ns);
-    api.upsert(standin::pod(
-        "shop",
-        "web-6b9f-bbbbb",
-        "1",
-        &web_ip,
-        "node-e2e",
-        Some(("ReplicaSet", "web-6b9f")),
-    ));
-    // The client forgets the old pod's MAC (a CNI announces the new one).
-    sh(&[
-        "ip", "netns", "exec", &client.ns, "ip", "neigh", "flush", "all",
-    ]);
-    // The new veth is attached within the poll period.
-    std::thread::sleep(Duration::from_millis(1200));
-    client.udp(&web_ip, &[400, 500, 600, 700]);
-    std::thread::sleep(Duration::from_millis(1500));
-    let (_, err) = agent.stop();
-
-    let bodies: Vec<Vec<u8>> = col
-        .log
-        .lock()
-        .unwrap()
-        .accepted
-        .iter()
-        .map(|(_, b)| b.clone())
-        .collect();
-    let pod = |name: &str| format!("{UID}-shop-kubernetes.pod-{name}");
-    let hdr = 14 + 20 + 8;
-    let sent = |sizes: &[u64]| sizes.iter().map(|s| hdr + s).sum::<u64>();
-    let old = edge_totals(&bodies, &pod("client"), &pod("web-6b9f-aaaaa"));
-    assert_eq!(
-        old.get(&("udp".to_string(), 5002)).copied(),
-        Some([3, sent(&[100, 200, 300]), 3, 3 * (hdr + 50), 1, 0]),
-        "{old:?}\n{err}"
-    );
-    let new = edge_totals(&bodies, &pod("client"), &pod("web-6b9f-bbbbb"));
-    assert_eq!(
-        new.get(&("udp".to_string(), 5002)).copied(),
-        Some([4, sent(&[400, 500, 600, 700]), 4, 4 * (hdr + 50), 1, 0]),
-        "{new:?}\n{err}"
-    );
-    // The pods' elements carry their workload; the node is its own element.
-    let mut seen = HashMap::new();
-    for b in &bodies {
-        let batch: flowmap::coordimap::Batch = serde_json::from_slice(b).unwrap();
-        for e in batch.cloud_crawl_data.crawled_data.data {
-            if e.kind != "coordimap.relationship_skipinsert" {
-                let p: serde_json::Value = serde_json::from_slice(&e.payload().unwrap()).unwrap();
-                seen.insert(e.id.clone(), (e.kind.clone(), p));
-            }
-        }
-    }
-    let (kind, p) = &seen[&pod("web-6b9f-bbbbb")];
-    assert_eq!(kind, "kubernetes.pod");
-    assert_eq!(
-        (
-            p["namespace"].as_str(),
-            p["workload"].as_str(),
-            p["node"].as_str()
-        ),
-        (Some("shop"), Some("Deployment/web"), Some("node-e2e"))
-    );
-    assert_eq!(seen[&pod("client")].1["workload"], "Pod/client");
-    assert_eq!(
-        seen[&format!("{UID}--kubernetes.node-node-e2e")].0,
-        "kubernetes.node"
-    );
-    // No pod traffic went to an external endpoint.
-    assert!(
-        !seen
-            .keys()
-            .any(|k| k.contains(&format!("flows.external-{net}."))),
-        "{:?}",
-        seen.keys().collect::<Vec<_>>()
-    );
-    drop(web2);
-    drop(client);
-}
+const CLUSTER_UID: &str = "6f5f56e3-0123-4567-89ab-6c8f1e2a0cde";
 
 /// A network namespace removed on drop.
 struct Netns(String);
@@ -1515,12 +1312,229 @@ impl Netns {
         a.extend_from_slice(args);
         sh(&a)
     }
+
+    /// Sends UDP datagrams of `sizes` to `dst`:`port` from this namespace;
+    /// each must be answered with 50 bytes.
+    fn udp(&self, dst: &str, port: u16, sizes: &[usize]) {
+        let script = format!(
+            "import socket\nu=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nu.settimeout(3)\n\
+             for n in {sizes:?}:\n    u.sendto(b'x'*n,('{dst}',{port}))\n    assert len(u.recv(100))==50\n"
+        );
+        self.exec(&["python3", "-c", &script]);
+    }
 }
 
 impl Drop for Netns {
     fn drop(&mut self) {
         sh_quiet(&["ip", "netns", "del", &self.0]);
     }
+}
+
+/// A "pod" on a bridge (as with a bridge CNI): a namespace whose veth's
+/// node end is a port of the bridge.
+struct PodNs {
+    ns: Netns,
+    host: String,
+}
+
+impl PodNs {
+    fn new(tag: &str, bridge: &str, ip: &str) -> PodNs {
+        let id = std::process::id() % 100_000;
+        let p = PodNs {
+            ns: Netns::new(format!("fmk{id}{tag}")),
+            host: format!("fmk{id}{tag}h"),
+        };
+        sh(&[
+            "ip", "link", "add", &p.host, "type", "veth", "peer", "name", "eth0", "netns", &p.ns.0,
+        ]);
+        sh(&["ip", "link", "set", &p.host, "master", bridge]);
+        sh(&["ip", "link", "set", &p.host, "up"]);
+        p.ns.exec(&["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+        p.ns.exec(&["ip", "link", "set", "eth0", "up"]);
+        p.ns.exec(&["ip", "link", "set", "lo", "up"]);
+        p
+    }
+}
+
+impl Drop for PodNs {
+    fn drop(&mut self) {
+        sh_quiet(&["ip", "link", "del", &self.host]);
+    }
+}
+
+struct Bridge(String);
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        sh_quiet(&["ip", "link", "del", &self.0]);
+    }
+}
+
+/// A web pod of the test cluster's Deployment `web`.
+fn web_pod(name: &str, ip: &str, node: &str) -> serde_json::Value {
+    flowmap::k8s::standin::pod(
+        "shop",
+        name,
+        "1",
+        ip,
+        node,
+        Some(("ReplicaSet", "web-6b9f")),
+    )
+}
+
+/// The test cluster in the stand-in API: node `node`, the client pod, the
+/// web pod `web-6b9f-aaaaa` of Deployment `web`.
+fn shop_cluster(
+    api: &flowmap::k8s::standin::StandIn,
+    node: &str,
+    node_ip: &str,
+    client_ip: &str,
+    web_ip: &str,
+) {
+    use flowmap::k8s::standin;
+    api.set_cluster_uid(CLUSTER_UID);
+    api.upsert(standin::node(node, node_ip));
+    api.upsert(standin::replicaset("shop", "web-6b9f", Some("web")));
+    api.upsert(standin::pod("shop", "client", "1", client_ip, node, None));
+    api.upsert(web_pod("web-6b9f-aaaaa", web_ip, node));
+}
+
+/// The agent in Kubernetes mode on every interface of `netns` (None: this
+/// one), against the stand-in API, shipping to `col`.
+fn kube_agent(
+    netns: Option<&str>,
+    api: &flowmap::k8s::standin::StandIn,
+    col: &collector::Server,
+    state: &TempDir,
+    node: &str,
+) -> (Agent, tempfile_path::TempPath) {
+    let kubeconfig = std::env::temp_dir().join(format!(
+        "flowmap-e2e-kubeconfig-{}-{node}",
+        std::process::id()
+    ));
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    let kc = tempfile_path::TempPath(kubeconfig.clone());
+    let agent = Agent::start_in(
+        netns,
+        "all",
+        "  api_key: k-kube\n",
+        &format!(
+            "        - name: deployedAt\n          value: kubernetes\n        - name: external_mappings\n          value: \"*@{CLUSTER_UID}\"\n"
+        ),
+        &["--endpoint", &col.url(), "--state-dir", state.path(), "--output", "none", "--retry-max", "1s", "--no-web"],
+        &[("KUBECONFIG", kubeconfig.to_str().unwrap()), ("NODE_NAME", node)],
+    );
+    let err = agent.stderr();
+    assert!(err.contains("Kubernetes watch caches in sync"), "{err}");
+    assert!(!err.contains("differs from this cluster's"), "{err}");
+    (agent, kc)
+}
+
+fn pod_id(name: &str) -> String {
+    format!("{CLUSTER_UID}-shop-kubernetes.pod-{name}")
+}
+
+/// The exact edge totals (`edge_totals`) of one UDP exchange of `sizes`,
+/// each datagram answered with 50 bytes.
+fn udp_exchange(sizes: &[usize]) -> [u64; 6] {
+    let hdr = 14 + 20 + 8;
+    let n = sizes.len() as u64;
+    let sent = sizes.iter().map(|s| hdr + *s as u64).sum();
+    [n, sent, n, n * (hdr + 50), 1, 0]
+}
+
+#[test]
+fn kubernetes_mode_attaches_flows_to_pods_and_follows_ip_reuse() {
+    use flowmap::k8s::standin::StandIn;
+    if !common::privileged("kubernetes_mode_attaches_flows_to_pods_and_follows_ip_reuse") {
+        return;
+    }
+    let _g = lock();
+    let net = format!("10.213.{}", 230 + std::process::id() % 20);
+    let (node_ip, client_ip, web_ip) =
+        (format!("{net}.1"), format!("{net}.10"), format!("{net}.11"));
+    let br = Bridge(format!("fmkb{}", std::process::id() % 100_000));
+    sh(&["ip", "link", "add", &br.0, "type", "bridge"]);
+    sh(&["ip", "addr", "add", &format!("{node_ip}/24"), "dev", &br.0]);
+    sh(&["ip", "link", "set", &br.0, "up"]);
+    let client = PodNs::new("a", &br.0, &client_ip);
+    let web1 = PodNs::new("b", &br.0, &web_ip);
+    let server1 = Server::start_in(&web1.ns.0);
+    let api = StandIn::start().unwrap();
+    shop_cluster(&api, "node-e2e", &node_ip, &client_ip, &web_ip);
+    let col = collector::Server::start();
+    let state = TempDir::new("kube");
+    let (agent, _kc) = kube_agent(None, &api, &col, &state, "node-e2e");
+
+    // Traffic to the first pod, which is then deleted before the agent's
+    // next drain: its flows still belong to it, by their time.
+    client.ns.udp(&web_ip, 5002, &[100, 200, 300]);
+    std::thread::sleep(Duration::from_millis(100));
+    api.delete("Pod", Some("shop"), "web-6b9f-aaaaa");
+    drop(server1);
+    drop(web1);
+    // The IP comes back as a new pod, in a new namespace on a new veth.
+    let web2 = PodNs::new("c", &br.0, &web_ip);
+    let _server2 = Server::start_in(&web2.ns.0);
+    api.upsert(web_pod("web-6b9f-bbbbb", &web_ip, "node-e2e"));
+    // The client forgets the old pod's MAC (a CNI announces the new one).
+    client.ns.exec(&["ip", "neigh", "flush", "all"]);
+    // The new veth is attached within the poll period.
+    std::thread::sleep(Duration::from_millis(1200));
+    client.ns.udp(&web_ip, 5002, &[400, 500, 600, 700]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let (_, err) = agent.stop();
+
+    let bodies = col.bodies();
+    let udp = ("udp".to_string(), 5002);
+    let old = edge_totals(&bodies, &pod_id("client"), &pod_id("web-6b9f-aaaaa"));
+    assert_eq!(
+        old.get(&udp).copied(),
+        Some(udp_exchange(&[100, 200, 300])),
+        "{old:?}\n{err}"
+    );
+    let new = edge_totals(&bodies, &pod_id("client"), &pod_id("web-6b9f-bbbbb"));
+    assert_eq!(
+        new.get(&udp).copied(),
+        Some(udp_exchange(&[400, 500, 600, 700])),
+        "{new:?}\n{err}"
+    );
+    // The pods' elements carry their workload; the node is its own element.
+    let mut seen = HashMap::new();
+    for b in &bodies {
+        let batch: flowmap::coordimap::Batch = serde_json::from_slice(b).unwrap();
+        for e in batch.cloud_crawl_data.crawled_data.data {
+            if e.kind != "coordimap.relationship_skipinsert" {
+                let p: serde_json::Value = serde_json::from_slice(&e.payload().unwrap()).unwrap();
+                seen.insert(e.id.clone(), (e.kind.clone(), p));
+            }
+        }
+    }
+    let (kind, p) = &seen[&pod_id("web-6b9f-bbbbb")];
+    assert_eq!(kind, "kubernetes.pod");
+    assert_eq!(
+        (
+            p["namespace"].as_str(),
+            p["workload"].as_str(),
+            p["node"].as_str()
+        ),
+        (Some("shop"), Some("Deployment/web"), Some("node-e2e"))
+    );
+    assert_eq!(seen[&pod_id("client")].1["workload"], "Pod/client");
+    assert_eq!(
+        seen[&format!("{CLUSTER_UID}--kubernetes.node-node-e2e")].0,
+        "kubernetes.node"
+    );
+    // No pod traffic went to an external endpoint.
+    assert!(
+        !seen
+            .keys()
+            .any(|k| k.contains(&format!("flows.external-{net}."))),
+        "{:?}",
+        seen.keys().collect::<Vec<_>>()
+    );
+    drop(web2);
+    drop(client);
 }
 
 /// Runs `f` on a thread inside network namespace `ns`: sockets it makes,
@@ -1545,7 +1559,6 @@ fn kubernetes_mode_sees_pod_to_service_to_pod_through_a_cluster_ip() {
         return;
     }
     let _g = lock();
-    const UID: &str = "6f5f56e3-0123-4567-89ab-6c8f1e2a0cde";
     let id = std::process::id() % 100_000;
     // A node that routes between two pods and DNATs a ClusterIP the way
     // kube-proxy's nftables mode does; the agent, the API server and the
@@ -1599,75 +1612,31 @@ fn kubernetes_mode_sees_pod_to_service_to_pod_through_a_cluster_ip() {
     let (api, col) = in_netns(&node.0, || {
         (StandIn::start().unwrap(), collector::Server::start())
     });
-    api.set_cluster_uid(UID);
-    api.upsert(standin::node("node-k", "10.214.1.1"));
-    api.upsert(standin::replicaset("shop", "web-6b9f", Some("web")));
-    api.upsert(standin::pod(
-        "shop",
-        "client",
-        "1",
-        "10.214.1.2",
-        "node-k",
-        None,
-    ));
-    api.upsert(standin::pod(
-        "shop",
-        "web-6b9f-aaaaa",
-        "1",
-        "10.214.2.2",
-        "node-k",
-        Some(("ReplicaSet", "web-6b9f")),
-    ));
+    shop_cluster(&api, "node-k", "10.214.1.1", "10.214.1.2", "10.214.2.2");
     api.upsert(standin::service("shop", "web", "10.96.0.10", 80, 5002));
-    let kubeconfig =
-        std::env::temp_dir().join(format!("flowmap-e2e-kubeconfig-svc-{}", std::process::id()));
-    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
-    let _kc = tempfile_path::TempPath(kubeconfig.clone());
     let state = TempDir::new("kube-svc");
-    let url = col.url();
-    let agent = Agent::start_in(
-        Some(&node.0),
-        "all",
-        "  api_key: k-kube\n",
-        &format!("        - name: deployedAt\n          value: kubernetes\n        - name: external_mappings\n          value: \"*@{UID}\"\n"),
-        &["--endpoint", &url, "--state-dir", state.path(), "--output", "none", "--retry-max", "1s", "--no-web"],
-        &[("KUBECONFIG", kubeconfig.to_str().unwrap()), ("NODE_NAME", "node-k")],
-    );
-    let sizes = [120usize, 240, 360];
-    let script = format!(
-        "import socket\nu=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nu.settimeout(3)\n\
-         for n in {sizes:?}:\n    u.sendto(b'x'*n,('10.96.0.10',80))\n    assert len(u.recv(100))==50\n"
-    );
-    client.exec(&["python3", "-c", &script]);
+    let (agent, _kc) = kube_agent(Some(&node.0), &api, &col, &state, "node-k");
+    let sizes = [120, 240, 360];
+    client.udp("10.96.0.10", 80, &sizes);
     std::thread::sleep(Duration::from_millis(1500));
     let (_, err) = agent.stop();
 
-    let bodies: Vec<Vec<u8>> = col
-        .log
-        .lock()
-        .unwrap()
-        .accepted
-        .iter()
-        .map(|(_, b)| b.clone())
-        .collect();
-    let pod = |name: &str| format!("{UID}-shop-kubernetes.pod-{name}");
-    let svc = format!("{UID}-shop-kubernetes.service-web");
-    let hdr = 14 + 20 + 8u64;
-    let sent: u64 = sizes.iter().map(|s| hdr + *s as u64).sum();
-    let want = [3, sent, 3, 3 * (hdr + 50), 1, 0];
-    let to_svc = edge_totals(&bodies, &pod("client"), &svc);
+    let bodies = col.bodies();
+    let svc = format!("{CLUSTER_UID}-shop-kubernetes.service-web");
+    let want = Some(udp_exchange(&sizes));
+    let to_svc = edge_totals(&bodies, &pod_id("client"), &svc);
     assert_eq!(
         to_svc.get(&("udp".to_string(), 80)).copied(),
-        Some(want),
+        want,
         "{to_svc:?}\n{err}"
     );
-    let from_svc = edge_totals(&bodies, &svc, &pod("web-6b9f-aaaaa"));
+    let from_svc = edge_totals(&bodies, &svc, &pod_id("web-6b9f-aaaaa"));
     assert_eq!(
         from_svc.get(&("udp".to_string(), 5002)).copied(),
-        Some(want),
+        want,
         "{from_svc:?}\n{err}"
     );
-    let direct = edge_totals(&bodies, &pod("client"), &pod("web-6b9f-aaaaa"));
+    let direct = edge_totals(&bodies, &pod_id("client"), &pod_id("web-6b9f-aaaaa"));
     assert!(
         direct.is_empty(),
         "no pod → pod edge past the service: {direct:?}"

@@ -43,11 +43,13 @@ fn synced() -> Cluster {
     c
 }
 
-fn pod_name(c: &Cluster, addr: &str, t: SystemTime) -> Option<String> {
+/// What `addr` was at `t`: `namespace/name` of a pod, the Debug form of
+/// another target, `-` for nothing.
+fn pod_name(c: &Cluster, addr: &str, t: SystemTime) -> String {
     match c.resolve(ip(addr), t) {
-        Some(Target::Pod(p)) => Some(format!("{}/{}", p.namespace, p.name)),
-        Some(other) => Some(format!("{other:?}")),
-        None => None,
+        Some(Target::Pod(p)) => format!("{}/{}", p.namespace, p.name),
+        Some(other) => format!("{other:?}"),
+        None => "-".into(),
     }
 }
 
@@ -124,48 +126,24 @@ fn a_reused_pod_ip_keeps_old_flows_with_the_old_pod() {
     c.end_list(Kind::Pod, at(0));
     // Held since before the agent looked.
     assert_eq!(
-        pod_name(&c, "10.244.0.7", at(0) - Duration::from_secs(3600)).as_deref(),
-        Some("shop/old")
+        pod_name(&c, "10.244.0.7", at(0) - Duration::from_secs(3600)),
+        "shop/old"
     );
     c.delete_pod(&pod("shop", "old", "1", "10.244.0.7", None), at(100));
     c.apply_pod(&pod("shop", "new", "1", "10.244.0.7", None), at(110));
-    assert_eq!(
-        pod_name(&c, "10.244.0.7", at(50)).as_deref(),
-        Some("shop/old")
-    );
-    assert_eq!(
-        pod_name(&c, "10.244.0.7", at(99)).as_deref(),
-        Some("shop/old")
-    );
-    assert_eq!(
-        pod_name(&c, "10.244.0.7", at(110)).as_deref(),
-        Some("shop/new")
-    );
-    assert_eq!(
-        pod_name(&c, "10.244.0.7", at(200)).as_deref(),
-        Some("shop/new")
-    );
+    assert_eq!(pod_name(&c, "10.244.0.7", at(50)), "shop/old");
+    assert_eq!(pod_name(&c, "10.244.0.7", at(99)), "shop/old");
+    assert_eq!(pod_name(&c, "10.244.0.7", at(110)), "shop/new");
+    assert_eq!(pod_name(&c, "10.244.0.7", at(200)), "shop/new");
     // Between the two, the nearer: the new pod's first packet may come a
     // moment before its watch event.
-    assert_eq!(
-        pod_name(&c, "10.244.0.7", at(109)).as_deref(),
-        Some("shop/new")
-    );
-    assert_eq!(
-        pod_name(&c, "10.244.0.7", at(101)).as_deref(),
-        Some("shop/old")
-    );
+    assert_eq!(pod_name(&c, "10.244.0.7", at(109)), "shop/new");
+    assert_eq!(pod_name(&c, "10.244.0.7", at(101)), "shop/old");
     // Within grace the old pod stays; after it, it is forgotten.
     c.prune(at(220));
-    assert_eq!(
-        pod_name(&c, "10.244.0.7", at(50)).as_deref(),
-        Some("shop/old")
-    );
+    assert_eq!(pod_name(&c, "10.244.0.7", at(50)), "shop/old");
     c.prune(at(221));
-    assert_eq!(
-        pod_name(&c, "10.244.0.7", at(50)).as_deref(),
-        Some("shop/new")
-    );
+    assert_eq!(pod_name(&c, "10.244.0.7", at(50)), "shop/new");
     assert_eq!(c.counts()[1], ("pod_ip_records", 1));
 
     // A pod that finishes lets its IP go at that moment.
@@ -181,26 +159,14 @@ fn a_reused_pod_ip_keeps_old_flows_with_the_old_pod() {
     done["status"]["phase"] = json!("Succeeded");
     c.apply_pod(&serde_json::from_value(done).unwrap(), at(310));
     c.apply_pod(&pod("shop", "next", "1", "10.244.0.8", None), at(320));
-    assert_eq!(
-        pod_name(&c, "10.244.0.8", at(305)).as_deref(),
-        Some("batch/job-x")
-    );
-    assert_eq!(
-        pod_name(&c, "10.244.0.8", at(321)).as_deref(),
-        Some("shop/next")
-    );
+    assert_eq!(pod_name(&c, "10.244.0.8", at(305)), "batch/job-x");
+    assert_eq!(pod_name(&c, "10.244.0.8", at(321)), "shop/next");
 
     // A pod recreated under the same name is another pod (another UID).
     c.delete_pod(&pod("shop", "new", "1", "10.244.0.7", None), at(400));
     c.apply_pod(&pod("shop", "new", "2", "10.244.0.9", None), at(401));
-    assert_eq!(
-        pod_name(&c, "10.244.0.7", at(399)).as_deref(),
-        Some("shop/new")
-    );
-    assert_eq!(
-        pod_name(&c, "10.244.0.9", at(402)).as_deref(),
-        Some("shop/new")
-    );
+    assert_eq!(pod_name(&c, "10.244.0.7", at(399)), "shop/new");
+    assert_eq!(pod_name(&c, "10.244.0.9", at(402)), "shop/new");
     assert_eq!(c.counts()[0], ("pods", 3));
 }
 
@@ -228,13 +194,10 @@ fn services_nodes_and_host_network_pods() {
 
     assert_eq!(
         pod_name(&c, "10.96.0.10", at(2)),
-        Some(r#"Service(ServiceMeta { namespace: "shop", name: "web" })"#.into())
+        r#"Service(ServiceMeta { namespace: "shop", name: "web" })"#
     );
-    assert_eq!(
-        pod_name(&c, "192.0.2.1", at(2)),
-        Some(r#"Node("node-a")"#.into())
-    );
-    assert_eq!(pod_name(&c, "10.0.0.99", at(2)), None);
+    assert_eq!(pod_name(&c, "192.0.2.1", at(2)), r#"Node("node-a")"#);
+    assert_eq!(pod_name(&c, "10.0.0.99", at(2)), "-");
     assert_eq!(
         c.counts(),
         [
@@ -251,12 +214,15 @@ fn services_nodes_and_host_network_pods() {
     c.apply_service(
         &serde_json::from_value(standin::service("shop", "web", "10.96.0.11", 80, 8080)).unwrap(),
     );
-    assert_eq!(pod_name(&c, "10.96.0.10", at(3)), None);
-    assert!(pod_name(&c, "10.96.0.11", at(3)).is_some());
+    assert_eq!(pod_name(&c, "10.96.0.10", at(3)), "-");
+    assert_eq!(
+        pod_name(&c, "10.96.0.11", at(3)),
+        r#"Service(ServiceMeta { namespace: "shop", name: "web" })"#
+    );
     c.delete_service(&svc);
     c.delete_node(&node);
-    assert_eq!(pod_name(&c, "10.96.0.11", at(4)), None);
-    assert_eq!(pod_name(&c, "192.0.2.1", at(4)), None);
+    assert_eq!(pod_name(&c, "10.96.0.11", at(4)), "-");
+    assert_eq!(pod_name(&c, "192.0.2.1", at(4)), "-");
 }
 
 #[test]
@@ -275,17 +241,11 @@ fn a_relist_removes_what_was_deleted_unseen() {
     for k in Kind::ALL {
         c.end_list(k, at(50));
     }
-    assert_eq!(
-        pod_name(&c, "10.244.1.1", at(60)).as_deref(),
-        Some("shop/a")
-    );
+    assert_eq!(pod_name(&c, "10.244.1.1", at(60)), "shop/a");
     // b's flows from before the relist are still b's.
-    assert_eq!(
-        pod_name(&c, "10.244.1.2", at(40)).as_deref(),
-        Some("shop/b")
-    );
+    assert_eq!(pod_name(&c, "10.244.1.2", at(40)), "shop/b");
     assert_eq!(c.counts()[0], ("pods", 1));
-    assert_eq!(pod_name(&c, "10.96.0.10", at(60)), None);
+    assert_eq!(pod_name(&c, "10.96.0.10", at(60)), "-");
 }
 
 #[test]
@@ -510,7 +470,7 @@ mod watching {
         }
     }
 
-    fn now_pod(c: &watch::Shared, addr: &str) -> Option<String> {
+    fn now_pod(c: &watch::Shared, addr: &str) -> String {
         pod_name(&watch::read(c), addr, SystemTime::now())
     }
 
@@ -615,7 +575,7 @@ mod watching {
         api.delete("Pod", Some("bulk"), "p0");
         until("live events applied", || {
             let c = watch::read(&cluster);
-            now_pod(&cluster, "10.244.9.1").as_deref() == Some("shop/fresh")
+            now_pod(&cluster, "10.244.9.1") == "shop/fresh"
                 && c.resolve(ip("10.96.0.11"), SystemTime::now()).is_some()
                 && c.resolve(ip("10.96.0.10"), SystemTime::now()).is_none()
                 && c.counts()[0] == ("pods", 600)
@@ -646,7 +606,7 @@ mod watching {
             None,
         ));
         until("an event after the cut", || {
-            now_pod(&cluster, "10.244.9.2").is_some()
+            now_pod(&cluster, "10.244.9.2") == "shop/after-cut"
         })
         .await;
 
@@ -661,8 +621,8 @@ mod watching {
         // Its flows from before stay its own; from now on it is no pod.
         let c = watch::read(&cluster);
         assert_eq!(
-            pod_name(&c, "10.244.9.1", SystemTime::now() - Duration::from_secs(1)).as_deref(),
-            Some("shop/fresh")
+            pod_name(&c, "10.244.9.1", SystemTime::now() - Duration::from_secs(1)),
+            "shop/fresh"
         );
         drop(c);
         assert!(
@@ -695,18 +655,15 @@ fn deleted_pods_kept_for_their_flows_are_capped() {
     // The three that left last stay, the live pod too; the rest went early.
     assert_eq!(c.counts()[1], ("pod_ip_records", 4));
     for i in 0..3 {
-        assert_eq!(pod_name(&c, &format!("10.244.7.{i}"), at(5)), None, "p{i}");
+        assert_eq!(pod_name(&c, &format!("10.244.7.{i}"), at(5)), "-", "p{i}");
     }
     for i in 3..6 {
         assert_eq!(
-            pod_name(&c, &format!("10.244.7.{i}"), at(12)).as_deref(),
-            Some(format!("churn/p{i}").as_str())
+            pod_name(&c, &format!("10.244.7.{i}"), at(12)),
+            format!("churn/p{i}")
         );
     }
-    assert_eq!(
-        pod_name(&c, "10.244.7.100", at(30)).as_deref(),
-        Some("churn/live")
-    );
+    assert_eq!(pod_name(&c, "10.244.7.100", at(30)), "churn/live");
 }
 
 /// Kubernetes mode with no API to talk to: a clear error, before the

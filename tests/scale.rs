@@ -141,23 +141,36 @@ fn interface_churn_leaks_nothing_and_the_last_veth_is_counted() {
     );
 }
 
-/// Moving an interface from classic filters to TCX while traffic flows
-/// counts every packet exactly once.
-#[test]
-fn the_hand_over_from_classic_filters_to_tcx_counts_every_packet_once() {
-    use flowmap::datapath::attach::{tcx_programs, HookKind};
+/// A test network, the datapath loaded in this process (nothing attached),
+/// and the network's host-end interface.
+fn loaded(
+    tag: &str,
+) -> (
+    Net,
+    flowmap::datapath::Datapath,
+    flowmap::datapath::ifaces::Interface,
+) {
     use flowmap::datapath::{ifaces, Datapath, Options};
-    if !common::privileged("the_hand_over_from_classic_filters_to_tcx_counts_every_packet_once") {
-        return;
-    }
-    let _g = lock();
-    let net = Net::new("h", 0).unwrap();
-    let mut dp = Datapath::load(&Options::default()).unwrap();
+    let net = Net::new(tag, 0).unwrap();
+    let dp = Datapath::load(&Options::default()).unwrap();
     let iface = ifaces::list()
         .unwrap()
         .into_iter()
         .find(|i| i.name == net.host)
         .unwrap();
+    (net, dp, iface)
+}
+
+/// Moving an interface from classic filters to TCX while traffic flows
+/// counts every packet exactly once.
+#[test]
+fn the_hand_over_from_classic_filters_to_tcx_counts_every_packet_once() {
+    use flowmap::datapath::attach::{tcx_programs, HookKind};
+    if !common::privileged("the_hand_over_from_classic_filters_to_tcx_counts_every_packet_once") {
+        return;
+    }
+    let _g = lock();
+    let (net, mut dp, iface) = loaded("h");
     dp.attach_as(&iface, HookKind::Tc).unwrap();
     let tc = |dir: &str| common::sh(&["tc", "filter", "show", "dev", &net.host, dir]);
     assert!(tc("egress").contains("flowmap_eth_tc"));
@@ -205,18 +218,11 @@ fn the_hand_over_from_classic_filters_to_tcx_counts_every_packet_once() {
 #[test]
 fn a_clsact_qdisc_with_other_filters_is_left_alone() {
     use flowmap::datapath::attach::HookKind;
-    use flowmap::datapath::{ifaces, Datapath, Options};
     if !common::privileged("a_clsact_qdisc_with_other_filters_is_left_alone") {
         return;
     }
     let _g = lock();
-    let net = Net::new("q", 0).unwrap();
-    let mut dp = Datapath::load(&Options::default()).unwrap();
-    let iface = ifaces::list()
-        .unwrap()
-        .into_iter()
-        .find(|i| i.name == net.host)
-        .unwrap();
+    let (net, mut dp, iface) = loaded("q");
     let qdisc = || common::sh(&["tc", "qdisc", "show", "dev", &net.host]);
     dp.attach_as(&iface, HookKind::Tc).unwrap();
     assert!(qdisc().contains("clsact"));

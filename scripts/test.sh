@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/cleanup-test-leftovers.sh
 trap 'bash scripts/cleanup-test-leftovers.sh' EXIT
+# Formatting is part of the suite: unformatted code fails it.
+cargo fmt --check
 cargo build --locked --all-targets 2>&1 | tail -n 3
 # Unit tests, parser (BPF_PROG_TEST_RUN), config, end to end.
 log=$(mktemp)

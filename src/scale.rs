@@ -156,6 +156,19 @@ impl Drop for TempFile {
     }
 }
 
+/// Polls `done` every 5 ms until it holds (returns when) or `end` passes.
+fn wait_until(end: Instant, what: &str, mut done: impl FnMut() -> bool) -> Result<Instant> {
+    loop {
+        if done() {
+            return Ok(Instant::now());
+        }
+        if Instant::now() > end {
+            bail!("timed out waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -245,21 +258,11 @@ impl AgentProc {
     }
 
     pub fn wait_log(&self, needle: &str, timeout: Duration) -> Result<Instant> {
-        let end = Instant::now() + timeout;
-        loop {
-            if self
-                .log
-                .lock()
-                .map(|l| l.iter().any(|s| s.contains(needle)))
-                .unwrap_or(false)
-            {
-                return Ok(Instant::now());
-            }
-            if Instant::now() > end {
-                bail!("the agent did not log {needle:?} within {timeout:?}");
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_until(
+            Instant::now() + timeout,
+            &format!("the agent logging {needle:?}"),
+            || self.count_log(needle) > 0,
+        )
     }
 
     pub fn count_log(&self, needle: &str) -> usize {
@@ -420,13 +423,11 @@ pub fn flows(udp: u32, tcp: u32, services: u32, rate: u32, out: &mut dyn Write) 
     let gen = t.elapsed();
     // The next interval carries them all.
     let seen0 = agent.count_log("interval ");
-    let end = Instant::now() + Duration::from_secs(15);
-    while agent.count_log("interval ") == seen0 {
-        if Instant::now() > end {
-            bail!("no interval after the flows were sent");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(
+        Instant::now() + Duration::from_secs(15),
+        "an interval after the flows were sent",
+        || agent.count_log("interval ") > seen0,
+    )?;
     let flows = agent.metric("flowmap_flows_last_interval ")?;
     let secs = agent.metric("flowmap_interval_processing_seconds ")?;
     let rss = agent.metric("flowmap_resident_memory_bytes ")?;
@@ -506,15 +507,11 @@ pub fn attach(n: u32, out: &mut dyn Write) -> Result<()> {
     let t = Instant::now();
     let agent = AgentProc::start("all", "30s", 32768)?;
     let end = Instant::now() + Duration::from_secs(60);
-    while names
-        .iter()
-        .any(|nm| agent.count_log(&format!("interface={nm} ")) == 0)
-    {
-        if Instant::now() > end {
-            bail!("not every interface was attached within 60 s");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_until(end, "every interface attached", || {
+        names
+            .iter()
+            .all(|nm| agent.count_log(&format!("interface={nm} ")) > 0)
+    })?;
     writeln!(
         out,
         "bench scale attach interfaces={} attach_all_ms={}",
@@ -522,13 +519,9 @@ pub fn attach(n: u32, out: &mut dyn Write) -> Result<()> {
         t.elapsed().as_millis()
     )?;
     // Then every one moves from its classic filters to TCX links.
-    let before = flowmap_links();
-    while agent.count_log("left=0") == 0 && before < 2 * 2 * n as usize {
-        if Instant::now() > end {
-            bail!("not every interface moved to TCX within 60 s");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_until(end, "every interface moved to TCX", || {
+        agent.count_log("left=0") > 0
+    })?;
     writeln!(
         out,
         "bench scale attach all_tcx_ms={} tcx_links={}",

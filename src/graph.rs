@@ -14,7 +14,7 @@ use serde::Serialize;
 use crate::flow::FlowRecord;
 use crate::host::HostView;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EndpointKind {
     /// The host the agent runs on (server mode).
@@ -211,7 +211,7 @@ impl Graph {
             ids.entry((ip, resolve.holder(ip, at)))
                 .or_insert_with(|| {
                     let ep = resolve.endpoint(ip, at);
-                    let kind = ep.kind.clone();
+                    let kind = ep.kind;
                     let id = match g.endpoints.get_key_value(ep.id.as_str()) {
                         Some((k, _)) => k.clone(),
                         None => {

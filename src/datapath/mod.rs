@@ -481,11 +481,6 @@ impl Datapath {
         moved
     }
 
-    /// Interfaces waiting to move from classic filters to TCX.
-    pub fn handover_pending(&self) -> usize {
-        self.handover.len()
-    }
-
     /// Brings the attachments in line with the interfaces that exist now:
     /// attaches new wanted ones, forgets vanished ones. Returns (attached,
     /// forgotten) names.

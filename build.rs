@@ -28,11 +28,7 @@ fn main() {
     }
     let clang = env::var("BPF_CLANG").unwrap_or_else(|_| "clang".to_string());
 
-    for (src, name) in [
-        ("bpf/flows.bpf.c", "flows"),
-        ("bpf/bench/floor.bpf.c", "floor"),
-        ("bpf/bench/min_counter.bpf.c", "min_counter"),
-    ] {
+    for (src, name) in [("bpf/flows.bpf.c", "flows")] {
         let skel = out.join(format!("{name}.skel.rs"));
         if let Err(e) = SkeletonBuilder::new()
             .source(src)

@@ -87,6 +87,7 @@ volatile __u32 active_map = 0;
 struct flow_key flow_key_layout = {};
 struct flow_stats flow_stats_layout = {};
 struct flow_event flow_event_layout = {};
+enum flow_stat flow_stat_layout = STAT_NON_IP;
 
 /* The clock reading of flowmap_clock. */
 struct clock_sample clock = {};
@@ -167,20 +168,11 @@ static __always_inline int side_of(const __u8 *a, __u16 pa, const __u8 *b, __u16
 	return pa > pb;
 }
 
-static __always_inline void account(struct __sk_buff *skb, struct pkt *p, void *map)
+/* Puts the key in canonical order (the greater endpoint second) and sets
+ * the interface; returns the side that sent the packet. */
+static __always_inline __u32 canonical(struct __sk_buff *skb, struct flow_key *kp)
 {
-	struct flow_key *kp = &p->k;
 	__u32 side = side_of(kp->addr[0], kp->port[0], kp->addr[1], kp->port[1]);
-	/* Reading the tick (jiffies) is one load; a clock read is a helper
-	 * call that costs more than the rest of the lookup. So: the tick on
-	 * every packet, the clock only when an entry is created and on
-	 * handshake packets. */
-	__u64 now = bpf_jiffies64();
-	__u64 precise = 0;
-	if (p->opens || p->synack)
-		precise = bpf_ktime_get_ns();
-	__u64 len = skb->len;
-
 	if (side) {
 		__u64 t[2], u[2];
 		__builtin_memcpy(t, kp->addr[0], 16);
@@ -194,80 +186,120 @@ static __always_inline void account(struct __sk_buff *skb, struct pkt *p, void *
 	kp->ifindex = skb->ifindex;
 	kp->pad[0] = 0;
 	kp->pad[1] = 0;
+	return side;
+}
 
-	struct flow_stats *v = bpf_map_lookup_elem(map, kp);
-	if (!v) {
-		struct flow_stats nv;
-		__builtin_memset(&nv, 0, sizeof(nv));
-		if (side) {
-			nv.packets[1] = 1;
-			nv.bytes[1] = len;
-			nv.tcp_flags[1] = p->tcp_flags;
-		} else {
-			nv.packets[0] = 1;
-			nv.bytes[0] = len;
-			nv.tcp_flags[0] = p->tcp_flags;
-		}
-		nv.first_seen_ns = precise ? precise : bpf_ktime_get_ns();
-		nv.first_seen_jiffies = now;
-		nv.last_seen_jiffies = now;
-		nv.first_side = side + 1;
-		if (p->opens) {
-			nv.open_side = side + 1;
-			if (p->k.proto == IPPROTO_TCP)
-				nv.syn_ns = precise;
-		}
-		if (p->synack)
-			nv.synack_ns = precise;
-		long err = bpf_map_update_elem(map, kp, &nv, BPF_NOEXIST);
-		if (err == 0)
-			return;
-		if (err == -17 /* EEXIST: created by another CPU meanwhile */)
-			v = bpf_map_lookup_elem(map, kp);
-		if (!v) {
-			/* Map full: hand the packet to user space. */
-			stat_inc(STAT_MAP_FULL);
-			struct flow_event *e = bpf_ringbuf_reserve(&overflow, sizeof(*e), 0);
-			if (!e) {
-				stat_inc(STAT_RING_LOST);
-				return;
-			}
-			__builtin_memcpy(&e->key, kp, sizeof(*kp));
-			e->side = side;
-			e->bytes = len;
-			e->ts_ns = precise ? precise : bpf_ktime_get_ns();
-			e->jiffies = now;
-			e->tcp_flags = p->tcp_flags;
-			e->opens = p->opens;
-			e->synack = p->synack;
-			e->pad[0] = 0;
-			e->pad[1] = 0;
-			bpf_ringbuf_submit(e, 0);
-			return;
-		}
+/* When the packet was seen: the tick on every packet (one load), the clock
+ * (a helper call that costs more than the rest of the lookup) only on
+ * handshake packets and when an entry is created. */
+struct when {
+	__u64 jiffies;
+	__u64 precise; /* 0 unless the packet opens or answers a handshake */
+	__u64 len;
+};
+
+/* The map was full: hand the packet to user space through the ring
+ * buffer, and count it (and count it lost when the ring is full too). */
+static __always_inline void overflow_packet(struct pkt *p, __u32 side, struct when *w)
+{
+	stat_inc(STAT_MAP_FULL);
+	struct flow_event *e = bpf_ringbuf_reserve(&overflow, sizeof(*e), 0);
+	if (!e) {
+		stat_inc(STAT_RING_LOST);
+		return;
 	}
+	__builtin_memcpy(&e->key, &p->k, sizeof(p->k));
+	e->side = side;
+	e->bytes = w->len;
+	e->ts_ns = w->precise ? w->precise : bpf_ktime_get_ns();
+	e->jiffies = w->jiffies;
+	e->tcp_flags = p->tcp_flags;
+	e->opens = p->opens;
+	e->synack = p->synack;
+	e->pad[0] = 0;
+	e->pad[1] = 0;
+	bpf_ringbuf_submit(e, 0);
+}
+
+/* Creates the entry of a flow not in the map. Returns the entry to add to
+ * when another CPU created it meanwhile, NULL when done (created, or
+ * handed to the overflow path). */
+static __always_inline struct flow_stats *create(void *map, struct pkt *p, __u32 side,
+						 struct when *w)
+{
+	struct flow_stats nv;
+	__builtin_memset(&nv, 0, sizeof(nv));
+	if (side) {
+		nv.packets[1] = 1;
+		nv.bytes[1] = w->len;
+		nv.tcp_flags[1] = p->tcp_flags;
+	} else {
+		nv.packets[0] = 1;
+		nv.bytes[0] = w->len;
+		nv.tcp_flags[0] = p->tcp_flags;
+	}
+	nv.first_seen_ns = w->precise ? w->precise : bpf_ktime_get_ns();
+	nv.first_seen_jiffies = w->jiffies;
+	nv.last_seen_jiffies = w->jiffies;
+	nv.first_side = side + 1;
+	if (p->opens) {
+		nv.open_side = side + 1;
+		if (p->k.proto == IPPROTO_TCP)
+			nv.syn_ns = w->precise;
+	}
+	if (p->synack)
+		nv.synack_ns = w->precise;
+	long err = bpf_map_update_elem(map, &p->k, &nv, BPF_NOEXIST);
+	if (err == 0)
+		return 0;
+	struct flow_stats *v = 0;
+	if (err == -17 /* EEXIST: created by another CPU meanwhile */)
+		v = bpf_map_lookup_elem(map, &p->k);
+	if (!v)
+		overflow_packet(p, side, w);
+	return v;
+}
+
+/* Adds the packet to an existing entry. */
+static __always_inline void add(struct flow_stats *v, struct pkt *p, __u32 side, struct when *w)
+{
 	/* Separate branches: the verifier rejects the OR-indexing clang
 	 * would otherwise emit for [side]. */
 	if (side) {
 		__sync_fetch_and_add(&v->packets[1], 1);
-		__sync_fetch_and_add(&v->bytes[1], len);
+		__sync_fetch_and_add(&v->bytes[1], w->len);
 		if (p->tcp_flags && (v->tcp_flags[1] & p->tcp_flags) != p->tcp_flags)
 			__sync_fetch_and_or(&v->tcp_flags[1], (__u32)p->tcp_flags);
 	} else {
 		__sync_fetch_and_add(&v->packets[0], 1);
-		__sync_fetch_and_add(&v->bytes[0], len);
+		__sync_fetch_and_add(&v->bytes[0], w->len);
 		if (p->tcp_flags && (v->tcp_flags[0] & p->tcp_flags) != p->tcp_flags)
 			__sync_fetch_and_or(&v->tcp_flags[0], (__u32)p->tcp_flags);
 	}
-	if (v->last_seen_jiffies < now)
-		v->last_seen_jiffies = now;
+	if (v->last_seen_jiffies < w->jiffies)
+		v->last_seen_jiffies = w->jiffies;
 	if (p->opens && !v->open_side) {
 		v->open_side = side + 1;
 		if (p->k.proto == IPPROTO_TCP && !v->syn_ns)
-			v->syn_ns = precise;
+			v->syn_ns = w->precise;
 	}
 	if (p->synack && !v->synack_ns)
-		v->synack_ns = precise;
+		v->synack_ns = w->precise;
+}
+
+static __always_inline void account(struct __sk_buff *skb, struct pkt *p, void *map)
+{
+	__u32 side = canonical(skb, &p->k);
+	struct when w = {
+		.jiffies = bpf_jiffies64(),
+		.precise = (p->opens || p->synack) ? bpf_ktime_get_ns() : 0,
+		.len = skb->len,
+	};
+	struct flow_stats *v = bpf_map_lookup_elem(map, &p->k);
+	if (!v)
+		v = create(map, p, side, &w);
+	if (v)
+		add(v, p, side, &w);
 }
 
 /* Parse the L4 header at off. Returns PARSE_OK when the packet is a flow, else the stat to count. */

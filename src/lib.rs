@@ -1,18 +1,15 @@
 //! flowmap: an eBPF network-flow agent, a drop-in implementation of
-//! Coordimap's `flows` data source. See DESIGN.md for the map of the parts.
+//! Coordimap's `flows` data source. The modules follow the path of a
+//! packet (see the README's "Architecture"):
+//! datapath → flow → enrich → graph → sinks, served by serve, driven by
+//! agent, commanded by cli; config is read by all of them.
 
 pub mod agent;
+pub mod cli;
 pub mod config;
-pub mod coordimap;
 pub mod datapath;
-pub mod delivery;
+pub mod enrich;
 pub mod flow;
-pub mod frames;
 pub mod graph;
-pub mod host;
-pub mod k8s;
-pub mod metrics;
-pub mod scale;
-pub mod store;
-pub mod view;
-pub mod web;
+pub mod serve;
+pub mod sinks;

@@ -2,7 +2,7 @@
 //! creates, the agent binary attached to it, and its JSON lines compared
 //! with exact expected counts and with an independent AF_PACKET capture.
 
-mod common;
+use flowmap_testkit::net as common;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -13,7 +13,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::{sh, sh_quiet, VethNs};
+use flowmap_testkit::net::{sh, sh_quiet, VethNs};
 
 /// The e2e tests share interfaces of the host: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -866,7 +866,7 @@ fn edge_totals(bodies: &[Vec<u8>], src: &str, dst: &str) -> HashMap<(String, u64
     use base64::Engine;
     let mut out: HashMap<(String, u64), [u64; 6]> = HashMap::new();
     for b in bodies {
-        let batch: flowmap::coordimap::Batch =
+        let batch: flowmap::sinks::coordimap::Batch =
             serde_json::from_slice(b).expect("a Coordimap batch");
         for e in &batch.cloud_crawl_data.crawled_data.data {
             let bytes = base64::engine::general_purpose::STANDARD
@@ -874,7 +874,7 @@ fn edge_totals(bodies: &[Vec<u8>], src: &str, dst: &str) -> HashMap<(String, u64
                 .unwrap();
             assert_eq!(
                 e.hash,
-                flowmap::coordimap::hex_sha256(&bytes),
+                flowmap::sinks::coordimap::hex_sha256(&bytes),
                 "hash of {}",
                 e.id
             );
@@ -962,7 +962,7 @@ fn ships_the_graph_to_a_collector_on_loopback() {
     }
     drop(log);
     let bodies = col.bodies();
-    let host = format!("e2e-flows.host-{}", flowmap::host::hostname());
+    let host = format!("e2e-flows.host-{}", flowmap::enrich::host::hostname());
     let peer = format!("e2e-flows.external-{}", v.peer_v4);
     let got = edge_totals(&bodies, &host, &peer);
     assert_eq!(got[&("udp".to_string(), 5002)], udp_exchange(&UDP_SIZES));
@@ -980,7 +980,7 @@ fn ships_the_graph_to_a_collector_on_loopback() {
         [o.s2d.packets, o.s2d.bytes, o.d2s.packets, o.d2s.bytes, 1, 1]
     );
     // The host element carries the host's address on the veth.
-    let first: flowmap::coordimap::Batch = serde_json::from_slice(&bodies[0]).unwrap();
+    let first: flowmap::sinks::coordimap::Batch = serde_json::from_slice(&bodies[0]).unwrap();
     let h = first
         .cloud_crawl_data
         .crawled_data
@@ -1194,7 +1194,7 @@ fn local_store_map_page_and_metrics() {
     let (code, body) = http_get(port, "/api/graph?since=15m&protocol=udp");
     assert_eq!(code, 200, "{body}");
     let g: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let host = format!("e2e-flows.host-{}", flowmap::host::hostname());
+    let host = format!("e2e-flows.host-{}", flowmap::enrich::host::hostname());
     let peer = format!("e2e-flows.external-{}", v.peer_v4);
     let edges = g["edges"].as_array().unwrap();
     assert_eq!(edges.len(), 1, "{body}");
@@ -1372,7 +1372,7 @@ impl Drop for Bridge {
 
 /// A web pod of the test cluster's Deployment `web`.
 fn web_pod(name: &str, ip: &str, node: &str) -> serde_json::Value {
-    flowmap::k8s::standin::pod(
+    flowmap_testkit::standin::pod(
         "shop",
         name,
         "1",
@@ -1385,13 +1385,13 @@ fn web_pod(name: &str, ip: &str, node: &str) -> serde_json::Value {
 /// The test cluster in the stand-in API: node `node`, the client pod, the
 /// web pod `web-6b9f-aaaaa` of Deployment `web`.
 fn shop_cluster(
-    api: &flowmap::k8s::standin::StandIn,
+    api: &flowmap_testkit::standin::StandIn,
     node: &str,
     node_ip: &str,
     client_ip: &str,
     web_ip: &str,
 ) {
-    use flowmap::k8s::standin;
+    use flowmap_testkit::standin;
     api.set_cluster_uid(CLUSTER_UID);
     api.upsert(standin::node(node, node_ip));
     api.upsert(standin::replicaset("shop", "web-6b9f", Some("web")));
@@ -1403,7 +1403,7 @@ fn shop_cluster(
 /// one), against the stand-in API, shipping to `col`.
 fn kube_agent(
     netns: Option<&str>,
-    api: &flowmap::k8s::standin::StandIn,
+    api: &flowmap_testkit::standin::StandIn,
     col: &collector::Server,
     state: &TempDir,
     node: &str,
@@ -1445,7 +1445,7 @@ fn udp_exchange(sizes: &[usize]) -> [u64; 6] {
 
 #[test]
 fn kubernetes_mode_attaches_flows_to_pods_and_follows_ip_reuse() {
-    use flowmap::k8s::standin::StandIn;
+    use flowmap_testkit::standin::StandIn;
     if !common::privileged("kubernetes_mode_attaches_flows_to_pods_and_follows_ip_reuse") {
         return;
     }
@@ -1502,7 +1502,7 @@ fn kubernetes_mode_attaches_flows_to_pods_and_follows_ip_reuse() {
     // The pods' elements carry their workload; the node is its own element.
     let mut seen = HashMap::new();
     for b in &bodies {
-        let batch: flowmap::coordimap::Batch = serde_json::from_slice(b).unwrap();
+        let batch: flowmap::sinks::coordimap::Batch = serde_json::from_slice(b).unwrap();
         for e in batch.cloud_crawl_data.crawled_data.data {
             if e.kind != "coordimap.relationship_skipinsert" {
                 let p: serde_json::Value = serde_json::from_slice(&e.payload().unwrap()).unwrap();
@@ -1554,7 +1554,7 @@ fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static)
 
 #[test]
 fn kubernetes_mode_sees_pod_to_service_to_pod_through_a_cluster_ip() {
-    use flowmap::k8s::standin::{self, StandIn};
+    use flowmap_testkit::standin::{self, StandIn};
     if !common::privileged("kubernetes_mode_sees_pod_to_service_to_pod_through_a_cluster_ip") {
         return;
     }

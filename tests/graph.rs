@@ -5,10 +5,11 @@ use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use flowmap::config::FlowsSource;
-use flowmap::coordimap::{encode, hex_sha256, Batch};
+use flowmap::enrich::host::HostView;
+use flowmap::enrich::server::ServerResolver;
 use flowmap::flow::{Counters, FlowRecord};
-use flowmap::graph::{EdgeKey, Graph, ServerResolver};
-use flowmap::host::HostView;
+use flowmap::graph::{EdgeKey, Graph};
+use flowmap::sinks::coordimap::{encode, hex_sha256, Batch};
 use serde_json::json;
 
 fn at(s: u64) -> SystemTime {

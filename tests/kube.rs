@@ -7,13 +7,13 @@ use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use flowmap::config::parse;
-use flowmap::coordimap::encode;
+use flowmap::enrich::host::HostView;
+use flowmap::enrich::kube::index::{Cluster, Kind, Target};
+use flowmap::enrich::kube::KubeResolver;
 use flowmap::flow::{Counters, FlowRecord};
 use flowmap::graph::{EdgeKey, Graph};
-use flowmap::host::HostView;
-use flowmap::k8s::index::{Cluster, Kind, Target};
-use flowmap::k8s::standin;
-use flowmap::k8s::KubeResolver;
+use flowmap::sinks::coordimap::encode;
+use flowmap_testkit::standin;
 use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
@@ -453,10 +453,10 @@ fn edges_between_pods_services_nodes_and_external_with_exact_ids() {
 
 mod watching {
     use super::*;
-    use flowmap::delivery::DeliveryStats;
-    use flowmap::k8s::standin::StandIn;
-    use flowmap::k8s::watch;
-    use flowmap::metrics::Metrics;
+    use flowmap::enrich::kube::watch;
+    use flowmap::serve::metrics::Metrics;
+    use flowmap::sinks::coordimap::spool::DeliveryStats;
+    use flowmap_testkit::standin::StandIn;
     use std::sync::{Arc, RwLock};
 
     async fn until(what: &str, mut f: impl FnMut() -> bool) {

@@ -1,12 +1,13 @@
 //! The kernel parser, case by case, through BPF_PROG_TEST_RUN on crafted
 //! frames: exact flow keys and counters, and no flow from a malformed frame.
 
-mod common;
+use flowmap_testkit::net as common;
 
 use std::net::IpAddr;
 
-use flowmap::datapath::{Datapath, Entry, Options, RawKey, Sample, STAT_NAMES};
-use flowmap::frames::*;
+use flowmap::datapath::{Datapath, Entry, Options, STAT_NAMES};
+use flowmap::flow::{FlowKey, Sample};
+use flowmap_testkit::frames::*;
 
 const TC_ACT_UNSPEC: u32 = u32::MAX; // -1
 
@@ -18,19 +19,12 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
-fn mapped(a: IpAddr) -> [u8; 16] {
-    match a {
-        IpAddr::V4(v) => v.to_ipv6_mapped().octets(),
-        IpAddr::V6(v) => v.octets(),
-    }
-}
-
 fn stat(d: &[u64], name: &str) -> u64 {
     d[STAT_NAMES.iter().position(|n| *n == name).unwrap()]
 }
 
 /// Runs frames, checks every verdict is "continue", returns the flows.
-fn run(dp: &mut Datapath, entry: Entry, frames: &[Vec<u8>]) -> (Vec<(RawKey, Sample)>, Vec<u64>) {
+fn run(dp: &mut Datapath, entry: Entry, frames: &[Vec<u8>]) -> (Vec<(FlowKey, Sample)>, Vec<u64>) {
     for f in frames {
         let v = dp
             .test_run(entry, f)
@@ -41,13 +35,11 @@ fn run(dp: &mut Datapath, entry: Entry, frames: &[Vec<u8>]) -> (Vec<(RawKey, Sam
     (d.flows, d.stats.to_vec())
 }
 
-fn expect_key(k: &RawKey, a: &str, pa: u16, b: &str, pb: u16, proto: u8) {
-    let fam = if ip(a).is_ipv4() { 4 } else { 6 };
-    assert_eq!(k.addr[0], mapped(ip(a)), "side 0 address");
-    assert_eq!(k.addr[1], mapped(ip(b)), "side 1 address");
-    assert_eq!(k.port, [pa, pb]);
-    assert_eq!(k.proto, proto);
-    assert_eq!(k.family, fam);
+fn expect_key(k: &FlowKey, a: &str, pa: u16, b: &str, pb: u16, proto: u8) {
+    assert_eq!(k.conn.addr[0], ip(a), "side 0 address");
+    assert_eq!(k.conn.addr[1], ip(b), "side 1 address");
+    assert_eq!(k.conn.port, [pa, pb]);
+    assert_eq!(k.conn.proto, proto);
     assert_eq!(
         k.ifindex, 1,
         "BPF_PROG_TEST_RUN runs on the loopback device"
@@ -182,7 +174,7 @@ fn ipv6_udp_and_icmp_and_other_protocol() {
             gre.clone(),
         ],
     );
-    flows.sort_by_key(|(k, _)| (k.proto, k.family));
+    flows.sort_by_key(|(k, _)| (k.conn.proto, k.conn.addr[0].is_ipv6()));
     assert_eq!(flows.len(), 4);
     // ICMPv4: the echo sender 192.0.2.9 is side 1 and opened.
     expect_key(&flows[0].0, "192.0.2.1", 0, "192.0.2.9", 0, 1);
@@ -315,7 +307,7 @@ fn ipv4_fragments_count_into_the_flow_of_the_first() {
         Entry::EthIngress,
         &[first.clone(), last.clone(), orphan.clone()],
     );
-    flows.sort_by_key(|(k, _)| k.port[0]);
+    flows.sort_by_key(|(k, _)| k.conn.port[0]);
     assert_eq!(flows.len(), 2);
     expect_key(&flows[0].0, "10.3.0.1", 0, "10.3.0.2", 0, 17);
     assert_eq!(flows[0].1.bytes, [orphan.len() as u64, 0]);
@@ -381,7 +373,7 @@ fn ipv6_extension_headers_and_fragments() {
         Entry::EthIngress,
         &[f.clone(), f1.clone(), f2.clone()],
     );
-    flows.sort_by_key(|(k, _)| k.proto);
+    flows.sort_by_key(|(k, _)| k.conn.proto);
     assert_eq!(flows.len(), 2);
     expect_key(&flows[0].0, "fd00::1", 50000, "fd00::2", 22, 6);
     assert_eq!(flows[0].1.bytes, [f.len() as u64, 0]);
@@ -671,14 +663,14 @@ fn a_full_flow_map_hands_packets_to_user_space_without_loss() {
         }
     }
     let (mut flows, stats) = run(&mut dp, Entry::EthIngress, &frames);
-    flows.sort_by_key(|(k, _)| k.port[0]);
+    flows.sort_by_key(|(k, _)| k.conn.port[0]);
     assert_eq!(
         flows.len(),
         10,
         "{stats:?} {:?}",
         flows
             .iter()
-            .map(|(k, v)| (k.port[0], v.packets))
+            .map(|(k, v)| (k.conn.port[0], v.packets))
             .collect::<Vec<_>>()
     );
     for (i, (k, v)) in flows.iter().enumerate() {

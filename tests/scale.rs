@@ -1,12 +1,13 @@
 //! Node-scale behaviour (not speed): overflow accounting with a small flow
 //! map, interface churn without leaks, and the last veth's traffic counted.
 
-mod common;
+use flowmap_testkit::net as common;
 
 use std::sync::Mutex;
 use std::time::Duration;
 
-use flowmap::scale::{flowmap_links, generate, proc_fds, AgentProc, Net};
+use flowmap_bench::scale::generate;
+use flowmap_testkit::agent::{flowmap_links, proc_fds, AgentProc, Net};
 
 /// These tests share the 10.231.0.0/16 test network: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -203,7 +204,7 @@ fn the_hand_over_from_classic_filters_to_tcx_counts_every_packet_once() {
     let d = dp.drain().unwrap();
     let (mut packets, mut bytes) = (0, 0);
     for (k, s) in &d.flows {
-        if k.ifindex == iface.ifindex && k.proto == 17 && k.port.contains(&9999) {
+        if k.ifindex == iface.ifindex && k.conn.proto == 17 && k.conn.port.contains(&9999) {
             packets += s.packets[0] + s.packets[1];
             bytes += s.bytes[0] + s.bytes[1];
         }

@@ -2,16 +2,17 @@
 //! migrations from an empty database, batches in, the exact graph out,
 //! retention enforced, and the CLI views.
 
-mod common;
+use flowmap_testkit::net as common;
 
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
+use flowmap::enrich::host::HostView;
+use flowmap::enrich::server::ServerResolver;
 use flowmap::flow::{Counters, FlowRecord};
-use flowmap::graph::{Graph, ServerResolver};
-use flowmap::host::HostView;
-use flowmap::store::{Location, Store};
-use flowmap::view::{self, By, Filter};
+use flowmap::graph::Graph;
+use flowmap::serve::view::{self, By, Filter};
+use flowmap::sinks::store::{Location, Store};
 
 fn at(s: u64) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + s)
@@ -213,7 +214,7 @@ fn postgres_store() {
     if !common::privileged("postgres_store") {
         return;
     }
-    let Some(pg) = common::postgres::Pg::start("postgres_store") else {
+    let Some(pg) = flowmap_testkit::postgres::Pg::start("postgres_store") else {
         return;
     };
     check_store(&Location::Postgres(pg.connection_string()));

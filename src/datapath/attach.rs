@@ -3,7 +3,13 @@
 
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 
+use std::time::Duration;
+
 use anyhow::{anyhow, Context, Result};
+use tracing::{debug, info, warn};
+
+use super::ifaces::{Interface, Selection};
+use super::{AttachMode, Attached};
 use libbpf_rs::{Program, TcHook, TcHookBuilder, TC_EGRESS, TC_INGRESS};
 
 /// Handle and priority of flowmap's classic TC filters. A fixed pair lets a
@@ -274,4 +280,231 @@ pub fn tcx_programs(ifindex: u32) -> Vec<String> {
         .map(|p| (p.id, p.name.to_string_lossy().into_owned()))
         .collect();
     ids.iter().filter_map(|id| names.get(id).cloned()).collect()
+}
+
+/// Attaching the datapath to interfaces, following them, and the
+/// hand-over from classic filters to TCX.
+impl super::Datapath {
+    /// The program for an interface and a kind of hook (the TCX one marks
+    /// packets for the hand-over, the classic one skips marked packets).
+    fn prog_for(&self, l3: bool, kind: HookKind) -> &libbpf_rs::ProgramMut<'static> {
+        let p = &self.skel.progs;
+        match (l3, kind) {
+            (true, HookKind::Tcx) => &p.flowmap_l3,
+            (false, HookKind::Tcx) => &p.flowmap_eth,
+            (true, HookKind::Tc) => &p.flowmap_l3_tc,
+            (false, HookKind::Tc) => &p.flowmap_eth_tc,
+        }
+    }
+
+    fn hook(&self, iface: &Interface, kind: HookKind) -> Result<Hook> {
+        let p = self.prog_for(iface.l3, kind);
+        match kind {
+            HookKind::Tcx => attach_tcx(p, p, iface.ifindex),
+            HookKind::Tc => attach_tc(p, p, iface.ifindex),
+        }
+    }
+
+    /// Removes classic TC filters that a killed flowmap left on these
+    /// interfaces. TCX links cannot outlive their process.
+    pub fn remove_stale(&self, ifaces: &[Interface]) -> usize {
+        let mut n = 0;
+        for i in ifaces {
+            let removed = remove_stale_tc(&self.skel.progs.flowmap_eth, i.ifindex);
+            if removed > 0 {
+                info!(interface = %i.name, removed, "removed TC filters left by an earlier flowmap");
+            }
+            n += removed;
+        }
+        n
+    }
+
+    /// Attaches ingress and egress to one interface.
+    pub fn attach(&mut self, iface: &Interface) -> Result<HookKind> {
+        if let Some(a) = self.attached.get(&iface.ifindex) {
+            if a.iface.name == iface.name {
+                return Ok(a.kind());
+            }
+        }
+        let hook = match self.mode {
+            AttachMode::Tcx => self.hook(iface, HookKind::Tcx)?,
+            AttachMode::Tc => self.hook(iface, HookKind::Tc)?,
+            AttachMode::Auto if self.tcx_works == Some(false) => self.hook(iface, HookKind::Tc)?,
+            AttachMode::Auto => self.hook_tcx_or_tc(iface)?,
+        };
+        let kind = hook.kind();
+        self.attached.insert(
+            iface.ifindex,
+            Attached {
+                iface: iface.clone(),
+                hook,
+            },
+        );
+        Ok(kind)
+    }
+
+    /// Auto mode: TCX, or classic filters if the kernel has no TCX (found
+    /// out once).
+    fn hook_tcx_or_tc(&mut self, iface: &Interface) -> Result<Hook> {
+        match self.hook(iface, HookKind::Tcx) {
+            Ok(h) => {
+                self.tcx_works = Some(true);
+                Ok(h)
+            }
+            Err(err) if self.tcx_works.is_none() => {
+                info!(error = %format!("{err:#}"), "TCX not available; using classic clsact filters");
+                self.tcx_works = Some(false);
+                self.hook(iface, HookKind::Tc)
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Attaches one interface with the given kind of hook, whatever the
+    /// mode (for the hand-over and its tests).
+    pub fn attach_as(&mut self, iface: &Interface, kind: HookKind) -> Result<()> {
+        let hook = self.hook(iface, kind)?;
+        self.attached.insert(
+            iface.ifindex,
+            Attached {
+                iface: iface.clone(),
+                hook,
+            },
+        );
+        Ok(())
+    }
+
+    /// Moves one interface from its classic filters to TCX: the TCX link
+    /// first, then the filters go. Packets in between are counted once
+    /// (see the hand-over in bpf/flows.bpf.c). Returns false when the
+    /// interface is not attached with classic filters.
+    pub fn hand_over(&mut self, ifindex: u32) -> Result<bool> {
+        let Some(a) = self.attached.get(&ifindex) else {
+            return Ok(false);
+        };
+        if a.kind() != HookKind::Tc {
+            return Ok(false);
+        }
+        let iface = a.iface.clone();
+        let tcx = self.hook(&iface, HookKind::Tcx)?;
+        // Dropping the old hook removes the classic filters.
+        if let Some(a) = self.attached.get_mut(&ifindex) {
+            a.hook = tcx;
+        }
+        Ok(true)
+    }
+
+    /// Hands over queued interfaces from classic filters to TCX for at most
+    /// `budget`. Returns how many moved.
+    pub fn hand_over_some(&mut self, budget: Duration) -> usize {
+        let t = std::time::Instant::now();
+        let mut moved = 0;
+        while t.elapsed() < budget {
+            let Some(idx) = self.handover.pop_front() else {
+                break;
+            };
+            match self.hand_over(idx) {
+                Ok(true) => {
+                    moved += 1;
+                    self.tcx_works = Some(true);
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    // No TCX after all: the classic filters stay, and so
+                    // does everything else.
+                    if self.tcx_works.is_none() {
+                        info!(error = %format!("{e:#}"), "TCX not available; keeping classic clsact filters");
+                        self.tcx_works = Some(false);
+                        self.handover.clear();
+                    } else {
+                        debug!(ifindex = idx, error = %format!("{e:#}"), "hand-over to TCX failed; keeping the classic filters");
+                    }
+                }
+            }
+        }
+        if moved > 0 {
+            info!(
+                moved,
+                left = self.handover.len(),
+                "interfaces moved from classic filters to TCX"
+            );
+        }
+        moved
+    }
+
+    /// Brings the attachments in line with the interfaces that exist now:
+    /// attaches new wanted ones, forgets vanished ones. Returns (attached,
+    /// forgotten) names.
+    pub fn reconcile(
+        &mut self,
+        sel: &Selection,
+        present: &[Interface],
+    ) -> (Vec<String>, Vec<String>) {
+        let mut gone = Vec::new();
+        let keep: Vec<u32> = present
+            .iter()
+            .filter(|i| sel.wants(i))
+            .map(|i| i.ifindex)
+            .collect();
+        let stale: Vec<u32> = self
+            .attached
+            .iter()
+            .filter(|(idx, a)| {
+                !keep.contains(idx)
+                    || !present
+                        .iter()
+                        .any(|p| p.ifindex == **idx && p.name == a.iface.name)
+            })
+            .map(|(idx, _)| *idx)
+            .collect();
+        for idx in stale {
+            if let Some(a) = self.attached.remove(&idx) {
+                debug!(interface = %a.iface.name, "interface gone; forgotten");
+                gone.push(a.iface.name.clone());
+            }
+        }
+        let mut added = Vec::new();
+        let todo: Vec<&Interface> = present
+            .iter()
+            .filter(|i| sel.wants(i) && !self.attached.contains_key(&i.ifindex))
+            .collect();
+        // The kernel serialises TCX attaches and each waits for an RCU
+        // grace period (about 17 ms per interface here), so threads do not
+        // help. In auto mode a batch of interfaces (the start, or many new
+        // veths at once) is attached with classic filters, which take well
+        // under a millisecond each, and then handed over to TCX a few at a
+        // time (`hand_over_some`), without losing or double-counting a
+        // packet.
+        let batch =
+            self.mode == AttachMode::Auto && self.tcx_works != Some(false) && todo.len() > 1;
+        for i in todo {
+            let r = if batch {
+                self.attach_as(i, HookKind::Tc).map(|_| {
+                    self.handover.push_back(i.ifindex);
+                    HookKind::Tc
+                })
+            } else {
+                self.attach(i)
+            };
+            match r {
+                Ok(kind) => {
+                    info!(interface = %i.name, ifindex = i.ifindex, hook = %kind, "attached");
+                    added.push(i.name.clone());
+                }
+                // A veth can vanish between listing and attaching.
+                Err(e) => warn!(interface = %i.name, error = %format!("{e:#}"), "attach failed"),
+            }
+        }
+        (added, gone)
+    }
+
+    pub fn attached(&self) -> impl Iterator<Item = &Attached> {
+        self.attached.values()
+    }
+
+    /// Detaches everything.
+    pub fn detach_all(&mut self) {
+        self.handover.clear();
+        self.attached.clear();
+    }
 }

@@ -1,0 +1,5 @@
+//! flowmap's benchmarks as a library: `flowmap-bench` runs them, and the
+//! churn test reuses the load harness. Never part of the agent binary.
+
+pub mod datapath;
+pub mod scale;

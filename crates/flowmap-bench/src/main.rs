@@ -1,0 +1,125 @@
+//! `flowmap-bench`: flowmap's benchmarks, outside the agent binary.
+//! `datapath` measures the kernel program per packet with
+//! BPF_PROG_TEST_RUN; `scale …` is the load harness at node scale. Each
+//! prints stable, greppable lines: `bench datapath case=… program=…
+//! ns_per_packet=…` and `bench scale <name> <metric>=<value>`.
+
+use flowmap_bench::{datapath, scale};
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "flowmap-bench", version, about = "flowmap's benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Measure the kernel program per packet with BPF_PROG_TEST_RUN.
+    Datapath {
+        /// Packets per measurement.
+        #[arg(long, default_value_t = 1_000_000)]
+        repeat: u32,
+        /// Measurements per case and program (the median is printed).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
+    /// The load harness: flows, pipeline, attach, churn, throughput, kube.
+    Scale {
+        #[command(subcommand)]
+        what: ScaleWhat,
+    },
+}
+
+#[derive(Subcommand)]
+enum ScaleWhat {
+    /// Open UDP flows and TCP connections (IPv4 and IPv6) into a test namespace.
+    Flows {
+        #[arg(long, default_value_t = 99_000)]
+        udp: u32,
+        #[arg(long, default_value_t = 1_000)]
+        tcp: u32,
+        /// Distinct server ports of the UDP flows.
+        #[arg(long, default_value_t = 100)]
+        services: u32,
+        /// Flows per second (0: as fast as possible).
+        #[arg(long, default_value_t = 0)]
+        rate: u32,
+    },
+    /// Attach to many interfaces at start, and to one more while running.
+    Attach {
+        /// veth pairs to create (two interfaces each).
+        #[arg(long, default_value_t = 100)]
+        pairs: u32,
+    },
+    /// Create and delete veth pairs while the agent runs with `all`.
+    Churn {
+        #[arg(long, default_value_t = 100)]
+        cycles: u32,
+    },
+    /// The user-space half of an interval on synthetic flows (no kernel).
+    Pipeline {
+        #[arg(long, default_value_t = 100_000)]
+        flows: u32,
+        /// Distinct server ports (0: every flow its own, the worst case).
+        #[arg(long, default_value_t = 100)]
+        services: u32,
+    },
+    /// Kubernetes mode against a stand-in API server listing this many pods.
+    Kube {
+        #[arg(long, default_value_t = 5_000)]
+        pods: u32,
+    },
+    /// 64-byte UDP through a veth pair, without and with flowmap.
+    Throughput {
+        #[arg(long, default_value_t = 5)]
+        rounds: u32,
+        #[arg(long, default_value_t = 1.0)]
+        seconds: f64,
+    },
+}
+
+fn main() -> ExitCode {
+    // The agent binary the harness runs: FLOWMAP_BIN, else `flowmap` next
+    // to this binary (cargo builds both into the same directory).
+    if std::env::var_os("FLOWMAP_BIN").is_none() {
+        if let Some(dir) = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(|d| d.to_path_buf()))
+        {
+            std::env::set_var("FLOWMAP_BIN", dir.join("flowmap"));
+        }
+    }
+    let cli = Cli::parse();
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let r = match cli.cmd {
+        Cmd::Datapath { repeat, rounds } => datapath::run(repeat, rounds.max(1), &mut out),
+        Cmd::Scale { what } => match what {
+            ScaleWhat::Flows {
+                udp,
+                tcp,
+                services,
+                rate,
+            } => scale::flows(udp, tcp, services, rate, &mut out),
+            ScaleWhat::Pipeline { flows, services } => scale::pipeline(flows, services, &mut out),
+            ScaleWhat::Attach { pairs } => scale::attach(pairs, &mut out),
+            ScaleWhat::Kube { pods } => scale::kube(pods, &mut out),
+            ScaleWhat::Churn { cycles } => scale::churn(cycles, &mut out).map(|_| ()),
+            ScaleWhat::Throughput { rounds, seconds } => {
+                scale::throughput(rounds.max(1), seconds, &mut out)
+            }
+        },
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

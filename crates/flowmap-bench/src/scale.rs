@@ -1,0 +1,698 @@
+//! `flowmap-bench scale`: the load harness. Each run builds its own network
+//! namespaces and veth pairs, drives the real agent binary (or the datapath
+//! in-process for throughput), prints `bench scale <name> <metric>=<value>`
+//! lines, and removes everything it created.
+
+use std::io::Write;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use flowmap_testkit::agent::*;
+
+/// Asks /healthz every 5 ms on a thread of its own and keeps each answer's
+/// latency in milliseconds (a failed request counts as 10 s).
+struct HealthProbe {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<f64>>,
+}
+
+impl HealthProbe {
+    fn start(port: u16) -> HealthProbe {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut lat = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                let ok = http_get(port, "/healthz").is_ok();
+                lat.push(if ok {
+                    t.elapsed().as_secs_f64() * 1000.0
+                } else {
+                    10_000.0
+                });
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            lat
+        });
+        HealthProbe { stop, thread }
+    }
+
+    fn stop(self) -> Vec<f64> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap_or_default()
+    }
+}
+
+/// One HTTP/1.0 GET on loopback; the status must be 200.
+fn http_get(port: u16, path: &str) -> Result<()> {
+    use std::io::Read;
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    if !body.starts_with("HTTP/1.0 200") && !body.starts_with("HTTP/1.1 200") {
+        bail!("{path}: {}", body.lines().next().unwrap_or_default());
+    }
+    Ok(())
+}
+
+/// The value at quantile `q` (0..=1) of `v`; 0 when empty.
+fn percentile(v: &[f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    s[((s.len() - 1) as f64 * q).round() as usize]
+}
+
+/// Opens `udp` distinct UDP flows (one datagram each, IPv4 and IPv6 alike,
+/// to `services` server ports) and `tcp` TCP connections into the
+/// namespace, at `rate` flows/s (0: as fast as possible). Returns the TCP
+/// connections, kept open.
+pub fn generate(net: &Net, udp: u32, tcp: u32, services: u32, rate: u32) -> Result<Vec<TcpStream>> {
+    // A listener in the namespace for the TCP connections.
+    let ready = Arc::new(AtomicBool::new(false));
+    let r2 = ready.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let s2 = stop.clone();
+    let server = net.spawn_in(move || -> Result<Vec<TcpStream>> {
+        let l = TcpListener::bind("[::]:7000")?;
+        l.set_nonblocking(true)?;
+        r2.store(true, Ordering::SeqCst);
+        let mut held = Vec::new();
+        while !s2.load(Ordering::SeqCst) {
+            match l.accept() {
+                Ok((c, _)) => held.push(c),
+                Err(_) => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+        Ok(held)
+    });
+    while !ready.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let pace = |i: u32, start: Instant| {
+        if rate > 0 {
+            let due = start + Duration::from_secs_f64(i as f64 / rate as f64);
+            if let Some(d) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(d);
+            }
+        }
+    };
+    let start = Instant::now();
+    let payload = [0u8; 32];
+    // Distinct 5-tuples as real traffic makes them: many client ports, few
+    // services. Client (address, port) pairs: ports 10000..60000 on the
+    // host's addresses 10.231.2.x / fd31::1:x; server port 8000 + i % services.
+    for i in 0..udp {
+        pace(i, start);
+        let j = i / 2;
+        let sport = 10_000 + (j % 50_000) as u16;
+        let h = (j / 50_000) as u16;
+        let dport = 8000 + (i % services.max(1)) as u16;
+        let (src, dst): (SocketAddr, SocketAddr) = if i % 2 == 0 {
+            (
+                (Ipv4Addr::new(10, 231, 2, 1 + h as u8), sport).into(),
+                (Ipv4Addr::new(10, 231, 0, 2), dport).into(),
+            )
+        } else {
+            (
+                (Ipv6Addr::new(0xfd31, 0, 0, 0, 0, 0, 1, h), sport).into(),
+                (Ipv6Addr::new(0xfd31, 0, 0, 0, 0, 0, 0, 2), dport).into(),
+            )
+        };
+        let sock = UdpSocket::bind(src).with_context(|| format!("binding {src}"))?;
+        sock.send_to(&payload, dst)?;
+    }
+    let mut conns = Vec::with_capacity(tcp as usize);
+    for i in 0..tcp {
+        pace(udp + i, start);
+        let dst: SocketAddr = if i % 2 == 0 {
+            "10.231.0.2:7000".parse()?
+        } else {
+            "[fd31::2]:7000".parse()?
+        };
+        conns.push(TcpStream::connect_timeout(&dst, Duration::from_secs(5))?);
+    }
+    stop.store(true, Ordering::SeqCst);
+    let _held = server
+        .join()
+        .map_err(|_| anyhow!("listener thread panicked"))???;
+    Ok(conns)
+}
+
+pub fn flows(udp: u32, tcp: u32, services: u32, rate: u32, out: &mut dyn Write) -> Result<()> {
+    let net = Net::new("f", udp / 2 / 50_000 + 1)?;
+    let max_flows = ((udp + tcp + 1024) * 5 / 4).next_power_of_two().max(1024);
+    let agent = AgentProc::start(&net.host, "5s", max_flows)?;
+    let rss0 = proc_rss(agent.pid());
+    let probe = HealthProbe::start(agent.port);
+    let t = Instant::now();
+    let conns = generate(&net, udp, tcp, services, rate)?;
+    let gen = t.elapsed();
+    // The next interval carries them all.
+    let seen0 = agent.count_log("interval ");
+    wait_until(
+        Instant::now() + Duration::from_secs(15),
+        "an interval after the flows were sent",
+        || agent.count_log("interval ") > seen0,
+    )?;
+    // One more interval, so the probe spans a whole processed interval.
+    let seen1 = agent.count_log("interval ");
+    wait_until(
+        Instant::now() + Duration::from_secs(15),
+        "the interval after",
+        || agent.count_log("interval ") > seen1,
+    )?;
+    let lat = probe.stop();
+    let flows = agent.metric("flowmap_flows_last_interval ")?;
+    let secs = agent.metric("flowmap_interval_processing_seconds ")?;
+    let rss = agent.metric("flowmap_resident_memory_bytes ")?;
+    let kmem = agent.metric("flowmap_kernel_map_memory_bytes ")?;
+    let lost = agent
+        .metric("flowmap_kernel_events_total{reason=\"ring_lost\"} ")
+        .unwrap_or(0.0);
+    writeln!(
+        out,
+        "bench scale flows flows_sent={} services={services} generate_ms={}",
+        udp + tcp,
+        gen.as_millis()
+    )?;
+    writeln!(
+        out,
+        "bench scale flows flows_in_interval={flows:.0} ring_lost={lost:.0}"
+    )?;
+    writeln!(
+        out,
+        "bench scale flows interval_processing_ms={:.1}",
+        secs * 1000.0
+    )?;
+    writeln!(
+        out,
+        "bench scale flows healthz_p99_ms={:.1} healthz_max_ms={:.1} healthz_requests={}",
+        percentile(&lat, 0.99),
+        percentile(&lat, 1.0),
+        lat.len()
+    )?;
+    if let Some(line) = agent
+        .log
+        .lock()
+        .ok()
+        .and_then(|l| l.iter().rev().find(|s| s.contains("interval ")).cloned())
+    {
+        let parts: Vec<&str> = line
+            .split_whitespace()
+            .filter(|w| w.ends_with("_ms") || w.contains("_ms="))
+            .collect();
+        writeln!(out, "bench scale flows phases {}", parts.join(" "))?;
+    }
+    if let Some(line) = agent.log.lock().ok().and_then(|l| {
+        l.iter()
+            .rev()
+            .find(|s| s.contains("flow maps swapped"))
+            .cloned()
+    }) {
+        let w: Vec<&str> = line
+            .split_whitespace()
+            .filter(|w| w.starts_with("wait_us="))
+            .collect();
+        writeln!(out, "bench scale flows swap {}", w.join(" "))?;
+    }
+    writeln!(
+        out,
+        "bench scale flows agent_rss_bytes={rss:.0} agent_rss_start_bytes={rss0}"
+    )?;
+    writeln!(
+        out,
+        "bench scale flows kernel_map_bytes={kmem:.0} max_flows={max_flows}"
+    )?;
+    drop(conns);
+    agent.stop()?;
+    Ok(())
+}
+
+/// Creates `n` veth pairs (2n interfaces), starts the agent with `all`, and
+/// times how long until every one is attached.
+pub fn attach(n: u32, out: &mut dyn Write) -> Result<()> {
+    let id = std::process::id() % 100_000;
+    let names: Vec<String> = (0..n).map(|i| format!("fma{id}x{i}")).collect();
+    struct Links(Vec<String>);
+    impl Drop for Links {
+        fn drop(&mut self) {
+            for l in &self.0 {
+                ip_quiet(&["link", "del", l]);
+            }
+        }
+    }
+    let links = Links(names.clone());
+    for name in &links.0 {
+        add_veth_pair(name)?;
+    }
+    let t = Instant::now();
+    let agent = AgentProc::start("all", "30s", 32768)?;
+    let end = Instant::now() + Duration::from_secs(60);
+    wait_until(end, "every interface attached", || {
+        names
+            .iter()
+            .all(|nm| agent.count_log(&format!("interface={nm} ")) > 0)
+    })?;
+    writeln!(
+        out,
+        "bench scale attach interfaces={} attach_all_ms={}",
+        2 * n,
+        t.elapsed().as_millis()
+    )?;
+    // Then every one moves from its classic filters to TCX links.
+    wait_until(end, "every interface moved to TCX", || {
+        agent.count_log("left=0") > 0
+    })?;
+    writeln!(
+        out,
+        "bench scale attach all_tcx_ms={} tcx_links={}",
+        t.elapsed().as_millis(),
+        flowmap_links()
+    )?;
+    // One more, while running.
+    let late = format!("fma{id}late");
+    let t = Instant::now();
+    add_veth_pair(&late)?;
+    let late_links = Links(vec![late.clone()]);
+    agent.wait_log(&format!("interface={late} "), Duration::from_secs(10))?;
+    writeln!(
+        out,
+        "bench scale attach new_interface_ms={}",
+        t.elapsed().as_millis()
+    )?;
+    agent.stop()?;
+    drop(late_links);
+    drop(links);
+    Ok(())
+}
+
+/// Creates and deletes a veth pair `cycles` times while the agent runs with
+/// `all`; compares file descriptors, TCX links and memory before and after.
+pub fn churn(cycles: u32, out: &mut dyn Write) -> Result<ChurnResult> {
+    let agent = AgentProc::start("all", "30s", 32768)?;
+    let pid = agent.pid();
+    std::thread::sleep(Duration::from_millis(500));
+    let (fd0, links0, rss0) = (proc_fds(pid), flowmap_links(), proc_rss(pid));
+    let id = std::process::id() % 100_000;
+    let mut worst = Duration::ZERO;
+    let mut total = Duration::ZERO;
+    for c in 0..cycles {
+        let name = format!("fmc{id}c{c}");
+        let t = Instant::now();
+        add_veth_pair(&name)?;
+        let r = agent.wait_log(&format!("interface={name} "), Duration::from_secs(10));
+        ip_quiet(&["link", "del", &name]);
+        r?;
+        let d = t.elapsed();
+        worst = worst.max(d);
+        total += d;
+    }
+    // Let the agent notice the last deletion.
+    std::thread::sleep(Duration::from_millis(800));
+    let (fd1, links1, rss1) = (proc_fds(pid), flowmap_links(), proc_rss(pid));
+    writeln!(
+        out,
+        "bench scale churn cycles={cycles} attach_ms_mean={} attach_ms_max={}",
+        (total / cycles.max(1)).as_millis(),
+        worst.as_millis()
+    )?;
+    writeln!(
+        out,
+        "bench scale churn fds_start={fd0} fds_end={fd1} links_start={links0} links_end={links1}"
+    )?;
+    writeln!(
+        out,
+        "bench scale churn rss_start_bytes={rss0} rss_end_bytes={rss1}"
+    )?;
+    agent.stop()?;
+    Ok(ChurnResult {
+        fds: (fd0, fd1),
+        links: (links0, links1),
+    })
+}
+
+pub struct ChurnResult {
+    pub fds: (usize, usize),
+    pub links: (usize, usize),
+}
+
+/// 64-byte UDP frames through a veth pair for `secs` seconds per round,
+/// rounds alternating without and with flowmap attached.
+pub fn throughput(rounds: u32, secs: f64, out: &mut dyn Write) -> Result<()> {
+    let net = Net::new("t", 0)?;
+    let received = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (r2, s2) = (received.clone(), stop.clone());
+    let rx = net.spawn_in(move || -> Result<()> {
+        let s = UdpSocket::bind("10.231.0.2:9")?;
+        s.set_read_timeout(Some(Duration::from_millis(100)))?;
+        let mut buf = [0u8; 64];
+        while !s2.load(Ordering::Relaxed) {
+            if s.recv(&mut buf).is_ok() {
+                r2.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let tx = UdpSocket::bind("10.231.0.1:0")?;
+    tx.connect("10.231.0.2:9")?;
+    // 14 + 20 + 8 + 22 = a 64-byte frame.
+    let payload = [0u8; 22];
+    let mut dp = flowmap::datapath::Datapath::load(&flowmap::datapath::Options::default())?;
+    let floor = crate::datapath::Floor::load()?;
+    let iface = flowmap::datapath::ifaces::list()?
+        .into_iter()
+        .find(|i| i.name == net.host)
+        .ok_or_else(|| anyhow!("veth {} not found", net.host))?;
+    // Rounds rotate: nothing attached, the empty program, flowmap.
+    let mut pps: [Vec<f64>; 3] = Default::default();
+    for round in 0..rounds * 3 {
+        let mode = (round % 3) as usize;
+        dp.detach_all();
+        let floor_hook = if mode == 1 {
+            Some(floor.attach(iface.ifindex)?)
+        } else {
+            None
+        };
+        if mode == 2 {
+            dp.attach(&iface)?;
+        }
+        let before = received.load(Ordering::Relaxed);
+        let t = Instant::now();
+        while t.elapsed().as_secs_f64() < secs {
+            for _ in 0..256 {
+                let _ = tx.send(&payload);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(150));
+        let got = received.load(Ordering::Relaxed) - before;
+        pps[mode].push(got as f64 / secs);
+        drop(floor_hook);
+        dp.drain()?;
+    }
+    dp.detach_all();
+    stop.store(true, Ordering::Relaxed);
+    rx.join().map_err(|_| anyhow!("receiver panicked"))???;
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let [mut a, mut b, mut c] = pps;
+    let (wo, fl, w) = (median(&mut a), median(&mut b), median(&mut c));
+    writeln!(
+        out,
+        "bench scale throughput frame_bytes=64 rounds={rounds} seconds_per_round={secs}"
+    )?;
+    writeln!(
+        out,
+        "bench scale throughput pps_without={wo:.0} pps_empty_program={fl:.0} pps_with={w:.0}"
+    )?;
+    writeln!(
+        out,
+        "bench scale throughput ratio={:.3} empty_program_ratio={:.3} flowmap_over_empty={:.3}",
+        w / wo.max(1.0),
+        fl / wo.max(1.0),
+        w / fl.max(1.0)
+    )?;
+    Ok(())
+}
+
+/// The user-space half of an interval on `n` synthetic flows (no kernel):
+/// ingest, graph build, encoding and serialisation, timed apart.
+/// `services`: distinct server ports the flows go to (0: every flow its own
+/// port, so every flow is its own edge: the worst case).
+pub fn pipeline(n: u32, services: u32, out: &mut dyn Write) -> Result<()> {
+    use flowmap::datapath::clock::Clock;
+    use flowmap::enrich::server::ServerResolver;
+    use flowmap::flow::{proto, ConnKey, Context, FlowKey, FlowTable, Sample};
+    use flowmap::graph::Graph;
+    let host = flowmap::enrich::host::HostView {
+        hostname: "bench".into(),
+        addrs: vec!["10.231.0.1".parse()?],
+        ..Default::default()
+    };
+    let mut entries = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        // Client ports vary; the server port is one of `services`.
+        let dport = if services == 0 {
+            1024 + (i % 60_000) as u16
+        } else {
+            8000 + (i % services) as u16
+        };
+        let sport = if services == 0 {
+            40000
+        } else {
+            1024 + (i % 60_000) as u16
+        };
+        let k = FlowKey {
+            ifindex: 2,
+            conn: ConnKey {
+                proto: proto::UDP,
+                addr: [
+                    std::net::Ipv4Addr::new(10, 231, 0, 1).into(),
+                    std::net::Ipv4Addr::new(10, 231, 0, 2 + (i / 60_000) as u8).into(),
+                ],
+                port: [sport, dport],
+            },
+        };
+        let s = Sample {
+            packets: [1, 0],
+            bytes: [74, 0],
+            first_seen_ns: 10,
+            last_seen_ns: 20,
+            first_side: 1,
+            ..Default::default()
+        };
+        entries.push((k, s));
+    }
+    let mut table = FlowTable::new(n as usize * 2, Duration::from_secs(120), 0);
+    let name = |_: u32| -> Arc<str> { "eth0".into() };
+    let cx = Context {
+        now_mono_ns: 30,
+        clock: Clock::now(),
+        host: &host,
+        name: &name,
+    };
+    let rss0 = flowmap::serve::metrics::resident_bytes();
+    let t = Instant::now();
+    let records = table.ingest(&entries, &cx);
+    let t_ingest = t.elapsed();
+    let resolver = ServerResolver {
+        data_source_id: "bench",
+        host: &host,
+    };
+    let graph = Graph::build(&records, &resolver);
+    let t_graph = t.elapsed();
+    let src = flowmap::config::FlowsSource::default_server();
+    let now = std::time::SystemTime::now();
+    let batch =
+        flowmap::sinks::coordimap::encode(&graph, &[resolver.host_endpoint()], &src, &[], now, now);
+    let t_encode = t.elapsed();
+    let body = serde_json::to_vec(&batch)?;
+    let t_json = t.elapsed();
+    let rss1 = flowmap::serve::metrics::resident_bytes();
+    writeln!(
+        out,
+        "bench scale pipeline flows={n} services={services} edges={} body_bytes={}",
+        graph.edges.len(),
+        body.len()
+    )?;
+    writeln!(
+        out,
+        "bench scale pipeline ingest_ms={} graph_ms={} encode_ms={} json_ms={} total_ms={}",
+        t_ingest.as_millis(),
+        (t_graph - t_ingest).as_millis(),
+        (t_encode - t_graph).as_millis(),
+        (t_json - t_encode).as_millis(),
+        t_json.as_millis()
+    )?;
+    writeln!(
+        out,
+        "bench scale pipeline rss_growth_bytes={}",
+        rss1.saturating_sub(rss0)
+    )?;
+    Ok(())
+}
+
+/// Kubernetes mode at cluster scale: a stand-in API server lists `pods`
+/// pods (with a ReplicaSet per 5 pods, a Service per 10, a Node per 100);
+/// prints how long the first sync took, what the caches cost in memory,
+/// in this process and in a real agent, and the cost of one resolution.
+pub fn kube(pods: u32, out: &mut dyn Write) -> Result<()> {
+    use flowmap::enrich::kube::index::Cluster;
+    use flowmap_testkit::standin::{self, StandIn};
+    let api = StandIn::start()?;
+    let ip_of = |i: u32| format!("10.{}.{}.{}", 100 + i / 65536, (i / 256) % 256, i % 256);
+    for n in 0..pods.div_ceil(100).max(1) {
+        api.upsert(standin::node(
+            &format!("node-{n}"),
+            &format!("192.168.{}.{}", n / 250, 1 + n % 250),
+        ));
+    }
+    for r in 0..pods.div_ceil(5) {
+        api.upsert(standin::replicaset(
+            "bench",
+            &format!("rs-{r}"),
+            Some(&format!("deploy-{r}")),
+        ));
+    }
+    for s in 0..pods.div_ceil(10) {
+        api.upsert(standin::service(
+            "bench",
+            &format!("svc-{s}"),
+            &format!("10.96.{}.{}", s / 256, s % 256),
+            80,
+            8080,
+        ));
+    }
+    for i in 0..pods {
+        let rs = format!("rs-{}", i / 5);
+        api.upsert(standin::pod(
+            "bench",
+            &format!("pod-{i}"),
+            "1",
+            &ip_of(i),
+            &format!("node-{}", i / 100),
+            Some(("ReplicaSet", &rs)),
+        ));
+    }
+    // SAFETY: malloc_trim has no preconditions.
+    unsafe { libc::malloc_trim(0) };
+    let rss0 = flowmap::serve::metrics::resident_bytes();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let kubeconfig = api.kubeconfig();
+    let (cluster, sync) = rt.block_on(async {
+        let kc = kube::config::Kubeconfig::from_yaml(&kubeconfig)?;
+        let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+        let client = kube::Client::try_from(cfg)?;
+        let cluster = Arc::new(std::sync::RwLock::new(Cluster::new(Duration::from_secs(
+            120,
+        ))));
+        let metrics = Arc::new(flowmap::serve::metrics::Metrics::new(Arc::new(
+            flowmap::sinks::coordimap::spool::DeliveryStats::default(),
+        )));
+        let t0 = Instant::now();
+        let tasks = flowmap::enrich::kube::watch::start(client, cluster.clone(), metrics);
+        if !flowmap::enrich::kube::watch::wait_synced(&cluster, Duration::from_secs(120)).await {
+            bail!("the watch caches did not sync within 120 s");
+        }
+        let sync = t0.elapsed();
+        for t in tasks {
+            t.abort();
+        }
+        Ok::<_, anyhow::Error>((cluster, sync))
+    })?;
+    drop(rt);
+    // SAFETY: as above.
+    unsafe { libc::malloc_trim(0) };
+    let rss1 = flowmap::serve::metrics::resident_bytes();
+    let c = flowmap::enrich::kube::watch::read(&cluster);
+    let counts = c.counts();
+    if counts[0].1 != pods as usize {
+        bail!("the caches hold {} pods, not {pods}", counts[0].1);
+    }
+    let n = 1_000_000u32;
+    let now = std::time::SystemTime::now();
+    let ips: Vec<std::net::IpAddr> = (0..1024u32)
+        .map(|i| {
+            ip_of(i.wrapping_mul(2_654_435_761) % pods.max(1))
+                .parse()
+                .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into())
+        })
+        .collect();
+    let t = Instant::now();
+    let mut found = 0u64;
+    for i in 0..n {
+        found += c.resolve(ips[(i % 1024) as usize], now).is_some() as u64;
+    }
+    let per = t.elapsed().as_nanos() as f64 / n as f64;
+    // The graph of 100,000 flows between pods, each pod a client of three
+    // others (10 % through a ClusterIP), with pod resolution and, for
+    // comparison, with server-mode resolution of the same records.
+    let host = flowmap::enrich::host::HostView::default();
+    let resolver = flowmap::enrich::kube::KubeResolver {
+        cluster: &c,
+        cluster_uid: "bench-cluster",
+        data_source_id: "bench",
+        node: "node-0",
+        host: &host,
+    };
+    let records: Vec<flowmap::flow::FlowRecord> = (0..100_000u32)
+        .map(|i| {
+            let a = i.wrapping_mul(2_654_435_761) % pods.max(1);
+            let b = (a.wrapping_mul(7) + i % 3) % pods.max(1);
+            let via = i % 10 == 0;
+            let dst = if via {
+                format!("10.96.{}.{}", (b / 10) / 256, (b / 10) % 256)
+            } else {
+                ip_of(b)
+            };
+            let ip = |s: String| s.parse().unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+            flowmap::flow::FlowRecord {
+                opened: true,
+                ..flowmap::flow::FlowRecord::between(
+                    "tcp",
+                    (ip(ip_of(a)), 1024 + (i % 60_000) as u16),
+                    (ip(dst), if via { 80 } else { 8080 }),
+                    now,
+                )
+            }
+        })
+        .collect();
+    let t = Instant::now();
+    let graph = flowmap::graph::Graph::build(&records, &resolver);
+    let graph_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let server = flowmap::enrich::server::ServerResolver {
+        data_source_id: "bench",
+        host: &host,
+    };
+    let t = Instant::now();
+    let plain = flowmap::graph::Graph::build(&records, &server);
+    let plain_ms = t.elapsed().as_secs_f64() * 1000.0;
+    drop(plain);
+    drop(c);
+    writeln!(
+        out,
+        "bench scale kube pods={pods} sync_ms={} cache_rss_bytes={} resolve_ns={per:.0} resolved={found} graph_100k_flows_ms={graph_ms:.0} graph_edges={} server_mode_graph_ms={plain_ms:.0}",
+        sync.as_millis(),
+        rss1.saturating_sub(rss0),
+        graph.edges.len()
+    )?;
+
+    // A real agent in Kubernetes mode against the same API.
+    let kc_path =
+        std::env::temp_dir().join(format!("flowmap-scale-kubeconfig-{}", std::process::id()));
+    std::fs::write(&kc_path, &kubeconfig)?;
+    let _kc = flowmap_testkit::agent::TempFile(kc_path.clone());
+    let config = "coordimap:\n  data_sources:\n    - type: flows\n      id: scale\n      config:\n        - name: interface_name\n          value: lo\n        - name: deployedAt\n          value: kubernetes\n        - name: external_mappings\n          value: \"*@bench-cluster\"\n        - name: crawl_interval\n          value: 1s\n";
+    let agent = AgentProc::start_config(
+        config,
+        &["--output", "none", "--no-store"],
+        &[
+            ("KUBECONFIG", kc_path.to_str().unwrap_or_default()),
+            ("NODE_NAME", "node-0"),
+        ],
+    )?;
+    agent.wait_log("interval", Duration::from_secs(10))?;
+    std::thread::sleep(Duration::from_secs(2));
+    let rss = flowmap::serve::metrics::resident_bytes_of(&agent.pid().to_string());
+    let objects = agent.metric("flowmap_kube_objects{kind=\"pods\"}")?;
+    agent.stop()?;
+    writeln!(
+        out,
+        "bench scale kube pods={pods} agent_rss_bytes={rss} agent_cached_pods={objects}"
+    )?;
+    Ok(())
+}

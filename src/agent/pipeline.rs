@@ -1,0 +1,250 @@
+//! One interval, as a pipeline of small steps: drain the flow source →
+//! ingest into connection records → resolve addresses and build each data
+//! source's graph → hand records and graphs to every sink → count. It runs
+//! on the agent's pipeline thread, never on the async runtime.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Result;
+use tracing::{info, warn};
+
+use super::kube::KubeView;
+use super::source::FlowSource;
+use crate::config::{Config, DeployedAt, FlowsSource};
+use crate::datapath::clock::{clock_ns, Clock};
+use crate::datapath::{Drained, STAT_NAMES};
+use crate::enrich::host::HostView;
+use crate::enrich::kube::KubeResolver;
+use crate::enrich::server::ServerResolver;
+use crate::enrich::Endpoint;
+use crate::flow::{Context, FlowRecord, FlowTable};
+use crate::graph::Graph;
+use crate::serve::metrics::{Direction, Metrics};
+use crate::sinks::{Sink, SourceGraph};
+
+/// Where the host view comes from: read from /proc each interval, or
+/// fixed (tests).
+pub enum HostSource {
+    Live,
+    Fixed(HostView),
+}
+
+/// What one interval did, for the log line and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    pub flows: usize,
+    pub connections: usize,
+    pub packets: u64,
+    /// Graphs handed to the sinks (one per data source).
+    pub graphs: usize,
+}
+
+pub struct Pipeline {
+    table: FlowTable,
+    sources: Vec<FlowsSource>,
+    skip_fields: Vec<String>,
+    sinks: Vec<Box<dyn Sink>>,
+    metrics: Arc<Metrics>,
+    kube: Option<KubeView>,
+    host: HostSource,
+    interval_start: SystemTime,
+    last_stats: [u64; STAT_NAMES.len()],
+    max_flows: u32,
+}
+
+impl Pipeline {
+    /// `interval` and `max_flows` bound the connection table the way the
+    /// kernel maps are bounded.
+    pub fn new(
+        cfg: &Config,
+        (interval, max_flows): (Duration, u32),
+        sinks: Vec<Box<dyn Sink>>,
+        metrics: Arc<Metrics>,
+        kube: Option<KubeView>,
+    ) -> Pipeline {
+        Pipeline {
+            table: FlowTable::new(
+                max_flows as usize * 4,
+                (interval * 4).max(Duration::from_secs(120)),
+                u64::MAX,
+            ),
+            sources: cfg.flows.clone(),
+            skip_fields: cfg.skip_fields.clone(),
+            sinks,
+            metrics,
+            kube,
+            host: HostSource::Live,
+            interval_start: SystemTime::now(),
+            last_stats: [0; STAT_NAMES.len()],
+            max_flows,
+        }
+    }
+
+    pub fn set_host(&mut self, host: HostSource) {
+        self.host = host;
+    }
+
+    /// Flows that begin after monotonic `ns` were seen from their first
+    /// packet (see `FlowTable::set_started`).
+    pub fn set_started(&mut self, ns: u64) {
+        self.table.set_started(ns);
+    }
+
+    /// Runs one interval end to end.
+    pub fn interval(&mut self, src: &mut dyn FlowSource) -> Result<Report> {
+        let t0 = Instant::now();
+        let drained = src.drain()?;
+        let t_drain = t0.elapsed();
+        let end = SystemTime::now();
+        let host = match &self.host {
+            HostSource::Live => HostView::read(),
+            HostSource::Fixed(h) => h.clone(),
+        };
+        let t_host = t0.elapsed();
+        let records = self.ingest(&drained, &host, src);
+        let t_ingest = t0.elapsed();
+        for s in &mut self.sinks {
+            s.records(&records)?;
+        }
+        self.refresh_kube(end);
+        let mut graphs = 0;
+        for i in 0..self.sources.len() {
+            let (graph, always) = self.build(&self.sources[i], &records, &host);
+            let sg = SourceGraph::new(
+                &self.sources[i],
+                &self.skip_fields,
+                (self.interval_start, end),
+                Arc::new(graph),
+                vec![always],
+            );
+            for s in &mut self.sinks {
+                s.graph(&sg)?;
+            }
+            self.metrics.batches_built.inc();
+            graphs += 1;
+        }
+        for s in &mut self.sinks {
+            s.finish()?;
+        }
+        self.interval_start = end;
+        let report = self.count(&drained, &records, graphs);
+        let t_all = t0.elapsed();
+        self.metrics.flush_seconds.set(t_all.as_secs_f64());
+        info!(
+            flows = report.flows,
+            connections = report.connections,
+            packets = report.packets,
+            drain_ms = t_drain.as_millis() as u64,
+            host_ms = (t_host - t_drain).as_millis() as u64,
+            ingest_ms = (t_ingest - t_host).as_millis() as u64,
+            total_ms = t_all.as_millis() as u64,
+            "interval"
+        );
+        Ok(report)
+    }
+
+    /// Drained kernel entries → one record per connection.
+    fn ingest(
+        &mut self,
+        drained: &Drained,
+        host: &HostView,
+        src: &dyn FlowSource,
+    ) -> Vec<FlowRecord> {
+        let name = |idx: u32| src.interface_name(idx);
+        let cx = Context {
+            now_mono_ns: clock_ns(libc::CLOCK_MONOTONIC),
+            clock: Clock::now(),
+            host,
+            name: &name,
+        };
+        self.table.ingest(&drained.flows, &cx)
+    }
+
+    /// Kubernetes mode: forget pods past their grace, publish cache sizes.
+    fn refresh_kube(&self, now: SystemTime) {
+        if let Some(k) = &self.kube {
+            k.refresh(now, &self.metrics);
+        }
+    }
+
+    /// One data source's graph, and the endpoint it always reports (this
+    /// host, or this node).
+    fn build(
+        &self,
+        src: &FlowsSource,
+        records: &[FlowRecord],
+        host: &HostView,
+    ) -> (Graph, Endpoint) {
+        if let (Some(k), DeployedAt::Kubernetes) = (&self.kube, src.deployed_at) {
+            let cluster = crate::enrich::kube::watch::read(&k.cluster);
+            let resolver = KubeResolver {
+                cluster: &cluster,
+                cluster_uid: k.uids.get(&src.id).map(String::as_str).unwrap_or_default(),
+                data_source_id: &src.id,
+                node: &k.node,
+                host,
+            };
+            return (
+                Graph::build(records, &resolver),
+                resolver.node_endpoint(&k.node),
+            );
+        }
+        let resolver = ServerResolver {
+            data_source_id: &src.id,
+            host,
+        };
+        (Graph::build(records, &resolver), resolver.host_endpoint())
+    }
+
+    /// Metrics and the warning about packets not counted normally.
+    fn count(&mut self, drained: &Drained, records: &[FlowRecord], graphs: usize) -> Report {
+        let m = &self.metrics;
+        let c2s = records.iter().fold((0, 0), |(p, b), r| {
+            (p + r.src_to_dst.packets, b + r.src_to_dst.bytes)
+        });
+        let s2c = records.iter().fold((0, 0), |(p, b), r| {
+            (p + r.dst_to_src.packets, b + r.dst_to_src.bytes)
+        });
+        for (dir, (p, b)) in [("client_to_server", c2s), ("server_to_client", s2c)] {
+            let d = Direction {
+                direction: dir.into(),
+            };
+            m.packets.get_or_create(&d).inc_by(p);
+            m.bytes.get_or_create(&d).inc_by(b);
+        }
+        m.flows_active.set(self.table.len() as i64);
+        m.flows_interval.set(records.len() as i64);
+        m.kernel_map_entries.set(drained.flows.len() as i64);
+        m.kernel_map_capacity.set(self.max_flows as i64);
+        m.kernel_stats(&drained.stats);
+        // Index 0 (non-IP) is not a loss.
+        let losses: Vec<String> = (1..STAT_NAMES.len())
+            .filter_map(|i| {
+                let d = drained.stats[i].saturating_sub(self.last_stats[i]);
+                (d > 0).then(|| format!("{}={d}", STAT_NAMES[i]))
+            })
+            .collect();
+        self.last_stats = drained.stats;
+        if !losses.is_empty() || drained.overflow_dropped > 0 {
+            warn!(
+                losses = %losses.join(" "),
+                overflow_dropped_in_user_space = drained.overflow_dropped,
+                "packets not counted normally this interval (see README: kernel statistics)"
+            );
+        }
+        Report {
+            flows: records.len(),
+            connections: self.table.len(),
+            packets: c2s.0 + s2c.0,
+            graphs,
+        }
+    }
+
+    /// The agent stops: every sink writes what it has queued.
+    pub fn close(&mut self) {
+        for s in self.sinks.drain(..) {
+            s.close();
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! The commands: `run` the agent, `check` a configuration, read the store
+//! with `top` and `graph`. Parsing only; the work is in the stages.
+
+mod check;
+mod read;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing::info;
+
+use crate::agent::{self, Output, RunOptions};
+use crate::config;
+use crate::datapath::AttachMode;
+use crate::serve::view;
+use crate::sinks::coordimap::sender::Retry;
+use crate::sinks::store::Location;
+
+#[derive(Parser)]
+#[command(
+    name = "flowmap",
+    version,
+    about = "eBPF network-flow agent for Coordimap"
+)]
+struct Cli {
+    /// Configuration file (Coordimap's YAML format).
+    #[arg(long, global = true, env = "COORDIMAP_CONFIG_PATH")]
+    config: Option<PathBuf>,
+    /// Coordimap collector URL.
+    #[arg(long, global = true, env = "COORDIMAP_ENDPOINT")]
+    endpoint: Option<String>,
+    /// Debug logs.
+    #[arg(long, global = true)]
+    debug: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum GraphFormat {
+    Json,
+    Dot,
+    Mermaid,
+}
+
+/// `flowmap run`'s options.
+#[derive(clap::Args)]
+struct RunArgs {
+    /// What to write to stdout each interval (default: graph without an
+    /// endpoint and store, none otherwise).
+    #[arg(long, value_enum)]
+    output: Option<Output>,
+    /// Flush and exit after this long (e.g. 30s, 5m).
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// Override the hook type (default: the config's attach_mode, else auto).
+    #[arg(long, value_enum)]
+    attach_mode: Option<AttachMode>,
+    /// Where flowmap keeps its state (the delivery spool).
+    #[arg(long, env = "FLOWMAP_STATE_DIR", default_value = "/var/lib/flowmap")]
+    state_dir: PathBuf,
+    /// Bytes of undelivered batches kept on disk; the oldest go first.
+    #[arg(long, env = "FLOWMAP_SPOOL_MAX_BYTES", default_value_t = 64 << 20)]
+    spool_max_bytes: u64,
+    /// Longest wait between two delivery attempts.
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    retry_max: Duration,
+    /// How long a stopping agent keeps trying to deliver the spool.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    shutdown_timeout: Duration,
+    /// Address of the map page, its API, /metrics and /healthz
+    /// (`10.0.0.5:9464`, `[fd00::5]:9464`, or `fd00::5:9464` as the
+    /// DaemonSet writes `$(HOST_IP):9464`).
+    #[arg(long, env = "FLOWMAP_LISTEN", default_value = "127.0.0.1:9464", value_parser = parse_listen)]
+    listen: SocketAddr,
+    /// Do not serve the map page, /metrics and /healthz.
+    #[arg(long)]
+    no_web: bool,
+    /// Do not keep a local store.
+    #[arg(long)]
+    no_store: bool,
+    /// How long the local store keeps intervals.
+    #[arg(long, value_parser = parse_duration, default_value = "24h")]
+    retention: Duration,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the agent.
+    Run(RunArgs),
+    /// The busiest edges of the local store.
+    Top {
+        #[arg(long, value_parser = parse_duration, default_value = "15m")]
+        since: Duration,
+        #[arg(long, value_enum, default_value = "bytes")]
+        by: view::By,
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        #[arg(long, env = "FLOWMAP_STATE_DIR", default_value = "/var/lib/flowmap")]
+        state_dir: PathBuf,
+    },
+    /// Export the graph of the local store.
+    Graph {
+        #[arg(long, value_parser = parse_duration, default_value = "15m")]
+        since: Duration,
+        #[arg(long, value_enum, default_value = "json")]
+        format: GraphFormat,
+        #[arg(long, env = "FLOWMAP_STATE_DIR", default_value = "/var/lib/flowmap")]
+        state_dir: PathBuf,
+    },
+    /// Validate the configuration and print what it resolves to.
+    Check,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    match config::parse_go_duration(s) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err("must be more than zero".into()),
+        Err(e) => Err(format!("{s:?} is not a duration ({e}); like 30s, 5m")),
+    }
+}
+
+/// A socket address; an IPv6 address without brackets takes the part
+/// after its last colon as the port.
+fn parse_listen(s: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(a) = s.parse() {
+        return Ok(a);
+    }
+    s.rsplit_once(':')
+        .and_then(|(ip, port)| {
+            Some(std::net::SocketAddr::new(
+                ip.parse().ok()?,
+                port.parse().ok()?,
+            ))
+        })
+        .ok_or_else(|| {
+            format!("{s:?} is not an address and port (e.g. 127.0.0.1:9464 or [::1]:9464)")
+        })
+}
+
+fn init_logging(debug: bool) {
+    let filter = if debug { "debug" } else { "info" };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter)),
+        )
+        .init();
+    // libbpf's own messages (verifier logs, netlink notes) at debug level.
+    libbpf_rs::set_print(Some((
+        libbpf_rs::PrintLevel::Debug,
+        |_level, msg: String| tracing::debug!(target: "libbpf", "{}", msg.trim_end()),
+    )));
+}
+
+pub fn main() -> ExitCode {
+    // Few malloc arenas: the agent's threads are few and mostly idle, and
+    // every arena keeps memory of its own.
+    // SAFETY: mallopt with a valid parameter, before any thread starts.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
+    let cli = Cli::parse();
+    init_logging(cli.debug);
+    let endpoint = cli.endpoint.as_deref();
+    let config = cli.config.as_ref();
+    match cli.cmd {
+        Cmd::Check => {
+            let (cfg, source) = match check::load_config(config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            if let Err(code) = check::check_endpoint(&cfg, endpoint) {
+                return code;
+            }
+            check::print_check(&cfg, &source, endpoint);
+            ExitCode::SUCCESS
+        }
+        Cmd::Run(args) => run(config, endpoint, args),
+        Cmd::Top {
+            since,
+            by,
+            limit,
+            state_dir,
+        } => read::read_store(config, &state_dir, since, |s, from| {
+            let (edges, nodes) = view::top(s, from, by, limit)?;
+            Ok(view::top_table(&edges, &nodes))
+        }),
+        Cmd::Graph {
+            since,
+            format,
+            state_dir,
+        } => read::read_store(config, &state_dir, since, |s, from| {
+            let v = view::graph(s, from, &Default::default())?;
+            Ok(match format {
+                GraphFormat::Json => serde_json::to_string_pretty(&v)? + "\n",
+                GraphFormat::Dot => view::to_dot(&v),
+                GraphFormat::Mermaid => view::to_mermaid(&v),
+            })
+        }),
+    }
+}
+
+/// `flowmap run`: loads the configuration, then runs the agent on a
+/// runtime of its own until it stops.
+fn run(config: Option<&PathBuf>, endpoint: Option<&str>, a: RunArgs) -> ExitCode {
+    let (cfg, source) = match check::load_config(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if let Err(code) = check::check_endpoint(&cfg, endpoint) {
+        return code;
+    }
+    for w in &cfg.warnings {
+        tracing::warn!("{w}");
+    }
+    for o in &cfg.others {
+        info!(id = %o.id, kind = %o.kind, "data source not run by flowmap");
+    }
+    info!(config = %source, "configuration loaded");
+    let has_endpoint = endpoint.is_some_and(|e| !e.is_empty());
+    let quiet = has_endpoint || !a.no_store;
+    let opts = RunOptions {
+        output: a
+            .output
+            .unwrap_or(if quiet { Output::None } else { Output::Graph }),
+        endpoint: endpoint.map(str::to_string),
+        store: (!a.no_store).then(|| Location::from_config(cfg.database.as_ref(), &a.state_dir)),
+        retention: a.retention,
+        listen: (!a.no_web).then_some(a.listen),
+        state_dir: a.state_dir,
+        spool_max_bytes: a.spool_max_bytes,
+        retry: Retry {
+            max: a.retry_max,
+            ..Default::default()
+        },
+        shutdown_timeout: a.shutdown_timeout,
+        duration: a.duration,
+        attach_mode: a.attach_mode,
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(agent::run(&cfg, opts)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

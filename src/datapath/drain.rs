@@ -1,0 +1,218 @@
+//! The drain: swaps the two flow maps, waits until no program writes the
+//! old one, reads it out in batches and turns kernel entries into the
+//! plain records the flow model takes.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::AsFd;
+use std::time::Duration;
+
+use anyhow::{anyhow, Result};
+use libbpf_rs::{MapCore, MapFlags};
+use tracing::debug;
+
+use super::overflow::KeyBytes;
+use super::{from_bytes, Datapath, Drained, RawKey, RawStats, STAT_NAMES};
+use crate::flow::{ConnKey, FlowKey, Sample};
+
+impl Datapath {
+    /// Pulls overflow packets out of the ring buffer.
+    pub fn poll_overflow(&self) {
+        if let Some(r) = &self.ring {
+            let _ = r.consume();
+        }
+    }
+
+    fn set_active(&mut self, v: u32) -> Result<()> {
+        let bss = self
+            .skel
+            .maps
+            .bss_data
+            .as_deref_mut()
+            .ok_or_else(|| anyhow!("the program's .bss is not memory-mapped"))?;
+        // SAFETY: a plain u32 in the mmap'ed .bss the program reads.
+        unsafe { std::ptr::write_volatile(&mut bss.active_map, v) };
+        self.active = v;
+        Ok(())
+    }
+
+    /// Swaps the flow maps and reads out the one the program no longer
+    /// writes. Counts that arrive meanwhile go to the other map and are
+    /// returned by the next drain, so nothing is lost.
+    pub fn drain(&mut self) -> Result<Drained> {
+        let ns_per_tick = self.ns_per_tick()?;
+        let old = self.active;
+        self.set_active(1 - old)?;
+        let t = std::time::Instant::now();
+        wait_for_programs();
+        debug!(
+            wait_us = t.elapsed().as_micros() as u64,
+            "flow maps swapped; readers gone"
+        );
+        let map = if old == 0 {
+            &self.skel.maps.flows_a
+        } else {
+            &self.skel.maps.flows_b
+        };
+        let mut flows = Vec::new();
+        drain_map(map, &mut |k, v| {
+            if let (Some(key), Some(val)) = (from_bytes::<RawKey>(k), from_bytes::<RawStats>(v)) {
+                flows.push((flow_key(&key), sample_of(&val, ns_per_tick)));
+            }
+        })?;
+        self.poll_overflow();
+        let (extra, dropped) = {
+            let mut o = self
+                .overflow
+                .lock()
+                .map_err(|_| anyhow!("overflow lock poisoned"))?;
+            let extra: Vec<(KeyBytes, Sample)> = o.flows.drain().collect();
+            (extra, std::mem::take(&mut o.dropped))
+        };
+        for (kb, s) in extra {
+            if let Some(k) = from_bytes::<RawKey>(&kb) {
+                flows.push((flow_key(&k), s));
+            }
+        }
+        Ok(Drained {
+            flows,
+            stats: self.stats()?,
+            overflow_dropped: dropped,
+        })
+    }
+
+    /// Kernel statistics since load, summed over CPUs.
+    pub fn stats(&self) -> Result<[u64; STAT_NAMES.len()]> {
+        let mut out = [0u64; STAT_NAMES.len()];
+        for (i, slot) in out.iter_mut().enumerate() {
+            let key = (i as u32).to_ne_bytes();
+            if let Some(per_cpu) = self.skel.maps.stats.lookup_percpu(&key, MapFlags::ANY)? {
+                *slot = per_cpu.iter().filter_map(|b| from_bytes::<u64>(b)).sum();
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The plain record of a kernel key.
+fn flow_key(k: &RawKey) -> FlowKey {
+    let ip = |raw: &[u8; 16]| -> IpAddr {
+        if k.family == 4 {
+            IpAddr::V4(Ipv4Addr::new(raw[12], raw[13], raw[14], raw[15]))
+        } else {
+            IpAddr::V6(Ipv6Addr::from(*raw))
+        }
+    };
+    FlowKey {
+        ifindex: k.ifindex,
+        conn: ConnKey {
+            proto: k.proto,
+            addr: [ip(&k.addr[0]), ip(&k.addr[1])],
+            port: k.port,
+        },
+    }
+}
+
+/// A kernel entry as a plain sample, its ticks turned into nanoseconds.
+fn sample_of(s: &RawStats, ns_per_tick: u64) -> Sample {
+    let ticks = s.last_seen_jiffies.saturating_sub(s.first_seen_jiffies);
+    Sample {
+        packets: s.packets,
+        bytes: s.bytes,
+        first_seen_ns: s.first_seen_ns,
+        last_seen_ns: s.first_seen_ns + ticks.saturating_mul(ns_per_tick),
+        syn_ns: s.syn_ns,
+        synack_ns: s.synack_ns,
+        tcp_flags: s.tcp_flags,
+        open_side: s.open_side,
+        first_side: s.first_side,
+    }
+}
+
+/// Reads and deletes every entry of a map no program writes any more, in
+/// batches of 8192 (one syscall per batch); element by element if the
+/// kernel refuses batches.
+fn drain_map(map: &libbpf_rs::MapMut<'_>, each: &mut dyn FnMut(&[u8], &[u8])) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    const BATCH: u32 = 8192;
+    let (ks, vs) = (
+        std::mem::size_of::<RawKey>(),
+        std::mem::size_of::<RawStats>(),
+    );
+    let mut keys = vec![0u8; ks * BATCH as usize];
+    let mut vals = vec![0u8; vs * BATCH as usize];
+    // The kernel's batch cursor for hash maps is opaque; key-sized is enough.
+    let mut cursor = vec![0u8; ks.max(8)];
+    let mut next = vec![0u8; ks.max(8)];
+    let opts = libbpf_sys::bpf_map_batch_opts {
+        sz: std::mem::size_of::<libbpf_sys::bpf_map_batch_opts>() as _,
+        ..Default::default()
+    };
+    let mut first = true;
+    loop {
+        let mut count = BATCH;
+        // SAFETY: the buffers hold BATCH keys and values of the map's sizes,
+        // the cursors are at least key-sized, and count tells the kernel so.
+        let ret = unsafe {
+            libbpf_sys::bpf_map_lookup_and_delete_batch(
+                map.as_fd().as_raw_fd(),
+                if first {
+                    std::ptr::null_mut()
+                } else {
+                    cursor.as_mut_ptr().cast()
+                },
+                next.as_mut_ptr().cast(),
+                keys.as_mut_ptr().cast(),
+                vals.as_mut_ptr().cast(),
+                &mut count,
+                &opts,
+            )
+        };
+        let err = if ret < 0 { -ret } else { 0 };
+        if err == 0 || err == libc::ENOENT {
+            for i in 0..count as usize {
+                each(&keys[i * ks..(i + 1) * ks], &vals[i * vs..(i + 1) * vs]);
+            }
+        }
+        match err {
+            0 => {
+                cursor.copy_from_slice(&next);
+                first = false;
+            }
+            libc::ENOENT => return Ok(()),
+            libc::EINTR => {}
+            _ => {
+                debug!(errno = err, "batch drain refused; draining entry by entry");
+                let left: Vec<Vec<u8>> = map.keys().collect();
+                for k in &left {
+                    if let Some(v) = map.lookup(k, MapFlags::ANY)? {
+                        each(k, &v);
+                    }
+                    map.delete(k)?;
+                }
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Waits until no program still runs with the old `active_map` value: TC
+/// programs run inside RCU read-side sections, and membarrier's GLOBAL
+/// command waits for an RCU grace period. A short sleep backs it up on
+/// kernels where that command returns at once (nohz_full).
+fn wait_for_programs() {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+    // SAFETY: a plain syscall with integer arguments.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_membarrier,
+            MEMBARRIER_CMD_GLOBAL,
+            0 as libc::c_long,
+            0 as libc::c_long,
+        )
+    };
+    if rc != 0 {
+        std::thread::sleep(Duration::from_millis(20));
+    } else {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}

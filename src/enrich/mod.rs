@@ -1,0 +1,97 @@
+//! Enrichment: turns an address (at a time) into the endpoint it belongs
+//! to: this host, a Kubernetes pod/service/node, or an external peer.
+
+pub mod host;
+pub mod kube;
+pub mod server;
+
+use std::net::IpAddr;
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndpointKind {
+    /// The host the agent runs on (server mode).
+    Host,
+    /// Any address that is none of the others.
+    External,
+    /// Kubernetes mode: a pod, a Service (by its ClusterIP), a node.
+    Pod,
+    Service,
+    Node,
+}
+
+impl EndpointKind {
+    /// The Coordimap element type.
+    pub fn element_type(&self) -> &'static str {
+        match self {
+            EndpointKind::Host => server::HOST_TYPE,
+            EndpointKind::External => server::EXTERNAL_TYPE,
+            EndpointKind::Pod => kube::index::POD_TYPE,
+            EndpointKind::Service => kube::index::SERVICE_TYPE,
+            EndpointKind::Node => kube::index::NODE_TYPE,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Endpoint {
+    pub id: String,
+    pub kind: EndpointKind,
+    pub name: String,
+    /// For the host or a node, its addresses; for the others, the address
+    /// the flows used.
+    pub addresses: Vec<IpAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// A pod's workload, as `Kind/name` (Coordimap's form).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workload_kind: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workload_name: Option<String>,
+    /// The node a pod runs on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+}
+
+impl Endpoint {
+    pub fn new(id: String, kind: EndpointKind, name: String, addresses: Vec<IpAddr>) -> Endpoint {
+        Endpoint {
+            id,
+            kind,
+            name,
+            addresses,
+            namespace: None,
+            workload: None,
+            workload_kind: None,
+            workload_name: None,
+            node: None,
+        }
+    }
+}
+
+/// Maps an address to the endpoint it belongs to.
+pub trait Resolve {
+    /// The endpoint `ip` was at time `at`.
+    fn endpoint(&self, ip: IpAddr, at: SystemTime) -> Endpoint;
+    /// Which of the things `ip` may be it was at `at`: two calls with the
+    /// same address and the same answer here resolve to the same endpoint,
+    /// so the graph resolves each (address, holder) once per interval.
+    /// Resolvers whose answer does not depend on time keep the default.
+    fn holder(&self, _ip: IpAddr, _at: SystemTime) -> usize {
+        0
+    }
+}
+
+pub fn is_link_control(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v) => {
+            v.is_broadcast() || (v.octets()[0] == 224 && v.octets()[1] == 0 && v.octets()[2] == 0)
+        }
+        IpAddr::V6(v) => v.segments()[0] == 0xff02,
+    }
+}

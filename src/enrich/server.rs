@@ -1,0 +1,51 @@
+//! Server mode: this host is one endpoint, every other address its own.
+
+use std::net::IpAddr;
+use std::time::SystemTime;
+
+use super::host::HostView;
+use super::{Endpoint, EndpointKind, Resolve};
+
+/// Server mode: this host is one endpoint, every other address its own.
+pub struct ServerResolver<'a> {
+    pub data_source_id: &'a str,
+    pub host: &'a HostView,
+}
+
+pub const HOST_TYPE: &str = "flows.host";
+pub const EXTERNAL_TYPE: &str = "flows.external";
+
+impl ServerResolver<'_> {
+    pub fn host_endpoint(&self) -> Endpoint {
+        Endpoint::new(
+            format!("{}-{HOST_TYPE}-{}", self.data_source_id, self.host.hostname),
+            EndpointKind::Host,
+            self.host.hostname.clone(),
+            self.host
+                .addrs
+                .iter()
+                .copied()
+                .filter(|a| !a.is_loopback())
+                .collect(),
+        )
+    }
+}
+
+/// An address that belongs to nothing known: its own endpoint.
+pub fn external_endpoint(data_source_id: &str, ip: IpAddr) -> Endpoint {
+    Endpoint::new(
+        format!("{data_source_id}-{EXTERNAL_TYPE}-{ip}"),
+        EndpointKind::External,
+        ip.to_string(),
+        vec![ip],
+    )
+}
+
+impl Resolve for ServerResolver<'_> {
+    fn endpoint(&self, ip: IpAddr, _at: SystemTime) -> Endpoint {
+        if self.host.is_local(ip) {
+            return self.host_endpoint();
+        }
+        external_endpoint(self.data_source_id, ip)
+    }
+}

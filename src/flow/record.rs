@@ -1,0 +1,88 @@
+//! Records: one connection over one interval, oriented client → server,
+//! as `--output flows` prints it and the graph aggregates it.
+
+use std::borrow::Cow;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use super::*;
+
+/// RFC 3339 with microseconds, UTC: how times appear in JSON output.
+pub fn rfc3339_micros<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_rfc3339_micros(*t))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+pub struct Counters {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// One connection over one interval, oriented client (`src`) → server (`dst`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FlowRecord {
+    /// The interface that counted it (the first that saw the connection).
+    pub interface: Arc<str>,
+    pub ifindex: u32,
+    /// Other interfaces that saw the same connection this interval; their
+    /// packets are not counted again.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub also_seen_on: Vec<String>,
+    pub protocol: Cow<'static, str>,
+    pub src_ip: IpAddr,
+    pub src_port: u16,
+    pub dst_ip: IpAddr,
+    pub dst_port: u16,
+    pub src_to_dst: Counters,
+    pub dst_to_src: Counters,
+    pub tcp_flags: Vec<&'static str>,
+    #[serde(serialize_with = "rfc3339_micros")]
+    pub first_seen: SystemTime,
+    #[serde(serialize_with = "rfc3339_micros")]
+    pub last_seen: SystemTime,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub handshake_rtt_us: Option<f64>,
+    pub orientation: Orientation,
+    /// The connection was first seen in this interval.
+    pub opened: bool,
+    /// A TCP RST was seen in this interval.
+    pub reset: bool,
+    /// Handshake time measured in this interval (for interval statistics).
+    #[serde(skip)]
+    pub handshake_this_interval: Option<f64>,
+}
+
+impl FlowRecord {
+    /// A connection `src` → `dst` with nothing counted yet, seen at `at`:
+    /// where records are built without the kernel (tests, benchmarks).
+    pub fn between(
+        protocol: impl Into<Cow<'static, str>>,
+        src: (IpAddr, u16),
+        dst: (IpAddr, u16),
+        at: SystemTime,
+    ) -> FlowRecord {
+        FlowRecord {
+            interface: "eth0".into(),
+            ifindex: 2,
+            also_seen_on: Vec::new(),
+            protocol: protocol.into(),
+            src_ip: src.0,
+            src_port: src.1,
+            dst_ip: dst.0,
+            dst_port: dst.1,
+            src_to_dst: Counters::default(),
+            dst_to_src: Counters::default(),
+            tcp_flags: Vec::new(),
+            first_seen: at,
+            last_seen: at,
+            handshake_rtt_us: None,
+            orientation: Orientation::Syn,
+            opened: false,
+            reset: false,
+            handshake_this_interval: None,
+        }
+    }
+}

@@ -1,0 +1,259 @@
+//! The agent's own metrics, in Prometheus text format on /metrics.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::sinks::coordimap::spool::DeliveryStats;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Direction {
+    pub direction: String,
+}
+
+/// Health as /healthz reports it.
+#[derive(Debug, Default)]
+pub struct Health {
+    pub interfaces_attached: AtomicU64,
+    pub datapath_loaded: AtomicBool,
+    pub store_ok: Arc<AtomicBool>,
+    pub store_enabled: AtomicBool,
+    pub collector_enabled: AtomicBool,
+    pub kube_enabled: AtomicBool,
+    /// Every watch cache has had its first full list.
+    pub kube_synced: AtomicBool,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub packets: Family<Direction, Counter>,
+    pub bytes: Family<Direction, Counter>,
+    pub flows_active: Gauge,
+    pub flows_interval: Gauge,
+    pub kernel_map_entries: Gauge,
+    pub kernel_map_capacity: Gauge,
+    pub kernel_events: Family<Reason, Counter>,
+    pub interfaces_attached: Gauge,
+    pub batches_built: Counter,
+    pub delivery: Arc<DeliveryStats>,
+    pub store_written: Counter,
+    pub store_errors: Counter,
+    pub store_dropped: Counter,
+    pub health: Arc<Health>,
+    pub flush_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub resident_memory: Gauge,
+    pub kernel_map_memory: Gauge,
+    pub kube_objects: Family<KindLabel, Gauge>,
+    pub kube_watch_errors: Counter,
+    pub kube_relists: Counter,
+    last_kernel: [AtomicU64; crate::datapath::STAT_NAMES.len()],
+}
+
+impl Metrics {
+    pub fn new(delivery: Arc<DeliveryStats>) -> Metrics {
+        let mut r = Registry::with_prefix("flowmap");
+        let m = Metrics {
+            registry: Registry::default(),
+            packets: Family::default(),
+            bytes: Family::default(),
+            flows_active: Gauge::default(),
+            flows_interval: Gauge::default(),
+            kernel_map_entries: Gauge::default(),
+            kernel_map_capacity: Gauge::default(),
+            kernel_events: Family::default(),
+            interfaces_attached: Gauge::default(),
+            batches_built: Counter::default(),
+            delivery,
+            store_written: Counter::default(),
+            store_errors: Counter::default(),
+            store_dropped: Counter::default(),
+            health: Arc::new(Health::default()),
+            flush_seconds: Gauge::default(),
+            resident_memory: Gauge::default(),
+            kernel_map_memory: Gauge::default(),
+            kube_objects: Family::default(),
+            kube_watch_errors: Counter::default(),
+            kube_relists: Counter::default(),
+            last_kernel: Default::default(),
+        };
+        r.register(
+            "packets",
+            "Packets counted into flows, by direction (client_to_server, server_to_client)",
+            m.packets.clone(),
+        );
+        r.register(
+            "bytes",
+            "Bytes counted into flows, by direction",
+            m.bytes.clone(),
+        );
+        r.register(
+            "flows_active",
+            "Connections the agent keeps track of",
+            m.flows_active.clone(),
+        );
+        r.register(
+            "flows_last_interval",
+            "Connections with traffic in the last interval",
+            m.flows_interval.clone(),
+        );
+        r.register(
+            "kernel_map_entries",
+            "Entries the kernel flow map held at the last drain",
+            m.kernel_map_entries.clone(),
+        );
+        r.register(
+            "kernel_map_capacity",
+            "Entries each kernel flow map can hold (max_flows)",
+            m.kernel_map_capacity.clone(),
+        );
+        r.register(
+            "kernel_events",
+            "Kernel statistics by reason: non_ip, truncated, bad_header, ext_chain_too_long, frag_no_head, map_full (handed over by ring buffer), ring_lost (lost)",
+            m.kernel_events.clone(),
+        );
+        r.register(
+            "interfaces_attached",
+            "Interfaces the program is attached to",
+            m.interfaces_attached.clone(),
+        );
+        r.register(
+            "batches_built",
+            "Coordimap batches built (one per data source per interval)",
+            m.batches_built.clone(),
+        );
+        r.register(
+            "batches_spooled",
+            "Batches written to the delivery spool",
+            m.delivery.batches_spooled.clone(),
+        );
+        r.register(
+            "batches_shipped",
+            "Batches the collector accepted",
+            m.delivery.batches_delivered.clone(),
+        );
+        r.register(
+            "delivery_failures",
+            "Failed delivery attempts (retried)",
+            m.delivery.attempts_failed.clone(),
+        );
+        r.register(
+            "batches_dropped",
+            "Batches dropped because the spool was full",
+            m.delivery.batches_dropped.clone(),
+        );
+        r.register(
+            "batches_rejected",
+            "Batches the collector refused for good",
+            m.delivery.batches_rejected.clone(),
+        );
+        r.register(
+            "spool_batches",
+            "Batches waiting in the spool",
+            m.delivery.spool_batches.clone(),
+        );
+        r.register(
+            "last_delivery_timestamp_seconds",
+            "Unix time of the last accepted batch (0: never)",
+            m.delivery.last_delivery_unix.clone(),
+        );
+        r.register(
+            "store_intervals_written",
+            "Intervals written to the local store",
+            m.store_written.clone(),
+        );
+        r.register(
+            "store_errors",
+            "Failed writes to the local store",
+            m.store_errors.clone(),
+        );
+        r.register(
+            "store_intervals_dropped",
+            "Intervals dropped because the store could not keep up",
+            m.store_dropped.clone(),
+        );
+        r.register(
+            "interval_processing_seconds",
+            "Time the last interval took from drain to stored/spooled batch",
+            m.flush_seconds.clone(),
+        );
+        r.register(
+            "resident_memory_bytes",
+            "Resident memory of the agent process",
+            m.resident_memory.clone(),
+        );
+        r.register(
+            "kernel_map_memory_bytes",
+            "Kernel memory charged for the program's maps",
+            m.kernel_map_memory.clone(),
+        );
+        r.register(
+            "kube_objects",
+            "Kubernetes mode: objects in the watch caches (pods, pod_ip_records incl. deleted pods within grace, replicasets, jobs, services, nodes)",
+            m.kube_objects.clone(),
+        );
+        r.register(
+            "kube_watch_errors",
+            "Kubernetes mode: watch or list errors (each retried with backoff)",
+            m.kube_watch_errors.clone(),
+        );
+        r.register(
+            "kube_relists",
+            "Kubernetes mode: full lists of a watched kind (one per kind at start, again after 410 Gone)",
+            m.kube_relists.clone(),
+        );
+        Metrics { registry: r, ..m }
+    }
+
+    /// Kernel statistics are cumulative; counters move by the difference.
+    pub fn kernel_stats(&self, now: &[u64]) {
+        for (i, name) in crate::datapath::STAT_NAMES.iter().enumerate() {
+            let prev = self.last_kernel[i].swap(now[i], Ordering::Relaxed);
+            let d = now[i].saturating_sub(prev);
+            self.kernel_events
+                .get_or_create(&Reason {
+                    reason: name.to_string(),
+                })
+                .inc_by(d);
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        self.resident_memory.set(resident_bytes() as i64);
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Resident memory of this process (VmRSS), in bytes.
+pub fn resident_bytes() -> u64 {
+    resident_bytes_of("self")
+}
+
+/// Resident memory (VmRSS) of a process, `pid` a number or `self`.
+pub fn resident_bytes_of(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}

@@ -1,0 +1,225 @@
+//! Views of the store for people: the busiest edges (`flowmap top`), the
+//! graph as JSON, DOT or Mermaid (`flowmap graph`), and the map page's API.
+
+use std::collections::BTreeSet;
+use std::fmt::Write;
+use std::time::SystemTime;
+
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+
+use crate::sinks::store::{EdgeRow, NodeRow, Store};
+
+/// Filters of the map page and the CLI.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Filter {
+    pub port: Option<u16>,
+    pub protocol: Option<String>,
+    /// Matches endpoint names and IDs, case-insensitively.
+    pub q: Option<String>,
+}
+
+impl Filter {
+    fn keep(&self, e: &EdgeRow, nodes: &[NodeRow]) -> bool {
+        if self.port.is_some_and(|p| p != e.port) {
+            return false;
+        }
+        if let Some(p) = self.protocol.as_deref().filter(|p| !p.is_empty()) {
+            if !e.protocol.eq_ignore_ascii_case(p) {
+                return false;
+            }
+        }
+        if let Some(q) = self
+            .q
+            .as_deref()
+            .map(str::to_lowercase)
+            .filter(|q| !q.is_empty())
+        {
+            let name = |id: &str| {
+                nodes
+                    .iter()
+                    .find(|n| n.id == id)
+                    .map(|n| n.name.to_lowercase())
+                    .unwrap_or_default()
+            };
+            let hay = [
+                e.source.to_lowercase(),
+                e.target.to_lowercase(),
+                name(&e.source),
+                name(&e.target),
+            ];
+            if !hay.iter().any(|h| h.contains(&q)) {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GraphView {
+    pub since_ms: i64,
+    pub nodes: Vec<NodeRow>,
+    pub edges: Vec<EdgeRow>,
+}
+
+/// The graph of the window: edges that pass the filter and the endpoints
+/// they join (plus, without a filter, every host endpoint of the window).
+pub fn graph(store: &mut Store, since: SystemTime, f: &Filter) -> Result<GraphView> {
+    let nodes = store.nodes(since)?;
+    let mut edges: Vec<EdgeRow> = store
+        .edges(since)?
+        .into_iter()
+        .filter(|e| f.keep(e, &nodes))
+        .collect();
+    edges.sort_by(|a, b| {
+        b.bytes()
+            .cmp(&a.bytes())
+            .then_with(|| (&a.source, &a.target, a.port).cmp(&(&b.source, &b.target, b.port)))
+    });
+    let used: BTreeSet<&str> = edges
+        .iter()
+        .flat_map(|e| [e.source.as_str(), e.target.as_str()])
+        .collect();
+    let unfiltered = f.port.is_none()
+        && f.protocol.as_deref().unwrap_or("").is_empty()
+        && f.q.as_deref().unwrap_or("").is_empty();
+    let nodes: Vec<NodeRow> = nodes
+        .into_iter()
+        .filter(|n| {
+            used.contains(n.id.as_str())
+                || (unfiltered
+                    && (n.kind == crate::enrich::server::HOST_TYPE
+                        || n.kind == crate::enrich::kube::index::NODE_TYPE))
+        })
+        .collect();
+    Ok(GraphView {
+        since_ms: crate::sinks::store::unix_ms(since),
+        nodes,
+        edges,
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum By {
+    Bytes,
+    Connections,
+    Packets,
+}
+
+pub fn top(
+    store: &mut Store,
+    since: SystemTime,
+    by: By,
+    limit: usize,
+) -> Result<(Vec<EdgeRow>, Vec<NodeRow>)> {
+    let mut edges = store.edges(since)?;
+    let key = |e: &EdgeRow| match by {
+        By::Bytes => e.bytes(),
+        By::Connections => e.connections_active,
+        By::Packets => e.packets(),
+    };
+    edges.sort_by(|a, b| {
+        key(b)
+            .cmp(&key(a))
+            .then_with(|| (&a.source, &a.target, a.port).cmp(&(&b.source, &b.target, b.port)))
+    });
+    edges.truncate(limit);
+    Ok((edges, store.nodes(since)?))
+}
+
+fn name_of<'a>(nodes: &'a [NodeRow], id: &'a str) -> &'a str {
+    nodes
+        .iter()
+        .find(|n| n.id == id)
+        .map(|n| n.name.as_str())
+        .unwrap_or(id)
+}
+
+pub fn top_table(edges: &[EdgeRow], nodes: &[NodeRow]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<28} {:<28} {:>11} {:>8} {:>10} {:>14} {:>10}",
+        "CLIENT", "SERVER", "PROTO/PORT", "CONNS", "PACKETS", "BYTES", "RTT_US"
+    );
+    for e in edges {
+        let rtt = e
+            .handshake_mean_us
+            .map(|r| format!("{r:.1}"))
+            .unwrap_or_else(|| "-".into());
+        let _ = writeln!(
+            out,
+            "{:<28} {:<28} {:>11} {:>8} {:>10} {:>14} {:>10}",
+            name_of(nodes, &e.source),
+            name_of(nodes, &e.target),
+            format!("{}/{}", e.protocol, e.port),
+            e.connections_active,
+            e.packets(),
+            e.bytes(),
+            rtt
+        );
+    }
+    out
+}
+
+fn dot_quote(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+pub fn to_dot(v: &GraphView) -> String {
+    let mut out = String::from("digraph flowmap {\n  rankdir=LR;\n");
+    for n in &v.nodes {
+        let shape = if n.kind == crate::enrich::server::HOST_TYPE
+            || n.kind == crate::enrich::kube::index::NODE_TYPE
+        {
+            "box"
+        } else {
+            "ellipse"
+        };
+        let _ = writeln!(
+            out,
+            "  {} [label={}, shape={shape}];",
+            dot_quote(&n.id),
+            dot_quote(&n.name)
+        );
+    }
+    for e in &v.edges {
+        let _ = writeln!(
+            out,
+            "  {} -> {} [label={}];",
+            dot_quote(&e.source),
+            dot_quote(&e.target),
+            dot_quote(&format!("{}/{} {} B", e.protocol, e.port, e.bytes()))
+        );
+    }
+    out.push_str("}\n");
+    out
+}
+
+pub fn to_mermaid(v: &GraphView) -> String {
+    let ids: Vec<&str> = v.nodes.iter().map(|n| n.id.as_str()).collect();
+    let short = |id: &str| {
+        format!(
+            "n{}",
+            ids.iter().position(|i| *i == id).unwrap_or(usize::MAX)
+        )
+    };
+    let esc = |s: &str| s.replace('"', "#quot;");
+    let mut out = String::from("flowchart LR\n");
+    for n in &v.nodes {
+        let _ = writeln!(out, "  {}[\"{}\"]", short(&n.id), esc(&n.name));
+    }
+    for e in &v.edges {
+        let _ = writeln!(
+            out,
+            "  {} -->|\"{}/{} {} B\"| {}",
+            short(&e.source),
+            e.protocol,
+            e.port,
+            e.bytes(),
+            short(&e.target)
+        );
+    }
+    out
+}

@@ -1,0 +1,570 @@
+//! The embedded store: every interval's graph, kept for a bounded time, in
+//! SQLite (default) or PostgreSQL. Read by `flowmap top`, `flowmap graph`
+//! and the map page.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::Serialize;
+use tracing::info;
+
+use crate::config::{Database, Driver};
+use crate::graph::Graph;
+
+mod writer;
+pub use writer::{Counters, Job, Writer};
+
+/// Where the store lives.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Location {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+impl Location {
+    /// From `coordimap.database`, else SQLite at `<state_dir>/flowmap.db`.
+    pub fn from_config(db: Option<&Database>, state_dir: &std::path::Path) -> Location {
+        match db {
+            Some(Database {
+                driver: Driver::Postgres,
+                connection_string,
+            }) => Location::Postgres(connection_string.expose().to_string()),
+            Some(Database {
+                driver: Driver::Sqlite,
+                connection_string,
+            }) if !connection_string.expose().is_empty() => {
+                Location::Sqlite(PathBuf::from(connection_string.expose()))
+            }
+            _ => Location::Sqlite(state_dir.join("flowmap.db")),
+        }
+    }
+
+    /// For logs: never the PostgreSQL connection string (it may hold a password).
+    pub fn describe(&self) -> String {
+        match self {
+            Location::Sqlite(p) => format!("sqlite {}", p.display()),
+            Location::Postgres(_) => "postgres (connection string hidden)".into(),
+        }
+    }
+}
+
+enum Conn {
+    Sqlite(rusqlite::Connection),
+    Postgres(Box<postgres::Client>),
+}
+
+pub struct Store {
+    conn: Conn,
+}
+
+/// One value bound to a statement, for both drivers.
+#[derive(Debug, Clone)]
+enum Val {
+    I(i64),
+    F(Option<f64>),
+    T(String),
+}
+
+impl rusqlite::ToSql for Val {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        match self {
+            Val::I(v) => v.to_sql(),
+            Val::F(v) => v.to_sql(),
+            Val::T(v) => v.to_sql(),
+        }
+    }
+}
+
+/// The schema, one step per version, per driver.
+const SQLITE_MIGRATIONS: &[&str] = &["
+CREATE TABLE crawl_runs (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  data_source_id TEXT NOT NULL,
+  interval_start_ms BIGINT NOT NULL,
+  interval_end_ms BIGINT NOT NULL,
+  endpoints BIGINT NOT NULL,
+  edges BIGINT NOT NULL
+);
+CREATE INDEX crawl_runs_end ON crawl_runs (interval_end_ms);
+CREATE TABLE elements (
+  id TEXT PRIMARY KEY,
+  type TEXT NOT NULL,
+  name TEXT NOT NULL,
+  payload TEXT NOT NULL,
+  first_seen_ms BIGINT NOT NULL,
+  last_seen_ms BIGINT NOT NULL
+);
+CREATE TABLE relationships (
+  source_id TEXT NOT NULL,
+  destination_id TEXT NOT NULL,
+  first_seen_ms BIGINT NOT NULL,
+  last_seen_ms BIGINT NOT NULL,
+  PRIMARY KEY (source_id, destination_id)
+);
+CREATE TABLE edge_stats (
+  run_id BIGINT NOT NULL REFERENCES crawl_runs(id) ON DELETE CASCADE,
+  source_id TEXT NOT NULL,
+  destination_id TEXT NOT NULL,
+  protocol TEXT NOT NULL,
+  port BIGINT NOT NULL,
+  connections_opened BIGINT NOT NULL,
+  connections_active BIGINT NOT NULL,
+  packets_c2s BIGINT NOT NULL,
+  bytes_c2s BIGINT NOT NULL,
+  packets_s2c BIGINT NOT NULL,
+  bytes_s2c BIGINT NOT NULL,
+  handshake_count BIGINT NOT NULL,
+  handshake_min_us DOUBLE PRECISION,
+  handshake_mean_us DOUBLE PRECISION,
+  handshake_max_us DOUBLE PRECISION,
+  tcp_resets BIGINT NOT NULL,
+  first_seen_ms BIGINT NOT NULL,
+  last_seen_ms BIGINT NOT NULL
+);
+CREATE INDEX edge_stats_run ON edge_stats (run_id);
+"];
+
+fn postgres_migrations() -> Vec<String> {
+    SQLITE_MIGRATIONS
+        .iter()
+        .map(|m| {
+            m.replace(
+                "id INTEGER PRIMARY KEY AUTOINCREMENT",
+                "id BIGSERIAL PRIMARY KEY",
+            )
+        })
+        .collect()
+}
+
+/// An edge over a time window: the sum of its intervals.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EdgeRow {
+    pub source: String,
+    pub target: String,
+    pub protocol: String,
+    pub port: u16,
+    pub connections_opened: u64,
+    pub connections_active: u64,
+    pub packets_client_to_server: u64,
+    pub bytes_client_to_server: u64,
+    pub packets_server_to_client: u64,
+    pub bytes_server_to_client: u64,
+    pub handshake_count: u64,
+    pub handshake_min_us: Option<f64>,
+    pub handshake_mean_us: Option<f64>,
+    pub handshake_max_us: Option<f64>,
+    pub tcp_resets: u64,
+    pub first_seen_ms: i64,
+    pub last_seen_ms: i64,
+}
+
+impl EdgeRow {
+    pub fn bytes(&self) -> u64 {
+        self.bytes_client_to_server + self.bytes_server_to_client
+    }
+    pub fn packets(&self) -> u64 {
+        self.packets_client_to_server + self.packets_server_to_client
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NodeRow {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub name: String,
+    pub payload: serde_json::Value,
+    pub first_seen_ms: i64,
+    pub last_seen_ms: i64,
+}
+
+pub fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+const EDGE_QUERY: &str = "
+SELECT s.source_id, s.destination_id, s.protocol, s.port,
+  CAST(SUM(s.connections_opened) AS BIGINT), CAST(SUM(s.connections_active) AS BIGINT),
+  CAST(SUM(s.packets_c2s) AS BIGINT), CAST(SUM(s.bytes_c2s) AS BIGINT),
+  CAST(SUM(s.packets_s2c) AS BIGINT), CAST(SUM(s.bytes_s2c) AS BIGINT),
+  CAST(SUM(s.handshake_count) AS BIGINT), MIN(s.handshake_min_us),
+  SUM(COALESCE(s.handshake_mean_us, 0) * s.handshake_count), MAX(s.handshake_max_us),
+  CAST(SUM(s.tcp_resets) AS BIGINT), MIN(s.first_seen_ms), MAX(s.last_seen_ms)
+FROM edge_stats s JOIN crawl_runs r ON r.id = s.run_id
+WHERE r.interval_end_ms >= $1
+GROUP BY s.source_id, s.destination_id, s.protocol, s.port";
+
+const NODE_QUERY: &str =
+    "SELECT id, type, name, payload, first_seen_ms, last_seen_ms FROM elements WHERE last_seen_ms >= $1 ORDER BY id";
+
+impl Store {
+    /// Opens the store and brings its schema up to date.
+    pub fn open(loc: &Location) -> Result<Store> {
+        let conn = match loc {
+            Location::Sqlite(path) => {
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir)
+                        .with_context(|| format!("creating {}", dir.display()))?;
+                }
+                let c = rusqlite::Connection::open(path)
+                    .with_context(|| format!("opening {}", path.display()))?;
+                c.busy_timeout(Duration::from_secs(10))?;
+                c.pragma_update(None, "journal_mode", "WAL")?;
+                c.pragma_update(None, "synchronous", "NORMAL")?;
+                c.pragma_update(None, "foreign_keys", "ON")?;
+                Conn::Sqlite(c)
+            }
+            Location::Postgres(cs) => {
+                let c = postgres::Client::connect(cs, postgres::NoTls)
+                    .map_err(|e| anyhow!("connecting to PostgreSQL: {e}"))?;
+                Conn::Postgres(Box::new(c))
+            }
+        };
+        let mut s = Store { conn };
+        s.migrate()?;
+        Ok(s)
+    }
+
+    fn exec_batch(&mut self, sql: &str) -> Result<()> {
+        match &mut self.conn {
+            Conn::Sqlite(c) => c.execute_batch(sql)?,
+            Conn::Postgres(c) => c.batch_execute(sql)?,
+        }
+        Ok(())
+    }
+
+    /// The schema version; 0 for an empty database.
+    pub fn version(&mut self) -> Result<u32> {
+        self.exec_batch("CREATE TABLE IF NOT EXISTS flowmap_schema (version INTEGER NOT NULL)")?;
+        let v: Option<i64> = match &mut self.conn {
+            Conn::Sqlite(c) => {
+                c.query_row("SELECT MAX(version) FROM flowmap_schema", [], |r| r.get(0))?
+            }
+            Conn::Postgres(c) => c
+                .query_one(
+                    "SELECT CAST(MAX(version) AS BIGINT) FROM flowmap_schema",
+                    &[],
+                )?
+                .get(0),
+        };
+        Ok(v.unwrap_or(0) as u32)
+    }
+
+    fn migrate(&mut self) -> Result<()> {
+        let have = self.version()?;
+        let steps: Vec<String> = match &self.conn {
+            Conn::Sqlite(_) => SQLITE_MIGRATIONS.iter().map(|s| s.to_string()).collect(),
+            Conn::Postgres(_) => postgres_migrations(),
+        };
+        if have as usize > steps.len() {
+            bail!("the store's schema version {have} is newer than this flowmap ({}); use a newer flowmap", steps.len());
+        }
+        for (i, step) in steps.iter().enumerate().skip(have as usize) {
+            let v = i + 1;
+            self.exec_batch(&format!(
+                "BEGIN; {step}; INSERT INTO flowmap_schema (version) VALUES ({v}); COMMIT;"
+            ))
+            .with_context(|| format!("store migration to version {v}"))?;
+            info!(version = v, "store schema migrated");
+        }
+        Ok(())
+    }
+
+    fn run(&mut self, sql: &str, vals: &[Val]) -> Result<u64> {
+        match &mut self.conn {
+            Conn::Sqlite(c) => Ok(c.execute(sql, rusqlite::params_from_iter(vals.iter()))? as u64),
+            Conn::Postgres(c) => {
+                let owned: Vec<Box<dyn postgres::types::ToSql + Sync>> = vals
+                    .iter()
+                    .map(|v| -> Box<dyn postgres::types::ToSql + Sync> {
+                        match v {
+                            Val::I(i) => Box::new(*i),
+                            Val::F(f) => Box::new(*f),
+                            Val::T(t) => Box::new(t.clone()),
+                        }
+                    })
+                    .collect();
+                let refs: Vec<&(dyn postgres::types::ToSql + Sync)> =
+                    owned.iter().map(|b| b.as_ref()).collect();
+                Ok(c.execute(sql, &refs)?)
+            }
+        }
+    }
+
+    /// Stores one interval's graph of one data source.
+    pub fn write(
+        &mut self,
+        ds: &str,
+        start: SystemTime,
+        end: SystemTime,
+        graph: &Graph,
+        always: &[crate::enrich::Endpoint],
+    ) -> Result<i64> {
+        let (start_ms, end_ms) = (unix_ms(start), unix_ms(end));
+        self.exec_batch("BEGIN")?;
+        let res = self.write_inner(ds, start_ms, end_ms, graph, always);
+        match res {
+            Ok(id) => {
+                self.exec_batch("COMMIT")?;
+                Ok(id)
+            }
+            Err(e) => {
+                let _ = self.exec_batch("ROLLBACK");
+                Err(e)
+            }
+        }
+    }
+
+    fn write_inner(
+        &mut self,
+        ds: &str,
+        start_ms: i64,
+        end_ms: i64,
+        graph: &Graph,
+        always: &[crate::enrich::Endpoint],
+    ) -> Result<i64> {
+        let ins = "INSERT INTO crawl_runs (data_source_id, interval_start_ms, interval_end_ms, endpoints, edges) VALUES ($1, $2, $3, $4, $5)";
+        let vals = [
+            Val::T(ds.into()),
+            Val::I(start_ms),
+            Val::I(end_ms),
+            Val::I(graph.endpoints.len() as i64),
+            Val::I(graph.edges.len() as i64),
+        ];
+        let run_id = match &mut self.conn {
+            Conn::Sqlite(c) => {
+                c.execute(ins, rusqlite::params_from_iter(vals.iter()))?;
+                c.last_insert_rowid()
+            }
+            Conn::Postgres(c) => c
+                .query_one(
+                    &format!("{ins} RETURNING id"),
+                    &[
+                        &ds,
+                        &start_ms,
+                        &end_ms,
+                        &(graph.endpoints.len() as i64),
+                        &(graph.edges.len() as i64),
+                    ],
+                )?
+                .get(0),
+        };
+        for ep in always.iter().chain(graph.endpoints.values()) {
+            let kind = ep.kind.element_type();
+            self.run(
+                "INSERT INTO elements (id, type, name, payload, first_seen_ms, last_seen_ms) VALUES ($1, $2, $3, $4, $5, $5)
+                 ON CONFLICT (id) DO UPDATE SET type = excluded.type, name = excluded.name, payload = excluded.payload, last_seen_ms = excluded.last_seen_ms",
+                &[Val::T(ep.id.clone()), Val::T(kind.into()), Val::T(ep.name.clone()), Val::T(serde_json::to_string(ep)?), Val::I(end_ms)],
+            )?;
+        }
+        let mut pairs: BTreeMap<(&str, &str), i64> = BTreeMap::new();
+        for (k, e) in &graph.edges {
+            let first = unix_ms(e.first_seen);
+            let p = pairs.entry((&*k.client, &*k.server)).or_insert(first);
+            *p = (*p).min(first);
+            let h = e.handshake.as_ref();
+            self.run(
+                "INSERT INTO edge_stats (run_id, source_id, destination_id, protocol, port, connections_opened, connections_active,
+                   packets_c2s, bytes_c2s, packets_s2c, bytes_s2c, handshake_count, handshake_min_us, handshake_mean_us,
+                   handshake_max_us, tcp_resets, first_seen_ms, last_seen_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
+                &[
+                    Val::I(run_id),
+                    Val::T(k.client.to_string()),
+                    Val::T(k.server.to_string()),
+                    Val::T(k.protocol.to_string()),
+                    Val::I(k.port as i64),
+                    Val::I(e.connections_opened as i64),
+                    Val::I(e.connections_active as i64),
+                    Val::I(e.packets_client_to_server as i64),
+                    Val::I(e.bytes_client_to_server as i64),
+                    Val::I(e.packets_server_to_client as i64),
+                    Val::I(e.bytes_server_to_client as i64),
+                    Val::I(h.map(|h| h.count as i64).unwrap_or(0)),
+                    Val::F(h.map(|h| h.min_us)),
+                    Val::F(h.map(|h| h.mean_us)),
+                    Val::F(h.map(|h| h.max_us)),
+                    Val::I(e.tcp_resets as i64),
+                    Val::I(first),
+                    Val::I(unix_ms(e.last_seen)),
+                ],
+            )?;
+        }
+        for ((src, dst), first) in pairs {
+            self.run(
+                "INSERT INTO relationships (source_id, destination_id, first_seen_ms, last_seen_ms) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (source_id, destination_id) DO UPDATE SET last_seen_ms = excluded.last_seen_ms",
+                &[Val::T(src.into()), Val::T(dst.into()), Val::I(first), Val::I(end_ms)],
+            )?;
+        }
+        Ok(run_id)
+    }
+
+    /// Deletes what ended before `cutoff`. Returns the intervals deleted.
+    pub fn retain(&mut self, cutoff: SystemTime) -> Result<u64> {
+        let c = unix_ms(cutoff);
+        self.run("DELETE FROM edge_stats WHERE run_id IN (SELECT id FROM crawl_runs WHERE interval_end_ms < $1)", &[Val::I(c)])?;
+        let runs = self.run(
+            "DELETE FROM crawl_runs WHERE interval_end_ms < $1",
+            &[Val::I(c)],
+        )?;
+        self.run("DELETE FROM elements WHERE last_seen_ms < $1", &[Val::I(c)])?;
+        self.run(
+            "DELETE FROM relationships WHERE last_seen_ms < $1",
+            &[Val::I(c)],
+        )?;
+        Ok(runs)
+    }
+
+    /// Edges of the intervals that ended at or after `since`, summed.
+    pub fn edges(&mut self, since: SystemTime) -> Result<Vec<EdgeRow>> {
+        let s = unix_ms(since);
+        type Raw = (
+            String,
+            String,
+            String,
+            i64,
+            [i64; 7],
+            Option<f64>,
+            Option<f64>,
+            Option<f64>,
+            i64,
+            i64,
+            i64,
+        );
+        let raws: Vec<Raw> = match &mut self.conn {
+            Conn::Sqlite(c) => {
+                let mut st = c.prepare(EDGE_QUERY)?;
+                let rows = st.query_map([s], |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        [
+                            r.get(4)?,
+                            r.get(5)?,
+                            r.get(6)?,
+                            r.get(7)?,
+                            r.get(8)?,
+                            r.get(9)?,
+                            r.get(10)?,
+                        ],
+                        r.get(11)?,
+                        r.get(12)?,
+                        r.get(13)?,
+                        r.get(14)?,
+                        r.get(15)?,
+                        r.get(16)?,
+                    ))
+                })?;
+                rows.collect::<rusqlite::Result<Vec<_>>>()?
+            }
+            Conn::Postgres(c) => c
+                .query(EDGE_QUERY, &[&s])?
+                .iter()
+                .map(|r| {
+                    (
+                        r.get(0),
+                        r.get(1),
+                        r.get(2),
+                        r.get(3),
+                        [
+                            r.get(4),
+                            r.get(5),
+                            r.get(6),
+                            r.get(7),
+                            r.get(8),
+                            r.get(9),
+                            r.get(10),
+                        ],
+                        r.get(11),
+                        r.get(12),
+                        r.get(13),
+                        r.get(14),
+                        r.get(15),
+                        r.get(16),
+                    )
+                })
+                .collect(),
+        };
+        Ok(raws
+            .into_iter()
+            .map(
+                |(src, dst, proto, port, n, min, wsum, max, resets, first, last)| EdgeRow {
+                    source: src,
+                    target: dst,
+                    protocol: proto,
+                    port: port as u16,
+                    connections_opened: n[0] as u64,
+                    connections_active: n[1] as u64,
+                    packets_client_to_server: n[2] as u64,
+                    bytes_client_to_server: n[3] as u64,
+                    packets_server_to_client: n[4] as u64,
+                    bytes_server_to_client: n[5] as u64,
+                    handshake_count: n[6] as u64,
+                    handshake_min_us: min,
+                    handshake_mean_us: if n[6] > 0 {
+                        wsum.map(|w| w / n[6] as f64)
+                    } else {
+                        None
+                    },
+                    handshake_max_us: max,
+                    tcp_resets: resets as u64,
+                    first_seen_ms: first,
+                    last_seen_ms: last,
+                },
+            )
+            .collect())
+    }
+
+    /// Elements seen at or after `since`.
+    pub fn nodes(&mut self, since: SystemTime) -> Result<Vec<NodeRow>> {
+        let s = unix_ms(since);
+        let raws: Vec<(String, String, String, String, i64, i64)> = match &mut self.conn {
+            Conn::Sqlite(c) => {
+                let mut st = c.prepare(NODE_QUERY)?;
+                let rows = st.query_map([s], |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                    ))
+                })?;
+                rows.collect::<rusqlite::Result<Vec<_>>>()?
+            }
+            Conn::Postgres(c) => c
+                .query(NODE_QUERY, &[&s])?
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
+                .collect(),
+        };
+        Ok(raws
+            .into_iter()
+            .map(|(id, kind, name, payload, first, last)| NodeRow {
+                id,
+                kind,
+                name,
+                payload: serde_json::from_str(&payload).unwrap_or(serde_json::Value::Null),
+                first_seen_ms: first,
+                last_seen_ms: last,
+            })
+            .collect())
+    }
+
+    /// Number of stored intervals (for tests and health).
+    pub fn runs(&mut self) -> Result<u64> {
+        let n: i64 = match &mut self.conn {
+            Conn::Sqlite(c) => c.query_row("SELECT COUNT(*) FROM crawl_runs", [], |r| r.get(0))?,
+            Conn::Postgres(c) => c.query_one("SELECT COUNT(*) FROM crawl_runs", &[])?.get(0),
+        };
+        Ok(n as u64)
+    }
+}

@@ -402,6 +402,205 @@ impl Ctx<'_> {
     }
 }
 
+/// A kubernetes data source of the same file: its identifier and scope_id.
+type KubeSource = (String, Option<String>);
+
+impl Ctx<'_> {
+    fn database(&mut self, d: RawDatabase) -> Option<Database> {
+        let driver = self
+            .text(&d.driver, "coordimap.database.driver")
+            .unwrap_or_default();
+        let conn = self
+            .text(&d.connection_string, "coordimap.database.connection_string")
+            .unwrap_or_default();
+        let driver = match driver.to_lowercase().as_str() {
+            "sqlite" | "sqlite3" => Driver::Sqlite,
+            "postgres" | "postgresql" => Driver::Postgres,
+            other => {
+                self.errors.push(format!(
+                    "coordimap.database.driver: value {other:?} is not allowed; allowed: sqlite, postgres"
+                ));
+                return None;
+            }
+        };
+        if conn.is_empty() && driver == Driver::Postgres {
+            self.errors
+                .push("coordimap.database.connection_string: required for driver postgres".into());
+            return None;
+        }
+        Some(Database {
+            driver,
+            connection_string: Secret(conn),
+        })
+    }
+
+    /// Sorts the data sources: flows (index, id, raw), the kubernetes ones
+    /// (whose identifiers and scope_ids check the flows mappings), others.
+    fn sort_sources<'s>(
+        &mut self,
+        sources: &'s [RawSource],
+    ) -> (
+        Vec<(usize, String, &'s RawSource)>,
+        Vec<KubeSource>,
+        Vec<OtherSource>,
+    ) {
+        let (mut flows, mut kube, mut others) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, s) in sources.iter().enumerate() {
+            let kind = self
+                .text(&s.kind, &format!("coordimap.data_sources[{i}].type"))
+                .unwrap_or_default();
+            let id = self
+                .text(
+                    &s.data_source_id,
+                    &format!("coordimap.data_sources[{i}].data_source_id"),
+                )
+                .or_else(|| self.text(&s.id, &format!("coordimap.data_sources[{i}].id")))
+                .unwrap_or_default();
+            match kind.as_str() {
+                "" => self
+                    .errors
+                    .push(format!("coordimap.data_sources[{i}]: \"type\" is missing")),
+                "flows" => flows.push((i, id, s)),
+                other => {
+                    if other == "kubernetes" {
+                        kube.push((id.clone(), self.scope_id(s)));
+                    }
+                    others.push(OtherSource {
+                        kind: other.to_string(),
+                        id,
+                    });
+                }
+            }
+        }
+        (flows, kube, others)
+    }
+
+    /// The scope_id option of a kubernetes data source.
+    fn scope_id(&self, s: &RawSource) -> Option<String> {
+        s.config.iter().flatten().find_map(|p| {
+            (p.name.as_ref().map(|n| n.0.as_str()) == Some("scope_id"))
+                .then(|| {
+                    p.value
+                        .as_ref()
+                        .map(|v| expand(&v.0, self.env, "").unwrap_or_default())
+                })
+                .flatten()
+        })
+    }
+
+    /// One flows data source: its identifiers and options.
+    fn flows_source(
+        &mut self,
+        i: usize,
+        id: String,
+        s: &RawSource,
+        seen: &mut Vec<String>,
+    ) -> (String, FlowsSource) {
+        let label = if id.is_empty() {
+            format!("#{i}")
+        } else {
+            format!("{id:?}")
+        };
+        let ds = format!("data source {label} (flows)");
+        if id.is_empty() {
+            self.errors
+                .push(format!("{ds}: \"data_source_id\" (or \"id\") is missing"));
+        } else if seen.contains(&id) {
+            self.errors.push(format!(
+                "{ds}: the identifier {id:?} is used by another flows data source"
+            ));
+        }
+        seen.push(id.clone());
+        let mut fs = FlowsSource::default_server();
+        fs.id = id.clone();
+        fs.name = self
+            .text(&s.name, &format!("{ds}: name"))
+            .unwrap_or_else(|| id.clone());
+        fs.desc = self
+            .text(&s.desc, &format!("{ds}: desc"))
+            .unwrap_or_default();
+        self.options(&ds, s, &mut fs);
+        (ds, fs)
+    }
+
+    /// The `config: [{name, value}]` options of a flows data source.
+    fn options(&mut self, ds: &str, s: &RawSource, fs: &mut FlowsSource) {
+        let mut given: Vec<String> = Vec::new();
+        for (j, p) in s.config.iter().flatten().enumerate() {
+            let Some(name) = p
+                .name
+                .as_ref()
+                .map(|n| n.0.clone())
+                .filter(|n| !n.is_empty())
+            else {
+                self.errors
+                    .push(format!("{ds}: config[{j}] has no \"name\""));
+                continue;
+            };
+            let place = format!("{ds}: option {name:?}");
+            let Some(value) = self
+                .text(&p.value, &place)
+                .or_else(|| p.value.is_none().then(String::new))
+            else {
+                continue;
+            };
+            if given.contains(&name) {
+                self.errors.push(format!("{place}: given more than once"));
+                continue;
+            }
+            given.push(name.clone());
+            fs.pairs.push((name.clone(), value.clone()));
+            apply_option(self, fs, &name, &value, &place);
+        }
+    }
+
+    /// Kubernetes mode: the mappings must name cluster UIDs, not the
+    /// kubernetes data source's identifier.
+    fn check_mappings(&mut self, ds: &str, fs: &FlowsSource, kube: &[KubeSource]) {
+        if fs.deployed_at != DeployedAt::Kubernetes {
+            return;
+        }
+        if fs.external_mappings.is_empty() {
+            self.errors.push(format!(
+                "{ds}: option \"external_mappings\": required when deployedAt is kubernetes; \
+                 give \"*@<cluster UID>\" (kubectl get namespace kube-system -o jsonpath='{{.metadata.uid}}')"
+            ));
+        }
+        for m in &fs.external_mappings {
+            if let Some((kid, scope)) = kube
+                .iter()
+                .find(|(kid, _)| !kid.is_empty() && *kid == m.value)
+            {
+                let hint = match scope {
+                    Some(s) if !s.is_empty() => format!("use its scope_id {s:?}"),
+                    _ => "use the cluster UID that it uses as scope_id".to_string(),
+                };
+                self.errors.push(format!(
+                    "{ds}: option \"external_mappings\": value {:?} is the identifier of the kubernetes data source {kid:?}, not a cluster UID; {hint}",
+                    m.value
+                ));
+                continue;
+            }
+            if !kube.is_empty()
+                && !kube
+                    .iter()
+                    .any(|(_, s)| s.as_deref() == Some(m.value.as_str()))
+            {
+                self.warnings.push(format!(
+                    "{ds}: option \"external_mappings\": value {:?} matches the scope_id of no kubernetes data source in this file",
+                    m.value
+                ));
+            }
+            if !is_uuid(&m.value) {
+                self.warnings.push(format!(
+                    "{ds}: option \"external_mappings\": value {:?} is not a UUID; a cluster UID looks like 2f4c2b1e-6f5d-4c1a-9a63-2b0f3c5d7e81",
+                    m.value
+                ));
+            }
+        }
+    }
+}
+
 /// Parses and validates configuration text. `env` looks up environment
 /// variables (std::env::var in the agent; a table in tests).
 pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigErrors> {
@@ -421,7 +620,6 @@ pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
         errors: Vec::new(),
         warnings: Vec::new(),
     };
-
     let api_key = cx
         .text(&c.api_key, "coordimap.api_key")
         .filter(|s| !s.is_empty())
@@ -434,162 +632,14 @@ pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
         .filter_map(|(i, s)| cx.text(&Some(s.clone()), &format!("coordimap.skip_fields[{i}]")))
         .map(|s| s.to_lowercase())
         .collect();
-
-    let database = c.database.and_then(|d| {
-        let driver = cx.text(&d.driver, "coordimap.database.driver").unwrap_or_default();
-        let conn = cx.text(&d.connection_string, "coordimap.database.connection_string").unwrap_or_default();
-        let driver = match driver.to_lowercase().as_str() {
-            "sqlite" | "sqlite3" => Driver::Sqlite,
-            "postgres" | "postgresql" => Driver::Postgres,
-            other => {
-                cx.errors.push(format!(
-                    "coordimap.database.driver: value {other:?} is not allowed; allowed: sqlite, postgres"
-                ));
-                return None;
-            }
-        };
-        if conn.is_empty() && driver == Driver::Postgres {
-            cx.errors.push("coordimap.database.connection_string: required for driver postgres".into());
-            return None;
-        }
-        Some(Database { driver, connection_string: Secret(conn) })
-    });
-
+    let database = c.database.and_then(|d| cx.database(d));
     let sources = c.data_sources.unwrap_or_default();
-    // Kubernetes sources first: their identifiers and scope_ids check the
-    // flows mappings.
-    let mut kube: Vec<(String, Option<String>)> = Vec::new();
-    let mut others = Vec::new();
-    let mut flows_raw = Vec::new();
-    for (i, s) in sources.iter().enumerate() {
-        let kind = cx
-            .text(&s.kind, &format!("coordimap.data_sources[{i}].type"))
-            .unwrap_or_default();
-        let id = cx
-            .text(
-                &s.data_source_id,
-                &format!("coordimap.data_sources[{i}].data_source_id"),
-            )
-            .or_else(|| cx.text(&s.id, &format!("coordimap.data_sources[{i}].id")))
-            .unwrap_or_default();
-        if kind.is_empty() {
-            cx.errors
-                .push(format!("coordimap.data_sources[{i}]: \"type\" is missing"));
-            continue;
-        }
-        match kind.as_str() {
-            "flows" => flows_raw.push((i, id, s)),
-            other => {
-                if other == "kubernetes" {
-                    let scope = s.config.iter().flatten().find_map(|p| {
-                        (p.name.as_ref().map(|n| n.0.as_str()) == Some("scope_id"))
-                            .then(|| {
-                                p.value
-                                    .as_ref()
-                                    .map(|v| expand(&v.0, env, "").unwrap_or_default())
-                            })
-                            .flatten()
-                    });
-                    kube.push((id.clone(), scope));
-                }
-                others.push(OtherSource {
-                    kind: other.to_string(),
-                    id,
-                });
-            }
-        }
-    }
-
+    let (flows_raw, kube, others) = cx.sort_sources(&sources);
     let mut flows = Vec::new();
     let mut seen_ids: Vec<String> = Vec::new();
     for (i, id, s) in flows_raw {
-        let label = if id.is_empty() {
-            format!("#{i}")
-        } else {
-            format!("{id:?}")
-        };
-        let ds = format!("data source {label} (flows)");
-        if id.is_empty() {
-            cx.errors
-                .push(format!("{ds}: \"data_source_id\" (or \"id\") is missing"));
-        } else if seen_ids.contains(&id) {
-            cx.errors.push(format!(
-                "{ds}: the identifier {id:?} is used by another flows data source"
-            ));
-        }
-        seen_ids.push(id.clone());
-        let mut fs = FlowsSource::default_server();
-        fs.id = id.clone();
-        fs.name = cx
-            .text(&s.name, &format!("{ds}: name"))
-            .unwrap_or_else(|| id.clone());
-        fs.desc = cx.text(&s.desc, &format!("{ds}: desc")).unwrap_or_default();
-        let mut given: Vec<String> = Vec::new();
-        for (j, p) in s.config.iter().flatten().enumerate() {
-            let Some(name) = p
-                .name
-                .as_ref()
-                .map(|n| n.0.clone())
-                .filter(|n| !n.is_empty())
-            else {
-                cx.errors.push(format!("{ds}: config[{j}] has no \"name\""));
-                continue;
-            };
-            let place = format!("{ds}: option {name:?}");
-            let Some(value) = cx
-                .text(&p.value, &place)
-                .or_else(|| p.value.is_none().then(String::new))
-            else {
-                continue;
-            };
-            if given.contains(&name) {
-                cx.errors.push(format!("{place}: given more than once"));
-                continue;
-            }
-            given.push(name.clone());
-            fs.pairs.push((name.clone(), value.clone()));
-            apply_option(&mut cx, &mut fs, &name, &value, &place);
-        }
-        if fs.deployed_at == DeployedAt::Kubernetes {
-            if fs.external_mappings.is_empty() {
-                cx.errors.push(format!(
-                    "{ds}: option \"external_mappings\": required when deployedAt is kubernetes; \
-                     give \"*@<cluster UID>\" (kubectl get namespace kube-system -o jsonpath='{{.metadata.uid}}')"
-                ));
-            }
-            for m in &fs.external_mappings {
-                if let Some((kid, scope)) = kube
-                    .iter()
-                    .find(|(kid, _)| !kid.is_empty() && *kid == m.value)
-                {
-                    let hint = match scope {
-                        Some(s) if !s.is_empty() => format!("use its scope_id {s:?}"),
-                        _ => "use the cluster UID that it uses as scope_id".to_string(),
-                    };
-                    cx.errors.push(format!(
-                        "{ds}: option \"external_mappings\": value {:?} is the identifier of the kubernetes data source {kid:?}, not a cluster UID; {hint}",
-                        m.value
-                    ));
-                    continue;
-                }
-                if !kube.is_empty()
-                    && !kube
-                        .iter()
-                        .any(|(_, s)| s.as_deref() == Some(m.value.as_str()))
-                {
-                    cx.warnings.push(format!(
-                        "{ds}: option \"external_mappings\": value {:?} matches the scope_id of no kubernetes data source in this file",
-                        m.value
-                    ));
-                }
-                if !is_uuid(&m.value) {
-                    cx.warnings.push(format!(
-                        "{ds}: option \"external_mappings\": value {:?} is not a UUID; a cluster UID looks like 2f4c2b1e-6f5d-4c1a-9a63-2b0f3c5d7e81",
-                        m.value
-                    ));
-                }
-            }
-        }
+        let (ds, fs) = cx.flows_source(i, id, s, &mut seen_ids);
+        cx.check_mappings(&ds, &fs, &kube);
         flows.push(fs);
     }
     if flows.is_empty() && cx.errors.is_empty() {

@@ -126,44 +126,58 @@ impl Graph {
                 protocol: r.protocol.clone(),
                 port: r.dst_port,
             };
-            let e = g.edges.entry(key).or_insert_with(|| EdgeStats {
-                protocol: r.protocol.clone(),
-                port: r.dst_port,
-                connections_opened: 0,
-                connections_active: 0,
-                packets_client_to_server: 0,
-                bytes_client_to_server: 0,
-                packets_server_to_client: 0,
-                bytes_server_to_client: 0,
-                handshake: None,
-                tcp_resets: 0,
-                first_seen: r.first_seen,
-                last_seen: r.last_seen,
-                rtt_sum: 0.0,
-            });
-            e.connections_opened += r.opened as u64;
-            e.connections_active += 1;
-            e.packets_client_to_server += r.src_to_dst.packets;
-            e.bytes_client_to_server += r.src_to_dst.bytes;
-            e.packets_server_to_client += r.dst_to_src.packets;
-            e.bytes_server_to_client += r.dst_to_src.bytes;
-            e.tcp_resets += r.reset as u64;
-            e.first_seen = e.first_seen.min(r.first_seen);
-            e.last_seen = e.last_seen.max(r.last_seen);
-            if let Some(rtt) = r.handshake_this_interval {
-                e.rtt_sum += rtt;
-                let h = e.handshake.get_or_insert(Handshake {
-                    count: 0,
-                    min_us: rtt,
-                    mean_us: 0.0,
-                    max_us: rtt,
-                });
-                h.count += 1;
-                h.min_us = h.min_us.min(rtt);
-                h.max_us = h.max_us.max(rtt);
-                h.mean_us = e.rtt_sum / h.count as f64;
-            }
+            g.edges
+                .entry(key)
+                .or_insert_with(|| EdgeStats::new(r))
+                .add(r);
         }
         g
+    }
+}
+
+impl EdgeStats {
+    /// An edge with nothing counted yet, first seen with `r`.
+    fn new(r: &FlowRecord) -> EdgeStats {
+        EdgeStats {
+            protocol: r.protocol.clone(),
+            port: r.dst_port,
+            connections_opened: 0,
+            connections_active: 0,
+            packets_client_to_server: 0,
+            bytes_client_to_server: 0,
+            packets_server_to_client: 0,
+            bytes_server_to_client: 0,
+            handshake: None,
+            tcp_resets: 0,
+            first_seen: r.first_seen,
+            last_seen: r.last_seen,
+            rtt_sum: 0.0,
+        }
+    }
+
+    /// Adds one connection's record of the interval.
+    fn add(&mut self, r: &FlowRecord) {
+        self.connections_opened += r.opened as u64;
+        self.connections_active += 1;
+        self.packets_client_to_server += r.src_to_dst.packets;
+        self.bytes_client_to_server += r.src_to_dst.bytes;
+        self.packets_server_to_client += r.dst_to_src.packets;
+        self.bytes_server_to_client += r.dst_to_src.bytes;
+        self.tcp_resets += r.reset as u64;
+        self.first_seen = self.first_seen.min(r.first_seen);
+        self.last_seen = self.last_seen.max(r.last_seen);
+        if let Some(rtt) = r.handshake_this_interval {
+            self.rtt_sum += rtt;
+            let h = self.handshake.get_or_insert(Handshake {
+                count: 0,
+                min_us: rtt,
+                mean_us: 0.0,
+                max_us: rtt,
+            });
+            h.count += 1;
+            h.min_us = h.min_us.min(rtt);
+            h.max_us = h.max_us.max(rtt);
+            h.mean_us = self.rtt_sum / h.count as f64;
+        }
     }
 }

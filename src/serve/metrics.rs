@@ -91,132 +91,147 @@ impl Metrics {
             kube_relists: Counter::default(),
             last_kernel: Default::default(),
         };
+        m.register_flows(&mut r);
+        m.register_sinks(&mut r);
+        m.register_agent(&mut r);
+        Metrics { registry: r, ..m }
+    }
+
+    /// Traffic and the kernel program.
+    fn register_flows(&self, r: &mut Registry) {
         r.register(
             "packets",
             "Packets counted into flows, by direction (client_to_server, server_to_client)",
-            m.packets.clone(),
+            self.packets.clone(),
         );
         r.register(
             "bytes",
             "Bytes counted into flows, by direction",
-            m.bytes.clone(),
+            self.bytes.clone(),
         );
         r.register(
             "flows_active",
             "Connections the agent keeps track of",
-            m.flows_active.clone(),
+            self.flows_active.clone(),
         );
         r.register(
             "flows_last_interval",
             "Connections with traffic in the last interval",
-            m.flows_interval.clone(),
+            self.flows_interval.clone(),
         );
         r.register(
             "kernel_map_entries",
             "Entries the kernel flow map held at the last drain",
-            m.kernel_map_entries.clone(),
+            self.kernel_map_entries.clone(),
         );
         r.register(
             "kernel_map_capacity",
             "Entries each kernel flow map can hold (max_flows)",
-            m.kernel_map_capacity.clone(),
+            self.kernel_map_capacity.clone(),
         );
         r.register(
             "kernel_events",
             "Kernel statistics by reason: non_ip, truncated, bad_header, ext_chain_too_long, frag_no_head, map_full (handed over by ring buffer), ring_lost (lost)",
-            m.kernel_events.clone(),
+            self.kernel_events.clone(),
         );
         r.register(
             "interfaces_attached",
             "Interfaces the program is attached to",
-            m.interfaces_attached.clone(),
+            self.interfaces_attached.clone(),
         );
         r.register(
             "batches_built",
             "Coordimap batches built (one per data source per interval)",
-            m.batches_built.clone(),
+            self.batches_built.clone(),
         );
+    }
+
+    /// Delivery to the collector and the local store.
+    fn register_sinks(&self, r: &mut Registry) {
         r.register(
             "batches_spooled",
             "Batches written to the delivery spool",
-            m.delivery.batches_spooled.clone(),
+            self.delivery.batches_spooled.clone(),
         );
         r.register(
             "batches_shipped",
             "Batches the collector accepted",
-            m.delivery.batches_delivered.clone(),
+            self.delivery.batches_delivered.clone(),
         );
         r.register(
             "delivery_failures",
             "Failed delivery attempts (retried)",
-            m.delivery.attempts_failed.clone(),
+            self.delivery.attempts_failed.clone(),
         );
         r.register(
             "batches_dropped",
             "Batches dropped because the spool was full",
-            m.delivery.batches_dropped.clone(),
+            self.delivery.batches_dropped.clone(),
         );
         r.register(
             "batches_rejected",
             "Batches the collector refused for good",
-            m.delivery.batches_rejected.clone(),
+            self.delivery.batches_rejected.clone(),
         );
         r.register(
             "spool_batches",
             "Batches waiting in the spool",
-            m.delivery.spool_batches.clone(),
+            self.delivery.spool_batches.clone(),
         );
         r.register(
             "last_delivery_timestamp_seconds",
             "Unix time of the last accepted batch (0: never)",
-            m.delivery.last_delivery_unix.clone(),
+            self.delivery.last_delivery_unix.clone(),
         );
         r.register(
             "store_intervals_written",
             "Intervals written to the local store",
-            m.store_written.clone(),
+            self.store_written.clone(),
         );
         r.register(
             "store_errors",
             "Failed writes to the local store",
-            m.store_errors.clone(),
+            self.store_errors.clone(),
         );
         r.register(
             "store_intervals_dropped",
             "Intervals dropped because the store could not keep up",
-            m.store_dropped.clone(),
+            self.store_dropped.clone(),
         );
+    }
+
+    /// The agent itself and Kubernetes mode.
+    fn register_agent(&self, r: &mut Registry) {
         r.register(
             "interval_processing_seconds",
             "Time the last interval took from drain to stored/spooled batch",
-            m.flush_seconds.clone(),
+            self.flush_seconds.clone(),
         );
         r.register(
             "resident_memory_bytes",
             "Resident memory of the agent process",
-            m.resident_memory.clone(),
+            self.resident_memory.clone(),
         );
         r.register(
             "kernel_map_memory_bytes",
             "Kernel memory charged for the program's maps",
-            m.kernel_map_memory.clone(),
+            self.kernel_map_memory.clone(),
         );
         r.register(
             "kube_objects",
             "Kubernetes mode: objects in the watch caches (pods, pod_ip_records incl. deleted pods within grace, replicasets, jobs, services, nodes)",
-            m.kube_objects.clone(),
+            self.kube_objects.clone(),
         );
         r.register(
             "kube_watch_errors",
             "Kubernetes mode: watch or list errors (each retried with backoff)",
-            m.kube_watch_errors.clone(),
+            self.kube_watch_errors.clone(),
         );
         r.register(
             "kube_relists",
             "Kubernetes mode: full lists of a watched kind (one per kind at start, again after 410 Gone)",
-            m.kube_relists.clone(),
+            self.kube_relists.clone(),
         );
-        Metrics { registry: r, ..m }
     }
 
     /// Kernel statistics are cumulative; counters move by the difference.

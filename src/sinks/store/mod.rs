@@ -366,33 +366,7 @@ impl Store {
             let first = unix_ms(e.first_seen);
             let p = pairs.entry((&*k.client, &*k.server)).or_insert(first);
             *p = (*p).min(first);
-            let h = e.handshake.as_ref();
-            self.run(
-                "INSERT INTO edge_stats (run_id, source_id, destination_id, protocol, port, connections_opened, connections_active,
-                   packets_c2s, bytes_c2s, packets_s2c, bytes_s2c, handshake_count, handshake_min_us, handshake_mean_us,
-                   handshake_max_us, tcp_resets, first_seen_ms, last_seen_ms)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
-                &[
-                    Val::I(run_id),
-                    Val::T(k.client.to_string()),
-                    Val::T(k.server.to_string()),
-                    Val::T(k.protocol.to_string()),
-                    Val::I(k.port as i64),
-                    Val::I(e.connections_opened as i64),
-                    Val::I(e.connections_active as i64),
-                    Val::I(e.packets_client_to_server as i64),
-                    Val::I(e.bytes_client_to_server as i64),
-                    Val::I(e.packets_server_to_client as i64),
-                    Val::I(e.bytes_server_to_client as i64),
-                    Val::I(h.map(|h| h.count as i64).unwrap_or(0)),
-                    Val::F(h.map(|h| h.min_us)),
-                    Val::F(h.map(|h| h.mean_us)),
-                    Val::F(h.map(|h| h.max_us)),
-                    Val::I(e.tcp_resets as i64),
-                    Val::I(first),
-                    Val::I(unix_ms(e.last_seen)),
-                ],
-            )?;
+            self.insert_edge(run_id, k, e, first)?;
         }
         for ((src, dst), first) in pairs {
             self.run(
@@ -402,6 +376,44 @@ impl Store {
             )?;
         }
         Ok(run_id)
+    }
+
+    /// One edge's statistics of one interval.
+    fn insert_edge(
+        &mut self,
+        run_id: i64,
+        k: &crate::graph::EdgeKey,
+        e: &crate::graph::EdgeStats,
+        first: i64,
+    ) -> Result<()> {
+        let h = e.handshake.as_ref();
+        self.run(
+            "INSERT INTO edge_stats (run_id, source_id, destination_id, protocol, port, connections_opened, connections_active,
+               packets_c2s, bytes_c2s, packets_s2c, bytes_s2c, handshake_count, handshake_min_us, handshake_mean_us,
+               handshake_max_us, tcp_resets, first_seen_ms, last_seen_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
+            &[
+                Val::I(run_id),
+                Val::T(k.client.to_string()),
+                Val::T(k.server.to_string()),
+                Val::T(k.protocol.to_string()),
+                Val::I(k.port as i64),
+                Val::I(e.connections_opened as i64),
+                Val::I(e.connections_active as i64),
+                Val::I(e.packets_client_to_server as i64),
+                Val::I(e.bytes_client_to_server as i64),
+                Val::I(e.packets_server_to_client as i64),
+                Val::I(e.bytes_server_to_client as i64),
+                Val::I(h.map(|h| h.count as i64).unwrap_or(0)),
+                Val::F(h.map(|h| h.min_us)),
+                Val::F(h.map(|h| h.mean_us)),
+                Val::F(h.map(|h| h.max_us)),
+                Val::I(e.tcp_resets as i64),
+                Val::I(first),
+                Val::I(unix_ms(e.last_seen)),
+            ],
+        )?;
+        Ok(())
     }
 
     /// Deletes what ended before `cutoff`. Returns the intervals deleted.
@@ -420,143 +432,74 @@ impl Store {
         Ok(runs)
     }
 
+    /// Runs a query whose one parameter is a time in Unix ms and reads
+    /// each row with `each`, whichever the driver.
+    fn query_since<T>(
+        &mut self,
+        sql: &str,
+        since: i64,
+        each: fn(&dyn Cells) -> Result<T>,
+    ) -> Result<Vec<T>> {
+        let mut out = Vec::new();
+        match &mut self.conn {
+            Conn::Sqlite(c) => {
+                let mut st = c.prepare(sql)?;
+                let mut rows = st.query([since])?;
+                while let Some(r) = rows.next()? {
+                    out.push(each(r)?);
+                }
+            }
+            Conn::Postgres(c) => {
+                for r in c.query(sql, &[&since])? {
+                    out.push(each(&r)?);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Edges of the intervals that ended at or after `since`, summed.
     pub fn edges(&mut self, since: SystemTime) -> Result<Vec<EdgeRow>> {
-        let s = unix_ms(since);
-        type Raw = (
-            String,
-            String,
-            String,
-            i64,
-            [i64; 7],
-            Option<f64>,
-            Option<f64>,
-            Option<f64>,
-            i64,
-            i64,
-            i64,
-        );
-        let raws: Vec<Raw> = match &mut self.conn {
-            Conn::Sqlite(c) => {
-                let mut st = c.prepare(EDGE_QUERY)?;
-                let rows = st.query_map([s], |r| {
-                    Ok((
-                        r.get(0)?,
-                        r.get(1)?,
-                        r.get(2)?,
-                        r.get(3)?,
-                        [
-                            r.get(4)?,
-                            r.get(5)?,
-                            r.get(6)?,
-                            r.get(7)?,
-                            r.get(8)?,
-                            r.get(9)?,
-                            r.get(10)?,
-                        ],
-                        r.get(11)?,
-                        r.get(12)?,
-                        r.get(13)?,
-                        r.get(14)?,
-                        r.get(15)?,
-                        r.get(16)?,
-                    ))
-                })?;
-                rows.collect::<rusqlite::Result<Vec<_>>>()?
-            }
-            Conn::Postgres(c) => c
-                .query(EDGE_QUERY, &[&s])?
-                .iter()
-                .map(|r| {
-                    (
-                        r.get(0),
-                        r.get(1),
-                        r.get(2),
-                        r.get(3),
-                        [
-                            r.get(4),
-                            r.get(5),
-                            r.get(6),
-                            r.get(7),
-                            r.get(8),
-                            r.get(9),
-                            r.get(10),
-                        ],
-                        r.get(11),
-                        r.get(12),
-                        r.get(13),
-                        r.get(14),
-                        r.get(15),
-                        r.get(16),
-                    )
-                })
-                .collect(),
-        };
-        Ok(raws
-            .into_iter()
-            .map(
-                |(src, dst, proto, port, n, min, wsum, max, resets, first, last)| EdgeRow {
-                    source: src,
-                    target: dst,
-                    protocol: proto,
-                    port: port as u16,
-                    connections_opened: n[0] as u64,
-                    connections_active: n[1] as u64,
-                    packets_client_to_server: n[2] as u64,
-                    bytes_client_to_server: n[3] as u64,
-                    packets_server_to_client: n[4] as u64,
-                    bytes_server_to_client: n[5] as u64,
-                    handshake_count: n[6] as u64,
-                    handshake_min_us: min,
-                    handshake_mean_us: if n[6] > 0 {
-                        wsum.map(|w| w / n[6] as f64)
-                    } else {
-                        None
-                    },
-                    handshake_max_us: max,
-                    tcp_resets: resets as u64,
-                    first_seen_ms: first,
-                    last_seen_ms: last,
-                },
-            )
-            .collect())
+        self.query_since(EDGE_QUERY, unix_ms(since), |r| {
+            let n = |i| r.int(i).map(|v| v as u64);
+            let handshakes = n(10)?;
+            Ok(EdgeRow {
+                source: r.text(0)?,
+                target: r.text(1)?,
+                protocol: r.text(2)?,
+                port: r.int(3)? as u16,
+                connections_opened: n(4)?,
+                connections_active: n(5)?,
+                packets_client_to_server: n(6)?,
+                bytes_client_to_server: n(7)?,
+                packets_server_to_client: n(8)?,
+                bytes_server_to_client: n(9)?,
+                handshake_count: handshakes,
+                handshake_min_us: r.real(11)?,
+                handshake_mean_us: r
+                    .real(12)?
+                    .filter(|_| handshakes > 0)
+                    .map(|w| w / handshakes as f64),
+                handshake_max_us: r.real(13)?,
+                tcp_resets: n(14)?,
+                first_seen_ms: r.int(15)?,
+                last_seen_ms: r.int(16)?,
+            })
+        })
     }
 
     /// Elements seen at or after `since`.
     pub fn nodes(&mut self, since: SystemTime) -> Result<Vec<NodeRow>> {
-        let s = unix_ms(since);
-        let raws: Vec<(String, String, String, String, i64, i64)> = match &mut self.conn {
-            Conn::Sqlite(c) => {
-                let mut st = c.prepare(NODE_QUERY)?;
-                let rows = st.query_map([s], |r| {
-                    Ok((
-                        r.get(0)?,
-                        r.get(1)?,
-                        r.get(2)?,
-                        r.get(3)?,
-                        r.get(4)?,
-                        r.get(5)?,
-                    ))
-                })?;
-                rows.collect::<rusqlite::Result<Vec<_>>>()?
-            }
-            Conn::Postgres(c) => c
-                .query(NODE_QUERY, &[&s])?
-                .iter()
-                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
-                .collect(),
-        };
-        Ok(raws
-            .into_iter()
-            .map(|(id, kind, name, payload, first, last)| NodeRow {
-                id,
-                kind,
-                name,
-                payload: serde_json::from_str(&payload).unwrap_or(serde_json::Value::Null),
-                first_seen_ms: first,
-                last_seen_ms: last,
+        self.query_since(NODE_QUERY, unix_ms(since), |r| {
+            Ok(NodeRow {
+                id: r.text(0)?,
+                kind: r.text(1)?,
+                name: r.text(2)?,
+                payload: serde_json::from_str(&r.text(3)?).unwrap_or(serde_json::Value::Null),
+                first_seen_ms: r.int(4)?,
+                last_seen_ms: r.int(5)?,
             })
-            .collect())
+        })
     }
 
     /// Number of stored intervals (for tests and health).
@@ -566,5 +509,36 @@ impl Store {
             Conn::Postgres(c) => c.query_one("SELECT COUNT(*) FROM crawl_runs", &[])?.get(0),
         };
         Ok(n as u64)
+    }
+}
+
+/// One result row, whichever driver read it.
+trait Cells {
+    fn text(&self, i: usize) -> Result<String>;
+    fn int(&self, i: usize) -> Result<i64>;
+    fn real(&self, i: usize) -> Result<Option<f64>>;
+}
+
+impl Cells for rusqlite::Row<'_> {
+    fn text(&self, i: usize) -> Result<String> {
+        Ok(self.get(i)?)
+    }
+    fn int(&self, i: usize) -> Result<i64> {
+        Ok(self.get(i)?)
+    }
+    fn real(&self, i: usize) -> Result<Option<f64>> {
+        Ok(self.get(i)?)
+    }
+}
+
+impl Cells for postgres::Row {
+    fn text(&self, i: usize) -> Result<String> {
+        Ok(self.try_get(i)?)
+    }
+    fn int(&self, i: usize) -> Result<i64> {
+        Ok(self.try_get(i)?)
+    }
+    fn real(&self, i: usize) -> Result<Option<f64>> {
+        Ok(self.try_get(i)?)
     }
 }

@@ -6,13 +6,14 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use tracing::info;
 
 use crate::config::{Database, Driver};
 use crate::graph::Graph;
 
+mod pg;
 mod writer;
 pub use writer::{Counters, Job, Writer};
 
@@ -58,6 +59,19 @@ enum Conn {
 pub struct Store {
     conn: Conn,
 }
+
+/// The store's server could not be reached (PostgreSQL down, network):
+/// worth trying again later, unlike a bad location or schema.
+#[derive(Debug)]
+pub struct Unreachable(pub String);
+
+impl std::fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Unreachable {}
 
 /// One value bound to a statement, for both drivers.
 #[derive(Debug, Clone)]
@@ -218,15 +232,16 @@ impl Store {
                 c.pragma_update(None, "foreign_keys", "ON")?;
                 Conn::Sqlite(c)
             }
-            Location::Postgres(cs) => {
-                let c = postgres::Client::connect(cs, postgres::NoTls)
-                    .map_err(|e| anyhow!("connecting to PostgreSQL: {e}"))?;
-                Conn::Postgres(Box::new(c))
-            }
+            Location::Postgres(cs) => Conn::Postgres(Box::new(pg::connect(cs)?)),
         };
         let mut s = Store { conn };
         s.migrate()?;
         Ok(s)
+    }
+
+    /// True when the connection to the server is gone (PostgreSQL).
+    pub fn is_broken(&self) -> bool {
+        matches!(&self.conn, Conn::Postgres(c) if c.is_closed())
     }
 
     fn exec_batch(&mut self, sql: &str) -> Result<()> {

@@ -4,13 +4,13 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, Result};
 use prometheus_client::metrics::counter::Counter;
 use tracing::{info, warn};
 
-use super::{Location, Store};
+use super::{Location, Store, Unreachable};
 use crate::graph::Graph;
 
 /// One interval to store.
@@ -48,7 +48,8 @@ pub struct Writer {
     pub written: Counter,
     pub errors: Counter,
     pub healthy: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    /// Says the thread has ended.
+    done: std::sync::mpsc::Receiver<()>,
 }
 
 /// The writer's counters on /metrics, and its health flag for /healthz.
@@ -59,11 +60,23 @@ pub struct Counters {
     pub healthy: Arc<AtomicBool>,
 }
 
+/// How long a stopping agent waits for the store to take what is queued.
+pub const CLOSE_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Longest wait between two attempts to reach an unreachable store.
+const RECONNECT_MAX: Duration = Duration::from_secs(30);
+
+/// How often old intervals are deleted (on a timer of its own, not after
+/// writes, so retention runs while the agent sees no traffic).
+const RETAIN_EVERY: Duration = Duration::from_secs(60);
+
 impl Writer {
     /// Opens the store on the writer's own thread (its drivers block, and
     /// the PostgreSQL driver must not run inside an async runtime) and
-    /// waits for the result, so a bad location is an error before anything
-    /// is attached.
+    /// waits for the result: a bad location or a store newer than this
+    /// flowmap is an error before anything is attached. A PostgreSQL
+    /// server that cannot be reached yet is not: the writer keeps trying,
+    /// with backoff, and the intervals wait in the bounded queue.
     pub fn start(loc: Location, retention: Duration, cap: usize, c: Counters) -> Result<Writer> {
         let q = Arc::new((
             Mutex::new(Queue {
@@ -73,28 +86,30 @@ impl Writer {
             Condvar::new(),
         ));
         let (opened_tx, opened_rx) = std::sync::mpsc::channel();
-        let (q2, w2, e2, h2) = (
-            q.clone(),
-            c.written.clone(),
-            c.errors.clone(),
-            c.healthy.clone(),
-        );
-        let thread = std::thread::Builder::new()
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let st = WriterThread {
+            loc,
+            store: None,
+            q: q.clone(),
+            retention,
+            written: c.written.clone(),
+            errors: c.errors.clone(),
+            healthy: c.healthy.clone(),
+        };
+        std::thread::Builder::new()
             .name("flowmap-store".into())
             .spawn(move || {
-                let store = match Store::open(&loc) {
-                    Ok(s) => {
-                        info!(store = %loc.describe(), retention = %crate::config::format_duration(retention), "store ready");
-                        h2.store(true, Ordering::Relaxed);
+                let mut st = st;
+                match st.first_open() {
+                    Ok(()) => {
                         let _ = opened_tx.send(Ok(()));
-                        s
+                        st.run();
                     }
                     Err(e) => {
                         let _ = opened_tx.send(Err(e));
-                        return;
                     }
-                };
-                write_loop(store, &q2, retention, (&w2, &e2, &h2));
+                }
+                let _ = done_tx.send(());
             })?;
         opened_rx
             .recv()
@@ -106,7 +121,7 @@ impl Writer {
             written: c.written,
             errors: c.errors,
             healthy: c.healthy,
-            thread: Some(thread),
+            done,
         })
     }
 
@@ -117,82 +132,200 @@ impl Writer {
                 self.dropped.inc();
                 warn!(
                     queue = self.cap,
-                    "store too slow: oldest interval waiting to be stored dropped"
+                    "store too slow or unreachable: oldest interval waiting to be stored dropped"
                 );
             }
             cv.notify_one();
         }
     }
 
-    /// Writes what is queued, then stops the thread.
-    pub fn close(mut self) {
-        {
-            let (m, cv) = &*self.q;
-            if let Ok(mut g) = m.lock() {
-                g.closed = true;
-                cv.notify_one();
-            }
+    /// Writes what is queued, then stops the thread; gives up after
+    /// `deadline` (a hung database never blocks shutdown).
+    pub fn close_within(self, deadline: Duration) {
+        let (m, cv) = &*self.q;
+        if let Ok(mut g) = m.lock() {
+            g.closed = true;
+            cv.notify_one();
         }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        if self.done.recv_timeout(deadline).is_err() {
+            let left = m.lock().map(|g| g.jobs.len()).unwrap_or(0);
+            warn!(intervals = left, deadline = ?deadline, "the store did not finish in time; stopping without it");
         }
+    }
+
+    /// `close_within(CLOSE_DEADLINE)`.
+    pub fn close(self) {
+        self.close_within(CLOSE_DEADLINE)
     }
 }
 
-/// Takes queued intervals and writes them until the queue is closed and
-/// empty; applies retention at most once a minute.
-fn write_loop(
-    mut store: Store,
-    q: &(Mutex<Queue>, Condvar),
+/// The writer thread's state: the store when connected, and the queue.
+struct WriterThread {
+    loc: Location,
+    store: Option<Store>,
+    q: Arc<(Mutex<Queue>, Condvar)>,
     retention: Duration,
-    (written, errors, healthy): (&Counter, &Counter, &AtomicBool),
-) {
-    let mut last_retain = SystemTime::UNIX_EPOCH;
-    loop {
-        let job = {
-            let (m, cv) = q;
-            let mut g = match m.lock() {
-                Ok(g) => g,
-                Err(_) => return,
-            };
-            while g.jobs.is_empty() && !g.closed {
-                g = match cv.wait(g) {
-                    Ok(g) => g,
-                    Err(_) => return,
-                };
+    written: Counter,
+    errors: Counter,
+    healthy: Arc<AtomicBool>,
+}
+
+enum Next {
+    Job(Job),
+    /// Nothing queued for a while: time for retention.
+    Idle,
+    Closed,
+}
+
+impl WriterThread {
+    fn first_open(&mut self) -> Result<()> {
+        match Store::open(&self.loc) {
+            Ok(s) => {
+                info!(store = %self.loc.describe(), retention = %crate::config::format_duration(self.retention), "store ready");
+                self.store = Some(s);
+                self.healthy.store(true, Ordering::Relaxed);
+                Ok(())
             }
-            match g.jobs.pop_front() {
-                Some(j) => j,
-                None => return,
+            Err(e) if e.downcast_ref::<Unreachable>().is_some() => {
+                warn!(store = %self.loc.describe(), error = %format!("{e:#}"), "the store cannot be reached yet; intervals wait in the queue and the writer keeps trying");
+                self.healthy.store(false, Ordering::Relaxed);
+                Ok(())
             }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Waits up to `wait` for a job (or the close).
+    fn next(&self, wait: Duration) -> Next {
+        let (m, cv) = &*self.q;
+        let Ok(mut g) = m.lock() else {
+            return Next::Closed;
         };
-        match store.write(
-            &job.data_source_id,
-            job.start,
-            job.end,
-            &job.graph,
-            &job.always,
-        ) {
-            Ok(_) => {
-                written.inc();
-                healthy.store(true, Ordering::Relaxed);
+        let until = Instant::now() + wait;
+        while g.jobs.is_empty() && !g.closed {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Next::Idle;
             }
-            Err(e) => {
-                errors.inc();
-                healthy.store(false, Ordering::Relaxed);
-                warn!(error = %format!("{e:#}"), "storing the interval failed");
+            g = match cv.wait_timeout(g, left) {
+                Ok((g, _)) => g,
+                Err(_) => return Next::Closed,
+            };
+        }
+        match g.jobs.pop_front() {
+            Some(j) => Next::Job(j),
+            None => Next::Closed,
+        }
+    }
+
+    /// Puts a job that could not be written back at the head of the queue
+    /// (unless newer ones filled it meanwhile).
+    fn requeue(&self, job: Job) {
+        if let Ok(mut g) = self.q.0.lock() {
+            g.jobs.push_front(job);
+        }
+    }
+
+    fn closed(&self) -> bool {
+        self.q.0.lock().map(|g| g.closed).unwrap_or(true)
+    }
+
+    /// The store, reconnecting when it is not connected (or its
+    /// connection broke).
+    fn connected(&mut self) -> Result<&mut Store> {
+        if self.store.as_mut().is_some_and(|s| s.is_broken()) {
+            warn!("the store's connection broke; reconnecting");
+            self.store = None;
+        }
+        if self.store.is_none() {
+            let s = Store::open(&self.loc)?;
+            info!(store = %self.loc.describe(), "store reconnected");
+            self.store = Some(s);
+        }
+        self.store
+            .as_mut()
+            .ok_or_else(|| anyhow!("the store is not connected"))
+    }
+
+    fn run(&mut self) {
+        let mut last_retain = Instant::now() - RETAIN_EVERY;
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            let job = match self.next(RETAIN_EVERY.saturating_sub(last_retain.elapsed())) {
+                Next::Closed => return,
+                Next::Idle => None,
+                Next::Job(j) => Some(j),
+            };
+            if let Some(job) = job {
+                if self.write(&job) {
+                    backoff = Duration::from_secs(1);
+                } else if !self.closed() {
+                    // Keep the interval and wait before trying again (a
+                    // close ends the wait; then the queue is given up).
+                    self.requeue(job);
+                    let _ = self.next_wait(backoff);
+                    backoff = (backoff * 2).min(RECONNECT_MAX);
+                }
+            }
+            if last_retain.elapsed() >= RETAIN_EVERY {
+                last_retain = Instant::now();
+                self.retain();
             }
         }
-        let now = SystemTime::now();
-        if now.duration_since(last_retain).unwrap_or_default() >= Duration::from_secs(60) {
-            last_retain = now;
-            match store.retain(now.checked_sub(retention).unwrap_or(UNIX_EPOCH)) {
-                Ok(n) if n > 0 => {
-                    info!(intervals = n, "store retention: old intervals deleted")
-                }
-                Ok(_) => {}
-                Err(e) => warn!(error = %format!("{e:#}"), "store retention failed"),
+    }
+
+    /// Sleeps `d`, or less when the writer is closed.
+    fn next_wait(&self, d: Duration) -> bool {
+        let (m, cv) = &*self.q;
+        let Ok(g) = m.lock() else { return false };
+        if g.closed {
+            return false;
+        }
+        let _ = cv.wait_timeout_while(g, d, |g| !g.closed);
+        true
+    }
+
+    /// Writes one interval; false when it could not be written because the
+    /// store is unreachable (the caller keeps the interval).
+    fn write(&mut self, job: &Job) -> bool {
+        let res = self.connected().and_then(|s| {
+            s.write(
+                &job.data_source_id,
+                job.start,
+                job.end,
+                &job.graph,
+                &job.always,
+            )
+        });
+        match res {
+            Ok(_) => {
+                self.written.inc();
+                self.healthy.store(true, Ordering::Relaxed);
+                true
             }
+            Err(e) => {
+                self.errors.inc();
+                self.healthy.store(false, Ordering::Relaxed);
+                warn!(error = %format!("{e:#}"), "storing the interval failed");
+                let lost_connection = self.store.as_mut().is_none_or(|s| s.is_broken());
+                // An interval the store refuses (not a connection problem)
+                // is not retried: it would block every later one.
+                !lost_connection
+            }
+        }
+    }
+
+    fn retain(&mut self) {
+        let Some(store) = self.store.as_mut() else {
+            return;
+        };
+        let cutoff = SystemTime::now()
+            .checked_sub(self.retention)
+            .unwrap_or(UNIX_EPOCH);
+        match store.retain(cutoff) {
+            Ok(n) if n > 0 => info!(intervals = n, "store retention: old intervals deleted"),
+            Ok(_) => {}
+            Err(e) => warn!(error = %format!("{e:#}"), "store retention failed"),
         }
     }
 }

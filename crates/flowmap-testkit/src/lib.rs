@@ -4,6 +4,7 @@
 //! a loopback collector and temp files.
 
 pub mod agent;
+pub mod collector;
 pub mod frames;
 pub mod net;
 pub mod postgres;

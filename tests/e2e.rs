@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use flowmap_testkit::collector::{self, header};
-use flowmap_testkit::net::{sh, sh_quiet, VethNs};
+use flowmap_testkit::net::{ifindex, sh, Link, Netns};
 
 /// The e2e tests share interfaces of the host: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -64,7 +64,7 @@ impl Agent {
 
     /// As `start_with`, in network namespace `netns` when given.
     fn start_in(
-        netns: Option<&str>,
+        netns: Option<&Netns>,
         iface: &str,
         header: &str,
         options: &str,
@@ -86,7 +86,7 @@ impl Agent {
         let mut cmd = match netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_flowmap")]);
+                c.args(["netns", "exec", &ns.ns, env!("CARGO_BIN_EXE_flowmap")]);
                 c
             }
             None => Command::new(env!("CARGO_BIN_EXE_flowmap")),
@@ -380,13 +380,10 @@ sys.stdin.read()
 struct Server(Child);
 
 impl Server {
-    fn start(v: &VethNs) -> Server {
-        Server::start_in(&v.ns)
-    }
-
-    fn start_in(ns: &str) -> Server {
+    /// The TCP and UDP servers of `SERVER` in namespace `ns`.
+    fn start(ns: &Netns) -> Server {
         let mut c = Command::new("ip")
-            .args(["netns", "exec", ns, "python3", "-c", SERVER])
+            .args(["netns", "exec", &ns.ns, "python3", "-c", SERVER])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -455,16 +452,8 @@ fn traffic(dst: IpAddr) -> (u16, u16) {
     (tcp_port, udp_port)
 }
 
-fn ifindex_of(dev: &str) -> u32 {
-    std::fs::read_to_string(format!("/sys/class/net/{dev}/ifindex"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 fn nothing_attached(dev: &str) {
-    let tcx = flowmap::datapath::attach::tcx_programs(ifindex_of(dev));
+    let tcx = flowmap::datapath::attach::tcx_programs(ifindex(dev));
     assert!(
         tcx.iter().all(|n| !n.starts_with("flowmap")),
         "flowmap TCX links left on {dev}: {tcx:?}"
@@ -491,7 +480,7 @@ fn exact_counts_ipv4_and_ipv6_through_a_veth() {
         return;
     }
     let _g = lock();
-    let v = VethNs::new();
+    let v = Netns::new().unwrap();
     let _server = Server::start(&v);
     let cap = Capture::start(v.ifindex());
     let agent = Agent::start(&v.host, &[]);
@@ -613,7 +602,7 @@ fn a_veth_created_while_running_is_attached_and_counted() {
     }
     let _g = lock();
     let agent = Agent::start("all", &[]);
-    let v = VethNs::new();
+    let v = Netns::new().unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     while !agent.stderr().contains(&format!("interface={}", v.host)) {
         assert!(
@@ -658,7 +647,7 @@ fn nothing_stays_attached_after_sigkill_and_restart() {
         return;
     }
     let _g = lock();
-    let v = VethNs::new();
+    let v = Netns::new().unwrap();
     // TCX links die with the process.
     let a = Agent::start(&v.host, &["--attach-mode", "tcx"]);
     let tcx = flowmap::datapath::attach::tcx_programs(v.ifindex());
@@ -770,7 +759,7 @@ fn ships_the_graph_to_a_collector_on_loopback() {
         return;
     }
     let _g = lock();
-    let v = VethNs::new();
+    let v = Netns::new().unwrap();
     let _server = Server::start(&v);
     let col = collector::Server::start();
     let state = TempDir::new("wire");
@@ -858,7 +847,7 @@ fn every_batch_arrives_once_in_order_through_failures_and_a_restart() {
     }
     use collector::Mode;
     let _g = lock();
-    let v = VethNs::new();
+    let v = Netns::new().unwrap();
     let mut col = collector::Server::start();
     let state = TempDir::new("faults");
     let url = col.url();
@@ -1008,7 +997,7 @@ fn local_store_map_page_and_metrics() {
         eprintln!("SKIP local_store_map_page_and_metrics: chromium is not installed");
         return;
     }
-    let v = VethNs::new();
+    let v = Netns::new().unwrap();
     let _server = Server::start(&v);
     let state = TempDir::new("store");
     let port = common::free_port();
@@ -1148,76 +1137,26 @@ fn local_store_map_page_and_metrics() {
 
 const CLUSTER_UID: &str = "6f5f56e3-0123-4567-89ab-6c8f1e2a0cde";
 
-/// A network namespace removed on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new(name: String) -> Netns {
-        sh(&["ip", "netns", "add", &name]);
-        Netns(name)
-    }
-
-    fn exec(&self, args: &[&str]) -> String {
-        let mut a = vec!["ip", "netns", "exec", self.0.as_str()];
-        a.extend_from_slice(args);
-        sh(&a)
-    }
-
-    /// Sends UDP datagrams of `sizes` to `dst`:`port` from this namespace;
-    /// each must be answered with 50 bytes.
-    fn udp(&self, dst: &str, port: u16, sizes: &[usize]) {
-        let script = format!(
-            "import socket\nu=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nu.settimeout(3)\n\
-             for n in {sizes:?}:\n    u.sendto(b'x'*n,('{dst}',{port}))\n    assert len(u.recv(100))==50\n"
-        );
-        self.exec(&["python3", "-c", &script]);
-    }
+/// Sends UDP datagrams of `sizes` to `dst`:`port` from namespace `ns`;
+/// each must be answered with 50 bytes.
+fn udp_from(ns: &Netns, dst: &str, port: u16, sizes: &[usize]) {
+    let script = format!(
+        "import socket\nu=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nu.settimeout(3)\n\
+         for n in {sizes:?}:\n    u.sendto(b'x'*n,('{dst}',{port}))\n    assert len(u.recv(100))==50\n"
+    );
+    ns.exec(&["python3", "-c", &script]);
 }
 
-impl Drop for Netns {
-    fn drop(&mut self) {
-        sh_quiet(&["ip", "netns", "del", &self.0]);
-    }
-}
-
-/// A "pod" on a bridge (as with a bridge CNI): a namespace whose veth's
-/// node end is a port of the bridge.
-struct PodNs {
-    ns: Netns,
-    host: String,
-}
-
-impl PodNs {
-    fn new(tag: &str, bridge: &str, ip: &str) -> PodNs {
-        let id = std::process::id() % 100_000;
-        let p = PodNs {
-            ns: Netns::new(format!("fmk{id}{tag}")),
-            host: format!("fmk{id}{tag}h"),
-        };
-        sh(&[
-            "ip", "link", "add", &p.host, "type", "veth", "peer", "name", "eth0", "netns", &p.ns.0,
-        ]);
-        sh(&["ip", "link", "set", &p.host, "master", bridge]);
-        sh(&["ip", "link", "set", &p.host, "up"]);
-        p.ns.exec(&["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
-        p.ns.exec(&["ip", "link", "set", "eth0", "up"]);
-        p.ns.exec(&["ip", "link", "set", "lo", "up"]);
-        p
-    }
-}
-
-impl Drop for PodNs {
-    fn drop(&mut self) {
-        sh_quiet(&["ip", "link", "del", &self.host]);
-    }
-}
-
-struct Bridge(String);
-
-impl Drop for Bridge {
-    fn drop(&mut self) {
-        sh_quiet(&["ip", "link", "del", &self.0]);
-    }
+/// A pod of the test cluster: a namespace whose `eth0` has `ip`/24, its
+/// veth's node end a port of `bridge` (as with a bridge CNI).
+fn pod_on(bridge: &Link, ip: &str) -> Netns {
+    Netns::builder()
+        .pod()
+        .bridge(bridge)
+        .v4("", ip, 24)
+        .no_v6()
+        .build()
+        .unwrap()
 }
 
 /// A web pod of the test cluster's Deployment `web`.
@@ -1252,7 +1191,7 @@ fn shop_cluster(
 /// The agent in Kubernetes mode on every interface of `netns` (None: this
 /// one), against the stand-in API, shipping to `col`.
 fn kube_agent(
-    netns: Option<&str>,
+    netns: Option<&Netns>,
     api: &flowmap_testkit::standin::StandIn,
     col: &collector::Server,
     state: &TempDir,
@@ -1303,13 +1242,10 @@ fn kubernetes_mode_attaches_flows_to_pods_and_follows_ip_reuse() {
     let net = format!("10.213.{}", 230 + std::process::id() % 20);
     let (node_ip, client_ip, web_ip) =
         (format!("{net}.1"), format!("{net}.10"), format!("{net}.11"));
-    let br = Bridge(format!("fmkb{}", std::process::id() % 100_000));
-    sh(&["ip", "link", "add", &br.0, "type", "bridge"]);
-    sh(&["ip", "addr", "add", &format!("{node_ip}/24"), "dev", &br.0]);
-    sh(&["ip", "link", "set", &br.0, "up"]);
-    let client = PodNs::new("a", &br.0, &client_ip);
-    let web1 = PodNs::new("b", &br.0, &web_ip);
-    let server1 = Server::start_in(&web1.ns.0);
+    let br = Link::bridge(&format!("{node_ip}/24")).unwrap();
+    let client = pod_on(&br, &client_ip);
+    let web1 = pod_on(&br, &web_ip);
+    let server1 = Server::start(&web1);
     let api = StandIn::start().unwrap();
     shop_cluster(&api, "node-e2e", &node_ip, &client_ip, &web_ip);
     let col = collector::Server::start();
@@ -1318,20 +1254,20 @@ fn kubernetes_mode_attaches_flows_to_pods_and_follows_ip_reuse() {
 
     // Traffic to the first pod, which is then deleted before the agent's
     // next drain: its flows still belong to it, by their time.
-    client.ns.udp(&web_ip, 5002, &[100, 200, 300]);
+    udp_from(&client, &web_ip, 5002, &[100, 200, 300]);
     std::thread::sleep(Duration::from_millis(100));
     api.delete("Pod", Some("shop"), "web-6b9f-aaaaa");
     drop(server1);
     drop(web1);
     // The IP comes back as a new pod, in a new namespace on a new veth.
-    let web2 = PodNs::new("c", &br.0, &web_ip);
-    let _server2 = Server::start_in(&web2.ns.0);
+    let web2 = pod_on(&br, &web_ip);
+    let _server2 = Server::start(&web2);
     api.upsert(web_pod("web-6b9f-bbbbb", &web_ip, "node-e2e"));
     // The client forgets the old pod's MAC (a CNI announces the new one).
-    client.ns.exec(&["ip", "neigh", "flush", "all"]);
+    client.exec(&["ip", "neigh", "flush", "all"]);
     // The new veth is attached within the poll period.
     std::thread::sleep(Duration::from_millis(1200));
-    client.ns.udp(&web_ip, 5002, &[400, 500, 600, 700]);
+    udp_from(&client, &web_ip, 5002, &[400, 500, 600, 700]);
     std::thread::sleep(Duration::from_millis(1500));
     let (_, err) = agent.stop();
 
@@ -1387,21 +1323,6 @@ fn kubernetes_mode_attaches_flows_to_pods_and_follows_ip_reuse() {
     drop(client);
 }
 
-/// Runs `f` on a thread inside network namespace `ns`: sockets it makes,
-/// and threads it starts, live there.
-fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let fd = std::fs::File::open(&path).unwrap();
-        // SAFETY: setns on an open namespace file for this thread only.
-        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&fd), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns {path}");
-        f()
-    })
-    .join()
-    .unwrap()
-}
-
 #[test]
 fn kubernetes_mode_sees_pod_to_service_to_pod_through_a_cluster_ip() {
     use flowmap_testkit::standin::{self, StandIn};
@@ -1409,48 +1330,24 @@ fn kubernetes_mode_sees_pod_to_service_to_pod_through_a_cluster_ip() {
         return;
     }
     let _g = lock();
-    let id = std::process::id() % 100_000;
     // A node that routes between two pods and DNATs a ClusterIP the way
     // kube-proxy's nftables mode does; the agent, the API server and the
     // collector all live in the node's namespace (its loopback).
-    let node = Netns::new(format!("fmk{id}n"));
-    let client = Netns::new(format!("fmk{id}x"));
-    let web = Netns::new(format!("fmk{id}y"));
-    for (pod, i) in [(&client, 1), (&web, 2)] {
-        let host = format!("fmk{id}{i}h");
-        sh(&[
-            "ip", "link", "add", &host, "type", "veth", "peer", "name", "eth0", "netns", &pod.0,
-        ]);
-        sh(&["ip", "link", "set", &host, "netns", &node.0]);
-        node.exec(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("10.214.{i}.1/24"),
-            "dev",
-            &host,
-        ]);
-        node.exec(&["ip", "link", "set", &host, "up"]);
-        pod.exec(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("10.214.{i}.2/24"),
-            "dev",
-            "eth0",
-        ]);
-        pod.exec(&["ip", "link", "set", "eth0", "up"]);
-        pod.exec(&["ip", "link", "set", "lo", "up"]);
-        pod.exec(&[
-            "ip",
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("10.214.{i}.1"),
-        ]);
-    }
-    node.exec(&["ip", "link", "set", "lo", "up"]);
+    let node = Netns::builder().no_link().build().unwrap();
+    let routed_pod = |i: u8| {
+        let (gw, ip) = (format!("10.214.{i}.1"), format!("10.214.{i}.2"));
+        let pod = Netns::builder()
+            .pod()
+            .host_in(&node)
+            .v4(&gw, &ip, 24)
+            .no_v6()
+            .build()
+            .unwrap();
+        pod.exec(&["ip", "route", "add", "default", "via", &gw]);
+        pod
+    };
+    let client = routed_pod(1);
+    let web = routed_pod(2);
     node.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
     node.exec(&[
         "nft",
@@ -1458,16 +1355,16 @@ fn kubernetes_mode_sees_pod_to_service_to_pod_through_a_cluster_ip() {
          add chain ip kubeproxy prerouting { type nat hook prerouting priority dstnat; policy accept; }; \
          add rule ip kubeproxy prerouting ip daddr 10.96.0.10 udp dport 80 dnat to 10.214.2.2:5002",
     ]);
-    let _server = Server::start_in(&web.0);
-    let (api, col) = in_netns(&node.0, || {
-        (StandIn::start().unwrap(), collector::Server::start())
-    });
+    let _server = Server::start(&web);
+    let (api, col) = node
+        .run_in(|| (StandIn::start().unwrap(), collector::Server::start()))
+        .unwrap();
     shop_cluster(&api, "node-k", "10.214.1.1", "10.214.1.2", "10.214.2.2");
     api.upsert(standin::service("shop", "web", "10.96.0.10", 80, 5002));
     let state = TempDir::new("kube-svc");
-    let (agent, _kc) = kube_agent(Some(&node.0), &api, &col, &state, "node-k");
+    let (agent, _kc) = kube_agent(Some(&node), &api, &col, &state, "node-k");
     let sizes = [120, 240, 360];
-    client.udp("10.96.0.10", 80, &sizes);
+    udp_from(&client, "10.96.0.10", 80, &sizes);
     std::thread::sleep(Duration::from_millis(1500));
     let (_, err) = agent.stop();
 

@@ -6,8 +6,9 @@ use flowmap_testkit::net as common;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use flowmap_bench::scale::generate;
-use flowmap_testkit::agent::{flowmap_links, proc_fds, AgentProc, Net};
+use flowmap_bench::scale::{generate, test_net};
+use flowmap_testkit::agent::{flowmap_links, proc_fds, AgentProc};
+use flowmap_testkit::net::{Link, Netns};
 
 /// These tests share the 10.231.0.0/16 test network: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -45,7 +46,7 @@ fn more_flows_than_the_map_holds_are_all_counted_or_counted_as_lost() {
         return;
     }
     let _g = lock();
-    let net = Net::new("o", 1).unwrap();
+    let net = test_net(1).unwrap();
     let agent =
         AgentProc::start_with(&net.host, "2s", 1024, &["--output", "flows", "--no-store"]).unwrap();
     // 6000 flows (3000 IPv4 from 10.231.2.1, 3000 IPv6), 1 datagram each,
@@ -99,26 +100,14 @@ fn interface_churn_leaks_nothing_and_the_last_veth_is_counted() {
     std::thread::sleep(Duration::from_millis(500));
     let pid = agent.pid();
     let (fds0, links0) = (proc_fds(pid), flowmap_links());
-    let id = std::process::id() % 100_000;
-    for c in 0..19 {
-        let name = format!("fmk{id}c{c}");
-        common::sh(&[
-            "ip",
-            "link",
-            "add",
-            &name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &format!("{name}p"),
-        ]);
-        let r = agent.wait_log(&format!("interface={name} "), Duration::from_secs(5));
-        common::sh_quiet(&["ip", "link", "del", &name]);
+    for _ in 0..19 {
+        let link = Link::veth_pair().unwrap();
+        let r = agent.wait_log(&format!("interface={} ", link.name), Duration::from_secs(5));
+        drop(link);
         r.unwrap();
     }
     // The 20th: a namespace behind a veth, with traffic.
-    let net = Net::new("k", 1).unwrap();
+    let net = test_net(1).unwrap();
     agent
         .wait_log(&format!("interface={} ", net.host), Duration::from_secs(5))
         .unwrap();
@@ -144,15 +133,13 @@ fn interface_churn_leaks_nothing_and_the_last_veth_is_counted() {
 
 /// A test network, the datapath loaded in this process (nothing attached),
 /// and the network's host-end interface.
-fn loaded(
-    tag: &str,
-) -> (
-    Net,
+fn loaded() -> (
+    Netns,
     flowmap::datapath::Datapath,
     flowmap::datapath::ifaces::Interface,
 ) {
     use flowmap::datapath::{ifaces, Datapath, Options};
-    let net = Net::new(tag, 0).unwrap();
+    let net = test_net(0).unwrap();
     let dp = Datapath::load(&Options::default()).unwrap();
     let iface = ifaces::list()
         .unwrap()
@@ -171,7 +158,7 @@ fn the_hand_over_from_classic_filters_to_tcx_counts_every_packet_once() {
         return;
     }
     let _g = lock();
-    let (net, mut dp, iface) = loaded("h");
+    let (net, mut dp, iface) = loaded();
     dp.attach_as(&iface, HookKind::Tc).unwrap();
     let tc = |dir: &str| common::sh(&["tc", "filter", "show", "dev", &net.host, dir]);
     assert!(tc("egress").contains("flowmap_eth_tc"));
@@ -223,7 +210,7 @@ fn a_clsact_qdisc_with_other_filters_is_left_alone() {
         return;
     }
     let _g = lock();
-    let (net, mut dp, iface) = loaded("q");
+    let (net, mut dp, iface) = loaded();
     let qdisc = || common::sh(&["tc", "qdisc", "show", "dev", &net.host]);
     dp.attach_as(&iface, HookKind::Tc).unwrap();
     assert!(qdisc().contains("clsact"));

@@ -12,6 +12,22 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 
 use flowmap_testkit::agent::*;
+use flowmap_testkit::net::{Link, Netns};
+
+/// The harness's test network: the root end 10.231.0.1/16 and fd31::1/64
+/// plus `clients` client addresses of each family (10.231.2.x,
+/// fd31::1:x); the namespace end 10.231.0.2 and fd31::2.
+pub fn test_net(clients: u32) -> Result<Netns> {
+    let mut b = Netns::builder()
+        .v4("10.231.0.1", "10.231.0.2", 16)
+        .v6("fd31::1", "fd31::2", 64);
+    for i in 0..clients {
+        b = b
+            .host_addr(&format!("10.231.2.{}/16", i + 1))
+            .host_addr(&format!("fd31::1:{i:x}/64"));
+    }
+    b.build()
+}
 
 /// Asks /healthz every 5 ms on a thread of its own and keeps each answer's
 /// latency in milliseconds (a failed request counts as 10 s).
@@ -75,7 +91,13 @@ fn percentile(v: &[f64], q: f64) -> f64 {
 /// to `services` server ports) and `tcp` TCP connections into the
 /// namespace, at `rate` flows/s (0: as fast as possible). Returns the TCP
 /// connections, kept open.
-pub fn generate(net: &Net, udp: u32, tcp: u32, services: u32, rate: u32) -> Result<Vec<TcpStream>> {
+pub fn generate(
+    net: &Netns,
+    udp: u32,
+    tcp: u32,
+    services: u32,
+    rate: u32,
+) -> Result<Vec<TcpStream>> {
     // A listener in the namespace for the TCP connections.
     let ready = Arc::new(AtomicBool::new(false));
     let r2 = ready.clone();
@@ -148,7 +170,7 @@ pub fn generate(net: &Net, udp: u32, tcp: u32, services: u32, rate: u32) -> Resu
 }
 
 pub fn flows(udp: u32, tcp: u32, services: u32, rate: u32, out: &mut dyn Write) -> Result<()> {
-    let net = Net::new("f", udp / 2 / 50_000 + 1)?;
+    let net = test_net(udp / 2 / 50_000 + 1)?;
     let max_flows = ((udp + tcp + 1024) * 5 / 4).next_power_of_two().max(1024);
     let agent = AgentProc::start(&net.host, "5s", max_flows)?;
     let rss0 = proc_rss(agent.pid());
@@ -240,27 +262,16 @@ pub fn flows(udp: u32, tcp: u32, services: u32, rate: u32, out: &mut dyn Write) 
 /// Creates `n` veth pairs (2n interfaces), starts the agent with `all`, and
 /// times how long until every one is attached.
 pub fn attach(n: u32, out: &mut dyn Write) -> Result<()> {
-    let id = std::process::id() % 100_000;
-    let names: Vec<String> = (0..n).map(|i| format!("fma{id}x{i}")).collect();
-    struct Links(Vec<String>);
-    impl Drop for Links {
-        fn drop(&mut self) {
-            for l in &self.0 {
-                ip_quiet(&["link", "del", l]);
-            }
-        }
-    }
-    let links = Links(names.clone());
-    for name in &links.0 {
-        add_veth_pair(name)?;
-    }
+    let links = (0..n)
+        .map(|_| Link::veth_pair())
+        .collect::<Result<Vec<Link>>>()?;
     let t = Instant::now();
     let agent = AgentProc::start("all", "30s", 32768)?;
     let end = Instant::now() + Duration::from_secs(60);
     wait_until(end, "every interface attached", || {
-        names
+        links
             .iter()
-            .all(|nm| agent.count_log(&format!("interface={nm} ")) > 0)
+            .all(|l| agent.count_log(&format!("interface={} ", l.name)) > 0)
     })?;
     writeln!(
         out,
@@ -279,18 +290,19 @@ pub fn attach(n: u32, out: &mut dyn Write) -> Result<()> {
         flowmap_links()
     )?;
     // One more, while running.
-    let late = format!("fma{id}late");
     let t = Instant::now();
-    add_veth_pair(&late)?;
-    let late_links = Links(vec![late.clone()]);
-    agent.wait_log(&format!("interface={late} "), Duration::from_secs(10))?;
+    let late = Link::veth_pair()?;
+    agent.wait_log(
+        &format!("interface={} ", late.name),
+        Duration::from_secs(10),
+    )?;
     writeln!(
         out,
         "bench scale attach new_interface_ms={}",
         t.elapsed().as_millis()
     )?;
     agent.stop()?;
-    drop(late_links);
+    drop(late);
     drop(links);
     Ok(())
 }
@@ -302,15 +314,16 @@ pub fn churn(cycles: u32, out: &mut dyn Write) -> Result<ChurnResult> {
     let pid = agent.pid();
     std::thread::sleep(Duration::from_millis(500));
     let (fd0, links0, rss0) = (proc_fds(pid), flowmap_links(), proc_rss(pid));
-    let id = std::process::id() % 100_000;
     let mut worst = Duration::ZERO;
     let mut total = Duration::ZERO;
-    for c in 0..cycles {
-        let name = format!("fmc{id}c{c}");
+    for _ in 0..cycles {
         let t = Instant::now();
-        add_veth_pair(&name)?;
-        let r = agent.wait_log(&format!("interface={name} "), Duration::from_secs(10));
-        ip_quiet(&["link", "del", &name]);
+        let link = Link::veth_pair()?;
+        let r = agent.wait_log(
+            &format!("interface={} ", link.name),
+            Duration::from_secs(10),
+        );
+        drop(link);
         r?;
         let d = t.elapsed();
         worst = worst.max(d);
@@ -348,7 +361,7 @@ pub struct ChurnResult {
 /// 64-byte UDP frames through a veth pair for `secs` seconds per round,
 /// rounds alternating without and with flowmap attached.
 pub fn throughput(rounds: u32, secs: f64, out: &mut dyn Write) -> Result<()> {
-    let net = Net::new("t", 0)?;
+    let net = test_net(0)?;
     let received = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let (r2, s2) = (received.clone(), stop.clone());

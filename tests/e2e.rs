@@ -2,166 +2,34 @@
 //! creates, the agent binary attached to it, and its JSON lines compared
 //! with exact expected counts and with an independent AF_PACKET capture.
 
-use flowmap_testkit::net as common;
-
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream, UdpSocket};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use flowmap_testkit::agent::{http_get, Agent, AgentBuilder};
 use flowmap_testkit::collector::{self, header};
-use flowmap_testkit::net::{ifindex, sh, Link, Netns};
+use flowmap_testkit::net::{ifindex, privileged, sh, Link, Netns};
+use flowmap_testkit::tempdir::TempDir;
 
 /// The e2e tests share interfaces of the host: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
-static CONFIGS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 fn lock() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-struct Agent {
-    child: Child,
-    out: JoinHandle<String>,
-    err: Arc<Mutex<String>>,
-    _cfg: tempfile_path::TempPath,
-}
-
-mod tempfile_path {
-    /// A file removed on drop.
-    pub struct TempPath(pub std::path::PathBuf);
-    impl Drop for TempPath {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
-}
-
-impl Agent {
-    fn start(iface: &str, extra: &[&str]) -> Agent {
-        Agent::start_full(iface, "", extra, &[])
-    }
-
-    /// `header`: YAML lines under `coordimap:` (api_key, ...).
-    fn start_full(iface: &str, header: &str, extra: &[&str], envs: &[(&str, &str)]) -> Agent {
-        Agent::start_with(iface, header, "", extra, envs)
-    }
-
-    /// `options`: more YAML option entries of the data source.
-    fn start_with(
-        iface: &str,
-        header: &str,
-        options: &str,
-        extra: &[&str],
-        envs: &[(&str, &str)],
-    ) -> Agent {
-        Agent::start_in(None, iface, header, options, extra, envs)
-    }
-
-    /// As `start_with`, in network namespace `netns` when given.
-    fn start_in(
-        netns: Option<&Netns>,
-        iface: &str,
-        header: &str,
-        options: &str,
-        extra: &[&str],
-        envs: &[(&str, &str)],
-    ) -> Agent {
-        let path = std::env::temp_dir().join(format!(
-            "flowmap-e2e-{}-{iface}-{}.yaml",
-            std::process::id(),
-            CONFIGS.fetch_add(1, Ordering::SeqCst)
-        ));
-        std::fs::write(
-            &path,
-            format!(
-                "coordimap:\n{header}  data_sources:\n    - type: flows\n      data_source_id: e2e\n      config:\n        - name: interface_name\n          value: {iface}\n        - name: crawl_interval\n          value: 1s\n{options}"
-            ),
-        )
-        .unwrap();
-        let mut cmd = match netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", &ns.ns, env!("CARGO_BIN_EXE_flowmap")]);
-                c
-            }
-            None => Command::new(env!("CARGO_BIN_EXE_flowmap")),
-        };
-        cmd.args(["run", "--config", path.to_str().unwrap()]);
-        if !extra.contains(&"--output") {
-            cmd.args(["--output", "flows"]);
-        }
-        cmd.args(extra)
-            .envs(envs.iter().copied())
-            .env_remove("COORDIMAP_ENDPOINT");
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start flowmap");
-        let mut stdout = child.stdout.take().unwrap();
-        let out = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = stdout.read_to_string(&mut s);
-            s
-        });
-        let err = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = mpsc::channel();
-        let sink = err.clone();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("flowmap running") {
-                    let _ = tx.send(());
-                }
-                sink.lock().unwrap().push_str(&(line + "\n"));
-            }
-        });
-        let a = Agent {
-            child,
-            out,
-            err,
-            _cfg: tempfile_path::TempPath(path),
-        };
-        if rx.recv_timeout(Duration::from_secs(30)).is_err() {
-            panic!("agent did not start:\n{}", a.err.lock().unwrap());
-        }
-        a
-    }
-
-    fn stderr(&self) -> String {
-        self.err.lock().unwrap().clone()
-    }
-
-    /// SIGTERM, wait, return stdout.
-    fn stop(mut self) -> (String, String) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let st = self.child.wait().unwrap();
-        let out = std::mem::replace(&mut self.out, std::thread::spawn(String::new))
-            .join()
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(100));
-        let err = self.stderr();
-        assert!(st.success(), "agent exit {st:?}\n{err}");
-        (out, err)
-    }
-
-    fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The agent binary on `iface`: data source `e2e`, a 1 s interval, its
+/// flow records on stdout.
+fn agent(iface: &str) -> AgentBuilder {
+    Agent::builder(env!("CARGO_BIN_EXE_flowmap"))
+        .id("e2e")
+        .iface(iface)
+        .interval("1s")
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -476,14 +344,14 @@ fn nothing_attached(dev: &str) {
 
 #[test]
 fn exact_counts_ipv4_and_ipv6_through_a_veth() {
-    if !common::privileged("exact_counts_ipv4_and_ipv6_through_a_veth") {
+    if !privileged("exact_counts_ipv4_and_ipv6_through_a_veth") {
         return;
     }
     let _g = lock();
     let v = Netns::new().unwrap();
     let _server = Server::start(&v);
     let cap = Capture::start(v.ifindex());
-    let agent = Agent::start(&v.host, &[]);
+    let agent = agent(&v.host).start().unwrap();
     // Within the start-up grace a UDP flow may have been running before the
     // agent: its first packet does not decide; the bound socket on this
     // host's port 7000 does.
@@ -497,7 +365,7 @@ fn exact_counts_ipv4_and_ipv6_through_a_veth() {
     let (t6, u6) = traffic(v.peer_v6.parse().unwrap());
     std::thread::sleep(Duration::from_millis(300));
     let captured = cap.finish();
-    let (out, err) = agent.stop();
+    let (out, err) = agent.stop().unwrap();
     nothing_attached(&v.host);
     let got = agent_totals(&out);
     let early: Tuple = (
@@ -597,20 +465,17 @@ fn exact_counts_ipv4_and_ipv6_through_a_veth() {
 
 #[test]
 fn a_veth_created_while_running_is_attached_and_counted() {
-    if !common::privileged("a_veth_created_while_running_is_attached_and_counted") {
+    if !privileged("a_veth_created_while_running_is_attached_and_counted") {
         return;
     }
     let _g = lock();
-    let agent = Agent::start("all", &[]);
+    let agent = agent("all").start().unwrap();
     let v = Netns::new().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !agent.stderr().contains(&format!("interface={}", v.host)) {
-        assert!(
-            Instant::now() < deadline,
-            "new veth not attached:\n{}",
-            agent.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(50));
+    if agent
+        .wait_log(&format!("interface={}", v.host), Duration::from_secs(5))
+        .is_err()
+    {
+        panic!("new veth not attached:\n{}", agent.stderr());
     }
     let u = UdpSocket::bind("0.0.0.0:0").unwrap();
     let port = u.local_addr().unwrap().port();
@@ -618,7 +483,7 @@ fn a_veth_created_while_running_is_attached_and_counted() {
         u.send_to(&[0u8; 300], (v.peer_v4.as_str(), 5999)).unwrap();
     }
     std::thread::sleep(Duration::from_millis(300));
-    let (out, _) = agent.stop();
+    let (out, _) = agent.stop().unwrap();
     let got = agent_totals(&out);
     let t: Tuple = (
         "udp".into(),
@@ -643,13 +508,16 @@ fn a_veth_created_while_running_is_attached_and_counted() {
 
 #[test]
 fn nothing_stays_attached_after_sigkill_and_restart() {
-    if !common::privileged("nothing_stays_attached_after_sigkill_and_restart") {
+    if !privileged("nothing_stays_attached_after_sigkill_and_restart") {
         return;
     }
     let _g = lock();
     let v = Netns::new().unwrap();
     // TCX links die with the process.
-    let a = Agent::start(&v.host, &["--attach-mode", "tcx"]);
+    let a = agent(&v.host)
+        .args(&["--attach-mode", "tcx"])
+        .start()
+        .unwrap();
     let tcx = flowmap::datapath::attach::tcx_programs(v.ifindex());
     assert_eq!(
         tcx.iter().filter(|n| *n == "flowmap_eth").count(),
@@ -661,7 +529,10 @@ fn nothing_stays_attached_after_sigkill_and_restart() {
     nothing_attached(&v.host);
 
     // Classic TC filters outlive a killed process ...
-    let a = Agent::start(&v.host, &["--attach-mode", "tc"]);
+    let a = agent(&v.host)
+        .args(&["--attach-mode", "tc"])
+        .start()
+        .unwrap();
     a.kill();
     let left = sh(&["tc", "filter", "show", "dev", &v.host, "ingress"]);
     assert!(
@@ -669,35 +540,18 @@ fn nothing_stays_attached_after_sigkill_and_restart() {
         "the killed agent's filter should remain:\n{left}"
     );
     // ... and the next start removes them, and its own at exit.
-    let a = Agent::start(&v.host, &["--attach-mode", "tc"]);
+    let a = agent(&v.host)
+        .args(&["--attach-mode", "tc"])
+        .start()
+        .unwrap();
     assert!(
         a.stderr()
             .contains("removed TC filters left by an earlier flowmap"),
         "{}",
         a.stderr()
     );
-    let (_, _) = a.stop();
+    a.stop().unwrap();
     nothing_attached(&v.host);
-}
-
-/// A directory removed on drop.
-struct TempDir(std::path::PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!("flowmap-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        TempDir(p)
-    }
-    fn path(&self) -> &str {
-        self.0.to_str().unwrap()
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// (protocol, port) → summed flow stats of relationship src → dst over all batches.
@@ -755,7 +609,7 @@ fn edge_totals(bodies: &[Vec<u8>], src: &str, dst: &str) -> HashMap<(String, u64
 
 #[test]
 fn ships_the_graph_to_a_collector_on_loopback() {
-    if !common::privileged("ships_the_graph_to_a_collector_on_loopback") {
+    if !privileged("ships_the_graph_to_a_collector_on_loopback") {
         return;
     }
     let _g = lock();
@@ -765,25 +619,18 @@ fn ships_the_graph_to_a_collector_on_loopback() {
     let state = TempDir::new("wire");
     let cap = Capture::start(v.ifindex());
     let url = col.url();
-    let agent = Agent::start_full(
-        &v.host,
-        "  api_key: ${FM_TEST_KEY}\n",
-        &[
-            "--endpoint",
-            &url,
-            "--state-dir",
-            state.path(),
-            "--output",
-            "none",
-            "--retry-max",
-            "1s",
-        ],
-        &[("FM_TEST_KEY", "k-123-not-for-logs")],
-    );
+    let agent = agent(&v.host)
+        .api_key("${FM_TEST_KEY}")
+        .args(&["--endpoint", &url, "--retry-max", "1s"])
+        .state_dir(state.path())
+        .output("none")
+        .env("FM_TEST_KEY", "k-123-not-for-logs")
+        .start()
+        .unwrap();
     let (tcp_port, _) = traffic(v.peer_v4.parse().unwrap());
     std::thread::sleep(Duration::from_millis(300));
     let captured = cap.finish();
-    let (_, err) = agent.stop();
+    let (_, err) = agent.stop().unwrap();
     assert!(
         !err.contains("k-123-not-for-logs"),
         "the API key reached a log line"
@@ -842,7 +689,7 @@ fn count_spooled(err: &str) -> u64 {
 
 #[test]
 fn every_batch_arrives_once_in_order_through_failures_and_a_restart() {
-    if !common::privileged("every_batch_arrives_once_in_order_through_failures_and_a_restart") {
+    if !privileged("every_batch_arrives_once_in_order_through_failures_and_a_restart") {
         return;
     }
     use collector::Mode;
@@ -851,28 +698,26 @@ fn every_batch_arrives_once_in_order_through_failures_and_a_restart() {
     let mut col = collector::Server::start();
     let state = TempDir::new("faults");
     let url = col.url();
-    let args = [
-        "--endpoint",
-        url.as_str(),
-        "--state-dir",
-        state.path(),
-        "--output",
-        "none",
-        "--retry-max",
-        "1s",
-        "--shutdown-timeout",
-        "1s",
-    ];
-    let envs = [("FM_TEST_KEY", "k")];
-    let a1 = Agent::start_full(&v.host, "  api_key: ${FM_TEST_KEY}\n", &args, &envs);
+    let start = || {
+        agent(&v.host)
+            .api_key("${FM_TEST_KEY}")
+            .args(&["--endpoint", &url, "--retry-max", "1s"])
+            .args(&["--shutdown-timeout", "1s"])
+            .state_dir(state.path())
+            .output("none")
+            .env("FM_TEST_KEY", "k")
+            .start()
+            .unwrap()
+    };
+    let a1 = start();
     std::thread::sleep(Duration::from_millis(2500));
     col.set_mode(Mode::Fail500);
     std::thread::sleep(Duration::from_secs(3));
     col.down();
     std::thread::sleep(Duration::from_secs(2));
     // Restarted while the collector is down: what is spooled waits on disk.
-    let (_, err1) = a1.stop();
-    let a2 = Agent::start_full(&v.host, "  api_key: ${FM_TEST_KEY}\n", &args, &envs);
+    let (_, err1) = a1.stop().unwrap();
+    let a2 = start();
     std::thread::sleep(Duration::from_secs(2));
     col.set_mode(Mode::Slow(Duration::from_secs(2)));
     col.up();
@@ -881,7 +726,7 @@ fn every_batch_arrives_once_in_order_through_failures_and_a_restart() {
     // Give the backlog time to drain, then stop: the last batch goes too.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let spooled = std::fs::read_dir(std::path::Path::new(state.path()).join("spool"))
+        let spooled = std::fs::read_dir(state.path().join("spool"))
             .unwrap()
             .filter(|e| {
                 e.as_ref()
@@ -896,7 +741,7 @@ fn every_batch_arrives_once_in_order_through_failures_and_a_restart() {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    let (_, err2) = a2.stop();
+    let (_, err2) = a2.stop().unwrap();
     let built = count_spooled(&err1) + count_spooled(&err2);
     let log = col.log.lock().unwrap();
     let seqs: Vec<u64> = log
@@ -915,22 +760,6 @@ fn every_batch_arrives_once_in_order_through_failures_and_a_restart() {
         err2.contains("undelivered batches found in the spool"),
         "{err2}"
     );
-}
-
-/// GET over plain HTTP/1.0; returns (status, body).
-fn http_get(port: u16, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (status, body.to_string())
 }
 
 /// Parses Prometheus text: every sample line is `name[{labels}] value`.
@@ -974,7 +803,7 @@ fn chromium(args: &[&str]) -> String {
             "--disable-component-update",
             "--disable-sync",
             "--hide-scrollbars",
-            &format!("--user-data-dir={}", profile.path()),
+            &format!("--user-data-dir={}", profile.path().display()),
             "--virtual-time-budget=15000",
             "--window-size=1400,900",
         ])
@@ -986,7 +815,7 @@ fn chromium(args: &[&str]) -> String {
 
 #[test]
 fn local_store_map_page_and_metrics() {
-    if !common::privileged("local_store_map_page_and_metrics") {
+    if !privileged("local_store_map_page_and_metrics") {
         return;
     }
     let _g = lock();
@@ -1000,22 +829,13 @@ fn local_store_map_page_and_metrics() {
     let v = Netns::new().unwrap();
     let _server = Server::start(&v);
     let state = TempDir::new("store");
-    let port = common::free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let agent = Agent::start_full(
-        &v.host,
-        "",
-        &[
-            "--state-dir",
-            state.path(),
-            "--listen",
-            &listen,
-            "--output",
-            "none",
-        ],
-        &[],
-    );
-    let (code, health) = http_get(port, "/healthz");
+    let agent = agent(&v.host)
+        .state_dir(state.path())
+        .output("none")
+        .start()
+        .unwrap();
+    let port = agent.port();
+    let (code, health) = http_get(port, "/healthz").unwrap();
     assert_eq!(code, 200, "{health}");
     let h: serde_json::Value = serde_json::from_str(&health).unwrap();
     assert_eq!(
@@ -1025,12 +845,12 @@ fn local_store_map_page_and_metrics() {
         ),
         (Some("ok"), Some(1))
     );
-    let before = prom_samples(&http_get(port, "/metrics").1);
+    let before = prom_samples(&http_get(port, "/metrics").unwrap().1);
 
     traffic(v.peer_v4.parse().unwrap());
     // Two intervals of 1 s go by: the graph is stored.
     std::thread::sleep(Duration::from_millis(2500));
-    let (code, body) = http_get(port, "/api/graph?since=15m&protocol=udp");
+    let (code, body) = http_get(port, "/api/graph?since=15m&protocol=udp").unwrap();
     assert_eq!(code, 200, "{body}");
     let g: serde_json::Value = serde_json::from_str(&body).unwrap();
     let host = format!("e2e-flows.host-{}", flowmap::enrich::host::hostname());
@@ -1063,9 +883,9 @@ fn local_store_map_page_and_metrics() {
         .map(|n| n["name"].as_str().unwrap())
         .collect();
     assert!(names.contains(&v.peer_v4.as_str()), "{names:?}");
-    assert_eq!(http_get(port, "/api/graph?since=soon").0, 400);
+    assert_eq!(http_get(port, "/api/graph?since=soon").unwrap().0, 400);
 
-    let after = prom_samples(&http_get(port, "/metrics").1);
+    let after = prom_samples(&http_get(port, "/metrics").unwrap().1);
     let moved =
         |k: &str| after.get(k).copied().unwrap_or(0.0) - before.get(k).copied().unwrap_or(0.0);
     assert!(
@@ -1107,13 +927,13 @@ fn local_store_map_page_and_metrics() {
         png.len()
     );
 
-    let (_, _) = agent.stop();
+    agent.stop().unwrap();
     // The CLI reads the same store.
     let out = Command::new(env!("CARGO_BIN_EXE_flowmap"))
         .args([
             "top",
             "--state-dir",
-            state.path(),
+            state.path().to_str().unwrap(),
             "--since",
             "15m",
             "--by",
@@ -1196,27 +1016,28 @@ fn kube_agent(
     col: &collector::Server,
     state: &TempDir,
     node: &str,
-) -> (Agent, tempfile_path::TempPath) {
-    let kubeconfig = std::env::temp_dir().join(format!(
-        "flowmap-e2e-kubeconfig-{}-{node}",
-        std::process::id()
-    ));
-    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
-    let kc = tempfile_path::TempPath(kubeconfig.clone());
-    let agent = Agent::start_in(
-        netns,
-        "all",
-        "  api_key: k-kube\n",
-        &format!(
-            "        - name: deployedAt\n          value: kubernetes\n        - name: external_mappings\n          value: \"*@{CLUSTER_UID}\"\n"
-        ),
-        &["--endpoint", &col.url(), "--state-dir", state.path(), "--output", "none", "--retry-max", "1s", "--no-web"],
-        &[("KUBECONFIG", kubeconfig.to_str().unwrap()), ("NODE_NAME", node)],
-    );
+) -> Agent {
+    let mut b = agent("all")
+        .api_key("k-kube")
+        .option("deployedAt", "kubernetes")
+        .option("external_mappings", format!("\"*@{CLUSTER_UID}\""))
+        .args(&["--endpoint", &col.url(), "--retry-max", "1s"])
+        .state_dir(state.path())
+        .output("none")
+        .no_web()
+        .env("NODE_NAME", node);
+    if let Some(ns) = netns {
+        b = b.netns(ns);
+    }
+    let kubeconfig = b.file("kubeconfig", &api.kubeconfig());
+    let agent = b
+        .env("KUBECONFIG", kubeconfig.to_str().unwrap())
+        .start()
+        .unwrap();
     let err = agent.stderr();
     assert!(err.contains("Kubernetes watch caches in sync"), "{err}");
     assert!(!err.contains("differs from this cluster's"), "{err}");
-    (agent, kc)
+    agent
 }
 
 fn pod_id(name: &str) -> String {
@@ -1235,7 +1056,7 @@ fn udp_exchange(sizes: &[usize]) -> [u64; 6] {
 #[test]
 fn kubernetes_mode_attaches_flows_to_pods_and_follows_ip_reuse() {
     use flowmap_testkit::standin::StandIn;
-    if !common::privileged("kubernetes_mode_attaches_flows_to_pods_and_follows_ip_reuse") {
+    if !privileged("kubernetes_mode_attaches_flows_to_pods_and_follows_ip_reuse") {
         return;
     }
     let _g = lock();
@@ -1250,7 +1071,7 @@ fn kubernetes_mode_attaches_flows_to_pods_and_follows_ip_reuse() {
     shop_cluster(&api, "node-e2e", &node_ip, &client_ip, &web_ip);
     let col = collector::Server::start();
     let state = TempDir::new("kube");
-    let (agent, _kc) = kube_agent(None, &api, &col, &state, "node-e2e");
+    let agent = kube_agent(None, &api, &col, &state, "node-e2e");
 
     // Traffic to the first pod, which is then deleted before the agent's
     // next drain: its flows still belong to it, by their time.
@@ -1269,7 +1090,7 @@ fn kubernetes_mode_attaches_flows_to_pods_and_follows_ip_reuse() {
     std::thread::sleep(Duration::from_millis(1200));
     udp_from(&client, &web_ip, 5002, &[400, 500, 600, 700]);
     std::thread::sleep(Duration::from_millis(1500));
-    let (_, err) = agent.stop();
+    let (_, err) = agent.stop().unwrap();
 
     let bodies = col.bodies();
     let udp = ("udp".to_string(), 5002);
@@ -1326,7 +1147,7 @@ fn kubernetes_mode_attaches_flows_to_pods_and_follows_ip_reuse() {
 #[test]
 fn kubernetes_mode_sees_pod_to_service_to_pod_through_a_cluster_ip() {
     use flowmap_testkit::standin::{self, StandIn};
-    if !common::privileged("kubernetes_mode_sees_pod_to_service_to_pod_through_a_cluster_ip") {
+    if !privileged("kubernetes_mode_sees_pod_to_service_to_pod_through_a_cluster_ip") {
         return;
     }
     let _g = lock();
@@ -1362,11 +1183,11 @@ fn kubernetes_mode_sees_pod_to_service_to_pod_through_a_cluster_ip() {
     shop_cluster(&api, "node-k", "10.214.1.1", "10.214.1.2", "10.214.2.2");
     api.upsert(standin::service("shop", "web", "10.96.0.10", 80, 5002));
     let state = TempDir::new("kube-svc");
-    let (agent, _kc) = kube_agent(Some(&node), &api, &col, &state, "node-k");
+    let agent = kube_agent(Some(&node), &api, &col, &state, "node-k");
     let sizes = [120, 240, 360];
     udp_from(&client, "10.96.0.10", 80, &sizes);
     std::thread::sleep(Duration::from_millis(1500));
-    let (_, err) = agent.stop();
+    let (_, err) = agent.stop().unwrap();
 
     let bodies = col.bodies();
     let svc = format!("{CLUSTER_UID}-shop-kubernetes.service-web");

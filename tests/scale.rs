@@ -1,22 +1,29 @@
 //! Node-scale behaviour (not speed): overflow accounting with a small flow
 //! map, interface churn without leaks, and the last veth's traffic counted.
 
-use flowmap_testkit::net as common;
-
 use std::sync::Mutex;
 use std::time::Duration;
 
-use flowmap_bench::scale::{generate, test_net};
-use flowmap_testkit::agent::{flowmap_links, proc_fds, AgentProc};
-use flowmap_testkit::net::{Link, Netns};
+use flowmap_bench::scale::{agent, generate, test_net};
+use flowmap_testkit::agent::{flowmap_links, proc_fds, Agent};
+use flowmap_testkit::net::{privileged, sh, Link, Netns};
 
 /// These tests share the 10.231.0.0/16 test network: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn lock() -> std::sync::MutexGuard<'static, ()> {
-    let g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    std::env::set_var("FLOWMAP_BIN", env!("CARGO_BIN_EXE_flowmap"));
-    g
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The agent as the load harness runs it, with a flow map of `max_flows`
+/// entries, its flow records on stdout and no store.
+fn start(iface: &str, interval: &str, max_flows: u32) -> Agent {
+    agent(env!("CARGO_BIN_EXE_flowmap"), iface, interval)
+        .option("max_flows", max_flows)
+        .output("flows")
+        .arg("--no-store")
+        .start()
+        .unwrap()
 }
 
 /// Sums the client→server packets of the UDP flow records from 10.231.2.1
@@ -42,13 +49,12 @@ fn agent_log_mentions_overflow(log: &str) -> bool {
 
 #[test]
 fn more_flows_than_the_map_holds_are_all_counted_or_counted_as_lost() {
-    if !common::privileged("more_flows_than_the_map_holds_are_all_counted_or_counted_as_lost") {
+    if !privileged("more_flows_than_the_map_holds_are_all_counted_or_counted_as_lost") {
         return;
     }
     let _g = lock();
     let net = test_net(1).unwrap();
-    let agent =
-        AgentProc::start_with(&net.host, "2s", 1024, &["--output", "flows", "--no-store"]).unwrap();
+    let agent = start(&net.host, "2s", 1024);
     // 6000 flows (3000 IPv4 from 10.231.2.1, 3000 IPv6), 1 datagram each,
     // into a map of 1024 entries.
     let seen = agent.count_log("interval ");
@@ -65,8 +71,8 @@ fn more_flows_than_the_map_holds_are_all_counted_or_counted_as_lost() {
     let lost = agent
         .metric("flowmap_kernel_events_total{reason=\"ring_lost\"} ")
         .unwrap();
-    let out_log = agent.log.lock().unwrap().join("\n");
-    let out = agent.stop().unwrap();
+    let out_log = agent.stderr();
+    let (out, _) = agent.stop().unwrap();
     let (packets, flows) = udp_packets(&out);
     assert!(map_full > 0.0, "the map overflowed");
     assert!(
@@ -91,12 +97,11 @@ fn more_flows_than_the_map_holds_are_all_counted_or_counted_as_lost() {
 
 #[test]
 fn interface_churn_leaks_nothing_and_the_last_veth_is_counted() {
-    if !common::privileged("interface_churn_leaks_nothing_and_the_last_veth_is_counted") {
+    if !privileged("interface_churn_leaks_nothing_and_the_last_veth_is_counted") {
         return;
     }
     let _g = lock();
-    let agent =
-        AgentProc::start_with("all", "30s", 32768, &["--output", "flows", "--no-store"]).unwrap();
+    let agent = start("all", "30s", 32768);
     std::thread::sleep(Duration::from_millis(500));
     let pid = agent.pid();
     let (fds0, links0) = (proc_fds(pid), flowmap_links());
@@ -118,7 +123,7 @@ fn interface_churn_leaks_nothing_and_the_last_veth_is_counted() {
     std::thread::sleep(Duration::from_millis(800));
     assert_eq!(proc_fds(pid), fds0, "file descriptors back to the start");
     assert_eq!(flowmap_links(), links0, "TCX links back to the start");
-    let out = agent.stop().unwrap();
+    let (out, _) = agent.stop().unwrap();
     assert_eq!(
         udp_packets(&out),
         (10, 10),
@@ -154,13 +159,13 @@ fn loaded() -> (
 #[test]
 fn the_hand_over_from_classic_filters_to_tcx_counts_every_packet_once() {
     use flowmap::datapath::attach::{tcx_programs, HookKind};
-    if !common::privileged("the_hand_over_from_classic_filters_to_tcx_counts_every_packet_once") {
+    if !privileged("the_hand_over_from_classic_filters_to_tcx_counts_every_packet_once") {
         return;
     }
     let _g = lock();
     let (net, mut dp, iface) = loaded();
     dp.attach_as(&iface, HookKind::Tc).unwrap();
-    let tc = |dir: &str| common::sh(&["tc", "filter", "show", "dev", &net.host, dir]);
+    let tc = |dir: &str| sh(&["tc", "filter", "show", "dev", &net.host, dir]);
     assert!(tc("egress").contains("flowmap_eth_tc"));
 
     // 3000 datagrams of 100 bytes over about 1.5 s; the hand-over happens
@@ -177,7 +182,7 @@ fn the_hand_over_from_classic_filters_to_tcx_counts_every_packet_once() {
     assert_eq!(dp.attached().next().unwrap().kind(), HookKind::Tcx);
     assert!(!tc("egress").contains("flowmap"), "the classic filter went");
     assert!(!tc("ingress").contains("flowmap"));
-    let q = common::sh(&["tc", "qdisc", "show", "dev", &net.host]);
+    let q = sh(&["tc", "qdisc", "show", "dev", &net.host]);
     assert!(
         !q.contains("clsact"),
         "the clsact qdisc made for the filters went:\n{q}"
@@ -206,25 +211,25 @@ fn the_hand_over_from_classic_filters_to_tcx_counts_every_packet_once() {
 #[test]
 fn a_clsact_qdisc_with_other_filters_is_left_alone() {
     use flowmap::datapath::attach::HookKind;
-    if !common::privileged("a_clsact_qdisc_with_other_filters_is_left_alone") {
+    if !privileged("a_clsact_qdisc_with_other_filters_is_left_alone") {
         return;
     }
     let _g = lock();
     let (net, mut dp, iface) = loaded();
-    let qdisc = || common::sh(&["tc", "qdisc", "show", "dev", &net.host]);
+    let qdisc = || sh(&["tc", "qdisc", "show", "dev", &net.host]);
     dp.attach_as(&iface, HookKind::Tc).unwrap();
     assert!(qdisc().contains("clsact"));
     // Another tool adds its filter to the qdisc flowmap made.
-    common::sh(&[
+    sh(&[
         "tc", "filter", "add", "dev", &net.host, "ingress", "prio", "1", "protocol", "all", "u32",
         "match", "u32", "0", "0", "classid", "1:1",
     ]);
     dp.detach_all();
     assert!(qdisc().contains("clsact"), "the other tool's qdisc stays");
-    let f = common::sh(&["tc", "filter", "show", "dev", &net.host, "ingress"]);
+    let f = sh(&["tc", "filter", "show", "dev", &net.host, "ingress"]);
     assert!(f.contains("u32") && !f.contains("flowmap"), "{f}");
     // Without it, flowmap's own qdisc goes with its filters.
-    common::sh(&["tc", "qdisc", "del", "dev", &net.host, "clsact"]);
+    sh(&["tc", "qdisc", "del", "dev", &net.host, "clsact"]);
     dp.attach_as(&iface, HookKind::Tc).unwrap();
     dp.detach_all();
     assert!(!qdisc().contains("clsact"), "{}", qdisc());

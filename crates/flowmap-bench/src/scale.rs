@@ -5,14 +5,37 @@
 
 use std::io::Write;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use flowmap_testkit::agent::*;
+use flowmap_testkit::agent::{
+    flowmap_links, http_get, proc_fds, proc_rss, wait_until, Agent, AgentBuilder,
+};
 use flowmap_testkit::net::{Link, Netns};
+
+/// The agent binary the harness runs (unless FLOWMAP_BIN names another):
+/// `flowmap` next to this one (cargo builds both into the same directory).
+fn flowmap_bin() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("flowmap")))
+        .unwrap_or_else(|| PathBuf::from("flowmap"))
+}
+
+/// The agent as the harness runs it: data source `scale` on `iface`,
+/// nothing on stdout, the datapath's debug lines in the log.
+pub fn agent(bin: impl AsRef<Path>, iface: &str, interval: &str) -> AgentBuilder {
+    Agent::builder(bin)
+        .id("scale")
+        .iface(iface)
+        .interval(interval)
+        .output("none")
+        .env("RUST_LOG", "info,flowmap::datapath=debug")
+}
 
 /// The harness's test network: the root end 10.231.0.1/16 and fd31::1/64
 /// plus `clients` client addresses of each family (10.231.2.x,
@@ -44,7 +67,7 @@ impl HealthProbe {
             let mut lat = Vec::new();
             while !flag.load(Ordering::Relaxed) {
                 let t = Instant::now();
-                let ok = http_get(port, "/healthz").is_ok();
+                let ok = matches!(http_get(port, "/healthz"), Ok((200, _)));
                 lat.push(if ok {
                     t.elapsed().as_secs_f64() * 1000.0
                 } else {
@@ -61,20 +84,6 @@ impl HealthProbe {
         self.stop.store(true, Ordering::Relaxed);
         self.thread.join().unwrap_or_default()
     }
-}
-
-/// One HTTP/1.0 GET on loopback; the status must be 200.
-fn http_get(port: u16, path: &str) -> Result<()> {
-    use std::io::Read;
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
-    let mut body = String::new();
-    s.read_to_string(&mut body)?;
-    if !body.starts_with("HTTP/1.0 200") && !body.starts_with("HTTP/1.1 200") {
-        bail!("{path}: {}", body.lines().next().unwrap_or_default());
-    }
-    Ok(())
 }
 
 /// The value at quantile `q` (0..=1) of `v`; 0 when empty.
@@ -172,9 +181,11 @@ pub fn generate(
 pub fn flows(udp: u32, tcp: u32, services: u32, rate: u32, out: &mut dyn Write) -> Result<()> {
     let net = test_net(udp / 2 / 50_000 + 1)?;
     let max_flows = ((udp + tcp + 1024) * 5 / 4).next_power_of_two().max(1024);
-    let agent = AgentProc::start(&net.host, "5s", max_flows)?;
+    let agent = agent(flowmap_bin(), &net.host, "5s")
+        .option("max_flows", max_flows)
+        .start()?;
     let rss0 = proc_rss(agent.pid());
-    let probe = HealthProbe::start(agent.port);
+    let probe = HealthProbe::start(agent.port());
     let t = Instant::now();
     let conns = generate(&net, udp, tcp, services, rate)?;
     let gen = t.elapsed();
@@ -222,24 +233,14 @@ pub fn flows(udp: u32, tcp: u32, services: u32, rate: u32, out: &mut dyn Write) 
         percentile(&lat, 1.0),
         lat.len()
     )?;
-    if let Some(line) = agent
-        .log
-        .lock()
-        .ok()
-        .and_then(|l| l.iter().rev().find(|s| s.contains("interval ")).cloned())
-    {
+    if let Some(line) = agent.last_log("interval ") {
         let parts: Vec<&str> = line
             .split_whitespace()
             .filter(|w| w.ends_with("_ms") || w.contains("_ms="))
             .collect();
         writeln!(out, "bench scale flows phases {}", parts.join(" "))?;
     }
-    if let Some(line) = agent.log.lock().ok().and_then(|l| {
-        l.iter()
-            .rev()
-            .find(|s| s.contains("flow maps swapped"))
-            .cloned()
-    }) {
+    if let Some(line) = agent.last_log("flow maps swapped") {
         let w: Vec<&str> = line
             .split_whitespace()
             .filter(|w| w.starts_with("wait_us="))
@@ -266,7 +267,9 @@ pub fn attach(n: u32, out: &mut dyn Write) -> Result<()> {
         .map(|_| Link::veth_pair())
         .collect::<Result<Vec<Link>>>()?;
     let t = Instant::now();
-    let agent = AgentProc::start("all", "30s", 32768)?;
+    let agent = agent(flowmap_bin(), "all", "30s")
+        .option("max_flows", 32768)
+        .start()?;
     let end = Instant::now() + Duration::from_secs(60);
     wait_until(end, "every interface attached", || {
         links
@@ -310,7 +313,9 @@ pub fn attach(n: u32, out: &mut dyn Write) -> Result<()> {
 /// Creates and deletes a veth pair `cycles` times while the agent runs with
 /// `all`; compares file descriptors, TCX links and memory before and after.
 pub fn churn(cycles: u32, out: &mut dyn Write) -> Result<ChurnResult> {
-    let agent = AgentProc::start("all", "30s", 32768)?;
+    let agent = agent(flowmap_bin(), "all", "30s")
+        .option("max_flows", 32768)
+        .start()?;
     let pid = agent.pid();
     std::thread::sleep(Duration::from_millis(500));
     let (fd0, links0, rss0) = (proc_fds(pid), flowmap_links(), proc_rss(pid));
@@ -685,19 +690,15 @@ pub fn kube(pods: u32, out: &mut dyn Write) -> Result<()> {
     )?;
 
     // A real agent in Kubernetes mode against the same API.
-    let kc_path =
-        std::env::temp_dir().join(format!("flowmap-scale-kubeconfig-{}", std::process::id()));
-    std::fs::write(&kc_path, &kubeconfig)?;
-    let _kc = flowmap_testkit::agent::TempFile(kc_path.clone());
-    let config = "coordimap:\n  data_sources:\n    - type: flows\n      id: scale\n      config:\n        - name: interface_name\n          value: lo\n        - name: deployedAt\n          value: kubernetes\n        - name: external_mappings\n          value: \"*@bench-cluster\"\n        - name: crawl_interval\n          value: 1s\n";
-    let agent = AgentProc::start_config(
-        config,
-        &["--output", "none", "--no-store"],
-        &[
-            ("KUBECONFIG", kc_path.to_str().unwrap_or_default()),
-            ("NODE_NAME", "node-0"),
-        ],
-    )?;
+    let b = agent(flowmap_bin(), "lo", "1s")
+        .option("deployedAt", "kubernetes")
+        .option("external_mappings", "\"*@bench-cluster\"")
+        .arg("--no-store");
+    let kc = b.file("kubeconfig", &kubeconfig);
+    let agent = b
+        .env("KUBECONFIG", kc.to_string_lossy())
+        .env("NODE_NAME", "node-0")
+        .start()?;
     agent.wait_log("interval", Duration::from_secs(10))?;
     std::thread::sleep(Duration::from_secs(2));
     let rss = flowmap::serve::metrics::resident_bytes_of(&agent.pid().to_string());

@@ -1,7 +1,8 @@
 //! flowmap's test kit (a dev-dependency only; never in the agent binary):
-//! frame builders, the stand-in Kubernetes API server, namespaces joined
-//! by veth pairs, the agent as a child process, a private PostgreSQL,
-//! a loopback collector and temp files.
+//! frame builders, the stand-in Kubernetes API server, network namespaces
+//! (`net::Netns`), the agent as a child process (`agent::Agent`), a
+//! private PostgreSQL, a loopback collector, temp directories and a fake
+//! flow source.
 
 pub mod agent;
 pub mod collector;

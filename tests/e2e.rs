@@ -13,15 +13,11 @@ use std::time::{Duration, Instant};
 
 use flowmap_testkit::agent::{http_get, Agent, AgentBuilder};
 use flowmap_testkit::collector::{self, header};
-use flowmap_testkit::net::{ifindex, privileged, sh, Link, Netns};
+use flowmap_testkit::net::{ifindex, privileged_serial, sh, Link, Netns};
 use flowmap_testkit::tempdir::TempDir;
 
 /// The e2e tests share interfaces of the host: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
-
-fn lock() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// The agent binary on `iface`: data source `e2e`, a 1 s interval, its
 /// flow records on stdout.
@@ -344,10 +340,9 @@ fn nothing_attached(dev: &str) {
 
 #[test]
 fn exact_counts_ipv4_and_ipv6_through_a_veth() {
-    if !privileged("exact_counts_ipv4_and_ipv6_through_a_veth") {
+    let Some(_g) = privileged_serial("exact_counts_ipv4_and_ipv6_through_a_veth", &SERIAL) else {
         return;
-    }
-    let _g = lock();
+    };
     let v = Netns::new().unwrap();
     let _server = Server::start(&v);
     let cap = Capture::start(v.ifindex());
@@ -465,10 +460,12 @@ fn exact_counts_ipv4_and_ipv6_through_a_veth() {
 
 #[test]
 fn a_veth_created_while_running_is_attached_and_counted() {
-    if !privileged("a_veth_created_while_running_is_attached_and_counted") {
+    let Some(_g) = privileged_serial(
+        "a_veth_created_while_running_is_attached_and_counted",
+        &SERIAL,
+    ) else {
         return;
-    }
-    let _g = lock();
+    };
     let agent = agent("all").start().unwrap();
     let v = Netns::new().unwrap();
     if agent
@@ -508,10 +505,10 @@ fn a_veth_created_while_running_is_attached_and_counted() {
 
 #[test]
 fn nothing_stays_attached_after_sigkill_and_restart() {
-    if !privileged("nothing_stays_attached_after_sigkill_and_restart") {
+    let Some(_g) = privileged_serial("nothing_stays_attached_after_sigkill_and_restart", &SERIAL)
+    else {
         return;
-    }
-    let _g = lock();
+    };
     let v = Netns::new().unwrap();
     // TCX links die with the process.
     let a = agent(&v.host)
@@ -609,10 +606,9 @@ fn edge_totals(bodies: &[Vec<u8>], src: &str, dst: &str) -> HashMap<(String, u64
 
 #[test]
 fn ships_the_graph_to_a_collector_on_loopback() {
-    if !privileged("ships_the_graph_to_a_collector_on_loopback") {
+    let Some(_g) = privileged_serial("ships_the_graph_to_a_collector_on_loopback", &SERIAL) else {
         return;
-    }
-    let _g = lock();
+    };
     let v = Netns::new().unwrap();
     let _server = Server::start(&v);
     let col = collector::Server::start();
@@ -689,11 +685,13 @@ fn count_spooled(err: &str) -> u64 {
 
 #[test]
 fn every_batch_arrives_once_in_order_through_failures_and_a_restart() {
-    if !privileged("every_batch_arrives_once_in_order_through_failures_and_a_restart") {
-        return;
-    }
     use collector::Mode;
-    let _g = lock();
+    let Some(_g) = privileged_serial(
+        "every_batch_arrives_once_in_order_through_failures_and_a_restart",
+        &SERIAL,
+    ) else {
+        return;
+    };
     let v = Netns::new().unwrap();
     let mut col = collector::Server::start();
     let state = TempDir::new("faults");
@@ -815,10 +813,9 @@ fn chromium(args: &[&str]) -> String {
 
 #[test]
 fn local_store_map_page_and_metrics() {
-    if !privileged("local_store_map_page_and_metrics") {
+    let Some(_g) = privileged_serial("local_store_map_page_and_metrics", &SERIAL) else {
         return;
-    }
-    let _g = lock();
+    };
     if Command::new("chromium").arg("--version").output().is_err() {
         if std::env::var("CI").as_deref() == Ok("true") {
             panic!("chromium is not installed (scripts/setup.sh installs it) and CI=true forbids skipping");
@@ -1056,10 +1053,12 @@ fn udp_exchange(sizes: &[usize]) -> [u64; 6] {
 #[test]
 fn kubernetes_mode_attaches_flows_to_pods_and_follows_ip_reuse() {
     use flowmap_testkit::standin::StandIn;
-    if !privileged("kubernetes_mode_attaches_flows_to_pods_and_follows_ip_reuse") {
+    let Some(_g) = privileged_serial(
+        "kubernetes_mode_attaches_flows_to_pods_and_follows_ip_reuse",
+        &SERIAL,
+    ) else {
         return;
-    }
-    let _g = lock();
+    };
     let net = format!("10.213.{}", 230 + std::process::id() % 20);
     let (node_ip, client_ip, web_ip) =
         (format!("{net}.1"), format!("{net}.10"), format!("{net}.11"));
@@ -1147,10 +1146,12 @@ fn kubernetes_mode_attaches_flows_to_pods_and_follows_ip_reuse() {
 #[test]
 fn kubernetes_mode_sees_pod_to_service_to_pod_through_a_cluster_ip() {
     use flowmap_testkit::standin::{self, StandIn};
-    if !privileged("kubernetes_mode_sees_pod_to_service_to_pod_through_a_cluster_ip") {
+    let Some(_g) = privileged_serial(
+        "kubernetes_mode_sees_pod_to_service_to_pod_through_a_cluster_ip",
+        &SERIAL,
+    ) else {
         return;
-    }
-    let _g = lock();
+    };
     // A node that routes between two pods and DNATs a ClusterIP the way
     // kube-proxy's nftables mode does; the agent, the API server and the
     // collector all live in the node's namespace (its loopback).

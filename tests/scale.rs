@@ -6,14 +6,10 @@ use std::time::Duration;
 
 use flowmap_bench::scale::{agent, generate, test_net};
 use flowmap_testkit::agent::{flowmap_links, proc_fds, Agent};
-use flowmap_testkit::net::{privileged, sh, Link, Netns};
+use flowmap_testkit::net::{privileged_serial, sh, Link, Netns};
 
 /// These tests share the 10.231.0.0/16 test network: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
-
-fn lock() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// The agent as the load harness runs it, with a flow map of `max_flows`
 /// entries, its flow records on stdout and no store.
@@ -49,10 +45,12 @@ fn agent_log_mentions_overflow(log: &str) -> bool {
 
 #[test]
 fn more_flows_than_the_map_holds_are_all_counted_or_counted_as_lost() {
-    if !privileged("more_flows_than_the_map_holds_are_all_counted_or_counted_as_lost") {
+    let Some(_g) = privileged_serial(
+        "more_flows_than_the_map_holds_are_all_counted_or_counted_as_lost",
+        &SERIAL,
+    ) else {
         return;
-    }
-    let _g = lock();
+    };
     let net = test_net(1).unwrap();
     let agent = start(&net.host, "2s", 1024);
     // 6000 flows (3000 IPv4 from 10.231.2.1, 3000 IPv6), 1 datagram each,
@@ -97,10 +95,12 @@ fn more_flows_than_the_map_holds_are_all_counted_or_counted_as_lost() {
 
 #[test]
 fn interface_churn_leaks_nothing_and_the_last_veth_is_counted() {
-    if !privileged("interface_churn_leaks_nothing_and_the_last_veth_is_counted") {
+    let Some(_g) = privileged_serial(
+        "interface_churn_leaks_nothing_and_the_last_veth_is_counted",
+        &SERIAL,
+    ) else {
         return;
-    }
-    let _g = lock();
+    };
     let agent = start("all", "30s", 32768);
     std::thread::sleep(Duration::from_millis(500));
     let pid = agent.pid();
@@ -159,10 +159,12 @@ fn loaded() -> (
 #[test]
 fn the_hand_over_from_classic_filters_to_tcx_counts_every_packet_once() {
     use flowmap::datapath::attach::{tcx_programs, HookKind};
-    if !privileged("the_hand_over_from_classic_filters_to_tcx_counts_every_packet_once") {
+    let Some(_g) = privileged_serial(
+        "the_hand_over_from_classic_filters_to_tcx_counts_every_packet_once",
+        &SERIAL,
+    ) else {
         return;
-    }
-    let _g = lock();
+    };
     let (net, mut dp, iface) = loaded();
     dp.attach_as(&iface, HookKind::Tc).unwrap();
     let tc = |dir: &str| sh(&["tc", "filter", "show", "dev", &net.host, dir]);
@@ -211,10 +213,10 @@ fn the_hand_over_from_classic_filters_to_tcx_counts_every_packet_once() {
 #[test]
 fn a_clsact_qdisc_with_other_filters_is_left_alone() {
     use flowmap::datapath::attach::HookKind;
-    if !privileged("a_clsact_qdisc_with_other_filters_is_left_alone") {
+    let Some(_g) = privileged_serial("a_clsact_qdisc_with_other_filters_is_left_alone", &SERIAL)
+    else {
         return;
-    }
-    let _g = lock();
+    };
     let (net, mut dp, iface) = loaded();
     let qdisc = || sh(&["tc", "qdisc", "show", "dev", &net.host]);
     dp.attach_as(&iface, HookKind::Tc).unwrap();

@@ -15,6 +15,7 @@
 
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use anyhow::{bail, Context, Result};
@@ -32,6 +33,15 @@ pub fn privileged(test: &str) -> bool {
     }
     eprintln!("SKIP {test}: needs root (CAP_BPF, CAP_NET_ADMIN); run the suite as root");
     false
+}
+
+/// The privilege rule, then the lock of the tests that share `serial`
+/// (host interfaces, a test network): one at a time. None: skip the test.
+pub fn privileged_serial(
+    test: &str,
+    serial: &'static Mutex<()>,
+) -> Option<MutexGuard<'static, ()>> {
+    privileged(test).then(|| serial.lock().unwrap_or_else(|e| e.into_inner()))
 }
 
 /// Runs a command; its stdout, or an error with its stderr.

@@ -10,9 +10,10 @@ use flowmap::config::parse;
 use flowmap::enrich::host::HostView;
 use flowmap::enrich::kube::index::{Cluster, Kind, Target};
 use flowmap::enrich::kube::KubeResolver;
-use flowmap::flow::{Counters, FlowRecord};
+use flowmap::flow::FlowRecord;
 use flowmap::graph::{EdgeKey, Graph};
 use flowmap::sinks::coordimap::encode;
+use flowmap_testkit::records::{at, record};
 use flowmap_testkit::standin;
 use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::batch::v1::Job;
@@ -20,10 +21,6 @@ use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use serde_json::json;
 
 const UID: &str = "5f0c4d2a-8e1b-4c3d-9a7f-2b6e1d0c9f84";
-
-fn at(s: u64) -> SystemTime {
-    SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + s)
-}
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
@@ -274,16 +271,8 @@ fn rec(
     s2c: (u64, u64),
 ) -> FlowRecord {
     FlowRecord {
-        src_to_dst: Counters {
-            packets: c2s.0,
-            bytes: c2s.1,
-        },
-        dst_to_src: Counters {
-            packets: s2c.0,
-            bytes: s2c.1,
-        },
         opened: true,
-        ..FlowRecord::between("tcp", (ip(src), sport), (ip(dst), dport), at(t))
+        ..record("tcp", (src, sport), (dst, dport), t, c2s, s2c)
     }
 }
 

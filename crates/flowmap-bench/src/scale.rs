@@ -189,20 +189,16 @@ pub fn flows(udp: u32, tcp: u32, services: u32, rate: u32, out: &mut dyn Write) 
     let t = Instant::now();
     let conns = generate(&net, udp, tcp, services, rate)?;
     let gen = t.elapsed();
+    let next_interval = |what: &str| {
+        let seen = agent.count_log("interval ");
+        wait_until(Instant::now() + Duration::from_secs(15), what, || {
+            agent.count_log("interval ") > seen
+        })
+    };
     // The next interval carries them all.
-    let seen0 = agent.count_log("interval ");
-    wait_until(
-        Instant::now() + Duration::from_secs(15),
-        "an interval after the flows were sent",
-        || agent.count_log("interval ") > seen0,
-    )?;
+    next_interval("an interval after the flows were sent")?;
     // One more interval, so the probe spans a whole processed interval.
-    let seen1 = agent.count_log("interval ");
-    wait_until(
-        Instant::now() + Duration::from_secs(15),
-        "the interval after",
-        || agent.count_log("interval ") > seen1,
-    )?;
+    next_interval("the interval after")?;
     let lat = probe.stop();
     let flows = agent.metric("flowmap_flows_last_interval ")?;
     let secs = agent.metric("flowmap_interval_processing_seconds ")?;

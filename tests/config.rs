@@ -5,6 +5,7 @@ use std::time::Duration;
 use flowmap::config::{parse, parse_go_duration, Config, DeployedAt, Mapping};
 use flowmap::datapath::ifaces::Selection;
 use flowmap::datapath::AttachMode;
+use flowmap_testkit::tempdir::TempDir;
 use proptest::prelude::*;
 
 fn env(name: &str) -> Option<String> {
@@ -267,22 +268,18 @@ fn flowmap(args: &[&str], envs: &[(&str, &str)]) -> std::process::Output {
 
 #[test]
 fn check_and_run_refuse_invalid_files_with_status_2_and_hide_the_key() {
-    let dir = std::env::temp_dir().join(format!("flowmap-cfg-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let bad = dir.join("bad.yaml");
-    std::fs::write(&bad, flows(&opt("deployedAt", "cloud"))).unwrap();
+    let dir = TempDir::new("cfg");
+    let bad = dir.file("bad.yaml", &flows(&opt("deployedAt", "cloud")));
     for cmd in ["check", "run"] {
         let o = flowmap(&[cmd, "--config", bad.to_str().unwrap()], &[]);
         assert_eq!(o.status.code(), Some(2), "{cmd}");
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(err.contains("error: data source \"f1\" (flows): option \"deployedAt\": value \"cloud\" is not allowed; allowed: server, kubernetes"), "{cmd}: {err}");
     }
-    let good = dir.join("good.yaml");
-    std::fs::write(
-        &good,
+    let good = dir.file(
+        "good.yaml",
         "coordimap:\n  api_key: ${FM_TEST_KEY}\n  data_sources:\n    - type: flows\n      id: f1\n",
-    )
-    .unwrap();
+    );
     let o = flowmap(
         &[
             "check",
@@ -301,8 +298,7 @@ fn check_and_run_refuse_invalid_files_with_status_2_and_hide_the_key() {
     );
     assert!(out.contains("api_key: set (hidden)\nendpoint: http://127.0.0.1:9\ndata source \"f1\" (flows)\n  interface_name: all\n"), "{out}");
     // An endpoint without a key is refused.
-    let nokey = dir.join("nokey.yaml");
-    std::fs::write(&nokey, flows("")).unwrap();
+    let nokey = dir.file("nokey.yaml", &flows(""));
     let o = flowmap(
         &["check", "--config", nokey.to_str().unwrap()],
         &[("COORDIMAP_ENDPOINT", "http://127.0.0.1:9")],
@@ -315,12 +311,11 @@ fn check_and_run_refuse_invalid_files_with_status_2_and_hide_the_key() {
         &[
             "check",
             "--config",
-            dir.join("missing.yaml").to_str().unwrap(),
+            dir.path().join("missing.yaml").to_str().unwrap(),
         ],
         &[],
     );
     assert_eq!(o.status.code(), Some(2));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// `--listen` takes the DaemonSet's `$(HOST_IP):9464` for IPv6 host

@@ -2,165 +2,30 @@
 //! creates, the agent binary attached to it, and its JSON lines compared
 //! with exact expected counts and with an independent AF_PACKET capture.
 
-use flowmap_testkit::net as common;
-
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream, UdpSocket};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use flowmap_testkit::net::{sh, sh_quiet, VethNs};
+use flowmap_testkit::agent::{http_get, Agent, AgentBuilder};
+use flowmap_testkit::collector::{self, header};
+use flowmap_testkit::net::{ifindex, privileged_serial, sh, Link, Netns};
+use flowmap_testkit::tempdir::TempDir;
 
 /// The e2e tests share interfaces of the host: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
-static CONFIGS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
-fn lock() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-struct Agent {
-    child: Child,
-    out: JoinHandle<String>,
-    err: Arc<Mutex<String>>,
-    _cfg: tempfile_path::TempPath,
-}
-
-mod tempfile_path {
-    /// A file removed on drop.
-    pub struct TempPath(pub std::path::PathBuf);
-    impl Drop for TempPath {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
-}
-
-impl Agent {
-    fn start(iface: &str, extra: &[&str]) -> Agent {
-        Agent::start_full(iface, "", extra, &[])
-    }
-
-    /// `header`: YAML lines under `coordimap:` (api_key, ...).
-    fn start_full(iface: &str, header: &str, extra: &[&str], envs: &[(&str, &str)]) -> Agent {
-        Agent::start_with(iface, header, "", extra, envs)
-    }
-
-    /// `options`: more YAML option entries of the data source.
-    fn start_with(
-        iface: &str,
-        header: &str,
-        options: &str,
-        extra: &[&str],
-        envs: &[(&str, &str)],
-    ) -> Agent {
-        Agent::start_in(None, iface, header, options, extra, envs)
-    }
-
-    /// As `start_with`, in network namespace `netns` when given.
-    fn start_in(
-        netns: Option<&str>,
-        iface: &str,
-        header: &str,
-        options: &str,
-        extra: &[&str],
-        envs: &[(&str, &str)],
-    ) -> Agent {
-        let path = std::env::temp_dir().join(format!(
-            "flowmap-e2e-{}-{iface}-{}.yaml",
-            std::process::id(),
-            CONFIGS.fetch_add(1, Ordering::SeqCst)
-        ));
-        std::fs::write(
-            &path,
-            format!(
-                "coordimap:\n{header}  data_sources:\n    - type: flows\n      data_source_id: e2e\n      config:\n        - name: interface_name\n          value: {iface}\n        - name: crawl_interval\n          value: 1s\n{options}"
-            ),
-        )
-        .unwrap();
-        let mut cmd = match netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_flowmap")]);
-                c
-            }
-            None => Command::new(env!("CARGO_BIN_EXE_flowmap")),
-        };
-        cmd.args(["run", "--config", path.to_str().unwrap()]);
-        if !extra.contains(&"--output") {
-            cmd.args(["--output", "flows"]);
-        }
-        cmd.args(extra)
-            .envs(envs.iter().copied())
-            .env_remove("COORDIMAP_ENDPOINT");
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start flowmap");
-        let mut stdout = child.stdout.take().unwrap();
-        let out = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = stdout.read_to_string(&mut s);
-            s
-        });
-        let err = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = mpsc::channel();
-        let sink = err.clone();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("flowmap running") {
-                    let _ = tx.send(());
-                }
-                sink.lock().unwrap().push_str(&(line + "\n"));
-            }
-        });
-        let a = Agent {
-            child,
-            out,
-            err,
-            _cfg: tempfile_path::TempPath(path),
-        };
-        if rx.recv_timeout(Duration::from_secs(30)).is_err() {
-            panic!("agent did not start:\n{}", a.err.lock().unwrap());
-        }
-        a
-    }
-
-    fn stderr(&self) -> String {
-        self.err.lock().unwrap().clone()
-    }
-
-    /// SIGTERM, wait, return stdout.
-    fn stop(mut self) -> (String, String) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let st = self.child.wait().unwrap();
-        let out = std::mem::replace(&mut self.out, std::thread::spawn(String::new))
-            .join()
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(100));
-        let err = self.stderr();
-        assert!(st.success(), "agent exit {st:?}\n{err}");
-        (out, err)
-    }
-
-    fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The agent binary on `iface`: data source `e2e`, a 1 s interval, its
+/// flow records on stdout.
+fn agent(iface: &str) -> AgentBuilder {
+    Agent::builder(env!("CARGO_BIN_EXE_flowmap"))
+        .id("e2e")
+        .iface(iface)
+        .interval("1s")
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -379,13 +244,10 @@ sys.stdin.read()
 struct Server(Child);
 
 impl Server {
-    fn start(v: &VethNs) -> Server {
-        Server::start_in(&v.ns)
-    }
-
-    fn start_in(ns: &str) -> Server {
+    /// The TCP and UDP servers of `SERVER` in namespace `ns`.
+    fn start(ns: &Netns) -> Server {
         let mut c = Command::new("ip")
-            .args(["netns", "exec", ns, "python3", "-c", SERVER])
+            .args(["netns", "exec", &ns.ns, "python3", "-c", SERVER])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -454,16 +316,8 @@ fn traffic(dst: IpAddr) -> (u16, u16) {
     (tcp_port, udp_port)
 }
 
-fn ifindex_of(dev: &str) -> u32 {
-    std::fs::read_to_string(format!("/sys/class/net/{dev}/ifindex"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 fn nothing_attached(dev: &str) {
-    let tcx = flowmap::datapath::attach::tcx_programs(ifindex_of(dev));
+    let tcx = flowmap::datapath::attach::tcx_programs(ifindex(dev));
     assert!(
         tcx.iter().all(|n| !n.starts_with("flowmap")),
         "flowmap TCX links left on {dev}: {tcx:?}"
@@ -486,14 +340,13 @@ fn nothing_attached(dev: &str) {
 
 #[test]
 fn exact_counts_ipv4_and_ipv6_through_a_veth() {
-    if !common::privileged("exact_counts_ipv4_and_ipv6_through_a_veth") {
+    let Some(_g) = privileged_serial("exact_counts_ipv4_and_ipv6_through_a_veth", &SERIAL) else {
         return;
-    }
-    let _g = lock();
-    let v = VethNs::new();
+    };
+    let v = Netns::new().unwrap();
     let _server = Server::start(&v);
     let cap = Capture::start(v.ifindex());
-    let agent = Agent::start(&v.host, &[]);
+    let agent = agent(&v.host).start().unwrap();
     // Within the start-up grace a UDP flow may have been running before the
     // agent: its first packet does not decide; the bound socket on this
     // host's port 7000 does.
@@ -507,7 +360,7 @@ fn exact_counts_ipv4_and_ipv6_through_a_veth() {
     let (t6, u6) = traffic(v.peer_v6.parse().unwrap());
     std::thread::sleep(Duration::from_millis(300));
     let captured = cap.finish();
-    let (out, err) = agent.stop();
+    let (out, err) = agent.stop().unwrap();
     nothing_attached(&v.host);
     let got = agent_totals(&out);
     let early: Tuple = (
@@ -607,20 +460,19 @@ fn exact_counts_ipv4_and_ipv6_through_a_veth() {
 
 #[test]
 fn a_veth_created_while_running_is_attached_and_counted() {
-    if !common::privileged("a_veth_created_while_running_is_attached_and_counted") {
+    let Some(_g) = privileged_serial(
+        "a_veth_created_while_running_is_attached_and_counted",
+        &SERIAL,
+    ) else {
         return;
-    }
-    let _g = lock();
-    let agent = Agent::start("all", &[]);
-    let v = VethNs::new();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !agent.stderr().contains(&format!("interface={}", v.host)) {
-        assert!(
-            Instant::now() < deadline,
-            "new veth not attached:\n{}",
-            agent.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(50));
+    };
+    let agent = agent("all").start().unwrap();
+    let v = Netns::new().unwrap();
+    if agent
+        .wait_log(&format!("interface={}", v.host), Duration::from_secs(5))
+        .is_err()
+    {
+        panic!("new veth not attached:\n{}", agent.stderr());
     }
     let u = UdpSocket::bind("0.0.0.0:0").unwrap();
     let port = u.local_addr().unwrap().port();
@@ -628,7 +480,7 @@ fn a_veth_created_while_running_is_attached_and_counted() {
         u.send_to(&[0u8; 300], (v.peer_v4.as_str(), 5999)).unwrap();
     }
     std::thread::sleep(Duration::from_millis(300));
-    let (out, _) = agent.stop();
+    let (out, _) = agent.stop().unwrap();
     let got = agent_totals(&out);
     let t: Tuple = (
         "udp".into(),
@@ -653,13 +505,16 @@ fn a_veth_created_while_running_is_attached_and_counted() {
 
 #[test]
 fn nothing_stays_attached_after_sigkill_and_restart() {
-    if !common::privileged("nothing_stays_attached_after_sigkill_and_restart") {
+    let Some(_g) = privileged_serial("nothing_stays_attached_after_sigkill_and_restart", &SERIAL)
+    else {
         return;
-    }
-    let _g = lock();
-    let v = VethNs::new();
+    };
+    let v = Netns::new().unwrap();
     // TCX links die with the process.
-    let a = Agent::start(&v.host, &["--attach-mode", "tcx"]);
+    let a = agent(&v.host)
+        .args(&["--attach-mode", "tcx"])
+        .start()
+        .unwrap();
     let tcx = flowmap::datapath::attach::tcx_programs(v.ifindex());
     assert_eq!(
         tcx.iter().filter(|n| *n == "flowmap_eth").count(),
@@ -671,7 +526,10 @@ fn nothing_stays_attached_after_sigkill_and_restart() {
     nothing_attached(&v.host);
 
     // Classic TC filters outlive a killed process ...
-    let a = Agent::start(&v.host, &["--attach-mode", "tc"]);
+    let a = agent(&v.host)
+        .args(&["--attach-mode", "tc"])
+        .start()
+        .unwrap();
     a.kill();
     let left = sh(&["tc", "filter", "show", "dev", &v.host, "ingress"]);
     assert!(
@@ -679,186 +537,18 @@ fn nothing_stays_attached_after_sigkill_and_restart() {
         "the killed agent's filter should remain:\n{left}"
     );
     // ... and the next start removes them, and its own at exit.
-    let a = Agent::start(&v.host, &["--attach-mode", "tc"]);
+    let a = agent(&v.host)
+        .args(&["--attach-mode", "tc"])
+        .start()
+        .unwrap();
     assert!(
         a.stderr()
             .contains("removed TC filters left by an earlier flowmap"),
         "{}",
         a.stderr()
     );
-    let (_, _) = a.stop();
+    a.stop().unwrap();
     nothing_attached(&v.host);
-}
-
-/// A collector on loopback, started by the test: it speaks Coordimap's
-/// reply format and can be told to fail, be slow, or be down.
-mod collector {
-    use std::sync::{Arc, Mutex};
-    use std::time::Duration;
-
-    use axum::body::Bytes;
-    use axum::extract::State;
-    use axum::http::{HeaderMap, StatusCode};
-    use axum::routing::post;
-    use axum::Router;
-
-    #[derive(Clone, Copy, PartialEq, Debug)]
-    pub enum Mode {
-        Ok,
-        Fail500,
-        Slow(Duration),
-    }
-
-    /// (headers, body) of one accepted request.
-    pub type Request = (Vec<(String, String)>, Vec<u8>);
-
-    #[derive(Default)]
-    pub struct Log {
-        /// Each accepted request, in arrival order.
-        pub accepted: Vec<Request>,
-        pub refused: u64,
-    }
-
-    #[derive(Clone)]
-    struct Shared {
-        mode: Arc<Mutex<Mode>>,
-        log: Arc<Mutex<Log>>,
-    }
-
-    pub struct Server {
-        pub port: u16,
-        mode: Arc<Mutex<Mode>>,
-        pub log: Arc<Mutex<Log>>,
-        rt: tokio::runtime::Runtime,
-        task: Option<tokio::task::JoinHandle<()>>,
-    }
-
-    async fn collect(
-        State(st): State<Shared>,
-        headers: HeaderMap,
-        body: Bytes,
-    ) -> (StatusCode, String) {
-        let mode = *st.mode.lock().unwrap();
-        match mode {
-            Mode::Fail500 => {
-                st.log.lock().unwrap().refused += 1;
-                return (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "{\"status\":{\"http_code\":500,\"message\":\"boom\"}}".into(),
-                );
-            }
-            Mode::Slow(d) => tokio::time::sleep(d).await,
-            Mode::Ok => {}
-        }
-        let h = headers
-            .iter()
-            .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
-            .collect();
-        st.log.lock().unwrap().accepted.push((h, body.to_vec()));
-        (
-            StatusCode::OK,
-            "{\"status\":{\"http_code\":200,\"message\":\"ok\",\"error_code\":\"\"}}".into(),
-        )
-    }
-
-    impl Server {
-        pub fn start() -> Server {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .unwrap();
-            let mut s = Server {
-                port: 0,
-                mode: Arc::new(Mutex::new(Mode::Ok)),
-                log: Arc::new(Mutex::new(Log::default())),
-                rt,
-                task: None,
-            };
-            s.up();
-            s
-        }
-
-        pub fn url(&self) -> String {
-            format!("http://127.0.0.1:{}/api/crawl", self.port)
-        }
-
-        /// The bodies of the accepted requests, in arrival order.
-        pub fn bodies(&self) -> Vec<Vec<u8>> {
-            let log = self.log.lock().unwrap();
-            log.accepted.iter().map(|(_, b)| b.clone()).collect()
-        }
-
-        pub fn set_mode(&self, m: Mode) {
-            *self.mode.lock().unwrap() = m;
-        }
-
-        /// Listens again (on the same port after `down`).
-        pub fn up(&mut self) {
-            let shared = Shared {
-                mode: self.mode.clone(),
-                log: self.log.clone(),
-            };
-            let port = self.port;
-            let listener = self.rt.block_on(async move {
-                for _ in 0..50 {
-                    if let Ok(l) = tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
-                        return l;
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                panic!("cannot listen on 127.0.0.1:{port}");
-            });
-            self.port = listener.local_addr().unwrap().port();
-            let app = Router::new()
-                .route("/api/crawl", post(collect))
-                .with_state(shared);
-            self.task = Some(self.rt.spawn(async move {
-                let _ = axum::serve(listener, app).await;
-            }));
-        }
-
-        /// Closes the listener and every connection.
-        pub fn down(&mut self) {
-            if let Some(t) = self.task.take() {
-                t.abort();
-                let _ = self.rt.block_on(t);
-            }
-        }
-    }
-
-    impl Drop for Server {
-        fn drop(&mut self) {
-            self.down();
-        }
-    }
-}
-
-/// A directory removed on drop.
-struct TempDir(std::path::PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!("flowmap-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        TempDir(p)
-    }
-    fn path(&self) -> &str {
-        self.0.to_str().unwrap()
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn header<'a>(h: &'a [(String, String)], name: &str) -> &'a str {
-    h.iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
-        .unwrap_or("")
 }
 
 /// (protocol, port) → summed flow stats of relationship src → dst over all batches.
@@ -916,35 +606,27 @@ fn edge_totals(bodies: &[Vec<u8>], src: &str, dst: &str) -> HashMap<(String, u64
 
 #[test]
 fn ships_the_graph_to_a_collector_on_loopback() {
-    if !common::privileged("ships_the_graph_to_a_collector_on_loopback") {
+    let Some(_g) = privileged_serial("ships_the_graph_to_a_collector_on_loopback", &SERIAL) else {
         return;
-    }
-    let _g = lock();
-    let v = VethNs::new();
+    };
+    let v = Netns::new().unwrap();
     let _server = Server::start(&v);
     let col = collector::Server::start();
     let state = TempDir::new("wire");
     let cap = Capture::start(v.ifindex());
     let url = col.url();
-    let agent = Agent::start_full(
-        &v.host,
-        "  api_key: ${FM_TEST_KEY}\n",
-        &[
-            "--endpoint",
-            &url,
-            "--state-dir",
-            state.path(),
-            "--output",
-            "none",
-            "--retry-max",
-            "1s",
-        ],
-        &[("FM_TEST_KEY", "k-123-not-for-logs")],
-    );
+    let agent = agent(&v.host)
+        .api_key("${FM_TEST_KEY}")
+        .args(&["--endpoint", &url, "--retry-max", "1s"])
+        .state_dir(state.path())
+        .output("none")
+        .env("FM_TEST_KEY", "k-123-not-for-logs")
+        .start()
+        .unwrap();
     let (tcp_port, _) = traffic(v.peer_v4.parse().unwrap());
     std::thread::sleep(Duration::from_millis(300));
     let captured = cap.finish();
-    let (_, err) = agent.stop();
+    let (_, err) = agent.stop().unwrap();
     assert!(
         !err.contains("k-123-not-for-logs"),
         "the API key reached a log line"
@@ -1003,37 +685,37 @@ fn count_spooled(err: &str) -> u64 {
 
 #[test]
 fn every_batch_arrives_once_in_order_through_failures_and_a_restart() {
-    if !common::privileged("every_batch_arrives_once_in_order_through_failures_and_a_restart") {
-        return;
-    }
     use collector::Mode;
-    let _g = lock();
-    let v = VethNs::new();
+    let Some(_g) = privileged_serial(
+        "every_batch_arrives_once_in_order_through_failures_and_a_restart",
+        &SERIAL,
+    ) else {
+        return;
+    };
+    let v = Netns::new().unwrap();
     let mut col = collector::Server::start();
     let state = TempDir::new("faults");
     let url = col.url();
-    let args = [
-        "--endpoint",
-        url.as_str(),
-        "--state-dir",
-        state.path(),
-        "--output",
-        "none",
-        "--retry-max",
-        "1s",
-        "--shutdown-timeout",
-        "1s",
-    ];
-    let envs = [("FM_TEST_KEY", "k")];
-    let a1 = Agent::start_full(&v.host, "  api_key: ${FM_TEST_KEY}\n", &args, &envs);
+    let start = || {
+        agent(&v.host)
+            .api_key("${FM_TEST_KEY}")
+            .args(&["--endpoint", &url, "--retry-max", "1s"])
+            .args(&["--shutdown-timeout", "1s"])
+            .state_dir(state.path())
+            .output("none")
+            .env("FM_TEST_KEY", "k")
+            .start()
+            .unwrap()
+    };
+    let a1 = start();
     std::thread::sleep(Duration::from_millis(2500));
     col.set_mode(Mode::Fail500);
     std::thread::sleep(Duration::from_secs(3));
     col.down();
     std::thread::sleep(Duration::from_secs(2));
     // Restarted while the collector is down: what is spooled waits on disk.
-    let (_, err1) = a1.stop();
-    let a2 = Agent::start_full(&v.host, "  api_key: ${FM_TEST_KEY}\n", &args, &envs);
+    let (_, err1) = a1.stop().unwrap();
+    let a2 = start();
     std::thread::sleep(Duration::from_secs(2));
     col.set_mode(Mode::Slow(Duration::from_secs(2)));
     col.up();
@@ -1042,7 +724,7 @@ fn every_batch_arrives_once_in_order_through_failures_and_a_restart() {
     // Give the backlog time to drain, then stop: the last batch goes too.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let spooled = std::fs::read_dir(std::path::Path::new(state.path()).join("spool"))
+        let spooled = std::fs::read_dir(state.path().join("spool"))
             .unwrap()
             .filter(|e| {
                 e.as_ref()
@@ -1057,7 +739,7 @@ fn every_batch_arrives_once_in_order_through_failures_and_a_restart() {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    let (_, err2) = a2.stop();
+    let (_, err2) = a2.stop().unwrap();
     let built = count_spooled(&err1) + count_spooled(&err2);
     let log = col.log.lock().unwrap();
     let seqs: Vec<u64> = log
@@ -1076,22 +758,6 @@ fn every_batch_arrives_once_in_order_through_failures_and_a_restart() {
         err2.contains("undelivered batches found in the spool"),
         "{err2}"
     );
-}
-
-/// GET over plain HTTP/1.0; returns (status, body).
-fn http_get(port: u16, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (status, body.to_string())
 }
 
 /// Parses Prometheus text: every sample line is `name[{labels}] value`.
@@ -1135,7 +801,7 @@ fn chromium(args: &[&str]) -> String {
             "--disable-component-update",
             "--disable-sync",
             "--hide-scrollbars",
-            &format!("--user-data-dir={}", profile.path()),
+            &format!("--user-data-dir={}", profile.path().display()),
             "--virtual-time-budget=15000",
             "--window-size=1400,900",
         ])
@@ -1147,10 +813,9 @@ fn chromium(args: &[&str]) -> String {
 
 #[test]
 fn local_store_map_page_and_metrics() {
-    if !common::privileged("local_store_map_page_and_metrics") {
+    let Some(_g) = privileged_serial("local_store_map_page_and_metrics", &SERIAL) else {
         return;
-    }
-    let _g = lock();
+    };
     if Command::new("chromium").arg("--version").output().is_err() {
         if std::env::var("CI").as_deref() == Ok("true") {
             panic!("chromium is not installed (scripts/setup.sh installs it) and CI=true forbids skipping");
@@ -1158,25 +823,16 @@ fn local_store_map_page_and_metrics() {
         eprintln!("SKIP local_store_map_page_and_metrics: chromium is not installed");
         return;
     }
-    let v = VethNs::new();
+    let v = Netns::new().unwrap();
     let _server = Server::start(&v);
     let state = TempDir::new("store");
-    let port = common::free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let agent = Agent::start_full(
-        &v.host,
-        "",
-        &[
-            "--state-dir",
-            state.path(),
-            "--listen",
-            &listen,
-            "--output",
-            "none",
-        ],
-        &[],
-    );
-    let (code, health) = http_get(port, "/healthz");
+    let agent = agent(&v.host)
+        .state_dir(state.path())
+        .output("none")
+        .start()
+        .unwrap();
+    let port = agent.port();
+    let (code, health) = http_get(port, "/healthz").unwrap();
     assert_eq!(code, 200, "{health}");
     let h: serde_json::Value = serde_json::from_str(&health).unwrap();
     assert_eq!(
@@ -1186,12 +842,12 @@ fn local_store_map_page_and_metrics() {
         ),
         (Some("ok"), Some(1))
     );
-    let before = prom_samples(&http_get(port, "/metrics").1);
+    let before = prom_samples(&http_get(port, "/metrics").unwrap().1);
 
     traffic(v.peer_v4.parse().unwrap());
     // Two intervals of 1 s go by: the graph is stored.
     std::thread::sleep(Duration::from_millis(2500));
-    let (code, body) = http_get(port, "/api/graph?since=15m&protocol=udp");
+    let (code, body) = http_get(port, "/api/graph?since=15m&protocol=udp").unwrap();
     assert_eq!(code, 200, "{body}");
     let g: serde_json::Value = serde_json::from_str(&body).unwrap();
     let host = format!("e2e-flows.host-{}", flowmap::enrich::host::hostname());
@@ -1224,9 +880,9 @@ fn local_store_map_page_and_metrics() {
         .map(|n| n["name"].as_str().unwrap())
         .collect();
     assert!(names.contains(&v.peer_v4.as_str()), "{names:?}");
-    assert_eq!(http_get(port, "/api/graph?since=soon").0, 400);
+    assert_eq!(http_get(port, "/api/graph?since=soon").unwrap().0, 400);
 
-    let after = prom_samples(&http_get(port, "/metrics").1);
+    let after = prom_samples(&http_get(port, "/metrics").unwrap().1);
     let moved =
         |k: &str| after.get(k).copied().unwrap_or(0.0) - before.get(k).copied().unwrap_or(0.0);
     assert!(
@@ -1268,13 +924,13 @@ fn local_store_map_page_and_metrics() {
         png.len()
     );
 
-    let (_, _) = agent.stop();
+    agent.stop().unwrap();
     // The CLI reads the same store.
     let out = Command::new(env!("CARGO_BIN_EXE_flowmap"))
         .args([
             "top",
             "--state-dir",
-            state.path(),
+            state.path().to_str().unwrap(),
             "--since",
             "15m",
             "--by",
@@ -1298,76 +954,26 @@ fn local_store_map_page_and_metrics() {
 
 const CLUSTER_UID: &str = "6f5f56e3-0123-4567-89ab-6c8f1e2a0cde";
 
-/// A network namespace removed on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new(name: String) -> Netns {
-        sh(&["ip", "netns", "add", &name]);
-        Netns(name)
-    }
-
-    fn exec(&self, args: &[&str]) -> String {
-        let mut a = vec!["ip", "netns", "exec", self.0.as_str()];
-        a.extend_from_slice(args);
-        sh(&a)
-    }
-
-    /// Sends UDP datagrams of `sizes` to `dst`:`port` from this namespace;
-    /// each must be answered with 50 bytes.
-    fn udp(&self, dst: &str, port: u16, sizes: &[usize]) {
-        let script = format!(
-            "import socket\nu=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nu.settimeout(3)\n\
-             for n in {sizes:?}:\n    u.sendto(b'x'*n,('{dst}',{port}))\n    assert len(u.recv(100))==50\n"
-        );
-        self.exec(&["python3", "-c", &script]);
-    }
+/// Sends UDP datagrams of `sizes` to `dst`:`port` from namespace `ns`;
+/// each must be answered with 50 bytes.
+fn udp_from(ns: &Netns, dst: &str, port: u16, sizes: &[usize]) {
+    let script = format!(
+        "import socket\nu=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nu.settimeout(3)\n\
+         for n in {sizes:?}:\n    u.sendto(b'x'*n,('{dst}',{port}))\n    assert len(u.recv(100))==50\n"
+    );
+    ns.exec(&["python3", "-c", &script]);
 }
 
-impl Drop for Netns {
-    fn drop(&mut self) {
-        sh_quiet(&["ip", "netns", "del", &self.0]);
-    }
-}
-
-/// A "pod" on a bridge (as with a bridge CNI): a namespace whose veth's
-/// node end is a port of the bridge.
-struct PodNs {
-    ns: Netns,
-    host: String,
-}
-
-impl PodNs {
-    fn new(tag: &str, bridge: &str, ip: &str) -> PodNs {
-        let id = std::process::id() % 100_000;
-        let p = PodNs {
-            ns: Netns::new(format!("fmk{id}{tag}")),
-            host: format!("fmk{id}{tag}h"),
-        };
-        sh(&[
-            "ip", "link", "add", &p.host, "type", "veth", "peer", "name", "eth0", "netns", &p.ns.0,
-        ]);
-        sh(&["ip", "link", "set", &p.host, "master", bridge]);
-        sh(&["ip", "link", "set", &p.host, "up"]);
-        p.ns.exec(&["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
-        p.ns.exec(&["ip", "link", "set", "eth0", "up"]);
-        p.ns.exec(&["ip", "link", "set", "lo", "up"]);
-        p
-    }
-}
-
-impl Drop for PodNs {
-    fn drop(&mut self) {
-        sh_quiet(&["ip", "link", "del", &self.host]);
-    }
-}
-
-struct Bridge(String);
-
-impl Drop for Bridge {
-    fn drop(&mut self) {
-        sh_quiet(&["ip", "link", "del", &self.0]);
-    }
+/// A pod of the test cluster: a namespace whose `eth0` has `ip`/24, its
+/// veth's node end a port of `bridge` (as with a bridge CNI).
+fn pod_on(bridge: &Link, ip: &str) -> Netns {
+    Netns::builder()
+        .pod()
+        .bridge(bridge)
+        .v4("", ip, 24)
+        .no_v6()
+        .build()
+        .unwrap()
 }
 
 /// A web pod of the test cluster's Deployment `web`.
@@ -1402,32 +1008,33 @@ fn shop_cluster(
 /// The agent in Kubernetes mode on every interface of `netns` (None: this
 /// one), against the stand-in API, shipping to `col`.
 fn kube_agent(
-    netns: Option<&str>,
+    netns: Option<&Netns>,
     api: &flowmap_testkit::standin::StandIn,
     col: &collector::Server,
     state: &TempDir,
     node: &str,
-) -> (Agent, tempfile_path::TempPath) {
-    let kubeconfig = std::env::temp_dir().join(format!(
-        "flowmap-e2e-kubeconfig-{}-{node}",
-        std::process::id()
-    ));
-    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
-    let kc = tempfile_path::TempPath(kubeconfig.clone());
-    let agent = Agent::start_in(
-        netns,
-        "all",
-        "  api_key: k-kube\n",
-        &format!(
-            "        - name: deployedAt\n          value: kubernetes\n        - name: external_mappings\n          value: \"*@{CLUSTER_UID}\"\n"
-        ),
-        &["--endpoint", &col.url(), "--state-dir", state.path(), "--output", "none", "--retry-max", "1s", "--no-web"],
-        &[("KUBECONFIG", kubeconfig.to_str().unwrap()), ("NODE_NAME", node)],
-    );
+) -> Agent {
+    let mut b = agent("all")
+        .api_key("k-kube")
+        .option("deployedAt", "kubernetes")
+        .option("external_mappings", format!("\"*@{CLUSTER_UID}\""))
+        .args(&["--endpoint", &col.url(), "--retry-max", "1s"])
+        .state_dir(state.path())
+        .output("none")
+        .no_web()
+        .env("NODE_NAME", node);
+    if let Some(ns) = netns {
+        b = b.netns(ns);
+    }
+    let kubeconfig = b.file("kubeconfig", &api.kubeconfig());
+    let agent = b
+        .env("KUBECONFIG", kubeconfig.to_str().unwrap())
+        .start()
+        .unwrap();
     let err = agent.stderr();
     assert!(err.contains("Kubernetes watch caches in sync"), "{err}");
     assert!(!err.contains("differs from this cluster's"), "{err}");
-    (agent, kc)
+    agent
 }
 
 fn pod_id(name: &str) -> String {
@@ -1446,44 +1053,43 @@ fn udp_exchange(sizes: &[usize]) -> [u64; 6] {
 #[test]
 fn kubernetes_mode_attaches_flows_to_pods_and_follows_ip_reuse() {
     use flowmap_testkit::standin::StandIn;
-    if !common::privileged("kubernetes_mode_attaches_flows_to_pods_and_follows_ip_reuse") {
+    let Some(_g) = privileged_serial(
+        "kubernetes_mode_attaches_flows_to_pods_and_follows_ip_reuse",
+        &SERIAL,
+    ) else {
         return;
-    }
-    let _g = lock();
+    };
     let net = format!("10.213.{}", 230 + std::process::id() % 20);
     let (node_ip, client_ip, web_ip) =
         (format!("{net}.1"), format!("{net}.10"), format!("{net}.11"));
-    let br = Bridge(format!("fmkb{}", std::process::id() % 100_000));
-    sh(&["ip", "link", "add", &br.0, "type", "bridge"]);
-    sh(&["ip", "addr", "add", &format!("{node_ip}/24"), "dev", &br.0]);
-    sh(&["ip", "link", "set", &br.0, "up"]);
-    let client = PodNs::new("a", &br.0, &client_ip);
-    let web1 = PodNs::new("b", &br.0, &web_ip);
-    let server1 = Server::start_in(&web1.ns.0);
+    let br = Link::bridge(&format!("{node_ip}/24")).unwrap();
+    let client = pod_on(&br, &client_ip);
+    let web1 = pod_on(&br, &web_ip);
+    let server1 = Server::start(&web1);
     let api = StandIn::start().unwrap();
     shop_cluster(&api, "node-e2e", &node_ip, &client_ip, &web_ip);
     let col = collector::Server::start();
     let state = TempDir::new("kube");
-    let (agent, _kc) = kube_agent(None, &api, &col, &state, "node-e2e");
+    let agent = kube_agent(None, &api, &col, &state, "node-e2e");
 
     // Traffic to the first pod, which is then deleted before the agent's
     // next drain: its flows still belong to it, by their time.
-    client.ns.udp(&web_ip, 5002, &[100, 200, 300]);
+    udp_from(&client, &web_ip, 5002, &[100, 200, 300]);
     std::thread::sleep(Duration::from_millis(100));
     api.delete("Pod", Some("shop"), "web-6b9f-aaaaa");
     drop(server1);
     drop(web1);
     // The IP comes back as a new pod, in a new namespace on a new veth.
-    let web2 = PodNs::new("c", &br.0, &web_ip);
-    let _server2 = Server::start_in(&web2.ns.0);
+    let web2 = pod_on(&br, &web_ip);
+    let _server2 = Server::start(&web2);
     api.upsert(web_pod("web-6b9f-bbbbb", &web_ip, "node-e2e"));
     // The client forgets the old pod's MAC (a CNI announces the new one).
-    client.ns.exec(&["ip", "neigh", "flush", "all"]);
+    client.exec(&["ip", "neigh", "flush", "all"]);
     // The new veth is attached within the poll period.
     std::thread::sleep(Duration::from_millis(1200));
-    client.ns.udp(&web_ip, 5002, &[400, 500, 600, 700]);
+    udp_from(&client, &web_ip, 5002, &[400, 500, 600, 700]);
     std::thread::sleep(Duration::from_millis(1500));
-    let (_, err) = agent.stop();
+    let (_, err) = agent.stop().unwrap();
 
     let bodies = col.bodies();
     let udp = ("udp".to_string(), 5002);
@@ -1537,70 +1143,33 @@ fn kubernetes_mode_attaches_flows_to_pods_and_follows_ip_reuse() {
     drop(client);
 }
 
-/// Runs `f` on a thread inside network namespace `ns`: sockets it makes,
-/// and threads it starts, live there.
-fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let fd = std::fs::File::open(&path).unwrap();
-        // SAFETY: setns on an open namespace file for this thread only.
-        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&fd), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns {path}");
-        f()
-    })
-    .join()
-    .unwrap()
-}
-
 #[test]
 fn kubernetes_mode_sees_pod_to_service_to_pod_through_a_cluster_ip() {
     use flowmap_testkit::standin::{self, StandIn};
-    if !common::privileged("kubernetes_mode_sees_pod_to_service_to_pod_through_a_cluster_ip") {
+    let Some(_g) = privileged_serial(
+        "kubernetes_mode_sees_pod_to_service_to_pod_through_a_cluster_ip",
+        &SERIAL,
+    ) else {
         return;
-    }
-    let _g = lock();
-    let id = std::process::id() % 100_000;
+    };
     // A node that routes between two pods and DNATs a ClusterIP the way
     // kube-proxy's nftables mode does; the agent, the API server and the
     // collector all live in the node's namespace (its loopback).
-    let node = Netns::new(format!("fmk{id}n"));
-    let client = Netns::new(format!("fmk{id}x"));
-    let web = Netns::new(format!("fmk{id}y"));
-    for (pod, i) in [(&client, 1), (&web, 2)] {
-        let host = format!("fmk{id}{i}h");
-        sh(&[
-            "ip", "link", "add", &host, "type", "veth", "peer", "name", "eth0", "netns", &pod.0,
-        ]);
-        sh(&["ip", "link", "set", &host, "netns", &node.0]);
-        node.exec(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("10.214.{i}.1/24"),
-            "dev",
-            &host,
-        ]);
-        node.exec(&["ip", "link", "set", &host, "up"]);
-        pod.exec(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("10.214.{i}.2/24"),
-            "dev",
-            "eth0",
-        ]);
-        pod.exec(&["ip", "link", "set", "eth0", "up"]);
-        pod.exec(&["ip", "link", "set", "lo", "up"]);
-        pod.exec(&[
-            "ip",
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("10.214.{i}.1"),
-        ]);
-    }
-    node.exec(&["ip", "link", "set", "lo", "up"]);
+    let node = Netns::builder().no_link().build().unwrap();
+    let routed_pod = |i: u8| {
+        let (gw, ip) = (format!("10.214.{i}.1"), format!("10.214.{i}.2"));
+        let pod = Netns::builder()
+            .pod()
+            .host_in(&node)
+            .v4(&gw, &ip, 24)
+            .no_v6()
+            .build()
+            .unwrap();
+        pod.exec(&["ip", "route", "add", "default", "via", &gw]);
+        pod
+    };
+    let client = routed_pod(1);
+    let web = routed_pod(2);
     node.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
     node.exec(&[
         "nft",
@@ -1608,18 +1177,18 @@ fn kubernetes_mode_sees_pod_to_service_to_pod_through_a_cluster_ip() {
          add chain ip kubeproxy prerouting { type nat hook prerouting priority dstnat; policy accept; }; \
          add rule ip kubeproxy prerouting ip daddr 10.96.0.10 udp dport 80 dnat to 10.214.2.2:5002",
     ]);
-    let _server = Server::start_in(&web.0);
-    let (api, col) = in_netns(&node.0, || {
-        (StandIn::start().unwrap(), collector::Server::start())
-    });
+    let _server = Server::start(&web);
+    let (api, col) = node
+        .run_in(|| (StandIn::start().unwrap(), collector::Server::start()))
+        .unwrap();
     shop_cluster(&api, "node-k", "10.214.1.1", "10.214.1.2", "10.214.2.2");
     api.upsert(standin::service("shop", "web", "10.96.0.10", 80, 5002));
     let state = TempDir::new("kube-svc");
-    let (agent, _kc) = kube_agent(Some(&node.0), &api, &col, &state, "node-k");
+    let agent = kube_agent(Some(&node), &api, &col, &state, "node-k");
     let sizes = [120, 240, 360];
-    client.udp("10.96.0.10", 80, &sizes);
+    udp_from(&client, "10.96.0.10", 80, &sizes);
     std::thread::sleep(Duration::from_millis(1500));
-    let (_, err) = agent.stop();
+    let (_, err) = agent.stop().unwrap();
 
     let bodies = col.bodies();
     let svc = format!("{CLUSTER_UID}-shop-kubernetes.service-web");

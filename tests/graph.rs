@@ -1,20 +1,16 @@
 //! Aggregation of flow records into edges, and the exact Coordimap encoding.
 
 use std::net::IpAddr;
-use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use flowmap::config::FlowsSource;
 use flowmap::enrich::host::HostView;
 use flowmap::enrich::server::ServerResolver;
-use flowmap::flow::{Counters, FlowRecord};
+use flowmap::flow::FlowRecord;
 use flowmap::graph::{EdgeKey, Graph};
 use flowmap::sinks::coordimap::{encode, hex_sha256, Batch};
+use flowmap_testkit::records::{at, record};
 use serde_json::json;
-
-fn at(s: u64) -> SystemTime {
-    SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + s)
-}
 
 fn rec(
     src: &str,
@@ -26,22 +22,8 @@ fn rec(
     s2c: (u64, u64),
 ) -> FlowRecord {
     FlowRecord {
-        src_to_dst: Counters {
-            packets: c2s.0,
-            bytes: c2s.1,
-        },
-        dst_to_src: Counters {
-            packets: s2c.0,
-            bytes: s2c.1,
-        },
-        first_seen: at(1),
         last_seen: at(2),
-        ..FlowRecord::between(
-            proto,
-            (src.parse().unwrap(), sport),
-            (dst.parse().unwrap(), dport),
-            at(1),
-        )
+        ..record(proto, (src, sport), (dst, dport), 1, c2s, s2c)
     }
 }
 

@@ -10,20 +10,18 @@ use flowmap::config::parse;
 use flowmap::enrich::host::HostView;
 use flowmap::enrich::kube::index::{Cluster, Kind, Target};
 use flowmap::enrich::kube::KubeResolver;
-use flowmap::flow::{Counters, FlowRecord};
+use flowmap::flow::FlowRecord;
 use flowmap::graph::{EdgeKey, Graph};
 use flowmap::sinks::coordimap::encode;
+use flowmap_testkit::records::{at, record};
 use flowmap_testkit::standin;
+use flowmap_testkit::tempdir::TempDir;
 use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use serde_json::json;
 
 const UID: &str = "5f0c4d2a-8e1b-4c3d-9a7f-2b6e1d0c9f84";
-
-fn at(s: u64) -> SystemTime {
-    SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + s)
-}
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
@@ -274,16 +272,8 @@ fn rec(
     s2c: (u64, u64),
 ) -> FlowRecord {
     FlowRecord {
-        src_to_dst: Counters {
-            packets: c2s.0,
-            bytes: c2s.1,
-        },
-        dst_to_src: Counters {
-            packets: s2c.0,
-            bytes: s2c.1,
-        },
         opened: true,
-        ..FlowRecord::between("tcp", (ip(src), sport), (ip(dst), dport), at(t))
+        ..record("tcp", (src, sport), (dst, dport), t, c2s, s2c)
     }
 }
 
@@ -668,36 +658,40 @@ fn deleted_pods_kept_for_their_flows_are_capped() {
 
 /// Kubernetes mode with no API to talk to: a clear error, before the
 /// program is loaded or anything attached.
+/// `flowmap run --no-store --no-web` on `config` until it exits, with a
+/// directory of its own as its state directory; `env` adds to its
+/// environment. (exit code, stderr).
+fn run_to_exit(
+    config: &str,
+    env: impl FnOnce(&mut std::process::Command, &std::path::Path),
+) -> (Option<i32>, String) {
+    let dir = TempDir::new("nokube");
+    let cfg = dir.file("config.yaml", config);
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_flowmap"));
+    cmd.args(["run", "--config", cfg.to_str().unwrap()])
+        .args(["--no-store", "--no-web", "--state-dir"])
+        .arg(dir.path());
+    env(&mut cmd, dir.path());
+    let out = cmd.output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 #[test]
 fn without_an_api_server_the_agent_stops_before_attaching() {
-    let dir = std::env::temp_dir().join(format!("flowmap-nokube-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let cfg = dir.join("config.yaml");
-    std::fs::write(
-        &cfg,
-        format!("coordimap:\n  data_sources:\n    - type: flows\n      data_source_id: f1\n      config:\n        - name: deployedAt\n          value: kubernetes\n        - name: external_mappings\n          value: \"*@{UID}\"\n"),
-    )
-    .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_flowmap"))
-        .args([
-            "run",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--no-store",
-            "--no-web",
-            "--state-dir",
-            dir.to_str().unwrap(),
-        ])
-        .env("HOME", &dir)
-        .env_remove("KUBECONFIG")
-        .env_remove("KUBERNETES_SERVICE_HOST")
-        .env_remove("KUBERNETES_SERVICE_PORT")
-        .env_remove("COORDIMAP_ENDPOINT")
-        .output()
-        .unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    let (code, err) = run_to_exit(
+        &format!("coordimap:\n  data_sources:\n    - type: flows\n      data_source_id: f1\n      config:\n        - name: deployedAt\n          value: kubernetes\n        - name: external_mappings\n          value: \"*@{UID}\"\n"),
+        |c, dir| {
+            c.env("HOME", dir)
+                .env_remove("KUBECONFIG")
+                .env_remove("KUBERNETES_SERVICE_HOST")
+                .env_remove("KUBERNETES_SERVICE_PORT")
+                .env_remove("COORDIMAP_ENDPOINT");
+        },
+    );
+    assert_eq!(code, Some(1), "{err}");
     assert!(
         err.contains("deployedAt kubernetes: no Kubernetes API to talk to")
             && err.contains("set KUBECONFIG (or ~/.kube/config)"),
@@ -707,25 +701,10 @@ fn without_an_api_server_the_agent_stops_before_attaching() {
 
     // A mapping whose key matches neither this node nor `*`: named.
     let cfg2 = "coordimap:\n  data_sources:\n    - type: flows\n      data_source_id: f1\n      config:\n        - name: deployedAt\n          value: kubernetes\n        - name: external_mappings\n          value: \"other-node@x\"\n";
-    let dir2 = std::env::temp_dir().join(format!("flowmap-nokube2-{}", std::process::id()));
-    std::fs::create_dir_all(&dir2).unwrap();
-    std::fs::write(dir2.join("c.yaml"), cfg2).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_flowmap"))
-        .args([
-            "run",
-            "--config",
-            dir2.join("c.yaml").to_str().unwrap(),
-            "--no-store",
-            "--no-web",
-            "--state-dir",
-            dir2.to_str().unwrap(),
-        ])
-        .env("NODE_NAME", "node-7")
-        .output()
-        .unwrap();
-    let _ = std::fs::remove_dir_all(&dir2);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    let (code, err) = run_to_exit(cfg2, |c, _| {
+        c.env("NODE_NAME", "node-7");
+    });
+    assert_eq!(code, Some(1), "{err}");
     assert!(
         err.contains(r#"data source "f1": no external_mappings key matches this node "node-7""#),
         "{err}"

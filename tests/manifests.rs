@@ -6,6 +6,7 @@
 use std::collections::BTreeSet;
 use std::process::Command;
 
+use flowmap_testkit::tempdir::TempDir;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
@@ -192,7 +193,8 @@ fn every_manifest_parses_into_the_kubernetes_types() {
 
 #[test]
 fn the_committed_manifests_are_the_chart_rendered_and_values_apply() {
-    let out = std::env::temp_dir().join(format!("flowmap-render-{}.yaml", std::process::id()));
+    let dir = TempDir::new("render");
+    let out = dir.path().join("flowmap.yaml");
     let st = Command::new("bash")
         .arg("scripts/render-manifests.sh")
         .env("OUT", &out)
@@ -200,7 +202,6 @@ fn the_committed_manifests_are_the_chart_rendered_and_values_apply() {
         .unwrap();
     assert!(st.success());
     let rendered = std::fs::read_to_string(&out).unwrap();
-    let _ = std::fs::remove_file(&out);
     assert_eq!(
         rendered,
         std::fs::read_to_string(MANIFEST).unwrap(),
@@ -277,16 +278,16 @@ fn the_systemd_unit_verifies() {
     let bin = env!("CARGO_BIN_EXE_flowmap");
     let unit = std::fs::read_to_string("deploy/systemd/flowmap.service").unwrap();
     assert!(unit.contains("ExecStart=/usr/local/bin/flowmap run --config /etc/flowmap/config.yaml"));
-    let dir = std::env::temp_dir().join(format!("flowmap-unit-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("flowmap.service");
-    std::fs::write(&path, unit.replace("/usr/local/bin/flowmap", bin)).unwrap();
+    let dir = TempDir::new("unit");
+    let path = dir.file(
+        "flowmap.service",
+        &unit.replace("/usr/local/bin/flowmap", bin),
+    );
     let out = Command::new("systemd-analyze")
         .arg("verify")
         .arg(&path)
         .output()
         .expect("systemd-analyze");
-    let _ = std::fs::remove_dir_all(&dir);
     assert!(
         out.status.success() && out.stderr.is_empty(),
         "{}",

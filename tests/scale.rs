@@ -1,21 +1,25 @@
 //! Node-scale behaviour (not speed): overflow accounting with a small flow
 //! map, interface churn without leaks, and the last veth's traffic counted.
 
-use flowmap_testkit::net as common;
-
 use std::sync::Mutex;
 use std::time::Duration;
 
-use flowmap_bench::scale::generate;
-use flowmap_testkit::agent::{flowmap_links, proc_fds, AgentProc, Net};
+use flowmap_bench::scale::{agent, generate, test_net};
+use flowmap_testkit::agent::{flowmap_links, proc_fds, Agent};
+use flowmap_testkit::net::{privileged_serial, sh, Link, Netns};
 
 /// These tests share the 10.231.0.0/16 test network: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-fn lock() -> std::sync::MutexGuard<'static, ()> {
-    let g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    std::env::set_var("FLOWMAP_BIN", env!("CARGO_BIN_EXE_flowmap"));
-    g
+/// The agent as the load harness runs it, with a flow map of `max_flows`
+/// entries, its flow records on stdout and no store.
+fn start(iface: &str, interval: &str, max_flows: u32) -> Agent {
+    agent(env!("CARGO_BIN_EXE_flowmap"), iface, interval)
+        .option("max_flows", max_flows)
+        .output("flows")
+        .arg("--no-store")
+        .start()
+        .unwrap()
 }
 
 /// Sums the client→server packets of the UDP flow records from 10.231.2.1
@@ -41,13 +45,14 @@ fn agent_log_mentions_overflow(log: &str) -> bool {
 
 #[test]
 fn more_flows_than_the_map_holds_are_all_counted_or_counted_as_lost() {
-    if !common::privileged("more_flows_than_the_map_holds_are_all_counted_or_counted_as_lost") {
+    let Some(_g) = privileged_serial(
+        "more_flows_than_the_map_holds_are_all_counted_or_counted_as_lost",
+        &SERIAL,
+    ) else {
         return;
-    }
-    let _g = lock();
-    let net = Net::new("o", 1).unwrap();
-    let agent =
-        AgentProc::start_with(&net.host, "2s", 1024, &["--output", "flows", "--no-store"]).unwrap();
+    };
+    let net = test_net(1).unwrap();
+    let agent = start(&net.host, "2s", 1024);
     // 6000 flows (3000 IPv4 from 10.231.2.1, 3000 IPv6), 1 datagram each,
     // into a map of 1024 entries.
     let seen = agent.count_log("interval ");
@@ -64,8 +69,8 @@ fn more_flows_than_the_map_holds_are_all_counted_or_counted_as_lost() {
     let lost = agent
         .metric("flowmap_kernel_events_total{reason=\"ring_lost\"} ")
         .unwrap();
-    let out_log = agent.log.lock().unwrap().join("\n");
-    let out = agent.stop().unwrap();
+    let out_log = agent.stderr();
+    let (out, _) = agent.stop().unwrap();
     let (packets, flows) = udp_packets(&out);
     assert!(map_full > 0.0, "the map overflowed");
     assert!(
@@ -90,35 +95,24 @@ fn more_flows_than_the_map_holds_are_all_counted_or_counted_as_lost() {
 
 #[test]
 fn interface_churn_leaks_nothing_and_the_last_veth_is_counted() {
-    if !common::privileged("interface_churn_leaks_nothing_and_the_last_veth_is_counted") {
+    let Some(_g) = privileged_serial(
+        "interface_churn_leaks_nothing_and_the_last_veth_is_counted",
+        &SERIAL,
+    ) else {
         return;
-    }
-    let _g = lock();
-    let agent =
-        AgentProc::start_with("all", "30s", 32768, &["--output", "flows", "--no-store"]).unwrap();
+    };
+    let agent = start("all", "30s", 32768);
     std::thread::sleep(Duration::from_millis(500));
     let pid = agent.pid();
     let (fds0, links0) = (proc_fds(pid), flowmap_links());
-    let id = std::process::id() % 100_000;
-    for c in 0..19 {
-        let name = format!("fmk{id}c{c}");
-        common::sh(&[
-            "ip",
-            "link",
-            "add",
-            &name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &format!("{name}p"),
-        ]);
-        let r = agent.wait_log(&format!("interface={name} "), Duration::from_secs(5));
-        common::sh_quiet(&["ip", "link", "del", &name]);
+    for _ in 0..19 {
+        let link = Link::veth_pair().unwrap();
+        let r = agent.wait_log(&format!("interface={} ", link.name), Duration::from_secs(5));
+        drop(link);
         r.unwrap();
     }
     // The 20th: a namespace behind a veth, with traffic.
-    let net = Net::new("k", 1).unwrap();
+    let net = test_net(1).unwrap();
     agent
         .wait_log(&format!("interface={} ", net.host), Duration::from_secs(5))
         .unwrap();
@@ -129,7 +123,7 @@ fn interface_churn_leaks_nothing_and_the_last_veth_is_counted() {
     std::thread::sleep(Duration::from_millis(800));
     assert_eq!(proc_fds(pid), fds0, "file descriptors back to the start");
     assert_eq!(flowmap_links(), links0, "TCX links back to the start");
-    let out = agent.stop().unwrap();
+    let (out, _) = agent.stop().unwrap();
     assert_eq!(
         udp_packets(&out),
         (10, 10),
@@ -144,15 +138,13 @@ fn interface_churn_leaks_nothing_and_the_last_veth_is_counted() {
 
 /// A test network, the datapath loaded in this process (nothing attached),
 /// and the network's host-end interface.
-fn loaded(
-    tag: &str,
-) -> (
-    Net,
+fn loaded() -> (
+    Netns,
     flowmap::datapath::Datapath,
     flowmap::datapath::ifaces::Interface,
 ) {
     use flowmap::datapath::{ifaces, Datapath, Options};
-    let net = Net::new(tag, 0).unwrap();
+    let net = test_net(0).unwrap();
     let dp = Datapath::load(&Options::default()).unwrap();
     let iface = ifaces::list()
         .unwrap()
@@ -167,13 +159,15 @@ fn loaded(
 #[test]
 fn the_hand_over_from_classic_filters_to_tcx_counts_every_packet_once() {
     use flowmap::datapath::attach::{tcx_programs, HookKind};
-    if !common::privileged("the_hand_over_from_classic_filters_to_tcx_counts_every_packet_once") {
+    let Some(_g) = privileged_serial(
+        "the_hand_over_from_classic_filters_to_tcx_counts_every_packet_once",
+        &SERIAL,
+    ) else {
         return;
-    }
-    let _g = lock();
-    let (net, mut dp, iface) = loaded("h");
+    };
+    let (net, mut dp, iface) = loaded();
     dp.attach_as(&iface, HookKind::Tc).unwrap();
-    let tc = |dir: &str| common::sh(&["tc", "filter", "show", "dev", &net.host, dir]);
+    let tc = |dir: &str| sh(&["tc", "filter", "show", "dev", &net.host, dir]);
     assert!(tc("egress").contains("flowmap_eth_tc"));
 
     // 3000 datagrams of 100 bytes over about 1.5 s; the hand-over happens
@@ -190,7 +184,7 @@ fn the_hand_over_from_classic_filters_to_tcx_counts_every_packet_once() {
     assert_eq!(dp.attached().next().unwrap().kind(), HookKind::Tcx);
     assert!(!tc("egress").contains("flowmap"), "the classic filter went");
     assert!(!tc("ingress").contains("flowmap"));
-    let q = common::sh(&["tc", "qdisc", "show", "dev", &net.host]);
+    let q = sh(&["tc", "qdisc", "show", "dev", &net.host]);
     assert!(
         !q.contains("clsact"),
         "the clsact qdisc made for the filters went:\n{q}"
@@ -219,25 +213,25 @@ fn the_hand_over_from_classic_filters_to_tcx_counts_every_packet_once() {
 #[test]
 fn a_clsact_qdisc_with_other_filters_is_left_alone() {
     use flowmap::datapath::attach::HookKind;
-    if !common::privileged("a_clsact_qdisc_with_other_filters_is_left_alone") {
+    let Some(_g) = privileged_serial("a_clsact_qdisc_with_other_filters_is_left_alone", &SERIAL)
+    else {
         return;
-    }
-    let _g = lock();
-    let (net, mut dp, iface) = loaded("q");
-    let qdisc = || common::sh(&["tc", "qdisc", "show", "dev", &net.host]);
+    };
+    let (net, mut dp, iface) = loaded();
+    let qdisc = || sh(&["tc", "qdisc", "show", "dev", &net.host]);
     dp.attach_as(&iface, HookKind::Tc).unwrap();
     assert!(qdisc().contains("clsact"));
     // Another tool adds its filter to the qdisc flowmap made.
-    common::sh(&[
+    sh(&[
         "tc", "filter", "add", "dev", &net.host, "ingress", "prio", "1", "protocol", "all", "u32",
         "match", "u32", "0", "0", "classid", "1:1",
     ]);
     dp.detach_all();
     assert!(qdisc().contains("clsact"), "the other tool's qdisc stays");
-    let f = common::sh(&["tc", "filter", "show", "dev", &net.host, "ingress"]);
+    let f = sh(&["tc", "filter", "show", "dev", &net.host, "ingress"]);
     assert!(f.contains("u32") && !f.contains("flowmap"), "{f}");
     // Without it, flowmap's own qdisc goes with its filters.
-    common::sh(&["tc", "qdisc", "del", "dev", &net.host, "clsact"]);
+    sh(&["tc", "qdisc", "del", "dev", &net.host, "clsact"]);
     dp.attach_as(&iface, HookKind::Tc).unwrap();
     dp.detach_all();
     assert!(!qdisc().contains("clsact"), "{}", qdisc());

@@ -2,21 +2,16 @@
 //! migrations from an empty database, batches in, the exact graph out,
 //! retention enforced, and the CLI views.
 
-use flowmap_testkit::net as common;
-
 use std::net::IpAddr;
-use std::time::{Duration, SystemTime};
 
 use flowmap::enrich::host::HostView;
 use flowmap::enrich::server::ServerResolver;
-use flowmap::flow::{Counters, FlowRecord};
+use flowmap::flow::FlowRecord;
 use flowmap::graph::Graph;
 use flowmap::serve::view::{self, By, Filter};
 use flowmap::sinks::store::{Location, Store};
-
-fn at(s: u64) -> SystemTime {
-    SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + s)
-}
+use flowmap_testkit::records::{at, record};
+use flowmap_testkit::tempdir::TempDir;
 
 fn rec(
     dst: &str,
@@ -28,23 +23,17 @@ fn rec(
     rtt: Option<f64>,
 ) -> FlowRecord {
     FlowRecord {
-        src_to_dst: Counters {
-            packets: c2s / 100,
-            bytes: c2s,
-        },
-        dst_to_src: Counters {
-            packets: s2c / 100,
-            bytes: s2c,
-        },
         last_seen: at(t + 5),
         handshake_rtt_us: rtt,
         opened: true,
         handshake_this_interval: rtt,
-        ..FlowRecord::between(
+        ..record(
             proto,
-            ("10.0.0.1".parse().unwrap(), 40000),
-            (dst.parse().unwrap(), dport),
-            at(t),
+            ("10.0.0.1", 40000),
+            (dst, dport),
+            t,
+            (c2s / 100, c2s),
+            (s2c / 100, s2c),
         )
     }
 }
@@ -202,16 +191,14 @@ fn check_store(loc: &Location) {
 
 #[test]
 fn sqlite_store() {
-    let dir = std::env::temp_dir().join(format!("flowmap-store-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let loc = Location::Sqlite(dir.join("sub").join("flowmap.db"));
+    let dir = TempDir::new("store");
+    let loc = Location::Sqlite(dir.path().join("sub").join("flowmap.db"));
     check_store(&loc);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn postgres_store() {
-    if !common::privileged("postgres_store") {
+    if !flowmap_testkit::net::privileged("postgres_store") {
         return;
     }
     let Some(pg) = flowmap_testkit::postgres::Pg::start("postgres_store") else {
@@ -222,10 +209,8 @@ fn postgres_store() {
 
 #[test]
 fn a_store_newer_than_flowmap_is_refused() {
-    let dir = std::env::temp_dir().join(format!("flowmap-store-new-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("f.db");
+    let dir = TempDir::new("store-new");
+    let path = dir.path().join("f.db");
     {
         let c = rusqlite::Connection::open(&path).unwrap();
         c.execute_batch("CREATE TABLE flowmap_schema (version INTEGER NOT NULL); INSERT INTO flowmap_schema VALUES (99);").unwrap();
@@ -235,5 +220,4 @@ fn a_store_newer_than_flowmap_is_refused() {
         format!("{err:#}"),
         "the store's schema version 99 is newer than this flowmap (1); use a newer flowmap"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -84,16 +84,6 @@ enum ScaleWhat {
 }
 
 fn main() -> ExitCode {
-    // The agent binary the harness runs: FLOWMAP_BIN, else `flowmap` next
-    // to this binary (cargo builds both into the same directory).
-    if std::env::var_os("FLOWMAP_BIN").is_none() {
-        if let Some(dir) = std::env::current_exe()
-            .ok()
-            .and_then(|p| p.parent().map(|d| d.to_path_buf()))
-        {
-            std::env::set_var("FLOWMAP_BIN", dir.join("flowmap"));
-        }
-    }
     let cli = Cli::parse();
     let stdout = std::io::stdout();
     let mut out = stdout.lock();

@@ -5,13 +5,52 @@
 
 use std::io::Write;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use flowmap_testkit::agent::*;
+use flowmap_testkit::agent::{
+    flowmap_links, http_get, proc_fds, proc_rss, wait_until, Agent, AgentBuilder,
+};
+use flowmap_testkit::net::{Link, Netns};
+
+/// The agent binary the harness runs (unless FLOWMAP_BIN names another):
+/// `flowmap` next to this one (cargo builds both into the same directory).
+fn flowmap_bin() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("flowmap")))
+        .unwrap_or_else(|| PathBuf::from("flowmap"))
+}
+
+/// The agent as the harness runs it: data source `scale` on `iface`,
+/// nothing on stdout, the datapath's debug lines in the log.
+pub fn agent(bin: impl AsRef<Path>, iface: &str, interval: &str) -> AgentBuilder {
+    Agent::builder(bin)
+        .id("scale")
+        .iface(iface)
+        .interval(interval)
+        .output("none")
+        .env("RUST_LOG", "info,flowmap::datapath=debug")
+}
+
+/// The harness's test network: the root end 10.231.0.1/16 and fd31::1/64
+/// plus `clients` client addresses of each family (10.231.2.x,
+/// fd31::1:x); the namespace end 10.231.0.2 and fd31::2.
+pub fn test_net(clients: u32) -> Result<Netns> {
+    let mut b = Netns::builder()
+        .v4("10.231.0.1", "10.231.0.2", 16)
+        .v6("fd31::1", "fd31::2", 64);
+    for i in 0..clients {
+        b = b
+            .host_addr(&format!("10.231.2.{}/16", i + 1))
+            .host_addr(&format!("fd31::1:{i:x}/64"));
+    }
+    b.build()
+}
 
 /// Asks /healthz every 5 ms on a thread of its own and keeps each answer's
 /// latency in milliseconds (a failed request counts as 10 s).
@@ -28,7 +67,7 @@ impl HealthProbe {
             let mut lat = Vec::new();
             while !flag.load(Ordering::Relaxed) {
                 let t = Instant::now();
-                let ok = http_get(port, "/healthz").is_ok();
+                let ok = matches!(http_get(port, "/healthz"), Ok((200, _)));
                 lat.push(if ok {
                     t.elapsed().as_secs_f64() * 1000.0
                 } else {
@@ -47,20 +86,6 @@ impl HealthProbe {
     }
 }
 
-/// One HTTP/1.0 GET on loopback; the status must be 200.
-fn http_get(port: u16, path: &str) -> Result<()> {
-    use std::io::Read;
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
-    let mut body = String::new();
-    s.read_to_string(&mut body)?;
-    if !body.starts_with("HTTP/1.0 200") && !body.starts_with("HTTP/1.1 200") {
-        bail!("{path}: {}", body.lines().next().unwrap_or_default());
-    }
-    Ok(())
-}
-
 /// The value at quantile `q` (0..=1) of `v`; 0 when empty.
 fn percentile(v: &[f64], q: f64) -> f64 {
     if v.is_empty() {
@@ -75,7 +100,13 @@ fn percentile(v: &[f64], q: f64) -> f64 {
 /// to `services` server ports) and `tcp` TCP connections into the
 /// namespace, at `rate` flows/s (0: as fast as possible). Returns the TCP
 /// connections, kept open.
-pub fn generate(net: &Net, udp: u32, tcp: u32, services: u32, rate: u32) -> Result<Vec<TcpStream>> {
+pub fn generate(
+    net: &Netns,
+    udp: u32,
+    tcp: u32,
+    services: u32,
+    rate: u32,
+) -> Result<Vec<TcpStream>> {
     // A listener in the namespace for the TCP connections.
     let ready = Arc::new(AtomicBool::new(false));
     let r2 = ready.clone();
@@ -148,28 +179,26 @@ pub fn generate(net: &Net, udp: u32, tcp: u32, services: u32, rate: u32) -> Resu
 }
 
 pub fn flows(udp: u32, tcp: u32, services: u32, rate: u32, out: &mut dyn Write) -> Result<()> {
-    let net = Net::new("f", udp / 2 / 50_000 + 1)?;
+    let net = test_net(udp / 2 / 50_000 + 1)?;
     let max_flows = ((udp + tcp + 1024) * 5 / 4).next_power_of_two().max(1024);
-    let agent = AgentProc::start(&net.host, "5s", max_flows)?;
+    let agent = agent(flowmap_bin(), &net.host, "5s")
+        .option("max_flows", max_flows)
+        .start()?;
     let rss0 = proc_rss(agent.pid());
-    let probe = HealthProbe::start(agent.port);
+    let probe = HealthProbe::start(agent.port());
     let t = Instant::now();
     let conns = generate(&net, udp, tcp, services, rate)?;
     let gen = t.elapsed();
+    let next_interval = |what: &str| {
+        let seen = agent.count_log("interval ");
+        wait_until(Instant::now() + Duration::from_secs(15), what, || {
+            agent.count_log("interval ") > seen
+        })
+    };
     // The next interval carries them all.
-    let seen0 = agent.count_log("interval ");
-    wait_until(
-        Instant::now() + Duration::from_secs(15),
-        "an interval after the flows were sent",
-        || agent.count_log("interval ") > seen0,
-    )?;
+    next_interval("an interval after the flows were sent")?;
     // One more interval, so the probe spans a whole processed interval.
-    let seen1 = agent.count_log("interval ");
-    wait_until(
-        Instant::now() + Duration::from_secs(15),
-        "the interval after",
-        || agent.count_log("interval ") > seen1,
-    )?;
+    next_interval("the interval after")?;
     let lat = probe.stop();
     let flows = agent.metric("flowmap_flows_last_interval ")?;
     let secs = agent.metric("flowmap_interval_processing_seconds ")?;
@@ -200,24 +229,14 @@ pub fn flows(udp: u32, tcp: u32, services: u32, rate: u32, out: &mut dyn Write) 
         percentile(&lat, 1.0),
         lat.len()
     )?;
-    if let Some(line) = agent
-        .log
-        .lock()
-        .ok()
-        .and_then(|l| l.iter().rev().find(|s| s.contains("interval ")).cloned())
-    {
+    if let Some(line) = agent.last_log("interval ") {
         let parts: Vec<&str> = line
             .split_whitespace()
             .filter(|w| w.ends_with("_ms") || w.contains("_ms="))
             .collect();
         writeln!(out, "bench scale flows phases {}", parts.join(" "))?;
     }
-    if let Some(line) = agent.log.lock().ok().and_then(|l| {
-        l.iter()
-            .rev()
-            .find(|s| s.contains("flow maps swapped"))
-            .cloned()
-    }) {
+    if let Some(line) = agent.last_log("flow maps swapped") {
         let w: Vec<&str> = line
             .split_whitespace()
             .filter(|w| w.starts_with("wait_us="))
@@ -240,27 +259,18 @@ pub fn flows(udp: u32, tcp: u32, services: u32, rate: u32, out: &mut dyn Write) 
 /// Creates `n` veth pairs (2n interfaces), starts the agent with `all`, and
 /// times how long until every one is attached.
 pub fn attach(n: u32, out: &mut dyn Write) -> Result<()> {
-    let id = std::process::id() % 100_000;
-    let names: Vec<String> = (0..n).map(|i| format!("fma{id}x{i}")).collect();
-    struct Links(Vec<String>);
-    impl Drop for Links {
-        fn drop(&mut self) {
-            for l in &self.0 {
-                ip_quiet(&["link", "del", l]);
-            }
-        }
-    }
-    let links = Links(names.clone());
-    for name in &links.0 {
-        add_veth_pair(name)?;
-    }
+    let links = (0..n)
+        .map(|_| Link::veth_pair())
+        .collect::<Result<Vec<Link>>>()?;
     let t = Instant::now();
-    let agent = AgentProc::start("all", "30s", 32768)?;
+    let agent = agent(flowmap_bin(), "all", "30s")
+        .option("max_flows", 32768)
+        .start()?;
     let end = Instant::now() + Duration::from_secs(60);
     wait_until(end, "every interface attached", || {
-        names
+        links
             .iter()
-            .all(|nm| agent.count_log(&format!("interface={nm} ")) > 0)
+            .all(|l| agent.count_log(&format!("interface={} ", l.name)) > 0)
     })?;
     writeln!(
         out,
@@ -279,18 +289,19 @@ pub fn attach(n: u32, out: &mut dyn Write) -> Result<()> {
         flowmap_links()
     )?;
     // One more, while running.
-    let late = format!("fma{id}late");
     let t = Instant::now();
-    add_veth_pair(&late)?;
-    let late_links = Links(vec![late.clone()]);
-    agent.wait_log(&format!("interface={late} "), Duration::from_secs(10))?;
+    let late = Link::veth_pair()?;
+    agent.wait_log(
+        &format!("interface={} ", late.name),
+        Duration::from_secs(10),
+    )?;
     writeln!(
         out,
         "bench scale attach new_interface_ms={}",
         t.elapsed().as_millis()
     )?;
     agent.stop()?;
-    drop(late_links);
+    drop(late);
     drop(links);
     Ok(())
 }
@@ -298,19 +309,22 @@ pub fn attach(n: u32, out: &mut dyn Write) -> Result<()> {
 /// Creates and deletes a veth pair `cycles` times while the agent runs with
 /// `all`; compares file descriptors, TCX links and memory before and after.
 pub fn churn(cycles: u32, out: &mut dyn Write) -> Result<ChurnResult> {
-    let agent = AgentProc::start("all", "30s", 32768)?;
+    let agent = agent(flowmap_bin(), "all", "30s")
+        .option("max_flows", 32768)
+        .start()?;
     let pid = agent.pid();
     std::thread::sleep(Duration::from_millis(500));
     let (fd0, links0, rss0) = (proc_fds(pid), flowmap_links(), proc_rss(pid));
-    let id = std::process::id() % 100_000;
     let mut worst = Duration::ZERO;
     let mut total = Duration::ZERO;
-    for c in 0..cycles {
-        let name = format!("fmc{id}c{c}");
+    for _ in 0..cycles {
         let t = Instant::now();
-        add_veth_pair(&name)?;
-        let r = agent.wait_log(&format!("interface={name} "), Duration::from_secs(10));
-        ip_quiet(&["link", "del", &name]);
+        let link = Link::veth_pair()?;
+        let r = agent.wait_log(
+            &format!("interface={} ", link.name),
+            Duration::from_secs(10),
+        );
+        drop(link);
         r?;
         let d = t.elapsed();
         worst = worst.max(d);
@@ -348,7 +362,7 @@ pub struct ChurnResult {
 /// 64-byte UDP frames through a veth pair for `secs` seconds per round,
 /// rounds alternating without and with flowmap attached.
 pub fn throughput(rounds: u32, secs: f64, out: &mut dyn Write) -> Result<()> {
-    let net = Net::new("t", 0)?;
+    let net = test_net(0)?;
     let received = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let (r2, s2) = (received.clone(), stop.clone());
@@ -672,19 +686,15 @@ pub fn kube(pods: u32, out: &mut dyn Write) -> Result<()> {
     )?;
 
     // A real agent in Kubernetes mode against the same API.
-    let kc_path =
-        std::env::temp_dir().join(format!("flowmap-scale-kubeconfig-{}", std::process::id()));
-    std::fs::write(&kc_path, &kubeconfig)?;
-    let _kc = flowmap_testkit::agent::TempFile(kc_path.clone());
-    let config = "coordimap:\n  data_sources:\n    - type: flows\n      id: scale\n      config:\n        - name: interface_name\n          value: lo\n        - name: deployedAt\n          value: kubernetes\n        - name: external_mappings\n          value: \"*@bench-cluster\"\n        - name: crawl_interval\n          value: 1s\n";
-    let agent = AgentProc::start_config(
-        config,
-        &["--output", "none", "--no-store"],
-        &[
-            ("KUBECONFIG", kc_path.to_str().unwrap_or_default()),
-            ("NODE_NAME", "node-0"),
-        ],
-    )?;
+    let b = agent(flowmap_bin(), "lo", "1s")
+        .option("deployedAt", "kubernetes")
+        .option("external_mappings", "\"*@bench-cluster\"")
+        .arg("--no-store");
+    let kc = b.file("kubeconfig", &kubeconfig);
+    let agent = b
+        .env("KUBECONFIG", kc.to_string_lossy())
+        .env("NODE_NAME", "node-0")
+        .start()?;
     agent.wait_log("interval", Duration::from_secs(10))?;
     std::thread::sleep(Duration::from_secs(2));
     let rss = flowmap::serve::metrics::resident_bytes_of(&agent.pid().to_string());

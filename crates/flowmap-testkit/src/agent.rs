@@ -1,157 +1,19 @@
-//! The agent binary as a child process, and namespaces joined to the root
-//! namespace by veth pairs, for the load harness and the tests.
+//! The agent binary as a child process, for the tests and the load
+//! harness, and what they measure of it.
 
+use std::fmt::Display;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("running ip (iproute2)")?;
-    if !out.status.success() {
-        bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
-pub fn ip_quiet(args: &[&str]) {
-    let _ = Command::new("ip").args(args).output();
-}
-
-/// A veth pair `name` / `<name>p`, both ends in this namespace.
-pub fn add_veth_pair(name: &str) -> Result<()> {
-    ip(&[
-        "link",
-        "add",
-        name,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        &format!("{name}p"),
-    ])
-}
-
-/// A namespace joined to the root namespace by a veth pair; removed on drop.
-pub struct Net {
-    pub ns: String,
-    pub host: String,
-    pub peer: String,
-}
-
-impl Net {
-    /// Host end 10.231.0.1/16 and fd31::1/64 plus `clients` client
-    /// addresses of each family (10.231.2.x, fd31::1:x); the namespace end
-    /// 10.231.0.2 and fd31::2.
-    pub fn new(tag: &str, clients: u32) -> Result<Net> {
-        let id = std::process::id() % 100_000;
-        let n = Net {
-            ns: format!("fms{tag}{id}"),
-            host: format!("fms{tag}h{id}"),
-            peer: format!("fms{tag}p{id}"),
-        };
-        ip(&["netns", "add", &n.ns])?;
-        ip(&[
-            "link", "add", &n.host, "type", "veth", "peer", "name", &n.peer,
-        ])?;
-        ip(&["link", "set", &n.peer, "netns", &n.ns])?;
-        ip(&["addr", "add", "10.231.0.1/16", "dev", &n.host])?;
-        ip(&["-6", "addr", "add", "fd31::1/64", "dev", &n.host, "nodad"])?;
-        ip(&["link", "set", &n.host, "up"])?;
-        n.exec(&["ip", "addr", "add", "10.231.0.2/16", "dev", &n.peer])?;
-        for i in 0..clients {
-            ip(&[
-                "addr",
-                "add",
-                &format!("10.231.2.{}/16", i + 1),
-                "dev",
-                &n.host,
-            ])?;
-            ip(&[
-                "-6",
-                "addr",
-                "add",
-                &format!("fd31::1:{i:x}/64"),
-                "dev",
-                &n.host,
-                "nodad",
-            ])?;
-        }
-        n.exec(&[
-            "ip",
-            "-6",
-            "addr",
-            "add",
-            "fd31::2/64",
-            "dev",
-            &n.peer,
-            "nodad",
-        ])?;
-        n.exec(&["ip", "link", "set", &n.peer, "up"])?;
-        n.exec(&["ip", "link", "set", "lo", "up"])?;
-        Ok(n)
-    }
-
-    fn exec(&self, args: &[&str]) -> Result<()> {
-        let mut a = vec!["netns", "exec", self.ns.as_str()];
-        a.extend_from_slice(args);
-        ip(&a)
-    }
-
-    /// Runs `f` on a thread that has entered the namespace (setns affects
-    /// only the calling thread, so it gets a thread of its own).
-    pub fn spawn_in<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> std::thread::JoinHandle<Result<T>> {
-        let path = format!("/run/netns/{}", self.ns);
-        std::thread::spawn(move || {
-            let fd = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
-            // SAFETY: setns on this thread with a namespace fd we hold open.
-            let rc =
-                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&fd), libc::CLONE_NEWNET) };
-            if rc != 0 {
-                bail!("setns: {}", std::io::Error::last_os_error());
-            }
-            Ok(f())
-        })
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        ip_quiet(&["link", "del", &self.host]);
-        ip_quiet(&["netns", "del", &self.ns]);
-    }
-}
-
-/// The agent binary, run as a child with its log collected.
-pub struct AgentProc {
-    child: Child,
-    pub log: Arc<Mutex<Vec<String>>>,
-    stdout: Option<std::thread::JoinHandle<String>>,
-    pub port: u16,
-    _cfg: TempFile,
-    state: std::path::PathBuf,
-}
-
-pub struct TempFile(pub std::path::PathBuf);
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
+use crate::net::{free_port, Netns};
+use crate::tempdir::TempDir;
 
 /// Polls `done` every 5 ms until it holds (returns when) or `end` passes.
 pub fn wait_until(end: Instant, what: &str, mut done: impl FnMut() -> bool) -> Result<Instant> {
@@ -166,94 +28,300 @@ pub fn wait_until(end: Instant, what: &str, mut done: impl FnMut() -> bool) -> R
     }
 }
 
-pub fn free_port_checked() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// One HTTP/1.0 GET on loopback `port`; (status, body).
+pub fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))
+        .with_context(|| format!("connecting to 127.0.0.1:{port}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((status, body.to_string()))
 }
 
-impl AgentProc {
-    pub fn start(iface: &str, interval: &str, max_flows: u32) -> Result<AgentProc> {
-        AgentProc::start_with(iface, interval, max_flows, &["--output", "none"])
+/// How to start an [`Agent`]: `flowmap run` on a generated configuration
+/// (one `flows` data source), with its own state directory and a free
+/// loopback port for `--listen`, unless told otherwise.
+pub struct AgentBuilder {
+    bin: PathBuf,
+    dir: TempDir,
+    config: Option<String>,
+    id: String,
+    iface: String,
+    interval: String,
+    api_key: Option<String>,
+    options: Vec<(String, String)>,
+    output: String,
+    state_dir: Option<PathBuf>,
+    web: bool,
+    args: Vec<String>,
+    envs: Vec<(String, String)>,
+    netns: Option<String>,
+}
+
+impl AgentBuilder {
+    /// `data_source_id` of the data source (default `test`).
+    pub fn id(mut self, id: &str) -> Self {
+        self.id = id.into();
+        self
     }
 
-    /// `extra`: more `flowmap run` arguments; stdout is collected.
-    pub fn start_with(
-        iface: &str,
-        interval: &str,
-        max_flows: u32,
-        extra: &[&str],
-    ) -> Result<AgentProc> {
-        AgentProc::start_config(
-            &format!(
-                "coordimap:\n  data_sources:\n    - type: flows\n      id: scale\n      config:\n        - name: interface_name\n          value: {iface}\n        - name: crawl_interval\n          value: {interval}\n        - name: max_flows\n          value: {max_flows}\n"
-            ),
-            extra,
-            &[],
-        )
+    /// `interface_name` (default `all`).
+    pub fn iface(mut self, iface: &str) -> Self {
+        self.iface = iface.into();
+        self
     }
 
-    /// Starts the agent on a whole configuration file's text, with more
-    /// arguments and environment variables.
-    pub fn start_config(config: &str, extra: &[&str], envs: &[(&str, &str)]) -> Result<AgentProc> {
-        let cfg = std::env::temp_dir().join(format!("flowmap-scale-{}.yaml", std::process::id()));
-        std::fs::write(&cfg, config)?;
-        let port = free_port_checked()?;
-        let state =
-            std::env::temp_dir().join(format!("flowmap-scale-state-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&state);
-        // The agent binary: this one, or FLOWMAP_BIN (tests run from their
-        // own binaries).
-        let bin = match std::env::var_os("FLOWMAP_BIN") {
-            Some(b) => std::path::PathBuf::from(b),
-            None => std::env::current_exe()?,
+    /// `crawl_interval` (default `1s`).
+    pub fn interval(mut self, interval: &str) -> Self {
+        self.interval = interval.into();
+        self
+    }
+
+    /// `coordimap.api_key`, as written in the file (e.g. `${VAR}`).
+    pub fn api_key(mut self, key: &str) -> Self {
+        self.api_key = Some(key.into());
+        self
+    }
+
+    /// One more option of the data source; `value` as written in YAML.
+    pub fn option(mut self, name: &str, value: impl Display) -> Self {
+        self.options.push((name.into(), value.to_string()));
+        self
+    }
+
+    /// The whole configuration file, instead of the generated one.
+    pub fn config(mut self, text: &str) -> Self {
+        self.config = Some(text.into());
+        self
+    }
+
+    /// `--output` (default `flows`: stdout is collected).
+    pub fn output(mut self, output: &str) -> Self {
+        self.output = output.into();
+        self
+    }
+
+    /// `--state-dir` (default: a directory of the agent's own, removed
+    /// with it).
+    pub fn state_dir(mut self, dir: impl AsRef<Path>) -> Self {
+        self.state_dir = Some(dir.as_ref().to_path_buf());
+        self
+    }
+
+    /// `--no-web` instead of `--listen` on a free port.
+    pub fn no_web(mut self) -> Self {
+        self.web = false;
+        self
+    }
+
+    /// One more argument of `flowmap run`.
+    pub fn arg(mut self, arg: impl AsRef<str>) -> Self {
+        self.args.push(arg.as_ref().into());
+        self
+    }
+
+    /// More arguments of `flowmap run`.
+    pub fn args(mut self, args: &[&str]) -> Self {
+        self.args.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
+    /// An environment variable of the agent.
+    pub fn env(mut self, name: &str, value: impl AsRef<str>) -> Self {
+        self.envs.push((name.into(), value.as_ref().into()));
+        self
+    }
+
+    /// Runs the agent in network namespace `ns` (`ip netns exec`).
+    pub fn netns(mut self, ns: &Netns) -> Self {
+        self.netns = Some(ns.ns.clone());
+        self
+    }
+
+    /// Writes a file of the agent's own directory (removed with the agent),
+    /// e.g. a kubeconfig; its path.
+    pub fn file(&self, name: &str, text: &str) -> PathBuf {
+        self.dir.file(name, text)
+    }
+
+    fn config_text(&self) -> String {
+        if let Some(c) = &self.config {
+            return c.clone();
+        }
+        let mut c = String::from("coordimap:\n");
+        if let Some(k) = &self.api_key {
+            c += &format!("  api_key: {k}\n");
+        }
+        c += &format!(
+            "  data_sources:\n    - type: flows\n      data_source_id: {}\n      config:\n",
+            self.id
+        );
+        let fixed = [
+            ("interface_name", &self.iface),
+            ("crawl_interval", &self.interval),
+        ];
+        for (name, value) in fixed
+            .into_iter()
+            .chain(self.options.iter().map(|(n, v)| (n.as_str(), v)))
+        {
+            c += &format!("        - name: {name}\n          value: {value}\n");
+        }
+        c
+    }
+
+    /// Starts the agent and waits (30 s at most) until it logs
+    /// `flowmap running`.
+    pub fn start(self) -> Result<Agent> {
+        let cfg = self.dir.file("config.yaml", &self.config_text());
+        let state = self
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| self.dir.path().join("state"));
+        let port = free_port();
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&self.bin);
+                c
+            }
+            None => Command::new(&self.bin),
         };
-        let mut child = Command::new(bin)
-            .args([
-                "run",
-                "--config",
-                cfg.to_str().unwrap_or_default(),
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-            ])
-            .args(["--state-dir", state.to_str().unwrap_or_default()])
-            .args(extra)
-            .env("RUST_LOG", "info,flowmap::datapath=debug")
-            .envs(envs.iter().copied())
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&cfg)
+            .args(["--output", &self.output])
+            .arg("--state-dir")
+            .arg(&state)
+            .args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .env_remove("COORDIMAP_ENDPOINT")
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
+            .stderr(Stdio::piped());
+        if self.web {
+            cmd.args(["--listen", &format!("127.0.0.1:{port}")]);
+        } else {
+            cmd.arg("--no-web");
+        }
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", self.bin.display()))?;
         let mut so = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-        let stdout = Some(std::thread::spawn(move || {
+        let stdout = std::thread::spawn(move || {
             let mut s = String::new();
             let _ = so.read_to_string(&mut s);
             s
-        }));
+        });
         let log = Arc::new(Mutex::new(Vec::new()));
         let sink = log.clone();
         let err = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
-        std::thread::spawn(move || {
+        let stderr = std::thread::spawn(move || {
             for line in BufReader::new(err).lines().map_while(Result::ok) {
                 if let Ok(mut l) = sink.lock() {
                     l.push(line);
                 }
             }
         });
-        let a = AgentProc {
+        let mut a = Agent {
             child,
-            log,
-            stdout,
             port,
-            _cfg: TempFile(cfg),
-            state,
+            log,
+            stdout: Some(stdout),
+            stderr: Some(stderr),
+            _dir: self.dir,
         };
-        a.wait_log("flowmap running", Duration::from_secs(30))?;
+        let end = Instant::now() + Duration::from_secs(30);
+        while a.count_log("flowmap running") == 0 {
+            if let Some(st) = a.child.try_wait()? {
+                a.join_stderr();
+                bail!("the agent exited with {st} before running:\n{}", a.stderr());
+            }
+            if Instant::now() > end {
+                bail!("the agent did not start within 30 s:\n{}", a.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
         Ok(a)
+    }
+}
+
+/// The agent binary as a child process: stdout collected, stderr collected
+/// line by line as it comes. Dropped: killed.
+pub struct Agent {
+    child: Child,
+    port: u16,
+    log: Arc<Mutex<Vec<String>>>,
+    stdout: Option<JoinHandle<String>>,
+    stderr: Option<JoinHandle<()>>,
+    _dir: TempDir,
+}
+
+impl Agent {
+    /// The agent binary `FLOWMAP_BIN`, else `bin` (a test passes
+    /// `env!("CARGO_BIN_EXE_flowmap")`, the bench its sibling `flowmap`).
+    pub fn builder(bin: impl AsRef<Path>) -> AgentBuilder {
+        let bin = std::env::var_os("FLOWMAP_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| bin.as_ref().to_path_buf());
+        AgentBuilder {
+            bin,
+            dir: TempDir::new("agent"),
+            config: None,
+            id: "test".into(),
+            iface: "all".into(),
+            interval: "1s".into(),
+            api_key: None,
+            options: Vec::new(),
+            output: "flows".into(),
+            state_dir: None,
+            web: true,
+            args: Vec::new(),
+            envs: Vec::new(),
+            netns: None,
+        }
     }
 
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
 
+    /// The loopback port of `--listen` (/metrics, /healthz, the map page);
+    /// nobody listens there after [`AgentBuilder::no_web`].
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// What the agent wrote to stderr so far, a line each.
+    pub fn stderr(&self) -> String {
+        self.log
+            .lock()
+            .map(|l| l.iter().map(|s| format!("{s}\n")).collect())
+            .unwrap_or_default()
+    }
+
+    /// The last stderr line that contains `needle`.
+    pub fn last_log(&self, needle: &str) -> Option<String> {
+        self.log
+            .lock()
+            .ok()
+            .and_then(|l| l.iter().rev().find(|s| s.contains(needle)).cloned())
+    }
+
+    /// How many stderr lines contain `needle`.
+    pub fn count_log(&self, needle: &str) -> usize {
+        self.log
+            .lock()
+            .map(|l| l.iter().filter(|s| s.contains(needle)).count())
+            .unwrap_or(0)
+    }
+
+    /// Waits until a stderr line contains `needle`; when it came.
     pub fn wait_log(&self, needle: &str, timeout: Duration) -> Result<Instant> {
         wait_until(
             Instant::now() + timeout,
@@ -262,19 +330,10 @@ impl AgentProc {
         )
     }
 
-    pub fn count_log(&self, needle: &str) -> usize {
-        self.log
-            .lock()
-            .map(|l| l.iter().filter(|s| s.contains(needle)).count())
-            .unwrap_or(0)
-    }
-
-    /// One sample of /metrics.
+    /// One sample of /metrics: the value on the line that starts with
+    /// `name`.
     pub fn metric(&self, name: &str) -> Result<f64> {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
-        write!(s, "GET /metrics HTTP/1.0\r\n\r\n")?;
-        let mut body = String::new();
-        s.read_to_string(&mut body)?;
+        let (_, body) = http_get(self.port, "/metrics")?;
         body.lines()
             .find_map(|l| {
                 l.strip_prefix(name)
@@ -283,27 +342,49 @@ impl AgentProc {
             .ok_or_else(|| anyhow!("metric {name} not found"))
     }
 
-    /// SIGTERM, wait; returns what the agent wrote to stdout.
-    pub fn stop(mut self) -> Result<String> {
+    /// Waits (2 s at most) until the stderr reader has read to the end.
+    fn join_stderr(&mut self) {
+        if let Some(h) = self.stderr.take() {
+            let end = Instant::now() + Duration::from_secs(2);
+            while !h.is_finished() && Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if h.is_finished() {
+                let _ = h.join();
+            }
+        }
+    }
+
+    /// SIGTERM, and waits for the exit; (stdout, stderr). An exit other
+    /// than a clean one is an error that carries stderr.
+    pub fn stop(mut self) -> Result<(String, String)> {
         // SAFETY: signalling our own child process.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let st = self.child.wait()?;
-        if !st.success() {
-            bail!("the agent exited with {st}");
-        }
-        Ok(self
+        let out = self
             .stdout
             .take()
             .map(|h| h.join().unwrap_or_default())
-            .unwrap_or_default())
+            .unwrap_or_default();
+        self.join_stderr();
+        let err = self.stderr();
+        if !st.success() {
+            bail!("the agent exited with {st}\n{err}");
+        }
+        Ok((out, err))
+    }
+
+    /// SIGKILL, and waits for the exit.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
-impl Drop for AgentProc {
+impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.state);
     }
 }
 

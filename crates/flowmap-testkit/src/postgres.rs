@@ -5,10 +5,13 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+use crate::tempdir::TempDir;
+
 pub struct Pg {
-    pub dir: PathBuf,
     pub port: u16,
     bin: PathBuf,
+    /// Removed after the server stopped (fields drop after `drop`).
+    dir: TempDir,
 }
 
 fn bin_dir() -> Option<PathBuf> {
@@ -32,16 +35,10 @@ impl Pg {
             eprintln!("SKIP {test}: PostgreSQL is not installed; run scripts/setup.sh");
             return None;
         };
-        let dir = std::env::temp_dir().join(format!(
-            "flowmap-pg-{}-{}",
-            std::process::id(),
-            crate::net::free_port()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = TempDir::new("pg");
         let port = crate::net::free_port();
         let pg = Pg { dir, port, bin };
-        let d = pg.dir.to_str().unwrap().to_string();
+        let d = pg.dir.path().to_str().unwrap().to_string();
         crate::net::sh(&["chown", "postgres:postgres", &d]);
         let run = |args: &[&str]| {
             let mut a = vec!["-u", "postgres", "--"];
@@ -91,7 +88,7 @@ impl Pg {
 
 impl Drop for Pg {
     fn drop(&mut self) {
-        let d = self.dir.to_str().unwrap().to_string();
+        let d = self.dir.path().to_str().unwrap().to_string();
         let _ = Command::new("runuser")
             .args([
                 "-u",
@@ -106,6 +103,5 @@ impl Drop for Pg {
                 "stop",
             ])
             .output();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -189,16 +189,14 @@ pub fn flows(udp: u32, tcp: u32, services: u32, rate: u32, out: &mut dyn Write) 
     let t = Instant::now();
     let conns = generate(&net, udp, tcp, services, rate)?;
     let gen = t.elapsed();
-    let next_interval = |what: &str| {
-        let seen = agent.count_log("interval ");
-        wait_until(Instant::now() + Duration::from_secs(15), what, || {
-            agent.count_log("interval ") > seen
-        })
-    };
-    // The next interval carries them all.
-    next_interval("an interval after the flows were sent")?;
-    // One more interval, so the probe spans a whole processed interval.
-    next_interval("the interval after")?;
+    // The next interval carries them all; the probe has run through its
+    // processing.
+    let seen = agent.count_log("interval ");
+    wait_until(
+        Instant::now() + Duration::from_secs(15),
+        "an interval after the flows were sent",
+        || agent.count_log("interval ") > seen,
+    )?;
     let lat = probe.stop();
     let flows = agent.metric("flowmap_flows_last_interval ")?;
     let secs = agent.metric("flowmap_interval_processing_seconds ")?;

@@ -38,36 +38,56 @@ impl Pg {
         let dir = TempDir::new("pg");
         let port = crate::net::free_port();
         let pg = Pg { dir, port, bin };
-        let d = pg.dir.path().to_str().unwrap().to_string();
-        crate::net::sh(&["chown", "postgres:postgres", &d]);
-        let run = |args: &[&str]| {
-            let mut a = vec!["-u", "postgres", "--"];
-            a.extend_from_slice(args);
-            let out = Command::new("runuser").args(&a).output().unwrap();
-            assert!(
-                out.status.success(),
-                "{args:?}: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
+        let d = pg.data();
+        crate::net::sh(&[
+            "chown",
+            "postgres:postgres",
+            pg.dir.path().to_str().unwrap(),
+        ]);
         let initdb = pg.bin.join("initdb");
-        let pg_ctl = pg.bin.join("pg_ctl");
-        run(&[
+        pg.as_postgres(&[
             initdb.to_str().unwrap(),
             "-D",
-            &format!("{d}/data"),
+            &d,
             "-A",
             "trust",
             "-U",
             "postgres",
             "--no-sync",
         ]);
-        let opts = format!("-p {port} -k {d} -c listen_addresses=127.0.0.1 -c fsync=off");
-        run(&[
+        pg.start_again();
+        Some(pg)
+    }
+
+    fn data(&self) -> String {
+        format!("{}/data", self.dir.path().display())
+    }
+
+    /// Runs a command as the `postgres` user; it must succeed.
+    fn as_postgres(&self, args: &[&str]) {
+        let mut a = vec!["-u", "postgres", "--"];
+        a.extend_from_slice(args);
+        let out = Command::new("runuser").args(&a).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Starts the server (again, after `stop`) on the same port and data.
+    pub fn start_again(&self) {
+        let d = self.dir.path().to_str().unwrap().to_string();
+        let opts = format!(
+            "-p {} -k {d} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port
+        );
+        let pg_ctl = self.bin.join("pg_ctl");
+        self.as_postgres(&[
             pg_ctl.to_str().unwrap(),
             "-D",
-            &format!("{d}/data"),
+            &self.data(),
             "-o",
             &opts,
             "-l",
@@ -75,7 +95,94 @@ impl Pg {
             "-w",
             "start",
         ]);
-        Some(pg)
+    }
+
+    /// Stops the server (fast shutdown: clients are disconnected).
+    pub fn stop(&self) {
+        let pg_ctl = self.bin.join("pg_ctl");
+        self.as_postgres(&[
+            pg_ctl.to_str().unwrap(),
+            "-D",
+            &self.data(),
+            "-m",
+            "fast",
+            "-w",
+            "stop",
+        ]);
+    }
+
+    /// Makes the server TLS-only with a certificate for `localhost` signed
+    /// by a fresh CA (openssl); restarts it. Returns the CA file.
+    pub fn require_tls(&self) -> PathBuf {
+        let d = self.data();
+        let ca = self.dir.path().join("ca.pem");
+        let openssl = |args: &[&str]| crate::net::sh(&[&["openssl"], args].concat());
+        let ca_key = format!("{d}/ca.key");
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=flowmap test CA",
+            "-keyout",
+            &ca_key,
+            "-out",
+            ca.to_str().unwrap(),
+        ]);
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            &format!("{d}/server.key"),
+            "-out",
+            &format!("{d}/server.csr"),
+        ]);
+        let ext = self.dir.file("san.cnf", "subjectAltName=DNS:localhost\n");
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{d}/server.csr"),
+            "-CA",
+            ca.to_str().unwrap(),
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            ext.to_str().unwrap(),
+            "-out",
+            &format!("{d}/server.crt"),
+        ]);
+        crate::net::sh(&[
+            "chown",
+            "postgres:postgres",
+            &format!("{d}/server.key"),
+            &format!("{d}/server.crt"),
+        ]);
+        crate::net::sh(&["chmod", "600", &format!("{d}/server.key")]);
+        let conf = format!("{d}/postgresql.conf");
+        let mut c = std::fs::read_to_string(&conf).unwrap();
+        c += "\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n";
+        std::fs::write(&conf, c).unwrap();
+        // Only TLS connections over TCP are let in.
+        std::fs::write(
+            format!("{d}/pg_hba.conf"),
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostnossl all all 0.0.0.0/0 reject\n",
+        )
+        .unwrap();
+        self.stop();
+        self.start_again();
+        ca
     }
 
     pub fn connection_string(&self) -> String {
@@ -88,7 +195,6 @@ impl Pg {
 
 impl Drop for Pg {
     fn drop(&mut self) {
-        let d = self.dir.path().to_str().unwrap().to_string();
         let _ = Command::new("runuser")
             .args([
                 "-u",
@@ -96,7 +202,7 @@ impl Drop for Pg {
                 "--",
                 self.bin.join("pg_ctl").to_str().unwrap(),
                 "-D",
-                &format!("{d}/data"),
+                &self.data(),
                 "-m",
                 "immediate",
                 "-w",

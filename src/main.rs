@@ -14,7 +14,7 @@ use flowmap::store::{Location, Store};
 #[derive(Parser)]
 #[command(
     name = "flowmap",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("FLOWMAP_GIT_COMMIT"), ")"),
     about = "eBPF network-flow agent for Coordimap"
 )]
 struct Cli {

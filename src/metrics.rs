@@ -216,6 +216,14 @@ impl Metrics {
             "Kubernetes mode: full lists of a watched kind (one per kind at start, again after 410 Gone)",
             m.kube_relists.clone(),
         );
+        r.register(
+            "build",
+            "Version and git commit of this binary",
+            prometheus_client::metrics::info::Info::new(vec![
+                ("version", env!("CARGO_PKG_VERSION")),
+                ("commit", env!("FLOWMAP_GIT_COMMIT")),
+            ]),
+        );
         Metrics { registry: r, ..m }
     }
 

@@ -46,6 +46,8 @@ pub fn sh_quiet(args: &[&str]) {
     let _ = Command::new(args[0]).args(&args[1..]).output();
 }
 
+pub mod collector;
+pub mod flows;
 pub mod postgres;
 
 static SEQ: AtomicU32 = AtomicU32::new(0);

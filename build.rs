@@ -53,4 +53,38 @@ fn main() {
     }
     println!("cargo:rerun-if-changed={cyto}");
     println!("cargo:rerun-if-env-changed=BPF_CLANG");
+
+    // `flowmap --version`, /metrics (flowmap_build_info) and the image
+    // labels name the commit built; FLOWMAP_GIT_COMMIT overrides it (a
+    // source tarball has no .git).
+    println!("cargo:rustc-env=FLOWMAP_GIT_COMMIT={}", git_commit());
+    println!("cargo:rerun-if-env-changed=FLOWMAP_GIT_COMMIT");
+}
+
+fn git(args: &[&str]) -> Option<String> {
+    let out = Command::new("git").args(args).output().ok()?;
+    let s = String::from_utf8(out.stdout).ok()?.trim().to_string();
+    (out.status.success() && !s.is_empty()).then_some(s)
+}
+
+/// The short commit of HEAD, "unknown" outside git. The build script runs
+/// again when HEAD moves: HEAD itself (a checkout) and the branch it names
+/// (a commit), in a worktree too.
+fn git_commit() -> String {
+    if let Ok(c) = env::var("FLOWMAP_GIT_COMMIT") {
+        return c;
+    }
+    let Some(commit) = git(&["rev-parse", "--short=12", "HEAD"]) else {
+        return "unknown".into();
+    };
+    let mut watch = vec!["HEAD".to_string(), "packed-refs".to_string()];
+    watch.extend(git(&["symbolic-ref", "-q", "HEAD"]));
+    for r in watch {
+        if let Some(path) = git(&["rev-parse", "--git-path", &r]) {
+            if std::path::Path::new(&path).exists() {
+                println!("cargo:rerun-if-changed={path}");
+            }
+        }
+    }
+    commit
 }

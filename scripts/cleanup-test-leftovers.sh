@@ -9,4 +9,22 @@ done
 for l in $(ls /sys/class/net 2>/dev/null | grep -E '^fm[hvb][0-9]+n[0-9]+p?$' || true); do
   ip link del "$l" 2>/dev/null || true
 done
+# The image test's podman state (tests/image.rs): its containers outlive a
+# killed test, so stop them, then remove the storage and the cgroups.
+for dir in "${TMPDIR:-/tmp}"/flowmap-podman-*; do
+  [ -d "$dir" ] || continue
+  if command -v podman >/dev/null 2>&1; then
+    p=(podman --root "$dir/root" --runroot "$dir/run" --tmpdir "$dir/tmp" --storage-driver vfs
+       --runtime runc --cgroup-manager cgroupfs --events-backend none)
+    "${p[@]}" rm --all --force --time 0 >/dev/null 2>&1 || true
+    "${p[@]}" rmi --all --force >/dev/null 2>&1 || true
+  fi
+  grep -F " $dir/" /proc/self/mountinfo | awk '{print $5}' | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
+  rm -rf "$dir"
+done
+rm -rf "${TMPDIR:-/tmp}"/flowmap-image-cfg-* "${TMPDIR:-/tmp}"/flowmap-image-state-* \
+  "${TMPDIR:-/tmp}"/flowmap-oci-* "${TMPDIR:-/tmp}"/flowmap-unit-*
+for cg in /sys/fs/cgroup/flowmap-test-* /sys/fs/cgroup/*/flowmap-test-*; do
+  [ -d "$cg" ] && find "$cg" -depth -type d -exec rmdir {} \; 2>/dev/null
+done
 exit 0

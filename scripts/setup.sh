@@ -8,7 +8,10 @@ PKGS=(clang llvm libbpf-dev libelf-dev zlib1g-dev pkg-config linux-libc-dev
       # tests: the PostgreSQL store and the map page in headless Chromium
       postgresql chromium
       # tests: kube-proxy's ClusterIP DNAT inside a test namespace
-      nftables)
+      nftables
+      # the container image (scripts/image.sh) and its test through podman;
+      # setpriv (util-linux) runs the systemd unit's capability test
+      buildah podman runc ca-certificates util-linux)
 
 missing=()
 for p in "${PKGS[@]}"; do

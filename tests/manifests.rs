@@ -129,6 +129,12 @@ fn every_manifest_parses_into_the_kubernetes_types() {
     let spec = p.daemonset.spec.unwrap().template.spec.unwrap();
     assert_eq!(spec.host_network, Some(true));
     let c = &spec.containers[0];
+    // The image scripts/image.sh builds (tests/image.rs runs it as this
+    // DaemonSet does).
+    assert_eq!(
+        c.image.as_deref(),
+        Some(concat!("localhost/flowmap:", env!("CARGO_PKG_VERSION")))
+    );
     let sc = c.security_context.clone().unwrap();
     assert_eq!(sc.privileged, Some(false));
     assert_eq!(sc.allow_privilege_escalation, Some(false));
@@ -142,6 +148,16 @@ fn every_manifest_parses_into_the_kubernetes_types() {
             "NET_ADMIN".to_string(),
             "PERFMON".to_string()
         ])
+    );
+    // bpf() needs a profile that allows it: the one under deploy/seccomp.
+    let seccomp = sc.seccomp_profile.unwrap();
+    assert_eq!(seccomp.type_, "Localhost");
+    let profile = seccomp.localhost_profile.unwrap();
+    assert!(
+        std::path::Path::new("deploy/seccomp")
+            .join(&profile)
+            .is_file(),
+        "{profile} is not in deploy/seccomp"
     );
     assert_eq!(
         c.args.clone().unwrap(),
@@ -239,6 +255,14 @@ fn the_committed_manifests_are_the_chart_rendered_and_values_apply() {
         "port=9555",
         "--set",
         "interfaceName=eth0",
+        "--set",
+        "image.repository=registry.example/obs/flowmap",
+        "--set",
+        "image.tag=1.2.3",
+        "--set",
+        "seccompProfile.type=RuntimeDefault",
+        "--set",
+        "seccompProfile.localhostProfile=null",
     ]);
     assert!(
         custom.status.success(),
@@ -251,6 +275,15 @@ fn the_committed_manifests_are_the_chart_rendered_and_values_apply() {
         "an existing Secret is used, none made"
     );
     let c = &p.daemonset.spec.unwrap().template.spec.unwrap().containers[0];
+    assert_eq!(
+        c.image.as_deref(),
+        Some("registry.example/obs/flowmap:1.2.3")
+    );
+    let seccomp = c.security_context.clone().unwrap().seccomp_profile.unwrap();
+    assert_eq!(
+        (seccomp.type_.as_str(), seccomp.localhost_profile),
+        ("RuntimeDefault", None)
+    );
     let args = c.args.clone().unwrap();
     assert!(!args.contains(&"--no-store".to_string()));
     assert!(args.contains(&"--listen=$(HOST_IP):9555".to_string()));

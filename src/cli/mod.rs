@@ -22,7 +22,7 @@ use crate::sinks::store::Location;
 #[derive(Parser)]
 #[command(
     name = "flowmap",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("FLOWMAP_GIT_COMMIT"), ")"),
     about = "eBPF network-flow agent for Coordimap"
 )]
 struct Cli {

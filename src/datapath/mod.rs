@@ -176,6 +176,41 @@ impl Attached {
     }
 }
 
+/// Why loading was refused, from what this process holds: the capabilities
+/// it lacks, else (all held, refused anyway) a seccomp filter, which is
+/// what podman's and CRI-O's default profiles do to bpf() without
+/// CAP_SYS_ADMIN.
+fn load_hint(denied: bool) -> String {
+    const NEEDS: &str = "flowmap needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON";
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+    };
+    let Some(eff) = field("CapEff:").and_then(|v| u64::from_str_radix(v, 16).ok()) else {
+        return NEEDS.into();
+    };
+    // CAP_SYS_ADMIN (21) also grants what CAP_BPF (39) and CAP_PERFMON (38) do.
+    let has = |bit: u32| eff & (1 << bit) != 0 || (bit != 12 && eff & (1 << 21) != 0);
+    let missing: Vec<&str> = [(39, "CAP_BPF"), (12, "CAP_NET_ADMIN"), (38, "CAP_PERFMON")]
+        .into_iter()
+        .filter(|(bit, _)| !has(*bit))
+        .map(|(_, name)| name)
+        .collect();
+    if !missing.is_empty() {
+        format!("missing capability {}: {NEEDS}", missing.join(", "))
+    } else if denied && field("Seccomp:").is_some_and(|m| m != "0") {
+        "CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON are all held, so a seccomp filter likely refused bpf() \
+         (podman's and CRI-O's default profiles allow it only with CAP_SYS_ADMIN); use \
+         deploy/seccomp/flowmap-seccomp.json (see README, \"Container image\")"
+            .into()
+    } else {
+        NEEDS.into()
+    }
+}
+
 /// The loaded kernel program and everything attached. Dropping it detaches
 /// every interface (fields drop in order: hooks before the programs).
 pub struct Datapath {
@@ -211,7 +246,11 @@ impl Datapath {
         open.maps.flows_a.set_max_entries(opts.max_flows)?;
         open.maps.flows_b.set_max_entries(opts.max_flows)?;
         let skel = open.load().map_err(|e| {
-            anyhow!("loading the BPF program failed: {e} (flowmap needs root, or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON; --debug shows libbpf's log)")
+            let denied = e.kind() == libbpf_rs::ErrorKind::PermissionDenied;
+            anyhow!(
+                "loading the BPF program failed: {e} ({}; --debug shows libbpf's log)",
+                load_hint(denied)
+            )
         })?;
         let overflow = Arc::new(Mutex::new(Overflow {
             cap: (opts.max_flows as usize).max(OVERFLOW_MIN_FLOWS),

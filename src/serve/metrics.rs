@@ -232,6 +232,14 @@ impl Metrics {
             "Kubernetes mode: full lists of a watched kind (one per kind at start, again after 410 Gone)",
             self.kube_relists.clone(),
         );
+        r.register(
+            "build",
+            "Version and git commit of this binary",
+            prometheus_client::metrics::info::Info::new(vec![
+                ("version", env!("CARGO_PKG_VERSION")),
+                ("commit", env!("FLOWMAP_GIT_COMMIT")),
+            ]),
+        );
     }
 
     /// Kernel statistics are cumulative; counters move by the difference.

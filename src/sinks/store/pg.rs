@@ -104,7 +104,12 @@ pub fn connect(cs: &str) -> Result<postgres::Client> {
     }
     cfg.keepalives(true)
         .keepalives_idle(Duration::from_secs(30));
-    let unreachable = |e: postgres::Error| Unreachable(format!("connecting to PostgreSQL: {e}"));
+    // Server notices ("relation already exists, skipping") are for --debug.
+    cfg.notice_callback(
+        |n| tracing::debug!(target: "postgres", "{}: {}", n.severity(), n.message()),
+    );
+    let unreachable =
+        |e: postgres::Error| Unreachable(format!("connecting to PostgreSQL: {}", describe(&e)));
     let mut c = if mode == SslMode::Disable {
         cfg.ssl_mode(postgres::config::SslMode::Disable);
         cfg.connect(postgres::NoTls).map_err(unreachable)?
@@ -119,8 +124,28 @@ pub fn connect(cs: &str) -> Result<postgres::Client> {
         cfg.connect(tls).map_err(unreachable)?
     };
     c.batch_execute(&format!("SET statement_timeout = {STATEMENT_TIMEOUT_MS}"))
-        .map_err(|e| Unreachable(format!("PostgreSQL: setting statement_timeout: {e}")))?;
+        .map_err(|e| {
+            Unreachable(format!(
+                "PostgreSQL: setting statement_timeout: {}",
+                describe(&e)
+            ))
+        })?;
     Ok(c)
+}
+
+/// The driver's error with what the server or the TLS layer said (its
+/// Display alone is "db error" or "error performing TLS handshake").
+fn describe(e: &postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{}: {}", db.severity(), db.message());
+    }
+    let mut s = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(c) = src {
+        s += &format!(": {c}");
+        src = c.source();
+    }
+    s
 }
 
 /// The CA roots: the `sslrootcert` file, else the system's.

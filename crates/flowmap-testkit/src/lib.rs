@@ -2,7 +2,9 @@
 //! frame builders, the stand-in Kubernetes API server, network namespaces
 //! (`net::Netns`), the agent as a child process (`agent::Agent`), a
 //! private PostgreSQL, a loopback collector, temp directories, a fake
-//! flow source and flow records on a fixed clock.
+//! flow source, flow records on a fixed clock, and known traffic through
+//! a veth with an AF_PACKET capture to check the agent's counts against
+//! (`traffic`).
 
 pub mod agent;
 pub mod collector;
@@ -13,3 +15,4 @@ pub mod records;
 pub mod source;
 pub mod standin;
 pub mod tempdir;
+pub mod traffic;

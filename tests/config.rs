@@ -297,6 +297,24 @@ fn check_and_run_refuse_invalid_files_with_status_2_and_hide_the_key() {
             && !String::from_utf8_lossy(&o.stderr).contains("topsecret-123")
     );
     assert!(out.contains("api_key: set (hidden)\nendpoint: http://127.0.0.1:9\ndata source \"f1\" (flows)\n  interface_name: all\n"), "{out}");
+    // Credentials in the endpoint URL are not printed.
+    let o = flowmap(
+        &[
+            "check",
+            "--config",
+            good.to_str().unwrap(),
+            "--endpoint",
+            "https://bob:hunter2@collector.example/v1?api_key=k3y&region=eu",
+        ],
+        &[("FM_TEST_KEY", "topsecret-123")],
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("endpoint: https://***@collector.example/v1?api_key=***&region=eu\n")
+            && !out.contains("hunter2")
+            && !out.contains("k3y"),
+        "{out}"
+    );
     // An endpoint without a key is refused.
     let nokey = dir.file("nokey.yaml", &flows(""));
     let o = flowmap(

@@ -278,3 +278,95 @@ fn one_interval_gives_the_exact_graph_store_rows_and_batch() {
     );
     assert_eq!(metrics.store_written.get(), 1);
 }
+
+/// `interface_name` per data source: a source for `wg0` reports only what
+/// crossed `wg0`, one for `eth0` only what crossed `eth0`.
+#[test]
+fn each_data_source_gets_the_flows_of_its_own_interfaces() {
+    let dir = TempDir::new("pipeline-ifaces");
+    let cfg = flowmap::config::parse(
+        "coordimap:
+  data_sources:
+    - type: flows
+      data_source_id: lan
+      config:
+        - name: interface_name
+          value: eth0
+    - type: flows
+      data_source_id: vpn
+      config:
+        - name: interface_name
+          value: wg0
+",
+        &|_| None,
+    )
+    .unwrap();
+    let metrics = Arc::new(Metrics::new(Arc::new(DeliveryStats::default())));
+    let mut src = FakeSource::new(&[(2, "eth0"), (3, "wg0")]);
+    let udp = |ifindex: u32, peer: &str, packets: u64| {
+        let (mut k, s) = entry(
+            proto::UDP,
+            ("10.0.0.1", 53),
+            (peer, 40000),
+            Sample {
+                packets: [packets, packets],
+                bytes: [100 * packets, 100 * packets],
+                first_seen_ns: 1_000,
+                last_seen_ns: 2_000,
+                first_side: 2,
+                ..Default::default()
+            },
+        );
+        k.ifindex = ifindex;
+        (k, s)
+    };
+    src.push(Drained {
+        flows: vec![udp(2, "10.0.0.2", 1), udp(3, "10.9.0.2", 7)],
+        ..Default::default()
+    });
+    let spool = Spool::open(
+        &dir.path().join("spool"),
+        1 << 20,
+        Arc::new(DeliveryStats::default()),
+    )
+    .unwrap();
+    let spool = Arc::new(Mutex::new(spool));
+    let sinks: Vec<Box<dyn Sink>> = vec![Box::new(SpoolSink {
+        spool: spool.clone(),
+        wake: Arc::new(tokio::sync::Notify::new()),
+    })];
+    let mut p = Pipeline::new(&cfg, (Duration::from_secs(30), 1024), sinks, metrics, None);
+    p.set_host(HostSource::Fixed(host()));
+    p.interval(&mut src).unwrap();
+    p.close();
+    let mut edges = Vec::new();
+    let mut s = spool.lock().unwrap();
+    while let Some((seq, body)) = s.oldest() {
+        let batch: Batch = serde_json::from_slice(&body).unwrap();
+        for (id, (kind, v)) in payloads(&batch) {
+            if kind == "coordimap.relationship_skipinsert" {
+                edges.push((
+                    batch.cloud_crawl_data.crawl_internal_id.clone(),
+                    id,
+                    v["flows"][0]["packets_client_to_server"].as_u64().unwrap(),
+                ));
+            }
+        }
+        s.remove(seq);
+    }
+    assert_eq!(
+        edges,
+        vec![
+            (
+                "lan".to_string(),
+                "lan-flows.external-10.0.0.2.lan-flows.host-node-a".to_string(),
+                1
+            ),
+            (
+                "vpn".to_string(),
+                "vpn-flows.external-10.9.0.2.vpn-flows.host-node-a".to_string(),
+                7
+            ),
+        ]
+    );
+}

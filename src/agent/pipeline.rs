@@ -3,6 +3,7 @@
 //! source's graph → hand records and graphs to every sink → count. It runs
 //! on the agent's pipeline thread, never on the async runtime.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -13,6 +14,7 @@ use super::kube::KubeView;
 use super::source::FlowSource;
 use crate::config::{Config, DeployedAt, FlowsSource};
 use crate::datapath::clock::{clock_ns, Clock};
+use crate::datapath::ifaces::Selection;
 use crate::datapath::{Drained, STAT_NAMES};
 use crate::enrich::host::HostView;
 use crate::enrich::kube::KubeResolver;
@@ -22,6 +24,22 @@ use crate::flow::{Context, FlowRecord, FlowTable};
 use crate::graph::Graph;
 use crate::serve::metrics::{Direction, Metrics};
 use crate::sinks::{Sink, SourceGraph};
+
+/// The records of the interfaces a data source names (`interface_name`):
+/// a flow seen on one of them, whichever interface it was counted on.
+fn records_of<'r>(src: &FlowsSource, records: &'r [FlowRecord]) -> Cow<'r, [FlowRecord]> {
+    let Selection::Names(names) = &src.interfaces else {
+        return Cow::Borrowed(records);
+    };
+    let mine = |n: &str| names.iter().any(|x| x == n);
+    Cow::Owned(
+        records
+            .iter()
+            .filter(|r| mine(&r.interface) || r.also_seen_on.iter().any(|n| mine(n)))
+            .cloned()
+            .collect(),
+    )
+}
 
 /// Where the host view comes from: read from /proc each interval, or
 /// fixed (tests).
@@ -176,6 +194,7 @@ impl Pipeline {
         records: &[FlowRecord],
         host: &HostView,
     ) -> (Graph, Endpoint) {
+        let records = &*records_of(src, records);
         if let (Some(k), DeployedAt::Kubernetes) = (&self.kube, src.deployed_at) {
             let cluster = crate::enrich::kube::watch::read(&k.cluster);
             let resolver = KubeResolver {

@@ -28,21 +28,19 @@ fn main() {
     }
     let clang = env::var("BPF_CLANG").unwrap_or_else(|_| "clang".to_string());
 
-    for (src, name) in [("bpf/flows.bpf.c", "flows")] {
-        let skel = out.join(format!("{name}.skel.rs"));
-        if let Err(e) = SkeletonBuilder::new()
-            .source(src)
-            .clang(&clang)
-            .clang_args(args.iter().map(String::as_str))
-            .build_and_generate(&skel)
-        {
-            panic!(
-                "building {src} failed: {e:#}\n\
-                 (clang, libbpf-dev and linux-libc-dev are needed: run scripts/setup.sh)"
-            );
-        }
-        println!("cargo:rerun-if-changed={src}");
+    let src = "bpf/flows.bpf.c";
+    if let Err(e) = SkeletonBuilder::new()
+        .source(src)
+        .clang(&clang)
+        .clang_args(args.iter().map(String::as_str))
+        .build_and_generate(out.join("flows.skel.rs"))
+    {
+        panic!(
+            "building {src} failed: {e:#}\n\
+             (clang, libbpf-dev and linux-libc-dev are needed: run scripts/setup.sh)"
+        );
     }
+    println!("cargo:rerun-if-changed={src}");
     println!("cargo:rerun-if-changed=bpf/flows.h");
 
     // The map page embeds its graph library, installed from the npm

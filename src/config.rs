@@ -405,6 +405,14 @@ impl Ctx<'_> {
 /// A kubernetes data source of the same file: its identifier and scope_id.
 type KubeSource = (String, Option<String>);
 
+/// The data sources of a file, sorted: flows (index, id, raw), kubernetes,
+/// the others.
+type Sorted<'s> = (
+    Vec<(usize, String, &'s RawSource)>,
+    Vec<KubeSource>,
+    Vec<OtherSource>,
+);
+
 impl Ctx<'_> {
     fn database(&mut self, d: RawDatabase) -> Option<Database> {
         let driver = self
@@ -436,14 +444,7 @@ impl Ctx<'_> {
 
     /// Sorts the data sources: flows (index, id, raw), the kubernetes ones
     /// (whose identifiers and scope_ids check the flows mappings), others.
-    fn sort_sources<'s>(
-        &mut self,
-        sources: &'s [RawSource],
-    ) -> (
-        Vec<(usize, String, &'s RawSource)>,
-        Vec<KubeSource>,
-        Vec<OtherSource>,
-    ) {
+    fn sort_sources<'s>(&mut self, sources: &'s [RawSource]) -> Sorted<'s> {
         let (mut flows, mut kube, mut others) = (Vec::new(), Vec::new(), Vec::new());
         for (i, s) in sources.iter().enumerate() {
             let kind = self

@@ -234,7 +234,8 @@ fn one_interval_gives_the_exact_graph_store_rows_and_batch() {
     assert_eq!(st.runs().unwrap(), 1);
     let v =
         flowmap::serve::view::graph(&mut st, std::time::UNIX_EPOCH, &Default::default()).unwrap();
-    let edges: Vec<(String, String, String, u16, u64, u64, u64, u64)> = v
+    type Row = (String, String, String, u16, u64, u64, u64, u64);
+    let edges: Vec<Row> = v
         .edges
         .iter()
         .map(|e| {

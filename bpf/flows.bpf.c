@@ -372,6 +372,13 @@ static __always_inline int parse_l4_frag(struct __sk_buff *skb, __u32 off, struc
 					 int fragmented, int first, __u32 id)
 {
 	struct frag_key fk;
+	__u8 pr = p->k.proto;
+	int has_ports = pr == IPPROTO_TCP || pr == IPPROTO_UDP || pr == IPPROTO_UDPLITE ||
+			pr == IPPROTO_SCTP;
+	/* A later fragment of a protocol without ports (ICMP, GRE, ESP, ...)
+	 * belongs to the port-less flow whether or not its head was seen. */
+	if (fragmented && !first && !has_ports)
+		return PARSE_OK;
 	if (fragmented && !first) {
 		frag_key_of(&fk, p, id);
 		struct frag_ports *fp = bpf_map_lookup_elem(&frags, &fk);

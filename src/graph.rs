@@ -11,7 +11,7 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
-use crate::enrich::{is_link_control, Endpoint, EndpointKind, Resolve};
+use crate::enrich::{is_link_control_flow, Endpoint, EndpointKind, Resolve};
 use crate::flow::FlowRecord;
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -57,6 +57,9 @@ pub struct EdgeStats {
 pub struct Graph {
     pub endpoints: BTreeMap<Arc<str>, Endpoint>,
     pub edges: BTreeMap<EdgeKey, EdgeStats>,
+    /// Link-scope control flows (neighbour discovery, broadcasts) left off
+    /// the graph; counted in /metrics.
+    pub link_control: u64,
 }
 
 impl Graph {
@@ -94,10 +97,12 @@ impl Graph {
                 })
                 .clone()
         };
+        let n_all = records.len();
         let records: Vec<&FlowRecord> = records
             .iter()
-            .filter(|r| !is_link_control(r.dst_ip))
+            .filter(|r| !is_link_control_flow(&r.protocol, r.src_ip, r.dst_ip))
             .collect();
+        g.link_control = (n_all - records.len()) as u64;
         let mut servers = Vec::with_capacity(records.len());
         // (protocol, client address, client port) → the service it dialled.
         let mut via: Fast<(&str, IpAddr, u16), Arc<str>> = Fast::default();

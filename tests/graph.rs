@@ -318,3 +318,61 @@ fn the_same_element_is_sent_once_per_batch() {
         "one relationship per endpoint pair, one flow entry per port"
     );
 }
+
+/// Neighbour discovery and router solicitation (ICMPv6 between fe80::
+/// addresses, or to ff02::) and broadcasts stay off the map, counted.
+#[test]
+fn link_scope_control_traffic_is_counted_not_drawn() {
+    let h = host();
+    let r = ServerResolver {
+        data_source_id: "ds1",
+        host: &h,
+    };
+    let records = vec![
+        rec("fe80::1", 0, "fe80::2", 0, "icmpv6", (1, 86), (1, 78)),
+        rec("fe80::1", 0, "ff02::2", 0, "icmpv6", (1, 70), (0, 0)),
+        rec(
+            "10.0.0.9",
+            68,
+            "255.255.255.255",
+            67,
+            "udp",
+            (1, 342),
+            (0, 0),
+        ),
+        rec(
+            "2001:db8::9",
+            0,
+            "2001:db8::1",
+            0,
+            "icmpv6",
+            (3, 300),
+            (3, 300),
+        ),
+        rec("10.0.0.9", 5000, "10.0.0.1", 53, "udp", (2, 200), (2, 300)),
+    ];
+    let g = Graph::build(&records, &r);
+    assert_eq!(g.link_control, 3);
+    let edges: Vec<(&str, &str, &str, u16)> = g
+        .edges
+        .keys()
+        .map(|k| (&*k.client, &*k.server, &*k.protocol, k.port))
+        .collect();
+    assert_eq!(
+        edges,
+        vec![
+            (
+                "ds1-flows.external-10.0.0.9",
+                "ds1-flows.host-node-a",
+                "udp",
+                53
+            ),
+            (
+                "ds1-flows.external-2001:db8::9",
+                "ds1-flows.external-2001:db8::1",
+                "icmpv6",
+                0
+            ),
+        ]
+    );
+}

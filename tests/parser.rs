@@ -317,6 +317,53 @@ fn ipv4_fragments_count_into_the_flow_of_the_first() {
     assert_eq!(stat(&stats, "frag_no_head"), 1);
 }
 
+/// Later fragments of protocols without ports (ICMP, GRE, ESP) join the
+/// port-less flow, head seen or not: no `frag_no_head` for them.
+#[test]
+fn later_fragments_without_ports_are_not_orphans() {
+    if !common::privileged("later_fragments_without_ports_are_not_orphans") {
+        return;
+    }
+    let mut dp = dp();
+    let frag = |proto: u8, frag: u16, id: u16, len: usize| {
+        let mut f = ethernet(0x0800, &[]);
+        f.extend(ipv4_header(
+            [10, 4, 0, 1],
+            [10, 4, 0, 2],
+            proto,
+            len,
+            &[],
+            frag,
+            id,
+        ));
+        f.extend(vec![0u8; len]);
+        f
+    };
+    // An ICMP echo request in two fragments (head: type 8 and MF), a
+    // later GRE fragment and a later ESP fragment whose heads never came.
+    let mut icmp_head = frag(1, 0x2000, 90, 32);
+    let at = icmp_head.len() - 32;
+    icmp_head[at..at + 8].copy_from_slice(&[8, 0, 0, 0, 0, 1, 0, 1]);
+    let frames = [
+        icmp_head,
+        frag(1, 4, 90, 40),
+        frag(47, 185, 91, 40),
+        frag(50, 185, 92, 40),
+    ];
+    let (mut flows, stats) = run(&mut dp, Entry::EthIngress, &frames);
+    flows.sort_by_key(|(k, _)| k.conn.proto);
+    let got: Vec<(u8, u64, u64)> = flows
+        .iter()
+        .map(|(k, s)| (k.conn.proto, s.packets[0], s.bytes[0]))
+        .collect();
+    let len = |i: usize| frames[i].len() as u64;
+    assert_eq!(
+        got,
+        vec![(1, 2, len(0) + len(1)), (47, 1, len(2)), (50, 1, len(3))]
+    );
+    assert_eq!(stat(&stats, "frag_no_head"), 0);
+}
+
 fn ext(next: u8, len_units: u8) -> Vec<u8> {
     let mut e = vec![0u8; (len_units as usize + 1) * 8];
     e[0] = next;

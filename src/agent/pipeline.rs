@@ -129,6 +129,7 @@ impl Pipeline {
         let mut graphs = 0;
         for i in 0..self.sources.len() {
             let (graph, always) = self.build(&self.sources[i], &records, &host);
+            self.metrics.link_control_flows.inc_by(graph.link_control);
             let sg = SourceGraph::new(
                 &self.sources[i],
                 &self.skip_fields,

@@ -87,6 +87,15 @@ pub trait Resolve {
     }
 }
 
+/// Link-scope control traffic, which is noise on a service map: to a
+/// broadcast or link-local multicast address, or ICMPv6 (neighbour
+/// discovery, router solicitation) between link-local (fe80::/10)
+/// addresses.
+pub fn is_link_control_flow(protocol: &str, src: IpAddr, dst: IpAddr) -> bool {
+    let link_local = |ip: IpAddr| matches!(ip, IpAddr::V6(v) if v.segments()[0] & 0xffc0 == 0xfe80);
+    is_link_control(dst) || (protocol == "icmpv6" && (link_local(src) || link_local(dst)))
+}
+
 pub fn is_link_control(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v) => {

@@ -50,6 +50,7 @@ pub struct Metrics {
     pub kernel_events: Family<Reason, Counter>,
     pub interfaces_attached: Gauge,
     pub batches_built: Counter,
+    pub link_control_flows: Counter,
     pub delivery: Arc<DeliveryStats>,
     pub store_written: Counter,
     pub store_errors: Counter,
@@ -78,6 +79,7 @@ impl Metrics {
             kernel_events: Family::default(),
             interfaces_attached: Gauge::default(),
             batches_built: Counter::default(),
+            link_control_flows: Counter::default(),
             delivery,
             store_written: Counter::default(),
             store_errors: Counter::default(),
@@ -143,6 +145,11 @@ impl Metrics {
             "batches_built",
             "Coordimap batches built (one per data source per interval)",
             self.batches_built.clone(),
+        );
+        r.register(
+            "link_control_flows",
+            "Link-scope control flows (ICMPv6 between fe80:: addresses, broadcast, link-local multicast) left off the graph",
+            self.link_control_flows.clone(),
         );
     }
 

@@ -194,6 +194,16 @@ fn sqlite_store() {
     let dir = TempDir::new("store");
     let loc = Location::Sqlite(dir.path().join("sub").join("flowmap.db"));
     check_store(&loc);
+    // The store is the agent's alone: its directory 0700, the database and
+    // its WAL 0600.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let sub = dir.path().join("sub");
+    assert_eq!(mode(&sub), 0o700);
+    assert_eq!(mode(&sub.join("flowmap.db")), 0o600);
+    let open = Store::open(&loc).unwrap();
+    assert_eq!(mode(&sub.join("flowmap.db-wal")), 0o600);
+    drop(open);
 }
 
 #[test]

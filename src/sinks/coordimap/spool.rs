@@ -36,6 +36,25 @@ pub struct Spool {
     stats: Arc<DeliveryStats>,
 }
 
+/// Writes `name` in `dir` as a whole or not at all: a 0600 temporary file,
+/// synced, renamed over the old one, and the directory synced so the new
+/// name survives a crash.
+fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_data()?;
+    drop(f);
+    fs::rename(&tmp, dir.join(name))?;
+    fs::File::open(dir)?.sync_all()
+}
+
 fn file_name(seq: u64) -> String {
     format!("{seq:020}.json")
 }
@@ -101,14 +120,9 @@ impl Spool {
     /// newest is always kept.
     pub fn push(&mut self, body: &[u8]) -> std::io::Result<u64> {
         let seq = self.last_seq + 1;
-        let tmp = self.dir.join(format!("{seq}.tmp"));
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(body)?;
-        f.sync_data()?;
-        drop(f);
-        fs::rename(&tmp, self.dir.join(file_name(seq)))?;
+        write_atomic(&self.dir, &file_name(seq), body)?;
         self.last_seq = seq;
-        fs::write(self.dir.join("last_seq"), seq.to_string())?;
+        write_atomic(&self.dir, "last_seq", seq.to_string().as_bytes())?;
         self.files.push_back((seq, body.len() as u64));
         self.bytes += body.len() as u64;
         self.stats.spool_batches.set(self.files.len() as i64);
@@ -176,10 +190,16 @@ mod tests {
         assert_eq!(s.oldest(), Some((3, b"cccccccccc".to_vec())));
         s.remove(3);
         drop(s);
+        // Batches and the sequence file are the agent's alone.
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: PathBuf| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(d.join("last_seq")), 0o600);
+        assert_eq!(mode(d.clone()), 0o700);
         // Sequence numbers continue after a restart with an empty spool.
         let mut s = Spool::open(&d, 25, stats).unwrap();
         assert!(s.is_empty());
         assert_eq!(s.push(b"d").unwrap(), 4);
+        assert_eq!(mode(d.join(file_name(4))), 0o600);
         let _ = fs::remove_dir_all(&d);
     }
 }

@@ -60,6 +60,34 @@ pub struct Store {
     conn: Conn,
 }
 
+/// Creates the store's directory 0700 if it is missing; warns when an
+/// existing one lets others in (flow data is not for every local user).
+fn private_dir(dir: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    if let Ok(m) = std::fs::metadata(dir) {
+        let mode = m.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(dir = %dir.display(), mode = %format!("{mode:o}"), "the store's directory is readable by others; 0700 is expected");
+        }
+    }
+    Ok(())
+}
+
+/// The SQLite file and its WAL and shared-memory files: 0600 (SQLite gives
+/// the journals it creates later the database file's mode).
+fn private_files(path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let name = path.as_os_str().to_string_lossy().into_owned();
+    for p in [name.clone(), format!("{name}-wal"), format!("{name}-shm")] {
+        let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600));
+    }
+}
+
 /// The store's server could not be reached (PostgreSQL down, network):
 /// worth trying again later, unlike a bad location or schema.
 #[derive(Debug)]
@@ -221,8 +249,7 @@ impl Store {
         let conn = match loc {
             Location::Sqlite(path) => {
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    std::fs::create_dir_all(dir)
-                        .with_context(|| format!("creating {}", dir.display()))?;
+                    private_dir(dir)?;
                 }
                 let c = rusqlite::Connection::open(path)
                     .with_context(|| format!("opening {}", path.display()))?;
@@ -230,6 +257,7 @@ impl Store {
                 c.pragma_update(None, "journal_mode", "WAL")?;
                 c.pragma_update(None, "synchronous", "NORMAL")?;
                 c.pragma_update(None, "foreign_keys", "ON")?;
+                private_files(path);
                 Conn::Sqlite(c)
             }
             Location::Postgres(cs) => Conn::Postgres(Box::new(pg::connect(cs)?)),

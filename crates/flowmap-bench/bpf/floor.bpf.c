@@ -14,7 +14,7 @@ int floor_prog(struct __sk_buff *skb)
 }
 
 /* The same, as TCX programs: what attaching any program costs on a real
- * interface (bench-scale throughput). */
+ * interface (flowmap-bench scale throughput). */
 SEC("tcx/ingress")
 int floor_in(struct __sk_buff *skb)
 {

@@ -55,6 +55,8 @@ pub struct RunOptions {
     pub duration: Option<Duration>,
     pub attach_mode: Option<AttachMode>,
     pub endpoint: Option<String>,
+    /// Accept an `http://` endpoint that is not loopback (the key in clear).
+    pub allow_plain_http: bool,
     pub state_dir: PathBuf,
     pub spool_max_bytes: u64,
     pub retry: Retry,
@@ -128,7 +130,7 @@ impl Delivery {
         let spool = Spool::open(&dir, opts.spool_max_bytes, stats.clone())
             .with_context(|| format!("opening the spool {}", dir.display()))?;
         let spool = Arc::new(Mutex::new(spool));
-        let collector = Collector::new(endpoint, key)?;
+        let collector = Collector::new(endpoint, key, opts.allow_plain_http)?;
         let wake = Arc::new(Notify::new());
         let (finish, finish_rx) = watch::channel(false);
         let sender = tokio::spawn(sender::run_sender(

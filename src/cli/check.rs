@@ -58,7 +58,7 @@ pub fn print_check(cfg: &Config, source: &str, endpoint: Option<&str>) {
         "endpoint: {}",
         endpoint
             .filter(|e| !e.is_empty())
-            .map(redact_url)
+            .map(crate::sinks::coordimap::redact_url)
             .unwrap_or_else(|| "none (data stays local)".into())
     );
     if !cfg.skip_fields.is_empty() {
@@ -113,57 +113,5 @@ pub fn print_check(cfg: &Config, source: &str, endpoint: Option<&str>) {
     }
     for w in &cfg.warnings {
         println!("warning: {w}");
-    }
-}
-
-/// A URL as it may be shown: a user and password in it, and the values of
-/// query parameters that look like secrets, replaced by `***`.
-pub fn redact_url(url: &str) -> String {
-    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
-    let (authority, path) = match rest.find(['/', '?', '#']) {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
-    };
-    let authority = match authority.rsplit_once('@') {
-        Some((_, host)) => format!("***@{host}"),
-        None => authority.to_string(),
-    };
-    let path = match path.split_once('?') {
-        Some((p, query)) => {
-            let q: Vec<String> = query
-                .split('&')
-                .map(|kv| match kv.split_once('=') {
-                    Some((k, _)) if crate::sinks::coordimap::is_secret_key(k) => {
-                        format!("{k}=***")
-                    }
-                    _ => kv.to_string(),
-                })
-                .collect();
-            format!("{p}?{}", q.join("&"))
-        }
-        None => path.to_string(),
-    };
-    if scheme.is_empty() {
-        format!("{authority}{path}")
-    } else {
-        format!("{scheme}://{authority}{path}")
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redact_url;
-
-    #[test]
-    fn credentials_in_an_endpoint_are_not_shown() {
-        assert_eq!(redact_url("http://127.0.0.1:9"), "http://127.0.0.1:9");
-        assert_eq!(
-            redact_url("https://bob:hunter2@collector.example/api/v1?api_key=abc&region=eu"),
-            "https://***@collector.example/api/v1?api_key=***&region=eu"
-        );
-        assert_eq!(
-            redact_url("https://collector.example?token=t0k&password=p"),
-            "https://collector.example?token=***&password=***"
-        );
     }
 }

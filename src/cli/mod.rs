@@ -76,6 +76,10 @@ struct RunArgs {
     /// DaemonSet writes `$(HOST_IP):9464`).
     #[arg(long, env = "FLOWMAP_LISTEN", default_value = "127.0.0.1:9464", value_parser = parse_listen)]
     listen: SocketAddr,
+    /// Accept an http:// endpoint that is not loopback (the API key then
+    /// travels in clear text).
+    #[arg(long)]
+    allow_plain_http: bool,
     /// Do not serve the map page, /metrics and /healthz.
     #[arg(long)]
     no_web: bool,
@@ -228,6 +232,7 @@ fn run(config: Option<&PathBuf>, endpoint: Option<&str>, a: RunArgs) -> ExitCode
             .output
             .unwrap_or(if quiet { Output::None } else { Output::Graph }),
         endpoint: endpoint.map(str::to_string),
+        allow_plain_http: a.allow_plain_http,
         store: (!a.no_store).then(|| Location::from_config(cfg.database.as_ref(), &a.state_dir)),
         retention: a.retention,
         listen: (!a.no_web).then_some(a.listen),

@@ -95,12 +95,45 @@ pub struct Collector {
     api_key: Secret,
 }
 
+/// The most of a reply that is read.
+pub const REPLY_MAX: usize = 64 * 1024;
+
+/// An `http://` endpoint must be loopback, unless the operator opted in.
+fn check_endpoint(endpoint: &str, allow_plain_http: bool) -> anyhow::Result<()> {
+    let url = reqwest::Url::parse(endpoint)
+        .map_err(|e| anyhow::anyhow!("the endpoint is not a URL ({e})"))?;
+    let host = url.host_str().unwrap_or_default();
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|a| a.is_loopback());
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" if loopback || allow_plain_http => Ok(()),
+        "http" => anyhow::bail!(
+            "the endpoint uses http:// to a host that is not loopback: the API key would travel in clear text; use https://, or pass --allow-plain-http to accept that"
+        ),
+        other => anyhow::bail!("the endpoint's scheme {other:?} is not http or https"),
+    }
+}
+
 impl Collector {
-    pub fn new(endpoint: &str, api_key: Secret) -> anyhow::Result<Collector> {
+    /// `allow_plain_http`: the operator's explicit consent to send the API
+    /// key in clear text to an `http://` endpoint that is not loopback.
+    pub fn new(
+        endpoint: &str,
+        api_key: Secret,
+        allow_plain_http: bool,
+    ) -> anyhow::Result<Collector> {
+        check_endpoint(endpoint, allow_plain_http)?;
         // reqwest is built without a default TLS provider; ring is ours.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(15))
+            // A redirect would carry the Api-Key header to wherever it
+            // points: never followed (see `classify`).
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("flowmap/", env!("CARGO_PKG_VERSION")))
             .build()?;
         Ok(Collector {
@@ -122,12 +155,39 @@ impl Collector {
             .await;
         match res {
             Err(e) => Outcome::Transient(format!("{}", e.without_url())),
-            Ok(r) => {
+            Ok(mut r) => {
                 let status = r.status().as_u16();
-                match r.bytes().await {
-                    Ok(b) => classify(status, &b),
-                    Err(e) => Outcome::Transient(format!("reading the reply: {}", e.without_url())),
+                if (300..400).contains(&status) {
+                    let to = r
+                        .headers()
+                        .get("location")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("(no Location)")
+                        .to_string();
+                    error!(status, location = %super::redact_url(&to), "the collector redirects: a configuration error (redirects are not followed, so the API key never reaches another host); set --endpoint to the final URL");
+                    return Outcome::Transient(format!("HTTP {status} redirect, not followed"));
                 }
+                // The reply is read up to REPLY_MAX bytes, whatever it says.
+                let mut body = Vec::new();
+                loop {
+                    match r.chunk().await {
+                        Ok(Some(c)) => {
+                            let room = REPLY_MAX - body.len();
+                            body.extend_from_slice(&c[..c.len().min(room)]);
+                            if body.len() >= REPLY_MAX {
+                                break;
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            return Outcome::Transient(format!(
+                                "reading the reply: {}",
+                                e.without_url()
+                            ))
+                        }
+                    }
+                }
+                classify(status, &body)
             }
         }
     }

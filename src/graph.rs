@@ -76,6 +76,15 @@ impl Graph {
     /// client address, client port), makes service → pod instead of
     /// client → pod.
     pub fn build(records: &[FlowRecord], resolve: &dyn Resolve) -> Graph {
+        Graph::build_from(records.iter(), resolve)
+    }
+
+    /// `build` over any selection of the interval's records (a data
+    /// source's interfaces), without copying them.
+    pub fn build_from<'r>(
+        records: impl IntoIterator<Item = &'r FlowRecord>,
+        resolve: &dyn Resolve,
+    ) -> Graph {
         let mut g = Graph::default();
         // Each (address, holder) is resolved once per interval.
         type Fast<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
@@ -97,12 +106,10 @@ impl Graph {
                 })
                 .clone()
         };
-        let n_all = records.len();
-        let records: Vec<&FlowRecord> = records
-            .iter()
-            .filter(|r| !is_link_control_flow(&r.protocol, r.src_ip, r.dst_ip))
-            .collect();
-        g.link_control = (n_all - records.len()) as u64;
+        let (records, control): (Vec<&FlowRecord>, Vec<&FlowRecord>) = records
+            .into_iter()
+            .partition(|r| !is_link_control_flow(&r.protocol, r.src_ip, r.dst_ip));
+        g.link_control = control.len() as u64;
         let mut servers = Vec::with_capacity(records.len());
         // (protocol, client address, client port) → the service it dialled.
         let mut via: Fast<(&str, IpAddr, u16), Arc<str>> = Fast::default();

@@ -315,6 +315,35 @@ fn check_and_run_refuse_invalid_files_with_status_2_and_hide_the_key() {
             && !out.contains("k3y"),
         "{out}"
     );
+    // A clear-text endpoint off loopback is refused before anything runs,
+    // unless the operator opts in (then it starts as usual).
+    let state = dir.path().join("state");
+    let o = flowmap(
+        &[
+            "run",
+            "--config",
+            good.to_str().unwrap(),
+            "--endpoint",
+            "http://collector.example/api",
+            "--no-web",
+            "--no-store",
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--duration",
+            "1s",
+        ],
+        &[("FM_TEST_KEY", "topsecret-123")],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("error: the endpoint uses http:// to a host that is not loopback: the API key would travel in clear text; use https://, or pass --allow-plain-http to accept that"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("topsecret-123") && !err.contains("BPF program"),
+        "{err}"
+    );
     // An endpoint without a key is refused.
     let nokey = dir.file("nokey.yaml", &flows(""));
     let o = flowmap(

@@ -29,7 +29,7 @@ fn agent(iface: &str) -> AgentBuilder {
 }
 
 fn nothing_attached(dev: &str) {
-    let tcx = flowmap::datapath::attach::tcx_programs(ifindex(dev));
+    let tcx = flowmap_testkit::agent::tcx_programs(ifindex(dev));
     assert!(
         tcx.iter().all(|n| !n.starts_with("flowmap")),
         "flowmap TCX links left on {dev}: {tcx:?}"
@@ -227,7 +227,7 @@ fn nothing_stays_attached_after_sigkill_and_restart() {
         .args(&["--attach-mode", "tcx"])
         .start()
         .unwrap();
-    let tcx = flowmap::datapath::attach::tcx_programs(v.ifindex());
+    let tcx = flowmap_testkit::agent::tcx_programs(v.ifindex());
     assert_eq!(
         tcx.iter().filter(|n| *n == "flowmap_eth").count(),
         2,

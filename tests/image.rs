@@ -376,7 +376,7 @@ fn assert_counted(out: &str, err: &str, v: &Netns, captured: &[Frame], ports: (u
 }
 
 fn nothing_attached(dev: &str) {
-    let tcx = flowmap::datapath::attach::tcx_programs(ifindex(dev));
+    let tcx = flowmap_testkit::agent::tcx_programs(ifindex(dev));
     assert!(
         tcx.iter().all(|n| !n.starts_with("flowmap")),
         "flowmap TCX links left on {dev}: {tcx:?}"

@@ -56,6 +56,19 @@ fn host() -> HostView {
     }
 }
 
+/// A spool in `dir`, and the sink that fills it.
+fn spool_in(dir: &TempDir) -> (Arc<Mutex<Spool>>, Box<dyn Sink>) {
+    let stats = Arc::new(DeliveryStats::default());
+    let spool = Arc::new(Mutex::new(
+        Spool::open(&dir.path().join("spool"), 1 << 20, stats).unwrap(),
+    ));
+    let sink = SpoolSink {
+        spool: spool.clone(),
+        wake: Arc::new(tokio::sync::Notify::new()),
+    };
+    (spool, Box::new(sink))
+}
+
 /// The payload of every element of the batch, by element ID, without the
 /// time fields.
 fn payloads(batch: &Batch) -> BTreeMap<String, (String, Value)> {
@@ -129,13 +142,7 @@ fn one_interval_gives_the_exact_graph_store_rows_and_batch() {
         ..Default::default()
     });
 
-    let spool = Spool::open(
-        &dir.path().join("spool"),
-        1 << 20,
-        Arc::new(DeliveryStats::default()),
-    )
-    .unwrap();
-    let spool = Arc::new(Mutex::new(spool));
+    let (spool, spool_sink) = spool_in(&dir);
     let db = Location::Sqlite(dir.path().join("flowmap.db"));
     let counters = store::Counters {
         written: metrics.store_written.clone(),
@@ -144,13 +151,7 @@ fn one_interval_gives_the_exact_graph_store_rows_and_batch() {
         healthy: metrics.health.store_ok.clone(),
     };
     let writer = store::Writer::start(db.clone(), Duration::from_secs(3600), 8, counters).unwrap();
-    let sinks: Vec<Box<dyn Sink>> = vec![
-        Box::new(SpoolSink {
-            spool: spool.clone(),
-            wake: Arc::new(tokio::sync::Notify::new()),
-        }),
-        Box::new(writer),
-    ];
+    let sinks: Vec<Box<dyn Sink>> = vec![spool_sink, Box::new(writer)];
     let mut p = Pipeline::new(
         &cfg,
         (Duration::from_secs(30), 1024),
@@ -325,17 +326,8 @@ fn each_data_source_gets_the_flows_of_its_own_interfaces() {
         flows: vec![udp(2, "10.0.0.2", 1), udp(3, "10.9.0.2", 7)],
         ..Default::default()
     });
-    let spool = Spool::open(
-        &dir.path().join("spool"),
-        1 << 20,
-        Arc::new(DeliveryStats::default()),
-    )
-    .unwrap();
-    let spool = Arc::new(Mutex::new(spool));
-    let sinks: Vec<Box<dyn Sink>> = vec![Box::new(SpoolSink {
-        spool: spool.clone(),
-        wake: Arc::new(tokio::sync::Notify::new()),
-    })];
+    let (spool, spool_sink) = spool_in(&dir);
+    let sinks: Vec<Box<dyn Sink>> = vec![spool_sink];
     let mut p = Pipeline::new(&cfg, (Duration::from_secs(30), 1024), sinks, metrics, None);
     p.set_host(HostSource::Fixed(host()));
     p.interval(&mut src).unwrap();

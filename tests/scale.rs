@@ -158,7 +158,8 @@ fn loaded() -> (
 /// counts every packet exactly once.
 #[test]
 fn the_hand_over_from_classic_filters_to_tcx_counts_every_packet_once() {
-    use flowmap::datapath::attach::{tcx_programs, HookKind};
+    use flowmap::datapath::attach::HookKind;
+    use flowmap_testkit::agent::tcx_programs;
     let Some(_g) = privileged_serial(
         "the_hand_over_from_classic_filters_to_tcx_counts_every_packet_once",
         &SERIAL,

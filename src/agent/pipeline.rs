@@ -3,7 +3,6 @@
 //! source's graph → hand records and graphs to every sink → count. It runs
 //! on the agent's pipeline thread, never on the async runtime.
 
-use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -25,20 +24,17 @@ use crate::graph::Graph;
 use crate::serve::metrics::{Direction, Metrics};
 use crate::sinks::{Sink, SourceGraph};
 
-/// The records of the interfaces a data source names (`interface_name`):
-/// a flow seen on one of them, whichever interface it was counted on.
-fn records_of<'r>(src: &FlowsSource, records: &'r [FlowRecord]) -> Cow<'r, [FlowRecord]> {
-    let Selection::Names(names) = &src.interfaces else {
-        return Cow::Borrowed(records);
-    };
-    let mine = |n: &str| names.iter().any(|x| x == n);
-    Cow::Owned(
-        records
-            .iter()
-            .filter(|r| mine(&r.interface) || r.also_seen_on.iter().any(|n| mine(n)))
-            .cloned()
-            .collect(),
-    )
+/// Whether a record belongs to a data source: every record for `all`, else
+/// a flow seen on one of the interfaces it names (`interface_name`),
+/// whichever interface it was counted on.
+fn on_interfaces_of(src: &FlowsSource, r: &FlowRecord) -> bool {
+    match &src.interfaces {
+        Selection::All => true,
+        Selection::Names(names) => {
+            let mine = |n: &str| names.iter().any(|x| x == n);
+            mine(&r.interface) || r.also_seen_on.iter().any(|n| mine(n))
+        }
+    }
 }
 
 /// Where the host view comes from: read from /proc each interval, or
@@ -195,7 +191,7 @@ impl Pipeline {
         records: &[FlowRecord],
         host: &HostView,
     ) -> (Graph, Endpoint) {
-        let records = &*records_of(src, records);
+        let records = || records.iter().filter(|r| on_interfaces_of(src, r));
         if let (Some(k), DeployedAt::Kubernetes) = (&self.kube, src.deployed_at) {
             let cluster = crate::enrich::kube::watch::read(&k.cluster);
             let resolver = KubeResolver {
@@ -206,7 +202,7 @@ impl Pipeline {
                 host,
             };
             return (
-                Graph::build(records, &resolver),
+                Graph::build_from(records(), &resolver),
                 resolver.node_endpoint(&k.node),
             );
         }
@@ -214,7 +210,10 @@ impl Pipeline {
             data_source_id: &src.id,
             host,
         };
-        (Graph::build(records, &resolver), resolver.host_endpoint())
+        (
+            Graph::build_from(records(), &resolver),
+            resolver.host_endpoint(),
+        )
     }
 
     /// Metrics and the warning about packets not counted normally.

@@ -261,27 +261,6 @@ pub fn remove_stale_tc(any_prog: &Program<'_>, ifindex: u32) -> usize {
     removed
 }
 
-/// Names of the programs attached to an interface with TCX links, one per
-/// link, read from the kernel (bpftool 7.1 does not show TCX links).
-pub fn tcx_programs(ifindex: u32) -> Vec<String> {
-    use libbpf_rs::query::{LinkInfoIter, LinkTypeInfo, ProgInfoIter};
-    let ids: Vec<u32> = LinkInfoIter::default()
-        .filter_map(|l| match l.info {
-            LinkTypeInfo::Tcx(t) if t.ifindex == ifindex => Some(l.prog_id),
-            _ => None,
-        })
-        .collect();
-    if ids.is_empty() {
-        return Vec::new();
-    }
-    // One name per link: the same program may be on both hooks.
-    let names: std::collections::HashMap<u32, String> = ProgInfoIter::default()
-        .filter(|p| ids.contains(&p.id))
-        .map(|p| (p.id, p.name.to_string_lossy().into_owned()))
-        .collect();
-    ids.iter().filter_map(|id| names.get(id).cloned()).collect()
-}
-
 /// Attaching the datapath to interfaces, following them, and the
 /// hand-over from classic filters to TCX.
 impl super::Datapath {

@@ -54,35 +54,3 @@ pub struct FlowRecord {
     #[serde(skip)]
     pub handshake_this_interval: Option<f64>,
 }
-
-impl FlowRecord {
-    /// A connection `src` → `dst` with nothing counted yet, seen at `at`:
-    /// where records are built without the kernel (tests, benchmarks).
-    pub fn between(
-        protocol: impl Into<Cow<'static, str>>,
-        src: (IpAddr, u16),
-        dst: (IpAddr, u16),
-        at: SystemTime,
-    ) -> FlowRecord {
-        FlowRecord {
-            interface: "eth0".into(),
-            ifindex: 2,
-            also_seen_on: Vec::new(),
-            protocol: protocol.into(),
-            src_ip: src.0,
-            src_port: src.1,
-            dst_ip: dst.0,
-            dst_port: dst.1,
-            src_to_dst: Counters::default(),
-            dst_to_src: Counters::default(),
-            tcp_flags: Vec::new(),
-            first_seen: at,
-            last_seen: at,
-            handshake_rtt_us: None,
-            orientation: Orientation::Syn,
-            opened: false,
-            reset: false,
-            handshake_this_interval: None,
-        }
-    }
-}

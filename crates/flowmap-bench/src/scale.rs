@@ -654,7 +654,7 @@ pub fn kube(pods: u32, out: &mut dyn Write) -> Result<()> {
             let ip = |s: String| s.parse().unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
             flowmap::flow::FlowRecord {
                 opened: true,
-                ..flowmap::flow::FlowRecord::between(
+                ..flowmap_testkit::records::between(
                     "tcp",
                     (ip(ip_of(a)), 1024 + (i % 60_000) as u16),
                     (ip(dst), if via { 80 } else { 8080 }),

@@ -400,17 +400,34 @@ pub fn proc_rss(pid: u32) -> u64 {
 
 /// TCX links of flowmap programs, on any interface.
 pub fn flowmap_links() -> usize {
+    tcx_link_programs(|_| true)
+        .iter()
+        .filter(|n| n.starts_with("flowmap_"))
+        .count()
+}
+
+/// Names of the programs attached to an interface with TCX links, one per
+/// link, read from the kernel (bpftool 7.1 does not show TCX links).
+pub fn tcx_programs(ifindex: u32) -> Vec<String> {
+    tcx_link_programs(|i| i == ifindex)
+}
+
+/// The program name of every TCX link on the interfaces `on` takes.
+fn tcx_link_programs(on: impl Fn(u32) -> bool) -> Vec<String> {
     use libbpf_rs::query::{LinkInfoIter, LinkTypeInfo, ProgInfoIter};
     let ids: Vec<u32> = LinkInfoIter::default()
-        .filter(|l| matches!(l.info, LinkTypeInfo::Tcx(_)))
-        .map(|l| l.prog_id)
+        .filter_map(|l| match l.info {
+            LinkTypeInfo::Tcx(t) if on(t.ifindex) => Some(l.prog_id),
+            _ => None,
+        })
         .collect();
     if ids.is_empty() {
-        return 0;
+        return Vec::new();
     }
-    let ours: Vec<u32> = ProgInfoIter::default()
-        .filter(|p| p.name.to_string_lossy().starts_with("flowmap_"))
-        .map(|p| p.id)
+    // One name per link: the same program may be on both hooks.
+    let names: std::collections::HashMap<u32, String> = ProgInfoIter::default()
+        .filter(|p| ids.contains(&p.id))
+        .map(|p| (p.id, p.name.to_string_lossy().into_owned()))
         .collect();
-    ids.iter().filter(|id| ours.contains(id)).count()
+    ids.iter().filter_map(|id| names.get(id).cloned()).collect()
 }

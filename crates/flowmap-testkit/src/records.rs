@@ -3,7 +3,10 @@
 
 use std::time::{Duration, SystemTime};
 
-use flowmap::flow::{Counters, FlowRecord};
+use std::borrow::Cow;
+use std::net::IpAddr;
+
+use flowmap::flow::{Counters, FlowRecord, Orientation};
 
 /// The tests' clock: `s` seconds after 1_800_000_000 s past the epoch.
 pub fn at(s: u64) -> SystemTime {
@@ -30,6 +33,36 @@ pub fn record(
             packets: s2c.0,
             bytes: s2c.1,
         },
-        ..FlowRecord::between(proto, (addr(src.0), src.1), (addr(dst.0), dst.1), at(t))
+        ..between(proto, (addr(src.0), src.1), (addr(dst.0), dst.1), at(t))
+    }
+}
+
+/// A connection `src` → `dst` on `eth0` with nothing counted yet, seen at
+/// `at`: records built without the kernel (tests, benchmarks).
+pub fn between(
+    protocol: impl Into<Cow<'static, str>>,
+    src: (IpAddr, u16),
+    dst: (IpAddr, u16),
+    at: SystemTime,
+) -> FlowRecord {
+    FlowRecord {
+        interface: "eth0".into(),
+        ifindex: 2,
+        also_seen_on: Vec::new(),
+        protocol: protocol.into(),
+        src_ip: src.0,
+        src_port: src.1,
+        dst_ip: dst.0,
+        dst_port: dst.1,
+        src_to_dst: Counters::default(),
+        dst_to_src: Counters::default(),
+        tcp_flags: Vec::new(),
+        first_seen: at,
+        last_seen: at,
+        handshake_rtt_us: None,
+        orientation: Orientation::Syn,
+        opened: false,
+        reset: false,
+        handshake_this_interval: None,
     }
 }

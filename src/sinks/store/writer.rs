@@ -44,10 +44,8 @@ fn push_bounded(jobs: &mut VecDeque<Job>, job: Job, cap: usize) -> bool {
 pub struct Writer {
     q: Arc<(Mutex<Queue>, Condvar)>,
     cap: usize,
-    pub dropped: Counter,
-    pub written: Counter,
-    pub errors: Counter,
-    pub healthy: Arc<AtomicBool>,
+    /// Intervals dropped because the queue was full.
+    dropped: Counter,
     /// Says the thread has ended.
     done: std::sync::mpsc::Receiver<()>,
 }
@@ -92,9 +90,9 @@ impl Writer {
             store: None,
             q: q.clone(),
             retention,
-            written: c.written.clone(),
-            errors: c.errors.clone(),
-            healthy: c.healthy.clone(),
+            written: c.written,
+            errors: c.errors,
+            healthy: c.healthy,
         };
         std::thread::Builder::new()
             .name("flowmap-store".into())
@@ -118,9 +116,6 @@ impl Writer {
             q,
             cap: cap.max(1),
             dropped: c.dropped,
-            written: c.written,
-            errors: c.errors,
-            healthy: c.healthy,
             done,
         })
     }

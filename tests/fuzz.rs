@@ -333,7 +333,7 @@ fn fuzz(name: &str, max_flows: u32, frames: u64) {
             max_len = max_len.max(f.len() as u64);
         }
         before = after;
-        if (i + 1) as usize % DRAIN_EVERY == 0 || i + 1 == frames {
+        if ((i + 1) as usize).is_multiple_of(DRAIN_EVERY) || i + 1 == frames {
             let d = dp.drain().unwrap();
             let packets: u64 = d
                 .flows

@@ -2,4 +2,5 @@
 //! churn test reuses the load harness. Never part of the agent binary.
 
 pub mod datapath;
+pub mod realpath;
 pub mod scale;

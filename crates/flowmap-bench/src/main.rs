@@ -4,7 +4,7 @@
 //! prints stable, greppable lines: `bench datapath case=… program=…
 //! ns_per_packet=…` and `bench scale <name> <metric>=<value>`.
 
-use flowmap_bench::{datapath, scale};
+use flowmap_bench::{datapath, realpath, scale};
 
 use std::process::ExitCode;
 
@@ -28,7 +28,7 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         rounds: usize,
     },
-    /// The load harness: flows, pipeline, attach, churn, throughput, kube.
+    /// The load harness: flows, pipeline, attach, churn, realpath, throughput, kube.
     Scale {
         #[command(subcommand)]
         what: ScaleWhat,
@@ -74,6 +74,19 @@ enum ScaleWhat {
         #[arg(long, default_value_t = 5_000)]
         pods: u32,
     },
+    /// The kernel program's own cost per packet on real packets (kernel BPF
+    /// statistics, next to an empty TCX program on the same hooks).
+    Realpath {
+        /// Seconds of traffic per UDP and bulk TCP case.
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+        /// Connections of the tcp_short case.
+        #[arg(long, default_value_t = 3_000)]
+        short: u32,
+        /// Only the kernel program in this process; not also the agent.
+        #[arg(long)]
+        kernel_only: bool,
+    },
     /// 64-byte UDP through a veth pair, without and with flowmap.
     Throughput {
         #[arg(long, default_value_t = 5)]
@@ -100,6 +113,11 @@ fn main() -> ExitCode {
             ScaleWhat::Attach { pairs } => scale::attach(pairs, &mut out),
             ScaleWhat::Kube { pods } => scale::kube(pods, &mut out),
             ScaleWhat::Churn { cycles } => scale::churn(cycles, &mut out).map(|_| ()),
+            ScaleWhat::Realpath {
+                seconds,
+                short,
+                kernel_only,
+            } => realpath::realpath(seconds, short, kernel_only, &mut out),
             ScaleWhat::Throughput { rounds, seconds } => {
                 scale::throughput(rounds.max(1), seconds, &mut out)
             }

@@ -19,7 +19,7 @@ use flowmap_testkit::net::{Link, Netns};
 
 /// The agent binary the harness runs (unless FLOWMAP_BIN names another):
 /// `flowmap` next to this one (cargo builds both into the same directory).
-fn flowmap_bin() -> PathBuf {
+pub fn flowmap_bin() -> PathBuf {
     std::env::current_exe()
         .ok()
         .and_then(|p| p.parent().map(|d| d.join("flowmap")))

@@ -170,14 +170,15 @@ pub enum Act {
     Redirect,
 }
 
-/// The acts and their weights, out of 100.
-const ACTS: [(Act, u32); 6] = [
-    (Act::Ok, 35),
-    (Act::Fail500, 15),
-    (Act::Slow, 10),
-    (Act::ResetBefore, 10),
-    (Act::ResetAfter, 15),
-    (Act::Redirect, 15),
+/// The acts and how many of each are in every 20 requests (drawn in a
+/// seeded shuffled order, so 20 requests see every act).
+const ACTS: [(Act, usize); 6] = [
+    (Act::Ok, 7),
+    (Act::Fail500, 3),
+    (Act::Slow, 2),
+    (Act::ResetBefore, 2),
+    (Act::ResetAfter, 3),
+    (Act::Redirect, 3),
 ];
 
 /// What the chaos collector saw.
@@ -331,7 +332,8 @@ pub struct Chaos {
 struct ChaosShared {
     log: Arc<Mutex<ChaosLog>>,
     calm: Arc<std::sync::atomic::AtomicBool>,
-    rng: Mutex<u64>,
+    /// (random state, the acts left of this round of 20).
+    rng: Mutex<(u64, Vec<Act>)>,
     trap: u16,
     slow: Duration,
 }
@@ -341,19 +343,20 @@ impl ChaosShared {
         if self.calm.load(std::sync::atomic::Ordering::SeqCst) {
             return Act::Ok;
         }
-        let mut s = self.rng.lock().unwrap();
-        // xorshift64*
-        *s ^= *s >> 12;
-        *s ^= *s << 25;
-        *s ^= *s >> 27;
-        let mut n = (s.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as u32 % 100;
-        for (act, w) in ACTS {
-            if n < w {
-                return act;
-            }
-            n -= w;
+        let mut g = self.rng.lock().unwrap();
+        let (state, bag) = &mut *g;
+        if bag.is_empty() {
+            *bag = ACTS
+                .iter()
+                .flat_map(|(a, n)| std::iter::repeat_n(*a, *n))
+                .collect();
         }
-        Act::Ok
+        // xorshift64*
+        *state ^= *state >> 12;
+        *state ^= *state << 25;
+        *state ^= *state >> 27;
+        let r = state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33;
+        bag.swap_remove(r as usize % bag.len())
     }
 
     fn accept(&self, req: &RawRequest) {
@@ -417,7 +420,7 @@ impl Chaos {
         let shared = Arc::new(ChaosShared {
             log: log.clone(),
             calm: calm.clone(),
-            rng: Mutex::new(seed.max(1)),
+            rng: Mutex::new((seed.max(1), Vec::new())),
             trap: trap.port,
             slow,
         });
@@ -438,6 +441,11 @@ impl Chaos {
 
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}/api/crawl", self.port)
+    }
+
+    /// Requests so far.
+    pub fn requests(&self) -> u64 {
+        self.log.lock().unwrap().acts.values().sum()
     }
 
     /// From now on every request is accepted (or wild again).

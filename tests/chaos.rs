@@ -7,7 +7,7 @@
 //! redirect target. On the way: a garbage file in the spool is quarantined
 //! and counted, and a spool directory open to others is named in a warning.
 //!
-//! `chaos_run` takes about 45 s. `chaos_soak` is the same for as long as
+//! `chaos_run` takes about 40 s. `chaos_soak` is the same for as long as
 //! `FLOWMAP_SOAK_SECS` says (default 600):
 //! `CI=true FLOWMAP_SOAK_SECS=3600 cargo test --test chaos -- --ignored chaos_soak`.
 

@@ -61,6 +61,15 @@ pub fn print_check(cfg: &Config, source: &str, endpoint: Option<&str>) {
             .map(crate::sinks::coordimap::redact_url)
             .unwrap_or_else(|| "none (data stays local)".into())
     );
+    if endpoint.is_some_and(|e| e.starts_with("https:")) {
+        use crate::sinks::coordimap::sender::{ca_roots, Roots};
+        let (roots, from) = ca_roots();
+        let from = match from {
+            Roots::System => "system",
+            Roots::Bundled => "bundled (the system has none)",
+        };
+        println!("collector CA roots: {from}, {} certificates", roots.len());
+    }
     if !cfg.skip_fields.is_empty() {
         println!("skip_fields: {}", cfg.skip_fields.join(", "));
     }

@@ -181,6 +181,16 @@ impl Metrics {
             self.delivery.batches_rejected.clone(),
         );
         r.register(
+            "batches_lost",
+            "Batches that could not be written to the spool (never sent)",
+            self.delivery.batches_lost.clone(),
+        );
+        r.register(
+            "spool_quarantined",
+            "Spool files that could not be read or parsed, moved to the quarantine",
+            self.delivery.spool_quarantined.clone(),
+        );
+        r.register(
             "spool_batches",
             "Batches waiting in the spool",
             self.delivery.spool_batches.clone(),

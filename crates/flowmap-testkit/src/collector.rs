@@ -1,6 +1,8 @@
 //! A Coordimap collector on loopback, started by a test: it speaks
 //! Coordimap's reply format, keeps every request it accepts, and can be
-//! told to fail, be slow, or be down.
+//! told to fail, be slow, or be down. [`Chaos`] is one that misbehaves at
+//! random (500s, slow answers, resets, redirects to a [`Trap`]) and keeps
+//! what it accepts once per idempotency key.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -149,4 +151,305 @@ pub fn header<'a>(h: &'a [(String, String)], name: &str) -> &'a str {
         .find(|(k, _)| k == name)
         .map(|(_, v)| v.as_str())
         .unwrap_or("")
+}
+
+/// What the [`Chaos`] collector does with one request.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
+pub enum Act {
+    /// Accepts (once per idempotency key) and answers 200.
+    Ok,
+    /// Answers 500 without accepting.
+    Fail500,
+    /// Waits, then acts as `Ok`.
+    Slow,
+    /// Resets the connection (RST) before accepting.
+    ResetBefore,
+    /// Accepts, then resets the connection: the reply is lost.
+    ResetAfter,
+    /// Answers 307 to the [`Trap`] listener.
+    Redirect,
+}
+
+/// The acts and how many of each are in every 20 requests (drawn in a
+/// seeded shuffled order, so 20 requests see every act).
+const ACTS: [(Act, usize); 6] = [
+    (Act::Ok, 7),
+    (Act::Fail500, 3),
+    (Act::Slow, 2),
+    (Act::ResetBefore, 2),
+    (Act::ResetAfter, 3),
+    (Act::Redirect, 3),
+];
+
+/// What the chaos collector saw.
+#[derive(Default, Debug)]
+pub struct ChaosLog {
+    /// `Idempotency-Key`s in the order they were first accepted, each once
+    /// (a real collector de-duplicates by key the same way).
+    pub keys: Vec<String>,
+    /// Requests whose key had been accepted before (answered 200, not kept).
+    pub duplicates: u64,
+    /// Every `Api-Key` value of a request.
+    pub api_keys: std::collections::BTreeSet<String>,
+    /// Requests per act.
+    pub acts: std::collections::HashMap<Act, u64>,
+}
+
+/// A second loopback listener, the target of the chaos collector's
+/// redirects: it must never be reached (the key would go with it).
+pub struct Trap {
+    pub port: u16,
+    /// Connections it accepted, and the header lines they sent.
+    pub connections: Arc<std::sync::atomic::AtomicU64>,
+    pub seen: Arc<Mutex<Vec<String>>>,
+}
+
+impl Trap {
+    pub fn start() -> Trap {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let connections = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (c, s) = (connections.clone(), seen.clone());
+        std::thread::spawn(move || {
+            for conn in l.incoming() {
+                let Ok(conn) = conn else { break };
+                c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    if let Some(req) = read_request(&conn) {
+                        s.lock().unwrap().extend(req.head);
+                        let _ = reply(&conn, "200 OK", OK_REPLY, "");
+                    }
+                });
+            }
+        });
+        Trap {
+            port,
+            connections,
+            seen,
+        }
+    }
+}
+
+const OK_REPLY: &str = "{\"status\":{\"http_code\":200,\"message\":\"ok\",\"error_code\":\"\"}}";
+
+struct RawRequest {
+    /// Header lines, lower-cased names.
+    head: Vec<String>,
+    body_len: usize,
+}
+
+impl RawRequest {
+    fn header(&self, name: &str) -> String {
+        self.head
+            .iter()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .unwrap_or("")
+            .to_string()
+    }
+}
+
+/// Reads one HTTP/1.1 request (head and Content-Length body); None at the
+/// end of the connection.
+fn read_request(mut conn: &std::net::TcpStream) -> Option<RawRequest> {
+    use std::io::Read;
+    let mut head = Vec::new();
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        if conn.read(&mut byte).ok()? == 0 {
+            return None;
+        }
+        if byte[0] != b'\n' {
+            line.push(byte[0]);
+            continue;
+        }
+        let l = String::from_utf8_lossy(&line).trim_end().to_string();
+        line.clear();
+        if l.is_empty() {
+            break;
+        }
+        let l = match l.split_once(':') {
+            Some((k, v)) => format!("{}: {}", k.to_ascii_lowercase(), v.trim()),
+            None => l,
+        };
+        head.push(l);
+    }
+    let mut req = RawRequest { head, body_len: 0 };
+    req.body_len = req.header("content-length").parse().unwrap_or(0);
+    let mut body = vec![0u8; req.body_len];
+    conn.read_exact(&mut body).ok()?;
+    Some(req)
+}
+
+fn reply(
+    mut conn: &std::net::TcpStream,
+    status: &str,
+    body: &str,
+    extra: &str,
+) -> std::io::Result<()> {
+    use std::io::Write;
+    write!(
+        conn,
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}\r\n{body}",
+        body.len()
+    )
+}
+
+/// Closes `conn` with a reset (SO_LINGER 0) instead of an orderly close.
+fn reset(conn: std::net::TcpStream) {
+    use std::os::fd::AsRawFd;
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket and a linger struct of the size passed.
+    unsafe {
+        libc::setsockopt(
+            conn.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &l as *const libc::linger as *const libc::c_void,
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+    drop(conn);
+}
+
+/// A Coordimap collector on loopback that misbehaves: each request, by a
+/// seeded draw, is accepted, failed with 500, answered slowly, reset
+/// before or after being accepted, or redirected to a [`Trap`]. It keeps
+/// what it accepted once per `Idempotency-Key`. [`Chaos::calm`] makes it
+/// accept everything.
+pub struct Chaos {
+    pub port: u16,
+    pub log: Arc<Mutex<ChaosLog>>,
+    pub trap: Trap,
+    calm: Arc<std::sync::atomic::AtomicBool>,
+}
+
+struct ChaosShared {
+    log: Arc<Mutex<ChaosLog>>,
+    calm: Arc<std::sync::atomic::AtomicBool>,
+    /// (random state, the acts left of this round of 20).
+    rng: Mutex<(u64, Vec<Act>)>,
+    trap: u16,
+    slow: Duration,
+}
+
+impl ChaosShared {
+    fn draw(&self) -> Act {
+        if self.calm.load(std::sync::atomic::Ordering::SeqCst) {
+            return Act::Ok;
+        }
+        let mut g = self.rng.lock().unwrap();
+        let (state, bag) = &mut *g;
+        if bag.is_empty() {
+            *bag = ACTS
+                .iter()
+                .flat_map(|(a, n)| std::iter::repeat_n(*a, *n))
+                .collect();
+        }
+        // xorshift64*
+        *state ^= *state >> 12;
+        *state ^= *state << 25;
+        *state ^= *state >> 27;
+        let r = state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33;
+        bag.swap_remove(r as usize % bag.len())
+    }
+
+    fn accept(&self, req: &RawRequest) {
+        let mut log = self.log.lock().unwrap();
+        let key = req.header("idempotency-key");
+        if log.keys.contains(&key) {
+            log.duplicates += 1;
+        } else {
+            log.keys.push(key);
+        }
+    }
+
+    /// Serves one connection until it ends or is reset.
+    fn serve(&self, conn: std::net::TcpStream) {
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
+        while let Some(req) = read_request(&conn) {
+            let act = self.draw();
+            {
+                let mut log = self.log.lock().unwrap();
+                log.api_keys.insert(req.header("api-key"));
+                *log.acts.entry(act).or_default() += 1;
+            }
+            let fail = "{\"status\":{\"http_code\":500,\"message\":\"chaos\"}}";
+            let sent = match act {
+                Act::Ok => {
+                    self.accept(&req);
+                    reply(&conn, "200 OK", OK_REPLY, "")
+                }
+                Act::Slow => {
+                    std::thread::sleep(self.slow);
+                    self.accept(&req);
+                    reply(&conn, "200 OK", OK_REPLY, "")
+                }
+                Act::Fail500 => reply(&conn, "500 Internal Server Error", fail, ""),
+                Act::Redirect => {
+                    let to = format!("Location: http://127.0.0.1:{}/api/crawl\r\n", self.trap);
+                    reply(&conn, "307 Temporary Redirect", "", &to)
+                }
+                Act::ResetBefore => return reset(conn),
+                Act::ResetAfter => {
+                    self.accept(&req);
+                    return reset(conn);
+                }
+            };
+            if sent.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+impl Chaos {
+    /// Starts the collector (and its trap); `seed` fixes the draws, `slow`
+    /// is how long a slow answer waits.
+    pub fn start(seed: u64, slow: Duration) -> Chaos {
+        let trap = Trap::start();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let log = Arc::new(Mutex::new(ChaosLog::default()));
+        let calm = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let shared = Arc::new(ChaosShared {
+            log: log.clone(),
+            calm: calm.clone(),
+            rng: Mutex::new((seed.max(1), Vec::new())),
+            trap: trap.port,
+            slow,
+        });
+        std::thread::spawn(move || {
+            for conn in l.incoming() {
+                let Ok(conn) = conn else { break };
+                let s = shared.clone();
+                std::thread::spawn(move || s.serve(conn));
+            }
+        });
+        Chaos {
+            port,
+            log,
+            trap,
+            calm,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/api/crawl", self.port)
+    }
+
+    /// Requests so far.
+    pub fn requests(&self) -> u64 {
+        self.log.lock().unwrap().acts.values().sum()
+    }
+
+    /// From now on every request is accepted (or wild again).
+    pub fn calm(&self, calm: bool) {
+        self.calm.store(calm, std::sync::atomic::Ordering::SeqCst);
+    }
 }

@@ -93,6 +93,71 @@ pub struct Collector {
     client: reqwest::Client,
     endpoint: String,
     api_key: Secret,
+    /// The node name in each batch's idempotency key.
+    node: String,
+}
+
+/// Where the CA roots that check the collector's certificate came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Roots {
+    /// The system's (or `SSL_CERT_FILE` / `SSL_CERT_DIR`'s) certificates.
+    System,
+    /// Mozilla's roots compiled into the binary (`webpki-roots`): the
+    /// system has none, as in a minimal container.
+    Bundled,
+}
+
+/// The CA roots: the system's when it has any, else the bundled ones.
+pub fn ca_roots() -> (rustls::RootCertStore, Roots) {
+    let mut store = rustls::RootCertStore::empty();
+    let found = rustls_native_certs::load_native_certs();
+    let (added, _ignored) = store.add_parsable_certificates(found.certs);
+    if added > 0 {
+        return (store, Roots::System);
+    }
+    store.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    (store, Roots::Bundled)
+}
+
+/// The TLS setup of the collector client (ring, TLS 1.2 and 1.3), with
+/// [`ca_roots`]; logs which roots it uses.
+fn tls_config() -> anyhow::Result<rustls::ClientConfig> {
+    let (roots, from) = ca_roots();
+    match from {
+        Roots::System => info!(
+            certificates = roots.len(),
+            "collector TLS: using the system's CA roots"
+        ),
+        Roots::Bundled => warn!(
+            certificates = roots.len(),
+            "collector TLS: the system has no CA roots; using the bundled Mozilla roots"
+        ),
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+/// A node name as it goes into a header: visible ASCII other than `:`.
+fn header_safe(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_graphic() && c != ':' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// A batch's idempotency key: `<node>:<instance ID>:<sequence>`. The node
+/// tells agents apart, the instance ID (kept in the spool directory) a
+/// reinstalled or moved spool, and the sequence the batches of one spool.
+pub fn idempotency_key(node: &str, instance: &str, seq: u64) -> String {
+    format!("{}:{instance}:{seq}", header_safe(node))
 }
 
 /// The most of a reply that is read.
@@ -129,7 +194,11 @@ impl Collector {
         check_endpoint(endpoint, allow_plain_http)?;
         // reqwest is built without a default TLS provider; ring is ours.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        if endpoint.starts_with("https:") {
+            builder = builder.tls_backend_preconfigured(tls_config()?);
+        }
+        let client = builder
             .timeout(Duration::from_secs(15))
             // A redirect would carry the Api-Key header to wherever it
             // points: never followed (see `classify`).
@@ -140,16 +209,29 @@ impl Collector {
             client,
             endpoint: endpoint.to_string(),
             api_key,
+            node: crate::agent::kube::node_name(),
         })
     }
 
-    pub async fn post(&self, seq: u64, body: Vec<u8>) -> Outcome {
+    /// The node name of the idempotency keys (default: `NODE_NAME`, else
+    /// the host name).
+    pub fn node(mut self, node: &str) -> Collector {
+        self.node = node.to_string();
+        self
+    }
+
+    /// Posts batch `seq` of the spool whose instance ID is `instance`.
+    pub async fn post(&self, instance: &str, seq: u64, body: Vec<u8>) -> Outcome {
         let res = self
             .client
             .post(&self.endpoint)
             .header("Api-Key", self.api_key.expose())
             .header("Content-Type", "application/json")
             .header("X-Flowmap-Batch", seq.to_string())
+            .header(
+                "Idempotency-Key",
+                idempotency_key(&self.node, instance, seq),
+            )
             .body(body)
             .send()
             .await;
@@ -204,8 +286,12 @@ pub async fn run_sender(
     stats: Arc<DeliveryStats>,
 ) {
     let mut attempt = 0u32;
+    let instance = match spool.lock() {
+        Ok(s) => s.instance_id().to_string(),
+        Err(_) => return,
+    };
     loop {
-        let next = spool.lock().ok().and_then(|s| s.oldest());
+        let next = spool.lock().ok().and_then(|mut s| s.oldest());
         let Some((seq, body)) = next else {
             if *finish.borrow() {
                 return;
@@ -216,7 +302,7 @@ pub async fn run_sender(
             }
             continue;
         };
-        let wait = match collector.post(seq, body).await {
+        let wait = match collector.post(&instance, seq, body).await {
             Outcome::Delivered => {
                 if let Ok(mut s) = spool.lock() {
                     s.remove(seq);

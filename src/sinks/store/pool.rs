@@ -73,14 +73,14 @@ impl ReadPool {
             .map_err(|_| ReadError::Busy)?;
         let idle = self.idle.clone();
         let loc = self.loc.clone();
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let timeout = self.timeout;
         let interrupt: Arc<Mutex<Option<rusqlite::InterruptHandle>>> = Arc::default();
         let handle = interrupt.clone();
         let task = tokio::task::spawn_blocking(move || {
             let _permit = permit;
             let mut store = match idle.lock().ok().and_then(|mut v| v.pop()) {
                 Some(s) => s,
-                None => open_reader(&loc, left)?,
+                None => open_reader(&loc, timeout)?,
             };
             if let Conn::Sqlite(c) = &store.conn {
                 if let Ok(mut h) = handle.lock() {
@@ -123,8 +123,9 @@ fn pg_params(vals: &[Val]) -> Vec<Box<dyn postgres::types::ToSql + Sync>> {
         .collect()
 }
 
-/// A connection for reads; on PostgreSQL its statements are cancelled by
-/// the server after `timeout`.
+/// A connection for reads; on PostgreSQL the server cancels its
+/// statements after `timeout` (after the request's own deadline, which
+/// began before the statement: the request answers first).
 fn open_reader(loc: &Location, timeout: Duration) -> Result<Store> {
     let mut s = Store::open(loc)?;
     if let Conn::Postgres(c) = &mut s.conn {

@@ -213,6 +213,13 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<()> {
     if let Some(m) = opts.attach_mode {
         mode = m;
     }
+    // Before anything starts: a SIGTERM that comes while the agent is
+    // still starting (a quick `systemctl stop`) waits for it, then stops it
+    // cleanly, instead of killing it with the default disposition.
+    let signals = Signals {
+        int: signal(SignalKind::interrupt())?,
+        term: signal(SignalKind::terminate())?,
+    };
     // Sinks and the listener first: a store, spool or address that cannot
     // be used is an error before anything is attached.
     let stats = Arc::new(DeliveryStats::default());
@@ -251,7 +258,7 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<()> {
         metrics.clone(),
     )
     .await?;
-    let result = worker.until_stopped(opts.duration).await;
+    let result = worker.until_stopped(signals, opts.duration).await;
     for t in kube_tasks {
         t.abort();
     }
@@ -262,6 +269,12 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<()> {
         d.finish(opts.shutdown_timeout).await;
     }
     result
+}
+
+/// SIGINT and SIGTERM, caught from the start of `run`.
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
 }
 
 /// What the pipeline thread attaches, and how often it drains.
@@ -308,9 +321,11 @@ impl Worker {
 
     /// Waits for SIGINT, SIGTERM, `duration` or the thread's own end, then
     /// stops the thread (it flushes the last interval and detaches).
-    async fn until_stopped(mut self, duration: Option<Duration>) -> Result<()> {
-        let mut sigint = signal(SignalKind::interrupt())?;
-        let mut sigterm = signal(SignalKind::terminate())?;
+    async fn until_stopped(mut self, sig: Signals, duration: Option<Duration>) -> Result<()> {
+        let Signals {
+            int: mut sigint,
+            term: mut sigterm,
+        } = sig;
         let until = async {
             match duration {
                 Some(d) => tokio::time::sleep(d).await,

@@ -532,9 +532,14 @@ fn podman_run_args(
     for arg in c.args.clone().unwrap() {
         // $(HOST_IP) is the kubelet's expansion; the port is the test's.
         let arg = arg.replace("$(HOST_IP)", "127.0.0.1");
-        let arg = match arg.strip_prefix("--listen=127.0.0.1:") {
-            Some(_) => format!("--listen=127.0.0.1:{listen_port}"),
-            None => arg,
+        // /healthz and /metrics on the test's port, the map page (when
+        // the store is on) on a free one.
+        let arg = if arg.starts_with("--metrics-listen=127.0.0.1:") {
+            format!("--metrics-listen=127.0.0.1:{listen_port}")
+        } else if arg.starts_with("--listen=127.0.0.1:") {
+            format!("--listen=127.0.0.1:{}", free_port())
+        } else {
+            arg
         };
         a.push(arg);
     }

@@ -10,6 +10,7 @@ use flowmap_testkit::tempdir::TempDir;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
@@ -117,11 +118,11 @@ fn every_manifest_parses_into_the_kubernetes_types() {
         rules.into_iter().collect::<Vec<_>>(),
         [
             "/namespaces:get [\"kube-system\"]",
-            "/nodes:get,list,watch",
-            "/pods:get,list,watch",
-            "/services:get,list,watch",
-            "apps/replicasets:get,list,watch",
-            "batch/jobs:get,list,watch",
+            "/nodes:list,watch",
+            "/pods:list,watch",
+            "/services:list,watch",
+            "apps/replicasets:list,watch",
+            "batch/jobs:list,watch",
         ]
     );
 
@@ -165,18 +166,32 @@ fn every_manifest_parses_into_the_kubernetes_types() {
             "run",
             "--config=/etc/flowmap/config.yaml",
             "--state-dir=/var/lib/flowmap",
-            "--listen=$(HOST_IP):9464",
+            "--metrics-listen=$(HOST_IP):9464",
             "--spool-max-bytes=67108864",
             "--retention=24h",
+            "--no-web",
             "--no-store",
         ]
     );
+    // The probes reach /healthz on the metrics listener's port; nothing
+    // else listens on the node's address.
     for probe in [
         c.liveness_probe.clone().unwrap(),
         c.readiness_probe.clone().unwrap(),
     ] {
-        assert_eq!(probe.http_get.unwrap().path.as_deref(), Some("/healthz"));
+        let get = probe.http_get.unwrap();
+        assert_eq!(get.path.as_deref(), Some("/healthz"));
+        assert_eq!(get.port, IntOrString::Int(9464));
+        assert_eq!(get.host, None, "the pod's address: the node's");
     }
+    let ports: Vec<i32> = c
+        .ports
+        .clone()
+        .unwrap()
+        .iter()
+        .map(|p| p.container_port)
+        .collect();
+    assert_eq!(ports, [9464]);
     let res = c.resources.clone().unwrap();
     assert_eq!(res.limits.unwrap()["memory"].0, "256Mi");
     assert_eq!(res.requests.unwrap()["memory"].0, "64Mi");
@@ -286,7 +301,18 @@ fn the_committed_manifests_are_the_chart_rendered_and_values_apply() {
     );
     let args = c.args.clone().unwrap();
     assert!(!args.contains(&"--no-store".to_string()));
-    assert!(args.contains(&"--listen=$(HOST_IP):9555".to_string()));
+    // With the store, the map page: on the node's loopback only.
+    let listen: Vec<&String> = args.iter().filter(|a| a.contains("listen")).collect();
+    assert_eq!(
+        listen,
+        [
+            "--metrics-listen=$(HOST_IP):9555",
+            "--listen=127.0.0.1:9465"
+        ]
+    );
+    assert!(!args.iter().any(|a| a.starts_with("--web-token-file")));
+    let probe = c.liveness_probe.clone().unwrap().http_get.unwrap();
+    assert_eq!(probe.port, IntOrString::Int(9555));
     let env = c.env.clone().unwrap();
     let key = env.iter().find(|e| e.name == "COORDIMAP_API_KEY").unwrap();
     assert_eq!(
@@ -303,6 +329,78 @@ fn the_committed_manifests_are_the_chart_rendered_and_values_apply() {
     assert_eq!(
         f.interfaces,
         flowmap::datapath::ifaces::Selection::Names(vec!["eth0".into()])
+    );
+}
+
+/// The map page off loopback: the chart refuses without a token Secret,
+/// and with one mounts it (0400) and passes it to the agent.
+#[test]
+fn the_chart_puts_the_map_off_loopback_only_with_a_token() {
+    let base = [
+        "template",
+        "fm",
+        "deploy/helm/flowmap",
+        "--set",
+        "clusterUID=u",
+        "--set",
+        "store.enabled=true",
+        "--set",
+        "web.address=10.0.0.5",
+    ];
+    let refused = helm(&base);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains(
+            "web.address 10.0.0.5 is not loopback: the map page there needs a bearer token; set web.tokenSecret"
+        ),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let mut args = base.to_vec();
+    args.extend([
+        "--set",
+        "web.tokenSecret=map-token",
+        "--set",
+        "web.hosts={map.example}",
+    ]);
+    let out = helm(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let p = parse_all(&String::from_utf8(out.stdout).unwrap());
+    let pod = p.daemonset.spec.unwrap().template.spec.unwrap();
+    let c = &pod.containers[0];
+    let args = c.args.clone().unwrap();
+    for want in [
+        "--listen=10.0.0.5:9465",
+        "--web-token-file=/etc/flowmap-web/token",
+        "--web-host=map.example",
+    ] {
+        assert!(args.contains(&want.to_string()), "{want} not in {args:?}");
+    }
+    let mount = c
+        .volume_mounts
+        .clone()
+        .unwrap()
+        .into_iter()
+        .find(|m| m.mount_path == "/etc/flowmap-web")
+        .unwrap();
+    assert_eq!(mount.read_only, Some(true));
+    let vol = pod
+        .volumes
+        .unwrap()
+        .into_iter()
+        .find(|v| v.name == mount.name)
+        .unwrap();
+    let secret = vol.secret.unwrap();
+    assert_eq!(secret.secret_name.as_deref(), Some("map-token"));
+    assert_eq!(secret.default_mode, Some(0o400));
+    let items = secret.items.unwrap();
+    assert_eq!(
+        (items[0].key.as_str(), items[0].path.as_str()),
+        ("token", "token")
     );
 }
 

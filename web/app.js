@@ -165,7 +165,9 @@
       tbody.append(tr);
     }
     $("edge-count").textContent = String(data.edges.length);
-    $("status").textContent = data.nodes.length + " endpoints, " + data.edges.length + " edges · updated " + new Date().toLocaleTimeString();
+    $("status").textContent = data.nodes.length + " endpoints, " + data.edges.length + " edges" +
+      (data.truncated ? " (the busiest only: narrow the window)" : "") +
+      " · updated " + new Date().toLocaleTimeString();
     document.body.dataset.loaded = "true";
   }
 

@@ -65,8 +65,11 @@ pub struct RunOptions {
     /// The local store (None: disabled).
     pub store: Option<Location>,
     pub retention: Duration,
-    /// The map page, API, /metrics and /healthz (None: disabled).
-    pub listen: Option<std::net::SocketAddr>,
+    /// The map page and its API (None: disabled); also /metrics and
+    /// /healthz unless `metrics_listen` is set.
+    pub web: Option<crate::serve::WebOptions>,
+    /// /metrics and /healthz on a listener of their own.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Everything the flows data sources of the file ask of the one datapath
@@ -210,6 +213,13 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<()> {
     if let Some(m) = opts.attach_mode {
         mode = m;
     }
+    // Before anything starts: a SIGTERM that comes while the agent is
+    // still starting (a quick `systemctl stop`) waits for it, then stops it
+    // cleanly, instead of killing it with the default disposition.
+    let signals = Signals {
+        int: signal(SignalKind::interrupt())?,
+        term: signal(SignalKind::terminate())?,
+    };
     // Sinks and the listener first: a store, spool or address that cannot
     // be used is an error before anything is attached.
     let stats = Arc::new(DeliveryStats::default());
@@ -217,19 +227,21 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<()> {
     metrics.kernel_stats(&[0; STAT_NAMES.len()]);
     let delivery = Delivery::start(cfg, &opts, &stats, &metrics)?;
     let sinks = open_sinks(&opts, &metrics, delivery.as_ref()).await?;
-    let web = match opts.listen {
-        Some(addr) => {
-            let st = crate::serve::AppState {
-                store: opts.store.clone(),
-                metrics: metrics.clone(),
-                interval,
-            };
-            let t = crate::serve::serve(addr, st).await?;
-            info!(url = %format!("http://{addr}/"), "map page, /metrics and /healthz listening");
-            Some(t)
-        }
-        None => None,
+    let reads = match (&opts.web, &opts.store) {
+        (Some(w), Some(loc)) => Some(Arc::new(store::ReadPool::new(
+            loc.clone(),
+            w.readers,
+            w.timeout,
+        ))),
+        _ => None,
     };
+    let st = crate::serve::AppState {
+        reads,
+        metrics: metrics.clone(),
+        interval,
+        max_edges: opts.web.as_ref().map(|w| w.max_edges).unwrap_or(0),
+    };
+    let web = crate::serve::start(opts.web.as_ref(), opts.metrics_listen, st).await?;
     // Kubernetes mode: the API and the caches before anything is attached.
     let (kube, kube_tasks) = match kube::start(cfg, interval, &metrics).await? {
         Some((v, t)) => (Some(v), t),
@@ -246,17 +258,23 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<()> {
         metrics.clone(),
     )
     .await?;
-    let result = worker.until_stopped(opts.duration).await;
+    let result = worker.until_stopped(signals, opts.duration).await;
     for t in kube_tasks {
         t.abort();
     }
-    if let Some(t) = web {
+    for t in web {
         t.abort();
     }
     if let Some(d) = delivery {
         d.finish(opts.shutdown_timeout).await;
     }
     result
+}
+
+/// SIGINT and SIGTERM, caught from the start of `run`.
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
 }
 
 /// What the pipeline thread attaches, and how often it drains.
@@ -303,9 +321,11 @@ impl Worker {
 
     /// Waits for SIGINT, SIGTERM, `duration` or the thread's own end, then
     /// stops the thread (it flushes the last interval and detaches).
-    async fn until_stopped(mut self, duration: Option<Duration>) -> Result<()> {
-        let mut sigint = signal(SignalKind::interrupt())?;
-        let mut sigterm = signal(SignalKind::terminate())?;
+    async fn until_stopped(mut self, sig: Signals, duration: Option<Duration>) -> Result<()> {
+        let Signals {
+            int: mut sigint,
+            term: mut sigterm,
+        } = sig;
         let until = async {
             match duration {
                 Some(d) => tokio::time::sleep(d).await,

@@ -71,16 +71,38 @@ struct RunArgs {
     /// How long a stopping agent keeps trying to deliver the spool.
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     shutdown_timeout: Duration,
-    /// Address of the map page, its API, /metrics and /healthz
-    /// (`10.0.0.5:9464`, `[fd00::5]:9464`, or `fd00::5:9464` as the
-    /// DaemonSet writes `$(HOST_IP):9464`).
+    /// Address of the map page and its API, and of /metrics and /healthz
+    /// unless --metrics-listen is given (`127.0.0.1:9464`, `[::1]:9464`,
+    /// or `fd00::5:9464` as a DaemonSet writes `$(HOST_IP):9464`). Off
+    /// loopback it needs --web-token-file.
     #[arg(long, env = "FLOWMAP_LISTEN", default_value = "127.0.0.1:9464", value_parser = parse_listen)]
     listen: SocketAddr,
+    /// Address of /metrics and /healthz alone (no flow data there), e.g.
+    /// the node's `$(HOST_IP):9464` for probes and Prometheus.
+    #[arg(long, env = "FLOWMAP_METRICS_LISTEN", value_parser = parse_listen)]
+    metrics_listen: Option<SocketAddr>,
+    /// File holding the bearer token the map page and its API require
+    /// (`Authorization: Bearer <token>`); required when --listen is not
+    /// loopback. A mounted Secret works.
+    #[arg(long, env = "FLOWMAP_WEB_TOKEN_FILE")]
+    web_token_file: Option<PathBuf>,
+    /// A host name the map page is served under, besides its address and
+    /// localhost (others are refused, against DNS rebinding). Repeatable;
+    /// the variable takes a comma-separated list.
+    #[arg(long = "web-host", env = "FLOWMAP_WEB_HOSTS", value_delimiter = ',')]
+    web_hosts: Vec<String>,
+    /// Longest a request to the map page or its API may take.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    web_timeout: Duration,
+    /// Edges of a window /api/graph reads at most (the busiest by bytes).
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    web_max_edges: u32,
     /// Accept an http:// endpoint that is not loopback (the API key then
     /// travels in clear text).
     #[arg(long)]
     allow_plain_http: bool,
-    /// Do not serve the map page, /metrics and /healthz.
+    /// Do not serve the map page and its API (nor /metrics and /healthz,
+    /// unless --metrics-listen gives them a listener).
     #[arg(long)]
     no_web: bool,
     /// Do not keep a local store.
@@ -235,7 +257,15 @@ fn run(config: Option<&PathBuf>, endpoint: Option<&str>, a: RunArgs) -> ExitCode
         allow_plain_http: a.allow_plain_http,
         store: (!a.no_store).then(|| Location::from_config(cfg.database.as_ref(), &a.state_dir)),
         retention: a.retention,
-        listen: (!a.no_web).then_some(a.listen),
+        web: (!a.no_web).then(|| crate::serve::WebOptions {
+            listen: a.listen,
+            token_file: a.web_token_file.clone(),
+            hosts: a.web_hosts.clone(),
+            timeout: a.web_timeout,
+            max_edges: a.web_max_edges as usize,
+            readers: 2,
+        }),
+        metrics_listen: a.metrics_listen,
         state_dir: a.state_dir,
         spool_max_bytes: a.spool_max_bytes,
         retry: Retry {

@@ -1,6 +1,8 @@
-//! The local listener: the live map page (every asset served by the agent,
-//! none from a CDN), its JSON API, /metrics and /healthz.
+//! The local listeners: the live map page (every asset served by the
+//! agent, none from a CDN) and its JSON API behind access.rs's checks, and
+//! /metrics and /healthz (on the same listener, or on one of their own).
 
+pub mod access;
 pub mod metrics;
 pub mod view;
 
@@ -17,7 +19,8 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::sinks::store::{Location, Store};
+use crate::sinks::store::{ReadError, ReadPool};
+use access::Access;
 use metrics::Metrics;
 use view::Filter;
 
@@ -28,11 +31,69 @@ const CYTOSCAPE: &[u8] = include_bytes!(concat!(
     "/web/node_modules/cytoscape/dist/cytoscape.min.js"
 ));
 
+/// The map page's listener, as `flowmap run` was told.
+#[derive(Debug, Clone)]
+pub struct WebOptions {
+    pub listen: SocketAddr,
+    /// The bearer token's file (required off loopback).
+    pub token_file: Option<std::path::PathBuf>,
+    /// More host names the page is served under (--web-host).
+    pub hosts: Vec<String>,
+    /// Longest a request may take (store reads included).
+    pub timeout: Duration,
+    pub max_edges: usize,
+    /// Store connections kept for reads.
+    pub readers: usize,
+}
+
+/// The listeners of `flowmap run`: the map page (with /metrics and /healthz
+/// unless `metrics_listen` gives them their own). Everything is checked and
+/// bound before the task starts: a bad address or token is an error here.
+pub async fn start(
+    web: Option<&WebOptions>,
+    metrics_listen: Option<SocketAddr>,
+    st: AppState,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let mut tasks = Vec::new();
+    if let Some(addr) = metrics_listen {
+        let l = bind(addr, "/metrics and /healthz").await?;
+        tasks.push(spawn(l, metrics_router(st.clone())));
+        tracing::info!(url = %format!("http://{addr}/metrics"), "/metrics and /healthz listening");
+    }
+    if let Some(w) = web {
+        if Some(w.listen) == metrics_listen {
+            anyhow::bail!(
+                "--listen and --metrics-listen are both {}; give them different ports",
+                w.listen
+            );
+        }
+        let token = w
+            .token_file
+            .as_deref()
+            .map(access::read_token)
+            .transpose()?;
+        let access = Arc::new(Access::new(w.listen, token, &w.hosts, w.timeout)?);
+        let l = bind(w.listen, "the map page").await?;
+        let with_metrics = metrics_listen.is_none();
+        tracing::info!(
+            url = %format!("http://{}/", w.listen),
+            token = access.requires_token(),
+            metrics = with_metrics,
+            "map page and API listening"
+        );
+        tasks.push(spawn(l, web_router(st, access, with_metrics)));
+    }
+    Ok(tasks)
+}
+
 #[derive(Clone)]
 pub struct AppState {
-    pub store: Option<Location>,
+    /// Reads of the local store (None: disabled).
+    pub reads: Option<Arc<ReadPool>>,
     pub metrics: Arc<Metrics>,
     pub interval: Duration,
+    /// Edges of a window /api/graph reads at most (the busiest).
+    pub max_edges: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -48,7 +109,7 @@ fn bad(msg: String) -> Response {
 }
 
 async fn api_graph(State(st): State<AppState>, Query(q): Query<GraphQuery>) -> Response {
-    let Some(loc) = st.store.clone() else {
+    let Some(reads) = st.reads.clone() else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({"error": "the local store is disabled (--no-store)"})),
@@ -79,20 +140,19 @@ async fn api_graph(State(st): State<AppState>, Query(q): Query<GraphQuery>) -> R
     let from = SystemTime::now()
         .checked_sub(since)
         .unwrap_or(SystemTime::UNIX_EPOCH);
-    let res = tokio::task::spawn_blocking(move || -> anyhow::Result<view::GraphView> {
-        let mut s = Store::open(&loc)?;
-        view::graph(&mut s, from, &filter)
-    })
-    .await;
+    let max_edges = st.max_edges;
+    let res = reads
+        .read(move |s| view::graph_bounded(s, from, &filter, max_edges))
+        .await;
     match res {
-        Ok(Ok(v)) => {
+        Ok(v) => {
             let mut body = serde_json::to_value(&v).unwrap_or_default();
             body["refresh_seconds"] = json!(st.interval.as_secs().max(1));
             Json(body).into_response()
         }
-        Ok(Err(e)) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            Json(json!({"error": format!("{e:#}")})),
+        Err(e @ (ReadError::Busy | ReadError::Timeout)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"error": e.to_string()})),
         )
             .into_response(),
         Err(e) => (
@@ -147,8 +207,18 @@ async fn healthz(State(st): State<AppState>) -> Response {
         .into_response()
 }
 
-pub fn router(st: AppState) -> Router {
+/// /metrics and /healthz.
+pub fn metrics_router(st: AppState) -> Router {
     Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .with_state(st)
+}
+
+/// The map page and its API (with /metrics and /healthz when they have no
+/// listener of their own), every route behind `access`.
+pub fn web_router(st: AppState, access: Arc<Access>, with_metrics: bool) -> Router {
+    let mut r = Router::new()
         .route("/", get(|| async { Html(INDEX) }))
         .route(
             "/assets/app.js",
@@ -168,20 +238,26 @@ pub fn router(st: AppState) -> Router {
                 )
             }),
         )
-        .route("/api/graph", get(api_graph))
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(healthz))
-        .with_state(st)
+        .route("/api/graph", get(api_graph));
+    if with_metrics {
+        r = r
+            .route("/metrics", get(metrics))
+            .route("/healthz", get(healthz));
+    }
+    r.with_state(st)
+        .layer(axum::middleware::from_fn_with_state(access, access::check))
 }
 
-/// Binds the listener (an error names the address) and serves until the
-/// task is dropped.
-pub async fn serve(addr: SocketAddr, st: AppState) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let listener = tokio::net::TcpListener::bind(addr)
+/// Binds `addr` for `what` (an error names both).
+pub async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|e| anyhow::anyhow!("listening on {addr} for the map page: {e}"))?;
-    let app = router(st);
-    Ok(tokio::spawn(async move {
+        .map_err(|e| anyhow::anyhow!("listening on {addr} for {what}: {e}"))
+}
+
+/// Serves `app` on `listener` until the task is dropped.
+pub fn spawn(listener: tokio::net::TcpListener, app: Router) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
-    }))
+    })
 }

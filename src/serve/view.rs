@@ -61,17 +61,65 @@ pub struct GraphView {
     pub since_ms: i64,
     pub nodes: Vec<NodeRow>,
     pub edges: Vec<EdgeRow>,
+    /// The window had more edges than were read (the map page's bound):
+    /// these are its busiest ones.
+    pub truncated: bool,
 }
+
+/// Host and node endpoints the map page reads at most.
+const MAX_HOSTS: usize = 256;
 
 /// The graph of the window: edges that pass the filter and the endpoints
 /// they join (plus, without a filter, every host endpoint of the window).
 pub fn graph(store: &mut Store, since: SystemTime, f: &Filter) -> Result<GraphView> {
     let nodes = store.nodes(since)?;
-    let mut edges: Vec<EdgeRow> = store
-        .edges(since)?
-        .into_iter()
-        .filter(|e| f.keep(e, &nodes))
+    let edges = store.edges(since)?;
+    Ok(assemble(nodes, edges, since, f, false))
+}
+
+/// The map page's graph: as [`graph`], but of the `max_edges` busiest
+/// edges of the window only (the filter applies to those), and only the
+/// endpoints they join (plus at most MAX_HOSTS host endpoints) are read.
+pub fn graph_bounded(
+    store: &mut Store,
+    since: SystemTime,
+    f: &Filter,
+    max_edges: usize,
+) -> Result<GraphView> {
+    let mut edges = store.edges_top(since, max_edges + 1)?;
+    let truncated = edges.len() > max_edges;
+    edges.truncate(max_edges);
+    let ids: BTreeSet<&str> = edges
+        .iter()
+        .flat_map(|e| [e.source.as_str(), e.target.as_str()])
         .collect();
+    let mut nodes = store.nodes_by_ids(&ids.into_iter().collect::<Vec<_>>())?;
+    let hosts = store.nodes_of_types(
+        since,
+        &[
+            crate::enrich::server::HOST_TYPE,
+            crate::enrich::kube::index::NODE_TYPE,
+        ],
+        MAX_HOSTS,
+    )?;
+    for h in hosts {
+        if let Err(at) = nodes.binary_search_by(|n| n.id.cmp(&h.id)) {
+            nodes.insert(at, h);
+        }
+    }
+    Ok(assemble(nodes, edges, since, f, truncated))
+}
+
+/// Filters and orders the edges (busiest first) and keeps the endpoints
+/// they join.
+fn assemble(
+    nodes: Vec<NodeRow>,
+    edges: Vec<EdgeRow>,
+    since: SystemTime,
+    f: &Filter,
+    truncated: bool,
+) -> GraphView {
+    let mut edges: Vec<EdgeRow> = edges.into_iter().filter(|e| f.keep(e, &nodes)).collect();
     edges.sort_by(|a, b| {
         b.bytes()
             .cmp(&a.bytes())
@@ -93,11 +141,12 @@ pub fn graph(store: &mut Store, since: SystemTime, f: &Filter) -> Result<GraphVi
                         || n.kind == crate::enrich::kube::index::NODE_TYPE))
         })
         .collect();
-    Ok(GraphView {
+    GraphView {
         since_ms: crate::sinks::store::unix_ms(since),
         nodes,
         edges,
-    })
+        truncated,
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

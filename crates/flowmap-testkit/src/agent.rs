@@ -3,7 +3,7 @@
 
 use std::fmt::Display;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -30,10 +30,28 @@ pub fn wait_until(end: Instant, what: &str, mut done: impl FnMut() -> bool) -> R
 
 /// One HTTP/1.0 GET on loopback `port`; (status, body).
 pub fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))
-        .with_context(|| format!("connecting to 127.0.0.1:{port}"))?;
+    http_request(
+        ([127, 0, 0, 1], port).into(),
+        path,
+        &[("Host", "127.0.0.1")],
+    )
+}
+
+/// One HTTP/1.0 GET of `path` on `addr` with exactly these header lines
+/// (no Host unless given); (status, body).
+pub fn http_request(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut req = format!("GET {path} HTTP/1.0\r\n");
+    for (k, v) in headers {
+        req += &format!("{k}: {v}\r\n");
+    }
+    req += "\r\n";
+    s.write_all(req.as_bytes())?;
     let mut raw = String::new();
     s.read_to_string(&mut raw)?;
     let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
@@ -47,7 +65,8 @@ pub fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
 
 /// How to start an [`Agent`]: `flowmap run` on a generated configuration
 /// (one `flows` data source), with its own state directory and a free
-/// loopback port for `--listen`, unless told otherwise.
+/// loopback port for `--listen` (and, when asked, another for
+/// `--metrics-listen`), unless told otherwise.
 pub struct AgentBuilder {
     bin: PathBuf,
     dir: TempDir,
@@ -60,6 +79,10 @@ pub struct AgentBuilder {
     output: String,
     state_dir: Option<PathBuf>,
     web: bool,
+    web_ip: IpAddr,
+    /// No `--listen`: the binary's default address.
+    web_default: bool,
+    metrics_listen: bool,
     args: Vec<String>,
     envs: Vec<(String, String)>,
     netns: Option<String>,
@@ -118,6 +141,25 @@ impl AgentBuilder {
     /// `--no-web` instead of `--listen` on a free port.
     pub fn no_web(mut self) -> Self {
         self.web = false;
+        self
+    }
+
+    /// `--listen` on `ip` (default 127.0.0.1) and a free port.
+    pub fn listen_on(mut self, ip: &str) -> Self {
+        self.web_ip = ip.parse().expect("an IP address");
+        self
+    }
+
+    /// No `--listen` at all: the map page where the binary puts it by
+    /// default (127.0.0.1:9464, a fixed port).
+    pub fn default_listen(mut self) -> Self {
+        self.web_default = true;
+        self
+    }
+
+    /// `--metrics-listen` on a free loopback port of its own.
+    pub fn metrics_listen(mut self) -> Self {
+        self.metrics_listen = true;
         self
     }
 
@@ -184,7 +226,16 @@ impl AgentBuilder {
             .state_dir
             .clone()
             .unwrap_or_else(|| self.dir.path().join("state"));
-        let port = free_port();
+        let web = if self.web_default {
+            SocketAddr::from(([127, 0, 0, 1], 9464))
+        } else {
+            SocketAddr::new(self.web_ip, free_port())
+        };
+        let metrics_port = if self.metrics_listen {
+            free_port()
+        } else {
+            web.port()
+        };
         let mut cmd = match &self.netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
@@ -204,10 +255,13 @@ impl AgentBuilder {
             .env_remove("COORDIMAP_ENDPOINT")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        if self.web {
-            cmd.args(["--listen", &format!("127.0.0.1:{port}")]);
-        } else {
+        if !self.web {
             cmd.arg("--no-web");
+        } else if !self.web_default {
+            cmd.args(["--listen", &web.to_string()]);
+        }
+        if self.metrics_listen {
+            cmd.args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")]);
         }
         let mut child = cmd
             .spawn()
@@ -230,7 +284,8 @@ impl AgentBuilder {
         });
         let mut a = Agent {
             child,
-            port,
+            web,
+            metrics_port,
             log,
             stdout: Some(stdout),
             stderr: Some(stderr),
@@ -255,7 +310,8 @@ impl AgentBuilder {
 /// line by line as it comes. Dropped: killed.
 pub struct Agent {
     child: Child,
-    port: u16,
+    web: SocketAddr,
+    metrics_port: u16,
     log: Arc<Mutex<Vec<String>>>,
     stdout: Option<JoinHandle<String>>,
     stderr: Option<JoinHandle<()>>,
@@ -281,6 +337,9 @@ impl Agent {
             output: "flows".into(),
             state_dir: None,
             web: true,
+            web_ip: IpAddr::from([127, 0, 0, 1]),
+            web_default: false,
+            metrics_listen: false,
             args: Vec::new(),
             envs: Vec::new(),
             netns: None,
@@ -291,10 +350,21 @@ impl Agent {
         self.child.id()
     }
 
-    /// The loopback port of `--listen` (/metrics, /healthz, the map page);
-    /// nobody listens there after [`AgentBuilder::no_web`].
+    /// The port of `--listen` (the map page, and /metrics and /healthz
+    /// without [`AgentBuilder::metrics_listen`]); nobody listens there
+    /// after [`AgentBuilder::no_web`].
     pub fn port(&self) -> u16 {
-        self.port
+        self.web.port()
+    }
+
+    /// The address of `--listen`.
+    pub fn web_addr(&self) -> SocketAddr {
+        self.web
+    }
+
+    /// The loopback port of /metrics and /healthz.
+    pub fn metrics_port(&self) -> u16 {
+        self.metrics_port
     }
 
     /// What the agent wrote to stderr so far, a line each.
@@ -333,7 +403,7 @@ impl Agent {
     /// One sample of /metrics: the value on the line that starts with
     /// `name`.
     pub fn metric(&self, name: &str) -> Result<f64> {
-        let (_, body) = http_get(self.port, "/metrics")?;
+        let (_, body) = http_get(self.metrics_port, "/metrics")?;
         body.lines()
             .find_map(|l| {
                 l.strip_prefix(name)

@@ -1,6 +1,6 @@
 //! The embedded store: every interval's graph, kept for a bounded time, in
 //! SQLite (default) or PostgreSQL. Read by `flowmap top`, `flowmap graph`
-//! and the map page.
+//! and the map page (through a bounded pool of reads, pool.rs).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -14,7 +14,9 @@ use crate::config::{Database, Driver};
 use crate::graph::Graph;
 
 mod pg;
+mod pool;
 mod writer;
+pub use pool::{ReadError, ReadPool};
 pub use writer::{Counters, Job, Writer};
 
 /// Where the store lives.
@@ -503,46 +505,12 @@ impl Store {
 
     /// Edges of the intervals that ended at or after `since`, summed.
     pub fn edges(&mut self, since: SystemTime) -> Result<Vec<EdgeRow>> {
-        self.query_since(EDGE_QUERY, unix_ms(since), |r| {
-            let n = |i| r.int(i).map(|v| v as u64);
-            let handshakes = n(10)?;
-            Ok(EdgeRow {
-                source: r.text(0)?,
-                target: r.text(1)?,
-                protocol: r.text(2)?,
-                port: r.int(3)? as u16,
-                connections_opened: n(4)?,
-                connections_active: n(5)?,
-                packets_client_to_server: n(6)?,
-                bytes_client_to_server: n(7)?,
-                packets_server_to_client: n(8)?,
-                bytes_server_to_client: n(9)?,
-                handshake_count: handshakes,
-                handshake_min_us: r.real(11)?,
-                handshake_mean_us: r
-                    .real(12)?
-                    .filter(|_| handshakes > 0)
-                    .map(|w| w / handshakes as f64),
-                handshake_max_us: r.real(13)?,
-                tcp_resets: n(14)?,
-                first_seen_ms: r.int(15)?,
-                last_seen_ms: r.int(16)?,
-            })
-        })
+        self.query_since(EDGE_QUERY, unix_ms(since), edge_row)
     }
 
     /// Elements seen at or after `since`.
     pub fn nodes(&mut self, since: SystemTime) -> Result<Vec<NodeRow>> {
-        self.query_since(NODE_QUERY, unix_ms(since), |r| {
-            Ok(NodeRow {
-                id: r.text(0)?,
-                kind: r.text(1)?,
-                name: r.text(2)?,
-                payload: serde_json::from_str(&r.text(3)?).unwrap_or(serde_json::Value::Null),
-                first_seen_ms: r.int(4)?,
-                last_seen_ms: r.int(5)?,
-            })
-        })
+        self.query_since(NODE_QUERY, unix_ms(since), node_row)
     }
 
     /// Number of stored intervals (for tests and health).
@@ -553,6 +521,46 @@ impl Store {
         };
         Ok(n as u64)
     }
+}
+
+/// A row of EDGE_QUERY.
+fn edge_row(r: &dyn Cells) -> Result<EdgeRow> {
+    let n = |i| r.int(i).map(|v| v as u64);
+    let handshakes = n(10)?;
+    Ok(EdgeRow {
+        source: r.text(0)?,
+        target: r.text(1)?,
+        protocol: r.text(2)?,
+        port: r.int(3)? as u16,
+        connections_opened: n(4)?,
+        connections_active: n(5)?,
+        packets_client_to_server: n(6)?,
+        bytes_client_to_server: n(7)?,
+        packets_server_to_client: n(8)?,
+        bytes_server_to_client: n(9)?,
+        handshake_count: handshakes,
+        handshake_min_us: r.real(11)?,
+        handshake_mean_us: r
+            .real(12)?
+            .filter(|_| handshakes > 0)
+            .map(|w| w / handshakes as f64),
+        handshake_max_us: r.real(13)?,
+        tcp_resets: n(14)?,
+        first_seen_ms: r.int(15)?,
+        last_seen_ms: r.int(16)?,
+    })
+}
+
+/// A row of `SELECT id, type, name, payload, first_seen_ms, last_seen_ms`.
+fn node_row(r: &dyn Cells) -> Result<NodeRow> {
+    Ok(NodeRow {
+        id: r.text(0)?,
+        kind: r.text(1)?,
+        name: r.text(2)?,
+        payload: serde_json::from_str(&r.text(3)?).unwrap_or(serde_json::Value::Null),
+        first_seen_ms: r.int(4)?,
+        last_seen_ms: r.int(5)?,
+    })
 }
 
 /// One result row, whichever driver read it.

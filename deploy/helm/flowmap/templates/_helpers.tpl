@@ -16,3 +16,17 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{ .Release.Name }}-api-key
 {{- end -}}
 {{- end -}}
+
+{{- /* The map page's --listen: loopback, or any address with a token. */ -}}
+{{- define "flowmap.webListen" -}}
+{{- $a := .Values.web.address -}}
+{{- $loopback := or (hasPrefix "127." $a) (eq $a "::1") -}}
+{{- if and (not $loopback) (not .Values.web.tokenSecret) -}}
+{{- fail (printf "web.address %s is not loopback: the map page there needs a bearer token; set web.tokenSecret to a Secret with the key token" $a) -}}
+{{- end -}}
+{{- if contains ":" $a -}}
+[{{ $a }}]:{{ .Values.web.port }}
+{{- else -}}
+{{ $a }}:{{ .Values.web.port }}
+{{- end -}}
+{{- end -}}

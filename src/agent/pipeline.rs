@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Result;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::kube::KubeView;
 use super::source::FlowSource;
@@ -20,8 +20,10 @@ use crate::enrich::kube::KubeResolver;
 use crate::enrich::server::ServerResolver;
 use crate::enrich::Endpoint;
 use crate::flow::{Context, FlowRecord, FlowTable};
+use crate::graph::fold::{self, Limits};
 use crate::graph::Graph;
 use crate::serve::metrics::{Direction, Metrics};
+use crate::sinks::coordimap::{body_len, MAX_BODY_BYTES};
 use crate::sinks::{Sink, SourceGraph};
 
 /// Whether a record belongs to a data source: every record for `all`, else
@@ -124,8 +126,9 @@ impl Pipeline {
         self.refresh_kube(end);
         let mut graphs = 0;
         for i in 0..self.sources.len() {
-            let (graph, always) = self.build(&self.sources[i], &records, &host);
-            self.metrics.link_control_flows.inc_by(graph.link_control);
+            let (full, always) = self.build(&self.sources[i], &records, &host);
+            self.metrics.link_control_flows.inc_by(full.link_control);
+            let graph = self.bound(&self.sources[i], full, &always, end);
             let sg = SourceGraph::new(
                 &self.sources[i],
                 &self.skip_fields,
@@ -214,6 +217,47 @@ impl Pipeline {
             Graph::build_from(records(), &resolver),
             resolver.host_endpoint(),
         )
+    }
+
+    /// `full` with its external endpoints folded to the data source's cap
+    /// (`max_external_endpoints`), then further until its Coordimap batch
+    /// fits `MAX_BODY_BYTES`; one log line when anything folded, and the
+    /// counters on /metrics.
+    fn bound(&self, src: &FlowsSource, full: Graph, always: &Endpoint, end: SystemTime) -> Graph {
+        let mut cap = src.max_external_endpoints;
+        let interval = (self.interval_start, end);
+        let always = std::slice::from_ref(always);
+        loop {
+            let (g, folded) = fold::bound(&full, &src.id, &Limits::new(cap));
+            let len = body_len(&g, always, src, &self.skip_fields, interval);
+            if len > MAX_BODY_BYTES && cap > 0 {
+                cap /= 2;
+                continue;
+            }
+            let m = &self.metrics;
+            m.batch_bytes.set(len as i64);
+            m.external_addresses_folded.inc_by(folded.addresses);
+            m.external_flows_folded.inc_by(folded.flows);
+            if cap < src.max_external_endpoints {
+                m.batches_shrunk.inc();
+            }
+            if folded.addresses > 0 {
+                warn!(
+                    data_source = %src.id,
+                    named = folded.named,
+                    folded_addresses = folded.addresses,
+                    folded_flows = folded.flows,
+                    aggregates = folded.aggregates,
+                    cap,
+                    batch_bytes = len,
+                    "external endpoints past the cap folded into aggregates"
+                );
+            }
+            if len > MAX_BODY_BYTES {
+                error!(data_source = %src.id, batch_bytes = len, limit = MAX_BODY_BYTES, "the batch is over the size cap even with every external address folded (its own endpoints alone are that many)");
+            }
+            return g;
+        }
     }
 
     /// Metrics and the warning about packets not counted normally.

@@ -181,6 +181,8 @@ fn under_the_cap_nothing_changes() {
         .map(|i| conn("tcp", v4(i), h, 22, (1, 100), (1, 100)))
         .collect();
     let full = build(&recs);
+    assert!(!fold::needed(&full, &Limits::new(5)));
+    assert!(fold::needed(&full, &Limits::new(4)));
     let (g, f) = fold::bound(&full, "ds", &Limits::new(5));
     assert_eq!(f.addresses, 0);
     assert_eq!(f.named, 5);
@@ -195,6 +197,7 @@ fn one_address_scanning_many_ports_keeps_its_busiest_edges() {
         .map(|p| conn("tcp", v4(1), h, p, (1, 60 + p as u64), (1, 54)))
         .collect();
     let full = build(&recs);
+    assert!(fold::needed(&full, &lim(10, 4, 8)));
     let (g, f) = fold::bound(&full, "ds", &lim(10, 4, 8));
     let named: Vec<u16> = g
         .edges

@@ -227,36 +227,45 @@ impl Pipeline {
         let mut cap = src.max_external_endpoints;
         let interval = (self.interval_start, end);
         let always = std::slice::from_ref(always);
-        loop {
-            let (g, folded) = fold::bound(&full, &src.id, &Limits::new(cap));
-            let len = body_len(&g, always, src, &self.skip_fields, interval);
-            if len > MAX_BODY_BYTES && cap > 0 {
-                cap /= 2;
-                continue;
+        // The graph as built when nothing needs folding (no copy).
+        let (folded, len) = loop {
+            let lim = Limits::new(cap);
+            let cand = fold::needed(&full, &lim).then(|| fold::bound(&full, &src.id, &lim));
+            let g = cand.as_ref().map_or(&full, |(g, _)| g);
+            let len = body_len(g, always, src, &self.skip_fields, interval);
+            if len <= MAX_BODY_BYTES || cap == 0 {
+                break (cand, len);
             }
-            let m = &self.metrics;
-            m.batch_bytes.set(len as i64);
-            m.external_addresses_folded.inc_by(folded.addresses);
-            m.external_flows_folded.inc_by(folded.flows);
-            if cap < src.max_external_endpoints {
-                m.batches_shrunk.inc();
-            }
-            if folded.addresses > 0 {
-                warn!(
-                    data_source = %src.id,
-                    named = folded.named,
-                    folded_addresses = folded.addresses,
-                    folded_flows = folded.flows,
-                    aggregates = folded.aggregates,
-                    cap,
-                    batch_bytes = len,
-                    "external endpoints past the cap folded into aggregates"
-                );
-            }
-            if len > MAX_BODY_BYTES {
-                error!(data_source = %src.id, batch_bytes = len, limit = MAX_BODY_BYTES, "the batch is over the size cap even with every external address folded (its own endpoints alone are that many)");
-            }
-            return g;
+            cap /= 2;
+        };
+        let (g, f) = folded.unwrap_or_else(|| (full, fold::Folded::default()));
+        self.count_folded(src, &f, cap, len);
+        g
+    }
+
+    /// The counters and the one log line of what `bound` folded.
+    fn count_folded(&self, src: &FlowsSource, f: &fold::Folded, cap: usize, len: usize) {
+        let m = &self.metrics;
+        m.batch_bytes.set(len as i64);
+        m.external_addresses_folded.inc_by(f.addresses);
+        m.external_flows_folded.inc_by(f.flows);
+        if cap < src.max_external_endpoints {
+            m.batches_shrunk.inc();
+        }
+        if f.addresses > 0 {
+            warn!(
+                data_source = %src.id,
+                named = f.named,
+                folded_addresses = f.addresses,
+                folded_flows = f.flows,
+                aggregates = f.aggregates,
+                cap,
+                batch_bytes = len,
+                "external endpoints past the cap folded into aggregates"
+            );
+        }
+        if len > MAX_BODY_BYTES {
+            error!(data_source = %src.id, batch_bytes = len, limit = MAX_BODY_BYTES, "the batch is over the size cap even with every external address folded (its own endpoints alone are that many)");
         }
     }
 

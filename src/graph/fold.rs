@@ -145,6 +145,23 @@ struct Agg {
     peers: HashSet<Arc<str>>,
 }
 
+/// Whether `g` has anything to fold under `lim`: more external endpoints
+/// than the cap, or one with more edges than it may keep.
+pub fn needed(g: &Graph, lim: &Limits) -> bool {
+    let mut edges: HashMap<&str, usize> = HashMap::new();
+    for k in g.edges.keys() {
+        for end in [&*k.client, &*k.server] {
+            if g.endpoints
+                .get(end)
+                .is_some_and(|e| e.kind == EndpointKind::External)
+            {
+                *edges.entry(end).or_default() += 1;
+            }
+        }
+    }
+    edges.len() > lim.max_external || edges.values().any(|n| *n > lim.edges_per_external)
+}
+
 /// `g` with its external endpoints bounded by `lim` (see the module's
 /// comment); the counts of what folded. Totals are unchanged: every edge's
 /// statistics land on exactly one edge of the result.

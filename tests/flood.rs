@@ -55,12 +55,12 @@ fn flood(dst: IpAddr) -> (Vec<Vec<u8>>, u64, u64) {
         };
         frames.push(eth_frame(src, dst, &l4, &[]));
     }
-    let bytes = frames.iter().map(|f| f.len() as u64).sum();
-    (frames, frames_len(HEAVY, LIGHT), bytes)
-}
-
-fn frames_len(heavy: u32, light: u32) -> u64 {
-    heavy as u64 * 5 + light as u64
+    let bytes: u64 = frames.iter().map(|f| f.len() as u64).sum();
+    assert_eq!(
+        bytes,
+        HEAVY as u64 * (5 * SYN_BYTES + 4 * 1000) + LIGHT as u64 * SYN_BYTES
+    );
+    (frames, HEAVY as u64 * 5 + LIGHT as u64, bytes)
 }
 
 /// What the batches say, summed.

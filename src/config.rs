@@ -172,6 +172,9 @@ pub struct FlowsSource {
     pub crawl_interval: Duration,
     pub max_flows: u32,
     pub attach_mode: AttachMode,
+    /// External endpoints of one interval that keep their own name; past
+    /// it, addresses fold into aggregates (see `graph::fold`).
+    pub max_external_endpoints: usize,
     /// The options as given (after expansion), for the wire's data source block.
     pub pairs: Vec<(String, String)>,
 }
@@ -188,6 +191,7 @@ impl FlowsSource {
             crawl_interval: Duration::from_secs(30),
             max_flows: DEFAULT_MAX_FLOWS,
             attach_mode: AttachMode::Auto,
+            max_external_endpoints: crate::graph::fold::DEFAULT_MAX_EXTERNAL,
             pairs: Vec::new(),
         }
     }
@@ -251,14 +255,18 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
-pub const KNOWN_OPTIONS: [&str; 6] = [
+pub const KNOWN_OPTIONS: [&str; 7] = [
     "interface_name",
     "deployedAt",
     "external_mappings",
     "crawl_interval",
     "max_flows",
     "attach_mode",
+    "max_external_endpoints",
 ];
+
+/// The largest `max_external_endpoints` allowed.
+pub const MAX_EXTERNAL_ENDPOINTS: usize = 20_000;
 
 /// Expands `${NAME}` from `env`; `$${` is a literal `${`.
 pub fn expand(
@@ -726,6 +734,10 @@ fn apply_option(cx: &mut Ctx, fs: &mut FlowsSource, name: &str, value: &str, pla
         "attach_mode" => match v.parse::<AttachMode>() {
             Ok(m) => fs.attach_mode = m,
             Err(_) => cx.errors.push(format!("{place}: value {value:?} is not allowed; allowed: auto, tcx, tc")),
+        },
+        "max_external_endpoints" => match v.parse::<usize>() {
+            Ok(n) if n <= MAX_EXTERNAL_ENDPOINTS => fs.max_external_endpoints = n,
+            _ => cx.errors.push(format!("{place}: value {value:?} is not allowed; allowed: a whole number from 0 to {MAX_EXTERNAL_ENDPOINTS}")),
         },
         other => cx.warnings.push(format!(
             "{place}: unknown option, ignored; did you mean {:?}?",

@@ -14,6 +14,8 @@ use serde::Serialize;
 use crate::enrich::{is_link_control_flow, Endpoint, EndpointKind, Resolve};
 use crate::flow::FlowRecord;
 
+pub mod fold;
+
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct EdgeKey {
     pub client: Arc<str>,
@@ -164,6 +166,32 @@ impl EdgeStats {
             first_seen: r.first_seen,
             last_seen: r.last_seen,
             rtt_sum: 0.0,
+        }
+    }
+
+    /// Adds another edge's statistics (folding edges together).
+    pub fn merge(&mut self, o: &EdgeStats) {
+        self.connections_opened += o.connections_opened;
+        self.connections_active += o.connections_active;
+        self.packets_client_to_server += o.packets_client_to_server;
+        self.bytes_client_to_server += o.bytes_client_to_server;
+        self.packets_server_to_client += o.packets_server_to_client;
+        self.bytes_server_to_client += o.bytes_server_to_client;
+        self.tcp_resets += o.tcp_resets;
+        self.first_seen = self.first_seen.min(o.first_seen);
+        self.last_seen = self.last_seen.max(o.last_seen);
+        self.rtt_sum += o.rtt_sum;
+        if let Some(oh) = &o.handshake {
+            let h = self.handshake.get_or_insert(Handshake {
+                count: 0,
+                min_us: oh.min_us,
+                mean_us: 0.0,
+                max_us: oh.max_us,
+            });
+            h.count += oh.count;
+            h.min_us = h.min_us.min(oh.min_us);
+            h.max_us = h.max_us.max(oh.max_us);
+            h.mean_us = self.rtt_sum / h.count as f64;
         }
     }
 

@@ -236,6 +236,26 @@ fn structural_errors() {
     );
 }
 
+#[test]
+fn max_external_endpoints_default_value_and_errors() {
+    let c = ok(&flows(&opt("deployedAt", "server")));
+    assert_eq!(c.flows[0].max_external_endpoints, 2000);
+    let c = ok(&flows(&opt("max_external_endpoints", "0")));
+    assert_eq!(c.flows[0].max_external_endpoints, 0);
+    let c = ok(&flows(&opt("max_external_endpoints", "20000")));
+    assert_eq!(c.flows[0].max_external_endpoints, 20000);
+    for bad in ["20001", "-1", "many", "1.5", "\"\""] {
+        assert_eq!(
+            errs(&flows(&opt("max_external_endpoints", bad))),
+            vec![format!(
+                "data source \"f1\" (flows): option \"max_external_endpoints\": value {:?} is not allowed; allowed: a whole number from 0 to 20000",
+                bad.trim_matches('"')
+            )],
+            "{bad}"
+        );
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
     #[test]

@@ -363,3 +363,83 @@ fn each_data_source_gets_the_flows_of_its_own_interfaces() {
         ]
     );
 }
+
+/// 2,000 outside addresses, each a client of 17 ports of this host: under
+/// the default cap every one stays named with 16 edges, a batch of more
+/// than 8 MiB, so the pipeline folds further until it fits; every packet
+/// is still in the batch.
+#[test]
+fn a_batch_over_the_size_cap_is_folded_until_it_fits() {
+    use flowmap::sinks::coordimap::MAX_BODY_BYTES;
+    let dir = TempDir::new("pipeline-cap");
+    let cfg = flowmap::config::parse(CONFIG, &|_| None).unwrap();
+    let stats = Arc::new(DeliveryStats::default());
+    let metrics = Arc::new(Metrics::new(stats.clone()));
+    let mut flows = Vec::new();
+    for i in 0..2000u32 {
+        let peer = std::net::Ipv4Addr::from(0x0b00_0000 + i).to_string();
+        for port in 1000..1017u16 {
+            let s = Sample {
+                packets: [1, 1],
+                bytes: [100, 60],
+                first_seen_ns: 1_000,
+                last_seen_ns: 2_000,
+                open_side: 2,
+                first_side: 2,
+                ..Default::default()
+            };
+            flows.push(entry(proto::TCP, ("10.0.0.1", port), (&peer, 40000), s));
+        }
+    }
+    let mut src = FakeSource::new(&[(2, "eth0")]);
+    src.push(Drained {
+        flows,
+        ..Default::default()
+    });
+    let spool = Arc::new(Mutex::new(
+        Spool::open(&dir.path().join("spool"), 64 << 20, stats).unwrap(),
+    ));
+    let sink = SpoolSink {
+        spool: spool.clone(),
+        wake: Arc::new(tokio::sync::Notify::new()),
+    };
+    let mut p = Pipeline::new(
+        &cfg,
+        (Duration::from_secs(30), 16384),
+        vec![Box::new(sink)],
+        metrics.clone(),
+        None,
+    );
+    p.set_host(HostSource::Fixed(host()));
+    p.set_started(0);
+    let report = p.interval(&mut src).unwrap();
+    p.close();
+    assert_eq!(report.flows, 34_000);
+    assert_eq!(metrics.batches_shrunk.get(), 1);
+    let (_, body) = spool.lock().unwrap().oldest().unwrap();
+    assert!(body.len() <= MAX_BODY_BYTES, "{} bytes", body.len());
+    assert_eq!(metrics.batch_bytes.get(), body.len() as i64);
+    let batch: Batch = serde_json::from_slice(&body).unwrap();
+    let (mut named, mut packets, mut bytes, mut folded) = (0u64, 0u64, 0u64, 0u64);
+    for (id, (kind, v)) in payloads(&batch) {
+        match kind.as_str() {
+            "flows.external" => named += 1,
+            "flows.external_group" => folded += v["group"]["connections"].as_u64().unwrap(),
+            "coordimap.relationship_skipinsert" => {
+                for f in v["flows"].as_array().unwrap() {
+                    for d in ["client_to_server", "server_to_client"] {
+                        packets += f[format!("packets_{d}")].as_u64().unwrap();
+                        bytes += f[format!("bytes_{d}")].as_u64().unwrap();
+                    }
+                }
+            }
+            _ => assert_eq!(id, "pl-flows.host-node-a"),
+        }
+    }
+    // Halved from 2000 until it fit; named ones keep 16 edges each.
+    assert!([1000, 500, 250].contains(&named), "{named} named");
+    assert_eq!((packets, bytes), (68_000, 34_000 * 160));
+    assert_eq!(folded, named + (2000 - named) * 17);
+    assert_eq!(metrics.external_flows_folded.get(), folded);
+    assert_eq!(metrics.external_addresses_folded.get(), 2000);
+}

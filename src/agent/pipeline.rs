@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Result;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::kube::KubeView;
 use super::source::FlowSource;
@@ -20,8 +20,10 @@ use crate::enrich::kube::KubeResolver;
 use crate::enrich::server::ServerResolver;
 use crate::enrich::Endpoint;
 use crate::flow::{Context, FlowRecord, FlowTable};
+use crate::graph::fold::{self, Limits};
 use crate::graph::Graph;
 use crate::serve::metrics::{Direction, Metrics};
+use crate::sinks::coordimap::{body_len, MAX_BODY_BYTES};
 use crate::sinks::{Sink, SourceGraph};
 
 /// Whether a record belongs to a data source: every record for `all`, else
@@ -124,8 +126,9 @@ impl Pipeline {
         self.refresh_kube(end);
         let mut graphs = 0;
         for i in 0..self.sources.len() {
-            let (graph, always) = self.build(&self.sources[i], &records, &host);
-            self.metrics.link_control_flows.inc_by(graph.link_control);
+            let (full, always) = self.build(&self.sources[i], &records, &host);
+            self.metrics.link_control_flows.inc_by(full.link_control);
+            let graph = self.bound(&self.sources[i], full, &always, end);
             let sg = SourceGraph::new(
                 &self.sources[i],
                 &self.skip_fields,
@@ -214,6 +217,56 @@ impl Pipeline {
             Graph::build_from(records(), &resolver),
             resolver.host_endpoint(),
         )
+    }
+
+    /// `full` with its external endpoints folded to the data source's cap
+    /// (`max_external_endpoints`), then further until its Coordimap batch
+    /// fits `MAX_BODY_BYTES`; one log line when anything folded, and the
+    /// counters on /metrics.
+    fn bound(&self, src: &FlowsSource, full: Graph, always: &Endpoint, end: SystemTime) -> Graph {
+        let mut cap = src.max_external_endpoints;
+        let interval = (self.interval_start, end);
+        let always = std::slice::from_ref(always);
+        // The graph as built when nothing needs folding (no copy).
+        let (folded, len) = loop {
+            let lim = Limits::new(cap);
+            let cand = fold::needed(&full, &lim).then(|| fold::bound(&full, &src.id, &lim));
+            let g = cand.as_ref().map_or(&full, |(g, _)| g);
+            let len = body_len(g, always, src, &self.skip_fields, interval);
+            if len <= MAX_BODY_BYTES || cap == 0 {
+                break (cand, len);
+            }
+            cap /= 2;
+        };
+        let (g, f) = folded.unwrap_or_else(|| (full, fold::Folded::default()));
+        self.count_folded(src, &f, cap, len);
+        g
+    }
+
+    /// The counters and the one log line of what `bound` folded.
+    fn count_folded(&self, src: &FlowsSource, f: &fold::Folded, cap: usize, len: usize) {
+        let m = &self.metrics;
+        m.batch_bytes.set(len as i64);
+        m.external_addresses_folded.inc_by(f.addresses);
+        m.external_flows_folded.inc_by(f.flows);
+        if cap < src.max_external_endpoints {
+            m.batches_shrunk.inc();
+        }
+        if f.addresses > 0 {
+            warn!(
+                data_source = %src.id,
+                named = f.named,
+                folded_addresses = f.addresses,
+                folded_flows = f.flows,
+                aggregates = f.aggregates,
+                cap,
+                batch_bytes = len,
+                "external endpoints past the cap folded into aggregates"
+            );
+        }
+        if len > MAX_BODY_BYTES {
+            error!(data_source = %src.id, batch_bytes = len, limit = MAX_BODY_BYTES, "the batch is over the size cap even with every external address folded (its own endpoints alone are that many)");
+        }
     }
 
     /// Metrics and the warning about packets not counted normally.

@@ -21,6 +21,9 @@ pub enum EndpointKind {
     Pod,
     Service,
     Node,
+    /// External addresses folded together past the cap
+    /// (`max_external_endpoints`), per server port.
+    ExternalGroup,
 }
 
 impl EndpointKind {
@@ -32,6 +35,7 @@ impl EndpointKind {
             EndpointKind::Pod => kube::index::POD_TYPE,
             EndpointKind::Service => kube::index::SERVICE_TYPE,
             EndpointKind::Node => kube::index::NODE_TYPE,
+            EndpointKind::ExternalGroup => server::EXTERNAL_GROUP_TYPE,
         }
     }
 }
@@ -56,6 +60,26 @@ pub struct Endpoint {
     /// The node a pod runs on.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// An aggregate of external addresses: what it holds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupStats>,
+}
+
+/// The payload of an aggregate of external addresses: its (protocol,
+/// port) (absent for "other ports"), how many distinct addresses it holds,
+/// and their totals (connections, packets and bytes from and to them).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct GroupStats {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    pub peers: u64,
+    pub connections: u64,
+    pub packets_from_peers: u64,
+    pub bytes_from_peers: u64,
+    pub packets_to_peers: u64,
+    pub bytes_to_peers: u64,
 }
 
 impl Endpoint {
@@ -70,6 +94,7 @@ impl Endpoint {
             workload_kind: None,
             workload_name: None,
             node: None,
+            group: None,
         }
     }
 }

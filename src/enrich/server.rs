@@ -14,6 +14,8 @@ pub struct ServerResolver<'a> {
 
 pub const HOST_TYPE: &str = "flows.host";
 pub const EXTERNAL_TYPE: &str = "flows.external";
+/// An aggregate of external addresses past `max_external_endpoints`.
+pub const EXTERNAL_GROUP_TYPE: &str = "flows.external_group";
 
 impl ServerResolver<'_> {
     pub fn host_endpoint(&self) -> Endpoint {

@@ -51,6 +51,10 @@ pub struct Metrics {
     pub interfaces_attached: Gauge,
     pub batches_built: Counter,
     pub link_control_flows: Counter,
+    pub external_addresses_folded: Counter,
+    pub external_flows_folded: Counter,
+    pub batches_shrunk: Counter,
+    pub batch_bytes: Gauge,
     pub delivery: Arc<DeliveryStats>,
     pub store_written: Counter,
     pub store_errors: Counter,
@@ -80,6 +84,10 @@ impl Metrics {
             interfaces_attached: Gauge::default(),
             batches_built: Counter::default(),
             link_control_flows: Counter::default(),
+            external_addresses_folded: Counter::default(),
+            external_flows_folded: Counter::default(),
+            batches_shrunk: Counter::default(),
+            batch_bytes: Gauge::default(),
             delivery,
             store_written: Counter::default(),
             store_errors: Counter::default(),
@@ -150,6 +158,31 @@ impl Metrics {
             "link_control_flows",
             "Link-scope control flows (ICMPv6 between fe80:: addresses, broadcast, link-local multicast) left off the graph",
             self.link_control_flows.clone(),
+        );
+        self.register_bounds(r);
+    }
+
+    /// The caps against hostile traffic (graph folding, batch size).
+    fn register_bounds(&self, r: &mut Registry) {
+        r.register(
+            "external_addresses_folded",
+            "External addresses folded into aggregate endpoints (past max_external_endpoints), summed over intervals and data sources",
+            self.external_addresses_folded.clone(),
+        );
+        r.register(
+            "external_flows_folded",
+            "Connections (flow records) counted into aggregate endpoints instead of named ones",
+            self.external_flows_folded.clone(),
+        );
+        r.register(
+            "batches_shrunk",
+            "Batches whose graph was folded further to stay under the batch size cap (8 MiB)",
+            self.batches_shrunk.clone(),
+        );
+        r.register(
+            "batch_bytes",
+            "Size of the last Coordimap batch body built",
+            self.batch_bytes.clone(),
         );
     }
 

@@ -55,16 +55,16 @@ impl<'a> SourceGraph<'a> {
     /// encoded on first use.
     pub fn body(&self) -> Result<(&[u8], usize)> {
         if self.body.get().is_none() {
-            let batch = coordimap::encode(
+            let mut body = Vec::new();
+            let n = coordimap::write_body(
+                &mut body,
                 &self.graph,
                 &self.always,
                 self.source,
                 self.skip_fields,
-                self.start,
-                self.end,
-            );
-            let n = batch.cloud_crawl_data.crawled_data.data.len();
-            let _ = self.body.set((serde_json::to_vec(&batch)?, n));
+                (self.start, self.end),
+            )?;
+            let _ = self.body.set((body, n));
         }
         let (b, n) = self.body.get().expect("set above");
         Ok((b, *n))

@@ -341,3 +341,55 @@ pub fn traffic(dst: IpAddr) -> (u16, u16) {
     ]);
     (tcp_port, udp_port)
 }
+
+/// Writes each of `frames` (whole Ethernet frames) onto interface `dev`
+/// of namespace `ns` with an AF_PACKET socket: traffic with any source
+/// address (spoofed floods), seen by the other end of a veth. Every 256
+/// frames it pauses 2 ms so the receiving end's backlog never overflows
+/// (a frame dropped there would never reach the agent's hook). The number
+/// of frames written.
+pub fn inject(ns: &Netns, dev: &str, frames: Vec<Vec<u8>>) -> anyhow::Result<usize> {
+    let dev = std::ffi::CString::new(dev)?;
+    ns.run_in(move || -> anyhow::Result<usize> {
+        // SAFETY: if_nametoindex reads a NUL-terminated name we own.
+        let ifindex = unsafe { libc::if_nametoindex(dev.as_ptr()) };
+        anyhow::ensure!(ifindex != 0, "no interface {dev:?} in the namespace");
+        // SAFETY: socket has no memory preconditions.
+        let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+        anyhow::ensure!(
+            raw >= 0,
+            "AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: `raw` is a socket we just opened and nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: sockaddr_ll is plain data; all zeros is a valid value.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_ifindex = ifindex as i32;
+        sll.sll_halen = 6;
+        for (i, f) in frames.iter().enumerate() {
+            // SAFETY: `f` is a live buffer of the length passed and `sll`
+            // a sockaddr_ll of the size passed.
+            let n = unsafe {
+                libc::sendto(
+                    fd.as_raw_fd(),
+                    f.as_ptr().cast(),
+                    f.len(),
+                    0,
+                    (&sll as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+                )
+            };
+            anyhow::ensure!(
+                n == f.len() as isize,
+                "sending frame {i}: {}",
+                std::io::Error::last_os_error()
+            );
+            if i % 256 == 255 {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        Ok(frames.len())
+    })?
+}

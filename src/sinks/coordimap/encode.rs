@@ -2,7 +2,7 @@
 //! An element's `data` is the JSON of its payload, sent as base64 (Go's
 //! encoding of `[]byte`); `hash` is the hex SHA-256 of those JSON bytes.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::time::SystemTime;
 
 use base64::Engine;
@@ -187,8 +187,71 @@ pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_nanos(t).to_string()
 }
 
-/// Encodes one interval's graph. `always` are endpoints sent even without
-/// an edge (this host), so every interval says the agent is alive.
+/// The largest Coordimap request body flowmap builds. The pipeline folds
+/// a graph further (fewer named external endpoints) until its batch fits;
+/// see README "Bounds under hostile traffic" for the worst cases.
+pub const MAX_BODY_BYTES: usize = 8 << 20;
+
+/// The payload of a flow relationship, borrowing the graph's edges (the
+/// same JSON as [`RelationshipPayload`]).
+#[derive(Serialize)]
+struct RelationshipRef<'g> {
+    source_id: &'g str,
+    destination_id: &'g str,
+    relationship_type: &'static str,
+    relation_type: u32,
+    interval_start: &'g str,
+    interval_end: &'g str,
+    flows: Vec<&'g EdgeStats>,
+}
+
+/// Calls `each` with every element of one interval's graph, in batch
+/// order: `always` (endpoints sent even without an edge, such as this
+/// host, so every interval says the agent is alive), the graph's
+/// endpoints, then one relationship per (client, server) pair. An element
+/// appears once. Elements are made one at a time: the caller decides
+/// whether to keep them.
+pub fn each_element<E>(
+    graph: &Graph,
+    always: &[crate::enrich::Endpoint],
+    (start, end): (SystemTime, SystemTime),
+    mut each: impl FnMut(Element) -> Result<(), E>,
+) -> Result<(), E> {
+    let at = rfc3339(end);
+    let from = rfc3339(start);
+    let mut seen: HashSet<(&'static str, &str)> = HashSet::new();
+    for ep in always.iter().chain(graph.endpoints.values()) {
+        let kind = ep.kind.element_type();
+        if seen.insert((kind, &ep.id)) {
+            each(Element::new(ep, &ep.name, &ep.id, kind, &at))?;
+        }
+    }
+    // Edges are ordered by (client, server, …): a pair's edges are
+    // consecutive.
+    let mut edges = graph.edges.iter().peekable();
+    while let Some((k, s)) = edges.next() {
+        let mut flows = vec![s];
+        while let Some((_, s)) =
+            edges.next_if(|(n, _)| n.client == k.client && n.server == k.server)
+        {
+            flows.push(s);
+        }
+        let id = format!("{}.{}", k.client, k.server);
+        let payload = RelationshipRef {
+            source_id: &k.client,
+            destination_id: &k.server,
+            relationship_type: RELATIONSHIP_TYPE,
+            relation_type: EBPF_FLOW_RELATION,
+            interval_start: &from,
+            interval_end: &at,
+            flows,
+        };
+        each(Element::new(&payload, &id, &id, RELATIONSHIP_TYPE, &at))?;
+    }
+    Ok(())
+}
+
+/// Encodes one interval's graph as a [`Batch`] (see [`each_element`]).
 pub fn encode(
     graph: &Graph,
     always: &[crate::enrich::Endpoint],
@@ -197,51 +260,77 @@ pub fn encode(
     start: SystemTime,
     end: SystemTime,
 ) -> Batch {
-    let at = rfc3339(end);
     let mut data = Vec::new();
-    let mut seen: HashSet<(String, String)> = HashSet::new();
-    let mut push = |e: Element, data: &mut Vec<Element>| {
-        if seen.insert((e.kind.clone(), e.id.clone())) {
-            data.push(e);
-        }
-    };
-    for ep in always.iter().chain(graph.endpoints.values()) {
-        push(
-            Element::new(ep, &ep.name, &ep.id, ep.kind.element_type(), &at),
-            &mut data,
-        );
-    }
-    let mut pairs: BTreeMap<(&str, &str), Vec<EdgeStats>> = BTreeMap::new();
-    for (k, s) in &graph.edges {
-        pairs
-            .entry((&*k.client, &*k.server))
-            .or_default()
-            .push(s.clone());
-    }
-    for ((client, server), flows) in pairs {
-        let id = format!("{client}.{server}");
-        let payload = RelationshipPayload {
-            source_id: client.to_string(),
-            destination_id: server.to_string(),
-            relationship_type: RELATIONSHIP_TYPE.to_string(),
-            relation_type: EBPF_FLOW_RELATION,
-            interval_start: rfc3339(start),
-            interval_end: at.clone(),
-            flows,
-        };
-        push(
-            Element::new(&payload, &id, &id, RELATIONSHIP_TYPE, &at),
-            &mut data,
-        );
-    }
+    let _ = each_element(graph, always, (start, end), |e| {
+        data.push(e);
+        Ok::<(), ()>(())
+    });
     Batch {
         cloud_crawl_data: CloudCrawlData {
             data_source: data_source_block(src, skip_fields),
             crawled_data: CrawledData { data },
-            timestamp: at,
+            timestamp: rfc3339(end),
             crawl_internal_id: src.id.clone(),
         },
     }
+}
+
+/// Writes the JSON of [`encode`]'s batch to `w` element by element, so the
+/// batch is never held twice (as elements and as bytes); the number of
+/// elements.
+pub fn write_body<W: std::io::Write>(
+    mut w: W,
+    graph: &Graph,
+    always: &[crate::enrich::Endpoint],
+    src: &FlowsSource,
+    skip_fields: &[String],
+    (start, end): (SystemTime, SystemTime),
+) -> std::io::Result<usize> {
+    w.write_all(b"{\"cloud_crawl_data\":{\"data_source\":")?;
+    serde_json::to_writer(&mut w, &data_source_block(src, skip_fields))?;
+    w.write_all(b",\"crawled_data\":{\"data\":[")?;
+    let mut n = 0usize;
+    each_element(graph, always, (start, end), |e| {
+        if n > 0 {
+            w.write_all(b",")?;
+        }
+        n += 1;
+        serde_json::to_writer(&mut w, &e).map_err(std::io::Error::from)
+    })?;
+    w.write_all(b"]},\"timestamp\":")?;
+    serde_json::to_writer(&mut w, &rfc3339(end))?;
+    w.write_all(b",\"crawl_internal_id\":")?;
+    serde_json::to_writer(&mut w, &src.id)?;
+    w.write_all(b"}}")?;
+    Ok(n)
+}
+
+/// A writer that only counts, for the size of a body not built.
+#[derive(Debug, Default)]
+pub struct Count(pub usize);
+
+impl std::io::Write for Count {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0 += b.len();
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The size of the body [`write_body`] would write.
+pub fn body_len(
+    graph: &Graph,
+    always: &[crate::enrich::Endpoint],
+    src: &FlowsSource,
+    skip_fields: &[String],
+    interval: (SystemTime, SystemTime),
+) -> usize {
+    let mut c = Count::default();
+    // Writing to a counter cannot fail.
+    let _ = write_body(&mut c, graph, always, src, skip_fields, interval);
+    c.0
 }
 
 /// The collector's reply.

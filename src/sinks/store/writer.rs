@@ -22,19 +22,54 @@ pub struct Job {
     pub always: Vec<crate::enrich::Endpoint>,
 }
 
+/// The bytes the intervals waiting for the store may hold (an estimate of
+/// their graphs' memory, `graph::fold::approx_bytes`), whatever their
+/// number.
+pub const QUEUE_MAX_BYTES: usize = 32 << 20;
+
+/// The intervals waiting, each with its estimated size, and their total.
+#[derive(Default)]
+struct Jobs {
+    q: VecDeque<(Job, usize)>,
+    bytes: usize,
+}
+
+impl Jobs {
+    fn len(&self) -> usize {
+        self.q.len()
+    }
+    fn is_empty(&self) -> bool {
+        self.q.is_empty()
+    }
+    fn pop_front(&mut self) -> Option<Job> {
+        let (j, n) = self.q.pop_front()?;
+        self.bytes -= n;
+        Some(j)
+    }
+    fn push_front(&mut self, job: Job) {
+        let n = crate::graph::fold::approx_bytes(&job.graph);
+        self.bytes += n;
+        self.q.push_front((job, n));
+    }
+}
+
 struct Queue {
-    jobs: VecDeque<Job>,
+    jobs: Jobs,
     closed: bool,
 }
 
-/// Queues a job; when `cap` jobs already wait, the oldest is dropped
-/// (returns true then).
-fn push_bounded(jobs: &mut VecDeque<Job>, job: Job, cap: usize) -> bool {
-    let dropped = jobs.len() >= cap;
-    if dropped {
+/// Queues a job; while `cap` jobs already wait, or the queue would hold
+/// more than `max_bytes`, the oldest is dropped. The number dropped (the
+/// new job itself is always kept: an interval is bounded on its own).
+fn push_bounded(jobs: &mut Jobs, job: Job, cap: usize, max_bytes: usize) -> u64 {
+    let n = crate::graph::fold::approx_bytes(&job.graph);
+    let mut dropped = 0;
+    while !jobs.is_empty() && (jobs.len() >= cap || jobs.bytes + n > max_bytes) {
         jobs.pop_front();
+        dropped += 1;
     }
-    jobs.push_back(job);
+    jobs.bytes += n;
+    jobs.q.push_back((job, n));
     dropped
 }
 
@@ -78,7 +113,7 @@ impl Writer {
     pub fn start(loc: Location, retention: Duration, cap: usize, c: Counters) -> Result<Writer> {
         let q = Arc::new((
             Mutex::new(Queue {
-                jobs: VecDeque::new(),
+                jobs: Jobs::default(),
                 closed: false,
             }),
             Condvar::new(),
@@ -123,11 +158,15 @@ impl Writer {
     pub fn submit(&self, job: Job) {
         let (m, cv) = &*self.q;
         if let Ok(mut g) = m.lock() {
-            if push_bounded(&mut g.jobs, job, self.cap) {
-                self.dropped.inc();
+            let dropped = push_bounded(&mut g.jobs, job, self.cap, QUEUE_MAX_BYTES);
+            if dropped > 0 {
+                self.dropped.inc_by(dropped);
                 warn!(
+                    dropped,
                     queue = self.cap,
-                    "store too slow or unreachable: oldest interval waiting to be stored dropped"
+                    queue_bytes = g.jobs.bytes,
+                    max_bytes = QUEUE_MAX_BYTES,
+                    "store too slow or unreachable: oldest intervals waiting to be stored dropped"
                 );
             }
             cv.notify_one();
@@ -356,13 +395,81 @@ mod tests {
         }
     }
 
+    fn ids(q: &Jobs) -> Vec<&str> {
+        q.q.iter().map(|(j, _)| j.data_source_id.as_str()).collect()
+    }
+
     #[test]
     fn the_write_queue_is_bounded_and_drops_the_oldest() {
-        let mut q = VecDeque::new();
-        assert!(!push_bounded(&mut q, job(1), 2));
-        assert!(!push_bounded(&mut q, job(2), 2));
-        assert!(push_bounded(&mut q, job(3), 2));
-        let ids: Vec<&str> = q.iter().map(|j| j.data_source_id.as_str()).collect();
-        assert_eq!(ids, vec!["ds2", "ds3"]);
+        let mut q = Jobs::default();
+        assert_eq!(push_bounded(&mut q, job(1), 2, usize::MAX), 0);
+        assert_eq!(push_bounded(&mut q, job(2), 2, usize::MAX), 0);
+        assert_eq!(push_bounded(&mut q, job(3), 2, usize::MAX), 1);
+        assert_eq!(ids(&q), vec!["ds2", "ds3"]);
+    }
+
+    /// A graph of `n` external endpoints, each with an edge to one host.
+    fn big_job(id: u64, n: u32) -> Job {
+        use crate::flow::FlowRecord;
+        let host = crate::enrich::host::HostView {
+            hostname: "h".into(),
+            addrs: vec!["10.0.0.1".parse().unwrap()],
+            ..Default::default()
+        };
+        let r = crate::enrich::server::ServerResolver {
+            data_source_id: "ds",
+            host: &host,
+        };
+        let recs: Vec<FlowRecord> = (0..n)
+            .map(|i| {
+                let src = std::net::Ipv4Addr::from(0x0b00_0000 + i).into();
+                FlowRecord {
+                    interface: "eth0".into(),
+                    ifindex: 2,
+                    also_seen_on: Vec::new(),
+                    protocol: "tcp".into(),
+                    src_ip: src,
+                    src_port: 40000,
+                    dst_ip: "10.0.0.1".parse().unwrap(),
+                    dst_port: 80,
+                    src_to_dst: Default::default(),
+                    dst_to_src: Default::default(),
+                    tcp_flags: Vec::new(),
+                    first_seen: UNIX_EPOCH,
+                    last_seen: UNIX_EPOCH,
+                    handshake_rtt_us: None,
+                    orientation: crate::flow::Orientation::Syn,
+                    opened: true,
+                    reset: false,
+                    handshake_this_interval: None,
+                }
+            })
+            .collect();
+        Job {
+            graph: Arc::new(Graph::build(&recs, &r)),
+            ..job(id)
+        }
+    }
+
+    #[test]
+    fn the_write_queue_is_bounded_in_bytes() {
+        let one = crate::graph::fold::approx_bytes(&big_job(0, 1000).graph);
+        assert!(
+            one > 1000 * 500,
+            "an estimate of {one} bytes for 1000 endpoints and edges"
+        );
+        let mut q = Jobs::default();
+        // Room for two of them, however many jobs the count allows.
+        let max = one * 2 + one / 2;
+        assert_eq!(push_bounded(&mut q, big_job(1, 1000), 1024, max), 0);
+        assert_eq!(push_bounded(&mut q, job(2), 1024, max), 0);
+        assert_eq!(push_bounded(&mut q, big_job(3, 1000), 1024, max), 0);
+        // The empty interval weighs nothing; the oldest big one goes.
+        assert_eq!(push_bounded(&mut q, big_job(4, 1000), 1024, max), 1);
+        assert_eq!(ids(&q), vec!["ds2", "ds3", "ds4"]);
+        assert_eq!(q.bytes, one * 2);
+        q.pop_front();
+        q.pop_front();
+        assert_eq!(q.bytes, one);
     }
 }

@@ -244,8 +244,10 @@ static __always_inline struct flow_stats *create(void *map, struct pkt *p, __u32
 	nv.first_side = side + 1;
 	if (p->opens) {
 		nv.open_side = side + 1;
-		if (p->k.proto == IPPROTO_TCP)
+		if (p->k.proto == IPPROTO_TCP) {
 			nv.syn_ns = w->precise;
+			nv.syns = 1;
+		}
 	}
 	if (p->synack)
 		nv.synack_ns = w->precise;
@@ -278,10 +280,15 @@ static __always_inline void add(struct flow_stats *v, struct pkt *p, __u32 side,
 	}
 	if (v->last_seen_jiffies < w->jiffies)
 		v->last_seen_jiffies = w->jiffies;
-	if (p->opens && !v->open_side) {
-		v->open_side = side + 1;
-		if (p->k.proto == IPPROTO_TCP && !v->syn_ns)
-			v->syn_ns = w->precise;
+	/* Handshake packets only: established traffic takes one branch. */
+	if (p->opens) {
+		if (p->k.proto == IPPROTO_TCP)
+			__sync_fetch_and_add(&v->syns, 1);
+		if (!v->open_side) {
+			v->open_side = side + 1;
+			if (p->k.proto == IPPROTO_TCP && !v->syn_ns)
+				v->syn_ns = w->precise;
+		}
 	}
 	if (p->synack && !v->synack_ns)
 		v->synack_ns = w->precise;
@@ -300,6 +307,87 @@ static __always_inline void account(struct __sk_buff *skb, struct pkt *p, void *
 		v = create(map, p, side, &w);
 	if (v)
 		add(v, p, side, &w);
+}
+
+/* Counts an ICMP error into the flow whose packet it quotes, creating the
+ * entry (without packets) when that flow's packets were drained already. */
+static __always_inline void bump_unreach(void *map, struct flow_key *k, __u32 side)
+{
+	struct flow_stats *v = bpf_map_lookup_elem(map, k);
+	if (!v) {
+		struct flow_stats nv;
+		__builtin_memset(&nv, 0, sizeof(nv));
+		__u64 now = bpf_ktime_get_ns();
+		nv.first_seen_ns = now;
+		nv.first_seen_jiffies = bpf_jiffies64();
+		nv.last_seen_jiffies = nv.first_seen_jiffies;
+		nv.first_side = side + 1;
+		nv.unreach = 1;
+		nv.unreach_side = side + 1;
+		long err = bpf_map_update_elem(map, k, &nv, BPF_NOEXIST);
+		if (err != -17 /* EEXIST */) {
+			if (err)
+				stat_inc(STAT_MAP_FULL);
+			return;
+		}
+		v = bpf_map_lookup_elem(map, k);
+		if (!v)
+			return;
+	}
+	__sync_fetch_and_add(&v->unreach, 1);
+	if (!v->unreach_side)
+		v->unreach_side = side + 1;
+}
+
+/* An ICMP or ICMPv6 destination unreachable quotes the IP header and the
+ * first bytes of the packet that failed, starting at off: count it into
+ * that packet's flow on this interface. Runs for ICMP errors only. */
+static __noinline int quoted_unreachable(struct __sk_buff *skb, __u32 off, __u32 v6)
+{
+	struct flow_key k;
+	__builtin_memset(&k, 0, sizeof(k));
+	__u32 l4;
+	int later_fragment = 0;
+	if (!v6) {
+		__u8 h_buf[20];
+		__u8 *h = hdr(skb, off, h_buf, 20);
+		if (!h || (h[0] >> 4) != 4 || (h[0] & 0x0f) < 5)
+			return 0;
+		__be32 sa, da;
+		__builtin_memcpy(&sa, h + 12, 4);
+		__builtin_memcpy(&da, h + 16, 4);
+		set_v4mapped(k.addr[0], sa);
+		set_v4mapped(k.addr[1], da);
+		k.proto = h[9];
+		k.family = 4;
+		later_fragment = ((h[6] & 0x1f) | h[7]) != 0;
+		l4 = off + (h[0] & 0x0f) * 4;
+	} else {
+		__u8 h_buf[40];
+		__u8 *h = hdr(skb, off, h_buf, 40);
+		if (!h || (h[0] >> 4) != 6)
+			return 0;
+		__builtin_memcpy(k.addr[0], h + 8, 16);
+		__builtin_memcpy(k.addr[1], h + 24, 16);
+		k.proto = h[6];
+		k.family = 6;
+		l4 = off + 40;
+	}
+	__u8 pr = k.proto;
+	if (!later_fragment && (pr == IPPROTO_TCP || pr == IPPROTO_UDP ||
+				pr == IPPROTO_UDPLITE || pr == IPPROTO_SCTP)) {
+		__u8 ports[4];
+		if (load(skb, l4, ports, 4))
+			return 0;
+		k.port[0] = ((__u16)ports[0] << 8) | ports[1];
+		k.port[1] = ((__u16)ports[2] << 8) | ports[3];
+	}
+	__u32 side = canonical(skb, &k);
+	if (active_map)
+		bump_unreach(&flows_b, &k, side);
+	else
+		bump_unreach(&flows_a, &k, side);
+	return 0;
 }
 
 /* Parse the L4 header at off. Returns PARSE_OK when the packet is a flow, else the stat to count. */
@@ -346,10 +434,17 @@ static __always_inline int parse_l4(struct __sk_buff *skb, __u32 off, struct pkt
 		__u8 *h = hdr(skb, off, h_buf, 8);
 		if (!h)
 			return STAT_TRUNCATED;
-		if (p->k.proto == IPPROTO_ICMP)
+		if (p->k.proto == IPPROTO_ICMP) {
 			p->opens = h[0] == 8;   /* echo request */
-		else
+			/* Destination unreachable, except "fragmentation
+			 * needed" (path MTU discovery, not a failure). */
+			if (h[0] == 3 && h[1] != 4)
+				quoted_unreachable(skb, off + 8, 0);
+		} else {
 			p->opens = h[0] == 128; /* echo request */
+			if (h[0] == 1)          /* destination unreachable */
+				quoted_unreachable(skb, off + 8, 1);
+		}
 		return PARSE_OK;
 	}
 	default:

@@ -36,7 +36,11 @@ struct flow_stats {
 	__u32 tcp_flags[2]; /* OR of the TCP flags each side sent */
 	__u8 open_side;     /* 0 unknown, 1: side 0 opened (SYN / echo request), 2: side 1 */
 	__u8 first_side;    /* 1 or 2: the side whose packet created this entry */
-	__u8 pad[6];
+	__u8 pad[2];
+	/* Health, off the path of established packets: */
+	__u32 syns;         /* TCP SYNs without ACK (the first and retransmits) */
+	__u32 unreach;      /* ICMP/ICMPv6 destination unreachable quoting this flow */
+	__u32 unreach_side; /* 1 or 2: the side whose packet the ICMP error quoted */
 };
 
 /* Sent through the overflow ring buffer for a packet whose flow could not

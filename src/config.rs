@@ -172,6 +172,9 @@ pub struct FlowsSource {
     pub crawl_interval: Duration,
     pub max_flows: u32,
     pub attach_mode: AttachMode,
+    /// Thresholds of the status rules (`status_failed_percent`,
+    /// `status_retransmit_percent`).
+    pub status: crate::status::Thresholds,
     /// The options as given (after expansion), for the wire's data source block.
     pub pairs: Vec<(String, String)>,
 }
@@ -188,6 +191,7 @@ impl FlowsSource {
             crawl_interval: Duration::from_secs(30),
             max_flows: DEFAULT_MAX_FLOWS,
             attach_mode: AttachMode::Auto,
+            status: Default::default(),
             pairs: Vec::new(),
         }
     }
@@ -251,13 +255,15 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
-pub const KNOWN_OPTIONS: [&str; 6] = [
+pub const KNOWN_OPTIONS: [&str; 8] = [
     "interface_name",
     "deployedAt",
     "external_mappings",
     "crawl_interval",
     "max_flows",
     "attach_mode",
+    "status_failed_percent",
+    "status_retransmit_percent",
 ];
 
 /// Expands `${NAME}` from `env`; `$${` is a literal `${`.
@@ -662,6 +668,13 @@ pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
     })
 }
 
+/// A percentage option: a number above 0 and at most 100 (a trailing `%`
+/// is allowed).
+fn percent(v: &str) -> Option<f64> {
+    let n: f64 = v.trim_end_matches('%').trim().parse().ok()?;
+    (n.is_finite() && n > 0.0 && n <= 100.0).then_some(n)
+}
+
 fn apply_option(cx: &mut Ctx, fs: &mut FlowsSource, name: &str, value: &str, place: &str) {
     let v = value.trim();
     match name {
@@ -726,6 +739,14 @@ fn apply_option(cx: &mut Ctx, fs: &mut FlowsSource, name: &str, value: &str, pla
         "attach_mode" => match v.parse::<AttachMode>() {
             Ok(m) => fs.attach_mode = m,
             Err(_) => cx.errors.push(format!("{place}: value {value:?} is not allowed; allowed: auto, tcx, tc")),
+        },
+        "status_failed_percent" => match percent(v) {
+            Some(p) => fs.status.failed_percent = p,
+            None => cx.errors.push(format!("{place}: value {value:?} is not allowed; allowed: a percentage above 0 and at most 100 (like 5 or 0.5)")),
+        },
+        "status_retransmit_percent" => match percent(v) {
+            Some(p) => fs.status.retransmit_percent = p,
+            None => cx.errors.push(format!("{place}: value {value:?} is not allowed; allowed: a percentage above 0 and at most 100 (like 2 or 0.5)")),
         },
         other => cx.warnings.push(format!(
             "{place}: unknown option, ignored; did you mean {:?}?",

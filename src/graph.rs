@@ -49,6 +49,9 @@ pub struct EdgeStats {
     pub first_seen: SystemTime,
     #[serde(serialize_with = "crate::flow::rfc3339_micros")]
     pub last_seen: SystemTime,
+    /// Failed attempts, retransmits, resets and the status (`status`).
+    #[serde(flatten)]
+    pub health: crate::status::EdgeHealth,
     #[serde(skip)]
     rtt_sum: f64,
 }
@@ -60,6 +63,9 @@ pub struct Graph {
     /// Link-scope control flows (neighbour discovery, broadcasts) left off
     /// the graph; counted in /metrics.
     pub link_control: u64,
+    /// Status of server endpoints: the worst of their incoming edges
+    /// (set by `status::apply`).
+    pub endpoint_status: BTreeMap<Arc<str>, crate::status::Status>,
 }
 
 impl Graph {
@@ -163,6 +169,7 @@ impl EdgeStats {
             tcp_resets: 0,
             first_seen: r.first_seen,
             last_seen: r.last_seen,
+            health: Default::default(),
             rtt_sum: 0.0,
         }
     }
@@ -176,6 +183,7 @@ impl EdgeStats {
         self.packets_server_to_client += r.dst_to_src.packets;
         self.bytes_server_to_client += r.dst_to_src.bytes;
         self.tcp_resets += r.reset as u64;
+        self.health.add(r);
         self.first_seen = self.first_seen.min(r.first_seen);
         self.last_seen = self.last_seen.max(r.last_seen);
         if let Some(rtt) = r.handshake_this_interval {

@@ -136,6 +136,8 @@ fn one_interval_gives_the_exact_graph_store_rows_and_batch() {
                     tcp_flags: [0x12, 0x02],
                     open_side: 2,
                     first_side: 2,
+                    syns: 1,
+                    ..Default::default()
                 },
             ),
         ],

@@ -124,7 +124,8 @@ impl Pipeline {
         self.refresh_kube(end);
         let mut graphs = 0;
         for i in 0..self.sources.len() {
-            let (graph, always) = self.build(&self.sources[i], &records, &host);
+            let (mut graph, always) = self.build(&self.sources[i], &records, &host);
+            crate::status::apply(&mut graph, &self.sources[i].status);
             self.metrics.link_control_flows.inc_by(graph.link_control);
             let sg = SourceGraph::new(
                 &self.sources[i],

@@ -125,6 +125,9 @@ fn sample_of(s: &RawStats, ns_per_tick: u64) -> Sample {
         tcp_flags: s.tcp_flags,
         open_side: s.open_side,
         first_side: s.first_side,
+        syns: s.syns,
+        unreach: s.unreach,
+        unreach_side: s.unreach_side as u8,
     }
 }
 

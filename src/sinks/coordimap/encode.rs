@@ -206,10 +206,9 @@ pub fn encode(
         }
     };
     for ep in always.iter().chain(graph.endpoints.values()) {
-        push(
-            Element::new(ep, &ep.name, &ep.id, ep.kind.element_type(), &at),
-            &mut data,
-        );
+        let mut e = Element::new(ep, &ep.name, &ep.id, ep.kind.element_type(), &at);
+        e.status = endpoint_status(graph, &ep.id).to_string();
+        push(e, &mut data);
     }
     let mut pairs: BTreeMap<(&str, &str), Vec<EdgeStats>> = BTreeMap::new();
     for (k, s) in &graph.edges {
@@ -229,10 +228,9 @@ pub fn encode(
             interval_end: at.clone(),
             flows,
         };
-        push(
-            Element::new(&payload, &id, &id, RELATIONSHIP_TYPE, &at),
-            &mut data,
-        );
+        let mut e = Element::new(&payload, &id, &id, RELATIONSHIP_TYPE, &at);
+        e.status = relationship_status(&payload.flows).to_string();
+        push(e, &mut data);
     }
     Batch {
         cloud_crawl_data: CloudCrawlData {
@@ -242,6 +240,26 @@ pub fn encode(
             crawl_internal_id: src.id.clone(),
         },
     }
+}
+
+/// A server endpoint's status: the worst of its incoming edges.
+fn endpoint_status(graph: &Graph, id: &str) -> &'static str {
+    graph
+        .endpoint_status
+        .get(id)
+        .copied()
+        .unwrap_or_default()
+        .name()
+}
+
+/// A relationship's status: the worst of its (protocol, port) entries.
+fn relationship_status(flows: &[EdgeStats]) -> &'static str {
+    flows
+        .iter()
+        .map(|f| f.health.status)
+        .max()
+        .unwrap_or_default()
+        .name()
 }
 
 /// The collector's reply.

@@ -1,0 +1,291 @@
+//! Edge health end to end: real failures between two namespaces (a client
+//! "node" where the agent runs, and a server namespace behind a veth),
+//! the agent binary's flow records, its Coordimap batches on a loopback
+//! collector, and `flowmap top --by failures` over its local store, all
+//! compared with exact counts and with the kernel's own counters (nstat).
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use flowmap_testkit::agent::Agent;
+use flowmap_testkit::collector;
+use flowmap_testkit::net::{privileged_serial, Netns};
+use flowmap_testkit::tempdir::TempDir;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// The client namespace (where the agent runs) and the server namespace,
+/// joined by a veth whose outer end is in the client namespace.
+struct Rig {
+    node: Netns,
+    srv: Netns,
+}
+
+impl Rig {
+    fn new() -> Rig {
+        let node = Netns::builder().no_link().build().unwrap();
+        let srv = Netns::builder().host_in(&node).no_v6().build().unwrap();
+        Rig { node, srv }
+    }
+
+    /// A counter of `nstat` (e.g. TcpRetransSegs) in namespace `ns`, since
+    /// the namespace was made.
+    fn nstat(ns: &Netns, name: &str) -> u64 {
+        let out = ns.exec(&["nstat", "-azs", name]);
+        out.lines()
+            .find_map(|l| {
+                let mut w = l.split_whitespace();
+                (w.next() == Some(name)).then(|| w.next().unwrap().parse().unwrap())
+            })
+            .unwrap_or_else(|| panic!("no {name} in nstat output:\n{out}"))
+    }
+
+    fn nft(&self, rules: &str) {
+        self.srv.exec(&["nft", rules]);
+    }
+}
+
+/// The flow records of the agent's stdout.
+fn records(out: &str) -> Vec<serde_json::Value> {
+    out.lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Relationship payload entries and element statuses of every batch:
+/// (element id → statuses in order), ((protocol, port) → entries).
+type Entries = HashMap<(String, u64), Vec<serde_json::Value>>;
+
+fn batches(bodies: &[Vec<u8>], rel: &str) -> (HashMap<String, Vec<String>>, Entries) {
+    let mut status: HashMap<String, Vec<String>> = HashMap::new();
+    let mut entries: Entries = HashMap::new();
+    for b in bodies {
+        let batch: flowmap::sinks::coordimap::Batch = serde_json::from_slice(b).unwrap();
+        for e in &batch.cloud_crawl_data.crawled_data.data {
+            status
+                .entry(e.id.clone())
+                .or_default()
+                .push(e.status.clone());
+            if e.id != rel {
+                continue;
+            }
+            let p: serde_json::Value = serde_json::from_slice(&e.payload().unwrap()).unwrap();
+            for f in p["flows"].as_array().unwrap() {
+                let k = (
+                    f["protocol"].as_str().unwrap().to_string(),
+                    f["port"].as_u64().unwrap(),
+                );
+                entries.entry(k).or_default().push(f.clone());
+            }
+        }
+    }
+    (status, entries)
+}
+
+fn sum(entries: &[serde_json::Value], path: &[&str]) -> u64 {
+    entries
+        .iter()
+        .map(|e| path.iter().fold(e, |v, k| &v[*k]).as_u64().unwrap_or(0))
+        .sum()
+}
+
+const REFUSED_PORT: u16 = 5999;
+const SILENT_PORT: u16 = 5998;
+const CLOSED_UDP_PORT: u16 = 5997;
+const CLEAN_PORT: u16 = 5996;
+
+#[test]
+fn failures_by_cause_exact_with_status_and_top() {
+    let Some(_g) = privileged_serial("failures_by_cause_exact_with_status_and_top", &SERIAL) else {
+        return;
+    };
+    let rig = Rig::new();
+    let peer = rig.srv.peer_v4.clone();
+    // SYNs to SILENT_PORT vanish.
+    rig.nft("add table inet fmhealth");
+    rig.nft("add chain inet fmhealth in { type filter hook input priority 0; }");
+    rig.nft(&format!(
+        "add rule inet fmhealth in tcp dport {SILENT_PORT} tcp flags & (syn|ack) == syn drop"
+    ));
+    // A clean server: reads everything, answers, closes.
+    let clean = rig
+        .srv
+        .run_in(move || TcpListener::bind(("0.0.0.0", CLEAN_PORT)).unwrap())
+        .unwrap();
+    let server = std::thread::spawn(move || {
+        for _ in 0..2 {
+            let (mut s, _) = clean.accept().unwrap();
+            let mut buf = Vec::new();
+            s.read_to_end(&mut buf).unwrap();
+            s.write_all(&buf[..100]).unwrap();
+        }
+    });
+    let col = rig.node.run_in(collector::Server::start).unwrap();
+    let state = TempDir::new("health");
+    let agent = Agent::builder(env!("CARGO_BIN_EXE_flowmap"))
+        .id("health")
+        .iface(&rig.srv.host)
+        .interval("1s")
+        .netns(&rig.node)
+        .api_key("k")
+        .args(&["--endpoint", &col.url()])
+        .state_dir(state.path())
+        .no_web()
+        .start()
+        .unwrap();
+    let retrans_before = Rig::nstat(&rig.node, "TcpRetransSegs");
+    let unreach_before = Rig::nstat(&rig.srv, "IcmpOutDestUnreachs");
+
+    let p = peer.clone();
+    rig.node
+        .run_in(move || {
+            let dst: SocketAddr = format!("{p}:0").parse().unwrap();
+            // Three connects to a port without a listener: refused.
+            for _ in 0..3 {
+                let e = TcpStream::connect((dst.ip(), REFUSED_PORT)).unwrap_err();
+                assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused);
+            }
+            // Two connects whose SYNs are dropped, side by side: each gives
+            // up after 1.5 s (the SYN was sent again once, at 1 s).
+            let silent: Vec<_> = (0..2)
+                .map(|_| {
+                    std::thread::spawn(move || {
+                        let a = SocketAddr::new(dst.ip(), SILENT_PORT);
+                        TcpStream::connect_timeout(&a, Duration::from_millis(1500)).unwrap_err()
+                    })
+                })
+                .collect();
+            // Three datagrams from three sockets to a closed UDP port.
+            for _ in 0..3 {
+                let u = UdpSocket::bind("0.0.0.0:0").unwrap();
+                u.send_to(b"anyone?", (dst.ip(), CLOSED_UDP_PORT)).unwrap();
+            }
+            // Two clean exchanges.
+            for _ in 0..2 {
+                let mut s = TcpStream::connect((dst.ip(), CLEAN_PORT)).unwrap();
+                s.write_all(&[5u8; 1000]).unwrap();
+                s.shutdown(std::net::Shutdown::Write).unwrap();
+                let mut back = Vec::new();
+                s.read_to_end(&mut back).unwrap();
+                assert_eq!(back.len(), 100);
+            }
+            for s in silent {
+                assert_eq!(s.join().unwrap().kind(), std::io::ErrorKind::TimedOut);
+            }
+        })
+        .unwrap();
+    server.join().unwrap();
+    // The unanswered attempts are decided 3 s after their first SYN, at a
+    // drain: wait for two more intervals past that.
+    std::thread::sleep(Duration::from_millis(4500));
+    let syn_retransmits = Rig::nstat(&rig.node, "TcpRetransSegs") - retrans_before;
+    let icmp_sent = Rig::nstat(&rig.srv, "IcmpOutDestUnreachs") - unreach_before;
+    let (out, err) = agent.stop().unwrap();
+    let recs = records(&out);
+
+    let of_port = |proto: &str, port: u16| -> Vec<&serde_json::Value> {
+        recs.iter()
+            .filter(|r| r["protocol"] == proto && r["dst_port"] == port && r["dst_ip"] == *peer)
+            .collect()
+    };
+    let failures = |proto: &str, port: u16, cause: &str| -> usize {
+        of_port(proto, port)
+            .iter()
+            .filter(|r| r["failure"] == cause)
+            .count()
+    };
+    // Refused: one failure per attempt, nothing else.
+    assert_eq!(failures("tcp", REFUSED_PORT, "refused"), 3, "{out}\n{err}");
+    assert!(of_port("tcp", REFUSED_PORT)
+        .iter()
+        .all(|r| r["failure"] == "refused" && r["resets_server"] == 0));
+    // Unanswered: one per attempt; the SYNs sent again are the kernel's.
+    assert_eq!(
+        failures("tcp", SILENT_PORT, "unanswered"),
+        2,
+        "{out}\n{err}"
+    );
+    let retx: u64 = of_port("tcp", SILENT_PORT)
+        .iter()
+        .map(|r| r["syn_retransmits"].as_u64().unwrap())
+        .sum();
+    assert_eq!((retx, syn_retransmits), (2, 2));
+    // Unreachable: every ICMP error the server sent, on its own UDP flow.
+    assert_eq!(icmp_sent, 3);
+    let udp = of_port("udp", CLOSED_UDP_PORT);
+    let mut ports: Vec<u64> = udp
+        .iter()
+        .filter(|r| r["failure"] == "unreachable")
+        .map(|r| r["src_port"].as_u64().unwrap())
+        .collect();
+    ports.sort();
+    ports.dedup();
+    assert_eq!(ports.len(), 3, "{out}");
+    // Clean traffic: no failure, no reset.
+    let clean = of_port("tcp", CLEAN_PORT);
+    assert!(!clean.is_empty());
+    assert!(clean.iter().all(|r| r["failure"].is_null()
+        && r["resets_client"] == 0
+        && r["resets_server"] == 0
+        && r["syn_retransmits"] == 0));
+
+    // The relationship payload and the statuses.
+    let host = format!("health-flows.host-{}", flowmap::enrich::host::hostname());
+    let ext = format!("health-flows.external-{peer}");
+    let rel = format!("{host}.{ext}");
+    let (status, entries) = batches(&col.bodies(), &rel);
+    let e = |proto: &str, port: u16| entries[&(proto.to_string(), port as u64)].clone();
+    let refused = e("tcp", REFUSED_PORT);
+    assert_eq!(sum(&refused, &["connections_failed", "refused"]), 3);
+    assert_eq!(sum(&refused, &["connections_attempted"]), 3);
+    assert!(refused.iter().all(|f| f["status"] == "Red"));
+    let silent = e("tcp", SILENT_PORT);
+    assert_eq!(sum(&silent, &["connections_failed", "unanswered"]), 2);
+    assert_eq!(sum(&silent, &["syn_retransmits"]), 2);
+    assert_eq!(
+        silent
+            .iter()
+            .filter(|f| f["connections_failed"]["unanswered"].as_u64() > Some(0))
+            .map(|f| f["status"].as_str().unwrap())
+            .collect::<Vec<_>>()
+            .iter()
+            .all(|s| *s == "Red"),
+        true
+    );
+    let udp = e("udp", CLOSED_UDP_PORT);
+    assert_eq!(sum(&udp, &["connections_failed", "unreachable"]), 3);
+    let clean = e("tcp", CLEAN_PORT);
+    assert_eq!(sum(&clean, &["connections_opened"]), 2);
+    assert!(clean.iter().all(|f| f["status"] == "Green"), "{clean:?}");
+    // The relationship and the server endpoint went Red.
+    assert!(status[&rel].iter().any(|s| s == "Red"));
+    assert!(status[&ext].iter().any(|s| s == "Red"));
+    assert!(status[&host].iter().all(|s| s == "NoStatus"));
+
+    // `flowmap top --by failures` over the local store.
+    let top = Command::new(env!("CARGO_BIN_EXE_flowmap"))
+        .args(["top", "--by", "failures", "--limit", "3", "--state-dir"])
+        .arg(state.path())
+        .output()
+        .unwrap();
+    let top = String::from_utf8_lossy(&top.stdout).to_string();
+    let rows: Vec<Vec<&str>> = top
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    let cols = |r: &Vec<&str>| (r[2].to_string(), r[7].to_string(), r[9].to_string());
+    assert_eq!(
+        rows.iter().map(cols).collect::<Vec<_>>(),
+        vec![
+            (format!("tcp/{REFUSED_PORT}"), "3".into(), "Red".into()),
+            (format!("udp/{CLOSED_UDP_PORT}"), "3".into(), "Red".into()),
+            (format!("tcp/{SILENT_PORT}"), "2".into(), "Red".into()),
+        ],
+        "{top}"
+    );
+}

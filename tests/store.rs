@@ -185,7 +185,7 @@ fn check_store(loc: &Location) {
     drop(s);
     // Reopening does not migrate again.
     let mut s = Store::open(loc).unwrap();
-    assert_eq!(s.version().unwrap(), 1);
+    assert_eq!(s.version().unwrap(), 2);
     assert_eq!(s.runs().unwrap(), 1);
 }
 

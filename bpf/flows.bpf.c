@@ -16,6 +16,7 @@
 #include <linux/pkt_cls.h>
 #include <linux/if_ether.h>
 #include <linux/in.h>
+#include <linux/in6.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 #include "flows.h"
@@ -80,6 +81,22 @@ struct {
 	__uint(max_entries, 256 * 1024);
 } overflow SEC(".maps");
 
+/* Health of connections from socket tracepoints, swapped with the flow
+ * maps (the same active_map). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct conn_key);
+	__type(value, struct conn_health);
+} health_a SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct conn_key);
+	__type(value, struct conn_health);
+} health_b SEC(".maps");
+
 /* Which flow map the program writes: 0 = flows_a, 1 = flows_b. */
 volatile __u32 active_map = 0;
 
@@ -87,6 +104,8 @@ volatile __u32 active_map = 0;
 struct flow_key flow_key_layout = {};
 struct flow_stats flow_stats_layout = {};
 struct flow_event flow_event_layout = {};
+struct conn_key conn_key_layout = {};
+struct conn_health conn_health_layout = {};
 enum flow_stat flow_stat_layout = STAT_NON_IP;
 
 /* The clock reading of flowmap_clock. */
@@ -755,4 +774,137 @@ int flowmap_clock(struct __sk_buff *skb)
 	clock.ns = bpf_ktime_get_ns();
 	clock.jiffies = bpf_jiffies64();
 	return TC_ACT_UNSPEC;
+}
+
+/* Socket tracepoints (tp_btf: typed arguments, no tracefs needed). Only
+ * the fields read are declared; CO-RE finds them in the running kernel. */
+struct sock_common {
+	union {
+		struct {
+			__be32 skc_daddr;
+			__be32 skc_rcv_saddr;
+		};
+	};
+	union {
+		struct {
+			__be16 skc_dport;
+			__u16 skc_num;
+		};
+	};
+	unsigned short skc_family;
+	struct in6_addr skc_v6_daddr;
+	struct in6_addr skc_v6_rcv_saddr;
+} __attribute__((preserve_access_index));
+
+struct sock {
+	struct sock_common __sk_common;
+} __attribute__((preserve_access_index));
+
+struct request_sock {
+	struct sock_common __req_common;
+} __attribute__((preserve_access_index));
+
+struct sk_buff {
+	char cb[48];
+} __attribute__((preserve_access_index));
+
+/* The connection of a socket in canonical order; returns the side of the
+ * socket's own (local) end, or -1 for a family that is not IP. */
+static __always_inline int conn_of(const struct sock_common *c, struct conn_key *k)
+{
+	__builtin_memset(k, 0, sizeof(*k));
+	unsigned short fam = 0;
+	bpf_probe_read_kernel(&fam, sizeof(fam), &c->skc_family);
+	if (fam == 2 /* AF_INET */) {
+		__be32 l = 0, r = 0;
+		bpf_probe_read_kernel(&l, 4, &c->skc_rcv_saddr);
+		bpf_probe_read_kernel(&r, 4, &c->skc_daddr);
+		set_v4mapped(k->addr[0], l);
+		set_v4mapped(k->addr[1], r);
+		k->family = 4;
+	} else if (fam == 10 /* AF_INET6 */) {
+		bpf_probe_read_kernel(k->addr[0], 16, &c->skc_v6_rcv_saddr);
+		bpf_probe_read_kernel(k->addr[1], 16, &c->skc_v6_daddr);
+		__u64 hi;
+		__builtin_memcpy(&hi, k->addr[0], 8);
+		/* An IPv4 peer of a dual-stack socket: keyed as IPv4. */
+		k->family = hi == 0 && k->addr[0][10] == 0xff && k->addr[0][11] == 0xff ? 4 : 6;
+	} else {
+		return -1;
+	}
+	__u16 lport = 0;
+	__be16 rport = 0;
+	bpf_probe_read_kernel(&lport, 2, &c->skc_num);
+	bpf_probe_read_kernel(&rport, 2, &c->skc_dport);
+	k->port[0] = lport;
+	k->port[1] = bpf_ntohs(rport);
+	k->proto = IPPROTO_TCP;
+	int side = side_of(k->addr[0], k->port[0], k->addr[1], k->port[1]);
+	if (side) {
+		__u64 t[2], u[2];
+		__builtin_memcpy(t, k->addr[0], 16);
+		__builtin_memcpy(u, k->addr[1], 16);
+		__builtin_memcpy(k->addr[0], u, 16);
+		__builtin_memcpy(k->addr[1], t, 16);
+		__u16 p = k->port[0];
+		k->port[0] = k->port[1];
+		k->port[1] = p;
+	}
+	return side;
+}
+
+static __always_inline void add_retrans(void *map, struct conn_key *k, int side, __u64 segs)
+{
+	struct conn_health *v = bpf_map_lookup_elem(map, k);
+	if (!v) {
+		struct conn_health nv = {};
+		if (side)
+			nv.retrans[1] = segs;
+		else
+			nv.retrans[0] = segs;
+		if (bpf_map_update_elem(map, k, &nv, BPF_NOEXIST) != -17 /* EEXIST */)
+			return;
+		v = bpf_map_lookup_elem(map, k);
+		if (!v)
+			return;
+	}
+	if (side)
+		__sync_fetch_and_add(&v->retrans[1], segs);
+	else
+		__sync_fetch_and_add(&v->retrans[0], segs);
+}
+
+static __always_inline void count_retrans(const struct sock_common *c, __u64 segs)
+{
+	struct conn_key k;
+	int side = conn_of(c, &k);
+	if (side < 0)
+		return;
+	if (active_map)
+		add_retrans(&health_b, &k, side, segs);
+	else
+		add_retrans(&health_a, &k, side, segs);
+}
+
+/* A data segment (or SYN) sent again: as many segments as the kernel adds
+ * to TcpRetransSegs, tcp_skb_pcount() (the GSO segments in the control
+ * block, struct tcp_skb_cb at offset 8). */
+SEC("tp_btf/tcp_retransmit_skb")
+int flowmap_retransmit(__u64 *ctx)
+{
+	struct sock *sk = (struct sock *)ctx[0];
+	struct sk_buff *skb = (struct sk_buff *)ctx[1];
+	__u16 segs = 0;
+	bpf_probe_read_kernel(&segs, 2, &skb->cb[8]);
+	count_retrans(&sk->__sk_common, segs ? segs : 1);
+	return 0;
+}
+
+/* A SYN/ACK sent again by a listener: one segment. */
+SEC("tp_btf/tcp_retransmit_synack")
+int flowmap_retransmit_synack(__u64 *ctx)
+{
+	struct request_sock *req = (struct request_sock *)ctx[1];
+	count_retrans(&req->__req_common, 1);
+	return 0;
 }

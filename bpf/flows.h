@@ -43,6 +43,22 @@ struct flow_stats {
 	__u32 unreach_side; /* 1 or 2: the side whose packet the ICMP error quoted */
 };
 
+/* A connection whatever interface carries it: the flow key without the
+ * interface, in the same canonical order. Keys the health maps, which
+ * socket tracepoints fill (they know no interface). */
+struct conn_key {
+	__u8 addr[2][16];
+	__u16 port[2];
+	__u8 proto;
+	__u8 family;
+	__u8 pad[2];
+};
+
+/* What socket tracepoints saw of one connection in one drain period. */
+struct conn_health {
+	__u64 retrans[2]; /* segments sent again by side 0 / side 1 (TcpRetransSegs) */
+};
+
 /* Sent through the overflow ring buffer for a packet whose flow could not
  * be stored because the flow map was full. */
 struct flow_event {

@@ -87,6 +87,9 @@ pub struct EdgeHealth {
     /// Connections reset after establishment by the client / the server.
     pub resets_client: u64,
     pub resets_server: u64,
+    /// TCP segments sent again, by direction (kernel tracepoints).
+    pub retransmits_client_to_server: u64,
+    pub retransmits_server_to_client: u64,
     pub status: Status,
 }
 
@@ -103,6 +106,8 @@ impl EdgeHealth {
         self.syn_retransmits += h.syn_retransmits as u64;
         self.resets_client += h.resets_client as u64;
         self.resets_server += h.resets_server as u64;
+        self.retransmits_client_to_server += h.retransmits_client_to_server;
+        self.retransmits_server_to_client += h.retransmits_server_to_client;
     }
 
     /// The status by the rules, given the edge's packets this interval.
@@ -114,7 +119,10 @@ impl EdgeHealth {
         {
             return Status::Red;
         }
-        if self.resets_client + self.resets_server > 0 {
+        let retransmits = self.retransmits_client_to_server + self.retransmits_server_to_client;
+        if self.resets_client + self.resets_server > 0
+            || retransmits as f64 * 100.0 > t.retransmit_percent * packets as f64
+        {
             return Status::Orange;
         }
         if packets == 0 {

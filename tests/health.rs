@@ -11,7 +11,7 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use flowmap_testkit::agent::Agent;
+use flowmap_testkit::agent::{http_get, Agent};
 use flowmap_testkit::collector;
 use flowmap_testkit::net::{privileged_serial, Netns};
 use flowmap_testkit::tempdir::TempDir;
@@ -134,7 +134,6 @@ fn failures_by_cause_exact_with_status_and_top() {
         .api_key("k")
         .args(&["--endpoint", &col.url()])
         .state_dir(state.path())
-        .no_web()
         .start()
         .unwrap();
     let retrans_before = Rig::nstat(&rig.node, "TcpRetransSegs");
@@ -184,6 +183,11 @@ fn failures_by_cause_exact_with_status_and_top() {
     std::thread::sleep(Duration::from_millis(4500));
     let syn_retransmits = Rig::nstat(&rig.node, "TcpRetransSegs") - retrans_before;
     let icmp_sent = Rig::nstat(&rig.srv, "IcmpOutDestUnreachs") - unreach_before;
+    let port = agent.port();
+    let metrics = rig
+        .node
+        .run_in(move || http_get(port, "/metrics").unwrap().1)
+        .unwrap();
     let (out, err) = agent.stop().unwrap();
     let recs = records(&out);
 
@@ -265,7 +269,40 @@ fn failures_by_cause_exact_with_status_and_top() {
     assert!(status[&rel].iter().any(|s| s == "Red"));
     assert!(status[&ext].iter().any(|s| s == "Red"));
     // The host is the server only of the ICMP errors' own flow: not Red.
-    assert!(status[&host].iter().all(|s| s != "Red"), "{:?}", status[&host]);
+    assert!(
+        status[&host].iter().all(|s| s != "Red"),
+        "{:?}",
+        status[&host]
+    );
+
+    // /metrics: failures by cause, edges by status: a fixed set of series.
+    let series = |prefix: &str| -> Vec<String> {
+        let mut v: Vec<String> = metrics
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .map(String::from)
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        series("flowmap_connection_failures_total"),
+        vec![
+            "flowmap_connection_failures_total{cause=\"refused\"} 3",
+            "flowmap_connection_failures_total{cause=\"unanswered\"} 2",
+            "flowmap_connection_failures_total{cause=\"unreachable\"} 3",
+        ],
+        "{metrics}"
+    );
+    let statuses: Vec<String> = series("flowmap_edges_by_status")
+        .iter()
+        .map(|l| l.split(' ').next().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        statuses,
+        ["Green", "NoStatus", "Orange", "Red"]
+            .map(|s| format!("flowmap_edges_by_status{{status=\"{s}\"}}"))
+    );
 
     // `flowmap top --by failures` over the local store.
     let top = Command::new(env!("CARGO_BIN_EXE_flowmap"))

@@ -123,9 +123,13 @@ impl Pipeline {
         }
         self.refresh_kube(end);
         let mut graphs = 0;
+        let mut by_status = crate::status::Status::ALL.map(|s| (s, 0i64));
         for i in 0..self.sources.len() {
             let (mut graph, always) = self.build(&self.sources[i], &records, &host);
             crate::status::apply(&mut graph, &self.sources[i].status);
+            for e in graph.edges.values() {
+                by_status[e.health.status as usize].1 += 1;
+            }
             self.metrics.link_control_flows.inc_by(graph.link_control);
             let sg = SourceGraph::new(
                 &self.sources[i],
@@ -140,6 +144,7 @@ impl Pipeline {
             self.metrics.batches_built.inc();
             graphs += 1;
         }
+        self.metrics.set_edge_status(&by_status);
         for s in &mut self.sinks {
             s.finish()?;
         }
@@ -174,6 +179,8 @@ impl Pipeline {
             host,
             name: &name,
         };
+        self.table
+            .set_retransmits(drained.retransmits.iter().copied());
         self.table.ingest(&drained.flows, &cx)
     }
 
@@ -232,6 +239,15 @@ impl Pipeline {
             };
             m.packets.get_or_create(&d).inc_by(p);
             m.bytes.get_or_create(&d).inc_by(b);
+        }
+        for r in records {
+            if let Some(f) = r.health.failure {
+                m.connection_failures
+                    .get_or_create(&crate::serve::metrics::Cause {
+                        cause: f.name().into(),
+                    })
+                    .inc();
+            }
         }
         m.flows_active.set(self.table.len() as i64);
         m.flows_interval.set(records.len() as i64);

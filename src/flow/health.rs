@@ -56,6 +56,10 @@ pub struct Health {
     /// interval.
     pub resets_client: u32,
     pub resets_server: u32,
+    /// TCP segments sent again by each side (the kernel's TcpRetransSegs,
+    /// from the tcp_retransmit_skb / tcp_retransmit_synack tracepoints).
+    pub retransmits_client_to_server: u64,
+    pub retransmits_server_to_client: u64,
 }
 
 /// The handshake times the table keeps for a connection.

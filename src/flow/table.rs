@@ -41,6 +41,9 @@ pub struct FlowTable {
     pub evicted: u64,
     /// TCP connections whose SYN waits for its SYN/ACK (a subset of conns).
     pending: HashSet<ConnKey, foldhash::fast::RandomState>,
+    /// Segments sent again per connection (side 0/1) in the drain period,
+    /// from the socket tracepoints; taken by the next `ingest`.
+    retransmits: HashMap<ConnKey, [u64; 2], foldhash::fast::RandomState>,
 }
 
 impl FlowTable {
@@ -52,6 +55,7 @@ impl FlowTable {
             started_ns,
             evicted: 0,
             pending: HashSet::default(),
+            retransmits: HashMap::default(),
         }
     }
 
@@ -67,6 +71,18 @@ impl FlowTable {
 
     pub fn is_empty(&self) -> bool {
         self.conns.is_empty()
+    }
+
+    /// The retransmitted segments of the drain period (per connection,
+    /// side 0/1), for the next `ingest`. Connections it does not report
+    /// (their packets were not seen on an attached interface) are dropped.
+    pub fn set_retransmits(&mut self, r: impl IntoIterator<Item = (ConnKey, [u64; 2])>) {
+        self.retransmits.clear();
+        for (k, v) in r {
+            let e = self.retransmits.entry(k).or_default();
+            e[0] += v[0];
+            e[1] += v[1];
+        }
     }
 
     /// Merges one drain period's kernel entries and returns one record per
@@ -119,9 +135,14 @@ impl FlowTable {
                 .filter(|(i, _)| *i != owner)
                 .map(|(i, _)| (cx.name)(*i).to_string())
                 .collect();
-            let (conn, opened, health) = self.update_conn(&key, owner, &s, cx);
+            let (conn, opened, mut health) = self.update_conn(&key, owner, &s, cx);
+            if let Some(rt) = self.retransmits.remove(&key) {
+                health.retransmits_client_to_server = rt[conn.client_side];
+                health.retransmits_server_to_client = rt[1 - conn.client_side];
+            }
             out.push(record(&key, &s, &conn, opened, others, cx, health));
         }
+        self.retransmits.clear();
         self.unanswered(cx, &mut out);
         self.expire(cx.now_mono_ns);
         out
@@ -414,7 +435,8 @@ mod tests {
              \"dst_to_src\":{\"packets\":3,\"bytes\":300},\"tcp_flags\":[\"SYN\",\"ACK\"],\
              \"first_seen\":\"2023-11-14T22:13:20.000001Z\",\"last_seen\":\"2023-11-14T22:13:20.000009Z\",\
              \"handshake_rtt_us\":0.5,\"orientation\":\"syn\",\"opened\":true,\"reset\":false,\
-             \"failure\":null,\"syn_retransmits\":0,\"resets_client\":0,\"resets_server\":0}"
+             \"failure\":null,\"syn_retransmits\":0,\"resets_client\":0,\"resets_server\":0,\
+             \"retransmits_client_to_server\":0,\"retransmits_server_to_client\":0}"
         );
         assert_eq!(recs[0].handshake_this_interval, Some(0.5));
     }

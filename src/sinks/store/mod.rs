@@ -177,6 +177,8 @@ ALTER TABLE edge_stats ADD COLUMN syn_retransmits BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE edge_stats ADD COLUMN resets_client BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE edge_stats ADD COLUMN resets_server BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE edge_stats ADD COLUMN status_rank BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE edge_stats ADD COLUMN retrans_c2s BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE edge_stats ADD COLUMN retrans_s2c BIGINT NOT NULL DEFAULT 0;
 ",
 ];
 
@@ -254,7 +256,8 @@ SELECT s.source_id, s.destination_id, s.protocol, s.port,
   CAST(SUM(s.connections_attempted) AS BIGINT), CAST(SUM(s.failed_refused) AS BIGINT),
   CAST(SUM(s.failed_unanswered) AS BIGINT), CAST(SUM(s.failed_unreachable) AS BIGINT),
   CAST(SUM(s.syn_retransmits) AS BIGINT), CAST(SUM(s.resets_client) AS BIGINT),
-  CAST(SUM(s.resets_server) AS BIGINT), CAST(MAX(s.status_rank) AS BIGINT)
+  CAST(SUM(s.resets_server) AS BIGINT), CAST(MAX(s.status_rank) AS BIGINT),
+  CAST(SUM(s.retrans_c2s) AS BIGINT), CAST(SUM(s.retrans_s2c) AS BIGINT)
 FROM edge_stats s JOIN crawl_runs r ON r.id = s.run_id
 WHERE r.interval_end_ms >= $1
 GROUP BY s.source_id, s.destination_id, s.protocol, s.port";
@@ -453,9 +456,10 @@ impl Store {
             "INSERT INTO edge_stats (run_id, source_id, destination_id, protocol, port, connections_opened, connections_active,
                packets_c2s, bytes_c2s, packets_s2c, bytes_s2c, handshake_count, handshake_min_us, handshake_mean_us,
                handshake_max_us, tcp_resets, first_seen_ms, last_seen_ms, connections_attempted, failed_refused,
-               failed_unanswered, failed_unreachable, syn_retransmits, resets_client, resets_server, status_rank)
+               failed_unanswered, failed_unreachable, syn_retransmits, resets_client, resets_server, status_rank,
+               retrans_c2s, retrans_s2c)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18,
-               $19, $20, $21, $22, $23, $24, $25, $26)",
+               $19, $20, $21, $22, $23, $24, $25, $26, $27, $28)",
             &[
                 Val::I(run_id),
                 Val::T(k.client.to_string()),
@@ -581,7 +585,7 @@ impl Store {
 }
 
 /// The health columns of an edge row, in the order of the insert.
-fn health_vals(h: &crate::status::EdgeHealth) -> [Val; 8] {
+fn health_vals(h: &crate::status::EdgeHealth) -> [Val; 10] {
     let f = &h.connections_failed;
     let rank = crate::status::Status::ALL
         .iter()
@@ -596,6 +600,8 @@ fn health_vals(h: &crate::status::EdgeHealth) -> [Val; 8] {
         Val::I(h.resets_client as i64),
         Val::I(h.resets_server as i64),
         Val::I(rank as i64),
+        Val::I(h.retransmits_client_to_server as i64),
+        Val::I(h.retransmits_server_to_client as i64),
     ]
 }
 
@@ -616,6 +622,8 @@ fn health_of(r: &dyn Cells, at: usize) -> Result<crate::status::EdgeHealth> {
             .get(n(7)? as usize)
             .copied()
             .unwrap_or_default(),
+        retransmits_client_to_server: n(8)?,
+        retransmits_server_to_client: n(9)?,
     })
 }
 

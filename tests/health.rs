@@ -328,3 +328,96 @@ fn failures_by_cause_exact_with_status_and_top() {
         "{top}"
     );
 }
+
+const LOSSY_PORT: u16 = 5995;
+
+#[test]
+fn retransmits_equal_the_senders_tcp_retrans_segs_and_make_the_edge_orange() {
+    let Some(_g) = privileged_serial(
+        "retransmits_equal_the_senders_tcp_retrans_segs_and_make_the_edge_orange",
+        &SERIAL,
+    ) else {
+        return;
+    };
+    let rig = Rig::new();
+    let peer = rig.srv.peer_v4.clone();
+    // The receiver drops one in 20 data segments of the transfer at random.
+    rig.nft("add table inet fmloss");
+    rig.nft("add chain inet fmloss in { type filter hook input priority 0; }");
+    rig.nft(&format!(
+        "add rule inet fmloss in tcp dport {LOSSY_PORT} meta length gt 200 numgen random mod 20 == 0 drop"
+    ));
+    let listener = rig
+        .srv
+        .run_in(move || TcpListener::bind(("0.0.0.0", LOSSY_PORT)).unwrap())
+        .unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).unwrap();
+        s.write_all(&(buf.len() as u64).to_be_bytes()).unwrap();
+    });
+    let col = rig.node.run_in(collector::Server::start).unwrap();
+    let state = TempDir::new("health-loss");
+    let agent = Agent::builder(env!("CARGO_BIN_EXE_flowmap"))
+        .id("health")
+        .iface(&rig.srv.host)
+        .interval("1s")
+        .netns(&rig.node)
+        .api_key("k")
+        .args(&["--endpoint", &col.url()])
+        .state_dir(state.path())
+        .no_web()
+        .start()
+        .unwrap();
+    let sent_before = Rig::nstat(&rig.node, "TcpRetransSegs");
+    let back_before = Rig::nstat(&rig.srv, "TcpRetransSegs");
+    let p = peer.clone();
+    let got = rig
+        .node
+        .run_in(move || {
+            let mut s = TcpStream::connect((p.as_str(), LOSSY_PORT)).unwrap();
+            s.write_all(&vec![9u8; 4 << 20]).unwrap();
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut n = [0u8; 8];
+            s.read_exact(&mut n).unwrap();
+            u64::from_be_bytes(n)
+        })
+        .unwrap();
+    server.join().unwrap();
+    assert_eq!(got, 4 << 20);
+    // Two more intervals: every retransmission is drained.
+    std::thread::sleep(Duration::from_millis(2500));
+    let sent = Rig::nstat(&rig.node, "TcpRetransSegs") - sent_before;
+    let back = Rig::nstat(&rig.srv, "TcpRetransSegs") - back_before;
+    eprintln!("TcpRetransSegs delta: sender {sent}, receiver {back}");
+    let (out, err) = agent.stop().unwrap();
+    let recs: Vec<serde_json::Value> = records(&out)
+        .into_iter()
+        .filter(|r| r["protocol"] == "tcp" && r["dst_port"] == LOSSY_PORT)
+        .collect();
+    let total = |k: &str| -> u64 { recs.iter().map(|r| r[k].as_u64().unwrap()).sum() };
+    assert!(sent > 0, "the drop rule made no loss");
+    assert_eq!(
+        (
+            total("retransmits_client_to_server"),
+            total("retransmits_server_to_client")
+        ),
+        (sent, back),
+        "{out}\n{err}"
+    );
+    let host = format!("health-flows.host-{}", flowmap::enrich::host::hostname());
+    let rel = format!("{host}.health-flows.external-{peer}");
+    let (_, entries) = batches(&col.bodies(), &rel);
+    let lossy = &entries[&("tcp".to_string(), LOSSY_PORT as u64)];
+    assert_eq!(sum(lossy, &["retransmits_client_to_server"]), sent);
+    let statuses: Vec<&str> = lossy
+        .iter()
+        .filter(|f| f["retransmits_client_to_server"].as_u64() > Some(0))
+        .map(|f| f["status"].as_str().unwrap())
+        .collect();
+    assert!(
+        !statuses.is_empty() && statuses.iter().all(|s| *s == "Orange"),
+        "{statuses:?}"
+    );
+}

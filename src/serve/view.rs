@@ -147,17 +147,8 @@ pub fn top_table(edges: &[EdgeRow], nodes: &[NodeRow]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<28} {:<28} {:>11} {:>8} {:>10} {:>14} {:>10} {:>7} {:>7} {}",
-        "CLIENT",
-        "SERVER",
-        "PROTO/PORT",
-        "CONNS",
-        "PACKETS",
-        "BYTES",
-        "RTT_US",
-        "FAILED",
-        "RESETS",
-        "STATUS"
+        "{:<28} {:<28} {:>11} {:>8} {:>10} {:>14} {:>10} {:>7} {:>7} STATUS",
+        "CLIENT", "SERVER", "PROTO/PORT", "CONNS", "PACKETS", "BYTES", "RTT_US", "FAILED", "RESETS"
     );
     for e in edges {
         let rtt = e

@@ -147,6 +147,7 @@ fn records_become_edges_without_client_ports() {
             "connections_attempted": 2,
             "connections_failed": {"refused": 0, "unanswered": 0, "unreachable": 0},
             "syn_retransmits": 0, "resets_client": 0, "resets_server": 0,
+            "retransmits_client_to_server": 0, "retransmits_server_to_client": 0,
             "status": "NoStatus"
         })
     );
@@ -268,7 +269,8 @@ fn batch_encoding_is_exact() {
             r#""bytes_server_to_client":2000,"tcp_resets":0,"first_seen":"2027-01-15T08:00:01.000000Z","#,
             r#""last_seen":"2027-01-15T08:00:02.000000Z","connections_attempted":0,"#,
             r#""connections_failed":{"refused":0,"unanswered":0,"unreachable":0},"syn_retransmits":0,"#,
-            r#""resets_client":0,"resets_server":0,"status":"NoStatus"}]}"#
+            r#""resets_client":0,"resets_server":0,"retransmits_client_to_server":0,"#,
+            r#""retransmits_server_to_client":0,"status":"NoStatus"}]}"#
         )
     );
 }

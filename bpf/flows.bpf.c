@@ -82,17 +82,18 @@ struct {
 } overflow SEC(".maps");
 
 /* Health of connections from socket tracepoints, swapped with the flow
- * maps (the same active_map). */
+ * maps (the same active_map). Only connections that retransmitted in the
+ * drain period have an entry; when full, later ones are not counted. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 16384);
+	__uint(max_entries, 4096);
 	__type(key, struct conn_key);
 	__type(value, struct conn_health);
 } health_a SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 16384);
+	__uint(max_entries, 4096);
 	__type(key, struct conn_key);
 	__type(value, struct conn_health);
 } health_b SEC(".maps");

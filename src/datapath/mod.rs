@@ -327,15 +327,23 @@ impl Datapath {
     /// (the `memlock` the kernel reports for each map).
     pub fn map_memory(&self) -> Vec<(String, u64)> {
         let m = &self.skel.maps;
-        [&m.flows_a, &m.flows_b, &m.frags, &m.stats, &m.overflow]
-            .iter()
-            .map(|map| {
-                (
-                    map.name().to_string_lossy().into_owned(),
-                    memlock_of(map.as_fd()),
-                )
-            })
-            .collect()
+        [
+            &m.flows_a,
+            &m.flows_b,
+            &m.frags,
+            &m.stats,
+            &m.overflow,
+            &m.health_a,
+            &m.health_b,
+        ]
+        .iter()
+        .map(|map| {
+            (
+                map.name().to_string_lossy().into_owned(),
+                memlock_of(map.as_fd()),
+            )
+        })
+        .collect()
     }
 }
 

@@ -49,6 +49,36 @@ impl Rig {
     }
 }
 
+/// The map page of the agent on `port` in namespace `ns`, rendered by a
+/// headless Chromium in that namespace: its DOM.
+fn map_page(ns: &Netns, port: u16) -> String {
+    let profile = TempDir::new("health-chromium");
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.ns,
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+        ])
+        .args([
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args([
+            "--virtual-time-budget=15000",
+            "--window-size=1400,900",
+            "--dump-dom",
+        ])
+        .arg(format!("http://127.0.0.1:{port}/"))
+        .output()
+        .expect("chromium runs (scripts/setup.sh installs it)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// The flow records of the agent's stdout.
 fn records(out: &str) -> Vec<serde_json::Value> {
     out.lines()
@@ -188,6 +218,7 @@ fn failures_by_cause_exact_with_status_and_top() {
         .node
         .run_in(move || http_get(port, "/metrics").unwrap().1)
         .unwrap();
+    let dom = map_page(&rig.node, port);
     let (out, err) = agent.stop().unwrap();
     let recs = records(&out);
 
@@ -297,6 +328,24 @@ fn failures_by_cause_exact_with_status_and_top() {
         ["Green", "NoStatus", "Orange", "Red"]
             .map(|s| format!("flowmap_edges_by_status{{status=\"{s}\"}}"))
     );
+
+    // The map page lists the failing edges first, with their causes.
+    let rows: Vec<&str> = dom
+        .split("<tr class=\"edge-row\"")
+        .skip(1)
+        .map(|r| {
+            r.split("data-status=\"")
+                .nth(1)
+                .unwrap()
+                .split('"')
+                .next()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(&rows[..3], ["Red", "Red", "Red"], "{dom}");
+    assert!(rows[3..].iter().all(|s| *s != "Red"), "{rows:?}");
+    assert!(dom.contains("title=\"Red: 3 refused\""), "{dom}");
+    assert!(dom.contains("title=\"Red: 3 unreachable\""), "{dom}");
 
     // `flowmap top --by failures` over the local store.
     let top = Command::new(env!("CARGO_BIN_EXE_flowmap"))

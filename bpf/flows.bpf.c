@@ -16,6 +16,7 @@
 #include <linux/pkt_cls.h>
 #include <linux/if_ether.h>
 #include <linux/in.h>
+#include <linux/in6.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 #include "flows.h"
@@ -80,6 +81,23 @@ struct {
 	__uint(max_entries, 256 * 1024);
 } overflow SEC(".maps");
 
+/* Health of connections from socket tracepoints, swapped with the flow
+ * maps (the same active_map). Only connections that retransmitted in the
+ * drain period have an entry; when full, later ones are not counted. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct conn_key);
+	__type(value, struct conn_health);
+} health_a SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct conn_key);
+	__type(value, struct conn_health);
+} health_b SEC(".maps");
+
 /* Which flow map the program writes: 0 = flows_a, 1 = flows_b. */
 volatile __u32 active_map = 0;
 
@@ -87,6 +105,8 @@ volatile __u32 active_map = 0;
 struct flow_key flow_key_layout = {};
 struct flow_stats flow_stats_layout = {};
 struct flow_event flow_event_layout = {};
+struct conn_key conn_key_layout = {};
+struct conn_health conn_health_layout = {};
 enum flow_stat flow_stat_layout = STAT_NON_IP;
 
 /* The clock reading of flowmap_clock. */
@@ -244,8 +264,10 @@ static __always_inline struct flow_stats *create(void *map, struct pkt *p, __u32
 	nv.first_side = side + 1;
 	if (p->opens) {
 		nv.open_side = side + 1;
-		if (p->k.proto == IPPROTO_TCP)
+		if (p->k.proto == IPPROTO_TCP) {
 			nv.syn_ns = w->precise;
+			nv.syns = 1;
+		}
 	}
 	if (p->synack)
 		nv.synack_ns = w->precise;
@@ -278,10 +300,15 @@ static __always_inline void add(struct flow_stats *v, struct pkt *p, __u32 side,
 	}
 	if (v->last_seen_jiffies < w->jiffies)
 		v->last_seen_jiffies = w->jiffies;
-	if (p->opens && !v->open_side) {
-		v->open_side = side + 1;
-		if (p->k.proto == IPPROTO_TCP && !v->syn_ns)
-			v->syn_ns = w->precise;
+	/* Handshake packets only: established traffic takes one branch. */
+	if (p->opens) {
+		if (p->k.proto == IPPROTO_TCP)
+			__sync_fetch_and_add(&v->syns, 1);
+		if (!v->open_side) {
+			v->open_side = side + 1;
+			if (p->k.proto == IPPROTO_TCP && !v->syn_ns)
+				v->syn_ns = w->precise;
+		}
 	}
 	if (p->synack && !v->synack_ns)
 		v->synack_ns = w->precise;
@@ -300,6 +327,87 @@ static __always_inline void account(struct __sk_buff *skb, struct pkt *p, void *
 		v = create(map, p, side, &w);
 	if (v)
 		add(v, p, side, &w);
+}
+
+/* Counts an ICMP error into the flow whose packet it quotes, creating the
+ * entry (without packets) when that flow's packets were drained already. */
+static __always_inline void bump_unreach(void *map, struct flow_key *k, __u32 side)
+{
+	struct flow_stats *v = bpf_map_lookup_elem(map, k);
+	if (!v) {
+		struct flow_stats nv;
+		__builtin_memset(&nv, 0, sizeof(nv));
+		__u64 now = bpf_ktime_get_ns();
+		nv.first_seen_ns = now;
+		nv.first_seen_jiffies = bpf_jiffies64();
+		nv.last_seen_jiffies = nv.first_seen_jiffies;
+		nv.first_side = side + 1;
+		nv.unreach = 1;
+		nv.unreach_side = side + 1;
+		long err = bpf_map_update_elem(map, k, &nv, BPF_NOEXIST);
+		if (err != -17 /* EEXIST */) {
+			if (err)
+				stat_inc(STAT_MAP_FULL);
+			return;
+		}
+		v = bpf_map_lookup_elem(map, k);
+		if (!v)
+			return;
+	}
+	__sync_fetch_and_add(&v->unreach, 1);
+	if (!v->unreach_side)
+		v->unreach_side = side + 1;
+}
+
+/* An ICMP or ICMPv6 destination unreachable quotes the IP header and the
+ * first bytes of the packet that failed, starting at off: count it into
+ * that packet's flow on this interface. Runs for ICMP errors only. */
+static __noinline int quoted_unreachable(struct __sk_buff *skb, __u32 off, __u32 v6)
+{
+	struct flow_key k;
+	__builtin_memset(&k, 0, sizeof(k));
+	__u32 l4;
+	int later_fragment = 0;
+	if (!v6) {
+		__u8 h_buf[20];
+		__u8 *h = hdr(skb, off, h_buf, 20);
+		if (!h || (h[0] >> 4) != 4 || (h[0] & 0x0f) < 5)
+			return 0;
+		__be32 sa, da;
+		__builtin_memcpy(&sa, h + 12, 4);
+		__builtin_memcpy(&da, h + 16, 4);
+		set_v4mapped(k.addr[0], sa);
+		set_v4mapped(k.addr[1], da);
+		k.proto = h[9];
+		k.family = 4;
+		later_fragment = ((h[6] & 0x1f) | h[7]) != 0;
+		l4 = off + (h[0] & 0x0f) * 4;
+	} else {
+		__u8 h_buf[40];
+		__u8 *h = hdr(skb, off, h_buf, 40);
+		if (!h || (h[0] >> 4) != 6)
+			return 0;
+		__builtin_memcpy(k.addr[0], h + 8, 16);
+		__builtin_memcpy(k.addr[1], h + 24, 16);
+		k.proto = h[6];
+		k.family = 6;
+		l4 = off + 40;
+	}
+	__u8 pr = k.proto;
+	if (!later_fragment && (pr == IPPROTO_TCP || pr == IPPROTO_UDP ||
+				pr == IPPROTO_UDPLITE || pr == IPPROTO_SCTP)) {
+		__u8 ports[4];
+		if (load(skb, l4, ports, 4))
+			return 0;
+		k.port[0] = ((__u16)ports[0] << 8) | ports[1];
+		k.port[1] = ((__u16)ports[2] << 8) | ports[3];
+	}
+	__u32 side = canonical(skb, &k);
+	if (active_map)
+		bump_unreach(&flows_b, &k, side);
+	else
+		bump_unreach(&flows_a, &k, side);
+	return 0;
 }
 
 /* Parse the L4 header at off. Returns PARSE_OK when the packet is a flow, else the stat to count. */
@@ -346,10 +454,17 @@ static __always_inline int parse_l4(struct __sk_buff *skb, __u32 off, struct pkt
 		__u8 *h = hdr(skb, off, h_buf, 8);
 		if (!h)
 			return STAT_TRUNCATED;
-		if (p->k.proto == IPPROTO_ICMP)
+		if (p->k.proto == IPPROTO_ICMP) {
 			p->opens = h[0] == 8;   /* echo request */
-		else
+			/* Destination unreachable, except "fragmentation
+			 * needed" (path MTU discovery, not a failure). */
+			if (h[0] == 3 && h[1] != 4)
+				quoted_unreachable(skb, off + 8, 0);
+		} else {
 			p->opens = h[0] == 128; /* echo request */
+			if (h[0] == 1)          /* destination unreachable */
+				quoted_unreachable(skb, off + 8, 1);
+		}
 		return PARSE_OK;
 	}
 	default:
@@ -660,4 +775,137 @@ int flowmap_clock(struct __sk_buff *skb)
 	clock.ns = bpf_ktime_get_ns();
 	clock.jiffies = bpf_jiffies64();
 	return TC_ACT_UNSPEC;
+}
+
+/* Socket tracepoints (tp_btf: typed arguments, no tracefs needed). Only
+ * the fields read are declared; CO-RE finds them in the running kernel. */
+struct sock_common {
+	union {
+		struct {
+			__be32 skc_daddr;
+			__be32 skc_rcv_saddr;
+		};
+	};
+	union {
+		struct {
+			__be16 skc_dport;
+			__u16 skc_num;
+		};
+	};
+	unsigned short skc_family;
+	struct in6_addr skc_v6_daddr;
+	struct in6_addr skc_v6_rcv_saddr;
+} __attribute__((preserve_access_index));
+
+struct sock {
+	struct sock_common __sk_common;
+} __attribute__((preserve_access_index));
+
+struct request_sock {
+	struct sock_common __req_common;
+} __attribute__((preserve_access_index));
+
+struct sk_buff {
+	char cb[48];
+} __attribute__((preserve_access_index));
+
+/* The connection of a socket in canonical order; returns the side of the
+ * socket's own (local) end, or -1 for a family that is not IP. */
+static __always_inline int conn_of(const struct sock_common *c, struct conn_key *k)
+{
+	__builtin_memset(k, 0, sizeof(*k));
+	unsigned short fam = 0;
+	bpf_probe_read_kernel(&fam, sizeof(fam), &c->skc_family);
+	if (fam == 2 /* AF_INET */) {
+		__be32 l = 0, r = 0;
+		bpf_probe_read_kernel(&l, 4, &c->skc_rcv_saddr);
+		bpf_probe_read_kernel(&r, 4, &c->skc_daddr);
+		set_v4mapped(k->addr[0], l);
+		set_v4mapped(k->addr[1], r);
+		k->family = 4;
+	} else if (fam == 10 /* AF_INET6 */) {
+		bpf_probe_read_kernel(k->addr[0], 16, &c->skc_v6_rcv_saddr);
+		bpf_probe_read_kernel(k->addr[1], 16, &c->skc_v6_daddr);
+		__u64 hi;
+		__builtin_memcpy(&hi, k->addr[0], 8);
+		/* An IPv4 peer of a dual-stack socket: keyed as IPv4. */
+		k->family = hi == 0 && k->addr[0][10] == 0xff && k->addr[0][11] == 0xff ? 4 : 6;
+	} else {
+		return -1;
+	}
+	__u16 lport = 0;
+	__be16 rport = 0;
+	bpf_probe_read_kernel(&lport, 2, &c->skc_num);
+	bpf_probe_read_kernel(&rport, 2, &c->skc_dport);
+	k->port[0] = lport;
+	k->port[1] = bpf_ntohs(rport);
+	k->proto = IPPROTO_TCP;
+	int side = side_of(k->addr[0], k->port[0], k->addr[1], k->port[1]);
+	if (side) {
+		__u64 t[2], u[2];
+		__builtin_memcpy(t, k->addr[0], 16);
+		__builtin_memcpy(u, k->addr[1], 16);
+		__builtin_memcpy(k->addr[0], u, 16);
+		__builtin_memcpy(k->addr[1], t, 16);
+		__u16 p = k->port[0];
+		k->port[0] = k->port[1];
+		k->port[1] = p;
+	}
+	return side;
+}
+
+static __always_inline void add_retrans(void *map, struct conn_key *k, int side, __u64 segs)
+{
+	struct conn_health *v = bpf_map_lookup_elem(map, k);
+	if (!v) {
+		struct conn_health nv = {};
+		if (side)
+			nv.retrans[1] = segs;
+		else
+			nv.retrans[0] = segs;
+		if (bpf_map_update_elem(map, k, &nv, BPF_NOEXIST) != -17 /* EEXIST */)
+			return;
+		v = bpf_map_lookup_elem(map, k);
+		if (!v)
+			return;
+	}
+	if (side)
+		__sync_fetch_and_add(&v->retrans[1], segs);
+	else
+		__sync_fetch_and_add(&v->retrans[0], segs);
+}
+
+static __always_inline void count_retrans(const struct sock_common *c, __u64 segs)
+{
+	struct conn_key k;
+	int side = conn_of(c, &k);
+	if (side < 0)
+		return;
+	if (active_map)
+		add_retrans(&health_b, &k, side, segs);
+	else
+		add_retrans(&health_a, &k, side, segs);
+}
+
+/* A data segment (or SYN) sent again: as many segments as the kernel adds
+ * to TcpRetransSegs, tcp_skb_pcount() (the GSO segments in the control
+ * block, struct tcp_skb_cb at offset 8). */
+SEC("tp_btf/tcp_retransmit_skb")
+int flowmap_retransmit(__u64 *ctx)
+{
+	struct sock *sk = (struct sock *)ctx[0];
+	struct sk_buff *skb = (struct sk_buff *)ctx[1];
+	__u16 segs = 0;
+	bpf_probe_read_kernel(&segs, 2, &skb->cb[8]);
+	count_retrans(&sk->__sk_common, segs ? segs : 1);
+	return 0;
+}
+
+/* A SYN/ACK sent again by a listener: one segment. */
+SEC("tp_btf/tcp_retransmit_synack")
+int flowmap_retransmit_synack(__u64 *ctx)
+{
+	struct request_sock *req = (struct request_sock *)ctx[1];
+	count_retrans(&req->__req_common, 1);
+	return 0;
 }

@@ -36,7 +36,27 @@ struct flow_stats {
 	__u32 tcp_flags[2]; /* OR of the TCP flags each side sent */
 	__u8 open_side;     /* 0 unknown, 1: side 0 opened (SYN / echo request), 2: side 1 */
 	__u8 first_side;    /* 1 or 2: the side whose packet created this entry */
-	__u8 pad[6];
+	__u8 pad[2];
+	/* Health, off the path of established packets: */
+	__u32 syns;         /* TCP SYNs without ACK (the first and retransmits) */
+	__u32 unreach;      /* ICMP/ICMPv6 destination unreachable quoting this flow */
+	__u32 unreach_side; /* 1 or 2: the side whose packet the ICMP error quoted */
+};
+
+/* A connection whatever interface carries it: the flow key without the
+ * interface, in the same canonical order. Keys the health maps, which
+ * socket tracepoints fill (they know no interface). */
+struct conn_key {
+	__u8 addr[2][16];
+	__u16 port[2];
+	__u8 proto;
+	__u8 family;
+	__u8 pad[2];
+};
+
+/* What socket tracepoints saw of one connection in one drain period. */
+struct conn_health {
+	__u64 retrans[2]; /* segments sent again by side 0 / side 1 (TcpRetransSegs) */
 };
 
 /* Sent through the overflow ring buffer for a packet whose flow could not

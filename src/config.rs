@@ -175,6 +175,9 @@ pub struct FlowsSource {
     /// External endpoints of one interval that keep their own name; past
     /// it, addresses fold into aggregates (see `graph::fold`).
     pub max_external_endpoints: usize,
+    /// Thresholds of the status rules (`status_failed_percent`,
+    /// `status_retransmit_percent`).
+    pub status: crate::status::Thresholds,
     /// The options as given (after expansion), for the wire's data source block.
     pub pairs: Vec<(String, String)>,
 }
@@ -192,6 +195,7 @@ impl FlowsSource {
             max_flows: DEFAULT_MAX_FLOWS,
             attach_mode: AttachMode::Auto,
             max_external_endpoints: crate::graph::fold::DEFAULT_MAX_EXTERNAL,
+            status: Default::default(),
             pairs: Vec::new(),
         }
     }
@@ -255,7 +259,7 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
-pub const KNOWN_OPTIONS: [&str; 7] = [
+pub const KNOWN_OPTIONS: [&str; 9] = [
     "interface_name",
     "deployedAt",
     "external_mappings",
@@ -263,6 +267,8 @@ pub const KNOWN_OPTIONS: [&str; 7] = [
     "max_flows",
     "attach_mode",
     "max_external_endpoints",
+    "status_failed_percent",
+    "status_retransmit_percent",
 ];
 
 /// The largest `max_external_endpoints` allowed.
@@ -670,6 +676,13 @@ pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
     })
 }
 
+/// A percentage option: a number above 0 and at most 100 (a trailing `%`
+/// is allowed).
+fn percent(v: &str) -> Option<f64> {
+    let n: f64 = v.trim_end_matches('%').trim().parse().ok()?;
+    (n.is_finite() && n > 0.0 && n <= 100.0).then_some(n)
+}
+
 fn apply_option(cx: &mut Ctx, fs: &mut FlowsSource, name: &str, value: &str, place: &str) {
     let v = value.trim();
     match name {
@@ -738,6 +751,14 @@ fn apply_option(cx: &mut Ctx, fs: &mut FlowsSource, name: &str, value: &str, pla
         "max_external_endpoints" => match v.parse::<usize>() {
             Ok(n) if n <= MAX_EXTERNAL_ENDPOINTS => fs.max_external_endpoints = n,
             _ => cx.errors.push(format!("{place}: value {value:?} is not allowed; allowed: a whole number from 0 to {MAX_EXTERNAL_ENDPOINTS}")),
+        },
+        "status_failed_percent" => match percent(v) {
+            Some(p) => fs.status.failed_percent = p,
+            None => cx.errors.push(format!("{place}: value {value:?} is not allowed; allowed: a percentage above 0 and at most 100 (like 5 or 0.5)")),
+        },
+        "status_retransmit_percent" => match percent(v) {
+            Some(p) => fs.status.retransmit_percent = p,
+            None => cx.errors.push(format!("{place}: value {value:?} is not allowed; allowed: a percentage above 0 and at most 100 (like 2 or 0.5)")),
         },
         other => cx.warnings.push(format!(
             "{place}: unknown option, ignored; did you mean {:?}?",

@@ -51,6 +51,9 @@ pub struct EdgeStats {
     pub first_seen: SystemTime,
     #[serde(serialize_with = "crate::flow::rfc3339_micros")]
     pub last_seen: SystemTime,
+    /// Failed attempts, retransmits, resets and the status (`status`).
+    #[serde(flatten)]
+    pub health: crate::status::EdgeHealth,
     #[serde(skip)]
     rtt_sum: f64,
 }
@@ -62,6 +65,9 @@ pub struct Graph {
     /// Link-scope control flows (neighbour discovery, broadcasts) left off
     /// the graph; counted in /metrics.
     pub link_control: u64,
+    /// Status of server endpoints: the worst of their incoming edges
+    /// (set by `status::apply`).
+    pub endpoint_status: BTreeMap<Arc<str>, crate::status::Status>,
 }
 
 impl Graph {
@@ -165,6 +171,7 @@ impl EdgeStats {
             tcp_resets: 0,
             first_seen: r.first_seen,
             last_seen: r.last_seen,
+            health: Default::default(),
             rtt_sum: 0.0,
         }
     }
@@ -178,6 +185,7 @@ impl EdgeStats {
         self.packets_server_to_client += o.packets_server_to_client;
         self.bytes_server_to_client += o.bytes_server_to_client;
         self.tcp_resets += o.tcp_resets;
+        self.health.merge(&o.health);
         self.first_seen = self.first_seen.min(o.first_seen);
         self.last_seen = self.last_seen.max(o.last_seen);
         self.rtt_sum += o.rtt_sum;
@@ -204,6 +212,7 @@ impl EdgeStats {
         self.packets_server_to_client += r.dst_to_src.packets;
         self.bytes_server_to_client += r.dst_to_src.bytes;
         self.tcp_resets += r.reset as u64;
+        self.health.add(r);
         self.first_seen = self.first_seen.min(r.first_seen);
         self.last_seen = self.last_seen.max(r.last_seen);
         if let Some(rtt) = r.handshake_this_interval {

@@ -419,3 +419,35 @@ fn listen_addresses() {
         "{err}"
     );
 }
+
+#[test]
+fn status_thresholds_are_options_with_defaults_and_exact_errors() {
+    let c = ok(&flows(&opt("crawl_interval", "30s")));
+    assert_eq!(
+        c.flows[0].status,
+        flowmap::status::Thresholds {
+            failed_percent: 5.0,
+            retransmit_percent: 2.0
+        }
+    );
+    let c = ok(&flows(
+        &(opt("status_failed_percent", "\"10%\"") + &opt("status_retransmit_percent", "0.5")),
+    ));
+    assert_eq!(
+        (
+            c.flows[0].status.failed_percent,
+            c.flows[0].status.retransmit_percent
+        ),
+        (10.0, 0.5)
+    );
+    for bad in ["0", "101", "-1", "lots", "NaN"] {
+        assert_eq!(
+            errs(&flows(&opt("status_failed_percent", bad))),
+            vec![format!("data source \"f1\" (flows): option \"status_failed_percent\": value \"{bad}\" is not allowed; allowed: a percentage above 0 and at most 100 (like 5 or 0.5)")]
+        );
+    }
+    assert_eq!(
+        errs(&flows(&opt("status_retransmit_percent", "200"))),
+        vec!["data source \"f1\" (flows): option \"status_retransmit_percent\": value \"200\" is not allowed; allowed: a percentage above 0 and at most 100 (like 2 or 0.5)".to_string()]
+    );
+}

@@ -143,7 +143,12 @@ fn records_become_edges_without_client_ports() {
             "handshake": {"count": 2, "min_us": 100.0, "mean_us": 200.0, "max_us": 300.0},
             "tcp_resets": 0,
             "first_seen": "2027-01-15T08:00:00.000000Z",
-            "last_seen": "2027-01-15T08:00:02.000000Z"
+            "last_seen": "2027-01-15T08:00:02.000000Z",
+            "connections_attempted": 2,
+            "connections_failed": {"refused": 0, "unanswered": 0, "unreachable": 0},
+            "syn_retransmits": 0, "resets_client": 0, "resets_server": 0,
+            "retransmits_client_to_server": 0, "retransmits_server_to_client": 0,
+            "status": "NoStatus"
         })
     );
     let ssh = g.edges.values().find(|e| e.port == 22).unwrap();
@@ -262,7 +267,10 @@ fn batch_encoding_is_exact() {
             r#""flows":[{"protocol":"tcp","port":80,"connections_opened":0,"connections_active":1,"#,
             r#""packets_client_to_server":3,"bytes_client_to_server":300,"packets_server_to_client":2,"#,
             r#""bytes_server_to_client":2000,"tcp_resets":0,"first_seen":"2027-01-15T08:00:01.000000Z","#,
-            r#""last_seen":"2027-01-15T08:00:02.000000Z"}]}"#
+            r#""last_seen":"2027-01-15T08:00:02.000000Z","connections_attempted":0,"#,
+            r#""connections_failed":{"refused":0,"unanswered":0,"unreachable":0},"syn_retransmits":0,"#,
+            r#""resets_client":0,"resets_server":0,"retransmits_client_to_server":0,"#,
+            r#""retransmits_server_to_client":0,"status":"NoStatus"}]}"#
         )
     );
 }

@@ -136,6 +136,8 @@ fn one_interval_gives_the_exact_graph_store_rows_and_batch() {
                     tcp_flags: [0x12, 0x02],
                     open_side: 2,
                     first_side: 2,
+                    syns: 1,
+                    ..Default::default()
                 },
             ),
         ],
@@ -208,7 +210,12 @@ fn one_interval_gives_the_exact_graph_store_rows_and_batch() {
             "pl-flows.external-10.0.0.2",
             json!([{"protocol": "udp", "port": 53, "connections_opened": 1, "connections_active": 1,
                 "packets_client_to_server": 3, "bytes_client_to_server": 300,
-                "packets_server_to_client": 2, "bytes_server_to_client": 200, "tcp_resets": 0}])
+                "packets_server_to_client": 2, "bytes_server_to_client": 200, "tcp_resets": 0,
+                "connections_attempted": 1,
+                "connections_failed": {"refused": 0, "unanswered": 0, "unreachable": 0},
+                "syn_retransmits": 0, "resets_client": 0, "resets_server": 0,
+                "retransmits_client_to_server": 0, "retransmits_server_to_client": 0,
+                "status": "Green"}])
         )
     );
     let tcp = &got["pl-flows.external-10.0.0.3.pl-flows.host-node-a"].1["flows"][0];

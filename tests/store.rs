@@ -71,7 +71,7 @@ fn fill(s: &mut Store) {
 
 fn check_store(loc: &Location) {
     let mut s = Store::open(loc).unwrap();
-    assert_eq!(s.version().unwrap(), 1, "migrated from an empty database");
+    assert_eq!(s.version().unwrap(), 2, "migrated from an empty database");
     fill(&mut s);
     assert_eq!(s.runs().unwrap(), 3);
 
@@ -140,9 +140,9 @@ fn check_store(loc: &Location) {
     );
     assert_eq!(
         view::top_table(&top, &nodes),
-        "CLIENT                       SERVER                        PROTO/PORT    CONNS    PACKETS          BYTES     RTT_US\n\
-         node-a                       192.0.2.10                       tcp/443        3       1240         124000      200.0\n\
-         node-a                       192.0.2.53                        udp/53        1          4            400          -\n"
+        "CLIENT                       SERVER                        PROTO/PORT    CONNS    PACKETS          BYTES     RTT_US  FAILED  RESETS STATUS\n\
+         node-a                       192.0.2.10                       tcp/443        3       1240         124000      200.0       0       0 NoStatus\n\
+         node-a                       192.0.2.53                        udp/53        1          4            400          -       0       0 NoStatus\n"
     );
     let v = view::graph(
         &mut s,
@@ -185,7 +185,7 @@ fn check_store(loc: &Location) {
     drop(s);
     // Reopening does not migrate again.
     let mut s = Store::open(loc).unwrap();
-    assert_eq!(s.version().unwrap(), 1);
+    assert_eq!(s.version().unwrap(), 2);
     assert_eq!(s.runs().unwrap(), 1);
 }
 
@@ -228,6 +228,49 @@ fn a_store_newer_than_flowmap_is_refused() {
     let err = Store::open(&Location::Sqlite(path)).err().expect("refused");
     assert_eq!(
         format!("{err:#}"),
-        "the store's schema version 99 is newer than this flowmap (1); use a newer flowmap"
+        "the store's schema version 99 is newer than this flowmap (2); use a newer flowmap"
     );
+}
+
+/// Version 1 of the schema (before edge health), as flowmap wrote it.
+const SCHEMA_V1: &str = "
+CREATE TABLE flowmap_schema (version INTEGER NOT NULL);
+INSERT INTO flowmap_schema VALUES (1);
+CREATE TABLE crawl_runs (id INTEGER PRIMARY KEY AUTOINCREMENT, data_source_id TEXT NOT NULL,
+  interval_start_ms BIGINT NOT NULL, interval_end_ms BIGINT NOT NULL, endpoints BIGINT NOT NULL, edges BIGINT NOT NULL);
+CREATE INDEX crawl_runs_end ON crawl_runs (interval_end_ms);
+CREATE TABLE elements (id TEXT PRIMARY KEY, type TEXT NOT NULL, name TEXT NOT NULL, payload TEXT NOT NULL,
+  first_seen_ms BIGINT NOT NULL, last_seen_ms BIGINT NOT NULL);
+CREATE TABLE relationships (source_id TEXT NOT NULL, destination_id TEXT NOT NULL, first_seen_ms BIGINT NOT NULL,
+  last_seen_ms BIGINT NOT NULL, PRIMARY KEY (source_id, destination_id));
+CREATE TABLE edge_stats (run_id BIGINT NOT NULL REFERENCES crawl_runs(id) ON DELETE CASCADE,
+  source_id TEXT NOT NULL, destination_id TEXT NOT NULL, protocol TEXT NOT NULL, port BIGINT NOT NULL,
+  connections_opened BIGINT NOT NULL, connections_active BIGINT NOT NULL, packets_c2s BIGINT NOT NULL,
+  bytes_c2s BIGINT NOT NULL, packets_s2c BIGINT NOT NULL, bytes_s2c BIGINT NOT NULL,
+  handshake_count BIGINT NOT NULL, handshake_min_us DOUBLE PRECISION, handshake_mean_us DOUBLE PRECISION,
+  handshake_max_us DOUBLE PRECISION, tcp_resets BIGINT NOT NULL, first_seen_ms BIGINT NOT NULL,
+  last_seen_ms BIGINT NOT NULL);
+CREATE INDEX edge_stats_run ON edge_stats (run_id);
+INSERT INTO crawl_runs VALUES (1, 'ds', 1800000000000, 1800000030000, 2, 1);
+INSERT INTO edge_stats VALUES (1, 'a', 'b', 'tcp', 443, 1, 1, 10, 1000, 8, 800, 0, NULL, NULL, NULL, 0,
+  1800000000000, 1800000030000);
+";
+
+#[test]
+fn a_version_1_store_is_migrated_and_keeps_its_rows() {
+    let dir = TempDir::new("store-v1");
+    let path = dir.path().join("f.db");
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch(SCHEMA_V1)
+        .unwrap();
+    let mut s = Store::open(&Location::Sqlite(path)).unwrap();
+    assert_eq!(s.version().unwrap(), 2);
+    let old = s.edges(at(0)).unwrap();
+    assert_eq!(
+        (old.len(), old[0].bytes(), &old[0].health),
+        (1, 1800, &Default::default())
+    );
+    fill(&mut s);
+    assert_eq!(s.runs().unwrap(), 4);
 }

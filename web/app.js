@@ -42,6 +42,20 @@
     d.append(dl);
   }
 
+  // Edge health: status rank (worst last) and the causes behind it.
+  const STATUS_RANK = { NoStatus: 0, Green: 1, Orange: 2, Red: 3 };
+  const rank = (s) => STATUS_RANK[s] || 0;
+  function causes(e) {
+    const f = e.connections_failed || {};
+    const out = [];
+    for (const k of ["refused", "unanswered", "unreachable"]) if (f[k]) out.push(f[k] + " " + k);
+    const resets = (e.resets_client || 0) + (e.resets_server || 0);
+    if (resets) out.push(resets + " reset after establishment");
+    const rt = (e.retransmits_client_to_server || 0) + (e.retransmits_server_to_client || 0);
+    if (rt) out.push(rt + " segments retransmitted");
+    return out.join(", ");
+  }
+
   function edgeDetails(e, names) {
     showDetails([
       ["client", names[e.source] || e.source],
@@ -52,6 +66,7 @@
       ["server → client", e.packets_server_to_client + " packets, " + fmtBytes(e.bytes_server_to_client)],
       ["handshake", e.handshake_count ? (e.handshake_min_us.toFixed(1) + " / " + e.handshake_mean_us.toFixed(1) + " / " + e.handshake_max_us.toFixed(1) + " µs (min/mean/max)") : "not seen"],
       ["TCP resets", String(e.tcp_resets)],
+      ["status", (e.status || "NoStatus") + (causes(e) ? " (" + causes(e) + ")" : "")],
       ["first seen", new Date(e.first_seen_ms).toISOString()],
       ["last seen", new Date(e.last_seen_ms).toISOString()],
     ]);
@@ -95,11 +110,16 @@
       els.push({ group: "nodes", data: { id: g, label: GROUP_LABELS[g.slice(6)] || g.slice(6), kind: "group" } });
     }
     const maxBytes = Math.max(1, ...data.edges.map((e) => e.bytes_client_to_server + e.bytes_server_to_client));
+    // A server endpoint's status: the worst of its incoming edges.
+    const nodeStatus = {};
     data.edges.forEach((e, i) => {
       const bytes = e.bytes_client_to_server + e.bytes_server_to_client;
-      els.push({ group: "edges", data: { id: "e" + i, source: e.source, target: e.target,
+      const st = e.status || "NoStatus";
+      if (rank(st) >= rank(nodeStatus[e.target])) nodeStatus[e.target] = st;
+      els.push({ group: "edges", data: { id: "e" + i, source: e.source, target: e.target, status: st,
         label: service(e), width: 1 + 5 * Math.log1p(bytes) / Math.log1p(maxBytes), idx: i } });
     });
+    for (const el of els) if (el.group === "nodes" && nodeStatus[el.data.id]) el.data.status = nodeStatus[el.data.id];
 
     const key = JSON.stringify(els.map((e) => e.data.id + ">" + (e.data.source || "") + (e.data.target || "") + (e.data.parent || "")));
     if (!cy) {
@@ -116,6 +136,11 @@
           { selector: "edge", style: { "width": "data(width)", "curve-style": "bezier", "target-arrow-shape": "triangle",
             "line-color": "#9aa7b8", "target-arrow-color": "#9aa7b8", "label": "data(label)", "font-size": 9,
             "text-rotation": "autorotate", "color": "#3d4756" } },
+          { selector: "edge[status = 'Green']", style: { "line-color": "#2da44e", "target-arrow-color": "#2da44e" } },
+          { selector: "edge[status = 'Orange']", style: { "line-color": "#f08c00", "target-arrow-color": "#f08c00" } },
+          { selector: "edge[status = 'Red']", style: { "line-color": "#cf222e", "target-arrow-color": "#cf222e" } },
+          { selector: "node[status = 'Orange']", style: { "border-color": "#f08c00", "border-width": 3 } },
+          { selector: "node[status = 'Red']", style: { "border-color": "#cf222e", "border-width": 4 } },
           { selector: ":selected", style: { "line-color": "#f08c00", "target-arrow-color": "#f08c00", "border-color": "#f08c00", "border-width": 3 } },
         ],
         wheelSensitivity: 0.3,
@@ -145,9 +170,14 @@
 
     const tbody = $("edge-list");
     tbody.replaceChildren();
-    data.edges.forEach((e, i) => {
+    // Failing edges first (worst status first, otherwise the API's order).
+    const order = data.edges.map((e, i) => i).sort((a, b) => rank(data.edges[b].status) - rank(data.edges[a].status) || a - b);
+    order.forEach((i) => {
+      const e = data.edges[i];
       const tr = document.createElement("tr");
       tr.className = "edge-row";
+      tr.dataset.status = e.status || "NoStatus";
+      tr.title = (e.status || "NoStatus") + (causes(e) ? ": " + causes(e) : "");
       tr.dataset.source = e.source;
       tr.dataset.target = e.target;
       tr.append(text("td", names[e.source] || e.source), text("td", names[e.target] || e.target),

@@ -125,10 +125,17 @@ impl Pipeline {
         }
         self.refresh_kube(end);
         let mut graphs = 0;
+        let mut by_status = crate::status::Status::ALL.map(|s| (s, 0i64));
         for i in 0..self.sources.len() {
             let (full, always) = self.build(&self.sources[i], &records, &host);
             self.metrics.link_control_flows.inc_by(full.link_control);
-            let graph = self.bound(&self.sources[i], full, &always, end);
+            // Status after folding: an aggregate's edges are judged on their
+            // merged health.
+            let mut graph = self.bound(&self.sources[i], full, &always, end);
+            crate::status::apply(&mut graph, &self.sources[i].status);
+            for e in graph.edges.values() {
+                by_status[e.health.status as usize].1 += 1;
+            }
             let sg = SourceGraph::new(
                 &self.sources[i],
                 &self.skip_fields,
@@ -142,6 +149,7 @@ impl Pipeline {
             self.metrics.batches_built.inc();
             graphs += 1;
         }
+        self.metrics.set_edge_status(&by_status);
         for s in &mut self.sinks {
             s.finish()?;
         }
@@ -176,6 +184,8 @@ impl Pipeline {
             host,
             name: &name,
         };
+        self.table
+            .set_retransmits(drained.retransmits.iter().copied());
         self.table.ingest(&drained.flows, &cx)
     }
 
@@ -284,6 +294,15 @@ impl Pipeline {
             };
             m.packets.get_or_create(&d).inc_by(p);
             m.bytes.get_or_create(&d).inc_by(b);
+        }
+        for r in records {
+            if let Some(f) = r.health.failure {
+                m.connection_failures
+                    .get_or_create(&crate::serve::metrics::Cause {
+                        cause: f.name().into(),
+                    })
+                    .inc();
+            }
         }
         m.flows_active.set(self.table.len() as i64);
         m.flows_interval.set(records.len() as i64);

@@ -11,7 +11,9 @@ use libbpf_rs::{MapCore, MapFlags};
 use tracing::debug;
 
 use super::overflow::KeyBytes;
-use super::{from_bytes, Datapath, Drained, RawKey, RawStats, STAT_NAMES};
+use super::{
+    from_bytes, Datapath, Drained, RawConnHealth, RawConnKey, RawKey, RawStats, STAT_NAMES,
+};
 use crate::flow::{ConnKey, FlowKey, Sample};
 
 impl Datapath {
@@ -54,9 +56,22 @@ impl Datapath {
             &self.skel.maps.flows_b
         };
         let mut flows = Vec::new();
-        drain_map(map, &mut |k, v| {
+        drain_map(map, sizes::<RawKey, RawStats>(), &mut |k, v| {
             if let (Some(key), Some(val)) = (from_bytes::<RawKey>(k), from_bytes::<RawStats>(v)) {
                 flows.push((flow_key(&key), sample_of(&val, ns_per_tick)));
+            }
+        })?;
+        let health = if old == 0 {
+            &self.skel.maps.health_a
+        } else {
+            &self.skel.maps.health_b
+        };
+        let mut retransmits = Vec::new();
+        drain_map(health, sizes::<RawConnKey, RawConnHealth>(), &mut |k, v| {
+            if let (Some(key), Some(val)) =
+                (from_bytes::<RawConnKey>(k), from_bytes::<RawConnHealth>(v))
+            {
+                retransmits.push((conn_key(&key), val.retrans));
             }
         })?;
         self.poll_overflow();
@@ -77,6 +92,7 @@ impl Datapath {
             flows,
             stats: self.stats()?,
             overflow_dropped: dropped,
+            retransmits,
         })
     }
 
@@ -91,6 +107,22 @@ impl Datapath {
         }
         Ok(out)
     }
+}
+
+fn sizes<K, V>() -> (usize, usize) {
+    (std::mem::size_of::<K>(), std::mem::size_of::<V>())
+}
+
+/// The plain key of a health map entry (a connection without interface).
+fn conn_key(k: &RawConnKey) -> ConnKey {
+    let f = flow_key(&RawKey {
+        addr: k.addr,
+        port: k.port,
+        proto: k.proto,
+        family: k.family,
+        ..Default::default()
+    });
+    f.conn
 }
 
 /// The plain record of a kernel key.
@@ -125,19 +157,22 @@ fn sample_of(s: &RawStats, ns_per_tick: u64) -> Sample {
         tcp_flags: s.tcp_flags,
         open_side: s.open_side,
         first_side: s.first_side,
+        syns: s.syns,
+        unreach: s.unreach,
+        unreach_side: s.unreach_side as u8,
     }
 }
 
 /// Reads and deletes every entry of a map no program writes any more, in
 /// batches of 8192 (one syscall per batch); element by element if the
 /// kernel refuses batches.
-fn drain_map(map: &libbpf_rs::MapMut<'_>, each: &mut dyn FnMut(&[u8], &[u8])) -> Result<()> {
+fn drain_map(
+    map: &libbpf_rs::MapMut<'_>,
+    (ks, vs): (usize, usize),
+    each: &mut dyn FnMut(&[u8], &[u8]),
+) -> Result<()> {
     use std::os::fd::AsRawFd;
     const BATCH: u32 = 8192;
-    let (ks, vs) = (
-        std::mem::size_of::<RawKey>(),
-        std::mem::size_of::<RawStats>(),
-    );
     let mut keys = vec![0u8; ks * BATCH as usize];
     let mut vals = vec![0u8; vs * BATCH as usize];
     // The kernel's batch cursor for hash maps is opaque; key-sized is enough.

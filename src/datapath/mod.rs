@@ -26,7 +26,10 @@ mod skel {
     include!(concat!(env!("OUT_DIR"), "/flows.skel.rs"));
 }
 
-pub use skel::types::{flow_event as RawEvent, flow_key as RawKey, flow_stats as RawStats};
+pub use skel::types::{
+    conn_health as RawConnHealth, conn_key as RawConnKey, flow_event as RawEvent,
+    flow_key as RawKey, flow_stats as RawStats,
+};
 
 use overflow::Overflow;
 use skel::{FlowsSkel, FlowsSkelBuilder};
@@ -130,6 +133,9 @@ pub struct Drained {
     pub stats: [u64; STAT_NAMES.len()],
     /// Overflow packets that user space could not keep (its table full).
     pub overflow_dropped: u64,
+    /// TCP segments sent again per connection (side 0/1 of its key) in the
+    /// drain period, from the socket tracepoints.
+    pub retransmits: Vec<(crate::flow::ConnKey, [u64; 2])>,
 }
 
 /// Plain-data structs shared with the kernel: integers and arrays of
@@ -145,6 +151,9 @@ unsafe impl Plain for RawKey {}
 unsafe impl Plain for RawStats {}
 // SAFETY: as above.
 unsafe impl Plain for RawEvent {}
+// SAFETY: the generated mirrors of struct conn_key / conn_health: integers.
+unsafe impl Plain for RawConnKey {}
+unsafe impl Plain for RawConnHealth {}
 // SAFETY: an integer.
 unsafe impl Plain for u64 {}
 
@@ -215,6 +224,8 @@ fn load_hint(denied: bool) -> String {
 /// every interface (fields drop in order: hooks before the programs).
 pub struct Datapath {
     attached: HashMap<u32, Attached>,
+    /// The socket tracepoint programs' links (retransmits).
+    traces: Vec<libbpf_rs::Link>,
     ring: Option<RingBuffer<'static>>,
     overflow: Arc<Mutex<Overflow>>,
     skel: FlowsSkel<'static>,
@@ -267,8 +278,10 @@ impl Datapath {
             0
         })?;
         let ring = rb.build()?;
+        let traces = attach_traces(&skel);
         let mut dp = Datapath {
             attached: HashMap::new(),
+            traces,
             ring: Some(ring),
             overflow,
             skel,
@@ -314,20 +327,48 @@ impl Datapath {
     /// (the `memlock` the kernel reports for each map).
     pub fn map_memory(&self) -> Vec<(String, u64)> {
         let m = &self.skel.maps;
-        [&m.flows_a, &m.flows_b, &m.frags, &m.stats, &m.overflow]
-            .iter()
-            .map(|map| {
-                (
-                    map.name().to_string_lossy().into_owned(),
-                    memlock_of(map.as_fd()),
-                )
-            })
-            .collect()
+        [
+            &m.flows_a,
+            &m.flows_b,
+            &m.frags,
+            &m.stats,
+            &m.overflow,
+            &m.health_a,
+            &m.health_b,
+        ]
+        .iter()
+        .map(|map| {
+            (
+                map.name().to_string_lossy().into_owned(),
+                memlock_of(map.as_fd()),
+            )
+        })
+        .collect()
     }
+}
+
+/// Attaches the socket tracepoint programs. One that fails to attach is
+/// logged and left out: flows are still counted, without that signal.
+fn attach_traces(skel: &FlowsSkel<'static>) -> Vec<libbpf_rs::Link> {
+    let p = &skel.progs;
+    let mut out = Vec::new();
+    for (name, prog) in [
+        ("tcp_retransmit_skb", &p.flowmap_retransmit),
+        ("tcp_retransmit_synack", &p.flowmap_retransmit_synack),
+    ] {
+        match prog.attach() {
+            Ok(l) => out.push(l),
+            Err(e) => {
+                tracing::warn!(tracepoint = name, error = %e, "tracepoint not attached; retransmits are not counted")
+            }
+        }
+    }
+    out
 }
 
 impl Drop for Datapath {
     fn drop(&mut self) {
+        self.traces.clear();
         self.attached.clear();
         self.ring = None;
     }

@@ -48,6 +48,9 @@ impl Overflow {
         entry.tcp_flags[side] |= e.tcp_flags;
         entry.first_seen_ns = entry.first_seen_ns.min(e.ts_ns);
         entry.last_seen_ns = entry.last_seen_ns.max(e.ts_ns);
+        if e.opens != 0 && e.key.proto == proto::TCP {
+            entry.syns += 1;
+        }
         if e.opens != 0 && entry.open_side == 0 {
             entry.open_side = side as u8 + 1;
             if e.key.proto == proto::TCP {

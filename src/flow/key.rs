@@ -80,4 +80,10 @@ pub struct Sample {
     pub open_side: u8,
     /// 1/2: the side whose packet created the entry.
     pub first_side: u8,
+    /// TCP SYNs without ACK: the first and its retransmissions.
+    pub syns: u32,
+    /// ICMP/ICMPv6 destination-unreachable errors that quote this flow.
+    pub unreach: u32,
+    /// 1/2: the side whose packet the first of those errors quoted.
+    pub unreach_side: u8,
 }

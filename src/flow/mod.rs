@@ -4,11 +4,13 @@
 //! the graph builder aggregates. Plain types only: the datapath hands over
 //! `Observed` entries, never libbpf types.
 
+pub mod health;
 pub mod key;
 pub mod orient;
 pub mod record;
 pub mod table;
 
+pub use health::*;
 pub use key::*;
 pub use orient::*;
 pub use record::*;

@@ -53,4 +53,7 @@ pub struct FlowRecord {
     /// Handshake time measured in this interval (for interval statistics).
     #[serde(skip)]
     pub handshake_this_interval: Option<f64>,
+    /// Failure, SYN retransmits and resets (see `health`).
+    #[serde(flatten)]
+    pub health: Health,
 }

@@ -1,7 +1,7 @@
 //! The flow table: connections across intervals, merged from each drain,
 //! counted once across interfaces, bounded in entries and idle time.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +19,7 @@ struct Conn {
     syn_ns: u64,
     synack_ns: u64,
     flags: u32,
+    attempt: Attempt,
 }
 
 /// What one ingest needs besides the kernel entries.
@@ -38,6 +39,11 @@ pub struct FlowTable {
     /// first packet; earlier ones may have been open before the agent.
     started_ns: u64,
     pub evicted: u64,
+    /// TCP connections whose SYN waits for its SYN/ACK (a subset of conns).
+    pending: HashSet<ConnKey, foldhash::fast::RandomState>,
+    /// Segments sent again per connection (side 0/1) in the drain period,
+    /// from the socket tracepoints; taken by the next `ingest`.
+    retransmits: HashMap<ConnKey, [u64; 2], foldhash::fast::RandomState>,
 }
 
 impl FlowTable {
@@ -48,6 +54,8 @@ impl FlowTable {
             idle,
             started_ns,
             evicted: 0,
+            pending: HashSet::default(),
+            retransmits: HashMap::default(),
         }
     }
 
@@ -63,6 +71,18 @@ impl FlowTable {
 
     pub fn is_empty(&self) -> bool {
         self.conns.is_empty()
+    }
+
+    /// The retransmitted segments of the drain period (per connection,
+    /// side 0/1), for the next `ingest`. Connections it does not report
+    /// (their packets were not seen on an attached interface) are dropped.
+    pub fn set_retransmits(&mut self, r: impl IntoIterator<Item = (ConnKey, [u64; 2])>) {
+        self.retransmits.clear();
+        for (k, v) in r {
+            let e = self.retransmits.entry(k).or_default();
+            e[0] += v[0];
+            e[1] += v[1];
+        }
     }
 
     /// Merges one drain period's kernel entries and returns one record per
@@ -115,21 +135,54 @@ impl FlowTable {
                 .filter(|(i, _)| *i != owner)
                 .map(|(i, _)| (cx.name)(*i).to_string())
                 .collect();
-            let (conn, opened) = self.update_conn(&key, owner, &s, cx.host);
-            out.push(record(&key, &s, &conn, opened, others, cx));
+            let (conn, opened, mut health) = self.update_conn(&key, owner, &s, cx);
+            if let Some(rt) = self.retransmits.remove(&key) {
+                health.retransmits_client_to_server = rt[conn.client_side];
+                health.retransmits_server_to_client = rt[1 - conn.client_side];
+            }
+            out.push(record(&key, &s, &conn, opened, others, cx, health));
         }
+        self.retransmits.clear();
+        self.unanswered(cx, &mut out);
         self.expire(cx.now_mono_ns);
         out
     }
 
-    /// Updates (or creates: `true`) the connection.
+    /// Decides the attempts still waiting for a SYN/ACK that had no packet
+    /// this interval: past [`UNANSWERED_AFTER`] they are unanswered, in a
+    /// record of their own without packets.
+    fn unanswered(&mut self, cx: &Context, out: &mut Vec<FlowRecord>) {
+        let now = cx.now_mono_ns;
+        let conns = &mut self.conns;
+        self.pending.retain(|key| {
+            let Some(c) = conns.get_mut(key) else {
+                return false;
+            };
+            let h = c.handshake();
+            if !is_pending(key.proto, &h, &c.attempt) {
+                return false;
+            }
+            let empty = Sample::default();
+            let health = judge(key.proto, &empty, &h, &mut c.attempt, now);
+            if health.failure.is_none() {
+                return true;
+            }
+            let mut r = record(key, &empty, c, false, Vec::new(), cx, health);
+            r.handshake_this_interval = None;
+            out.push(r);
+            false
+        });
+    }
+
+    /// Updates (or creates: `true`) the connection and judges its health.
     fn update_conn(
         &mut self,
         key: &ConnKey,
         owner: u32,
         s: &Sample,
-        host: &HostView,
-    ) -> (Conn, bool) {
+        cx: &Context,
+    ) -> (Conn, bool, Health) {
+        let host = cx.host;
         let started_ns = self.started_ns;
         let mut opened = false;
         let c = self.conns.entry(*key).or_insert_with(|| {
@@ -144,6 +197,7 @@ impl FlowTable {
                 syn_ns: 0,
                 synack_ns: 0,
                 flags: 0,
+                attempt: Attempt::default(),
             }
         });
         c.owner = owner;
@@ -156,6 +210,9 @@ impl FlowTable {
         }
         // A SYN after a completed handshake starts a new one (tuple reuse).
         if s.syn_ns != 0 && (c.syn_ns == 0 || (c.synack_ns != 0 && s.syn_ns > c.synack_ns)) {
+            if c.syn_ns != 0 {
+                c.attempt = Attempt::default();
+            }
             c.syn_ns = s.syn_ns;
             c.synack_ns = 0;
         }
@@ -165,7 +222,12 @@ impl FlowTable {
         c.first_seen_ns = c.first_seen_ns.min(s.first_seen_ns);
         c.last_seen_ns = c.last_seen_ns.max(s.last_seen_ns);
         c.flags |= s.tcp_flags[0] | s.tcp_flags[1];
-        (c.clone(), opened)
+        let h = c.handshake();
+        let health = judge(key.proto, s, &h, &mut c.attempt, cx.now_mono_ns);
+        if is_pending(key.proto, &h, &c.attempt) {
+            self.pending.insert(*key);
+        }
+        (c.clone(), opened, health)
     }
 
     fn expire(&mut self, now: u64) {
@@ -192,6 +254,16 @@ impl FlowTable {
                 self.conns.remove(&k);
                 self.evicted += 1;
             }
+        }
+    }
+}
+
+impl Conn {
+    fn handshake(&self) -> Handshake {
+        Handshake {
+            client_side: self.client_side,
+            syn_ns: self.syn_ns,
+            synack_ns: self.synack_ns,
         }
     }
 }
@@ -224,6 +296,11 @@ fn merge(m: &mut Sample, s: &Sample) {
         m.open_side = s.open_side;
     }
     m.syn_ns = min_nonzero(m.syn_ns, s.syn_ns);
+    m.syns += s.syns;
+    m.unreach += s.unreach;
+    if m.unreach_side == 0 {
+        m.unreach_side = s.unreach_side;
+    }
     m.synack_ns = min_nonzero(m.synack_ns, s.synack_ns);
 }
 
@@ -242,6 +319,7 @@ fn record(
     opened: bool,
     also: Vec<String>,
     cx: &Context,
+    health: Health,
 ) -> FlowRecord {
     let cs = c.client_side;
     let ss = 1 - cs;
@@ -280,6 +358,7 @@ fn record(
         opened,
         reset: key.proto == proto::TCP && flags_now & TCP_RST != 0,
         handshake_this_interval: if s.synack_ns != 0 { rtt } else { None },
+        health,
     }
 }
 
@@ -338,6 +417,8 @@ mod tests {
             tcp_flags: [0x12, 0x02],
             open_side: 2,
             first_side: 2,
+            syns: 1,
+            ..Default::default()
         };
         let mut t = FlowTable::new(10, Duration::from_secs(60), 0);
         let recs = ingest(
@@ -353,7 +434,9 @@ mod tests {
              \"dst_ip\":\"10.0.0.1\",\"dst_port\":80,\"src_to_dst\":{\"packets\":4,\"bytes\":400},\
              \"dst_to_src\":{\"packets\":3,\"bytes\":300},\"tcp_flags\":[\"SYN\",\"ACK\"],\
              \"first_seen\":\"2023-11-14T22:13:20.000001Z\",\"last_seen\":\"2023-11-14T22:13:20.000009Z\",\
-             \"handshake_rtt_us\":0.5,\"orientation\":\"syn\",\"opened\":true,\"reset\":false}"
+             \"handshake_rtt_us\":0.5,\"orientation\":\"syn\",\"opened\":true,\"reset\":false,\
+             \"failure\":null,\"syn_retransmits\":0,\"resets_client\":0,\"resets_server\":0,\
+             \"retransmits_client_to_server\":0,\"retransmits_server_to_client\":0}"
         );
         assert_eq!(recs[0].handshake_this_interval, Some(0.5));
     }

@@ -17,6 +17,16 @@ pub struct Reason {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Cause {
+    pub cause: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Direction {
     pub direction: String,
 }
@@ -66,6 +76,10 @@ pub struct Metrics {
     pub kube_objects: Family<KindLabel, Gauge>,
     pub kube_watch_errors: Counter,
     pub kube_relists: Counter,
+    /// Edges of the last interval by status (all data sources).
+    pub edges_by_status: Family<StatusLabel, Gauge>,
+    /// Failed attempts to connect, by cause.
+    pub connection_failures: Family<Cause, Counter>,
     last_kernel: [AtomicU64; crate::datapath::STAT_NAMES.len()],
 }
 
@@ -99,12 +113,51 @@ impl Metrics {
             kube_objects: Family::default(),
             kube_watch_errors: Counter::default(),
             kube_relists: Counter::default(),
+            edges_by_status: Family::default(),
+            connection_failures: Family::default(),
             last_kernel: Default::default(),
         };
         m.register_flows(&mut r);
         m.register_sinks(&mut r);
         m.register_agent(&mut r);
+        m.register_health(&mut r);
         Metrics { registry: r, ..m }
+    }
+
+    /// Edge health: a fixed set of series (four statuses, three causes),
+    /// never one per edge.
+    fn register_health(&self, r: &mut Registry) {
+        for s in crate::status::Status::ALL {
+            let _ = self.edges_by_status.get_or_create(&StatusLabel {
+                status: s.name().into(),
+            });
+        }
+        for c in ["refused", "unanswered", "unreachable"] {
+            let _ = self
+                .connection_failures
+                .get_or_create(&Cause { cause: c.into() });
+        }
+        r.register(
+            "edges_by_status",
+            "Edges of the last interval by status (NoStatus, Green, Orange, Red), all data sources",
+            self.edges_by_status.clone(),
+        );
+        r.register(
+            "connection_failures",
+            "Failed attempts to connect, by cause (refused, unanswered, unreachable)",
+            self.connection_failures.clone(),
+        );
+    }
+
+    /// Sets the edges-by-status gauges from one interval's counts.
+    pub fn set_edge_status(&self, counts: &[(crate::status::Status, i64)]) {
+        for (s, n) in counts {
+            self.edges_by_status
+                .get_or_create(&StatusLabel {
+                    status: s.name().into(),
+                })
+                .set(*n);
+        }
     }
 
     /// Traffic and the kernel program.

@@ -154,6 +154,9 @@ pub enum By {
     Bytes,
     Connections,
     Packets,
+    /// Failed attempts to connect (all causes), then resets after
+    /// establishment.
+    Failures,
 }
 
 pub fn top(
@@ -164,9 +167,13 @@ pub fn top(
 ) -> Result<(Vec<EdgeRow>, Vec<NodeRow>)> {
     let mut edges = store.edges(since)?;
     let key = |e: &EdgeRow| match by {
-        By::Bytes => e.bytes(),
-        By::Connections => e.connections_active,
-        By::Packets => e.packets(),
+        By::Bytes => (e.bytes(), 0),
+        By::Connections => (e.connections_active, 0),
+        By::Packets => (e.packets(), 0),
+        By::Failures => (
+            e.health.connections_failed.total(),
+            e.health.resets_client + e.health.resets_server,
+        ),
     };
     edges.sort_by(|a, b| {
         key(b)
@@ -189,8 +196,8 @@ pub fn top_table(edges: &[EdgeRow], nodes: &[NodeRow]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<28} {:<28} {:>11} {:>8} {:>10} {:>14} {:>10}",
-        "CLIENT", "SERVER", "PROTO/PORT", "CONNS", "PACKETS", "BYTES", "RTT_US"
+        "{:<28} {:<28} {:>11} {:>8} {:>10} {:>14} {:>10} {:>7} {:>7} STATUS",
+        "CLIENT", "SERVER", "PROTO/PORT", "CONNS", "PACKETS", "BYTES", "RTT_US", "FAILED", "RESETS"
     );
     for e in edges {
         let rtt = e
@@ -199,14 +206,17 @@ pub fn top_table(edges: &[EdgeRow], nodes: &[NodeRow]) -> String {
             .unwrap_or_else(|| "-".into());
         let _ = writeln!(
             out,
-            "{:<28} {:<28} {:>11} {:>8} {:>10} {:>14} {:>10}",
+            "{:<28} {:<28} {:>11} {:>8} {:>10} {:>14} {:>10} {:>7} {:>7} {}",
             name_of(nodes, &e.source),
             name_of(nodes, &e.target),
             format!("{}/{}", e.protocol, e.port),
             e.connections_active,
             e.packets(),
             e.bytes(),
-            rtt
+            rtt,
+            e.health.connections_failed.total(),
+            e.health.resets_client + e.health.resets_server,
+            e.health.status.name()
         );
     }
     out

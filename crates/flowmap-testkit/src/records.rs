@@ -64,5 +64,6 @@ pub fn between(
         opened: false,
         reset: false,
         handshake_this_interval: None,
+        health: Default::default(),
     }
 }

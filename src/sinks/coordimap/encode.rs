@@ -223,7 +223,9 @@ pub fn each_element<E>(
     for ep in always.iter().chain(graph.endpoints.values()) {
         let kind = ep.kind.element_type();
         if seen.insert((kind, &ep.id)) {
-            each(Element::new(ep, &ep.name, &ep.id, kind, &at))?;
+            let mut e = Element::new(ep, &ep.name, &ep.id, kind, &at);
+            e.status = endpoint_status(graph, &ep.id).to_string();
+            each(e)?;
         }
     }
     // Edges are ordered by (client, server, …): a pair's edges are
@@ -246,7 +248,9 @@ pub fn each_element<E>(
             interval_end: &at,
             flows,
         };
-        each(Element::new(&payload, &id, &id, RELATIONSHIP_TYPE, &at))?;
+        let mut e = Element::new(&payload, &id, &id, RELATIONSHIP_TYPE, &at);
+        e.status = relationship_status(&payload.flows).to_string();
+        each(e)?;
     }
     Ok(())
 }
@@ -331,6 +335,26 @@ pub fn body_len(
     // Writing to a counter cannot fail.
     let _ = write_body(&mut c, graph, always, src, skip_fields, interval);
     c.0
+}
+
+/// A server endpoint's status: the worst of its incoming edges.
+fn endpoint_status(graph: &Graph, id: &str) -> &'static str {
+    graph
+        .endpoint_status
+        .get(id)
+        .copied()
+        .unwrap_or_default()
+        .name()
+}
+
+/// A relationship's status: the worst of its (protocol, port) entries.
+fn relationship_status(flows: &[&EdgeStats]) -> &'static str {
+    flows
+        .iter()
+        .map(|f| f.health.status)
+        .max()
+        .unwrap_or_default()
+        .name()
 }
 
 /// The collector's reply.

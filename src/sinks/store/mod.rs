@@ -122,7 +122,8 @@ impl rusqlite::ToSql for Val {
 }
 
 /// The schema, one step per version, per driver.
-const SQLITE_MIGRATIONS: &[&str] = &["
+const SQLITE_MIGRATIONS: &[&str] = &[
+    "
 CREATE TABLE crawl_runs (
   id INTEGER PRIMARY KEY AUTOINCREMENT,
   data_source_id TEXT NOT NULL,
@@ -168,7 +169,20 @@ CREATE TABLE edge_stats (
   last_seen_ms BIGINT NOT NULL
 );
 CREATE INDEX edge_stats_run ON edge_stats (run_id);
-"];
+",
+    "
+ALTER TABLE edge_stats ADD COLUMN connections_attempted BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE edge_stats ADD COLUMN failed_refused BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE edge_stats ADD COLUMN failed_unanswered BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE edge_stats ADD COLUMN failed_unreachable BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE edge_stats ADD COLUMN syn_retransmits BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE edge_stats ADD COLUMN resets_client BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE edge_stats ADD COLUMN resets_server BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE edge_stats ADD COLUMN status_rank BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE edge_stats ADD COLUMN retrans_c2s BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE edge_stats ADD COLUMN retrans_s2c BIGINT NOT NULL DEFAULT 0;
+",
+];
 
 fn postgres_migrations() -> Vec<String> {
     SQLITE_MIGRATIONS
@@ -202,6 +216,9 @@ pub struct EdgeRow {
     pub tcp_resets: u64,
     pub first_seen_ms: i64,
     pub last_seen_ms: i64,
+    /// Health summed over the window; `status` is the worst of its intervals.
+    #[serde(flatten)]
+    pub health: crate::status::EdgeHealth,
 }
 
 impl EdgeRow {
@@ -237,7 +254,12 @@ SELECT s.source_id, s.destination_id, s.protocol, s.port,
   CAST(SUM(s.packets_s2c) AS BIGINT), CAST(SUM(s.bytes_s2c) AS BIGINT),
   CAST(SUM(s.handshake_count) AS BIGINT), MIN(s.handshake_min_us),
   SUM(COALESCE(s.handshake_mean_us, 0) * s.handshake_count), MAX(s.handshake_max_us),
-  CAST(SUM(s.tcp_resets) AS BIGINT), MIN(s.first_seen_ms), MAX(s.last_seen_ms)
+  CAST(SUM(s.tcp_resets) AS BIGINT), MIN(s.first_seen_ms), MAX(s.last_seen_ms),
+  CAST(SUM(s.connections_attempted) AS BIGINT), CAST(SUM(s.failed_refused) AS BIGINT),
+  CAST(SUM(s.failed_unanswered) AS BIGINT), CAST(SUM(s.failed_unreachable) AS BIGINT),
+  CAST(SUM(s.syn_retransmits) AS BIGINT), CAST(SUM(s.resets_client) AS BIGINT),
+  CAST(SUM(s.resets_server) AS BIGINT), CAST(MAX(s.status_rank) AS BIGINT),
+  CAST(SUM(s.retrans_c2s) AS BIGINT), CAST(SUM(s.retrans_s2c) AS BIGINT)
 FROM edge_stats s JOIN crawl_runs r ON r.id = s.run_id
 WHERE r.interval_end_ms >= $1
 GROUP BY s.source_id, s.destination_id, s.protocol, s.port";
@@ -435,8 +457,11 @@ impl Store {
         self.run(
             "INSERT INTO edge_stats (run_id, source_id, destination_id, protocol, port, connections_opened, connections_active,
                packets_c2s, bytes_c2s, packets_s2c, bytes_s2c, handshake_count, handshake_min_us, handshake_mean_us,
-               handshake_max_us, tcp_resets, first_seen_ms, last_seen_ms)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
+               handshake_max_us, tcp_resets, first_seen_ms, last_seen_ms, connections_attempted, failed_refused,
+               failed_unanswered, failed_unreachable, syn_retransmits, resets_client, resets_server, status_rank,
+               retrans_c2s, retrans_s2c)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18,
+               $19, $20, $21, $22, $23, $24, $25, $26, $27, $28)",
             &[
                 Val::I(run_id),
                 Val::T(k.client.to_string()),
@@ -456,7 +481,10 @@ impl Store {
                 Val::I(e.tcp_resets as i64),
                 Val::I(first),
                 Val::I(unix_ms(e.last_seen)),
-            ],
+            ]
+            .into_iter()
+            .chain(health_vals(&e.health))
+            .collect::<Vec<_>>(),
         )?;
         Ok(())
     }
@@ -548,6 +576,7 @@ fn edge_row(r: &dyn Cells) -> Result<EdgeRow> {
         tcp_resets: n(14)?,
         first_seen_ms: r.int(15)?,
         last_seen_ms: r.int(16)?,
+        health: health_of(r, 17)?,
     })
 }
 
@@ -560,6 +589,49 @@ fn node_row(r: &dyn Cells) -> Result<NodeRow> {
         payload: serde_json::from_str(&r.text(3)?).unwrap_or(serde_json::Value::Null),
         first_seen_ms: r.int(4)?,
         last_seen_ms: r.int(5)?,
+    })
+}
+
+/// The health columns of an edge row, in the order of the insert.
+fn health_vals(h: &crate::status::EdgeHealth) -> [Val; 10] {
+    let f = &h.connections_failed;
+    let rank = crate::status::Status::ALL
+        .iter()
+        .position(|s| *s == h.status)
+        .unwrap_or(0);
+    [
+        Val::I(h.connections_attempted as i64),
+        Val::I(f.refused as i64),
+        Val::I(f.unanswered as i64),
+        Val::I(f.unreachable as i64),
+        Val::I(h.syn_retransmits as i64),
+        Val::I(h.resets_client as i64),
+        Val::I(h.resets_server as i64),
+        Val::I(rank as i64),
+        Val::I(h.retransmits_client_to_server as i64),
+        Val::I(h.retransmits_server_to_client as i64),
+    ]
+}
+
+/// The health columns of EDGE_QUERY, from column `at` on.
+fn health_of(r: &dyn Cells, at: usize) -> Result<crate::status::EdgeHealth> {
+    let n = |i: usize| r.int(at + i).map(|v| v as u64);
+    Ok(crate::status::EdgeHealth {
+        connections_attempted: n(0)?,
+        connections_failed: crate::status::Failures {
+            refused: n(1)?,
+            unanswered: n(2)?,
+            unreachable: n(3)?,
+        },
+        syn_retransmits: n(4)?,
+        resets_client: n(5)?,
+        resets_server: n(6)?,
+        status: crate::status::Status::ALL
+            .get(n(7)? as usize)
+            .copied()
+            .unwrap_or_default(),
+        retransmits_client_to_server: n(8)?,
+        retransmits_server_to_client: n(9)?,
     })
 }
 

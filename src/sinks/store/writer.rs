@@ -442,6 +442,7 @@ mod tests {
                     opened: true,
                     reset: false,
                     handshake_this_interval: None,
+                    health: Default::default(),
                 }
             })
             .collect();

@@ -1,0 +1,466 @@
+//! Edge health end to end: real failures between two namespaces (a client
+//! "node" where the agent runs, and a server namespace behind a veth),
+//! the agent binary's flow records, its Coordimap batches on a loopback
+//! collector, and `flowmap top --by failures` over its local store, all
+//! compared with exact counts and with the kernel's own counters (nstat).
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use flowmap_testkit::agent::{http_get, Agent};
+use flowmap_testkit::collector;
+use flowmap_testkit::net::{privileged_serial, Netns};
+use flowmap_testkit::tempdir::TempDir;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// The client namespace (where the agent runs) and the server namespace,
+/// joined by a veth whose outer end is in the client namespace.
+struct Rig {
+    node: Netns,
+    srv: Netns,
+}
+
+impl Rig {
+    fn new() -> Rig {
+        let node = Netns::builder().no_link().build().unwrap();
+        let srv = Netns::builder().host_in(&node).no_v6().build().unwrap();
+        Rig { node, srv }
+    }
+
+    /// A counter of `nstat` (e.g. TcpRetransSegs) in namespace `ns`, since
+    /// the namespace was made.
+    fn nstat(ns: &Netns, name: &str) -> u64 {
+        let out = ns.exec(&["nstat", "-azs", name]);
+        out.lines()
+            .find_map(|l| {
+                let mut w = l.split_whitespace();
+                (w.next() == Some(name)).then(|| w.next().unwrap().parse().unwrap())
+            })
+            .unwrap_or_else(|| panic!("no {name} in nstat output:\n{out}"))
+    }
+
+    fn nft(&self, rules: &str) {
+        self.srv.exec(&["nft", rules]);
+    }
+}
+
+/// The map page of the agent on `port` in namespace `ns`, rendered by a
+/// headless Chromium in that namespace: its DOM.
+fn map_page(ns: &Netns, port: u16) -> String {
+    let profile = TempDir::new("health-chromium");
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.ns,
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+        ])
+        .args([
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args([
+            "--virtual-time-budget=15000",
+            "--window-size=1400,900",
+            "--dump-dom",
+        ])
+        .arg(format!("http://127.0.0.1:{port}/"))
+        .output()
+        .expect("chromium runs (scripts/setup.sh installs it)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The flow records of the agent's stdout.
+fn records(out: &str) -> Vec<serde_json::Value> {
+    out.lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Relationship payload entries and element statuses of every batch:
+/// (element id → statuses in order), ((protocol, port) → entries).
+type Entries = HashMap<(String, u64), Vec<serde_json::Value>>;
+
+fn batches(bodies: &[Vec<u8>], rel: &str) -> (HashMap<String, Vec<String>>, Entries) {
+    let mut status: HashMap<String, Vec<String>> = HashMap::new();
+    let mut entries: Entries = HashMap::new();
+    for b in bodies {
+        let batch: flowmap::sinks::coordimap::Batch = serde_json::from_slice(b).unwrap();
+        for e in &batch.cloud_crawl_data.crawled_data.data {
+            status
+                .entry(e.id.clone())
+                .or_default()
+                .push(e.status.clone());
+            if e.id != rel {
+                continue;
+            }
+            let p: serde_json::Value = serde_json::from_slice(&e.payload().unwrap()).unwrap();
+            for f in p["flows"].as_array().unwrap() {
+                let k = (
+                    f["protocol"].as_str().unwrap().to_string(),
+                    f["port"].as_u64().unwrap(),
+                );
+                entries.entry(k).or_default().push(f.clone());
+            }
+        }
+    }
+    (status, entries)
+}
+
+fn sum(entries: &[serde_json::Value], path: &[&str]) -> u64 {
+    entries
+        .iter()
+        .map(|e| path.iter().fold(e, |v, k| &v[*k]).as_u64().unwrap_or(0))
+        .sum()
+}
+
+const REFUSED_PORT: u16 = 5999;
+const SILENT_PORT: u16 = 5998;
+const CLOSED_UDP_PORT: u16 = 5997;
+const CLEAN_PORT: u16 = 5996;
+
+#[test]
+fn failures_by_cause_exact_with_status_and_top() {
+    let Some(_g) = privileged_serial("failures_by_cause_exact_with_status_and_top", &SERIAL) else {
+        return;
+    };
+    let rig = Rig::new();
+    let peer = rig.srv.peer_v4.clone();
+    // SYNs to SILENT_PORT vanish.
+    rig.nft("add table inet fmhealth");
+    rig.nft("add chain inet fmhealth in { type filter hook input priority 0; }");
+    rig.nft(&format!(
+        "add rule inet fmhealth in tcp dport {SILENT_PORT} tcp flags & (syn|ack) == syn drop"
+    ));
+    // A clean server: reads everything, answers, closes.
+    let clean = rig
+        .srv
+        .run_in(move || TcpListener::bind(("0.0.0.0", CLEAN_PORT)).unwrap())
+        .unwrap();
+    let server = std::thread::spawn(move || {
+        for _ in 0..2 {
+            let (mut s, _) = clean.accept().unwrap();
+            let mut buf = Vec::new();
+            s.read_to_end(&mut buf).unwrap();
+            s.write_all(&buf[..100]).unwrap();
+        }
+    });
+    let col = rig.node.run_in(collector::Server::start).unwrap();
+    let state = TempDir::new("health");
+    let agent = Agent::builder(env!("CARGO_BIN_EXE_flowmap"))
+        .id("health")
+        .iface(&rig.srv.host)
+        .interval("1s")
+        .netns(&rig.node)
+        .api_key("k")
+        .args(&["--endpoint", &col.url()])
+        .state_dir(state.path())
+        .start()
+        .unwrap();
+    let retrans_before = Rig::nstat(&rig.node, "TcpRetransSegs");
+    let unreach_before = Rig::nstat(&rig.srv, "IcmpOutDestUnreachs");
+
+    let p = peer.clone();
+    rig.node
+        .run_in(move || {
+            let dst: SocketAddr = format!("{p}:0").parse().unwrap();
+            // Three connects to a port without a listener: refused.
+            for _ in 0..3 {
+                let e = TcpStream::connect((dst.ip(), REFUSED_PORT)).unwrap_err();
+                assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused);
+            }
+            // Two connects whose SYNs are dropped, side by side: each gives
+            // up after 1.5 s (the SYN was sent again once, at 1 s).
+            let silent: Vec<_> = (0..2)
+                .map(|_| {
+                    std::thread::spawn(move || {
+                        let a = SocketAddr::new(dst.ip(), SILENT_PORT);
+                        TcpStream::connect_timeout(&a, Duration::from_millis(1500)).unwrap_err()
+                    })
+                })
+                .collect();
+            // Three datagrams from three sockets to a closed UDP port.
+            for _ in 0..3 {
+                let u = UdpSocket::bind("0.0.0.0:0").unwrap();
+                u.send_to(b"anyone?", (dst.ip(), CLOSED_UDP_PORT)).unwrap();
+            }
+            // Two clean exchanges.
+            for _ in 0..2 {
+                let mut s = TcpStream::connect((dst.ip(), CLEAN_PORT)).unwrap();
+                s.write_all(&[5u8; 1000]).unwrap();
+                s.shutdown(std::net::Shutdown::Write).unwrap();
+                let mut back = Vec::new();
+                s.read_to_end(&mut back).unwrap();
+                assert_eq!(back.len(), 100);
+            }
+            for s in silent {
+                assert_eq!(s.join().unwrap().kind(), std::io::ErrorKind::TimedOut);
+            }
+        })
+        .unwrap();
+    server.join().unwrap();
+    // The unanswered attempts are decided 3 s after their first SYN, at a
+    // drain: wait for two more intervals past that.
+    std::thread::sleep(Duration::from_millis(4500));
+    let syn_retransmits = Rig::nstat(&rig.node, "TcpRetransSegs") - retrans_before;
+    let icmp_sent = Rig::nstat(&rig.srv, "IcmpOutDestUnreachs") - unreach_before;
+    let port = agent.port();
+    let metrics = rig
+        .node
+        .run_in(move || http_get(port, "/metrics").unwrap().1)
+        .unwrap();
+    let dom = map_page(&rig.node, port);
+    let (out, err) = agent.stop().unwrap();
+    let recs = records(&out);
+
+    let of_port = |proto: &str, port: u16| -> Vec<&serde_json::Value> {
+        recs.iter()
+            .filter(|r| r["protocol"] == proto && r["dst_port"] == port && r["dst_ip"] == *peer)
+            .collect()
+    };
+    let failures = |proto: &str, port: u16, cause: &str| -> usize {
+        of_port(proto, port)
+            .iter()
+            .filter(|r| r["failure"] == cause)
+            .count()
+    };
+    // Refused: one failure per attempt, nothing else.
+    assert_eq!(failures("tcp", REFUSED_PORT, "refused"), 3, "{out}\n{err}");
+    assert!(of_port("tcp", REFUSED_PORT)
+        .iter()
+        .all(|r| r["failure"] == "refused" && r["resets_server"] == 0));
+    // Unanswered: one per attempt; the SYNs sent again are the kernel's.
+    assert_eq!(
+        failures("tcp", SILENT_PORT, "unanswered"),
+        2,
+        "{out}\n{err}"
+    );
+    let retx: u64 = of_port("tcp", SILENT_PORT)
+        .iter()
+        .map(|r| r["syn_retransmits"].as_u64().unwrap())
+        .sum();
+    assert_eq!((retx, syn_retransmits), (2, 2));
+    // Unreachable: every ICMP error the server sent, on its own UDP flow.
+    assert_eq!(icmp_sent, 3);
+    let udp = of_port("udp", CLOSED_UDP_PORT);
+    let mut ports: Vec<u64> = udp
+        .iter()
+        .filter(|r| r["failure"] == "unreachable")
+        .map(|r| r["src_port"].as_u64().unwrap())
+        .collect();
+    ports.sort();
+    ports.dedup();
+    assert_eq!(ports.len(), 3, "{out}");
+    // Clean traffic: no failure, no reset.
+    let clean = of_port("tcp", CLEAN_PORT);
+    assert!(!clean.is_empty());
+    assert!(clean.iter().all(|r| r["failure"].is_null()
+        && r["resets_client"] == 0
+        && r["resets_server"] == 0
+        && r["syn_retransmits"] == 0));
+
+    // The relationship payload and the statuses.
+    let host = format!("health-flows.host-{}", flowmap::enrich::host::hostname());
+    let ext = format!("health-flows.external-{peer}");
+    let rel = format!("{host}.{ext}");
+    let (status, entries) = batches(&col.bodies(), &rel);
+    let e = |proto: &str, port: u16| entries[&(proto.to_string(), port as u64)].clone();
+    let refused = e("tcp", REFUSED_PORT);
+    assert_eq!(sum(&refused, &["connections_failed", "refused"]), 3);
+    assert_eq!(sum(&refused, &["connections_attempted"]), 3);
+    assert!(refused.iter().all(|f| f["status"] == "Red"));
+    let silent = e("tcp", SILENT_PORT);
+    assert_eq!(sum(&silent, &["connections_failed", "unanswered"]), 2);
+    assert_eq!(sum(&silent, &["syn_retransmits"]), 2);
+    assert!(silent
+        .iter()
+        .filter(|f| f["connections_failed"]["unanswered"].as_u64() > Some(0))
+        .all(|f| f["status"] == "Red"));
+    let udp = e("udp", CLOSED_UDP_PORT);
+    assert_eq!(sum(&udp, &["connections_failed", "unreachable"]), 3);
+    let clean = e("tcp", CLEAN_PORT);
+    assert_eq!(sum(&clean, &["connections_opened"]), 2);
+    assert!(clean.iter().all(|f| f["status"] == "Green"), "{clean:?}");
+    // The relationship and the server endpoint went Red.
+    assert!(status[&rel].iter().any(|s| s == "Red"));
+    assert!(status[&ext].iter().any(|s| s == "Red"));
+    // The host is the server only of the ICMP errors' own flow: not Red.
+    assert!(
+        status[&host].iter().all(|s| s != "Red"),
+        "{:?}",
+        status[&host]
+    );
+
+    // /metrics: failures by cause, edges by status: a fixed set of series.
+    let series = |prefix: &str| -> Vec<String> {
+        let mut v: Vec<String> = metrics
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .map(String::from)
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        series("flowmap_connection_failures_total"),
+        vec![
+            "flowmap_connection_failures_total{cause=\"refused\"} 3",
+            "flowmap_connection_failures_total{cause=\"unanswered\"} 2",
+            "flowmap_connection_failures_total{cause=\"unreachable\"} 3",
+        ],
+        "{metrics}"
+    );
+    let statuses: Vec<String> = series("flowmap_edges_by_status")
+        .iter()
+        .map(|l| l.split(' ').next().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        statuses,
+        ["Green", "NoStatus", "Orange", "Red"]
+            .map(|s| format!("flowmap_edges_by_status{{status=\"{s}\"}}"))
+    );
+
+    // The map page lists the failing edges first, with their causes.
+    let rows: Vec<&str> = dom
+        .split("<tr class=\"edge-row\"")
+        .skip(1)
+        .map(|r| {
+            r.split("data-status=\"")
+                .nth(1)
+                .unwrap()
+                .split('"')
+                .next()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(&rows[..3], ["Red", "Red", "Red"], "{dom}");
+    assert!(rows[3..].iter().all(|s| *s != "Red"), "{rows:?}");
+    assert!(dom.contains("title=\"Red: 3 refused\""), "{dom}");
+    assert!(dom.contains("title=\"Red: 3 unreachable\""), "{dom}");
+
+    // `flowmap top --by failures` over the local store.
+    let top = Command::new(env!("CARGO_BIN_EXE_flowmap"))
+        .args(["top", "--by", "failures", "--limit", "3", "--state-dir"])
+        .arg(state.path())
+        .output()
+        .unwrap();
+    let top = String::from_utf8_lossy(&top.stdout).to_string();
+    let rows: Vec<Vec<&str>> = top
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    let cols = |r: &Vec<&str>| (r[2].to_string(), r[7].to_string(), r[9].to_string());
+    assert_eq!(
+        rows.iter().map(cols).collect::<Vec<_>>(),
+        vec![
+            // Ties in port order.
+            (format!("udp/{CLOSED_UDP_PORT}"), "3".into(), "Red".into()),
+            (format!("tcp/{REFUSED_PORT}"), "3".into(), "Red".into()),
+            (format!("tcp/{SILENT_PORT}"), "2".into(), "Red".into()),
+        ],
+        "{top}"
+    );
+}
+
+const LOSSY_PORT: u16 = 5995;
+
+#[test]
+fn retransmits_equal_the_senders_tcp_retrans_segs_and_make_the_edge_orange() {
+    let Some(_g) = privileged_serial(
+        "retransmits_equal_the_senders_tcp_retrans_segs_and_make_the_edge_orange",
+        &SERIAL,
+    ) else {
+        return;
+    };
+    let rig = Rig::new();
+    let peer = rig.srv.peer_v4.clone();
+    // The receiver drops one in 20 data segments of the transfer at random.
+    rig.nft("add table inet fmloss");
+    rig.nft("add chain inet fmloss in { type filter hook input priority 0; }");
+    rig.nft(&format!(
+        "add rule inet fmloss in tcp dport {LOSSY_PORT} meta length gt 200 numgen random mod 20 == 0 drop"
+    ));
+    let listener = rig
+        .srv
+        .run_in(move || TcpListener::bind(("0.0.0.0", LOSSY_PORT)).unwrap())
+        .unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).unwrap();
+        s.write_all(&(buf.len() as u64).to_be_bytes()).unwrap();
+    });
+    let col = rig.node.run_in(collector::Server::start).unwrap();
+    let state = TempDir::new("health-loss");
+    let agent = Agent::builder(env!("CARGO_BIN_EXE_flowmap"))
+        .id("health")
+        .iface(&rig.srv.host)
+        .interval("1s")
+        .netns(&rig.node)
+        .api_key("k")
+        .args(&["--endpoint", &col.url()])
+        .state_dir(state.path())
+        .no_web()
+        .start()
+        .unwrap();
+    let sent_before = Rig::nstat(&rig.node, "TcpRetransSegs");
+    let back_before = Rig::nstat(&rig.srv, "TcpRetransSegs");
+    let p = peer.clone();
+    let got = rig
+        .node
+        .run_in(move || {
+            let mut s = TcpStream::connect((p.as_str(), LOSSY_PORT)).unwrap();
+            s.write_all(&vec![9u8; 4 << 20]).unwrap();
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut n = [0u8; 8];
+            s.read_exact(&mut n).unwrap();
+            u64::from_be_bytes(n)
+        })
+        .unwrap();
+    server.join().unwrap();
+    assert_eq!(got, 4 << 20);
+    // Two more intervals: every retransmission is drained.
+    std::thread::sleep(Duration::from_millis(2500));
+    let sent = Rig::nstat(&rig.node, "TcpRetransSegs") - sent_before;
+    let back = Rig::nstat(&rig.srv, "TcpRetransSegs") - back_before;
+    eprintln!("TcpRetransSegs delta: sender {sent}, receiver {back}");
+    let (out, err) = agent.stop().unwrap();
+    let recs: Vec<serde_json::Value> = records(&out)
+        .into_iter()
+        .filter(|r| r["protocol"] == "tcp" && r["dst_port"] == LOSSY_PORT)
+        .collect();
+    let total = |k: &str| -> u64 { recs.iter().map(|r| r[k].as_u64().unwrap()).sum() };
+    assert!(sent > 0, "the drop rule made no loss");
+    assert_eq!(
+        (
+            total("retransmits_client_to_server"),
+            total("retransmits_server_to_client")
+        ),
+        (sent, back),
+        "{out}\n{err}"
+    );
+    let host = format!("health-flows.host-{}", flowmap::enrich::host::hostname());
+    let rel = format!("{host}.health-flows.external-{peer}");
+    let (_, entries) = batches(&col.bodies(), &rel);
+    let lossy = &entries[&("tcp".to_string(), LOSSY_PORT as u64)];
+    assert_eq!(sum(lossy, &["retransmits_client_to_server"]), sent);
+    let statuses: Vec<&str> = lossy
+        .iter()
+        .filter(|f| f["retransmits_client_to_server"].as_u64() > Some(0))
+        .map(|f| f["status"].as_str().unwrap())
+        .collect();
+    assert!(
+        !statuses.is_empty() && statuses.iter().all(|s| *s == "Orange"),
+        "{statuses:?}"
+    );
+}

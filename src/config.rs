@@ -172,6 +172,9 @@ pub struct FlowsSource {
     pub crawl_interval: Duration,
     pub max_flows: u32,
     pub attach_mode: AttachMode,
+    /// Capture DNS answers and TLS server names to name external peers
+    /// (`capture_names`, default true).
+    pub capture_names: bool,
     /// The options as given (after expansion), for the wire's data source block.
     pub pairs: Vec<(String, String)>,
 }
@@ -188,6 +191,7 @@ impl FlowsSource {
             crawl_interval: Duration::from_secs(30),
             max_flows: DEFAULT_MAX_FLOWS,
             attach_mode: AttachMode::Auto,
+            capture_names: true,
             pairs: Vec::new(),
         }
     }
@@ -251,13 +255,14 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
-pub const KNOWN_OPTIONS: [&str; 6] = [
+pub const KNOWN_OPTIONS: [&str; 7] = [
     "interface_name",
     "deployedAt",
     "external_mappings",
     "crawl_interval",
     "max_flows",
     "attach_mode",
+    "capture_names",
 ];
 
 /// Expands `${NAME}` from `env`; `$${` is a literal `${`.
@@ -726,6 +731,11 @@ fn apply_option(cx: &mut Ctx, fs: &mut FlowsSource, name: &str, value: &str, pla
         "attach_mode" => match v.parse::<AttachMode>() {
             Ok(m) => fs.attach_mode = m,
             Err(_) => cx.errors.push(format!("{place}: value {value:?} is not allowed; allowed: auto, tcx, tc")),
+        },
+        "capture_names" => match v.to_ascii_lowercase().as_str() {
+            "true" | "on" | "yes" => fs.capture_names = true,
+            "false" | "off" | "no" => fs.capture_names = false,
+            _ => cx.errors.push(format!("{place}: value {value:?} is not allowed; allowed: true, false")),
         },
         other => cx.warnings.push(format!(
             "{place}: unknown option, ignored; did you mean {:?}?",

@@ -73,11 +73,34 @@ impl Datapath {
                 flows.push((flow_key(&k), s));
             }
         }
+        let (names, names_dropped) = self
+            .names
+            .lock()
+            .map_err(|_| anyhow!("names lock poisoned"))?
+            .take();
         Ok(Drained {
             flows,
             stats: self.stats()?,
             overflow_dropped: dropped,
+            names,
+            names_dropped,
         })
+    }
+
+    /// Turns name capture on or off in the kernel program (bpf/names.bpf.h).
+    pub fn set_capture_names(&mut self, on: bool) -> Result<()> {
+        let bss = self
+            .skel
+            .maps
+            .bss_data
+            .as_deref_mut()
+            .ok_or_else(|| anyhow!("the program's .bss is not memory-mapped"))?;
+        // SAFETY: plain u32s in the mmap'ed .bss the program reads.
+        unsafe {
+            std::ptr::write_volatile(&mut bss.names_per_sec, super::names::NAMES_PER_SEC_PER_CPU);
+            std::ptr::write_volatile(&mut bss.names_enabled, on as u32);
+        }
+        Ok(())
     }
 
     /// Kernel statistics since load, summed over CPUs.

@@ -5,6 +5,7 @@ pub mod attach;
 pub mod clock;
 mod drain;
 pub mod ifaces;
+pub mod names;
 mod overflow;
 
 use std::collections::HashMap;
@@ -35,7 +36,7 @@ use skel::types::flow_stat as Stat;
 
 /// The kernel statistics by their value in the generated `enum flow_stat`
 /// (bpf/flows.h), with the names /metrics and the logs use.
-const STATS: [(Stat, &str); 7] = [
+const STATS: [(Stat, &str); 9] = [
     (Stat::STAT_NON_IP, "non_ip"),
     (Stat::STAT_TRUNCATED, "truncated"),
     (Stat::STAT_BAD_HEADER, "bad_header"),
@@ -43,6 +44,8 @@ const STATS: [(Stat, &str); 7] = [
     (Stat::STAT_FRAG_NO_HEAD, "frag_no_head"),
     (Stat::STAT_MAP_FULL, "map_full"),
     (Stat::STAT_RING_LOST, "ring_lost"),
+    (Stat::STAT_NAMES_LIMITED, "names_limited"),
+    (Stat::STAT_NAMES_LOST, "names_lost"),
 ];
 
 /// Names of the kernel statistics, indexed by their enum value. A
@@ -94,6 +97,9 @@ pub struct Options {
     /// Entries of each of the two flow maps.
     pub max_flows: u32,
     pub mode: AttachMode,
+    /// Hand DNS answers and TLS ClientHellos to user space to name peers
+    /// (the `capture_names` option).
+    pub capture_names: bool,
 }
 
 impl Default for Options {
@@ -101,6 +107,7 @@ impl Default for Options {
         Options {
             max_flows: DEFAULT_MAX_FLOWS,
             mode: AttachMode::Auto,
+            capture_names: false,
         }
     }
 }
@@ -130,6 +137,10 @@ pub struct Drained {
     pub stats: [u64; STAT_NAMES.len()],
     /// Overflow packets that user space could not keep (its table full).
     pub overflow_dropped: u64,
+    /// DNS answers and ClientHello segments since the last drain, for the
+    /// name resolver, and how many did not fit user space's queue.
+    pub names: Vec<names::Captured>,
+    pub names_dropped: u64,
 }
 
 /// Plain-data structs shared with the kernel: integers and arrays of
@@ -217,6 +228,7 @@ pub struct Datapath {
     attached: HashMap<u32, Attached>,
     ring: Option<RingBuffer<'static>>,
     overflow: Arc<Mutex<Overflow>>,
+    names: Arc<Mutex<names::NameQueue>>,
     skel: FlowsSkel<'static>,
     active: u32,
     mode: AttachMode,
@@ -266,11 +278,20 @@ impl Datapath {
             }
             0
         })?;
+        let names = Arc::new(Mutex::new(names::NameQueue::default()));
+        let queue = names.clone();
+        rb.add(&skel.maps.names, move |data: &[u8]| {
+            if let Ok(mut q) = queue.lock() {
+                q.add(data);
+            }
+            0
+        })?;
         let ring = rb.build()?;
         let mut dp = Datapath {
             attached: HashMap::new(),
             ring: Some(ring),
             overflow,
+            names,
             skel,
             active: 0,
             mode: opts.mode,
@@ -279,6 +300,7 @@ impl Datapath {
             tick_start: (0, 0, std::time::Instant::now()),
             handover: Default::default(),
         };
+        dp.set_capture_names(opts.capture_names)?;
         // The tick is measured over 100 ms; the agent attaches meanwhile
         // and the first drain finishes the measurement.
         let (n0, j0) = dp.clock_sample()?;
@@ -314,15 +336,25 @@ impl Datapath {
     /// (the `memlock` the kernel reports for each map).
     pub fn map_memory(&self) -> Vec<(String, u64)> {
         let m = &self.skel.maps;
-        [&m.flows_a, &m.flows_b, &m.frags, &m.stats, &m.overflow]
-            .iter()
-            .map(|map| {
-                (
-                    map.name().to_string_lossy().into_owned(),
-                    memlock_of(map.as_fd()),
-                )
-            })
-            .collect()
+        [
+            &m.flows_a,
+            &m.flows_b,
+            &m.frags,
+            &m.stats,
+            &m.overflow,
+            &m.names,
+            &m.name_scratch,
+            &m.name_budget,
+            &m.hellos,
+        ]
+        .iter()
+        .map(|map| {
+            (
+                map.name().to_string_lossy().into_owned(),
+                memlock_of(map.as_fd()),
+            )
+        })
+        .collect()
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod host;
 pub mod kube;
+pub mod names;
 pub mod server;
 
 use std::net::IpAddr;
@@ -56,6 +57,12 @@ pub struct Endpoint {
     /// The node a pod runs on.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// A named external endpoint (issue 14): the DNS names and TLS server
+    /// names its clients used for it this interval.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dns_names: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tls_server_names: Vec<String>,
 }
 
 impl Endpoint {
@@ -70,6 +77,8 @@ impl Endpoint {
             workload_kind: None,
             workload_name: None,
             node: None,
+            dns_names: Vec::new(),
+            tls_server_names: Vec::new(),
         }
     }
 }
@@ -85,6 +94,10 @@ pub trait Resolve {
     fn holder(&self, _ip: IpAddr, _at: SystemTime) -> usize {
         0
     }
+    /// The endpoint of an external peer its clients know by `name`
+    /// (issue 14): `<data_source_id>-flows.external-<name>`, without
+    /// addresses yet.
+    fn named_external(&self, name: &str) -> Endpoint;
 }
 
 /// Link-scope control traffic, which is noise on a service map: to a

@@ -5,11 +5,13 @@
 //! `Observed` entries, never libbpf types.
 
 pub mod key;
+pub mod names;
 pub mod orient;
 pub mod record;
 pub mod table;
 
 pub use key::*;
+pub use names::EndNames;
 pub use orient::*;
 pub use record::*;
 pub use table::*;

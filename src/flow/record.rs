@@ -53,4 +53,9 @@ pub struct FlowRecord {
     /// Handshake time measured in this interval (for interval statistics).
     #[serde(skip)]
     pub handshake_this_interval: Option<f64>,
+    /// Names of the server end and of the client end (issue 14).
+    #[serde(skip_serializing_if = "EndNames::is_empty")]
+    pub dst_names: EndNames,
+    #[serde(skip_serializing_if = "EndNames::is_empty")]
+    pub src_names: EndNames,
 }

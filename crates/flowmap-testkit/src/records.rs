@@ -64,5 +64,7 @@ pub fn between(
         opened: false,
         reset: false,
         handshake_this_interval: None,
+        dst_names: Default::default(),
+        src_names: Default::default(),
     }
 }

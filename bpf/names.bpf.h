@@ -5,9 +5,10 @@
  * connection. Included by flows.bpf.c; its one call site is account().
  *
  * What leaves the kernel is the minimum: a DNS message from port 53 (at
- * most NAME_DNS_CAP bytes), and the segments of a client's TLS ClientHello
- * (at most NAME_TLS_CAP bytes each, at most HELLO_SEGS segments). Nothing
- * else of any payload. Each CPU hands over at most `names_per_sec` records
+ * most NAME_DNS_CAP bytes), and a client's TLS ClientHello, only the bytes
+ * of its handshake record (in records of at most NAME_TLS_CAP bytes, at
+ * most HELLO_SEGS per skb and HELLO_SEGS skbs per hello). Nothing else of
+ * any payload. Each CPU hands over at most `names_per_sec` records
  * a second; what is over that is counted (STAT_NAMES_LIMITED), and so is
  * what finds the ring full (STAT_NAMES_LOST).
  *
@@ -144,6 +145,20 @@ static __always_inline void names_emit(struct __sk_buff *skb, struct pkt *p, __u
 		stat_inc(STAT_NAMES_LOST);
 }
 
+/* Hands over the `len` bytes of a ClientHello at `off` in chunks of at
+ * most NAME_TLS_CAP: on egress with TSO/GSO (and after GRO), one skb holds
+ * several segments, often the whole hello. */
+static __always_inline void names_emit_hello(struct __sk_buff *skb, struct pkt *p, __u32 side,
+					     __u32 off, __u32 len, __u32 seq)
+{
+	for (__u32 i = 0; i < HELLO_SEGS; i++) {
+		__u32 done = i * NAME_TLS_CAP;
+		if (done >= len)
+			break;
+		names_emit(skb, p, side, NAME_TLS, off + done, len - done, seq + done);
+	}
+}
+
 /* Where the TCP payload of this packet starts, how long it is and its
  * sequence number; 0 on success. */
 static __always_inline int tcp_payload(struct __sk_buff *skb, struct pkt *p, __u32 *off,
@@ -171,7 +186,8 @@ static __noinline void names_hello(struct __sk_buff *skb, struct pkt *p, __u32 s
 	__u8 b[6];
 	if (len >= 6 && !load(skb, off, b, 6) && b[0] == 0x16 && b[1] == 0x03 && b[5] == 0x01) {
 		__u32 rec = (((__u32)b[3] << 8) | b[4]) + 5;
-		names_emit(skb, p, side, NAME_TLS, off, len, seq);
+		/* Only the hello: not what may follow it in the same skb. */
+		names_emit_hello(skb, p, side, off, len < rec ? len : rec, seq);
 		if (rec > len) {
 			struct hello_next n = { .seq = seq + len, .left = rec - len,
 						.segs = HELLO_SEGS - 1 };
@@ -184,7 +200,7 @@ static __noinline void names_hello(struct __sk_buff *skb, struct pkt *p, __u32 s
 	struct hello_next *n = bpf_map_lookup_elem(&hellos, &hk);
 	if (!n || n->seq != seq)
 		return;
-	names_emit(skb, p, side, NAME_TLS, off, len, seq);
+	names_emit_hello(skb, p, side, off, len < n->left ? len : n->left, seq);
 	if (len >= n->left || n->segs <= 1) {
 		bpf_map_delete_elem(&hellos, &hk);
 	} else {

@@ -263,8 +263,11 @@ fn a_dns_answer_names_the_peer_for_the_client_that_asked_only() {
     }
 }
 
-/// The TCP payload of an IPv4 Ethernet frame from `src` to port `dport`.
-fn payload_to<'a>(f: &'a [u8], src: &str, dport: u16) -> Option<&'a [u8]> {
+/// The first captured bytes and the length of the TCP payload of an IPv4
+/// Ethernet frame (`(length on the wire, first bytes)`, as the capture
+/// keeps it) from `src` to port `dport`.
+fn payload_to<'a>(f: &'a (usize, Vec<u8>), src: &str, dport: u16) -> Option<(&'a [u8], usize)> {
+    let (wire, f) = (f.0, &f.1);
     if f.get(12..14)? != [0x08, 0x00] || f.get(23)? != &6 {
         return None;
     }
@@ -277,7 +280,8 @@ fn payload_to<'a>(f: &'a [u8], src: &str, dport: u16) -> Option<&'a [u8]> {
         return None;
     }
     let off = l4 + (f.get(l4 + 12)? >> 4) as usize * 4;
-    f.get(off..14 + ip_len)
+    let len = (14 + ip_len).min(wire).checked_sub(off)?;
+    Some((f.get(off..)?, len))
 }
 
 #[test]
@@ -288,7 +292,26 @@ fn tls_server_names_name_the_peer_also_when_the_hello_is_split() {
     ) else {
         return;
     };
-    let v = Netns::new().unwrap();
+    // A node routing between a client and a server namespace; the agent
+    // runs in the node. The client's interface sends plain segments (no
+    // TSO/GSO), so a large ClientHello reaches the node as two skbs, as it
+    // does on a router or on a server without GRO.
+    let node = Netns::builder().no_link().build().unwrap();
+    let routed = |i: u8| {
+        let (gw, ip) = (format!("10.215.{i}.1"), format!("10.215.{i}.2"));
+        let ns = Netns::builder()
+            .pod()
+            .host_in(&node)
+            .v4(&gw, &ip, 24)
+            .no_v6()
+            .build()
+            .unwrap();
+        ns.exec(&["ip", "route", "add", "default", "via", &gw]);
+        ns
+    };
+    let (client, server) = (routed(1), routed(2));
+    node.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    client.exec(&["ethtool", "-K", "eth0", "tso", "off", "gso", "off"]);
     let dir = TempDir::new("names-tls");
     let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
     sh(&[
@@ -309,11 +332,9 @@ fn tls_server_names_name_the_peer_also_when_the_hello_is_split() {
         "-out",
         cert.to_str().unwrap(),
     ]);
-    // Segments as the wire carries them: no GSO/TSO super-packets here.
-    sh(&["ethtool", "-K", &v.host, "tso", "off", "gso", "off"]);
-    let mut server = std::process::Command::new("ip")
+    let mut tls_server = std::process::Command::new("ip")
         .args([
-            "netns", "exec", &v.ns, "openssl", "s_server", "-quiet", "-naccept", "2",
+            "netns", "exec", &server.ns, "openssl", "s_server", "-quiet", "-naccept", "2",
         ])
         .args([
             "-accept",
@@ -329,14 +350,32 @@ fn tls_server_names_name_the_peer_also_when_the_hello_is_split() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    let col = collector::Server::start();
+    let col = node.run_in(collector::Server::start).unwrap();
     let state = TempDir::new("names");
-    let cap = flowmap_testkit::traffic::Capture::start(v.ifindex());
-    let agent = agent(&v.host, &col, &state).start().unwrap();
-    let peer = format!("{}:4433", v.peer_v4);
-    let client = |extra: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .args(["s_client", "-connect", &peer])
+    // (`ip netns exec` mounts the node's /sys.)
+    let idx: u32 = node
+        .exec(&["cat", &format!("/sys/class/net/{}/ifindex", client.host)])
+        .trim()
+        .parse()
+        .unwrap();
+    let cap = node
+        .run_in(move || flowmap_testkit::traffic::Capture::start(idx))
+        .unwrap();
+    let agent = agent(&client.host, &col, &state)
+        .netns(&node)
+        .start()
+        .unwrap();
+    let tls_client = |extra: &[&str]| {
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &client.ns,
+                "openssl",
+                "s_client",
+                "-connect",
+                "10.215.2.2:4433",
+            ])
             .args(extra)
             .stdin(std::process::Stdio::null())
             .output()
@@ -347,50 +386,50 @@ fn tls_server_names_name_the_peer_also_when_the_hello_is_split() {
             String::from_utf8_lossy(&out.stderr)
         );
     };
-    client(&["-servername", "api.tls.test"]);
+    tls_client(&["-servername", "api.tls.test"]);
     // Twelve ALPN protocols of 203 bytes: a ClientHello of about 2.7 KB,
-    // more than one segment.
+    // two segments.
     let alpn: Vec<String> = (0..12)
         .map(|i| format!("p{i:02}{}", "x".repeat(200)))
         .collect();
-    client(&["-servername", "Big.TLS.test.", "-alpn", &alpn.join(",")]);
-    let _ = server.wait();
+    tls_client(&["-servername", "Big.TLS.test.", "-alpn", &alpn.join(",")]);
+    let _ = tls_server.wait();
     std::thread::sleep(Duration::from_millis(1500));
     let frames = cap.finish();
     let (out, err) = agent.stop().unwrap();
 
     // The big hello really crossed the interface split: its first segment
     // starts a handshake record longer than itself.
-    let firsts: Vec<&[u8]> = frames
+    let firsts: Vec<(&[u8], usize)> = frames
         .iter()
-        .filter_map(|f| payload_to(&f.1, &v.host_v4, 4433))
-        .filter(|p| p.len() > 5 && p[0] == 0x16 && p[5] == 0x01)
+        .filter_map(|f| payload_to(f, "10.215.1.2", 4433))
+        .filter(|(p, _)| p.len() > 5 && p[0] == 0x16 && p[5] == 0x01)
         .collect();
     assert_eq!(firsts.len(), 2, "two ClientHellos");
     let rec = |p: &[u8]| ((p[3] as usize) << 8 | p[4] as usize) + 5;
     assert!(
-        rec(firsts[0]) <= firsts[0].len(),
+        rec(firsts[0].0) <= firsts[0].1,
         "the first hello fits one segment"
     );
     assert!(
-        rec(firsts[1]) > 2000 && rec(firsts[1]) > firsts[1].len(),
+        rec(firsts[1].0) > 2000 && rec(firsts[1].0) > firsts[1].1,
         "the second is split: {} of {}",
-        firsts[1].len(),
-        rec(firsts[1])
+        firsts[1].1,
+        rec(firsts[1].0)
     );
 
     let out: Vec<Value> = out
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    let mut names: Vec<String> = records(&out, &v.host_v4, &v.peer_v4, 4433)
+    let mut names: Vec<String> = records(&out, "10.215.1.2", "10.215.2.2", 4433)
         .iter()
         .map(|r| r["dst_names"]["tls"].as_str().unwrap_or("none").to_string())
         .collect();
     names.sort();
     assert_eq!(names, ["api.tls.test", "big.tls.test"], "{err}");
     let els = elements(&col);
-    let host = format!("names-flows.host-{}", flowmap::enrich::host::hostname());
+    let from = "names-flows.external-10.215.1.2";
     for name in ["api.tls.test", "big.tls.test"] {
         let id = format!("names-flows.external-{name}");
         let (_, kind, el_name, p) = els
@@ -398,17 +437,17 @@ fn tls_server_names_name_the_peer_also_when_the_hello_is_split() {
             .find(|e| e.0 == id)
             .unwrap_or_else(|| panic!("no {id}"));
         assert_eq!((kind.as_str(), el_name.as_str()), ("flows.external", name));
-        assert_eq!(p["addresses"], serde_json::json!([v.peer_v4]));
+        assert_eq!(p["addresses"], serde_json::json!(["10.215.2.2"]));
         assert_eq!(p["tls_server_names"], serde_json::json!([name]));
         assert!(p.get("dns_names").is_none(), "{p}");
         assert_eq!(
-            opened(&els, &host, &id),
+            opened(&els, from, &id),
             HashMap::from([(("tcp".into(), 4433), 1)])
         );
     }
     // Both connections are named: the address's own endpoint has no edge.
-    let plain = format!("names-flows.external-{}", v.peer_v4);
-    assert!(opened(&els, &host, &plain).is_empty());
+    assert!(opened(&els, from, "names-flows.external-10.215.2.2").is_empty());
+    drop(col);
 }
 
 #[test]

@@ -254,6 +254,22 @@ fn a_dns_answer_names_the_peer_for_the_client_that_asked_only() {
         opened(&els, &host, &plain),
         HashMap::from([(("tcp".into(), 5301), 1)])
     );
+    // The store has it too: `top` and `graph` read it.
+    let bin = env!("CARGO_BIN_EXE_flowmap");
+    let dir = state.path().to_str().unwrap();
+    let top = sh(&[bin, "top", "--state-dir", dir, "--since", "1h"]);
+    assert!(top.contains("www.test"), "{top}");
+    let graph = sh(&[
+        bin,
+        "graph",
+        "--state-dir",
+        dir,
+        "--since",
+        "1h",
+        "--format",
+        "json",
+    ]);
+    assert!(graph.contains(www), "{graph}");
     for gone in [&a4, &a6] {
         let id = format!("names-flows.external-{gone}");
         assert!(

@@ -353,3 +353,222 @@ pub fn parse_client_hello_sni(bytes: &[u8]) -> Option<Arc<str>> {
         _ => None,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use simple_dns::rdata::{RData, A, CNAME};
+    use simple_dns::{Name, Packet, Question, ResourceRecord, CLASS, QCLASS, QTYPE, TYPE};
+
+    fn answer(asked: &str, chain: &[&str], addrs: &[[u8; 4]], ttl: u32) -> Vec<u8> {
+        let mut p = Packet::new_reply(7);
+        p.questions.push(Question::new(
+            Name::new_unchecked(asked),
+            QTYPE::TYPE(TYPE::A),
+            QCLASS::CLASS(CLASS::IN),
+            false,
+        ));
+        let mut owner = asked;
+        for c in chain {
+            let rd = RData::CNAME(CNAME(Name::new_unchecked(c)));
+            p.answers.push(ResourceRecord::new(
+                Name::new_unchecked(owner),
+                CLASS::IN,
+                600,
+                rd,
+            ));
+            owner = c;
+        }
+        for a in addrs {
+            let rd = RData::A(A {
+                address: u32::from_be_bytes(*a),
+            });
+            p.answers.push(ResourceRecord::new(
+                Name::new_unchecked(owner),
+                CLASS::IN,
+                ttl,
+                rd,
+            ));
+        }
+        p.build_bytes_vec().unwrap()
+    }
+
+    fn cap(kind: CapturedKind, from: (&str, u16), to: (&str, u16), seq: u32, b: &[u8]) -> Captured {
+        Captured {
+            kind,
+            sender: (from.0.parse().unwrap(), from.1),
+            receiver: (to.0.parse().unwrap(), to.1),
+            seq,
+            bytes: b.to_vec(),
+        }
+    }
+
+    fn record(src: &str, dst: &str) -> FlowRecord {
+        crate::flow::FlowRecord {
+            interface: "eth0".into(),
+            ifindex: 2,
+            also_seen_on: Vec::new(),
+            protocol: "tcp".into(),
+            src_ip: src.parse().unwrap(),
+            src_port: 40000,
+            dst_ip: dst.parse().unwrap(),
+            dst_port: 443,
+            src_to_dst: Default::default(),
+            dst_to_src: Default::default(),
+            tcp_flags: Vec::new(),
+            first_seen: std::time::UNIX_EPOCH,
+            last_seen: std::time::UNIX_EPOCH,
+            handshake_rtt_us: None,
+            orientation: crate::flow::Orientation::Syn,
+            opened: true,
+            reset: false,
+            handshake_this_interval: None,
+            dst_names: EndNames::default(),
+            src_names: EndNames::default(),
+        }
+    }
+
+    #[test]
+    fn a_cname_chain_names_every_address_by_the_asked_name_with_the_smallest_ttl() {
+        let b = answer(
+            "WWW.Example.com",
+            &["edge.cdn.net", "origin.cdn.net"],
+            &[[192, 0, 2, 1], [192, 0, 2, 2]],
+            30,
+        );
+        let (name, ttl, addrs) = parse_dns_answer(&b).unwrap();
+        assert_eq!(&*name, "www.example.com");
+        assert_eq!(ttl, Duration::from_secs(30));
+        assert_eq!(
+            addrs,
+            [
+                "192.0.2.1".parse::<IpAddr>().unwrap(),
+                "192.0.2.2".parse().unwrap()
+            ]
+        );
+        // A query is no answer.
+        let mut q = Packet::new_query(1);
+        q.questions.push(Question::new(
+            Name::new_unchecked("a.b"),
+            QTYPE::TYPE(TYPE::A),
+            QCLASS::CLASS(CLASS::IN),
+            false,
+        ));
+        assert!(parse_dns_answer(&q.build_bytes_vec().unwrap()).is_none());
+    }
+
+    #[test]
+    fn only_the_client_that_asked_gets_the_name_and_the_latest_name_wins() {
+        let mut n = Names::default();
+        let t0 = Instant::now();
+        let dns = |name: &str| {
+            cap(
+                CapturedKind::DnsUdp,
+                ("10.0.0.53", 53),
+                ("10.0.0.2", 5353),
+                0,
+                &answer(name, &[], &[[192, 0, 2, 1]], 60),
+            )
+        };
+        n.learn(&[dns("old.example"), dns("new.example")], t0);
+        let mut rs = vec![
+            record("10.0.0.2", "192.0.2.1"),
+            record("10.0.0.3", "192.0.2.1"),
+        ];
+        n.label(&mut rs, t0);
+        assert_eq!(rs[0].dst_names.dns.as_deref(), Some("new.example"));
+        assert!(
+            rs[1].dst_names.is_empty(),
+            "another client's lookup names nothing"
+        );
+        // Past TTL + grace a new connection gets no name; the one named
+        // keeps its name while it lives.
+        let later = t0 + Duration::from_secs(60) + DNS_GRACE + Duration::from_secs(1);
+        let mut fresh = vec![record("10.0.0.2", "192.0.2.1")];
+        fresh[0].src_port = 40001;
+        n.label(&mut fresh, later);
+        assert!(fresh[0].dst_names.is_empty());
+        assert_eq!(n.dns_size(), (0, 0));
+    }
+
+    #[test]
+    fn the_dns_table_is_bounded_in_entries() {
+        let mut n = Names::default();
+        let t0 = Instant::now();
+        let client: IpAddr = "10.0.0.2".parse().unwrap();
+        for i in 0..(DNS_MAX_ENTRIES as u32 + 10) {
+            n.insert_dns(
+                (client, IpAddr::from(std::net::Ipv4Addr::from(i))),
+                "x.example".into(),
+                t0 + DNS_GRACE,
+            );
+        }
+        assert_eq!(n.dns_size(), (DNS_MAX_ENTRIES, DNS_MAX_ENTRIES * 9));
+        assert_eq!(n.counts.evicted, 10);
+        // The oldest went first.
+        assert!(n
+            .dns_name(client, IpAddr::from(std::net::Ipv4Addr::from(0)), t0)
+            .is_none());
+        assert!(n
+            .dns_name(client, IpAddr::from(std::net::Ipv4Addr::from(10)), t0)
+            .is_some());
+    }
+
+    /// A ClientHello record with the server_name `sni` and `pad` bytes of
+    /// padding extension.
+    fn client_hello(sni: &str, pad: usize) -> Vec<u8> {
+        let mut ext = Vec::new();
+        let name = sni.as_bytes();
+        ext.extend([0, 0]);
+        ext.extend(((name.len() + 5) as u16).to_be_bytes());
+        ext.extend(((name.len() + 3) as u16).to_be_bytes());
+        ext.push(0);
+        ext.extend((name.len() as u16).to_be_bytes());
+        ext.extend(name);
+        ext.extend([0, 21]);
+        ext.extend((pad as u16).to_be_bytes());
+        ext.extend(std::iter::repeat_n(0u8, pad));
+        let mut body = vec![3, 3];
+        body.extend([0u8; 32]);
+        body.push(0);
+        body.extend([0, 2, 0x13, 0x01, 1, 0]);
+        body.extend((ext.len() as u16).to_be_bytes());
+        body.extend(ext);
+        let mut hs = vec![1];
+        hs.extend(&(body.len() as u32).to_be_bytes()[1..]);
+        hs.extend(body);
+        let mut rec = vec![0x16, 3, 1];
+        rec.extend((hs.len() as u16).to_be_bytes());
+        rec.extend(hs);
+        rec
+    }
+
+    #[test]
+    fn a_client_hello_split_in_three_is_reassembled_in_order() {
+        let h = client_hello("API.Example.com", 3000);
+        assert_eq!(
+            parse_client_hello_sni(&h).as_deref(),
+            Some("api.example.com")
+        );
+        let mut n = Names::default();
+        let t0 = Instant::now();
+        let seg = |from: usize, to: usize| {
+            cap(
+                CapturedKind::Tls,
+                ("10.0.0.2", 40000),
+                ("192.0.2.9", 443),
+                1000 + from as u32,
+                &h[from..to],
+            )
+        };
+        // The first segment alone does not parse; out of order is ignored.
+        n.learn(&[seg(0, 1400), seg(2800, h.len())], t0);
+        let mut rs = vec![record("10.0.0.2", "192.0.2.9")];
+        n.label(&mut rs, t0);
+        assert!(rs[0].dst_names.is_empty());
+        n.learn(&[seg(1400, 2800), seg(2800, h.len())], t0);
+        n.label(&mut rs, t0);
+        assert_eq!(rs[0].dst_names.tls.as_deref(), Some("api.example.com"));
+        assert_eq!((n.counts.tls_names, n.counts.tls_unparsed), (1, 0));
+    }
+}

@@ -503,3 +503,82 @@ fn capture_names_false_names_nothing() {
         HashMap::from([(("tcp".into(), 5301), 1)])
     );
 }
+
+/// The kernel side alone (BPF_PROG_TEST_RUN): a DNS answer is handed to
+/// user space sender first with its bytes, a query is not, each CPU hands
+/// over at most its rate and counts the rest, and with capture off nothing
+/// is handed over.
+#[test]
+fn the_kernel_hands_over_dns_answers_at_a_bounded_rate_and_counts_the_rest() {
+    use flowmap::datapath::{Datapath, Entry, Options, STAT_NAMES};
+    use flowmap_testkit::frames::{eth_frame, L4};
+    if !flowmap_testkit::net::privileged("the_kernel_hands_over_dns_answers_at_a_bounded_rate") {
+        return;
+    }
+    let idx = |n: &str| STAT_NAMES.iter().position(|s| *s == n).unwrap();
+    let (dns, client) = ("10.1.0.53".parse().unwrap(), "10.1.0.2".parse().unwrap());
+    let answer = eth_frame(
+        dns,
+        client,
+        &L4::Udp {
+            sport: 53,
+            dport: 40000,
+            payload: 20,
+        },
+        &[],
+    );
+    let query = eth_frame(
+        client,
+        dns,
+        &L4::Udp {
+            sport: 40000,
+            dport: 53,
+            payload: 20,
+        },
+        &[],
+    );
+    // Runs `frame` `n` times in one call, on one CPU, within well under
+    // the rate's one-second window.
+    let run = |dp: &Datapath, frame: &[u8], n: u32| {
+        let input = libbpf_rs::ProgramInput {
+            data_in: Some(frame),
+            repeat: n,
+            ..Default::default()
+        };
+        dp.program(Entry::EthIngress).test_run(input).unwrap();
+    };
+    let on = || {
+        Datapath::load(&Options {
+            capture_names: true,
+            ..Options::default()
+        })
+        .unwrap()
+    };
+    let mut dp = on();
+    run(&dp, &query, 10);
+    run(&dp, &answer, 1);
+    let d = dp.drain().unwrap();
+    assert_eq!(d.names.len(), 1);
+    let c = &d.names[0];
+    assert_eq!(c.kind, flowmap::datapath::names::CapturedKind::DnsUdp);
+    assert_eq!((c.sender, c.receiver), ((dns, 53), (client, 40000)));
+    assert_eq!(c.bytes.len(), 20);
+    // A fresh program: the whole run falls in the CPU's first window.
+    let mut dp = on();
+    let per_sec = flowmap::datapath::names::NAMES_PER_SEC_PER_CPU;
+    run(&dp, &answer, per_sec + 500);
+    let d = dp.drain().unwrap();
+    assert_eq!(
+        d.names.len() as u32,
+        per_sec,
+        "the CPU's budget of a second"
+    );
+    assert_eq!(d.stats[idx("names_limited")], 500);
+    assert_eq!(d.stats[idx("names_lost")], 0);
+
+    let mut off = Datapath::load(&Options::default()).unwrap();
+    run(&off, &answer, 10);
+    let d = off.drain().unwrap();
+    assert!(d.names.is_empty());
+    assert_eq!(d.stats[idx("names_limited")], 0);
+}

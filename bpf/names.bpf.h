@@ -23,9 +23,12 @@
 #define HELLO_YOUNG 8 /* a side's first packets of a flow entry may start a hello */
 #define HELLO_SEGS 4  /* segments of one ClientHello handed over at most */
 
-/* Set by user space: capture names (0: off, the `capture_names` option) and
- * the per-CPU rate. */
-volatile __u32 names_enabled = 0;
+/* Set by user space before load: capture names (0: off, the
+ * `capture_names` option). Read-only data, so the verifier knows the value
+ * and removes the check (and, when off, all of this code) from the
+ * packet path. */
+const volatile __u32 names_enabled = 0;
+/* Set by user space after load: the per-CPU rate. */
 volatile __u32 names_per_sec = 0;
 
 struct name_budget {
@@ -180,7 +183,7 @@ static __always_inline int tcp_payload(struct __sk_buff *skb, struct pkt *p, __u
 static __noinline void names_hello(struct __sk_buff *skb, struct pkt *p, __u32 side)
 {
 	__u32 off, len, seq;
-	if (tcp_payload(skb, p, &off, &len, &seq) || len == 0)
+	if (!p->l4_off || tcp_payload(skb, p, &off, &len, &seq) || len == 0)
 		return;
 	struct hello_key hk;
 	__u8 b[6];
@@ -214,6 +217,9 @@ static __noinline void names_hello(struct __sk_buff *skb, struct pkt *p, __u32 s
 static __noinline void names_dns(struct __sk_buff *skb, struct pkt *p, __u32 side)
 {
 	__u32 off, len, seq = 0;
+	/* A later fragment has no L4 header; port 53 of SCTP is no DNS here. */
+	if (!p->l4_off || (p->k.proto != IPPROTO_UDP && p->k.proto != IPPROTO_TCP))
+		return;
 	if (p->k.proto == IPPROTO_UDP) {
 		off = p->l4_off + 8;
 		len = p->l3_end > off ? p->l3_end - off : 0;
@@ -231,9 +237,7 @@ static __noinline void names_dns(struct __sk_buff *skb, struct pkt *p, __u32 sid
 static __always_inline void names_packet(struct __sk_buff *skb, struct pkt *p, __u32 side,
 					 struct flow_stats *v)
 {
-	if (!names_enabled || !p->l4_off)
-		return;
-	if (p->k.proto != IPPROTO_UDP && p->k.proto != IPPROTO_TCP)
+	if (!names_enabled)
 		return;
 	__u16 sport = side ? p->k.port[1] : p->k.port[0];
 	if (sport == 53) {

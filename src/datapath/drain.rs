@@ -87,19 +87,17 @@ impl Datapath {
         })
     }
 
-    /// Turns name capture on or off in the kernel program (bpf/names.bpf.h).
-    pub fn set_capture_names(&mut self, on: bool) -> Result<()> {
+    /// Records a second each CPU may hand over through the names ring
+    /// (bpf/names.bpf.h; capture itself is set at load).
+    pub fn set_names_rate(&mut self, per_sec: u32) -> Result<()> {
         let bss = self
             .skel
             .maps
             .bss_data
             .as_deref_mut()
             .ok_or_else(|| anyhow!("the program's .bss is not memory-mapped"))?;
-        // SAFETY: plain u32s in the mmap'ed .bss the program reads.
-        unsafe {
-            std::ptr::write_volatile(&mut bss.names_per_sec, super::names::NAMES_PER_SEC_PER_CPU);
-            std::ptr::write_volatile(&mut bss.names_enabled, on as u32);
-        }
+        // SAFETY: a plain u32 in the mmap'ed .bss the program reads.
+        unsafe { std::ptr::write_volatile(&mut bss.names_per_sec, per_sec) };
         Ok(())
     }
 

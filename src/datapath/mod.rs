@@ -257,6 +257,11 @@ impl Datapath {
             .context("opening the BPF object")?;
         open.maps.flows_a.set_max_entries(opts.max_flows)?;
         open.maps.flows_b.set_max_entries(opts.max_flows)?;
+        open.maps
+            .rodata_data
+            .as_deref_mut()
+            .ok_or_else(|| anyhow!("the program's .rodata is not memory-mapped"))?
+            .names_enabled = opts.capture_names as u32;
         let skel = open.load().map_err(|e| {
             let denied = e.kind() == libbpf_rs::ErrorKind::PermissionDenied;
             anyhow!(
@@ -300,7 +305,7 @@ impl Datapath {
             tick_start: (0, 0, std::time::Instant::now()),
             handover: Default::default(),
         };
-        dp.set_capture_names(opts.capture_names)?;
+        dp.set_names_rate(names::NAMES_PER_SEC_PER_CPU)?;
         // The tick is measured over 100 ms; the agent attaches meanwhile
         // and the first drain finishes the measurement.
         let (n0, j0) = dp.clock_sample()?;

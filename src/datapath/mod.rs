@@ -1,5 +1,6 @@
 //! The privileged part: loads bpf/flows.bpf.c, attaches it to interfaces,
-//! follows interfaces that come and go, and drains the kernel flow map.
+//! follows interfaces that come and go, and drains the kernel flow map and
+//! the captured DNS answers and ClientHellos (names.rs).
 
 pub mod attach;
 pub mod clock;

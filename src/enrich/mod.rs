@@ -1,5 +1,7 @@
 //! Enrichment: turns an address (at a time) into the endpoint it belongs
-//! to: this host, a Kubernetes pod/service/node, or an external peer.
+//! to: this host, a Kubernetes pod/service/node, or an external peer, and
+//! names external peers by the DNS and TLS names their clients used
+//! (names.rs).
 
 pub mod host;
 pub mod kube;

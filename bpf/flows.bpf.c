@@ -119,6 +119,8 @@ struct pkt {
 	__u8 tcp_flags;
 	__u8 opens;  /* this packet opens a connection (SYN, echo request) */
 	__u8 synack;
+	__u32 l4_off; /* where the L4 header starts (0: not parsed, a later fragment) */
+	__u32 l3_end; /* where the IP packet ends (link-layer padding excluded) */
 };
 
 static __always_inline void stat_inc(__u32 idx)
@@ -314,6 +316,8 @@ static __always_inline void add(struct flow_stats *v, struct pkt *p, __u32 side,
 		v->synack_ns = w->precise;
 }
 
+#include "names.bpf.h"
+
 static __always_inline void account(struct __sk_buff *skb, struct pkt *p, void *map)
 {
 	__u32 side = canonical(skb, &p->k);
@@ -327,6 +331,7 @@ static __always_inline void account(struct __sk_buff *skb, struct pkt *p, void *
 		v = create(map, p, side, &w);
 	if (v)
 		add(v, p, side, &w);
+	names_packet(skb, p, side, v);
 }
 
 /* Counts an ICMP error into the flow whose packet it quotes, creating the
@@ -413,6 +418,7 @@ static __noinline int quoted_unreachable(struct __sk_buff *skb, __u32 off, __u32
 /* Parse the L4 header at off. Returns PARSE_OK when the packet is a flow, else the stat to count. */
 static __always_inline int parse_l4(struct __sk_buff *skb, __u32 off, struct pkt *p)
 {
+	p->l4_off = off;
 	switch (p->k.proto) {
 	case IPPROTO_TCP: {
 		__u8 h_buf[20];
@@ -527,6 +533,7 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, __u32 off, struct p
 	__u32 ihl = (h[0] & 0x0f) * 4;
 	if (ihl < 20)
 		return STAT_BAD_HEADER;
+	p->l3_end = off + (((__u32)h[2] << 8) | h[3]);
 	if (off + ihl > skb->len)
 		return STAT_TRUNCATED;
 	__u16 frag = ((__u16)h[6] << 8) | h[7];
@@ -554,6 +561,7 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, __u32 off, struct p
 	__builtin_memcpy(p->k.addr[0], h + 8, 16);
 	__builtin_memcpy(p->k.addr[1], h + 24, 16);
 	p->k.family = 6;
+	p->l3_end = off + 40 + (((__u32)h[4] << 8) | h[5]);
 	__u8 next = h[6];
 	off += 40;
 	int fragmented = 0, first = 1;
@@ -652,6 +660,7 @@ static __always_inline int handle_eth(struct __sk_buff *skb)
 	p.tcp_flags = 0;
 	p.opens = 0;
 	p.synack = 0;
+	p.l4_off = 0;
 
 	__u8 eth_buf[14];
 	__u8 *eth = hdr(skb, 0, eth_buf, 14);
@@ -689,6 +698,7 @@ static __always_inline int handle_l3(struct __sk_buff *skb)
 	p.tcp_flags = 0;
 	p.opens = 0;
 	p.synack = 0;
+	p.l4_off = 0;
 
 	__u8 v;
 	if (load(skb, 0, &v, 1)) {

@@ -82,6 +82,8 @@ enum flow_stat {
 	STAT_FRAG_NO_HEAD,       /* non-first fragment whose first was not seen */
 	STAT_MAP_FULL,           /* flow map full: handed to the ring buffer */
 	STAT_RING_LOST,          /* ... and the ring buffer was full too: lost */
+	STAT_NAMES_LIMITED,      /* a DNS answer or ClientHello over the per-CPU rate: not captured */
+	STAT_NAMES_LOST,         /* ... captured, but the names ring buffer was full */
 	STAT_MAX,
 };
 
@@ -90,6 +92,30 @@ enum flow_stat {
 struct clock_sample {
 	__u64 ns;
 	__u64 jiffies;
+};
+
+/* Names of peers (issue 14, bpf/names.bpf.h): what the program hands user
+ * space so it can name the ends of a connection. Only these packets, and
+ * only their first bytes, ever leave the kernel. */
+enum name_kind {
+	NAME_DNS_UDP = 1, /* a UDP datagram from port 53 (a DNS answer) */
+	NAME_DNS_TCP = 2, /* a TCP segment from port 53 */
+	NAME_TLS = 3,     /* a client's segment of a TLS ClientHello */
+};
+
+#define NAME_DNS_CAP 512  /* bytes of a DNS message captured */
+#define NAME_TLS_CAP 2048 /* bytes of one ClientHello segment captured */
+
+/* Header of a record of the `names` ring buffer; `len` payload bytes
+ * follow it. */
+struct name_event {
+	__u8 addr[2][16]; /* [0] the sender, [1] the receiver (IPv4-mapped) */
+	__u32 ifindex;
+	__u16 port[2];    /* host byte order */
+	__u32 seq;        /* TCP: sequence number of the first captured byte */
+	__u16 len;        /* payload bytes captured (after this header) */
+	__u8 kind;        /* enum name_kind */
+	__u8 family;      /* 4 or 6 */
 };
 
 #endif

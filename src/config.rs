@@ -178,6 +178,9 @@ pub struct FlowsSource {
     /// Thresholds of the status rules (`status_failed_percent`,
     /// `status_retransmit_percent`).
     pub status: crate::status::Thresholds,
+    /// Capture DNS answers and TLS server names to name external peers
+    /// (`capture_names`, default true).
+    pub capture_names: bool,
     /// The options as given (after expansion), for the wire's data source block.
     pub pairs: Vec<(String, String)>,
 }
@@ -196,6 +199,7 @@ impl FlowsSource {
             attach_mode: AttachMode::Auto,
             max_external_endpoints: crate::graph::fold::DEFAULT_MAX_EXTERNAL,
             status: Default::default(),
+            capture_names: true,
             pairs: Vec::new(),
         }
     }
@@ -259,7 +263,7 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
-pub const KNOWN_OPTIONS: [&str; 9] = [
+pub const KNOWN_OPTIONS: [&str; 10] = [
     "interface_name",
     "deployedAt",
     "external_mappings",
@@ -269,6 +273,7 @@ pub const KNOWN_OPTIONS: [&str; 9] = [
     "max_external_endpoints",
     "status_failed_percent",
     "status_retransmit_percent",
+    "capture_names",
 ];
 
 /// The largest `max_external_endpoints` allowed.
@@ -759,6 +764,11 @@ fn apply_option(cx: &mut Ctx, fs: &mut FlowsSource, name: &str, value: &str, pla
         "status_retransmit_percent" => match percent(v) {
             Some(p) => fs.status.retransmit_percent = p,
             None => cx.errors.push(format!("{place}: value {value:?} is not allowed; allowed: a percentage above 0 and at most 100 (like 2 or 0.5)")),
+        },
+        "capture_names" => match v.to_ascii_lowercase().as_str() {
+            "true" | "on" | "yes" => fs.capture_names = true,
+            "false" | "off" | "no" => fs.capture_names = false,
+            _ => cx.errors.push(format!("{place}: value {value:?} is not allowed; allowed: true, false")),
         },
         other => cx.warnings.push(format!(
             "{place}: unknown option, ignored; did you mean {:?}?",

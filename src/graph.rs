@@ -12,7 +12,7 @@ use std::time::SystemTime;
 use serde::Serialize;
 
 use crate::enrich::{is_link_control_flow, Endpoint, EndpointKind, Resolve};
-use crate::flow::FlowRecord;
+use crate::flow::{EndNames, FlowRecord};
 
 pub mod fold;
 
@@ -121,8 +121,17 @@ impl Graph {
         let mut servers = Vec::with_capacity(records.len());
         // (protocol, client address, client port) → the service it dialled.
         let mut via: Fast<(&str, IpAddr, u16), Arc<str>> = Fast::default();
+        // IP-based external endpoints a name replaced (issue 14).
+        let mut renamed: Vec<Arc<str>> = Vec::new();
         for r in &records {
             let (server, kind) = id_of(r.dst_ip, r.last_seen, &mut g);
+            let server = g.named(
+                resolve,
+                (server, kind),
+                r.dst_ip,
+                &r.dst_names,
+                &mut renamed,
+            );
             if kind == EndpointKind::Service {
                 via.insert((&*r.protocol, r.src_ip, r.src_port), server.clone());
             }
@@ -135,7 +144,10 @@ impl Graph {
             };
             let client = match through {
                 Some(svc) => svc,
-                None => id_of(r.src_ip, r.last_seen, &mut g).0,
+                None => {
+                    let ep = id_of(r.src_ip, r.last_seen, &mut g);
+                    g.named(resolve, ep, r.src_ip, &r.src_names, &mut renamed)
+                }
             };
             if client == server {
                 continue;
@@ -151,7 +163,62 @@ impl Graph {
                 .or_insert_with(|| EdgeStats::new(r))
                 .add(r);
         }
+        g.drop_unused(renamed);
         g
+    }
+
+    /// Issue 14: an external end with a name becomes the endpoint of that
+    /// name, `<data_source_id>-flows.external-<name>`, which gathers every
+    /// address and name seen for it this interval. Any other end keeps `ep`.
+    fn named(
+        &mut self,
+        resolve: &dyn Resolve,
+        ep: (Arc<str>, EndpointKind),
+        ip: IpAddr,
+        names: &EndNames,
+        renamed: &mut Vec<Arc<str>>,
+    ) -> Arc<str> {
+        let (id, kind) = ep;
+        let Some(name) = names.name().filter(|_| kind == EndpointKind::External) else {
+            return id;
+        };
+        let named = resolve.named_external(name);
+        let key: Arc<str> = match self.endpoints.get_key_value(named.id.as_str()) {
+            Some((k, _)) => k.clone(),
+            None => named.id.as_str().into(),
+        };
+        let e = self.endpoints.entry(key.clone()).or_insert(named);
+        let add = |list: &mut Vec<String>, v: Option<&Arc<str>>| {
+            if let Some(v) = v.filter(|v| !list.iter().any(|x| x == &***v)) {
+                list.push(v.to_string());
+            }
+        };
+        add(&mut e.dns_names, names.dns.as_ref());
+        add(&mut e.tls_server_names, names.tls.as_ref());
+        if !e.addresses.contains(&ip) {
+            e.addresses.push(ip);
+        }
+        renamed.push(id);
+        key
+    }
+
+    /// Drops the address endpoints a name replaced on every edge.
+    fn drop_unused(&mut self, renamed: Vec<Arc<str>>) {
+        if renamed.is_empty() {
+            return;
+        }
+        let used: std::collections::HashSet<&str> = self
+            .edges
+            .keys()
+            .flat_map(|k| [&*k.client, &*k.server])
+            .collect();
+        let gone: Vec<Arc<str>> = renamed
+            .into_iter()
+            .filter(|id| !used.contains(&**id))
+            .collect();
+        for id in gone {
+            self.endpoints.remove(&id);
+        }
     }
 }
 

@@ -252,7 +252,12 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<()> {
         Plan {
             sel,
             interval,
-            options: Options { max_flows, mode },
+            options: Options {
+                max_flows,
+                mode,
+                // Payloads are looked at only when no data source said no.
+                capture_names: cfg.flows.iter().all(|f| f.capture_names),
+            },
         },
         pipeline,
         metrics.clone(),

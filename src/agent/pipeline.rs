@@ -17,6 +17,7 @@ use crate::datapath::ifaces::Selection;
 use crate::datapath::{Drained, STAT_NAMES};
 use crate::enrich::host::HostView;
 use crate::enrich::kube::KubeResolver;
+use crate::enrich::names::Names;
 use crate::enrich::server::ServerResolver;
 use crate::enrich::Endpoint;
 use crate::flow::{Context, FlowRecord, FlowTable};
@@ -67,6 +68,8 @@ pub struct Pipeline {
     interval_start: SystemTime,
     last_stats: [u64; STAT_NAMES.len()],
     max_flows: u32,
+    /// Issue 14: names of external peers (None: `capture_names` off).
+    names: Option<Names>,
 }
 
 impl Pipeline {
@@ -94,6 +97,11 @@ impl Pipeline {
             interval_start: SystemTime::now(),
             last_stats: [0; STAT_NAMES.len()],
             max_flows,
+            names: cfg
+                .flows
+                .iter()
+                .all(|f| f.capture_names)
+                .then(Names::default),
         }
     }
 
@@ -118,7 +126,8 @@ impl Pipeline {
             HostSource::Fixed(h) => h.clone(),
         };
         let t_host = t0.elapsed();
-        let records = self.ingest(&drained, &host, src);
+        let mut records = self.ingest(&drained, &host, src);
+        self.name(&drained, &mut records);
         let t_ingest = t0.elapsed();
         for s in &mut self.sinks {
             s.records(&records)?;
@@ -187,6 +196,21 @@ impl Pipeline {
         self.table
             .set_retransmits(drained.retransmits.iter().copied());
         self.table.ingest(&drained.flows, &cx)
+    }
+
+    /// Learns names from the captured DNS answers and ClientHellos, then
+    /// names the records' ends (issue 14).
+    fn name(&mut self, drained: &Drained, records: &mut [FlowRecord]) {
+        let Some(n) = &mut self.names else {
+            return;
+        };
+        let now = Instant::now();
+        n.learn(&drained.names, now);
+        n.label(records, now);
+        let (entries, bytes) = n.dns_size();
+        let counts = std::mem::take(&mut n.counts);
+        self.metrics
+            .names(&counts, entries, bytes, drained.names_dropped);
     }
 
     /// Kubernetes mode: forget pods past their grace, publish cache sizes.

@@ -88,12 +88,33 @@ impl Datapath {
                 flows.push((flow_key(&k), s));
             }
         }
+        let (names, names_dropped) = self
+            .names
+            .lock()
+            .map_err(|_| anyhow!("names lock poisoned"))?
+            .take();
         Ok(Drained {
             flows,
             stats: self.stats()?,
             overflow_dropped: dropped,
             retransmits,
+            names,
+            names_dropped,
         })
+    }
+
+    /// Records a second each CPU may hand over through the names ring
+    /// (bpf/names.bpf.h; capture itself is set at load).
+    pub fn set_names_rate(&mut self, per_sec: u32) -> Result<()> {
+        let bss = self
+            .skel
+            .maps
+            .bss_data
+            .as_deref_mut()
+            .ok_or_else(|| anyhow!("the program's .bss is not memory-mapped"))?;
+        // SAFETY: a plain u32 in the mmap'ed .bss the program reads.
+        unsafe { std::ptr::write_volatile(&mut bss.names_per_sec, per_sec) };
+        Ok(())
     }
 
     /// Kernel statistics since load, summed over CPUs.

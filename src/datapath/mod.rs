@@ -1,10 +1,12 @@
 //! The privileged part: loads bpf/flows.bpf.c, attaches it to interfaces,
-//! follows interfaces that come and go, and drains the kernel flow map.
+//! follows interfaces that come and go, and drains the kernel flow map and
+//! the captured DNS answers and ClientHellos (names.rs).
 
 pub mod attach;
 pub mod clock;
 mod drain;
 pub mod ifaces;
+pub mod names;
 mod overflow;
 
 use std::collections::HashMap;
@@ -38,7 +40,7 @@ use skel::types::flow_stat as Stat;
 
 /// The kernel statistics by their value in the generated `enum flow_stat`
 /// (bpf/flows.h), with the names /metrics and the logs use.
-const STATS: [(Stat, &str); 7] = [
+const STATS: [(Stat, &str); 9] = [
     (Stat::STAT_NON_IP, "non_ip"),
     (Stat::STAT_TRUNCATED, "truncated"),
     (Stat::STAT_BAD_HEADER, "bad_header"),
@@ -46,6 +48,8 @@ const STATS: [(Stat, &str); 7] = [
     (Stat::STAT_FRAG_NO_HEAD, "frag_no_head"),
     (Stat::STAT_MAP_FULL, "map_full"),
     (Stat::STAT_RING_LOST, "ring_lost"),
+    (Stat::STAT_NAMES_LIMITED, "names_limited"),
+    (Stat::STAT_NAMES_LOST, "names_lost"),
 ];
 
 /// Names of the kernel statistics, indexed by their enum value. A
@@ -97,6 +101,9 @@ pub struct Options {
     /// Entries of each of the two flow maps.
     pub max_flows: u32,
     pub mode: AttachMode,
+    /// Hand DNS answers and TLS ClientHellos to user space to name peers
+    /// (the `capture_names` option).
+    pub capture_names: bool,
 }
 
 impl Default for Options {
@@ -104,6 +111,7 @@ impl Default for Options {
         Options {
             max_flows: DEFAULT_MAX_FLOWS,
             mode: AttachMode::Auto,
+            capture_names: false,
         }
     }
 }
@@ -136,6 +144,10 @@ pub struct Drained {
     /// TCP segments sent again per connection (side 0/1 of its key) in the
     /// drain period, from the socket tracepoints.
     pub retransmits: Vec<(crate::flow::ConnKey, [u64; 2])>,
+    /// DNS answers and ClientHello segments since the last drain, for the
+    /// name resolver, and how many did not fit user space's queue.
+    pub names: Vec<names::Captured>,
+    pub names_dropped: u64,
 }
 
 /// Plain-data structs shared with the kernel: integers and arrays of
@@ -228,6 +240,7 @@ pub struct Datapath {
     traces: Vec<libbpf_rs::Link>,
     ring: Option<RingBuffer<'static>>,
     overflow: Arc<Mutex<Overflow>>,
+    names: Arc<Mutex<names::NameQueue>>,
     skel: FlowsSkel<'static>,
     active: u32,
     mode: AttachMode,
@@ -256,6 +269,11 @@ impl Datapath {
             .context("opening the BPF object")?;
         open.maps.flows_a.set_max_entries(opts.max_flows)?;
         open.maps.flows_b.set_max_entries(opts.max_flows)?;
+        open.maps
+            .rodata_data
+            .as_deref_mut()
+            .ok_or_else(|| anyhow!("the program's .rodata is not memory-mapped"))?
+            .names_enabled = opts.capture_names as u32;
         let skel = open.load().map_err(|e| {
             let denied = e.kind() == libbpf_rs::ErrorKind::PermissionDenied;
             anyhow!(
@@ -277,6 +295,14 @@ impl Datapath {
             }
             0
         })?;
+        let names = Arc::new(Mutex::new(names::NameQueue::default()));
+        let queue = names.clone();
+        rb.add(&skel.maps.names, move |data: &[u8]| {
+            if let Ok(mut q) = queue.lock() {
+                q.add(data);
+            }
+            0
+        })?;
         let ring = rb.build()?;
         let traces = attach_traces(&skel);
         let mut dp = Datapath {
@@ -284,6 +310,7 @@ impl Datapath {
             traces,
             ring: Some(ring),
             overflow,
+            names,
             skel,
             active: 0,
             mode: opts.mode,
@@ -292,6 +319,7 @@ impl Datapath {
             tick_start: (0, 0, std::time::Instant::now()),
             handover: Default::default(),
         };
+        dp.set_names_rate(names::NAMES_PER_SEC_PER_CPU)?;
         // The tick is measured over 100 ms; the agent attaches meanwhile
         // and the first drain finishes the measurement.
         let (n0, j0) = dp.clock_sample()?;
@@ -335,6 +363,10 @@ impl Datapath {
             &m.overflow,
             &m.health_a,
             &m.health_b,
+            &m.names,
+            &m.name_scratch,
+            &m.name_budget,
+            &m.hellos,
         ]
         .iter()
         .map(|map| {

@@ -1,8 +1,11 @@
 //! Enrichment: turns an address (at a time) into the endpoint it belongs
-//! to: this host, a Kubernetes pod/service/node, or an external peer.
+//! to: this host, a Kubernetes pod/service/node, or an external peer, and
+//! names external peers by the DNS and TLS names their clients used
+//! (names.rs).
 
 pub mod host;
 pub mod kube;
+pub mod names;
 pub mod server;
 
 use std::net::IpAddr;
@@ -63,6 +66,12 @@ pub struct Endpoint {
     /// An aggregate of external addresses: what it holds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub group: Option<GroupStats>,
+    /// A named external endpoint (issue 14): the DNS names and TLS server
+    /// names its clients used for it this interval.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dns_names: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tls_server_names: Vec<String>,
 }
 
 /// The payload of an aggregate of external addresses: its (protocol,
@@ -95,6 +104,8 @@ impl Endpoint {
             workload_name: None,
             node: None,
             group: None,
+            dns_names: Vec::new(),
+            tls_server_names: Vec::new(),
         }
     }
 }
@@ -110,6 +121,10 @@ pub trait Resolve {
     fn holder(&self, _ip: IpAddr, _at: SystemTime) -> usize {
         0
     }
+    /// The endpoint of an external peer its clients know by `name`
+    /// (issue 14): `<data_source_id>-flows.external-<name>`, without
+    /// addresses yet.
+    fn named_external(&self, name: &str) -> Endpoint;
 }
 
 /// Link-scope control traffic, which is noise on a service map: to a

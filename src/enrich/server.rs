@@ -43,11 +43,26 @@ pub fn external_endpoint(data_source_id: &str, ip: IpAddr) -> Endpoint {
     )
 }
 
+/// An external peer by the name its clients used for it (issue 14); the
+/// graph adds the addresses and names seen for it.
+pub fn named_external_endpoint(data_source_id: &str, name: &str) -> Endpoint {
+    Endpoint::new(
+        format!("{data_source_id}-{EXTERNAL_TYPE}-{name}"),
+        EndpointKind::External,
+        name.to_string(),
+        Vec::new(),
+    )
+}
+
 impl Resolve for ServerResolver<'_> {
     fn endpoint(&self, ip: IpAddr, _at: SystemTime) -> Endpoint {
         if self.host.is_local(ip) {
             return self.host_endpoint();
         }
         external_endpoint(self.data_source_id, ip)
+    }
+
+    fn named_external(&self, name: &str) -> Endpoint {
+        named_external_endpoint(self.data_source_id, name)
     }
 }

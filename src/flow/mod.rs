@@ -6,12 +6,14 @@
 
 pub mod health;
 pub mod key;
+pub mod names;
 pub mod orient;
 pub mod record;
 pub mod table;
 
 pub use health::*;
 pub use key::*;
+pub use names::EndNames;
 pub use orient::*;
 pub use record::*;
 pub use table::*;

@@ -56,4 +56,9 @@ pub struct FlowRecord {
     /// Failure, SYN retransmits and resets (see `health`).
     #[serde(flatten)]
     pub health: Health,
+    /// Names of the server end and of the client end (issue 14).
+    #[serde(skip_serializing_if = "EndNames::is_empty")]
+    pub dst_names: EndNames,
+    #[serde(skip_serializing_if = "EndNames::is_empty")]
+    pub src_names: EndNames,
 }

@@ -359,6 +359,8 @@ fn record(
         reset: key.proto == proto::TCP && flags_now & TCP_RST != 0,
         handshake_this_interval: if s.synack_ns != 0 { rtt } else { None },
         health,
+        dst_names: Default::default(),
+        src_names: Default::default(),
     }
 }
 

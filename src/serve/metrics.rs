@@ -80,6 +80,10 @@ pub struct Metrics {
     pub edges_by_status: Family<StatusLabel, Gauge>,
     /// Failed attempts to connect, by cause.
     pub connection_failures: Family<Cause, Counter>,
+    /// Issue 14: what the name resolver did, and its DNS table's size.
+    pub names_events: Family<KindLabel, Counter>,
+    pub names_dns_entries: Gauge,
+    pub names_dns_bytes: Gauge,
     last_kernel: [AtomicU64; crate::datapath::STAT_NAMES.len()],
 }
 
@@ -115,12 +119,16 @@ impl Metrics {
             kube_relists: Counter::default(),
             edges_by_status: Family::default(),
             connection_failures: Family::default(),
+            names_events: Family::default(),
+            names_dns_entries: Gauge::default(),
+            names_dns_bytes: Gauge::default(),
             last_kernel: Default::default(),
         };
         m.register_flows(&mut r);
         m.register_sinks(&mut r);
         m.register_agent(&mut r);
         m.register_health(&mut r);
+        m.register_names(&mut r);
         Metrics { registry: r, ..m }
     }
 
@@ -343,6 +351,49 @@ impl Metrics {
                 ("commit", env!("FLOWMAP_GIT_COMMIT")),
             ]),
         );
+    }
+
+    /// The name resolver (issue 14).
+    fn register_names(&self, r: &mut Registry) {
+        r.register(
+            "names_events",
+            "Name resolver events: dns_answers, dns_unparsed, tls_names, tls_unparsed, evicted, queue_dropped",
+            self.names_events.clone(),
+        );
+        r.register(
+            "names_dns_entries",
+            "(client, address) -> DNS name entries kept",
+            self.names_dns_entries.clone(),
+        );
+        r.register(
+            "names_dns_bytes",
+            "Bytes of the DNS names kept",
+            self.names_dns_bytes.clone(),
+        );
+    }
+
+    /// One interval of the name resolver: its counts since the last call.
+    pub fn names(
+        &self,
+        c: &crate::enrich::names::NameCounts,
+        entries: usize,
+        bytes: usize,
+        queue_dropped: u64,
+    ) {
+        for (kind, v) in [
+            ("dns_answers", c.dns_answers),
+            ("dns_unparsed", c.dns_unparsed),
+            ("tls_names", c.tls_names),
+            ("tls_unparsed", c.tls_unparsed),
+            ("evicted", c.evicted),
+            ("queue_dropped", queue_dropped),
+        ] {
+            self.names_events
+                .get_or_create(&KindLabel { kind: kind.into() })
+                .inc_by(v);
+        }
+        self.names_dns_entries.set(entries as i64);
+        self.names_dns_bytes.set(bytes as i64);
     }
 
     /// Kernel statistics are cumulative; counters move by the difference.

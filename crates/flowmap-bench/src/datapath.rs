@@ -121,7 +121,11 @@ fn medians(progs: &[&Program<'_>], frame: &[u8], repeat: u32, rounds: usize) -> 
 /// Prints `bench datapath case=<case> program=<p> ns_per_packet=<N>` lines
 /// and the memory the flowmap maps take.
 pub fn run(repeat: u32, rounds: usize, out: &mut dyn std::io::Write) -> Result<()> {
-    let dp = Datapath::load(&Options::default())?;
+    // As the agent runs by default: name capture on (issue 14).
+    let dp = Datapath::load(&Options {
+        capture_names: true,
+        ..Options::default()
+    })?;
     let mut s1 = MaybeUninit::uninit();
     let floor = floor_skel::FloorSkelBuilder::default()
         .open(&mut s1)?

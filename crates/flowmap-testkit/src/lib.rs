@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod collector;
+pub mod dns;
 pub mod frames;
 pub mod net;
 pub mod postgres;

@@ -65,5 +65,7 @@ pub fn between(
         reset: false,
         handshake_this_interval: None,
         health: Default::default(),
+        dst_names: Default::default(),
+        src_names: Default::default(),
     }
 }

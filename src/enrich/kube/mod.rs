@@ -93,4 +93,8 @@ impl Resolve for KubeResolver<'_> {
             None => 0,
         }
     }
+
+    fn named_external(&self, name: &str) -> Endpoint {
+        crate::enrich::server::named_external_endpoint(self.data_source_id, name)
+    }
 }

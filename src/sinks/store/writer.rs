@@ -443,6 +443,8 @@ mod tests {
                     reset: false,
                     handshake_this_interval: None,
                     health: Default::default(),
+                    dst_names: Default::default(),
+                    src_names: Default::default(),
                 }
             })
             .collect();

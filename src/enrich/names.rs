@@ -1,0 +1,575 @@
+//! Names of external peers (issue 14), from what the node itself saw: the
+//! DNS answers its clients received (client, answer address → the name the
+//! client asked for, CNAME chains followed) and the TLS server names (SNI)
+//! of their ClientHellos, reassembled when split across segments. Every
+//! table is bounded in entries, bytes and age. Only extracted names are
+//! kept; the captured bytes are dropped once parsed.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::datapath::names::{Captured, CapturedKind};
+use crate::flow::{proto, EndNames, FlowRecord};
+
+/// A DNS name stays usable this long past its record's TTL (clients and
+/// their libraries keep answers longer than the TTL says).
+pub const DNS_GRACE: Duration = Duration::from_secs(300);
+/// TTLs above this are taken as this.
+const DNS_TTL_MAX: Duration = Duration::from_secs(86_400);
+/// (client, address) → name entries, and the bytes of their names.
+const DNS_MAX_ENTRIES: usize = 65_536;
+const DNS_MAX_BYTES: usize = 4 << 20;
+/// Connections that got a name, forgotten when not seen for this long.
+const CONN_MAX: usize = 131_072;
+const CONN_IDLE: Duration = Duration::from_secs(600);
+/// ClientHellos being reassembled: how many, how large, how long.
+const HELLO_MAX: usize = 1024;
+const HELLO_MAX_BYTES: usize = 16 * 1024;
+const HELLO_AGE: Duration = Duration::from_secs(10);
+/// Longest DNS name (RFC 1035).
+const NAME_MAX: usize = 253;
+
+/// What the resolver did, for /metrics and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NameCounts {
+    pub dns_answers: u64,
+    pub dns_unparsed: u64,
+    pub tls_names: u64,
+    pub tls_unparsed: u64,
+    pub evicted: u64,
+}
+
+struct DnsName {
+    name: Arc<str>,
+    expires: Instant,
+    generation: u64,
+}
+
+/// A connection: protocol, client address and port, server address and port.
+type Conn = (u8, IpAddr, u16, IpAddr, u16);
+
+struct ConnNames {
+    dst: EndNames,
+    src: EndNames,
+    seen: Instant,
+}
+
+struct Hello {
+    base_seq: u32,
+    total: usize,
+    buf: Vec<u8>,
+    started: Instant,
+}
+
+/// The name resolver's state, owned by the pipeline.
+#[derive(Default)]
+pub struct Names {
+    dns: HashMap<(IpAddr, IpAddr), DnsName>,
+    /// Insertion order of `dns` for eviction (stale generations skipped).
+    order: VecDeque<((IpAddr, IpAddr), u64)>,
+    dns_bytes: usize,
+    generation: u64,
+    conns: HashMap<Conn, ConnNames>,
+    hellos: HashMap<(IpAddr, u16, IpAddr, u16), Hello>,
+    pub counts: NameCounts,
+}
+
+/// A name as it goes on the map: lower case, no trailing dot, only the
+/// characters of host names; None for anything else.
+pub fn clean_name(raw: &str) -> Option<Arc<str>> {
+    let n = raw.trim_end_matches('.').to_ascii_lowercase();
+    let ok = !n.is_empty()
+        && n.len() <= NAME_MAX
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
+    ok.then(|| n.into())
+}
+
+impl Names {
+    /// Learns from the packets captured since the last drain.
+    pub fn learn(&mut self, captured: &[Captured], now: Instant) {
+        for c in captured {
+            match c.kind {
+                CapturedKind::DnsUdp => self.dns_message(&c.bytes, c.receiver.0, now),
+                CapturedKind::DnsTcp if c.bytes.len() > 2 => {
+                    self.dns_message(&c.bytes[2..], c.receiver.0, now)
+                }
+                CapturedKind::DnsTcp => {}
+                CapturedKind::Tls => self.hello_segment(c, now),
+            }
+        }
+    }
+
+    /// Names the ends of this interval's records, and forgets what is past
+    /// its age.
+    pub fn label(&mut self, records: &mut [FlowRecord], now: Instant) {
+        for r in records.iter_mut() {
+            let key: Conn = (
+                proto_number(&r.protocol),
+                r.src_ip,
+                r.src_port,
+                r.dst_ip,
+                r.dst_port,
+            );
+            let dst_dns = self.dns_name(r.src_ip, r.dst_ip, now);
+            let src_dns = self.dns_name(r.dst_ip, r.src_ip, now);
+            let known = self.conns.contains_key(&key);
+            if !known && (dst_dns.is_none() && src_dns.is_none() || self.conns.len() >= CONN_MAX) {
+                continue;
+            }
+            let c = self.conns.entry(key).or_insert_with(|| ConnNames {
+                dst: EndNames::default(),
+                src: EndNames::default(),
+                seen: now,
+            });
+            // The name a connection got when it began stays its name.
+            c.dst.dns = c.dst.dns.take().or(dst_dns);
+            c.src.dns = c.src.dns.take().or(src_dns);
+            c.seen = now;
+            r.dst_names = c.dst.clone();
+            r.src_names = c.src.clone();
+        }
+        self.expire(now);
+    }
+
+    /// The name `client` most recently resolved `addr` by, if still valid.
+    fn dns_name(&self, client: IpAddr, addr: IpAddr, now: Instant) -> Option<Arc<str>> {
+        self.dns
+            .get(&(client, addr))
+            .filter(|d| d.expires > now)
+            .map(|d| d.name.clone())
+    }
+
+    /// One DNS response received by `client`: every address its answer
+    /// section gives for the question's name (through CNAMEs) is named by
+    /// that name for that client.
+    fn dns_message(&mut self, bytes: &[u8], client: IpAddr, now: Instant) {
+        let Some((name, ttl, addrs)) = parse_dns_answer(bytes) else {
+            self.counts.dns_unparsed += 1;
+            return;
+        };
+        self.counts.dns_answers += 1;
+        let expires = now + ttl.min(DNS_TTL_MAX) + DNS_GRACE;
+        for addr in addrs {
+            self.insert_dns((client, addr), name.clone(), expires);
+        }
+    }
+
+    fn insert_dns(&mut self, key: (IpAddr, IpAddr), name: Arc<str>, expires: Instant) {
+        self.generation += 1;
+        let generation = self.generation;
+        self.dns_bytes += name.len();
+        if let Some(old) = self.dns.insert(
+            key,
+            DnsName {
+                name,
+                expires,
+                generation,
+            },
+        ) {
+            self.dns_bytes -= old.name.len();
+        }
+        self.order.push_back((key, generation));
+        while self.dns.len() > DNS_MAX_ENTRIES || self.dns_bytes > DNS_MAX_BYTES {
+            let Some((k, g)) = self.order.pop_front() else {
+                break;
+            };
+            if self.dns.get(&k).is_some_and(|d| d.generation == g) {
+                if let Some(d) = self.dns.remove(&k) {
+                    self.dns_bytes -= d.name.len();
+                }
+                self.counts.evicted += 1;
+            }
+        }
+        if self.order.len() > 2 * DNS_MAX_ENTRIES {
+            let dns = &self.dns;
+            self.order
+                .retain(|(k, g)| dns.get(k).is_some_and(|d| d.generation == *g));
+        }
+    }
+
+    /// A segment of a ClientHello: the first starts a reassembly (unless it
+    /// holds the whole hello), later ones are appended in sequence order.
+    fn hello_segment(&mut self, c: &Captured, now: Instant) {
+        let key = (c.sender.0, c.sender.1, c.receiver.0, c.receiver.1);
+        if let Some(h) = self.hellos.get_mut(&key) {
+            if c.seq == h.base_seq.wrapping_add(h.buf.len() as u32) {
+                let room = HELLO_MAX_BYTES.saturating_sub(h.buf.len());
+                h.buf.extend_from_slice(&c.bytes[..c.bytes.len().min(room)]);
+                if h.buf.len() >= h.total || h.buf.len() >= HELLO_MAX_BYTES {
+                    if let Some(h) = self.hellos.remove(&key) {
+                        self.hello_done(key, &h.buf, now);
+                    }
+                }
+                return;
+            }
+        }
+        let b = &c.bytes;
+        if b.len() < 6 || b[0] != 0x16 || b[5] != 0x01 {
+            return;
+        }
+        let total = ((b[3] as usize) << 8 | b[4] as usize) + 5;
+        if b.len() >= total {
+            self.hello_done(key, b, now);
+            return;
+        }
+        if self.hellos.len() >= HELLO_MAX {
+            self.hellos
+                .retain(|_, h| now.duration_since(h.started) < HELLO_AGE);
+        }
+        if self.hellos.len() >= HELLO_MAX {
+            self.counts.evicted += 1;
+            return;
+        }
+        self.hellos.insert(
+            key,
+            Hello {
+                base_seq: c.seq,
+                total: total.min(HELLO_MAX_BYTES),
+                buf: b[..b.len().min(HELLO_MAX_BYTES)].to_vec(),
+                started: now,
+            },
+        );
+    }
+
+    fn hello_done(&mut self, key: (IpAddr, u16, IpAddr, u16), hello: &[u8], now: Instant) {
+        let Some(sni) = parse_client_hello_sni(hello) else {
+            self.counts.tls_unparsed += 1;
+            return;
+        };
+        self.counts.tls_names += 1;
+        let conn: Conn = (proto::TCP, key.0, key.1, key.2, key.3);
+        if self.conns.len() >= CONN_MAX && !self.conns.contains_key(&conn) {
+            self.counts.evicted += 1;
+            return;
+        }
+        let c = self.conns.entry(conn).or_insert_with(|| ConnNames {
+            dst: EndNames::default(),
+            src: EndNames::default(),
+            seen: now,
+        });
+        c.dst.tls = Some(sni);
+        c.seen = now;
+    }
+
+    fn expire(&mut self, now: Instant) {
+        self.conns
+            .retain(|_, c| now.duration_since(c.seen) < CONN_IDLE);
+        self.hellos
+            .retain(|_, h| now.duration_since(h.started) < HELLO_AGE);
+        let before = self.dns.len();
+        self.dns.retain(|_, d| d.expires > now);
+        if self.dns.len() != before {
+            self.dns_bytes = self.dns.values().map(|d| d.name.len()).sum();
+            let dns = &self.dns;
+            self.order
+                .retain(|(k, g)| dns.get(k).is_some_and(|d| d.generation == *g));
+        }
+    }
+
+    /// Entries of the DNS table and the bytes of their names.
+    pub fn dns_size(&self) -> (usize, usize) {
+        (self.dns.len(), self.dns_bytes)
+    }
+}
+
+fn proto_number(name: &str) -> u8 {
+    match name {
+        "tcp" => proto::TCP,
+        "udp" => proto::UDP,
+        other => other.parse().unwrap_or(0),
+    }
+}
+
+/// A DNS response's question name, the smallest TTL along its answer
+/// chain, and the addresses (A, AAAA) the chain ends at.
+pub fn parse_dns_answer(bytes: &[u8]) -> Option<(Arc<str>, Duration, Vec<IpAddr>)> {
+    use simple_dns::rdata::RData;
+    let p = simple_dns::Packet::parse(bytes).ok()?;
+    if !p.has_flags(simple_dns::PacketFlag::RESPONSE) || p.rcode() != simple_dns::RCODE::NoError {
+        return None;
+    }
+    let q = p.questions.first()?;
+    let asked = clean_name(&q.qname.to_string())?;
+    // Follow the CNAME chain from the question's name (bounded by the
+    // answer count: each step adds a name or stops).
+    let mut chain: Vec<Arc<str>> = vec![asked.clone()];
+    let mut ttl = u32::MAX;
+    for _ in 0..p.answers.len() {
+        let last = chain.last().cloned()?;
+        let next = p.answers.iter().find_map(|rr| match &rr.rdata {
+            RData::CNAME(c) if clean_name(&rr.name.to_string()).as_ref() == Some(&last) => {
+                Some((clean_name(&c.0.to_string())?, rr.ttl))
+            }
+            _ => None,
+        });
+        match next {
+            Some((n, t)) if !chain.contains(&n) => {
+                ttl = ttl.min(t);
+                chain.push(n);
+            }
+            _ => break,
+        }
+    }
+    let mut addrs = Vec::new();
+    for rr in &p.answers {
+        let owner = clean_name(&rr.name.to_string());
+        if !owner.is_some_and(|o| chain.contains(&o)) {
+            continue;
+        }
+        let addr = match &rr.rdata {
+            RData::A(a) => IpAddr::from(std::net::Ipv4Addr::from(a.address)),
+            RData::AAAA(a) => IpAddr::from(std::net::Ipv6Addr::from(a.address)),
+            _ => continue,
+        };
+        ttl = ttl.min(rr.ttl);
+        if !addrs.contains(&addr) {
+            addrs.push(addr);
+        }
+    }
+    (!addrs.is_empty()).then(|| (asked, Duration::from_secs(ttl as u64), addrs))
+}
+
+/// The host name of a TLS ClientHello's server_name extension.
+pub fn parse_client_hello_sni(bytes: &[u8]) -> Option<Arc<str>> {
+    use tls_parser::{
+        parse_tls_extensions, parse_tls_plaintext, SNIType, TlsExtension, TlsMessage,
+        TlsMessageHandshake,
+    };
+    let (_, rec) = parse_tls_plaintext(bytes).ok()?;
+    rec.msg.iter().find_map(|m| match m {
+        TlsMessage::Handshake(TlsMessageHandshake::ClientHello(ch)) => {
+            let (_, exts) = parse_tls_extensions(ch.ext?).ok()?;
+            exts.iter().find_map(|e| match e {
+                TlsExtension::SNI(names) => names
+                    .iter()
+                    .find(|(t, _)| *t == SNIType::HostName)
+                    .and_then(|(_, n)| clean_name(std::str::from_utf8(n).ok()?)),
+                _ => None,
+            })
+        }
+        _ => None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use simple_dns::rdata::{RData, A, CNAME};
+    use simple_dns::{Name, Packet, Question, ResourceRecord, CLASS, QCLASS, QTYPE, TYPE};
+
+    fn answer(asked: &str, chain: &[&str], addrs: &[[u8; 4]], ttl: u32) -> Vec<u8> {
+        let mut p = Packet::new_reply(7);
+        p.questions.push(Question::new(
+            Name::new_unchecked(asked),
+            QTYPE::TYPE(TYPE::A),
+            QCLASS::CLASS(CLASS::IN),
+            false,
+        ));
+        let mut owner = asked;
+        for c in chain {
+            let rd = RData::CNAME(CNAME(Name::new_unchecked(c)));
+            p.answers.push(ResourceRecord::new(
+                Name::new_unchecked(owner),
+                CLASS::IN,
+                600,
+                rd,
+            ));
+            owner = c;
+        }
+        for a in addrs {
+            let rd = RData::A(A {
+                address: u32::from_be_bytes(*a),
+            });
+            p.answers.push(ResourceRecord::new(
+                Name::new_unchecked(owner),
+                CLASS::IN,
+                ttl,
+                rd,
+            ));
+        }
+        p.build_bytes_vec().unwrap()
+    }
+
+    fn cap(kind: CapturedKind, from: (&str, u16), to: (&str, u16), seq: u32, b: &[u8]) -> Captured {
+        Captured {
+            kind,
+            sender: (from.0.parse().unwrap(), from.1),
+            receiver: (to.0.parse().unwrap(), to.1),
+            seq,
+            bytes: b.to_vec(),
+        }
+    }
+
+    fn record(src: &str, dst: &str) -> FlowRecord {
+        crate::flow::FlowRecord {
+            interface: "eth0".into(),
+            ifindex: 2,
+            also_seen_on: Vec::new(),
+            protocol: "tcp".into(),
+            src_ip: src.parse().unwrap(),
+            src_port: 40000,
+            dst_ip: dst.parse().unwrap(),
+            dst_port: 443,
+            src_to_dst: Default::default(),
+            dst_to_src: Default::default(),
+            tcp_flags: Vec::new(),
+            first_seen: std::time::UNIX_EPOCH,
+            last_seen: std::time::UNIX_EPOCH,
+            handshake_rtt_us: None,
+            orientation: crate::flow::Orientation::Syn,
+            opened: true,
+            reset: false,
+            handshake_this_interval: None,
+            dst_names: EndNames::default(),
+            src_names: EndNames::default(),
+            health: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_cname_chain_names_every_address_by_the_asked_name_with_the_smallest_ttl() {
+        let b = answer(
+            "WWW.Example.com",
+            &["edge.cdn.net", "origin.cdn.net"],
+            &[[192, 0, 2, 1], [192, 0, 2, 2]],
+            30,
+        );
+        let (name, ttl, addrs) = parse_dns_answer(&b).unwrap();
+        assert_eq!(&*name, "www.example.com");
+        assert_eq!(ttl, Duration::from_secs(30));
+        assert_eq!(
+            addrs,
+            [
+                "192.0.2.1".parse::<IpAddr>().unwrap(),
+                "192.0.2.2".parse().unwrap()
+            ]
+        );
+        // A query is no answer.
+        let mut q = Packet::new_query(1);
+        q.questions.push(Question::new(
+            Name::new_unchecked("a.b"),
+            QTYPE::TYPE(TYPE::A),
+            QCLASS::CLASS(CLASS::IN),
+            false,
+        ));
+        assert!(parse_dns_answer(&q.build_bytes_vec().unwrap()).is_none());
+    }
+
+    #[test]
+    fn only_the_client_that_asked_gets_the_name_and_the_latest_name_wins() {
+        let mut n = Names::default();
+        let t0 = Instant::now();
+        let dns = |name: &str| {
+            cap(
+                CapturedKind::DnsUdp,
+                ("10.0.0.53", 53),
+                ("10.0.0.2", 5353),
+                0,
+                &answer(name, &[], &[[192, 0, 2, 1]], 60),
+            )
+        };
+        n.learn(&[dns("old.example"), dns("new.example")], t0);
+        let mut rs = vec![
+            record("10.0.0.2", "192.0.2.1"),
+            record("10.0.0.3", "192.0.2.1"),
+        ];
+        n.label(&mut rs, t0);
+        assert_eq!(rs[0].dst_names.dns.as_deref(), Some("new.example"));
+        assert!(
+            rs[1].dst_names.is_empty(),
+            "another client's lookup names nothing"
+        );
+        // Past TTL + grace a new connection gets no name; the one named
+        // keeps its name while it lives.
+        let later = t0 + Duration::from_secs(60) + DNS_GRACE + Duration::from_secs(1);
+        let mut fresh = vec![record("10.0.0.2", "192.0.2.1")];
+        fresh[0].src_port = 40001;
+        n.label(&mut fresh, later);
+        assert!(fresh[0].dst_names.is_empty());
+        assert_eq!(n.dns_size(), (0, 0));
+    }
+
+    #[test]
+    fn the_dns_table_is_bounded_in_entries() {
+        let mut n = Names::default();
+        let t0 = Instant::now();
+        let client: IpAddr = "10.0.0.2".parse().unwrap();
+        for i in 0..(DNS_MAX_ENTRIES as u32 + 10) {
+            n.insert_dns(
+                (client, IpAddr::from(std::net::Ipv4Addr::from(i))),
+                "x.example".into(),
+                t0 + DNS_GRACE,
+            );
+        }
+        assert_eq!(n.dns_size(), (DNS_MAX_ENTRIES, DNS_MAX_ENTRIES * 9));
+        assert_eq!(n.counts.evicted, 10);
+        // The oldest went first.
+        assert!(n
+            .dns_name(client, IpAddr::from(std::net::Ipv4Addr::from(0)), t0)
+            .is_none());
+        assert!(n
+            .dns_name(client, IpAddr::from(std::net::Ipv4Addr::from(10)), t0)
+            .is_some());
+    }
+
+    /// A ClientHello record with the server_name `sni` and `pad` bytes of
+    /// padding extension.
+    fn client_hello(sni: &str, pad: usize) -> Vec<u8> {
+        let mut ext = Vec::new();
+        let name = sni.as_bytes();
+        ext.extend([0, 0]);
+        ext.extend(((name.len() + 5) as u16).to_be_bytes());
+        ext.extend(((name.len() + 3) as u16).to_be_bytes());
+        ext.push(0);
+        ext.extend((name.len() as u16).to_be_bytes());
+        ext.extend(name);
+        ext.extend([0, 21]);
+        ext.extend((pad as u16).to_be_bytes());
+        ext.extend(std::iter::repeat_n(0u8, pad));
+        let mut body = vec![3, 3];
+        body.extend([0u8; 32]);
+        body.push(0);
+        body.extend([0, 2, 0x13, 0x01, 1, 0]);
+        body.extend((ext.len() as u16).to_be_bytes());
+        body.extend(ext);
+        let mut hs = vec![1];
+        hs.extend(&(body.len() as u32).to_be_bytes()[1..]);
+        hs.extend(body);
+        let mut rec = vec![0x16, 3, 1];
+        rec.extend((hs.len() as u16).to_be_bytes());
+        rec.extend(hs);
+        rec
+    }
+
+    #[test]
+    fn a_client_hello_split_in_three_is_reassembled_in_order() {
+        let h = client_hello("API.Example.com", 3000);
+        assert_eq!(
+            parse_client_hello_sni(&h).as_deref(),
+            Some("api.example.com")
+        );
+        let mut n = Names::default();
+        let t0 = Instant::now();
+        let seg = |from: usize, to: usize| {
+            cap(
+                CapturedKind::Tls,
+                ("10.0.0.2", 40000),
+                ("192.0.2.9", 443),
+                1000 + from as u32,
+                &h[from..to],
+            )
+        };
+        // The first segment alone does not parse; out of order is ignored.
+        n.learn(&[seg(0, 1400), seg(2800, h.len())], t0);
+        let mut rs = vec![record("10.0.0.2", "192.0.2.9")];
+        n.label(&mut rs, t0);
+        assert!(rs[0].dst_names.is_empty());
+        n.learn(&[seg(1400, 2800), seg(2800, h.len())], t0);
+        n.label(&mut rs, t0);
+        assert_eq!(rs[0].dst_names.tls.as_deref(), Some("api.example.com"));
+        assert_eq!((n.counts.tls_names, n.counts.tls_unparsed), (1, 0));
+    }
+}

@@ -138,10 +138,7 @@ impl Pipeline {
         for i in 0..self.sources.len() {
             let (full, always) = self.build(&self.sources[i], &records, &host);
             self.metrics.link_control_flows.inc_by(full.link_control);
-            // Status after folding: an aggregate's edges are judged on their
-            // merged health.
-            let mut graph = self.bound(&self.sources[i], full, &always, end);
-            crate::status::apply(&mut graph, &self.sources[i].status);
+            let graph = self.bound(&self.sources[i], full, &always, end);
             for e in graph.edges.values() {
                 by_status[e.health.status as usize].1 += 1;
             }
@@ -257,14 +254,27 @@ impl Pipeline {
     /// (`max_external_endpoints`), then further until its Coordimap batch
     /// fits `MAX_BODY_BYTES`; one log line when anything folded, and the
     /// counters on /metrics.
-    fn bound(&self, src: &FlowsSource, full: Graph, always: &Endpoint, end: SystemTime) -> Graph {
+    /// Folds past the caps and judges the status of what is left (a folded
+    /// edge on its merged health), so the size measured is the size sent.
+    fn bound(
+        &self,
+        src: &FlowsSource,
+        mut full: Graph,
+        always: &Endpoint,
+        end: SystemTime,
+    ) -> Graph {
+        crate::status::apply(&mut full, &src.status);
         let mut cap = src.max_external_endpoints;
         let interval = (self.interval_start, end);
         let always = std::slice::from_ref(always);
         // The graph as built when nothing needs folding (no copy).
         let (folded, len) = loop {
             let lim = Limits::new(cap);
-            let cand = fold::needed(&full, &lim).then(|| fold::bound(&full, &src.id, &lim));
+            let cand = fold::needed(&full, &lim).then(|| {
+                let (mut g, f) = fold::bound(&full, &src.id, &lim);
+                crate::status::apply(&mut g, &src.status);
+                (g, f)
+            });
             let g = cand.as_ref().map_or(&full, |(g, _)| g);
             let len = body_len(g, always, src, &self.skip_fields, interval);
             if len <= MAX_BODY_BYTES || cap == 0 {

@@ -12,7 +12,7 @@ cargo build --locked --workspace --all-targets 2>&1 | tail -n 3
 # Unit tests, parser (BPF_PROG_TEST_RUN), config, end to end.
 log=$(mktemp)
 set +e
-cargo test --locked --workspace -- --test-threads=2 2>&1 | tee "$log"
+cargo test --locked --workspace --no-fail-fast -- --test-threads=2 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 passed=$(grep -Eo '^test result: .* ([0-9]+) passed' "$log" | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')

@@ -96,7 +96,15 @@ impl ReadPool {
             out
         });
         match tokio::time::timeout_at(deadline, task).await {
-            Ok(Ok(r)) => r.map_err(ReadError::Failed),
+            Ok(Ok(r)) => r.map_err(|e| {
+                // The server's statement_timeout (equal to the deadline) may
+                // answer a moment before the deadline does: the same cause.
+                if stopped_at_deadline(&e) {
+                    ReadError::Timeout
+                } else {
+                    ReadError::Failed(e)
+                }
+            }),
             Ok(Err(e)) => Err(ReadError::Failed(anyhow::anyhow!("store read: {e}"))),
             Err(_) => {
                 if let Ok(h) = interrupt.lock() {
@@ -108,6 +116,20 @@ impl ReadPool {
             }
         }
     }
+}
+
+/// Whether a read failed because it was stopped at its deadline: a
+/// PostgreSQL statement cancelled (SQLSTATE 57014, statement_timeout) or
+/// an interrupted SQLite statement.
+fn stopped_at_deadline(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<postgres::Error>()
+            .and_then(|p| p.code())
+            .is_some_and(|code| *code == postgres::error::SqlState::QUERY_CANCELED)
+            || c.downcast_ref::<rusqlite::Error>().is_some_and(|r| {
+                r.sqlite_error_code() == Some(rusqlite::ErrorCode::OperationInterrupted)
+            })
+    })
 }
 
 /// The values as the PostgreSQL driver binds them.

@@ -90,6 +90,9 @@ pub struct EdgeHealth {
     /// TCP segments sent again, by direction (kernel tracepoints).
     pub retransmits_client_to_server: u64,
     pub retransmits_server_to_client: u64,
+    /// Packets the kernel dropped, by reason (absent when none).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub drops: BTreeMap<Arc<str>, u64>,
     pub status: Status,
 }
 
@@ -106,6 +109,7 @@ impl EdgeHealth {
         self.resets_server += o.resets_server;
         self.retransmits_client_to_server += o.retransmits_client_to_server;
         self.retransmits_server_to_client += o.retransmits_server_to_client;
+        add_drops(&mut self.drops, &o.drops);
         self.status = self.status.max(o.status);
     }
 
@@ -123,6 +127,7 @@ impl EdgeHealth {
         self.resets_server += h.resets_server as u64;
         self.retransmits_client_to_server += h.retransmits_client_to_server;
         self.retransmits_server_to_client += h.retransmits_server_to_client;
+        add_drops(&mut self.drops, &r.drops);
     }
 
     /// The status by the rules, given the edge's packets this interval.
@@ -136,6 +141,7 @@ impl EdgeHealth {
         }
         let retransmits = self.retransmits_client_to_server + self.retransmits_server_to_client;
         if self.resets_client + self.resets_server > 0
+            || !self.drops.is_empty()
             || retransmits as f64 * 100.0 > t.retransmit_percent * packets as f64
         {
             return Status::Orange;
@@ -144,6 +150,12 @@ impl EdgeHealth {
             return Status::NoStatus;
         }
         Status::Green
+    }
+}
+
+fn add_drops(to: &mut BTreeMap<Arc<str>, u64>, from: &BTreeMap<Arc<str>, u64>) {
+    for (reason, n) in from {
+        *to.entry(reason.clone()).or_default() += n;
     }
 }
 
@@ -173,6 +185,9 @@ mod tests {
         };
         assert_eq!(h.judge(10, &t), Status::Green);
         assert_eq!(h.judge(0, &t), Status::NoStatus);
+        h.drops.insert("NETFILTER_DROP".into(), 1);
+        assert_eq!(h.judge(10, &t), Status::Orange);
+        h.drops.clear();
         h.resets_server = 1;
         assert_eq!(h.judge(10, &t), Status::Orange);
         h.connections_failed.refused = 4;

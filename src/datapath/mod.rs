@@ -5,6 +5,7 @@
 pub mod attach;
 pub mod clock;
 mod drain;
+pub mod drops;
 pub mod ifaces;
 pub mod names;
 mod overflow;
@@ -29,8 +30,8 @@ mod skel {
 }
 
 pub use skel::types::{
-    conn_health as RawConnHealth, conn_key as RawConnKey, flow_event as RawEvent,
-    flow_key as RawKey, flow_stats as RawStats,
+    conn_health as RawConnHealth, conn_key as RawConnKey, drop_key as RawDropKey,
+    flow_event as RawEvent, flow_key as RawKey, flow_stats as RawStats,
 };
 
 use overflow::Overflow;
@@ -40,7 +41,7 @@ use skel::types::flow_stat as Stat;
 
 /// The kernel statistics by their value in the generated `enum flow_stat`
 /// (bpf/flows.h), with the names /metrics and the logs use.
-const STATS: [(Stat, &str); 9] = [
+const STATS: [(Stat, &str); 10] = [
     (Stat::STAT_NON_IP, "non_ip"),
     (Stat::STAT_TRUNCATED, "truncated"),
     (Stat::STAT_BAD_HEADER, "bad_header"),
@@ -50,6 +51,7 @@ const STATS: [(Stat, &str); 9] = [
     (Stat::STAT_RING_LOST, "ring_lost"),
     (Stat::STAT_NAMES_LIMITED, "names_limited"),
     (Stat::STAT_NAMES_LOST, "names_lost"),
+    (Stat::STAT_DROPS_LOST, "drops_lost"),
 ];
 
 /// Names of the kernel statistics, indexed by their enum value. A
@@ -148,6 +150,9 @@ pub struct Drained {
     /// name resolver, and how many did not fit user space's queue.
     pub names: Vec<names::Captured>,
     pub names_dropped: u64,
+    /// Packets the kernel dropped in the drain period, by connection (when
+    /// their headers parsed) and reason (skb:kfree_skb).
+    pub drops: Vec<drops::Dropped>,
 }
 
 /// Plain-data structs shared with the kernel: integers and arrays of
@@ -166,6 +171,8 @@ unsafe impl Plain for RawEvent {}
 // SAFETY: the generated mirrors of struct conn_key / conn_health: integers.
 unsafe impl Plain for RawConnKey {}
 unsafe impl Plain for RawConnHealth {}
+// SAFETY: the generated mirror of struct drop_key: integers.
+unsafe impl Plain for RawDropKey {}
 // SAFETY: an integer.
 unsafe impl Plain for u64 {}
 
@@ -252,6 +259,9 @@ pub struct Datapath {
     tick_start: (u64, u64, std::time::Instant),
     /// Interfaces attached with classic filters, to be moved to TCX.
     handover: std::collections::VecDeque<u32>,
+    /// Names of the kernel's drop reasons; None when drops are not counted
+    /// (no enum skb_drop_reason in the kernel's BTF).
+    drop_reasons: Option<drops::DropReasons>,
 }
 
 impl Datapath {
@@ -274,6 +284,21 @@ impl Datapath {
             .as_deref_mut()
             .ok_or_else(|| anyhow!("the program's .rodata is not memory-mapped"))?
             .names_enabled = opts.capture_names as u32;
+        let drop_reasons = match drops::DropReasons::from_kernel() {
+            Ok(r) => {
+                open.maps
+                    .rodata_data
+                    .as_deref_mut()
+                    .ok_or_else(|| anyhow!("the program's .rodata is not memory-mapped"))?
+                    .drop_skip = r.skip;
+                Some(r)
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "kernel drops are not counted");
+                open.progs.flowmap_kfree_skb.set_autoload(false);
+                None
+            }
+        };
         let skel = open.load().map_err(|e| {
             let denied = e.kind() == libbpf_rs::ErrorKind::PermissionDenied;
             anyhow!(
@@ -304,7 +329,7 @@ impl Datapath {
             0
         })?;
         let ring = rb.build()?;
-        let traces = attach_traces(&skel);
+        let traces = attach_traces(&skel, drop_reasons.is_some());
         let mut dp = Datapath {
             attached: HashMap::new(),
             traces,
@@ -318,6 +343,7 @@ impl Datapath {
             ns_per_tick: 0,
             tick_start: (0, 0, std::time::Instant::now()),
             handover: Default::default(),
+            drop_reasons,
         };
         dp.set_names_rate(names::NAMES_PER_SEC_PER_CPU)?;
         // The tick is measured over 100 ms; the agent attaches meanwhile
@@ -363,6 +389,8 @@ impl Datapath {
             &m.overflow,
             &m.health_a,
             &m.health_b,
+            &m.drops_a,
+            &m.drops_b,
             &m.names,
             &m.name_scratch,
             &m.name_budget,
@@ -381,17 +409,21 @@ impl Datapath {
 
 /// Attaches the socket tracepoint programs. One that fails to attach is
 /// logged and left out: flows are still counted, without that signal.
-fn attach_traces(skel: &FlowsSkel<'static>) -> Vec<libbpf_rs::Link> {
+fn attach_traces(skel: &FlowsSkel<'static>, drops: bool) -> Vec<libbpf_rs::Link> {
     let p = &skel.progs;
     let mut out = Vec::new();
     for (name, prog) in [
         ("tcp_retransmit_skb", &p.flowmap_retransmit),
         ("tcp_retransmit_synack", &p.flowmap_retransmit_synack),
+        ("kfree_skb", &p.flowmap_kfree_skb),
     ] {
+        if !drops && name == "kfree_skb" {
+            continue;
+        }
         match prog.attach() {
             Ok(l) => out.push(l),
             Err(e) => {
-                tracing::warn!(tracepoint = name, error = %e, "tracepoint not attached; retransmits are not counted")
+                tracing::warn!(tracepoint = name, error = %e, "tracepoint not attached; its signal (retransmits or drops) is not counted")
             }
         }
     }

@@ -425,6 +425,7 @@ mod tests {
             handshake_this_interval: None,
             dst_names: EndNames::default(),
             src_names: EndNames::default(),
+            drops: Default::default(),
             health: Default::default(),
         }
     }

@@ -61,4 +61,8 @@ pub struct FlowRecord {
     pub dst_names: EndNames,
     #[serde(skip_serializing_if = "EndNames::is_empty")]
     pub src_names: EndNames,
+    /// Packets of this connection the kernel dropped this interval, by
+    /// reason (skb:kfree_skb); absent when none.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub drops: std::collections::BTreeMap<Arc<str>, u64>,
 }

@@ -44,6 +44,9 @@ pub struct FlowTable {
     /// Segments sent again per connection (side 0/1) in the drain period,
     /// from the socket tracepoints; taken by the next `ingest`.
     retransmits: HashMap<ConnKey, [u64; 2], foldhash::fast::RandomState>,
+    /// Packets dropped per connection and reason in the drain period (the
+    /// skb:kfree_skb tracepoint); taken by the next `ingest`.
+    drops: HashMap<ConnKey, std::collections::BTreeMap<Arc<str>, u64>, foldhash::fast::RandomState>,
 }
 
 impl FlowTable {
@@ -56,6 +59,7 @@ impl FlowTable {
             evicted: 0,
             pending: HashSet::default(),
             retransmits: HashMap::default(),
+            drops: HashMap::default(),
         }
     }
 
@@ -82,6 +86,16 @@ impl FlowTable {
             let e = self.retransmits.entry(k).or_default();
             e[0] += v[0];
             e[1] += v[1];
+        }
+    }
+
+    /// The kernel drops of the drain period that parsed to a connection,
+    /// for the next `ingest`; like retransmits, those of connections no
+    /// attached interface saw are dropped.
+    pub fn set_drops(&mut self, d: impl IntoIterator<Item = (ConnKey, Arc<str>, u64)>) {
+        self.drops.clear();
+        for (k, reason, n) in d {
+            *self.drops.entry(k).or_default().entry(reason).or_default() += n;
         }
     }
 
@@ -140,12 +154,33 @@ impl FlowTable {
                 health.retransmits_client_to_server = rt[conn.client_side];
                 health.retransmits_server_to_client = rt[1 - conn.client_side];
             }
-            out.push(record(&key, &s, &conn, opened, others, cx, health));
+            let mut r = record(&key, &s, &conn, opened, others, cx, health);
+            if let Some(d) = self.drops.remove(&key) {
+                r.drops = d;
+            }
+            out.push(r);
         }
         self.retransmits.clear();
+        self.drops_without_packets(cx, &mut out);
         self.unanswered(cx, &mut out);
         self.expire(cx.now_mono_ns);
         out
+    }
+
+    /// Drops of known connections that had no packet counted this drain
+    /// period (the packet was counted before the maps were swapped, its drop
+    /// after): a record of their own without packets. Others are let go.
+    fn drops_without_packets(&mut self, cx: &Context, out: &mut Vec<FlowRecord>) {
+        for (key, d) in std::mem::take(&mut self.drops) {
+            let Some(c) = self.conns.get(&key) else {
+                continue;
+            };
+            let empty = Sample::default();
+            let mut r = record(&key, &empty, c, false, Vec::new(), cx, Health::default());
+            r.handshake_this_interval = None;
+            r.drops = d;
+            out.push(r);
+        }
     }
 
     /// Decides the attempts still waiting for a SYN/ACK that had no packet
@@ -361,6 +396,7 @@ fn record(
         health,
         dst_names: Default::default(),
         src_names: Default::default(),
+        drops: Default::default(),
     }
 }
 

@@ -445,6 +445,7 @@ mod tests {
                     health: Default::default(),
                     dst_names: Default::default(),
                     src_names: Default::default(),
+                    drops: Default::default(),
                 }
             })
             .collect();

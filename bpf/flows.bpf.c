@@ -108,6 +108,7 @@ struct flow_event flow_event_layout = {};
 struct conn_key conn_key_layout = {};
 struct conn_health conn_health_layout = {};
 struct drop_key drop_key_layout = {};
+struct conn_rtt conn_rtt_layout = {};
 enum flow_stat flow_stat_layout = STAT_NON_IP;
 
 /* The clock reading of flowmap_clock. */
@@ -810,6 +811,7 @@ struct sock_common {
 
 struct sock {
 	struct sock_common __sk_common;
+	__u16 sk_protocol;
 } __attribute__((preserve_access_index));
 
 struct request_sock {
@@ -1064,5 +1066,80 @@ int flowmap_kfree_skb(__u64 *ctx)
 	__u64 *lost = bpf_map_lookup_elem(&stats, &idx);
 	if (lost)
 		*lost += 1;
+	return 0;
+}
+
+/* Smoothed RTT of established TCP connections, per drain period, swapped
+ * with the flow maps: one sample per local socket, taken when it leaves
+ * ESTABLISHED (closing), read from tcp_sock.srtt_us. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct conn_key);
+	__type(value, struct conn_rtt);
+} srtt_a SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct conn_key);
+	__type(value, struct conn_rtt);
+} srtt_b SEC(".maps");
+
+struct tcp_sock {
+	__u32 srtt_us; /* smoothed RTT << 3, in microseconds */
+} __attribute__((preserve_access_index));
+
+static __always_inline int put_srtt(void *map, const struct conn_key *k, int side, __u32 us)
+{
+	struct conn_rtt *v = bpf_map_lookup_elem(map, k);
+	if (!v) {
+		struct conn_rtt nv = {};
+		if (side)
+			nv.srtt_us[1] = us;
+		else
+			nv.srtt_us[0] = us;
+		long rc = bpf_map_update_elem(map, k, &nv, BPF_NOEXIST);
+		if (rc == 0)
+			return 0;
+		if (rc != -17 /* EEXIST */)
+			return -1;
+		v = bpf_map_lookup_elem(map, k);
+		if (!v)
+			return -1;
+	}
+	if (side)
+		v->srtt_us[1] = us;
+	else
+		v->srtt_us[0] = us;
+	return 0;
+}
+
+SEC("tp_btf/inet_sock_set_state")
+int flowmap_sock_state(__u64 *ctx)
+{
+	if ((int)ctx[1] != 1 /* TCP_ESTABLISHED */)
+		return 0;
+	struct sock *sk = (struct sock *)ctx[0];
+	__u16 proto = 0;
+	bpf_probe_read_kernel(&proto, 2, &sk->sk_protocol);
+	if (proto != IPPROTO_TCP)
+		return 0;
+	__u32 srtt = 0;
+	bpf_probe_read_kernel(&srtt, 4, &((struct tcp_sock *)sk)->srtt_us);
+	srtt >>= 3;
+	if (!srtt)
+		srtt = 1; /* under 1 µs: still a sample */
+	struct conn_key k;
+	int side = conn_of(&sk->__sk_common, &k);
+	if (side < 0)
+		return 0;
+	int rc = active_map ? put_srtt(&srtt_b, &k, side, srtt) : put_srtt(&srtt_a, &k, side, srtt);
+	if (rc) {
+		__u32 idx = STAT_SRTT_LOST;
+		__u64 *lost = bpf_map_lookup_elem(&stats, &idx);
+		if (lost)
+			*lost += 1;
+	}
 	return 0;
 }

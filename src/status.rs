@@ -93,7 +93,47 @@ pub struct EdgeHealth {
     /// Packets the kernel dropped, by reason (absent when none).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub drops: BTreeMap<Arc<str>, u64>,
+    /// Smoothed RTT of the connections that closed (absent when none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub srtt_us: Option<Srtt>,
     pub status: Status,
+}
+
+/// Smoothed RTT samples of an edge's connections in one interval, in µs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Srtt {
+    /// Connections sampled.
+    pub samples: u64,
+    pub min: u32,
+    pub mean: f64,
+    pub max: u32,
+    #[serde(skip)]
+    sum: u64,
+}
+
+impl Srtt {
+    fn add(this: &mut Option<Srtt>, o: &Srtt) {
+        let s = this.get_or_insert(Srtt {
+            min: o.min,
+            max: o.max,
+            ..Default::default()
+        });
+        s.samples += o.samples;
+        s.sum += o.sum;
+        s.min = s.min.min(o.min);
+        s.max = s.max.max(o.max);
+        s.mean = s.sum as f64 / s.samples.max(1) as f64;
+    }
+
+    fn one(us: u32) -> Srtt {
+        Srtt {
+            samples: 1,
+            min: us,
+            mean: us as f64,
+            max: us,
+            sum: us as u64,
+        }
+    }
 }
 
 impl EdgeHealth {
@@ -110,6 +150,9 @@ impl EdgeHealth {
         self.retransmits_client_to_server += o.retransmits_client_to_server;
         self.retransmits_server_to_client += o.retransmits_server_to_client;
         add_drops(&mut self.drops, &o.drops);
+        if let Some(s) = &o.srtt_us {
+            Srtt::add(&mut self.srtt_us, s);
+        }
         self.status = self.status.max(o.status);
     }
 
@@ -128,6 +171,9 @@ impl EdgeHealth {
         self.retransmits_client_to_server += h.retransmits_client_to_server;
         self.retransmits_server_to_client += h.retransmits_server_to_client;
         add_drops(&mut self.drops, &r.drops);
+        if let Some(us) = r.srtt_us {
+            Srtt::add(&mut self.srtt_us, &Srtt::one(us));
+        }
     }
 
     /// The status by the rules, given the edge's packets this interval.

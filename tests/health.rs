@@ -574,3 +574,89 @@ fn kernel_drops_by_reason_on_the_flow_and_orange() {
     assert!(!metrics.contains("reason=\"NOT_SPECIFIED\""), "{metrics}");
     assert!(!metrics.contains("reason=\"SKB_CONSUMED\""), "{metrics}");
 }
+
+const RTT_PORT: u16 = 5993;
+
+#[test]
+fn smoothed_rtt_one_sample_per_connection() {
+    let Some(_g) = privileged_serial("smoothed_rtt_one_sample_per_connection", &SERIAL) else {
+        return;
+    };
+    let rig = Rig::new();
+    let peer = rig.srv.peer_v4.clone();
+    const CONNS: usize = 5;
+    let listener = rig
+        .srv
+        .run_in(move || TcpListener::bind(("0.0.0.0", RTT_PORT)).unwrap())
+        .unwrap();
+    let server = std::thread::spawn(move || {
+        for _ in 0..CONNS {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = Vec::new();
+            s.read_to_end(&mut buf).unwrap();
+            s.write_all(&buf[..10]).unwrap();
+        }
+    });
+    let col = rig.node.run_in(collector::Server::start).unwrap();
+    let state = TempDir::new("health-rtt");
+    let agent = Agent::builder(env!("CARGO_BIN_EXE_flowmap"))
+        .id("health")
+        .iface(&rig.srv.host)
+        .interval("1s")
+        .netns(&rig.node)
+        .api_key("k")
+        .args(&["--endpoint", &col.url()])
+        .state_dir(state.path())
+        .no_web()
+        .start()
+        .unwrap();
+    let p = peer.clone();
+    rig.node
+        .run_in(move || {
+            for _ in 0..CONNS {
+                let mut s = TcpStream::connect((p.as_str(), RTT_PORT)).unwrap();
+                s.write_all(&[1u8; 20_000]).unwrap();
+                s.shutdown(std::net::Shutdown::Write).unwrap();
+                let mut back = Vec::new();
+                s.read_to_end(&mut back).unwrap();
+                assert_eq!(back.len(), 10);
+            }
+        })
+        .unwrap();
+    server.join().unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    let (out, err) = agent.stop().unwrap();
+    let recs: Vec<serde_json::Value> = records(&out)
+        .into_iter()
+        .filter(|r| r["protocol"] == "tcp" && r["dst_port"] == RTT_PORT)
+        .collect();
+    let samples: Vec<u64> = recs.iter().filter_map(|r| r["srtt_us"].as_u64()).collect();
+    // One sample per connection, each a plausible RTT over a veth.
+    assert_eq!(samples.len(), CONNS, "{out}\n{err}");
+    let mut ports: Vec<u64> = recs
+        .iter()
+        .filter(|r| r["srtt_us"].is_u64())
+        .map(|r| r["src_port"].as_u64().unwrap())
+        .collect();
+    ports.sort();
+    ports.dedup();
+    assert_eq!(ports.len(), CONNS);
+    assert!(
+        samples.iter().all(|us| (1..200_000).contains(us)),
+        "{samples:?}"
+    );
+    // The relationship entry: samples, min, mean, max of the same.
+    let host = format!("health-flows.host-{}", flowmap::enrich::host::hostname());
+    let rel = format!("{host}.health-flows.external-{peer}");
+    let (_, entries) = batches(&col.bodies(), &rel);
+    let e = &entries[&("tcp".to_string(), RTT_PORT as u64)];
+    assert_eq!(sum(e, &["srtt_us", "samples"]), CONNS as u64, "{e:?}");
+    let min = e.iter().filter_map(|f| f["srtt_us"]["min"].as_u64()).min();
+    let max = e.iter().filter_map(|f| f["srtt_us"]["max"].as_u64()).max();
+    assert_eq!(min, samples.iter().copied().min());
+    assert_eq!(max, samples.iter().copied().max());
+    assert!(e
+        .iter()
+        .filter(|f| f.get("srtt_us").is_some())
+        .all(|f| f["status"] == "Green"));
+}

@@ -201,6 +201,7 @@ impl Pipeline {
                 .iter()
                 .filter_map(|d| Some((d.conn?, d.reason.clone(), d.count))),
         );
+        self.table.set_srtt(drained.srtt.iter().copied());
         self.table.ingest(&drained.flows, &cx)
     }
 

@@ -12,8 +12,8 @@ use tracing::debug;
 
 use super::overflow::KeyBytes;
 use super::{
-    from_bytes, Datapath, Drained, RawConnHealth, RawConnKey, RawDropKey, RawKey, RawStats,
-    STAT_NAMES,
+    from_bytes, Datapath, Drained, RawConnHealth, RawConnKey, RawConnRtt, RawDropKey, RawKey,
+    RawStats, STAT_NAMES,
 };
 use crate::flow::{ConnKey, FlowKey, Sample};
 
@@ -76,6 +76,19 @@ impl Datapath {
             }
         })?;
         let drops = self.drain_drops(old)?;
+        let srtt_map = if old == 0 {
+            &self.skel.maps.srtt_a
+        } else {
+            &self.skel.maps.srtt_b
+        };
+        let mut srtt = Vec::new();
+        drain_map(srtt_map, sizes::<RawConnKey, RawConnRtt>(), &mut |k, v| {
+            if let (Some(key), Some(val)) =
+                (from_bytes::<RawConnKey>(k), from_bytes::<RawConnRtt>(v))
+            {
+                srtt.push((conn_key(&key), val.srtt_us));
+            }
+        })?;
         self.poll_overflow();
         let (extra, dropped) = {
             let mut o = self
@@ -103,6 +116,7 @@ impl Datapath {
             names,
             names_dropped,
             drops,
+            srtt,
         })
     }
 

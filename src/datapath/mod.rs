@@ -30,8 +30,8 @@ mod skel {
 }
 
 pub use skel::types::{
-    conn_health as RawConnHealth, conn_key as RawConnKey, drop_key as RawDropKey,
-    flow_event as RawEvent, flow_key as RawKey, flow_stats as RawStats,
+    conn_health as RawConnHealth, conn_key as RawConnKey, conn_rtt as RawConnRtt,
+    drop_key as RawDropKey, flow_event as RawEvent, flow_key as RawKey, flow_stats as RawStats,
 };
 
 use overflow::Overflow;
@@ -41,7 +41,7 @@ use skel::types::flow_stat as Stat;
 
 /// The kernel statistics by their value in the generated `enum flow_stat`
 /// (bpf/flows.h), with the names /metrics and the logs use.
-const STATS: [(Stat, &str); 10] = [
+const STATS: [(Stat, &str); 11] = [
     (Stat::STAT_NON_IP, "non_ip"),
     (Stat::STAT_TRUNCATED, "truncated"),
     (Stat::STAT_BAD_HEADER, "bad_header"),
@@ -52,6 +52,7 @@ const STATS: [(Stat, &str); 10] = [
     (Stat::STAT_NAMES_LIMITED, "names_limited"),
     (Stat::STAT_NAMES_LOST, "names_lost"),
     (Stat::STAT_DROPS_LOST, "drops_lost"),
+    (Stat::STAT_SRTT_LOST, "srtt_lost"),
 ];
 
 /// Names of the kernel statistics, indexed by their enum value. A
@@ -153,6 +154,9 @@ pub struct Drained {
     /// Packets the kernel dropped in the drain period, by connection (when
     /// their headers parsed) and reason (skb:kfree_skb).
     pub drops: Vec<drops::Dropped>,
+    /// Smoothed RTT (µs) per TCP connection, from each local socket of side
+    /// 0/1 of its key as it left ESTABLISHED in the drain period (0: none).
+    pub srtt: Vec<(crate::flow::ConnKey, [u32; 2])>,
 }
 
 /// Plain-data structs shared with the kernel: integers and arrays of
@@ -173,6 +177,8 @@ unsafe impl Plain for RawConnKey {}
 unsafe impl Plain for RawConnHealth {}
 // SAFETY: the generated mirror of struct drop_key: integers.
 unsafe impl Plain for RawDropKey {}
+// SAFETY: the generated mirror of struct conn_rtt: integers.
+unsafe impl Plain for RawConnRtt {}
 // SAFETY: an integer.
 unsafe impl Plain for u64 {}
 
@@ -391,6 +397,8 @@ impl Datapath {
             &m.health_b,
             &m.drops_a,
             &m.drops_b,
+            &m.srtt_a,
+            &m.srtt_b,
             &m.names,
             &m.name_scratch,
             &m.name_budget,
@@ -416,6 +424,7 @@ fn attach_traces(skel: &FlowsSkel<'static>, drops: bool) -> Vec<libbpf_rs::Link>
         ("tcp_retransmit_skb", &p.flowmap_retransmit),
         ("tcp_retransmit_synack", &p.flowmap_retransmit_synack),
         ("kfree_skb", &p.flowmap_kfree_skb),
+        ("inet_sock_set_state", &p.flowmap_sock_state),
     ] {
         if !drops && name == "kfree_skb" {
             continue;

@@ -426,6 +426,7 @@ mod tests {
             dst_names: EndNames::default(),
             src_names: EndNames::default(),
             drops: Default::default(),
+            srtt_us: None,
             health: Default::default(),
         }
     }

@@ -65,4 +65,9 @@ pub struct FlowRecord {
     /// reason (skb:kfree_skb); absent when none.
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub drops: std::collections::BTreeMap<Arc<str>, u64>,
+    /// The kernel's smoothed RTT of the connection in µs, sampled from the
+    /// client's socket as it left ESTABLISHED this interval (the server's
+    /// when the client is not on this host); absent when not sampled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub srtt_us: Option<u32>,
 }

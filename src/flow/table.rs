@@ -20,6 +20,8 @@ struct Conn {
     synack_ns: u64,
     flags: u32,
     attempt: Attempt,
+    /// A smoothed RTT sample was reported (once per connection).
+    srtt_done: bool,
 }
 
 /// What one ingest needs besides the kernel entries.
@@ -47,6 +49,8 @@ pub struct FlowTable {
     /// Packets dropped per connection and reason in the drain period (the
     /// skb:kfree_skb tracepoint); taken by the next `ingest`.
     drops: HashMap<ConnKey, std::collections::BTreeMap<Arc<str>, u64>, foldhash::fast::RandomState>,
+    /// Smoothed RTT samples (µs, side 0/1) of the drain period.
+    srtt: HashMap<ConnKey, [u32; 2], foldhash::fast::RandomState>,
 }
 
 impl FlowTable {
@@ -60,6 +64,7 @@ impl FlowTable {
             pending: HashSet::default(),
             retransmits: HashMap::default(),
             drops: HashMap::default(),
+            srtt: HashMap::default(),
         }
     }
 
@@ -96,6 +101,19 @@ impl FlowTable {
         self.drops.clear();
         for (k, reason, n) in d {
             *self.drops.entry(k).or_default().entry(reason).or_default() += n;
+        }
+    }
+
+    /// The smoothed RTT samples of the drain period (see `set_drops`).
+    pub fn set_srtt(&mut self, s: impl IntoIterator<Item = (ConnKey, [u32; 2])>) {
+        self.srtt.clear();
+        for (k, v) in s {
+            let e = self.srtt.entry(k).or_default();
+            for i in 0..2 {
+                if v[i] != 0 {
+                    e[i] = v[i];
+                }
+            }
         }
     }
 
@@ -158,6 +176,9 @@ impl FlowTable {
             if let Some(d) = self.drops.remove(&key) {
                 r.drops = d;
             }
+            if let Some(v) = self.srtt.remove(&key) {
+                r.srtt_us = self.first_srtt(&key, v);
+            }
             out.push(r);
         }
         self.retransmits.clear();
@@ -167,20 +188,44 @@ impl FlowTable {
         out
     }
 
-    /// Drops of known connections that had no packet counted this drain
-    /// period (the packet was counted before the maps were swapped, its drop
-    /// after): a record of their own without packets. Others are let go.
+    /// Drops and RTT samples of known connections that had no packet
+    /// counted this drain period (the packet was counted before the maps
+    /// were swapped, its drop after): a record of their own without
+    /// packets. Others are let go.
     fn drops_without_packets(&mut self, cx: &Context, out: &mut Vec<FlowRecord>) {
-        for (key, d) in std::mem::take(&mut self.drops) {
+        let mut drops = std::mem::take(&mut self.drops);
+        let mut srtt = std::mem::take(&mut self.srtt);
+        let keys: Vec<ConnKey> = drops.keys().chain(srtt.keys()).copied().collect();
+        for key in keys {
+            let d = drops.remove(&key);
+            let s = srtt.remove(&key);
+            if d.is_none() && s.is_none() {
+                continue; // both maps had it: done
+            }
             let Some(c) = self.conns.get(&key) else {
                 continue;
             };
             let empty = Sample::default();
             let mut r = record(&key, &empty, c, false, Vec::new(), cx, Health::default());
             r.handshake_this_interval = None;
-            r.drops = d;
-            out.push(r);
+            r.drops = d.unwrap_or_default();
+            r.srtt_us = s.and_then(|v| self.first_srtt(&key, v));
+            if r.srtt_us.is_some() || !r.drops.is_empty() {
+                out.push(r);
+            }
         }
+    }
+
+    /// The connection's smoothed RTT from a sample, the first time only
+    /// (its other socket may close in a later drain period).
+    fn first_srtt(&mut self, key: &ConnKey, v: [u32; 2]) -> Option<u32> {
+        let c = self.conns.get_mut(key)?;
+        if c.srtt_done {
+            return None;
+        }
+        let us = srtt_of(v, c.client_side)?;
+        c.srtt_done = true;
+        Some(us)
     }
 
     /// Decides the attempts still waiting for a SYN/ACK that had no packet
@@ -233,6 +278,7 @@ impl FlowTable {
                 synack_ns: 0,
                 flags: 0,
                 attempt: Attempt::default(),
+                srtt_done: false,
             }
         });
         c.owner = owner;
@@ -397,6 +443,7 @@ fn record(
         dst_names: Default::default(),
         src_names: Default::default(),
         drops: Default::default(),
+        srtt_us: None,
     }
 }
 
@@ -681,4 +728,11 @@ mod tests {
         ingest(&mut t, &h, 1_000_000_001, &[]);
         assert_eq!(t.len(), 0);
     }
+}
+
+/// The client socket's smoothed RTT when it has one, else the server's.
+fn srtt_of(v: [u32; 2], client_side: usize) -> Option<u32> {
+    [v[client_side], v[1 - client_side]]
+        .into_iter()
+        .find(|us| *us != 0)
 }

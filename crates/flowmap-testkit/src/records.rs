@@ -68,5 +68,6 @@ pub fn between(
         dst_names: Default::default(),
         src_names: Default::default(),
         drops: Default::default(),
+        srtt_us: None,
     }
 }

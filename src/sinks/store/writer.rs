@@ -446,6 +446,7 @@ mod tests {
                     dst_names: Default::default(),
                     src_names: Default::default(),
                     drops: Default::default(),
+                    srtt_us: None,
                 }
             })
             .collect();

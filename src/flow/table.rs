@@ -447,6 +447,13 @@ fn record(
     }
 }
 
+/// The client socket's smoothed RTT when it has one, else the server's.
+fn srtt_of(v: [u32; 2], client_side: usize) -> Option<u32> {
+    [v[client_side], v[1 - client_side]]
+        .into_iter()
+        .find(|us| *us != 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -728,11 +735,4 @@ mod tests {
         ingest(&mut t, &h, 1_000_000_001, &[]);
         assert_eq!(t.len(), 0);
     }
-}
-
-/// The client socket's smoothed RTT when it has one, else the server's.
-fn srtt_of(v: [u32; 2], client_side: usize) -> Option<u32> {
-    [v[client_side], v[1 - client_side]]
-        .into_iter()
-        .find(|us| *us != 0)
 }

@@ -290,21 +290,7 @@ impl Datapath {
             .as_deref_mut()
             .ok_or_else(|| anyhow!("the program's .rodata is not memory-mapped"))?
             .names_enabled = opts.capture_names as u32;
-        let drop_reasons = match drops::DropReasons::from_kernel() {
-            Ok(r) => {
-                open.maps
-                    .rodata_data
-                    .as_deref_mut()
-                    .ok_or_else(|| anyhow!("the program's .rodata is not memory-mapped"))?
-                    .drop_skip = r.skip;
-                Some(r)
-            }
-            Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "kernel drops are not counted");
-                open.progs.flowmap_kfree_skb.set_autoload(false);
-                None
-            }
-        };
+        let drop_reasons = drop_reasons(&mut open)?;
         let skel = open.load().map_err(|e| {
             let denied = e.kind() == libbpf_rs::ErrorKind::PermissionDenied;
             anyhow!(
@@ -412,6 +398,26 @@ impl Datapath {
             )
         })
         .collect()
+    }
+}
+
+/// The kernel's drop reasons, and the values the program skips set in its
+/// read-only data; without them the drops program is not loaded.
+fn drop_reasons(open: &mut skel::OpenFlowsSkel<'static>) -> Result<Option<drops::DropReasons>> {
+    match drops::DropReasons::from_kernel() {
+        Ok(r) => {
+            open.maps
+                .rodata_data
+                .as_deref_mut()
+                .ok_or_else(|| anyhow!("the program's .rodata is not memory-mapped"))?
+                .drop_skip = r.skip;
+            Ok(Some(r))
+        }
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "kernel drops are not counted");
+            open.progs.flowmap_kfree_skb.set_autoload(false);
+            Ok(None)
+        }
     }
 }
 

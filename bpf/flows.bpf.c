@@ -107,6 +107,8 @@ struct flow_stats flow_stats_layout = {};
 struct flow_event flow_event_layout = {};
 struct conn_key conn_key_layout = {};
 struct conn_health conn_health_layout = {};
+struct drop_key drop_key_layout = {};
+struct conn_rtt conn_rtt_layout = {};
 enum flow_stat flow_stat_layout = STAT_NON_IP;
 
 /* The clock reading of flowmap_clock. */
@@ -809,6 +811,7 @@ struct sock_common {
 
 struct sock {
 	struct sock_common __sk_common;
+	__u16 sk_protocol;
 } __attribute__((preserve_access_index));
 
 struct request_sock {
@@ -817,6 +820,10 @@ struct request_sock {
 
 struct sk_buff {
 	char cb[48];
+	unsigned char *head;
+	__u16 network_header;
+	__u16 transport_header;
+	__be16 protocol;
 } __attribute__((preserve_access_index));
 
 /* The connection of a socket in canonical order; returns the side of the
@@ -917,5 +924,222 @@ int flowmap_retransmit_synack(__u64 *ctx)
 {
 	struct request_sock *req = (struct request_sock *)ctx[1];
 	count_retrans(&req->__req_common, 1);
+	return 0;
+}
+
+/* Kernel drops with their reason (skb:kfree_skb). Per drain period, swapped
+ * with the flow maps (the same active_map): packets dropped per (connection,
+ * reason), or per reason alone when the packet's headers do not parse. When
+ * a map is full, a drop counts into its reason's entry; if that cannot be
+ * made either, it is counted lost (STAT_DROPS_LOST). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct drop_key);
+	__type(value, __u64);
+} drops_a SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct drop_key);
+	__type(value, __u64);
+} drops_b SEC(".maps");
+
+/* Reasons that mean "freed, not dropped", set by user space from the
+ * running kernel's BTF before load (SKB_NOT_DROPPED_YET, SKB_CONSUMED,
+ * SKB_DROP_REASON_NOT_SPECIFIED). */
+const volatile __u32 drop_skip[3] = { 0, 1, 2 };
+
+static __always_inline int add_drop(void *map, const struct drop_key *k)
+{
+	__u64 *v = bpf_map_lookup_elem(map, k);
+	if (v) {
+		__sync_fetch_and_add(v, 1);
+		return 0;
+	}
+	__u64 one = 1;
+	long rc = bpf_map_update_elem(map, k, &one, BPF_NOEXIST);
+	if (rc == 0)
+		return 0;
+	if (rc != -17 /* EEXIST: made meanwhile */)
+		return -1;
+	v = bpf_map_lookup_elem(map, k);
+	if (!v)
+		return -1;
+	__sync_fetch_and_add(v, 1);
+	return 0;
+}
+
+/* The connection of a dropped packet from its network header (skb->head +
+ * network_header); 0 when it is IPv4/IPv6 + TCP/UDP (IPv6 without extension
+ * headers; IPv4 first fragments only). */
+static __always_inline int drop_conn(struct sk_buff *skb, struct conn_key *k)
+{
+	unsigned char *head = 0;
+	__u16 nh = 0;
+	__be16 proto = 0;
+	bpf_probe_read_kernel(&head, sizeof(head), &skb->head);
+	bpf_probe_read_kernel(&nh, 2, &skb->network_header);
+	bpf_probe_read_kernel(&proto, 2, &skb->protocol);
+	if (!head || nh == 0xffff)
+		return -1;
+	unsigned char *ip = head + nh;
+	__u32 l4off;
+	if (proto == bpf_htons(ETH_P_IP)) {
+		__u8 h[20];
+		if (bpf_probe_read_kernel(h, 20, ip) || (h[0] >> 4) != 4)
+			return -1;
+		if (((h[6] & 0x1f) | h[7]) != 0) /* not the first fragment */
+			return -1;
+		k->proto = h[9];
+		__be32 a, b;
+		__builtin_memcpy(&a, h + 12, 4);
+		__builtin_memcpy(&b, h + 16, 4);
+		set_v4mapped(k->addr[0], a);
+		set_v4mapped(k->addr[1], b);
+		k->family = 4;
+		l4off = (h[0] & 0xf) * 4;
+		if (l4off < 20)
+			return -1;
+	} else if (proto == bpf_htons(ETH_P_IPV6)) {
+		__u8 h[8];
+		if (bpf_probe_read_kernel(h, 8, ip) || (h[0] >> 4) != 6)
+			return -1;
+		k->proto = h[6];
+		if (bpf_probe_read_kernel(k->addr[0], 16, ip + 8) ||
+		    bpf_probe_read_kernel(k->addr[1], 16, ip + 24))
+			return -1;
+		k->family = 6;
+		l4off = 40;
+	} else {
+		return -1;
+	}
+	if (k->proto != IPPROTO_TCP && k->proto != IPPROTO_UDP)
+		return -1;
+	__be16 ports[2];
+	if (bpf_probe_read_kernel(ports, 4, ip + l4off))
+		return -1;
+	k->port[0] = bpf_ntohs(ports[0]);
+	k->port[1] = bpf_ntohs(ports[1]);
+	if (side_of(k->addr[0], k->port[0], k->addr[1], k->port[1])) {
+		__u64 t[2], u[2];
+		__builtin_memcpy(t, k->addr[0], 16);
+		__builtin_memcpy(u, k->addr[1], 16);
+		__builtin_memcpy(k->addr[0], u, 16);
+		__builtin_memcpy(k->addr[1], t, 16);
+		__u16 p = k->port[0];
+		k->port[0] = k->port[1];
+		k->port[1] = p;
+	}
+	return 0;
+}
+
+/* Counts a drop; when the map is full, into its reason's entry. */
+static __always_inline int count_drop(void *map, struct drop_key *k)
+{
+	if (add_drop(map, k) == 0)
+		return 0;
+	if (!k->conn.family)
+		return -1;
+	__builtin_memset(&k->conn, 0, sizeof(k->conn));
+	return add_drop(map, k);
+}
+
+/* Every freed skb passes here: the reasons that are not drops return at
+ * once, before anything is read. */
+SEC("tp_btf/kfree_skb")
+int flowmap_kfree_skb(__u64 *ctx)
+{
+	__u32 reason = (__u32)ctx[2];
+	if (reason == drop_skip[0] || reason == drop_skip[1] || reason == drop_skip[2])
+		return 0;
+	struct drop_key k;
+	__builtin_memset(&k, 0, sizeof(k));
+	k.reason = reason;
+	if (drop_conn((struct sk_buff *)ctx[0], &k.conn))
+		__builtin_memset(&k.conn, 0, sizeof(k.conn));
+	int rc = active_map ? count_drop(&drops_b, &k) : count_drop(&drops_a, &k);
+	if (rc == 0)
+		return 0;
+	__u32 idx = STAT_DROPS_LOST;
+	__u64 *lost = bpf_map_lookup_elem(&stats, &idx);
+	if (lost)
+		*lost += 1;
+	return 0;
+}
+
+/* Smoothed RTT of established TCP connections, per drain period, swapped
+ * with the flow maps: one sample per local socket, taken when it leaves
+ * ESTABLISHED (closing), read from tcp_sock.srtt_us. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct conn_key);
+	__type(value, struct conn_rtt);
+} srtt_a SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct conn_key);
+	__type(value, struct conn_rtt);
+} srtt_b SEC(".maps");
+
+struct tcp_sock {
+	__u32 srtt_us; /* smoothed RTT << 3, in microseconds */
+} __attribute__((preserve_access_index));
+
+static __always_inline int put_srtt(void *map, const struct conn_key *k, int side, __u32 us)
+{
+	struct conn_rtt *v = bpf_map_lookup_elem(map, k);
+	if (!v) {
+		struct conn_rtt nv = {};
+		if (side)
+			nv.srtt_us[1] = us;
+		else
+			nv.srtt_us[0] = us;
+		long rc = bpf_map_update_elem(map, k, &nv, BPF_NOEXIST);
+		if (rc == 0)
+			return 0;
+		if (rc != -17 /* EEXIST */)
+			return -1;
+		v = bpf_map_lookup_elem(map, k);
+		if (!v)
+			return -1;
+	}
+	if (side)
+		v->srtt_us[1] = us;
+	else
+		v->srtt_us[0] = us;
+	return 0;
+}
+
+SEC("tp_btf/inet_sock_set_state")
+int flowmap_sock_state(__u64 *ctx)
+{
+	if ((int)ctx[1] != 1 /* TCP_ESTABLISHED */)
+		return 0;
+	struct sock *sk = (struct sock *)ctx[0];
+	__u16 proto = 0;
+	bpf_probe_read_kernel(&proto, 2, &sk->sk_protocol);
+	if (proto != IPPROTO_TCP)
+		return 0;
+	__u32 srtt = 0;
+	bpf_probe_read_kernel(&srtt, 4, &((struct tcp_sock *)sk)->srtt_us);
+	srtt >>= 3;
+	if (!srtt)
+		srtt = 1; /* under 1 µs: still a sample */
+	struct conn_key k;
+	int side = conn_of(&sk->__sk_common, &k);
+	if (side < 0)
+		return 0;
+	int rc = active_map ? put_srtt(&srtt_b, &k, side, srtt) : put_srtt(&srtt_a, &k, side, srtt);
+	if (rc) {
+		__u32 idx = STAT_SRTT_LOST;
+		__u64 *lost = bpf_map_lookup_elem(&stats, &idx);
+		if (lost)
+			*lost += 1;
+	}
 	return 0;
 }

@@ -59,6 +59,20 @@ struct conn_health {
 	__u64 retrans[2]; /* segments sent again by side 0 / side 1 (TcpRetransSegs) */
 };
 
+/* A kernel drop (skb:kfree_skb) in one drain period: the connection of
+ * the dropped packet in canonical order when its IPv4/IPv6 and TCP/UDP
+ * headers parse, else all zero (family 0: counted by reason alone). */
+struct drop_key {
+	struct conn_key conn;
+	__u32 reason;     /* enum skb_drop_reason of the running kernel */
+};
+
+/* Smoothed RTT of a TCP connection, sampled from each local socket when it
+ * leaves ESTABLISHED, in microseconds (tcp_sock.srtt_us >> 3); 0: none. */
+struct conn_rtt {
+	__u32 srtt_us[2]; /* the socket of side 0 / side 1 of the conn_key */
+};
+
 /* Sent through the overflow ring buffer for a packet whose flow could not
  * be stored because the flow map was full. */
 struct flow_event {
@@ -84,6 +98,8 @@ enum flow_stat {
 	STAT_RING_LOST,          /* ... and the ring buffer was full too: lost */
 	STAT_NAMES_LIMITED,      /* a DNS answer or ClientHello over the per-CPU rate: not captured */
 	STAT_NAMES_LOST,         /* ... captured, but the names ring buffer was full */
+	STAT_DROPS_LOST,         /* a kernel drop not counted: the drops map was full */
+	STAT_SRTT_LOST,          /* a smoothed RTT sample not kept: the srtt map was full */
 	STAT_MAX,
 };
 

@@ -90,7 +90,50 @@ pub struct EdgeHealth {
     /// TCP segments sent again, by direction (kernel tracepoints).
     pub retransmits_client_to_server: u64,
     pub retransmits_server_to_client: u64,
+    /// Packets the kernel dropped, by reason (absent when none).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub drops: BTreeMap<Arc<str>, u64>,
+    /// Smoothed RTT of the connections that closed (absent when none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub srtt_us: Option<Srtt>,
     pub status: Status,
+}
+
+/// Smoothed RTT samples of an edge's connections in one interval, in µs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Srtt {
+    /// Connections sampled.
+    pub samples: u64,
+    pub min: u32,
+    pub mean: f64,
+    pub max: u32,
+    #[serde(skip)]
+    sum: u64,
+}
+
+impl Srtt {
+    fn add(this: &mut Option<Srtt>, o: &Srtt) {
+        let s = this.get_or_insert(Srtt {
+            min: o.min,
+            max: o.max,
+            ..Default::default()
+        });
+        s.samples += o.samples;
+        s.sum += o.sum;
+        s.min = s.min.min(o.min);
+        s.max = s.max.max(o.max);
+        s.mean = s.sum as f64 / s.samples.max(1) as f64;
+    }
+
+    fn one(us: u32) -> Srtt {
+        Srtt {
+            samples: 1,
+            min: us,
+            mean: us as f64,
+            max: us,
+            sum: us as u64,
+        }
+    }
 }
 
 impl EdgeHealth {
@@ -106,6 +149,10 @@ impl EdgeHealth {
         self.resets_server += o.resets_server;
         self.retransmits_client_to_server += o.retransmits_client_to_server;
         self.retransmits_server_to_client += o.retransmits_server_to_client;
+        add_drops(&mut self.drops, &o.drops);
+        if let Some(s) = &o.srtt_us {
+            Srtt::add(&mut self.srtt_us, s);
+        }
         self.status = self.status.max(o.status);
     }
 
@@ -123,6 +170,10 @@ impl EdgeHealth {
         self.resets_server += h.resets_server as u64;
         self.retransmits_client_to_server += h.retransmits_client_to_server;
         self.retransmits_server_to_client += h.retransmits_server_to_client;
+        add_drops(&mut self.drops, &r.drops);
+        if let Some(us) = r.srtt_us {
+            Srtt::add(&mut self.srtt_us, &Srtt::one(us));
+        }
     }
 
     /// The status by the rules, given the edge's packets this interval.
@@ -136,6 +187,7 @@ impl EdgeHealth {
         }
         let retransmits = self.retransmits_client_to_server + self.retransmits_server_to_client;
         if self.resets_client + self.resets_server > 0
+            || !self.drops.is_empty()
             || retransmits as f64 * 100.0 > t.retransmit_percent * packets as f64
         {
             return Status::Orange;
@@ -144,6 +196,12 @@ impl EdgeHealth {
             return Status::NoStatus;
         }
         Status::Green
+    }
+}
+
+fn add_drops(to: &mut BTreeMap<Arc<str>, u64>, from: &BTreeMap<Arc<str>, u64>) {
+    for (reason, n) in from {
+        *to.entry(reason.clone()).or_default() += n;
     }
 }
 
@@ -173,6 +231,9 @@ mod tests {
         };
         assert_eq!(h.judge(10, &t), Status::Green);
         assert_eq!(h.judge(0, &t), Status::NoStatus);
+        h.drops.insert("NETFILTER_DROP".into(), 1);
+        assert_eq!(h.judge(10, &t), Status::Orange);
+        h.drops.clear();
         h.resets_server = 1;
         assert_eq!(h.judge(10, &t), Status::Orange);
         h.connections_failed.refused = 4;

@@ -464,3 +464,199 @@ fn retransmits_equal_the_senders_tcp_retrans_segs_and_make_the_edge_orange() {
         "{statuses:?}"
     );
 }
+
+const DROPPED_UDP_PORT: u16 = 5994;
+
+#[test]
+fn kernel_drops_by_reason_on_the_flow_and_orange() {
+    let Some(_g) = privileged_serial("kernel_drops_by_reason_on_the_flow_and_orange", &SERIAL)
+    else {
+        return;
+    };
+    let rig = Rig::new();
+    let peer = rig.srv.peer_v4.clone();
+    // The receiving namespace drops every datagram of the port (and counts).
+    rig.nft("add table inet fmdrops");
+    rig.nft("add chain inet fmdrops in { type filter hook input priority 0; }");
+    rig.nft(&format!(
+        "add rule inet fmdrops in udp dport {DROPPED_UDP_PORT} counter drop"
+    ));
+    let col = rig.node.run_in(collector::Server::start).unwrap();
+    let state = TempDir::new("health-drops");
+    let agent = Agent::builder(env!("CARGO_BIN_EXE_flowmap"))
+        .id("health")
+        .iface(&rig.srv.host)
+        .interval("1s")
+        .netns(&rig.node)
+        .api_key("k")
+        .args(&["--endpoint", &col.url()])
+        .state_dir(state.path())
+        .start()
+        .unwrap();
+    const SENT: u64 = 40;
+    let p = peer.clone();
+    let sport = rig
+        .node
+        .run_in(move || {
+            let u = UdpSocket::bind("0.0.0.0:0").unwrap();
+            for i in 0..SENT {
+                u.send_to(&[i as u8; 64], (p.as_str(), DROPPED_UDP_PORT))
+                    .unwrap();
+            }
+            u.local_addr().unwrap().port()
+        })
+        .unwrap();
+    // Two more intervals: every drop is drained.
+    std::thread::sleep(Duration::from_millis(2500));
+    let listed = rig.srv.exec(&["nft", "list", "table", "inet", "fmdrops"]);
+    let port = agent.port();
+    let metrics = rig
+        .node
+        .run_in(move || http_get(port, "/metrics").unwrap().1)
+        .unwrap();
+    let (out, err) = agent.stop().unwrap();
+    // The kernel's own count: the rule's counter.
+    let counted: u64 = listed
+        .split("counter packets ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no counter in {listed}"));
+    assert_eq!(counted, SENT, "{listed}");
+    let recs: Vec<serde_json::Value> = records(&out)
+        .into_iter()
+        .filter(|r| {
+            r["protocol"] == "udp" && r["dst_port"] == DROPPED_UDP_PORT && r["src_port"] == sport
+        })
+        .collect();
+    assert!(!recs.is_empty(), "{out}\n{err}");
+    let dropped: u64 = recs
+        .iter()
+        .map(|r| r["drops"]["NETFILTER_DROP"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(dropped, SENT, "{out}\n{err}");
+    // No other reason on this flow.
+    assert!(recs.iter().all(|r| r.get("drops").is_none()
+        || r["drops"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .all(|k| k == "NETFILTER_DROP")));
+    let sent: u64 = recs
+        .iter()
+        .map(|r| r["src_to_dst"]["packets"].as_u64().unwrap())
+        .sum();
+    assert_eq!(sent, SENT);
+    // The relationship entry (udp, port): the same drops, Orange.
+    let host = format!("health-flows.host-{}", flowmap::enrich::host::hostname());
+    let rel = format!("{host}.health-flows.external-{peer}");
+    let (status, entries) = batches(&col.bodies(), &rel);
+    let e = &entries[&("udp".to_string(), DROPPED_UDP_PORT as u64)];
+    assert_eq!(sum(e, &["drops", "NETFILTER_DROP"]), SENT, "{e:?}");
+    let with_drops: Vec<&str> = e
+        .iter()
+        .filter(|f| f.get("drops").is_some())
+        .map(|f| f["status"].as_str().unwrap())
+        .collect();
+    assert!(
+        !with_drops.is_empty() && with_drops.iter().all(|s| *s == "Orange"),
+        "{with_drops:?}"
+    );
+    assert!(status[&rel].iter().any(|s| s == "Orange"));
+    // /metrics: drops by reason (host-wide: other namespaces' drops count
+    // too, so at least the flow's).
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("flowmap_kernel_drops_total{reason=\"NETFILTER_DROP\"}"))
+        .unwrap_or_else(|| panic!("{metrics}"));
+    let n: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(n >= SENT, "{line}");
+    assert!(!metrics.contains("reason=\"NOT_SPECIFIED\""), "{metrics}");
+    assert!(!metrics.contains("reason=\"SKB_CONSUMED\""), "{metrics}");
+}
+
+const RTT_PORT: u16 = 5993;
+
+#[test]
+fn smoothed_rtt_one_sample_per_connection() {
+    let Some(_g) = privileged_serial("smoothed_rtt_one_sample_per_connection", &SERIAL) else {
+        return;
+    };
+    let rig = Rig::new();
+    let peer = rig.srv.peer_v4.clone();
+    const CONNS: usize = 5;
+    let listener = rig
+        .srv
+        .run_in(move || TcpListener::bind(("0.0.0.0", RTT_PORT)).unwrap())
+        .unwrap();
+    let server = std::thread::spawn(move || {
+        for _ in 0..CONNS {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = Vec::new();
+            s.read_to_end(&mut buf).unwrap();
+            s.write_all(&buf[..10]).unwrap();
+        }
+    });
+    let col = rig.node.run_in(collector::Server::start).unwrap();
+    let state = TempDir::new("health-rtt");
+    let agent = Agent::builder(env!("CARGO_BIN_EXE_flowmap"))
+        .id("health")
+        .iface(&rig.srv.host)
+        .interval("1s")
+        .netns(&rig.node)
+        .api_key("k")
+        .args(&["--endpoint", &col.url()])
+        .state_dir(state.path())
+        .no_web()
+        .start()
+        .unwrap();
+    let p = peer.clone();
+    rig.node
+        .run_in(move || {
+            for _ in 0..CONNS {
+                let mut s = TcpStream::connect((p.as_str(), RTT_PORT)).unwrap();
+                s.write_all(&[1u8; 20_000]).unwrap();
+                s.shutdown(std::net::Shutdown::Write).unwrap();
+                let mut back = Vec::new();
+                s.read_to_end(&mut back).unwrap();
+                assert_eq!(back.len(), 10);
+            }
+        })
+        .unwrap();
+    server.join().unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    let (out, err) = agent.stop().unwrap();
+    let recs: Vec<serde_json::Value> = records(&out)
+        .into_iter()
+        .filter(|r| r["protocol"] == "tcp" && r["dst_port"] == RTT_PORT)
+        .collect();
+    let samples: Vec<u64> = recs.iter().filter_map(|r| r["srtt_us"].as_u64()).collect();
+    // One sample per connection, each a plausible RTT over a veth.
+    assert_eq!(samples.len(), CONNS, "{out}\n{err}");
+    let mut ports: Vec<u64> = recs
+        .iter()
+        .filter(|r| r["srtt_us"].is_u64())
+        .map(|r| r["src_port"].as_u64().unwrap())
+        .collect();
+    ports.sort();
+    ports.dedup();
+    assert_eq!(ports.len(), CONNS);
+    assert!(
+        samples.iter().all(|us| (1..200_000).contains(us)),
+        "{samples:?}"
+    );
+    // The relationship entry: samples, min, mean, max of the same.
+    let host = format!("health-flows.host-{}", flowmap::enrich::host::hostname());
+    let rel = format!("{host}.health-flows.external-{peer}");
+    let (_, entries) = batches(&col.bodies(), &rel);
+    let e = &entries[&("tcp".to_string(), RTT_PORT as u64)];
+    assert_eq!(sum(e, &["srtt_us", "samples"]), CONNS as u64, "{e:?}");
+    let min = e.iter().filter_map(|f| f["srtt_us"]["min"].as_u64()).min();
+    let max = e.iter().filter_map(|f| f["srtt_us"]["max"].as_u64()).max();
+    assert_eq!(min, samples.iter().copied().min());
+    assert_eq!(max, samples.iter().copied().max());
+    assert!(e
+        .iter()
+        .filter(|f| f.get("srtt_us").is_some())
+        .all(|f| f["status"] == "Green"));
+}

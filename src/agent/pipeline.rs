@@ -192,6 +192,13 @@ impl Pipeline {
         };
         self.table
             .set_retransmits(drained.retransmits.iter().copied());
+        self.table.set_drops(
+            drained
+                .drops
+                .iter()
+                .filter_map(|d| Some((d.conn?, d.reason.clone(), d.count))),
+        );
+        self.table.set_srtt(drained.srtt.iter().copied());
         self.table.ingest(&drained.flows, &cx)
     }
 
@@ -337,6 +344,13 @@ impl Pipeline {
                     })
                     .inc();
             }
+        }
+        for d in &drained.drops {
+            m.kernel_drops
+                .get_or_create(&crate::serve::metrics::DropReason {
+                    reason: d.reason.to_string(),
+                })
+                .inc_by(d.count);
         }
         m.flows_active.set(self.table.len() as i64);
         m.flows_interval.set(records.len() as i64);

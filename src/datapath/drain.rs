@@ -12,7 +12,8 @@ use tracing::debug;
 
 use super::overflow::KeyBytes;
 use super::{
-    from_bytes, Datapath, Drained, RawConnHealth, RawConnKey, RawKey, RawStats, STAT_NAMES,
+    from_bytes, Datapath, Drained, RawConnHealth, RawConnKey, RawConnRtt, RawDropKey, RawKey,
+    RawStats, STAT_NAMES,
 };
 use crate::flow::{ConnKey, FlowKey, Sample};
 
@@ -74,6 +75,20 @@ impl Datapath {
                 retransmits.push((conn_key(&key), val.retrans));
             }
         })?;
+        let drops = self.drain_drops(old)?;
+        let srtt_map = if old == 0 {
+            &self.skel.maps.srtt_a
+        } else {
+            &self.skel.maps.srtt_b
+        };
+        let mut srtt = Vec::new();
+        drain_map(srtt_map, sizes::<RawConnKey, RawConnRtt>(), &mut |k, v| {
+            if let (Some(key), Some(val)) =
+                (from_bytes::<RawConnKey>(k), from_bytes::<RawConnRtt>(v))
+            {
+                srtt.push((conn_key(&key), val.srtt_us));
+            }
+        })?;
         self.poll_overflow();
         let (extra, dropped) = {
             let mut o = self
@@ -100,7 +115,32 @@ impl Datapath {
             retransmits,
             names,
             names_dropped,
+            drops,
+            srtt,
         })
+    }
+
+    /// Reads out the drops map the program no longer writes (see `drain`).
+    fn drain_drops(&self, old: u32) -> Result<Vec<super::drops::Dropped>> {
+        let Some(reasons) = &self.drop_reasons else {
+            return Ok(Vec::new());
+        };
+        let map = if old == 0 {
+            &self.skel.maps.drops_a
+        } else {
+            &self.skel.maps.drops_b
+        };
+        let mut out = Vec::new();
+        drain_map(map, sizes::<RawDropKey, u64>(), &mut |k, v| {
+            if let (Some(key), Some(count)) = (from_bytes::<RawDropKey>(k), from_bytes::<u64>(v)) {
+                out.push(super::drops::Dropped {
+                    conn: (key.conn.family != 0).then(|| conn_key(&key.conn)),
+                    reason: reasons.name(key.reason),
+                    count,
+                });
+            }
+        })?;
+        Ok(out)
     }
 
     /// Records a second each CPU may hand over through the names ring

@@ -5,6 +5,7 @@
 pub mod attach;
 pub mod clock;
 mod drain;
+pub mod drops;
 pub mod ifaces;
 pub mod names;
 mod overflow;
@@ -29,8 +30,8 @@ mod skel {
 }
 
 pub use skel::types::{
-    conn_health as RawConnHealth, conn_key as RawConnKey, flow_event as RawEvent,
-    flow_key as RawKey, flow_stats as RawStats,
+    conn_health as RawConnHealth, conn_key as RawConnKey, conn_rtt as RawConnRtt,
+    drop_key as RawDropKey, flow_event as RawEvent, flow_key as RawKey, flow_stats as RawStats,
 };
 
 use overflow::Overflow;
@@ -40,7 +41,7 @@ use skel::types::flow_stat as Stat;
 
 /// The kernel statistics by their value in the generated `enum flow_stat`
 /// (bpf/flows.h), with the names /metrics and the logs use.
-const STATS: [(Stat, &str); 9] = [
+const STATS: [(Stat, &str); 11] = [
     (Stat::STAT_NON_IP, "non_ip"),
     (Stat::STAT_TRUNCATED, "truncated"),
     (Stat::STAT_BAD_HEADER, "bad_header"),
@@ -50,6 +51,8 @@ const STATS: [(Stat, &str); 9] = [
     (Stat::STAT_RING_LOST, "ring_lost"),
     (Stat::STAT_NAMES_LIMITED, "names_limited"),
     (Stat::STAT_NAMES_LOST, "names_lost"),
+    (Stat::STAT_DROPS_LOST, "drops_lost"),
+    (Stat::STAT_SRTT_LOST, "srtt_lost"),
 ];
 
 /// Names of the kernel statistics, indexed by their enum value. A
@@ -148,6 +151,12 @@ pub struct Drained {
     /// name resolver, and how many did not fit user space's queue.
     pub names: Vec<names::Captured>,
     pub names_dropped: u64,
+    /// Packets the kernel dropped in the drain period, by connection (when
+    /// their headers parsed) and reason (skb:kfree_skb).
+    pub drops: Vec<drops::Dropped>,
+    /// Smoothed RTT (µs) per TCP connection, from each local socket of side
+    /// 0/1 of its key as it left ESTABLISHED in the drain period (0: none).
+    pub srtt: Vec<(crate::flow::ConnKey, [u32; 2])>,
 }
 
 /// Plain-data structs shared with the kernel: integers and arrays of
@@ -166,6 +175,10 @@ unsafe impl Plain for RawEvent {}
 // SAFETY: the generated mirrors of struct conn_key / conn_health: integers.
 unsafe impl Plain for RawConnKey {}
 unsafe impl Plain for RawConnHealth {}
+// SAFETY: the generated mirror of struct drop_key: integers.
+unsafe impl Plain for RawDropKey {}
+// SAFETY: the generated mirror of struct conn_rtt: integers.
+unsafe impl Plain for RawConnRtt {}
 // SAFETY: an integer.
 unsafe impl Plain for u64 {}
 
@@ -252,6 +265,9 @@ pub struct Datapath {
     tick_start: (u64, u64, std::time::Instant),
     /// Interfaces attached with classic filters, to be moved to TCX.
     handover: std::collections::VecDeque<u32>,
+    /// Names of the kernel's drop reasons; None when drops are not counted
+    /// (no enum skb_drop_reason in the kernel's BTF).
+    drop_reasons: Option<drops::DropReasons>,
 }
 
 impl Datapath {
@@ -274,6 +290,7 @@ impl Datapath {
             .as_deref_mut()
             .ok_or_else(|| anyhow!("the program's .rodata is not memory-mapped"))?
             .names_enabled = opts.capture_names as u32;
+        let drop_reasons = drop_reasons(&mut open)?;
         let skel = open.load().map_err(|e| {
             let denied = e.kind() == libbpf_rs::ErrorKind::PermissionDenied;
             anyhow!(
@@ -304,7 +321,7 @@ impl Datapath {
             0
         })?;
         let ring = rb.build()?;
-        let traces = attach_traces(&skel);
+        let traces = attach_traces(&skel, drop_reasons.is_some());
         let mut dp = Datapath {
             attached: HashMap::new(),
             traces,
@@ -318,6 +335,7 @@ impl Datapath {
             ns_per_tick: 0,
             tick_start: (0, 0, std::time::Instant::now()),
             handover: Default::default(),
+            drop_reasons,
         };
         dp.set_names_rate(names::NAMES_PER_SEC_PER_CPU)?;
         // The tick is measured over 100 ms; the agent attaches meanwhile
@@ -363,6 +381,10 @@ impl Datapath {
             &m.overflow,
             &m.health_a,
             &m.health_b,
+            &m.drops_a,
+            &m.drops_b,
+            &m.srtt_a,
+            &m.srtt_b,
             &m.names,
             &m.name_scratch,
             &m.name_budget,
@@ -379,19 +401,44 @@ impl Datapath {
     }
 }
 
+/// The kernel's drop reasons, and the values the program skips set in its
+/// read-only data; without them the drops program is not loaded.
+fn drop_reasons(open: &mut skel::OpenFlowsSkel<'static>) -> Result<Option<drops::DropReasons>> {
+    match drops::DropReasons::from_kernel() {
+        Ok(r) => {
+            open.maps
+                .rodata_data
+                .as_deref_mut()
+                .ok_or_else(|| anyhow!("the program's .rodata is not memory-mapped"))?
+                .drop_skip = r.skip;
+            Ok(Some(r))
+        }
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "kernel drops are not counted");
+            open.progs.flowmap_kfree_skb.set_autoload(false);
+            Ok(None)
+        }
+    }
+}
+
 /// Attaches the socket tracepoint programs. One that fails to attach is
 /// logged and left out: flows are still counted, without that signal.
-fn attach_traces(skel: &FlowsSkel<'static>) -> Vec<libbpf_rs::Link> {
+fn attach_traces(skel: &FlowsSkel<'static>, drops: bool) -> Vec<libbpf_rs::Link> {
     let p = &skel.progs;
     let mut out = Vec::new();
     for (name, prog) in [
         ("tcp_retransmit_skb", &p.flowmap_retransmit),
         ("tcp_retransmit_synack", &p.flowmap_retransmit_synack),
+        ("kfree_skb", &p.flowmap_kfree_skb),
+        ("inet_sock_set_state", &p.flowmap_sock_state),
     ] {
+        if !drops && name == "kfree_skb" {
+            continue;
+        }
         match prog.attach() {
             Ok(l) => out.push(l),
             Err(e) => {
-                tracing::warn!(tracepoint = name, error = %e, "tracepoint not attached; retransmits are not counted")
+                tracing::warn!(tracepoint = name, error = %e, "tracepoint not attached; its signal (retransmits or drops) is not counted")
             }
         }
     }

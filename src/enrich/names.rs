@@ -425,6 +425,8 @@ mod tests {
             handshake_this_interval: None,
             dst_names: EndNames::default(),
             src_names: EndNames::default(),
+            drops: Default::default(),
+            srtt_us: None,
             health: Default::default(),
         }
     }

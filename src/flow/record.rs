@@ -61,4 +61,13 @@ pub struct FlowRecord {
     pub dst_names: EndNames,
     #[serde(skip_serializing_if = "EndNames::is_empty")]
     pub src_names: EndNames,
+    /// Packets of this connection the kernel dropped this interval, by
+    /// reason (skb:kfree_skb); absent when none.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub drops: std::collections::BTreeMap<Arc<str>, u64>,
+    /// The kernel's smoothed RTT of the connection in µs, sampled from the
+    /// client's socket as it left ESTABLISHED this interval (the server's
+    /// when the client is not on this host); absent when not sampled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub srtt_us: Option<u32>,
 }

@@ -20,6 +20,8 @@ struct Conn {
     synack_ns: u64,
     flags: u32,
     attempt: Attempt,
+    /// A smoothed RTT sample was reported (once per connection).
+    srtt_done: bool,
 }
 
 /// What one ingest needs besides the kernel entries.
@@ -44,6 +46,11 @@ pub struct FlowTable {
     /// Segments sent again per connection (side 0/1) in the drain period,
     /// from the socket tracepoints; taken by the next `ingest`.
     retransmits: HashMap<ConnKey, [u64; 2], foldhash::fast::RandomState>,
+    /// Packets dropped per connection and reason in the drain period (the
+    /// skb:kfree_skb tracepoint); taken by the next `ingest`.
+    drops: HashMap<ConnKey, std::collections::BTreeMap<Arc<str>, u64>, foldhash::fast::RandomState>,
+    /// Smoothed RTT samples (µs, side 0/1) of the drain period.
+    srtt: HashMap<ConnKey, [u32; 2], foldhash::fast::RandomState>,
 }
 
 impl FlowTable {
@@ -56,6 +63,8 @@ impl FlowTable {
             evicted: 0,
             pending: HashSet::default(),
             retransmits: HashMap::default(),
+            drops: HashMap::default(),
+            srtt: HashMap::default(),
         }
     }
 
@@ -82,6 +91,29 @@ impl FlowTable {
             let e = self.retransmits.entry(k).or_default();
             e[0] += v[0];
             e[1] += v[1];
+        }
+    }
+
+    /// The kernel drops of the drain period that parsed to a connection,
+    /// for the next `ingest`; like retransmits, those of connections no
+    /// attached interface saw are dropped.
+    pub fn set_drops(&mut self, d: impl IntoIterator<Item = (ConnKey, Arc<str>, u64)>) {
+        self.drops.clear();
+        for (k, reason, n) in d {
+            *self.drops.entry(k).or_default().entry(reason).or_default() += n;
+        }
+    }
+
+    /// The smoothed RTT samples of the drain period (see `set_drops`).
+    pub fn set_srtt(&mut self, s: impl IntoIterator<Item = (ConnKey, [u32; 2])>) {
+        self.srtt.clear();
+        for (k, v) in s {
+            let e = self.srtt.entry(k).or_default();
+            for i in 0..2 {
+                if v[i] != 0 {
+                    e[i] = v[i];
+                }
+            }
         }
     }
 
@@ -140,12 +172,60 @@ impl FlowTable {
                 health.retransmits_client_to_server = rt[conn.client_side];
                 health.retransmits_server_to_client = rt[1 - conn.client_side];
             }
-            out.push(record(&key, &s, &conn, opened, others, cx, health));
+            let mut r = record(&key, &s, &conn, opened, others, cx, health);
+            if let Some(d) = self.drops.remove(&key) {
+                r.drops = d;
+            }
+            if let Some(v) = self.srtt.remove(&key) {
+                r.srtt_us = self.first_srtt(&key, v);
+            }
+            out.push(r);
         }
         self.retransmits.clear();
+        self.drops_without_packets(cx, &mut out);
         self.unanswered(cx, &mut out);
         self.expire(cx.now_mono_ns);
         out
+    }
+
+    /// Drops and RTT samples of known connections that had no packet
+    /// counted this drain period (the packet was counted before the maps
+    /// were swapped, its drop after): a record of their own without
+    /// packets. Others are let go.
+    fn drops_without_packets(&mut self, cx: &Context, out: &mut Vec<FlowRecord>) {
+        let mut drops = std::mem::take(&mut self.drops);
+        let mut srtt = std::mem::take(&mut self.srtt);
+        let keys: Vec<ConnKey> = drops.keys().chain(srtt.keys()).copied().collect();
+        for key in keys {
+            let d = drops.remove(&key);
+            let s = srtt.remove(&key);
+            if d.is_none() && s.is_none() {
+                continue; // both maps had it: done
+            }
+            let Some(c) = self.conns.get(&key) else {
+                continue;
+            };
+            let empty = Sample::default();
+            let mut r = record(&key, &empty, c, false, Vec::new(), cx, Health::default());
+            r.handshake_this_interval = None;
+            r.drops = d.unwrap_or_default();
+            r.srtt_us = s.and_then(|v| self.first_srtt(&key, v));
+            if r.srtt_us.is_some() || !r.drops.is_empty() {
+                out.push(r);
+            }
+        }
+    }
+
+    /// The connection's smoothed RTT from a sample, the first time only
+    /// (its other socket may close in a later drain period).
+    fn first_srtt(&mut self, key: &ConnKey, v: [u32; 2]) -> Option<u32> {
+        let c = self.conns.get_mut(key)?;
+        if c.srtt_done {
+            return None;
+        }
+        let us = srtt_of(v, c.client_side)?;
+        c.srtt_done = true;
+        Some(us)
     }
 
     /// Decides the attempts still waiting for a SYN/ACK that had no packet
@@ -198,6 +278,7 @@ impl FlowTable {
                 synack_ns: 0,
                 flags: 0,
                 attempt: Attempt::default(),
+                srtt_done: false,
             }
         });
         c.owner = owner;
@@ -361,7 +442,16 @@ fn record(
         health,
         dst_names: Default::default(),
         src_names: Default::default(),
+        drops: Default::default(),
+        srtt_us: None,
     }
+}
+
+/// The client socket's smoothed RTT when it has one, else the server's.
+fn srtt_of(v: [u32; 2], client_side: usize) -> Option<u32> {
+    [v[client_side], v[1 - client_side]]
+        .into_iter()
+        .find(|us| *us != 0)
 }
 
 #[cfg(test)]

@@ -22,6 +22,11 @@ pub struct StatusLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DropReason {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Cause {
     pub cause: String,
 }
@@ -80,6 +85,9 @@ pub struct Metrics {
     pub edges_by_status: Family<StatusLabel, Gauge>,
     /// Failed attempts to connect, by cause.
     pub connection_failures: Family<Cause, Counter>,
+    /// Packets the kernel dropped, by reason (one series per reason seen;
+    /// the kernel's enum is bounded, and at most 1024 names are kept).
+    pub kernel_drops: Family<DropReason, Counter>,
     /// Issue 14: what the name resolver did, and its DNS table's size.
     pub names_events: Family<KindLabel, Counter>,
     pub names_dns_entries: Gauge,
@@ -119,6 +127,7 @@ impl Metrics {
             kube_relists: Counter::default(),
             edges_by_status: Family::default(),
             connection_failures: Family::default(),
+            kernel_drops: Family::default(),
             names_events: Family::default(),
             names_dns_entries: Gauge::default(),
             names_dns_bytes: Gauge::default(),
@@ -154,6 +163,11 @@ impl Metrics {
             "connection_failures",
             "Failed attempts to connect, by cause (refused, unanswered, unreachable)",
             self.connection_failures.clone(),
+        );
+        r.register(
+            "kernel_drops",
+            "Packets the kernel dropped (skb:kfree_skb), by the reason of its enum skb_drop_reason",
+            self.kernel_drops.clone(),
         );
     }
 

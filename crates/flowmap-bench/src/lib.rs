@@ -2,5 +2,6 @@
 //! churn test reuses the load harness. Never part of the agent binary.
 
 pub mod datapath;
+pub mod drops;
 pub mod realpath;
 pub mod scale;

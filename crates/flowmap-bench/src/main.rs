@@ -4,7 +4,7 @@
 //! prints stable, greppable lines: `bench datapath case=… program=…
 //! ns_per_packet=…` and `bench scale <name> <metric>=<value>`.
 
-use flowmap_bench::{datapath, realpath, scale};
+use flowmap_bench::{datapath, drops, realpath, scale};
 
 use std::process::ExitCode;
 
@@ -87,6 +87,12 @@ enum ScaleWhat {
         #[arg(long)]
         kernel_only: bool,
     },
+    /// The kernel-drops tracepoint program's cost per event while nftables
+    /// drops this many UDP datagrams (kernel BPF statistics).
+    Drops {
+        #[arg(long, default_value_t = 100_000)]
+        packets: u32,
+    },
     /// 64-byte UDP through a veth pair, without and with flowmap.
     Throughput {
         #[arg(long, default_value_t = 5)]
@@ -118,6 +124,7 @@ fn main() -> ExitCode {
                 short,
                 kernel_only,
             } => realpath::realpath(seconds, short, kernel_only, &mut out),
+            ScaleWhat::Drops { packets } => drops::drops(packets, &mut out),
             ScaleWhat::Throughput { rounds, seconds } => {
                 scale::throughput(rounds.max(1), seconds, &mut out)
             }

@@ -33,10 +33,10 @@ pub const CASES: [&str; 4] = [
 
 /// Kernel BPF statistics on, for as long as this lives (the kernel counts
 /// while any BPF_ENABLE_STATS descriptor is open; the sysctl is untouched).
-struct StatsOn(#[allow(dead_code)] OwnedFd);
+pub struct StatsOn(#[allow(dead_code)] OwnedFd);
 
 impl StatsOn {
-    fn enable() -> Result<StatsOn> {
+    pub fn enable() -> Result<StatsOn> {
         // SAFETY: a plain syscall wrapper; a non-negative return is a new fd
         // that we own.
         let fd = unsafe { libbpf_sys::bpf_enable_stats(libbpf_sys::BPF_STATS_RUN_TIME) };

@@ -67,5 +67,7 @@ pub fn between(
         health: Default::default(),
         dst_names: Default::default(),
         src_names: Default::default(),
+        drops: Default::default(),
+        srtt_us: None,
     }
 }

@@ -632,6 +632,8 @@ fn health_of(r: &dyn Cells, at: usize) -> Result<crate::status::EdgeHealth> {
             .unwrap_or_default(),
         retransmits_client_to_server: n(8)?,
         retransmits_server_to_client: n(9)?,
+        drops: Default::default(),
+        srtt_us: None,
     })
 }
 

@@ -445,6 +445,8 @@ mod tests {
                     health: Default::default(),
                     dst_names: Default::default(),
                     src_names: Default::default(),
+                    drops: Default::default(),
+                    srtt_us: None,
                 }
             })
             .collect();

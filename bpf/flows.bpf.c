@@ -1060,12 +1060,8 @@ int flowmap_kfree_skb(__u64 *ctx)
 	if (drop_conn((struct sk_buff *)ctx[0], &k.conn))
 		__builtin_memset(&k.conn, 0, sizeof(k.conn));
 	int rc = active_map ? count_drop(&drops_b, &k) : count_drop(&drops_a, &k);
-	if (rc == 0)
-		return 0;
-	__u32 idx = STAT_DROPS_LOST;
-	__u64 *lost = bpf_map_lookup_elem(&stats, &idx);
-	if (lost)
-		*lost += 1;
+	if (rc)
+		stat_inc(STAT_DROPS_LOST);
 	return 0;
 }
 
@@ -1135,11 +1131,7 @@ int flowmap_sock_state(__u64 *ctx)
 	if (side < 0)
 		return 0;
 	int rc = active_map ? put_srtt(&srtt_b, &k, side, srtt) : put_srtt(&srtt_a, &k, side, srtt);
-	if (rc) {
-		__u32 idx = STAT_SRTT_LOST;
-		__u64 *lost = bpf_map_lookup_elem(&stats, &idx);
-		if (lost)
-			*lost += 1;
-	}
+	if (rc)
+		stat_inc(STAT_SRTT_LOST);
 	return 0;
 }

@@ -198,7 +198,8 @@ fn batch_encoding_is_exact() {
         &["deployedat".to_string()],
         at(0),
         at(30),
-    );
+    )
+    .unwrap();
     let body = serde_json::to_string(&batch).unwrap();
     assert!(
         !body.contains("hunter2") && !body.contains("t0k"),
@@ -297,7 +298,8 @@ fn the_same_element_is_sent_once_per_batch() {
         &[],
         at(0),
         at(1),
-    );
+    )
+    .unwrap();
     let ids: Vec<&str> = b
         .cloud_crawl_data
         .crawled_data

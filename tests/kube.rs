@@ -404,7 +404,7 @@ fn edges_between_pods_services_nodes_and_external_with_exact_ids() {
     // On the wire: element types and the pod's payload, exactly.
     let mut src = flowmap::config::FlowsSource::default_server();
     src.id = "flows-k8s".into();
-    let batch = encode(&g, &[r.node_endpoint("node-a")], &src, &[], at(0), at(30));
+    let batch = encode(&g, &[r.node_endpoint("node-a")], &src, &[], at(0), at(30)).unwrap();
     let d = &batch.cloud_crawl_data.crawled_data.data;
     let types: Vec<(&str, &str)> = d
         .iter()

@@ -12,8 +12,8 @@ use tracing::debug;
 
 use super::overflow::KeyBytes;
 use super::{
-    from_bytes, Datapath, Drained, RawConnHealth, RawConnKey, RawConnRtt, RawDropKey, RawKey,
-    RawStats, STAT_NAMES,
+    from_bytes, Datapath, Drained, Plain, RawConnHealth, RawConnKey, RawConnRtt, RawDropKey,
+    RawKey, RawStats, STAT_NAMES,
 };
 use crate::flow::{ConnKey, FlowKey, Sample};
 
@@ -51,44 +51,23 @@ impl Datapath {
             wait_us = t.elapsed().as_micros() as u64,
             "flow maps swapped; readers gone"
         );
-        let map = if old == 0 {
-            &self.skel.maps.flows_a
-        } else {
-            &self.skel.maps.flows_b
-        };
+        let m = &self.skel.maps;
         let mut flows = Vec::new();
-        drain_map(map, sizes::<RawKey, RawStats>(), &mut |k, v| {
-            if let (Some(key), Some(val)) = (from_bytes::<RawKey>(k), from_bytes::<RawStats>(v)) {
-                flows.push((flow_key(&key), sample_of(&val, ns_per_tick)));
-            }
-        })?;
-        let health = if old == 0 {
-            &self.skel.maps.health_a
-        } else {
-            &self.skel.maps.health_b
-        };
+        drain_as(
+            pick(old, &m.flows_a, &m.flows_b),
+            |key: RawKey, val: RawStats| flows.push((flow_key(&key), sample_of(&val, ns_per_tick))),
+        )?;
         let mut retransmits = Vec::new();
-        drain_map(health, sizes::<RawConnKey, RawConnHealth>(), &mut |k, v| {
-            if let (Some(key), Some(val)) =
-                (from_bytes::<RawConnKey>(k), from_bytes::<RawConnHealth>(v))
-            {
-                retransmits.push((conn_key(&key), val.retrans));
-            }
-        })?;
+        drain_as(
+            pick(old, &m.health_a, &m.health_b),
+            |key: RawConnKey, val: RawConnHealth| retransmits.push((conn_key(&key), val.retrans)),
+        )?;
         let drops = self.drain_drops(old)?;
-        let srtt_map = if old == 0 {
-            &self.skel.maps.srtt_a
-        } else {
-            &self.skel.maps.srtt_b
-        };
         let mut srtt = Vec::new();
-        drain_map(srtt_map, sizes::<RawConnKey, RawConnRtt>(), &mut |k, v| {
-            if let (Some(key), Some(val)) =
-                (from_bytes::<RawConnKey>(k), from_bytes::<RawConnRtt>(v))
-            {
-                srtt.push((conn_key(&key), val.srtt_us));
-            }
-        })?;
+        drain_as(
+            pick(old, &m.srtt_a, &m.srtt_b),
+            |key: RawConnKey, val: RawConnRtt| srtt.push((conn_key(&key), val.srtt_us)),
+        )?;
         self.poll_overflow();
         let (extra, dropped) = {
             let mut o = self
@@ -125,21 +104,18 @@ impl Datapath {
         let Some(reasons) = &self.drop_reasons else {
             return Ok(Vec::new());
         };
-        let map = if old == 0 {
-            &self.skel.maps.drops_a
-        } else {
-            &self.skel.maps.drops_b
-        };
+        let m = &self.skel.maps;
         let mut out = Vec::new();
-        drain_map(map, sizes::<RawDropKey, u64>(), &mut |k, v| {
-            if let (Some(key), Some(count)) = (from_bytes::<RawDropKey>(k), from_bytes::<u64>(v)) {
+        drain_as(
+            pick(old, &m.drops_a, &m.drops_b),
+            |key: RawDropKey, count: u64| {
                 out.push(super::drops::Dropped {
                     conn: (key.conn.family != 0).then(|| conn_key(&key.conn)),
                     reason: reasons.name(key.reason),
                     count,
-                });
-            }
-        })?;
+                })
+            },
+        )?;
         Ok(out)
     }
 
@@ -172,6 +148,27 @@ impl Datapath {
 
 fn sizes<K, V>() -> (usize, usize) {
     (std::mem::size_of::<K>(), std::mem::size_of::<V>())
+}
+
+/// The map of a swapped pair that programs wrote before the swap.
+fn pick<'a, M>(old: u32, a: &'a M, b: &'a M) -> &'a M {
+    if old == 0 {
+        a
+    } else {
+        b
+    }
+}
+
+/// Drains `map` (a flow, health, drops or RTT map) as typed entries.
+fn drain_as<K: Plain, V: Plain>(
+    map: &libbpf_rs::MapMut<'_>,
+    mut each: impl FnMut(K, V),
+) -> Result<()> {
+    drain_map(map, sizes::<K, V>(), &mut |k, v| {
+        if let (Some(k), Some(v)) = (from_bytes::<K>(k), from_bytes::<V>(v)) {
+            each(k, v)
+        }
+    })
 }
 
 /// The plain key of a health map entry (a connection without interface).

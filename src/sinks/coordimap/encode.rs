@@ -255,7 +255,9 @@ pub fn each_element<E>(
     Ok(())
 }
 
-/// Encodes one interval's graph as a [`Batch`] (see [`each_element`]).
+/// The batch [`write_body`] sends for one interval, read back from those
+/// bytes: what tests and benchmarks inspect is exactly what goes on the
+/// wire (the agent itself only ever writes the body).
 pub fn encode(
     graph: &Graph,
     always: &[crate::enrich::Endpoint],
@@ -263,23 +265,13 @@ pub fn encode(
     skip_fields: &[String],
     start: SystemTime,
     end: SystemTime,
-) -> Batch {
-    let mut data = Vec::new();
-    let _ = each_element(graph, always, (start, end), |e| {
-        data.push(e);
-        Ok::<(), ()>(())
-    });
-    Batch {
-        cloud_crawl_data: CloudCrawlData {
-            data_source: data_source_block(src, skip_fields),
-            crawled_data: CrawledData { data },
-            timestamp: rfc3339(end),
-            crawl_internal_id: src.id.clone(),
-        },
-    }
+) -> anyhow::Result<Batch> {
+    let mut body = Vec::new();
+    write_body(&mut body, graph, always, src, skip_fields, (start, end))?;
+    Ok(serde_json::from_slice(&body)?)
 }
 
-/// Writes the JSON of [`encode`]'s batch to `w` element by element, so the
+/// Writes the JSON of one interval's batch to `w` element by element, so the
 /// batch is never held twice (as elements and as bytes); the number of
 /// elements.
 pub fn write_body<W: std::io::Write>(

@@ -870,15 +870,7 @@ fn kubernetes_mode_sees_pod_to_service_to_pod_through_a_cluster_ip() {
     let node = Netns::builder().no_link().build().unwrap();
     let routed_pod = |i: u8| {
         let (gw, ip) = (format!("10.214.{i}.1"), format!("10.214.{i}.2"));
-        let pod = Netns::builder()
-            .pod()
-            .host_in(&node)
-            .v4(&gw, &ip, 24)
-            .no_v6()
-            .build()
-            .unwrap();
-        pod.exec(&["ip", "route", "add", "default", "via", &gw]);
-        pod
+        Netns::routed_behind(&node, &gw, &ip)
     };
     let client = routed_pod(1);
     let web = routed_pod(2);

@@ -315,15 +315,7 @@ fn tls_server_names_name_the_peer_also_when_the_hello_is_split() {
     let node = Netns::builder().no_link().build().unwrap();
     let routed = |i: u8| {
         let (gw, ip) = (format!("10.215.{i}.1"), format!("10.215.{i}.2"));
-        let ns = Netns::builder()
-            .pod()
-            .host_in(&node)
-            .v4(&gw, &ip, 24)
-            .no_v6()
-            .build()
-            .unwrap();
-        ns.exec(&["ip", "route", "add", "default", "via", &gw]);
-        ns
+        Netns::routed_behind(&node, &gw, &ip)
     };
     let (client, server) = (routed(1), routed(2));
     node.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);

@@ -331,6 +331,22 @@ impl Netns {
     /// (setns changes only the calling thread, and fails with EINVAL in a
     /// thread that shares more than it may). Sockets it makes, and threads
     /// it starts, live in the namespace.
+    /// A pod-like namespace behind `node`: a veth into it with `gw` on the
+    /// node's end and `ip`/24 on its own, IPv4 only, and its default route
+    /// through the node (so traffic between two of them is routed, and
+    /// seen, by the node).
+    pub fn routed_behind(node: &Netns, gw: &str, ip: &str) -> Netns {
+        let ns = Netns::builder()
+            .pod()
+            .host_in(node)
+            .v4(gw, ip, 24)
+            .no_v6()
+            .build()
+            .unwrap();
+        ns.exec(&["ip", "route", "add", "default", "via", gw]);
+        ns
+    }
+
     pub fn spawn_in<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> T + Send + 'static,

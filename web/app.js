@@ -344,7 +344,13 @@
       runLayout(flat);
       lastKey = key;
     } else {
-      cy.batch(() => { for (const el of els) cy.getElementById(el.data.id).data(el.data); });
+      // Same elements: only their figures change (id, ends and parent cannot).
+      cy.batch(() => {
+        for (const el of els) {
+          const { id, source, target, parent, ...rest } = el.data;
+          cy.getElementById(id).data(rest);
+        }
+      });
     }
     renderOverview(m);
     renderEdges(m);
@@ -357,6 +363,7 @@
       (state.diff ? " · comparing two windows" : data.from_ms && data.to_ms && !isLive()
         ? " · " + iso(data.from_ms) + " – " + iso(data.to_ms) : " · updated " + new Date().toLocaleTimeString());
     document.body.dataset.loaded = "true";
+    if (window.flowmap.renderedAt == null) window.flowmap.renderedAt = performance.now();
   }
 
   function runLayout(flat) {
@@ -604,7 +611,8 @@
     focusEndpoint(matches[0].id);
     out.append(text("span", matches.length + (matches.length === 1 ? " match" : " matches") + ": "));
     for (const n of matches.slice(0, 8)) {
-      const a = text("a", nodeLabel(n), "match");
+      const ns = (n.payload || {}).namespace;
+      const a = text("a", ns ? ns + "/" + n.name : n.name, "match");
       a.href = "#";
       a.dataset.id = n.id;
       a.addEventListener("click", (ev) => { ev.preventDefault(); focusEndpoint(n.id); });
@@ -625,7 +633,8 @@
     if (el.nonempty()) {
       cy.elements().unselect();
       el.select();
-      cy.animate({ center: { eles: el }, zoom: Math.max(cy.zoom(), 1) }, { duration: 0 });
+      cy.zoom(Math.max(cy.zoom(), 1));
+      cy.center(el);
       nodeOrGroupDetails(id);
     }
     document.body.dataset.found = id;
@@ -833,7 +842,6 @@
   for (const id of ["from", "to"]) $(id).addEventListener("change", () => { lastKey = ""; load(); });
   $("live").addEventListener("click", () => { $("from").value = ""; $("to").value = ""; lastKey = ""; load(); });
   $("find").addEventListener("keydown", (ev) => { if (ev.key === "Enter") find($("find").value); });
-  $("find").addEventListener("search", () => find($("find").value));
   $("expand-all").addEventListener("click", () => setAll(true));
   $("collapse-all").addEventListener("click", () => setAll(false));
   $("diff-run").addEventListener("click", compare);
@@ -841,6 +849,6 @@
 
   // For tests and the benchmark: the drawn graph and the time the last
   // search was answered (performance.now()).
-  window.flowmap = { cy: () => cy, state, answeredAt: null, find };
+  window.flowmap = { cy: () => cy, state, renderedAt: null, answeredAt: null, find };
   load();
 })();

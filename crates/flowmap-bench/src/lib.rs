@@ -3,5 +3,6 @@
 
 pub mod datapath;
 pub mod drops;
+pub mod page;
 pub mod realpath;
 pub mod scale;

@@ -363,7 +363,10 @@
       (state.diff ? " · comparing two windows" : data.from_ms && data.to_ms && !isLive()
         ? " · " + iso(data.from_ms) + " – " + iso(data.to_ms) : " · updated " + new Date().toLocaleTimeString());
     document.body.dataset.loaded = "true";
-    if (window.flowmap.renderedAt == null) window.flowmap.renderedAt = performance.now();
+    if (window.flowmap.renderedAt == null) {
+      window.flowmap.renderedAt = 0;
+      requestAnimationFrame(() => requestAnimationFrame(() => { window.flowmap.renderedAt = performance.now(); }));
+    }
   }
 
   function runLayout(flat) {
@@ -373,18 +376,68 @@
       // A star: this host (or hosts) in the middle, the endpoints it talks to around it.
       layout = { name: "concentric", animate: false, padding: 40, minNodeSpacing: 40, nodeDimensionsIncludeLabels: n < 300,
         concentric: (x) => (x.data("kind") === "host" ? 2 : 1), levelWidth: () => 1 };
-    } else if (n <= 150) {
-      layout = { name: "cose", animate: false, padding: 40, randomize: true, nodeDimensionsIncludeLabels: true,
-        nodeRepulsion: () => 400000, nodeOverlap: 40, idealEdgeLength: () => 140, edgeElasticity: () => 100,
-        nestingFactor: 1.2, gravity: 40, numIter: 1500, componentSpacing: 120 };
+    } else if (n > 30) {
+      packLayout();
+      return;
     } else {
-      // Many visible nodes: a force layout would take seconds; a grid per group is instant.
-      layout = { name: "grid", animate: false, padding: 30, avoidOverlap: true, condense: true,
-        sort: (a, b) => (a.data("parent") || "").localeCompare(b.data("parent") || "") };
+      // A force layout, pulled by the heaviest 200 edges only (its cost grows with the edges).
+      const heavy = cy.edges().sort((a, b) => b.data("bytes") - a.data("bytes")).slice(0, 200);
+      cy.nodes().union(heavy).layout({ name: "cose", animate: false, padding: 40, randomize: true,
+        nodeDimensionsIncludeLabels: true, nodeRepulsion: () => 400000, nodeOverlap: 40, idealEdgeLength: () => 140,
+        edgeElasticity: () => 100, nestingFactor: 1.2, gravity: 40, numIter: 1000, componentSpacing: 120 }).run();
+      if (cy.zoom() > 1.1) { cy.zoom(1.1); cy.center(); }
+      return;
     }
     cy.layout(layout).run();
     // Few endpoints: do not blow them up to fill the screen.
     if (cy.zoom() > 1.1) { cy.zoom(1.1); cy.center(); }
+  }
+
+  // Many visible nodes: a force layout would take a second or more, so
+  // each group's members are packed in rows (a group's box holds its own
+  // rows), the top level likewise: linear in the nodes.
+  function packLayout() {
+    const kids = new Map();
+    cy.nodes().forEach((x) => {
+      const p = x.data("parent") || "";
+      if (!kids.has(p)) kids.set(p, []);
+      kids.get(p).push(x);
+    });
+    const GAP = 24, PAD = 24, LABEL = 18;
+    const rel = new Map();
+    const measure = (id) => {
+      const ch = (kids.get(id) || []).slice().sort((a, b) => (a.id() < b.id() ? -1 : 1));
+      if (!ch.length) return id && cy.getElementById(id).data("group") ? [140, 80] : [130, 60];
+      const dims = ch.map((c) => measure(c.id()));
+      const area = dims.reduce((s, d) => s + (d[0] + GAP) * (d[1] + GAP), 0);
+      const maxRow = Math.max(Math.sqrt(area) * 1.4, ...dims.map((d) => d[0]));
+      let x = 0, y = 0, rowH = 0, w = 0;
+      ch.forEach((c, i) => {
+        const [cw, chh] = dims[i];
+        if (x > 0 && x + cw > maxRow) { y += rowH + GAP; x = 0; rowH = 0; }
+        rel.set(c.id(), [x, y, cw, chh]);
+        x += cw + GAP;
+        rowH = Math.max(rowH, chh);
+        w = Math.max(w, x - GAP);
+      });
+      return [w + 2 * PAD, y + rowH + 2 * PAD + LABEL];
+    };
+    const [W, H] = measure("");
+    const pos = {};
+    const place = (id, x0, y0) => {
+      for (const c of kids.get(id) || []) {
+        const [x, y, w, h] = rel.get(c.id());
+        const ax = x0 + x, ay = y0 + y;
+        if (kids.has(c.id())) place(c.id(), ax + PAD, ay + PAD + LABEL);
+        else pos[c.id()] = { x: ax + w / 2, y: ay + h / 2 };
+      }
+    };
+    place("", 0, 0);
+    cy.layout({ name: "preset", positions: (x) => pos[x.id()] || { x: 0, y: 0 }, fit: false, animate: false }).run();
+    // Fit from the known extent (cy.fit() would measure every edge).
+    const z = Math.min(1.1, (cy.width() - 60) / Math.max(W, 1), (cy.height() - 60) / Math.max(H, 1));
+    cy.zoom(z);
+    cy.pan({ x: (cy.width() - W * z) / 2, y: (cy.height() - H * z) / 2 });
   }
 
   function nameOf(id) {
@@ -637,8 +690,11 @@
       cy.center(el);
       nodeOrGroupDetails(id);
     }
-    document.body.dataset.found = id;
-    window.flowmap.answeredAt = performance.now();
+    // Answered once the browser has painted the result (two frames on).
+    requestAnimationFrame(() => requestAnimationFrame(() => {
+      window.flowmap.answeredAt = performance.now();
+      document.body.dataset.found = id;
+    }));
   }
 
   // ---------------------------------------------------------------- time

@@ -114,16 +114,43 @@ impl Browser {
             body.len()
         );
         s.write_all(req.as_bytes())?;
+        // chromedriver keeps the connection open: read the head, then
+        // Content-Length bytes of body.
         let mut raw = Vec::new();
-        s.read_to_end(&mut raw)?;
-        let raw = String::from_utf8_lossy(&raw);
-        let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+        let mut buf = [0u8; 65536];
+        let head_end = loop {
+            if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                bail!("{method} {path}: connection closed before the response head");
+            }
+            raw.extend_from_slice(&buf[..n]);
+        };
+        let head = String::from_utf8_lossy(&raw[..head_end]).into_owned();
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().ok())?
+            })
+            .unwrap_or(0);
+        while raw.len() < head_end + len {
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            raw.extend_from_slice(&buf[..n]);
+        }
+        let body = String::from_utf8_lossy(&raw[head_end..]).into_owned();
         let status: u16 = head
             .split_whitespace()
             .nth(1)
             .and_then(|c| c.parse().ok())
             .unwrap_or(0);
-        let v: Value = serde_json::from_str(body)
+        let v: Value = serde_json::from_str(&body)
             .with_context(|| format!("{method} {path}: not JSON: {body}"))?;
         if status != 200 {
             bail!("{method} {path}: {status} {}", v["value"]);

@@ -173,10 +173,14 @@
     const hostsWithProcesses = new Set(data.nodes.filter((n) => n.type === PROCESS).map((n) => (n.payload || {}).hostname));
     const groups = new Map();
     const noise = $("noise").checked;
-    const paths = new Map();
+    // Each answer's paths are worked out once (a search or a toggle reuses them).
+    if (!data.paths) {
+      data.paths = new Map();
+      for (const n of data.nodes) data.paths.set(n.id, pathOf(n, hostsWithProcesses));
+    }
+    const paths = data.paths;
     for (const n of data.nodes) {
-      const path = pathOf(n, hostsWithProcesses);
-      paths.set(n.id, path);
+      const path = paths.get(n.id);
       let parent = null;
       path.forEach(([id, label, kind], depth) => {
         if (!groups.has(id)) {
@@ -275,7 +279,9 @@
       "text-valign": "top", "color": "#5a6474" } },
     { selector: "edge", style: { "width": "data(width)", "curve-style": "bezier", "target-arrow-shape": "triangle",
       "line-color": "#9aa7b8", "target-arrow-color": "#9aa7b8", "label": "data(label)", "font-size": 9,
-      "text-rotation": "autorotate", "color": "#3d4756" } },
+      "text-rotation": "autorotate", "color": "#3d4756", "min-zoomed-font-size": 8 } },
+    // Many edges: straight lines draw faster than curves.
+    { selector: "edge.many", style: { "curve-style": "straight" } },
     // Idle edges (no traffic in the window): grey and dashed.
     { selector: "edge[status = 'NoStatus']", style: { "line-color": "#c3c9d2", "target-arrow-color": "#c3c9d2", "line-style": "dashed" } },
     { selector: "edge[status = 'Green']", style: { "line-color": "#2da44e", "target-arrow-color": "#2da44e" } },
@@ -323,13 +329,14 @@
       els.push({ group: "nodes", data: { id: n.id, label: nodeLabel(n), kind: kindOf(n), status: m.nodeStatus.get(n.id),
         diff: n.diff || "", parent: flat || !path.length ? undefined : path[path.length - 1][0] } });
     }
+    const many = m.edges.length > 300 ? "many" : "";
     for (const a of m.edges) {
       const bytes = a.bytes_c2s + a.bytes_s2c;
       const svc = [...a.services];
       els.push({ group: "edges", data: { id: a.id, source: a.source, target: a.target, status: a.status, diff: a.diff,
         label: svc.length > 2 ? svc.length + " services" : svc.join(", "),
         width: 1 + 5 * Math.log1p(bytes) / Math.log1p(maxBytes), bytes, packets: a.packets_c2s + a.packets_s2c,
-        connections: a.connections_active, members: a.members.length } });
+        connections: a.connections_active, members: a.members.length }, classes: many });
     }
 
     if (!cy) {

@@ -302,3 +302,154 @@ fn the_map_groups_finds_and_hides_at_cluster_size() {
     drop(b);
     a.stop().unwrap();
 }
+
+/// Window A (two hours ago): the live connections, but api-1 talked to an
+/// external peer that is gone in B, api-0 had not yet talked to
+/// 192.0.2.99, api-29 → db-1 succeeded, and web-1 → db-0 carried 200
+/// bytes instead of 2,500.
+fn earlier_conns(c: &SynthCluster) -> Vec<Conn> {
+    let p = |ns: &str, n: &str| c.pod(ns, n).ip;
+    let mut v: Vec<Conn> = live_conns(c)
+        .into_iter()
+        .filter(|x| x.server != ip("192.0.2.99"))
+        .collect();
+    for x in v.iter_mut() {
+        x.failure = None;
+        if x.client == p("shop", "web-1") && x.server == p("shop", "db-0") {
+            x.c2s = (2, 100);
+            x.s2c = (1, 100);
+        }
+    }
+    v.push(Conn::tcp(p("billing", "api-1"), ip("192.0.2.77"), 443, (5, 700), (5, 900)));
+    v
+}
+
+/// The rows of the page's change list: (change, what, key).
+fn diff_rows(b: &Browser) -> Vec<(String, String, String)> {
+    let v = b
+        .eval(
+            "return [...document.querySelectorAll('tr.diff-row')].map((r) => [r.dataset.change, r.dataset.what,
+               r.dataset.what === 'endpoint' ? r.dataset.id : r.dataset.source + ' > ' + r.dataset.target + ' ' + r.dataset.service]);",
+        )
+        .unwrap();
+    let mut rows: Vec<(String, String, String)> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r[0].as_str().unwrap().to_string(),
+                r[1].as_str().unwrap().to_string(),
+                r[2].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    rows.sort();
+    rows
+}
+
+#[test]
+fn the_map_shows_a_past_window_and_what_changed() {
+    let Some(_g) = privileged_serial("the_map_shows_a_past_window_and_what_changed", &SERIAL)
+    else {
+        return;
+    };
+    if !browser::available("the_map_shows_a_past_window_and_what_changed") {
+        return;
+    }
+    let v = Netns::new().unwrap();
+    let state = TempDir::new("map-store");
+    let c = store(&state);
+    {
+        let mut s = Store::open(&Location::Sqlite(state.path().join("flowmap.db"))).unwrap();
+        let end = SystemTime::now() - Duration::from_secs(7200);
+        c.write(&mut s, end - Duration::from_secs(60), end, &earlier_conns(&c))
+            .unwrap();
+    }
+    let a = agent(&v).state_dir(state.path()).start().unwrap();
+    let b = Browser::start(1400, 900).unwrap();
+    b.goto(&format!("http://127.0.0.1:{}/", a.port())).unwrap();
+    b.wait_for("return document.body.dataset.loaded === 'true';", Duration::from_secs(30))
+        .unwrap();
+    let ext = |a: &str| format!("cluster-flows.external-{a}");
+    let has = |id: &str| format!("return window.flowmap.state.raw.nodes.some((n) => n.id === {id:?});");
+    assert_eq!(b.eval(&has(&ext("192.0.2.99"))).unwrap(), Value::Bool(true));
+    assert_eq!(b.eval(&has(&ext("192.0.2.77"))).unwrap(), Value::Bool(false));
+
+    // A past window: two hours ago, the peer that vanished since.
+    b.type_into("#to", "-118m").unwrap();
+    b.type_into("#from", &format!("-125m{ENTER}")).unwrap();
+    b.wait_for(&has(&ext("192.0.2.77")), Duration::from_secs(20))
+        .unwrap();
+    assert_eq!(b.eval(&has(&ext("192.0.2.99"))).unwrap(), Value::Bool(false));
+    let (_, edges) = drawn(&b);
+    // web-1 → db-0 carried 200 bytes then: inside shop, so shop → billing
+    // is unchanged, and billing → shop was all Green.
+    assert_eq!(
+        totals(&edges[&("ns:billing".to_string(), "ns:shop".to_string())]).3,
+        "Green"
+    );
+    b.click("#live").unwrap();
+    b.wait_for(&has(&ext("192.0.2.99")), Duration::from_secs(20))
+        .unwrap();
+
+    // What changed between A and B.
+    for (id, t) in [
+        ("#diff-a-from", "-125m"),
+        ("#diff-a-to", "-118m"),
+        ("#diff-b-from", "-10m"),
+        ("#diff-b-to", "now"),
+    ] {
+        b.type_into(id, t).unwrap();
+    }
+    b.click("#diff-run").unwrap();
+    b.wait_for("return document.body.dataset.diff === 'true';", Duration::from_secs(20))
+        .unwrap();
+    let pod = |ns: &str, n: &str| c.pod(ns, n).id.clone();
+    let mut want = vec![
+        ("appeared", "endpoint", ext("192.0.2.99")),
+        ("vanished", "endpoint", ext("192.0.2.77")),
+        (
+            "appeared",
+            "edge",
+            format!("{} > {} tcp/443", pod("billing", "api-0"), ext("192.0.2.99")),
+        ),
+        (
+            "vanished",
+            "edge",
+            format!("{} > {} tcp/443", pod("billing", "api-1"), ext("192.0.2.77")),
+        ),
+        (
+            "worsened",
+            "edge",
+            format!("{} > {} tcp/5432", pod("billing", "api-29"), pod("shop", "db-1")),
+        ),
+        (
+            "changed",
+            "edge",
+            format!("{} > {} tcp/5432", pod("shop", "web-1"), pod("shop", "db-0")),
+        ),
+    ]
+    .into_iter()
+    .map(|(a, b, c)| (a.to_string(), b.to_string(), c))
+    .collect::<Vec<_>>();
+    want.sort();
+    assert_eq!(diff_rows(&b), want);
+    // On the map (collapsed): the external group holds an appeared and a
+    // vanished peer (appeared shows), billing → shop worsened, billing →
+    // external appeared (stronger than the vanished edge beside it).
+    let (nodes, edges) = drawn(&b);
+    assert_eq!(nodes["ext"]["diff"].as_str(), Some("appeared"));
+    assert_eq!(nodes["ext"]["count"].as_u64(), Some(2));
+    let diff = |s: &str, t: &str| edges[&(s.to_string(), t.to_string())]["diff"].clone();
+    assert_eq!(diff("ns:billing", "ns:shop"), "worsened");
+    assert_eq!(diff("ns:billing", "ext"), "appeared");
+    assert_eq!(diff("ns:shop", "ns:billing"), "");
+    // B's figures, and A's for the edge that vanished.
+    assert_eq!(
+        totals(&edges[&("ns:billing".to_string(), "ext".to_string())]),
+        (14000 + 1600, 20, 2, "Green")
+    );
+    drop(b);
+    a.stop().unwrap();
+}

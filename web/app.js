@@ -505,7 +505,7 @@
 
   function diffText(e) {
     if (e.diff === "worsened") return "worsened: " + e.status_a + " → " + e.status_b;
-    if (e.diff === "changed") return "traffic changed: " + fmtBytes(e.bytes_a) + " → " + fmtBytes(e.bytes_b) + " (×" + Number(e.factor).toFixed(2) + ")";
+    if (e.diff === "changed") return "traffic changed: " + fmtBytes(e.bytes_a) + " → " + fmtBytes(e.bytes_b) + (e.factor == null ? "" : " (×" + Number(e.factor).toFixed(2) + ")");
     return e.diff;
   }
 
@@ -902,7 +902,10 @@
   $("group").addEventListener("change", () => { lastKey = ""; render(); });
   $("noise").addEventListener("change", () => render());
   $("port").addEventListener("input", () => { lastKey = ""; clearTimeout(timer); timer = setTimeout(load, 300); });
-  for (const id of ["from", "to"]) $(id).addEventListener("change", () => { lastKey = ""; load(); });
+  for (const id of ["from", "to"]) {
+    $(id).addEventListener("change", () => { lastKey = ""; load(); });
+    $(id).addEventListener("keydown", (ev) => { if (ev.key === "Enter") { lastKey = ""; load(); } });
+  }
   $("live").addEventListener("click", () => { $("from").value = ""; $("to").value = ""; lastKey = ""; load(); });
   $("find").addEventListener("keydown", (ev) => { if (ev.key === "Enter") find($("find").value); });
   $("expand-all").addEventListener("click", () => setAll(true));

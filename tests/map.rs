@@ -41,7 +41,13 @@ fn live_conns(c: &SynthCluster) -> Vec<Conn> {
         let web = p("shop", &format!("web-{i}"));
         let api = p("billing", &format!("api-{i}"));
         // web → db-0 (inside shop).
-        v.push(Conn::tcp(web, p("shop", "db-0"), 5432, (10 + i, 1000 * (i + 1)), (5, 500)));
+        v.push(Conn::tcp(
+            web,
+            p("shop", "db-0"),
+            5432,
+            (10 + i, 1000 * (i + 1)),
+            (5, 500),
+        ));
         // web → api (shop → billing).
         v.push(Conn::tcp(web, api, 8080, (3, 300 + i), (2, 200)));
         // api → db-1 (billing → shop); the last one refused (Red).
@@ -61,9 +67,21 @@ fn live_conns(c: &SynthCluster) -> Vec<Conn> {
         });
     }
     // The node → a pod on it: a kubelet health probe.
-    v.push(Conn::tcp(c.node_ip, p("shop", "web-0"), 8080, (3, 180), (2, 140)));
+    v.push(Conn::tcp(
+        c.node_ip,
+        p("shop", "web-0"),
+        8080,
+        (3, 180),
+        (2, 140),
+    ));
     // billing → an external peer.
-    v.push(Conn::tcp(p("billing", "api-0"), ip("192.0.2.99"), 443, (5, 5000), (5, 9000)));
+    v.push(Conn::tcp(
+        p("billing", "api-0"),
+        ip("192.0.2.99"),
+        443,
+        (5, 5000),
+        (5, 9000),
+    ));
     v
 }
 
@@ -104,7 +122,10 @@ fn drawn(b: &Browser) -> (BTreeMap<String, Value>, BTreeMap<(String, String), Va
             e["source"].as_str().unwrap().to_string(),
             e["target"].as_str().unwrap().to_string(),
         );
-        assert!(edges.insert(k.clone(), e.clone()).is_none(), "two edges {k:?}");
+        assert!(
+            edges.insert(k.clone(), e.clone()).is_none(),
+            "two edges {k:?}"
+        );
     }
     (nodes, edges)
 }
@@ -150,8 +171,11 @@ fn the_map_groups_finds_and_hides_at_cluster_size() {
     let a = agent(&v).state_dir(state.path()).start().unwrap();
     let b = Browser::start(1400, 900).unwrap();
     b.goto(&format!("http://127.0.0.1:{}/", a.port())).unwrap();
-    b.wait_for("return document.body.dataset.loaded === 'true';", Duration::from_secs(30))
-        .unwrap();
+    b.wait_for(
+        "return document.body.dataset.loaded === 'true';",
+        Duration::from_secs(30),
+    )
+    .unwrap();
 
     // 64 pods (above 60 endpoints): every group starts collapsed; the
     // overview lists the top-level groups with their endpoints (pods with
@@ -213,7 +237,10 @@ fn the_map_groups_finds_and_hides_at_cluster_size() {
     }
     let web_db: u64 = (0..30).map(|i| 1000 * (i + 1) + 500).sum();
     let e = &edges[&(web.to_string(), db.to_string())];
-    assert_eq!(totals(e), (web_db, (0..30).map(|i| 15 + i).sum(), 30, "Green"));
+    assert_eq!(
+        totals(e),
+        (web_db, (0..30).map(|i| 15 + i).sum(), 30, "Green")
+    );
     assert_eq!(
         totals(&edges[&("ns:billing".to_string(), db.to_string())]),
         (29 * 4400 + 114, 29 * 8 + 2, 30, "Red")
@@ -245,7 +272,10 @@ fn the_map_groups_finds_and_hides_at_cluster_size() {
     b.type_into("#find", &format!("api-17{ENTER}")).unwrap();
     let api17 = &c.pod("billing", "api-17").id;
     let found = b
-        .wait_for("return document.body.dataset.found;", Duration::from_secs(10))
+        .wait_for(
+            "return document.body.dataset.found;",
+            Duration::from_secs(10),
+        )
         .unwrap();
     assert_eq!(found.as_str(), Some(api17.as_str()));
     let sel = b
@@ -266,7 +296,8 @@ fn the_map_groups_finds_and_hides_at_cluster_size() {
     )
     .unwrap();
     // Nothing found says so.
-    b.type_into("#find", &format!("no-such-pod{ENTER}")).unwrap();
+    b.type_into("#find", &format!("no-such-pod{ENTER}"))
+        .unwrap();
     let txt = b
         .eval("return document.getElementById('find-result').textContent;")
         .unwrap();
@@ -276,8 +307,14 @@ fn the_map_groups_finds_and_hides_at_cluster_size() {
     b.click("tr.group-row[data-group='ns:kube-system'] input.show")
         .unwrap();
     let (nodes, edges) = drawn(&b);
-    assert!(!nodes.keys().any(|k| k.contains("kube-system")), "{:?}", nodes.keys());
-    assert!(!edges.keys().any(|(s, t)| s.contains("kube-system") || t.contains("kube-system")));
+    assert!(
+        !nodes.keys().any(|k| k.contains("kube-system")),
+        "{:?}",
+        nodes.keys()
+    );
+    assert!(!edges
+        .keys()
+        .any(|(s, t)| s.contains("kube-system") || t.contains("kube-system")));
     assert_eq!(overview(&b)["ns:kube-system"], 2);
     b.click("tr.group-row[data-group='ns:kube-system'] input.show")
         .unwrap();
@@ -320,7 +357,13 @@ fn earlier_conns(c: &SynthCluster) -> Vec<Conn> {
             x.s2c = (1, 100);
         }
     }
-    v.push(Conn::tcp(p("billing", "api-1"), ip("192.0.2.77"), 443, (5, 700), (5, 900)));
+    v.push(Conn::tcp(
+        p("billing", "api-1"),
+        ip("192.0.2.77"),
+        443,
+        (5, 700),
+        (5, 900),
+    ));
     v
 }
 
@@ -363,25 +406,40 @@ fn the_map_shows_a_past_window_and_what_changed() {
     {
         let mut s = Store::open(&Location::Sqlite(state.path().join("flowmap.db"))).unwrap();
         let end = SystemTime::now() - Duration::from_secs(7200);
-        c.write(&mut s, end - Duration::from_secs(60), end, &earlier_conns(&c))
-            .unwrap();
+        c.write(
+            &mut s,
+            end - Duration::from_secs(60),
+            end,
+            &earlier_conns(&c),
+        )
+        .unwrap();
     }
     let a = agent(&v).state_dir(state.path()).start().unwrap();
     let b = Browser::start(1400, 900).unwrap();
     b.goto(&format!("http://127.0.0.1:{}/", a.port())).unwrap();
-    b.wait_for("return document.body.dataset.loaded === 'true';", Duration::from_secs(30))
-        .unwrap();
+    b.wait_for(
+        "return document.body.dataset.loaded === 'true';",
+        Duration::from_secs(30),
+    )
+    .unwrap();
     let ext = |a: &str| format!("cluster-flows.external-{a}");
-    let has = |id: &str| format!("return window.flowmap.state.raw.nodes.some((n) => n.id === {id:?});");
+    let has =
+        |id: &str| format!("return window.flowmap.state.raw.nodes.some((n) => n.id === {id:?});");
     assert_eq!(b.eval(&has(&ext("192.0.2.99"))).unwrap(), Value::Bool(true));
-    assert_eq!(b.eval(&has(&ext("192.0.2.77"))).unwrap(), Value::Bool(false));
+    assert_eq!(
+        b.eval(&has(&ext("192.0.2.77"))).unwrap(),
+        Value::Bool(false)
+    );
 
     // A past window: two hours ago, the peer that vanished since.
     b.type_into("#to", "-118m").unwrap();
     b.type_into("#from", &format!("-125m{ENTER}")).unwrap();
     b.wait_for(&has(&ext("192.0.2.77")), Duration::from_secs(20))
         .unwrap();
-    assert_eq!(b.eval(&has(&ext("192.0.2.99"))).unwrap(), Value::Bool(false));
+    assert_eq!(
+        b.eval(&has(&ext("192.0.2.99"))).unwrap(),
+        Value::Bool(false)
+    );
     let (_, edges) = drawn(&b);
     // web-1 → db-0 carried 200 bytes then: inside shop, so shop → billing
     // is unchanged, and billing → shop was all Green.
@@ -403,8 +461,11 @@ fn the_map_shows_a_past_window_and_what_changed() {
         b.type_into(id, t).unwrap();
     }
     b.click("#diff-run").unwrap();
-    b.wait_for("return document.body.dataset.diff === 'true';", Duration::from_secs(20))
-        .unwrap();
+    b.wait_for(
+        "return document.body.dataset.diff === 'true';",
+        Duration::from_secs(20),
+    )
+    .unwrap();
     let pod = |ns: &str, n: &str| c.pod(ns, n).id.clone();
     let mut want = vec![
         ("appeared", "endpoint", ext("192.0.2.99")),
@@ -412,22 +473,38 @@ fn the_map_shows_a_past_window_and_what_changed() {
         (
             "appeared",
             "edge",
-            format!("{} > {} tcp/443", pod("billing", "api-0"), ext("192.0.2.99")),
+            format!(
+                "{} > {} tcp/443",
+                pod("billing", "api-0"),
+                ext("192.0.2.99")
+            ),
         ),
         (
             "vanished",
             "edge",
-            format!("{} > {} tcp/443", pod("billing", "api-1"), ext("192.0.2.77")),
+            format!(
+                "{} > {} tcp/443",
+                pod("billing", "api-1"),
+                ext("192.0.2.77")
+            ),
         ),
         (
             "worsened",
             "edge",
-            format!("{} > {} tcp/5432", pod("billing", "api-29"), pod("shop", "db-1")),
+            format!(
+                "{} > {} tcp/5432",
+                pod("billing", "api-29"),
+                pod("shop", "db-1")
+            ),
         ),
         (
             "changed",
             "edge",
-            format!("{} > {} tcp/5432", pod("shop", "web-1"), pod("shop", "db-0")),
+            format!(
+                "{} > {} tcp/5432",
+                pod("shop", "web-1"),
+                pod("shop", "db-0")
+            ),
         ),
     ]
     .into_iter()

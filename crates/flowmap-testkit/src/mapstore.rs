@@ -59,7 +59,13 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn tcp(client: IpAddr, server: IpAddr, port: u16, c2s: (u64, u64), s2c: (u64, u64)) -> Conn {
+    pub fn tcp(
+        client: IpAddr,
+        server: IpAddr,
+        port: u16,
+        c2s: (u64, u64),
+        s2c: (u64, u64),
+    ) -> Conn {
         Conn {
             client,
             server,
@@ -99,7 +105,14 @@ impl SynthCluster {
                 let k = pods.len() as u32 + 10;
                 let ip = IpAddr::from([10, (k >> 16) as u8, (k >> 8) as u8, k as u8]);
                 let name = format!("{deploy}-{i}");
-                let p = standin::pod(ns, &name, "1", &ip.to_string(), &node, Some(("ReplicaSet", &rs)));
+                let p = standin::pod(
+                    ns,
+                    &name,
+                    "1",
+                    &ip.to_string(),
+                    &node,
+                    Some(("ReplicaSet", &rs)),
+                );
                 cluster.apply_pod(&serde_json::from_value(p).context("a pod")?, since);
                 pods.push(PodInfo {
                     namespace: ns.to_string(),
@@ -139,7 +152,13 @@ impl SynthCluster {
 
     /// Writes one interval [start, end) of `conns` into `store` as the
     /// agent does: resolve, build, judge the status, store.
-    pub fn write(&self, store: &mut Store, start: SystemTime, end: SystemTime, conns: &[Conn]) -> Result<()> {
+    pub fn write(
+        &self,
+        store: &mut Store,
+        start: SystemTime,
+        end: SystemTime,
+        conns: &[Conn],
+    ) -> Result<()> {
         let resolver = KubeResolver {
             cluster: &self.cluster,
             cluster_uid: CLUSTER_UID,
@@ -173,14 +192,23 @@ impl SynthCluster {
             .collect();
         let mut g = Graph::build(&records, &resolver);
         flowmap::status::apply(&mut g, &Default::default());
-        store.write(DATA_SOURCE, start, end, &g, &[resolver.node_endpoint(&self.node)])?;
+        store.write(
+            DATA_SOURCE,
+            start,
+            end,
+            &g,
+            &[resolver.node_endpoint(&self.node)],
+        )?;
         Ok(())
     }
 }
 
 /// Sums of the connections of `conns` by a key of each (for exact
 /// expected totals): (packets, bytes, connections).
-pub fn totals<K: Ord>(conns: &[Conn], key: impl Fn(&Conn) -> Option<K>) -> BTreeMap<K, (u64, u64, u64)> {
+pub fn totals<K: Ord>(
+    conns: &[Conn],
+    key: impl Fn(&Conn) -> Option<K>,
+) -> BTreeMap<K, (u64, u64, u64)> {
     let mut m = BTreeMap::new();
     for c in conns {
         if let Some(k) = key(c) {

@@ -1,10 +1,11 @@
 //! The map page at cluster size, in a real headless Chromium driven
-//! through WebDriver, served by the binary over a real store that the
-//! agent's own write path filled with a synthetic cluster (testkit
-//! `mapstore`): groups collapsed by default with exact endpoint counts,
-//! expanding a namespace and a workload, edges aggregated between
+//! through WebDriver, served by `flowmap serve --database` over a real
+//! store that the agent's own write path filled with a synthetic cluster
+//! (testkit `mapstore`): groups collapsed by default with exact endpoint
+//! counts, expanding a namespace and a workload, edges aggregated between
 //! collapsed ends with exact totals and the worst status, finding an
-//! endpoint, hiding a namespace and the system noise.
+//! endpoint, hiding a namespace and the system noise; a past window, and
+//! the exact changes between two windows (/api/diff) on the page.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -13,10 +14,8 @@ use std::time::{Duration, SystemTime};
 
 use flowmap::flow::Failure;
 use flowmap::sinks::store::{Location, Store};
-use flowmap_testkit::agent::{Agent, AgentBuilder};
 use flowmap_testkit::browser::{self, Browser, ENTER};
-use flowmap_testkit::mapstore::{Conn, SynthCluster};
-use flowmap_testkit::net::{privileged_serial, Netns};
+use flowmap_testkit::mapstore::{Conn, Served, SynthCluster};
 use flowmap_testkit::tempdir::TempDir;
 use serde_json::Value;
 
@@ -96,10 +95,14 @@ fn store(state: &TempDir) -> SynthCluster {
     c
 }
 
-fn agent(v: &Netns) -> AgentBuilder {
-    Agent::builder(env!("CARGO_BIN_EXE_flowmap"))
-        .iface(&v.host)
-        .output("none")
+/// `flowmap serve` over the test's store.
+fn serve(state: &TempDir) -> Served {
+    Served::start(
+        env!("CARGO_BIN_EXE_flowmap"),
+        &state.path().join("flowmap.db"),
+        &[],
+    )
+    .unwrap()
 }
 
 /// The drawn graph: nodes (id → data) and edges ((source, target) → data).
@@ -158,19 +161,15 @@ fn ids<'a>(m: impl IntoIterator<Item = &'a String>) -> Vec<&'a str> {
 
 #[test]
 fn the_map_groups_finds_and_hides_at_cluster_size() {
-    let Some(_g) = privileged_serial("the_map_groups_finds_and_hides_at_cluster_size", &SERIAL)
-    else {
-        return;
-    };
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     if !browser::available("the_map_groups_finds_and_hides_at_cluster_size") {
         return;
     }
-    let v = Netns::new().unwrap();
     let state = TempDir::new("map-store");
     let c = store(&state);
-    let a = agent(&v).state_dir(state.path()).start().unwrap();
+    let a = serve(&state);
     let b = Browser::start(1400, 900).unwrap();
-    b.goto(&format!("http://127.0.0.1:{}/", a.port())).unwrap();
+    b.goto(&format!("http://127.0.0.1:{}/", a.port)).unwrap();
     b.wait_for(
         "return document.body.dataset.loaded === 'true';",
         Duration::from_secs(30),
@@ -179,10 +178,10 @@ fn the_map_groups_finds_and_hides_at_cluster_size() {
 
     // 64 pods (above 60 endpoints): every group starts collapsed; the
     // overview lists the top-level groups with their endpoints (pods with
-    // traffic in the window; the hosts are the node and the agent's own).
+    // traffic in the window; hosts and nodes: the node).
     let want: BTreeMap<String, u64> = [
         ("ext", 1),
-        ("hosts", 2),
+        ("hosts", 1),
         ("ns:billing", 30),
         ("ns:kube-system", 2),
         ("ns:shop", 32),
@@ -337,7 +336,7 @@ fn the_map_groups_finds_and_hides_at_cluster_size() {
         "{status}"
     );
     drop(b);
-    a.stop().unwrap();
+    drop(a);
 }
 
 /// Window A (two hours ago): the live connections, but api-1 talked to an
@@ -393,14 +392,10 @@ fn diff_rows(b: &Browser) -> Vec<(String, String, String)> {
 
 #[test]
 fn the_map_shows_a_past_window_and_what_changed() {
-    let Some(_g) = privileged_serial("the_map_shows_a_past_window_and_what_changed", &SERIAL)
-    else {
-        return;
-    };
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     if !browser::available("the_map_shows_a_past_window_and_what_changed") {
         return;
     }
-    let v = Netns::new().unwrap();
     let state = TempDir::new("map-store");
     let c = store(&state);
     {
@@ -414,9 +409,9 @@ fn the_map_shows_a_past_window_and_what_changed() {
         )
         .unwrap();
     }
-    let a = agent(&v).state_dir(state.path()).start().unwrap();
+    let a = serve(&state);
     let b = Browser::start(1400, 900).unwrap();
-    b.goto(&format!("http://127.0.0.1:{}/", a.port())).unwrap();
+    b.goto(&format!("http://127.0.0.1:{}/", a.port)).unwrap();
     b.wait_for(
         "return document.body.dataset.loaded === 'true';",
         Duration::from_secs(30),
@@ -528,5 +523,5 @@ fn the_map_shows_a_past_window_and_what_changed() {
         (14000 + 1600, 20, 2, "Green")
     );
     drop(b);
-    a.stop().unwrap();
+    drop(a);
 }

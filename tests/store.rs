@@ -286,13 +286,23 @@ fn check_drops_and_srtt(loc: &Location) {
         host: &h,
     };
     let with = |t: u64, drops: &[(&str, u64)], srtt: Option<u32>| FlowRecord {
-        drops: drops.iter().map(|(k, v)| (std::sync::Arc::from(*k), *v)).collect(),
+        drops: drops
+            .iter()
+            .map(|(k, v)| (std::sync::Arc::from(*k), *v))
+            .collect(),
         srtt_us: srtt,
         ..rec("192.0.2.10", 443, "tcp", 1000, 2000, t, None)
     };
     let intervals = [
-        vec![with(0, &[("NETFILTER_DROP", 3)], Some(100)), with(1, &[], Some(300))],
-        vec![with(31, &[("NETFILTER_DROP", 2), ("TCP_CSUM", 1)], Some(800))],
+        vec![
+            with(0, &[("NETFILTER_DROP", 3)], Some(100)),
+            with(1, &[], Some(300)),
+        ],
+        vec![with(
+            31,
+            &[("NETFILTER_DROP", 2), ("TCP_CSUM", 1)],
+            Some(800),
+        )],
         vec![with(61, &[], None)],
     ];
     for (i, recs) in intervals.iter().enumerate() {
@@ -312,7 +322,10 @@ fn check_drops_and_srtt(loc: &Location) {
         (3, 100, 400.0, 800)
     );
     let v = serde_json::to_value(&e).unwrap();
-    assert_eq!(v["drops"], serde_json::json!({"NETFILTER_DROP": 5, "TCP_CSUM": 1}));
+    assert_eq!(
+        v["drops"],
+        serde_json::json!({"NETFILTER_DROP": 5, "TCP_CSUM": 1})
+    );
     assert_eq!(
         v["srtt_us"],
         serde_json::json!({"samples": 3, "min": 100, "mean": 400.0, "max": 800})

@@ -4,9 +4,9 @@
 //! A synthetic cluster (testkit `mapstore`: namespaces of ten Deployments
 //! each) with `endpoints` pods and `edges` distinct edges is written into
 //! a SQLite store through the agent's write path (resolve, build, judge,
-//! `Store::write`); the agent binary serves that store (`--web-max-edges`
-//! as large as the edges, so the page gets all of them); Chromium opens
-//! the page through WebDriver.
+//! `Store::write`); `flowmap serve --database` serves that store
+//! (`--web-max-edges` as large as the edges, so the page gets all of
+//! them); Chromium opens the page through WebDriver.
 //!
 //! **Usable** is the page's own clock (`performance.now()`, from the start
 //! of the navigation) at the moment it has answered a search: the first
@@ -26,10 +26,10 @@ use anyhow::{bail, Context, Result};
 use flowmap::flow::Failure;
 use flowmap::sinks::store::{Location, Store};
 use flowmap_testkit::browser::{Browser, ENTER};
-use flowmap_testkit::mapstore::{Conn, SynthCluster};
+use flowmap_testkit::mapstore::{Conn, Served, SynthCluster};
 use flowmap_testkit::tempdir::TempDir;
 
-use crate::scale::{agent, flowmap_bin, test_net};
+use crate::scale::flowmap_bin;
 
 /// The synthetic cluster of `endpoints` pods: namespaces `team-NN` of ten
 /// Deployments `svc-NN` each, about 250 pods per namespace.
@@ -96,12 +96,12 @@ pub fn page(endpoints: u32, edges: u32, rounds: u32, out: &mut dyn Write) -> Res
         c.write(&mut s, end - Duration::from_secs(30), end, &conns)
             .context("writing the store")?;
     }
-    let net = test_net(0)?;
-    let a = agent(flowmap_bin(), &net.host, "30s")
-        .state_dir(state.path())
-        .args(&["--web-max-edges", &edges.max(1).to_string()])
-        .start()?;
-    let url = format!("http://127.0.0.1:{}/", a.port());
+    let a = Served::start(
+        flowmap_bin(),
+        &state.path().join("flowmap.db"),
+        &["--web-max-edges", &edges.max(1).to_string()],
+    )?;
+    let url = format!("http://127.0.0.1:{}/", a.port);
     let b = Browser::start(1400, 900)?;
     let target = &c.pods[c.pods.len() / 2];
     let (mut usable, mut rendered) = (Vec::new(), Vec::new());
@@ -149,6 +149,6 @@ pub fn page(endpoints: u32, edges: u32, rounds: u32, out: &mut dyn Write) -> Res
         rounds.max(1)
     )?;
     drop(b);
-    a.stop()?;
+    drop(a);
     Ok(())
 }

@@ -220,3 +220,53 @@ pub fn totals<K: Ord>(
     }
     m
 }
+
+/// `flowmap serve --database <db>` (no root, no datapath) on a free
+/// loopback port, stopped on drop.
+pub struct Served {
+    child: std::process::Child,
+    pub port: u16,
+}
+
+impl Served {
+    /// Starts `bin serve` over the SQLite file `db` with `args` more, and
+    /// waits until /healthz answers.
+    pub fn start(
+        bin: impl AsRef<std::path::Path>,
+        db: &std::path::Path,
+        args: &[&str],
+    ) -> Result<Served> {
+        let port = crate::net::free_port();
+        let child = std::process::Command::new(bin.as_ref())
+            .arg("serve")
+            .arg("--database")
+            .arg(db)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("starting flowmap serve")?;
+        let mut s = Served { child, port };
+        let end = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if crate::agent::http_get(port, "/healthz").is_ok_and(|(c, _)| c != 0) {
+                return Ok(s);
+            }
+            if let Some(st) = s.child.try_wait()? {
+                anyhow::bail!("flowmap serve exited: {st}");
+            }
+            if std::time::Instant::now() > end {
+                anyhow::bail!("flowmap serve did not answer on port {port}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

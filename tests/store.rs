@@ -432,7 +432,7 @@ fn check_rollups(loc: &Location) {
     assert_eq!(five, (now_ms - 120_000).div_euclid(300_000) * 300_000);
     assert_eq!(hour, five.div_euclid(3_600_000) * 3_600_000);
     // (intervals, bytes, drops, srtt samples) of a window.
-    let mut totals = |from_ms: i64, to_ms: i64| {
+    let totals = |s: &mut Store, from_ms: i64, to_ms: i64| {
         let w = Window::between(from_ms, to_ms);
         let e = s.edges_in(&w, None).unwrap().0;
         assert_eq!(e.len(), 1, "{e:?}");
@@ -446,17 +446,17 @@ fn check_rollups(loc: &Location) {
     };
     let min = 60_000;
     // 15 minutes: raw rows, the intervals at now and now - 10 min.
-    assert_eq!(totals(now_ms - 15 * min, now_ms), (2, 2200, 2, 2));
+    assert_eq!(totals(&mut s, now_ms - 15 * min, now_ms), (2, 2200, 2, 2));
     // 4 hours: 5-minute rows (raw rows past 2 h are gone), k = 0..=24.
-    assert_eq!(totals(now_ms - 240 * min, now_ms), (25, 27500, 25, 25));
+    assert_eq!(totals(&mut s, now_ms - 240 * min, now_ms), (25, 27500, 25, 25));
     // 12 hours: hourly rows, then 5-minute, then raw: every interval.
-    assert_eq!(totals(now_ms - 720 * min, now_ms), (31, 34100, 31, 31));
+    assert_eq!(totals(&mut s, now_ms - 720 * min, now_ms), (31, 34100, 31, 31));
     // An old window: its raw rows are gone, 5-minute rows remain (k = 28,
     // at now - 280 min, in the bucket that ends within 5 minutes after).
-    assert_eq!(totals(now_ms - 281 * min, now_ms - 275 * min).0, 1);
+    assert_eq!(totals(&mut s, now_ms - 281 * min, now_ms - 275 * min).0, 1);
     // A second run changes nothing.
     assert!(s.maintain(now_ms, Duration::from_secs(24 * 3600)).unwrap());
-    assert_eq!(totals(now_ms - 720 * min, now_ms), (31, 34100, 31, 31));
+    assert_eq!(totals(&mut s, now_ms - 720 * min, now_ms), (31, 34100, 31, 31));
 }
 
 #[test]

@@ -5,3 +5,4 @@ pub mod datapath;
 pub mod drops;
 pub mod realpath;
 pub mod scale;
+pub mod store;

@@ -114,10 +114,34 @@ fn check_rule(loc: &Location) {
         "node-1",
         0,
         &[
-            tcp(("10.1.0.5", 40000), ("10.2.0.7", 8080), 1, (10, 1000), (8, 800)),
-            tcp(("10.1.0.5", 40001), ("10.96.0.10", 80), 1, (5, 500), (4, 400)),
-            tcp(("10.1.0.5", 40001), ("10.2.0.7", 8443), 1, (5, 500), (4, 400)),
-            tcp(("203.0.113.9", 5555), ("10.1.0.5", 22), 1, (3, 300), (2, 200)),
+            tcp(
+                ("10.1.0.5", 40000),
+                ("10.2.0.7", 8080),
+                1,
+                (10, 1000),
+                (8, 800),
+            ),
+            tcp(
+                ("10.1.0.5", 40001),
+                ("10.96.0.10", 80),
+                1,
+                (5, 500),
+                (4, 400),
+            ),
+            tcp(
+                ("10.1.0.5", 40001),
+                ("10.2.0.7", 8443),
+                1,
+                (5, 500),
+                (4, 400),
+            ),
+            tcp(
+                ("203.0.113.9", 5555),
+                ("10.1.0.5", 22),
+                1,
+                (3, 300),
+                (2, 200),
+            ),
         ],
     );
     // node-2 runs the server pod: the same direct connection, the Service
@@ -127,18 +151,51 @@ fn check_rule(loc: &Location) {
         "node-2",
         0,
         &[
-            tcp(("10.1.0.5", 40000), ("10.2.0.7", 8080), 1, (10, 1000), (8, 800)),
-            tcp(("10.1.0.5", 40001), ("10.2.0.7", 8443), 1, (5, 500), (4, 400)),
-            tcp(("203.0.113.9", 6666), ("10.2.0.7", 8080), 1, (7, 700), (6, 600)),
+            tcp(
+                ("10.1.0.5", 40000),
+                ("10.2.0.7", 8080),
+                1,
+                (10, 1000),
+                (8, 800),
+            ),
+            tcp(
+                ("10.1.0.5", 40001),
+                ("10.2.0.7", 8443),
+                1,
+                (5, 500),
+                (4, 400),
+            ),
+            tcp(
+                ("203.0.113.9", 6666),
+                ("10.2.0.7", 8080),
+                1,
+                (7, 700),
+                (6, 600),
+            ),
         ],
     );
     let n = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let expected: Seen = [
-        (("client", "server", 8080), ([10, 1000, 8, 800], "node-1", n(&["node-1", "node-2"]))),
-        (("client", "svc", 80), ([5, 500, 4, 400], "node-1", n(&["node-1"]))),
-        (("svc", "server", 8443), ([5, 500, 4, 400], "node-1", n(&["node-1"]))),
-        (("203.0.113.9", "client", 22), ([3, 300, 2, 200], "node-1", n(&["node-1"]))),
-        (("203.0.113.9", "server", 8080), ([7, 700, 6, 600], "node-2", n(&["node-2"]))),
+        (
+            ("client", "server", 8080),
+            ([10, 1000, 8, 800], "node-1", n(&["node-1", "node-2"])),
+        ),
+        (
+            ("client", "svc", 80),
+            ([5, 500, 4, 400], "node-1", n(&["node-1"])),
+        ),
+        (
+            ("svc", "server", 8443),
+            ([5, 500, 4, 400], "node-1", n(&["node-1"])),
+        ),
+        (
+            ("203.0.113.9", "client", 22),
+            ([3, 300, 2, 200], "node-1", n(&["node-1"])),
+        ),
+        (
+            ("203.0.113.9", "server", 8080),
+            ([7, 700, 6, 600], "node-2", n(&["node-2"])),
+        ),
     ]
     .into_iter()
     .map(|((a, b, p), (c, node, by))| ((a.into(), b.into(), p), (c, node.into(), by)))
@@ -153,7 +210,10 @@ fn check_rule(loc: &Location) {
     };
     let (edges, truncated) = s.edges_in(&live, None).unwrap();
     assert!(!truncated);
-    assert!(edges.iter().all(|e| e.health.status == Status::Green), "{edges:?}");
+    assert!(
+        edges.iter().all(|e| e.health.status == Status::Green),
+        "{edges:?}"
+    );
     // node-1's next interval has the Service connection only: in the live
     // view its other edges are idle (NoStatus); a past window keeps the
     // worst status of its intervals.
@@ -161,7 +221,13 @@ fn check_rule(loc: &Location) {
         &mut s,
         "node-1",
         30,
-        &[tcp(("10.1.0.5", 40001), ("10.96.0.10", 80), 31, (5, 500), (4, 400))],
+        &[tcp(
+            ("10.1.0.5", 40001),
+            ("10.96.0.10", 80),
+            31,
+            (5, 500),
+            (4, 400),
+        )],
     );
     let status = |edges: &[EdgeRow], src: &str, port: u16| {
         edges
@@ -393,13 +459,21 @@ fn two_agents_one_postgres_one_map() {
         .unwrap();
     let _hub = Killed(hub);
     let host = flowmap::enrich::host::hostname();
-    let (ha, hb) = (format!("a-flows.host-{host}"), format!("b-flows.host-{host}"));
+    let (ha, hb) = (
+        format!("a-flows.host-{host}"),
+        format!("b-flows.host-{host}"),
+    );
     let peer_c = "a-flows.external-10.78.0.2";
     let mut last = String::new();
     let end = Instant::now() + Duration::from_secs(30);
     let graph = wait_for("both edges on the hub", 35, || {
         let (code, body) = http_get(port, "/api/graph?since=15m&protocol=udp").ok()?;
-        assert!(Instant::now() < end, "{code} {last}\n{}\n{}", agent_a.stderr(), agent_b.stderr());
+        assert!(
+            Instant::now() < end,
+            "{code} {last}\n{}\n{}",
+            agent_a.stderr(),
+            agent_b.stderr()
+        );
         last = body.clone();
         let g: Value = serde_json::from_str(&body).ok()?;
         let ok = code == 200
@@ -439,27 +513,54 @@ fn two_agents_one_postgres_one_map() {
     // top, graph and diff against the same store, as nobody.
     let (ok, top) = as_nobody(&["top", "--database", &db, "--since", "15m"]);
     assert!(ok, "{top}");
-    let line = top.lines().find(|l| l.contains("udp/5300")).unwrap_or_else(|| panic!("{top}"));
-    assert!(line.contains(&host) && line.contains(&format!(" {} ", expected()[1] + expected()[3])), "{top}");
-    let (ok, out) = as_nobody(&["graph", "--database", &db, "--since", "15m", "--format", "json"]);
+    let line = top
+        .lines()
+        .find(|l| l.contains("udp/5300"))
+        .unwrap_or_else(|| panic!("{top}"));
+    assert!(
+        line.contains(&host) && line.contains(&format!(" {} ", expected()[1] + expected()[3])),
+        "{top}"
+    );
+    let (ok, out) = as_nobody(&[
+        "graph",
+        "--database",
+        &db,
+        "--since",
+        "15m",
+        "--format",
+        "json",
+    ]);
     assert!(ok, "{out}");
     let g: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
     assert_eq!(counts(edge(&g, &ha, &hb, 5300).unwrap()), expected());
     let (ok, out) = as_nobody(&[
-        "diff", "--database", &db, "--a-from", "-2h", "--a-to", "-1h", "--b-from",
-        &t0.saturating_sub(1000).to_string(), "--b-to", "now", "--format", "json",
+        "diff",
+        "--database",
+        &db,
+        "--a-from",
+        "-2h",
+        "--a-to",
+        "-1h",
+        "--b-from",
+        &t0.saturating_sub(1000).to_string(),
+        "--b-to",
+        "now",
+        "--format",
+        "json",
     ]);
     assert!(ok, "{out}");
     let d: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
     assert!(
-        d["edges"]["appeared"]
-            .as_array()
-            .unwrap()
-            .contains(&serde_json::json!({"source": ha, "destination": hb, "protocol": "udp", "port": 5300})),
+        d["edges"]["appeared"].as_array().unwrap().contains(
+            &serde_json::json!({"source": ha, "destination": hb, "protocol": "udp", "port": 5300})
+        ),
         "{d:#}"
     );
     assert_eq!(d["edges"]["vanished"], serde_json::json!([]));
-    assert!(d["endpoints"]["appeared"].as_array().unwrap().contains(&serde_json::json!(hb)));
+    assert!(d["endpoints"]["appeared"]
+        .as_array()
+        .unwrap()
+        .contains(&serde_json::json!(hb)));
     // The same through the API (times in Unix ms).
     let now = flowmap::sinks::store::unix_ms(SystemTime::now());
     let hour = 3_600_000;

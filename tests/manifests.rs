@@ -439,7 +439,13 @@ fn the_systemd_unit_verifies() {
 /// (never in the ConfigMap or the arguments). The per-node page stays.
 #[test]
 fn the_chart_adds_a_hub_on_postgres_when_asked() {
-    let off = helm(&["template", "fm", "deploy/helm/flowmap", "--set", "clusterUID=u"]);
+    let off = helm(&[
+        "template",
+        "fm",
+        "deploy/helm/flowmap",
+        "--set",
+        "clusterUID=u",
+    ]);
     assert!(off.status.success());
     let p = parse_all(&String::from_utf8(off.stdout).unwrap());
     assert!(p.hub.is_none() && p.hub_service.is_none());
@@ -458,7 +464,8 @@ fn the_chart_adds_a_hub_on_postgres_when_asked() {
     let refused = helm(&base);
     assert!(!refused.status.success());
     assert!(
-        String::from_utf8_lossy(&refused.stderr).contains("hub.databaseSecret is required with hub.enabled"),
+        String::from_utf8_lossy(&refused.stderr)
+            .contains("hub.databaseSecret is required with hub.enabled"),
         "{}",
         String::from_utf8_lossy(&refused.stderr)
     );
@@ -467,7 +474,8 @@ fn the_chart_adds_a_hub_on_postgres_when_asked() {
     let refused = helm(&args);
     assert!(!refused.status.success());
     assert!(
-        String::from_utf8_lossy(&refused.stderr).contains("hub.tokenSecret is required with hub.enabled"),
+        String::from_utf8_lossy(&refused.stderr)
+            .contains("hub.tokenSecret is required with hub.enabled"),
         "{}",
         String::from_utf8_lossy(&refused.stderr)
     );
@@ -480,7 +488,11 @@ fn the_chart_adds_a_hub_on_postgres_when_asked() {
         "store.enabled=true",
     ]);
     let out = helm(&args);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let p = parse_all(&String::from_utf8(out.stdout).unwrap());
 
     // The agents: their store is the PostgreSQL of the Secret.
@@ -502,7 +514,10 @@ fn the_chart_adds_a_hub_on_postgres_when_asked() {
     })
     .unwrap();
     assert_eq!(
-        flowmap::sinks::store::Location::from_config(cfg.database.as_ref(), std::path::Path::new("/x")),
+        flowmap::sinks::store::Location::from_config(
+            cfg.database.as_ref(),
+            std::path::Path::new("/x")
+        ),
         flowmap::sinks::store::Location::Postgres("host=pg.db user=flowmap dbname=flowmap".into())
     );
     // The per-node page stays (store.enabled), on loopback.
@@ -516,7 +531,10 @@ fn the_chart_adds_a_hub_on_postgres_when_asked() {
     assert_eq!(pod.host_network, None);
     assert_eq!(pod.automount_service_account_token, Some(false));
     let psc = pod.security_context.clone().unwrap();
-    assert_eq!((psc.run_as_non_root, psc.run_as_user), (Some(true), Some(65534)));
+    assert_eq!(
+        (psc.run_as_non_root, psc.run_as_user),
+        (Some(true), Some(65534))
+    );
     let c = &pod.containers[0];
     assert_eq!(
         c.args.clone().unwrap(),
@@ -542,10 +560,21 @@ fn the_chart_adds_a_hub_on_postgres_when_asked() {
     let caps = sc.capabilities.unwrap();
     assert_eq!((caps.drop, caps.add), (Some(vec!["ALL".to_string()]), None));
     let probe = c.readiness_probe.clone().unwrap().http_get.unwrap();
-    assert_eq!((probe.path.as_deref(), probe.port.clone()), (Some("/healthz"), IntOrString::Int(9471)));
-    let vol = pod.volumes.unwrap().into_iter().find(|v| v.name == "web-token").unwrap();
+    assert_eq!(
+        (probe.path.as_deref(), probe.port.clone()),
+        (Some("/healthz"), IntOrString::Int(9471))
+    );
+    let vol = pod
+        .volumes
+        .unwrap()
+        .into_iter()
+        .find(|v| v.name == "web-token")
+        .unwrap();
     let secret = vol.secret.unwrap();
-    assert_eq!((secret.secret_name.as_deref(), secret.default_mode), (Some("hub-token"), Some(0o400)));
+    assert_eq!(
+        (secret.secret_name.as_deref(), secret.default_mode),
+        (Some("hub-token"), Some(0o400))
+    );
 
     // Its Service selects the hub's pods, and never the agents'.
     let svc = p.hub_service.expect("the hub's Service").spec.unwrap();
@@ -553,7 +582,13 @@ fn the_chart_adds_a_hub_on_postgres_when_asked() {
     let hub_labels = hub.metadata.labels.unwrap();
     assert!(sel.iter().all(|(k, v)| hub_labels.get(k) == Some(v)));
     let agent_sel = p.daemonset.metadata.labels.unwrap();
-    assert_ne!(sel.get("app.kubernetes.io/name"), agent_sel.get("app.kubernetes.io/name"));
+    assert_ne!(
+        sel.get("app.kubernetes.io/name"),
+        agent_sel.get("app.kubernetes.io/name")
+    );
     let port = &svc.ports.unwrap()[0];
-    assert_eq!((port.port, port.target_port.clone()), (9470, Some(IntOrString::String("web".into()))));
+    assert_eq!(
+        (port.port, port.target_port.clone()),
+        (9470, Some(IntOrString::String("web".into())))
+    );
 }

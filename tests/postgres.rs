@@ -307,15 +307,24 @@ fn agents_starting_at_once_migrate_one_schema() {
         assert!(!err.contains("panicked"), "{err}");
     }
     // A newer store is refused, by the agent and by `serve`.
-    c.batch_execute("INSERT INTO flowmap_schema VALUES (4)").unwrap();
+    c.batch_execute("INSERT INTO flowmap_schema VALUES (4)")
+        .unwrap();
     let out = Command::new(BIN)
-        .args(["serve", "--database", &pg.connection_string(), "--listen", "127.0.0.1:0"])
+        .args([
+            "serve",
+            "--database",
+            &pg.connection_string(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
-        err.contains("the store's schema version 4 is newer than this flowmap (3); use a newer flowmap"),
+        err.contains(
+            "the store's schema version 4 is newer than this flowmap (3); use a newer flowmap"
+        ),
         "{err}"
     );
 }

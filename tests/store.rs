@@ -286,13 +286,23 @@ fn check_drops_and_srtt(loc: &Location) {
         host: &h,
     };
     let with = |t: u64, drops: &[(&str, u64)], srtt: Option<u32>| FlowRecord {
-        drops: drops.iter().map(|(k, v)| (std::sync::Arc::from(*k), *v)).collect(),
+        drops: drops
+            .iter()
+            .map(|(k, v)| (std::sync::Arc::from(*k), *v))
+            .collect(),
         srtt_us: srtt,
         ..rec("192.0.2.10", 443, "tcp", 1000, 2000, t, None)
     };
     let intervals = [
-        vec![with(0, &[("NETFILTER_DROP", 3)], Some(100)), with(1, &[], Some(300))],
-        vec![with(31, &[("NETFILTER_DROP", 2), ("TCP_CSUM", 1)], Some(800))],
+        vec![
+            with(0, &[("NETFILTER_DROP", 3)], Some(100)),
+            with(1, &[], Some(300)),
+        ],
+        vec![with(
+            31,
+            &[("NETFILTER_DROP", 2), ("TCP_CSUM", 1)],
+            Some(800),
+        )],
         vec![with(61, &[], None)],
     ];
     for (i, recs) in intervals.iter().enumerate() {
@@ -312,7 +322,10 @@ fn check_drops_and_srtt(loc: &Location) {
         (3, 100, 400.0, 800)
     );
     let v = serde_json::to_value(&e).unwrap();
-    assert_eq!(v["drops"], serde_json::json!({"NETFILTER_DROP": 5, "TCP_CSUM": 1}));
+    assert_eq!(
+        v["drops"],
+        serde_json::json!({"NETFILTER_DROP": 5, "TCP_CSUM": 1})
+    );
     assert_eq!(
         v["srtt_us"],
         serde_json::json!({"samples": 3, "min": 100, "mean": 400.0, "max": 800})
@@ -414,7 +427,9 @@ fn check_rollups(loc: &Location) {
                 packets: 1,
                 bytes: 100,
             },
-            drops: [(std::sync::Arc::from("NETFILTER_DROP"), 1)].into_iter().collect(),
+            drops: [(std::sync::Arc::from("NETFILTER_DROP"), 1)]
+                .into_iter()
+                .collect(),
             srtt_us: Some(100 + k as u32),
             ..flowmap_testkit::records::between(
                 "tcp",
@@ -424,8 +439,14 @@ fn check_rollups(loc: &Location) {
             )
         };
         let g = Graph::build(&[rec], &r);
-        s.write("ds", end - Duration::from_secs(30), end, &g, &[r.host_endpoint()])
-            .unwrap();
+        s.write(
+            "ds",
+            end - Duration::from_secs(30),
+            end,
+            &g,
+            &[r.host_endpoint()],
+        )
+        .unwrap();
     }
     assert!(s.maintain(now_ms, Duration::from_secs(24 * 3600)).unwrap());
     let [five, hour] = s.rolled().unwrap();
@@ -448,15 +469,24 @@ fn check_rollups(loc: &Location) {
     // 15 minutes: raw rows, the intervals at now and now - 10 min.
     assert_eq!(totals(&mut s, now_ms - 15 * min, now_ms), (2, 2200, 2, 2));
     // 4 hours: 5-minute rows (raw rows past 2 h are gone), k = 0..=24.
-    assert_eq!(totals(&mut s, now_ms - 240 * min, now_ms), (25, 27500, 25, 25));
+    assert_eq!(
+        totals(&mut s, now_ms - 240 * min, now_ms),
+        (25, 27500, 25, 25)
+    );
     // 12 hours: hourly rows, then 5-minute, then raw: every interval.
-    assert_eq!(totals(&mut s, now_ms - 720 * min, now_ms), (31, 34100, 31, 31));
+    assert_eq!(
+        totals(&mut s, now_ms - 720 * min, now_ms),
+        (31, 34100, 31, 31)
+    );
     // An old window: its raw rows are gone, 5-minute rows remain (k = 28,
     // at now - 280 min, in the bucket that ends within 5 minutes after).
     assert_eq!(totals(&mut s, now_ms - 281 * min, now_ms - 275 * min).0, 1);
     // A second run changes nothing.
     assert!(s.maintain(now_ms, Duration::from_secs(24 * 3600)).unwrap());
-    assert_eq!(totals(&mut s, now_ms - 720 * min, now_ms), (31, 34100, 31, 31));
+    assert_eq!(
+        totals(&mut s, now_ms - 720 * min, now_ms),
+        (31, 34100, 31, 31)
+    );
 }
 
 #[test]

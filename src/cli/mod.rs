@@ -370,7 +370,12 @@ pub fn main() -> ExitCode {
             database,
             web,
             refresh,
-        } => serve::serve(Location::parse(&database), web.options(), web.metrics_listen, refresh),
+        } => serve::serve(
+            Location::parse(&database),
+            web.options(),
+            web.metrics_listen,
+            refresh,
+        ),
     }
 }
 

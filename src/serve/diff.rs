@@ -151,14 +151,23 @@ pub fn compare(
             });
         }
     }
-    d.edges.appeared = mb.keys().filter(|k| !ma.contains_key(*k)).cloned().collect();
+    d.edges.appeared = mb
+        .keys()
+        .filter(|k| !ma.contains_key(*k))
+        .cloned()
+        .collect();
     d
 }
 
 /// The diff as a table (`flowmap diff --format table`).
 pub fn table(d: &Diff) -> String {
     let mut out = String::new();
-    let edge = |e: &EdgeId| format!("{} -> {} {}/{}", e.source, e.destination, e.protocol, e.port);
+    let edge = |e: &EdgeId| {
+        format!(
+            "{} -> {} {}/{}",
+            e.source, e.destination, e.protocol, e.port
+        )
+    };
     for id in &d.endpoints.appeared {
         let _ = writeln!(out, "endpoint appeared  {id}");
     }

@@ -314,7 +314,13 @@ pub fn to_dot(v: &GraphView) -> String {
             "  {} -> {} [label={}];",
             dot_quote(&e.source),
             dot_quote(&e.target),
-            dot_quote(&format!("{}/{} {} B{}", e.protocol, e.port, e.bytes(), health_note(e)))
+            dot_quote(&format!(
+                "{}/{} {} B{}",
+                e.protocol,
+                e.port,
+                e.bytes(),
+                health_note(e)
+            ))
         );
     }
     out.push_str("}\n");

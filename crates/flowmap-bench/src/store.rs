@@ -108,8 +108,14 @@ pub fn store(
                         });
                         let (g, host) = &graphs[a as usize];
                         let t = Instant::now();
-                        st.write("fleet", t_end - interval, t_end, g, std::slice::from_ref(host))
-                            .expect("write");
+                        st.write(
+                            "fleet",
+                            t_end - interval,
+                            t_end,
+                            g,
+                            std::slice::from_ref(host),
+                        )
+                        .expect("write");
                         if let Ok(mut l) = lat.lock() {
                             l.push(t.elapsed().as_secs_f64() * 1e3);
                         }
@@ -144,8 +150,16 @@ pub fn store(
         .query_one("SELECT pg_database_size(current_database())", &[])?
         .get(0);
     let mut per_row = Vec::new();
-    for t in ["edge_stats", "edge_rollup_5m", "edge_rollup_1h", "crawl_runs", "elements"] {
-        let n: i64 = c.query_one(&format!("SELECT COUNT(*) FROM {t}"), &[])?.get(0);
+    for t in [
+        "edge_stats",
+        "edge_rollup_5m",
+        "edge_rollup_1h",
+        "crawl_runs",
+        "elements",
+    ] {
+        let n: i64 = c
+            .query_one(&format!("SELECT COUNT(*) FROM {t}"), &[])?
+            .get(0);
         let b: i64 = c
             .query_one(&format!("SELECT pg_total_relation_size('{t}')"), &[])?
             .get(0);
@@ -168,7 +182,8 @@ pub fn store(
     let raw = fleet * store::rollup::RAW_KEEP.as_secs_f64() / interval.as_secs_f64() * raw_bpr;
     let five = fleet * store::rollup::FIVE_KEEP.as_secs_f64() / 300.0 * bpr(1);
     let hourly_day = fleet * 24.0 * bpr(2);
-    let runs_day = agents as f64 * per_interval * (per_row[3].2 as f64 / per_row[3].1.max(1) as f64);
+    let runs_day =
+        agents as f64 * per_interval * (per_row[3].2 as f64 / per_row[3].1.max(1) as f64);
     writeln!(
         out,
         "bench scale store size db_bytes={db} raw_bytes_per_row={raw_bpr:.0} rollup_5m_bytes_per_row={:.0} rollup_1h_bytes_per_row={:.0} steady_raw_bytes={raw:.0} steady_5m_bytes={five:.0} hourly_bytes_per_day={hourly_day:.0} runs_bytes_per_day={runs_day:.0} seven_days_bytes={:.0}",

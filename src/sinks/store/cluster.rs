@@ -35,7 +35,11 @@ pub fn merge(
 ) -> Vec<EdgeRow> {
     let by_addr: HashMap<&str, (&str, &str)> = hosts
         .iter()
-        .flat_map(|(id, node, addrs)| addrs.iter().map(move |a| (a.as_str(), (id.as_str(), node.as_str()))))
+        .flat_map(|(id, node, addrs)| {
+            addrs
+                .iter()
+                .map(move |a| (a.as_str(), (id.as_str(), node.as_str())))
+        })
         .collect();
     let latest: HashMap<&str, i64> = agents
         .iter()
@@ -53,7 +57,12 @@ pub fn merge(
                 *node = host_node.to_string();
             }
         }
-        let key = (r.source.clone(), r.target.clone(), r.protocol.clone(), r.port);
+        let key = (
+            r.source.clone(),
+            r.target.clone(),
+            r.protocol.clone(),
+            r.port,
+        );
         match edges.entry(key).or_default().entry(r.node.clone()) {
             std::collections::btree_map::Entry::Vacant(v) => {
                 v.insert(r);
@@ -78,7 +87,11 @@ pub fn merge(
         let Some(mut e) = per_node.remove(&owner) else {
             continue;
         };
-        if live && latest.get(owner.as_str()).is_some_and(|l| e.last_interval_end_ms < *l) {
+        if live
+            && latest
+                .get(owner.as_str())
+                .is_some_and(|l| e.last_interval_end_ms < *l)
+        {
             e.health.status = Status::NoStatus;
         }
         e.seen_by = seen_by;
@@ -110,8 +123,10 @@ fn add(a: &mut EdgeRow, b: &EdgeRow) {
     let hs = a.handshake_count + b.handshake_count;
     if hs > 0 {
         let w = |m: Option<f64>, n: u64| m.unwrap_or(0.0) * n as f64;
-        a.handshake_mean_us =
-            Some((w(a.handshake_mean_us, a.handshake_count) + w(b.handshake_mean_us, b.handshake_count)) / hs as f64);
+        a.handshake_mean_us = Some(
+            (w(a.handshake_mean_us, a.handshake_count) + w(b.handshake_mean_us, b.handshake_count))
+                / hs as f64,
+        );
     }
     a.handshake_count = hs;
     a.handshake_min_us = min_opt(a.handshake_min_us, b.handshake_min_us, f64::min);
@@ -124,7 +139,8 @@ fn add(a: &mut EdgeRow, b: &EdgeRow) {
         (Some(x), Some(y)) => {
             let mut s = x;
             s.samples = x.samples + y.samples;
-            s.mean = (x.mean * x.samples as f64 + y.mean * y.samples as f64) / s.samples.max(1) as f64;
+            s.mean =
+                (x.mean * x.samples as f64 + y.mean * y.samples as f64) / s.samples.max(1) as f64;
             s.min = x.min.min(y.min);
             s.max = x.max.max(y.max);
             Some(s)

@@ -715,42 +715,40 @@ impl Store {
         } else {
             serde_json::to_string(&e.health.drops)?
         };
-        Ok(
-            [
-                Val::I(run_id),
-                Val::T(k.client.to_string()),
-                Val::T(k.server.to_string()),
-                Val::T(k.protocol.to_string()),
-                Val::I(k.port as i64),
-                Val::I(e.connections_opened as i64),
-                Val::I(e.connections_active as i64),
-                Val::I(e.packets_client_to_server as i64),
-                Val::I(e.bytes_client_to_server as i64),
-                Val::I(e.packets_server_to_client as i64),
-                Val::I(e.bytes_server_to_client as i64),
-                Val::I(h.map(|h| h.count as i64).unwrap_or(0)),
-                Val::F(h.map(|h| h.min_us)),
-                Val::F(h.map(|h| h.mean_us)),
-                Val::F(h.map(|h| h.max_us)),
-                Val::I(e.tcp_resets as i64),
-                Val::I(first),
-                Val::I(unix_ms(e.last_seen)),
-            ]
-            .into_iter()
-            .chain(health_vals(&e.health))
-            .chain([
-                Val::T(self.who.node.clone()),
-                Val::T(client_node),
-                Val::T(server_node),
-                Val::I(end_ms),
-                Val::T(drops),
-                Val::I(srtt.map(|s| s.samples as i64).unwrap_or(0)),
-                Val::F(srtt.map(|s| s.min as f64)),
-                Val::F(srtt.map(|s| s.mean)),
-                Val::F(srtt.map(|s| s.max as f64)),
-            ])
-            .collect::<Vec<_>>(),
-        )
+        Ok([
+            Val::I(run_id),
+            Val::T(k.client.to_string()),
+            Val::T(k.server.to_string()),
+            Val::T(k.protocol.to_string()),
+            Val::I(k.port as i64),
+            Val::I(e.connections_opened as i64),
+            Val::I(e.connections_active as i64),
+            Val::I(e.packets_client_to_server as i64),
+            Val::I(e.bytes_client_to_server as i64),
+            Val::I(e.packets_server_to_client as i64),
+            Val::I(e.bytes_server_to_client as i64),
+            Val::I(h.map(|h| h.count as i64).unwrap_or(0)),
+            Val::F(h.map(|h| h.min_us)),
+            Val::F(h.map(|h| h.mean_us)),
+            Val::F(h.map(|h| h.max_us)),
+            Val::I(e.tcp_resets as i64),
+            Val::I(first),
+            Val::I(unix_ms(e.last_seen)),
+        ]
+        .into_iter()
+        .chain(health_vals(&e.health))
+        .chain([
+            Val::T(self.who.node.clone()),
+            Val::T(client_node),
+            Val::T(server_node),
+            Val::I(end_ms),
+            Val::T(drops),
+            Val::I(srtt.map(|s| s.samples as i64).unwrap_or(0)),
+            Val::F(srtt.map(|s| s.min as f64)),
+            Val::F(srtt.map(|s| s.mean)),
+            Val::F(srtt.map(|s| s.max as f64)),
+        ])
+        .collect::<Vec<_>>())
     }
 
     /// Deletes what ended before `cutoff`. Returns the intervals deleted.
@@ -825,11 +823,7 @@ impl Store {
     /// Edges of the window, counted once across nodes (cluster.rs),
     /// busiest first. With `limit`, SQL reads at most that many (edge,
     /// node) rows, the busiest; true when the window had more.
-    pub fn edges_in(
-        &mut self,
-        w: &Window,
-        limit: Option<usize>,
-    ) -> Result<(Vec<EdgeRow>, bool)> {
+    pub fn edges_in(&mut self, w: &Window, limit: Option<usize>) -> Result<(Vec<EdgeRow>, bool)> {
         let src = self.edge_source(w, unix_ms(SystemTime::now()))?;
         let q = EDGE_QUERY.replace("FROM edge_stats s", &format!("FROM {src} s"));
         let sql = match limit {

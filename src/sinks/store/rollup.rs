@@ -130,7 +130,11 @@ impl Store {
         let mut done = self.rolled()?;
         let mut ready = now_ms - ms(LAG);
         for (i, (table, g)) in GRAINS.iter().enumerate() {
-            let src = if i == 0 { "edge_stats" } else { GRAINS[i - 1].0 };
+            let src = if i == 0 {
+                "edge_stats"
+            } else {
+                GRAINS[i - 1].0
+            };
             let hi = ready.div_euclid(*g) * g;
             if hi > done[i] {
                 // Nothing older than the retention is worth rolling.
@@ -140,7 +144,10 @@ impl Store {
                 let res = self
                     .run(&sql, &[Val::I(lo), Val::I(hi)])
                     .and_then(|_| {
-                        self.run("DELETE FROM flowmap_rollups WHERE grain = $1", &[Val::T(table.to_string())])
+                        self.run(
+                            "DELETE FROM flowmap_rollups WHERE grain = $1",
+                            &[Val::T(table.to_string())],
+                        )
                     })
                     .and_then(|_| {
                         self.run(

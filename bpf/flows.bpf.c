@@ -799,6 +799,7 @@ struct sock_common {
 		};
 	};
 	union {
+		__u32 skc_portpair;
 		struct {
 			__be16 skc_dport;
 			__u16 skc_num;
@@ -1097,6 +1098,26 @@ struct {
 	__type(value, __u32);
 } rtt_seen SEC(".maps");
 
+/* Per CPU, a small direct-mapped cache of sockets this CPU found already
+ * sampled, with the period (plus one): the segments of busy connections
+ * (both ends of a veth pair share a CPU) stop here without touching the
+ * socket's storage; the ports tell a socket apart from a later one at the
+ * same address. */
+#define RTT_LAST_SLOTS 8
+
+struct rtt_last {
+	__u64 sk;
+	__u32 ports;
+	__u32 seen;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, RTT_LAST_SLOTS);
+	__type(key, __u32);
+	__type(value, struct rtt_last);
+} rtt_last SEC(".maps");
+
 struct tcp_sock {
 	__u32 srtt_us; /* smoothed RTT << 3, in microseconds */
 } __attribute__((preserve_access_index));
@@ -1166,8 +1187,20 @@ int flowmap_rtt(__u64 *ctx)
 {
 	struct sock *sk = (struct sock *)ctx[0];
 	__u32 period = rtt_period;
+	__u32 ports = sk->__sk_common.skc_portpair;
+	__u32 slot = (ports * 0x9E3779B1u) >> 29; /* 3 bits: RTT_LAST_SLOTS */
+	struct rtt_last *last = bpf_map_lookup_elem(&rtt_last, &slot);
+	if (!last)
+		return 0;
+	if (last->sk == (__u64)sk && last->ports == ports && last->seen == period + 1)
+		return 0;
 	__u32 *seen = bpf_sk_storage_get(&rtt_seen, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-	if (!seen || *seen == period + 1)
+	if (!seen)
+		return 0;
+	last->sk = (__u64)sk;
+	last->ports = ports;
+	last->seen = period + 1;
+	if (*seen == period + 1)
 		return 0;
 	*seen = period + 1;
 	sample_srtt(sk, period);

@@ -392,6 +392,7 @@ impl Datapath {
             &m.srtt_a,
             &m.srtt_b,
             &m.rtt_seen,
+            &m.rtt_last,
             &m.names,
             &m.name_scratch,
             &m.name_budget,

@@ -660,6 +660,16 @@ fn smoothed_rtt_one_sample_per_connection() {
     let max = e.iter().filter_map(|f| f["srtt_us"]["max"].as_u64()).max();
     assert_eq!(min, samples.iter().copied().min());
     assert_eq!(max, samples.iter().copied().max());
+    // mean × samples per entry adds up to the records' sum.
+    let weighted: f64 = e
+        .iter()
+        .filter(|f| f.get("srtt_us").is_some())
+        .map(|f| f["srtt_us"]["mean"].as_f64().unwrap() * f["srtt_us"]["samples"].as_f64().unwrap())
+        .sum();
+    assert!(
+        (weighted - samples.iter().sum::<u64>() as f64).abs() < 1e-6,
+        "{weighted} {samples:?}"
+    );
     assert!(e
         .iter()
         .filter(|f| f.get("srtt_us").is_some())
@@ -860,6 +870,7 @@ fn connection_held_open_srtt_each_interval_with_traffic_as_ss_reports_idle_inter
         assert_eq!(e["srtt_us"]["samples"], 1, "{e}");
         assert_eq!(e["srtt_us"]["min"], srtt[i], "{e}");
         assert_eq!(e["srtt_us"]["max"], srtt[i], "{e}");
+        assert_eq!(e["srtt_us"]["mean"].as_f64(), Some(srtt[i] as f64), "{e}");
     }
     assert!(got[last + 1].0.is_none() && got[last + 2].0.is_none());
 }
@@ -992,4 +1003,89 @@ fn resets_after_establishment_per_direction_and_orange() {
             .collect();
         assert_eq!(reset, ["Orange"], "{e:?}");
     }
+}
+
+const SYNACK_LOST_PORT: u16 = 5989;
+
+#[test]
+fn synack_retransmits_equal_the_servers_tcp_retrans_segs() {
+    let Some(_g) = privileged_serial(
+        "synack_retransmits_equal_the_servers_tcp_retrans_segs",
+        &SERIAL,
+    ) else {
+        return;
+    };
+    let rig = Rig::new();
+    let peer = rig.srv.peer_v4.clone();
+    // The client's input drops the server's SYN/ACKs (after the agent's TC
+    // hook on the veth has seen them): the server sends each again, from
+    // its timer and in answer to the client's own SYN retransmits. (The
+    // record takes a SYN sent after a SYN/ACK it saw for a new attempt on
+    // the same tuple, so `syn_retransmits` stays 0 here; not asserted.)
+    rig.node.exec(&["nft", "add table inet fmsynack"]);
+    rig.node.exec(&[
+        "nft",
+        "add chain inet fmsynack in { type filter hook input priority 0; }",
+    ]);
+    rig.node.exec(&[
+        "nft",
+        &format!(
+            "add rule inet fmsynack in tcp sport {SYNACK_LOST_PORT} tcp flags & (syn|ack) == syn|ack drop"
+        ),
+    ]);
+    let _listener = rig
+        .srv
+        .run_in(move || TcpListener::bind(("0.0.0.0", SYNACK_LOST_PORT)).unwrap())
+        .unwrap();
+    let col = rig.node.run_in(collector::Server::start).unwrap();
+    let state = TempDir::new("health-synack");
+    let agent = Agent::builder(env!("CARGO_BIN_EXE_flowmap"))
+        .id("health")
+        .iface(&rig.srv.host)
+        .interval("1s")
+        .netns(&rig.node)
+        .api_key("k")
+        .args(&["--endpoint", &col.url()])
+        .state_dir(state.path())
+        .no_web()
+        .start()
+        .unwrap();
+    wait_batches(&col, 1);
+    let client_before = Rig::nstat(&rig.node, "TcpRetransSegs");
+    let server_before = Rig::nstat(&rig.srv, "TcpRetransSegs");
+    let p = peer.clone();
+    let e = rig
+        .node
+        .run_in(move || {
+            let a = SocketAddr::new(p.parse().unwrap(), SYNACK_LOST_PORT);
+            TcpStream::connect_timeout(&a, Duration::from_millis(2500)).unwrap_err()
+        })
+        .unwrap();
+    assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+    let n = col.bodies().len();
+    wait_batches(&col, n + 2);
+    let client = Rig::nstat(&rig.node, "TcpRetransSegs") - client_before;
+    let server = Rig::nstat(&rig.srv, "TcpRetransSegs") - server_before;
+    let (out, err) = agent.stop().unwrap();
+    let recs: Vec<serde_json::Value> = records(&out)
+        .into_iter()
+        .filter(|r| r["protocol"] == "tcp" && r["dst_port"] == SYNACK_LOST_PORT)
+        .collect();
+    let total = |k: &str| -> u64 { recs.iter().map(|r| r[k].as_u64().unwrap()).sum() };
+    assert!(server >= 2, "server TcpRetransSegs delta {server}");
+    // Every SYN/ACK the server sent (the first and each sent again) was
+    // dropped by the client's input rule, on this flow.
+    let dropped: u64 = recs
+        .iter()
+        .map(|r| r["drops"]["NETFILTER_DROP"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(
+        (
+            total("retransmits_client_to_server"),
+            total("retransmits_server_to_client"),
+            dropped,
+        ),
+        (client, server, server + 1),
+        "{out}\n{err}"
+    );
 }

@@ -356,6 +356,16 @@ fn exchange(from: &Netns, to: &Netns, addr: &str, port: u16) {
     server.join().unwrap().unwrap();
 }
 
+/// A child process killed when dropped (also when the test fails).
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn expected() -> [u64; 4] {
     let sent: u64 = SIZES.iter().map(|s| HDR + *s as u64).sum();
     let n = SIZES.len() as u64;
@@ -441,12 +451,13 @@ fn two_agents_one_postgres_one_map() {
     let port = flowmap_testkit::net::free_port();
     let listen = format!("127.0.0.1:{port}");
     let db = pg.connection_string();
-    let mut hub = Command::new("setpriv")
+    let hub = Command::new("setpriv")
         .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", BIN])
         .args(["serve", "--database", &db, "--listen", &listen])
         .current_dir("/")
         .spawn()
         .unwrap();
+    let _hub = Killed(hub);
     let host = flowmap::enrich::host::hostname();
     let (ha, hb) = (
         format!("a-flows.host-{host}"),
@@ -572,8 +583,6 @@ fn two_agents_one_postgres_one_map() {
         (code, body.as_str()),
         (400, r#"{"error":"b_to: required (Unix milliseconds)"}"#)
     );
-    let _ = hub.kill();
-    let _ = hub.wait();
     agent_a.stop().unwrap();
     agent_b.stop().unwrap();
 }

@@ -400,3 +400,108 @@ UPDATE edge_stats SET failed_refused = 2, status_rank = 3;";
         (1800, 2, flowmap::status::Status::Red, 1_800_000_030_000, "")
     );
 }
+
+/// Rollups (issue 15): intervals every 10 minutes over 5 hours, then the
+/// writer's maintenance: raw rows older than 2 h go once rolled up into
+/// 5-minute and hourly rows, and windows of every length still read exact
+/// totals at their grain.
+fn check_rollups(loc: &Location) {
+    use flowmap::sinks::store::{unix_ms, Window};
+    use std::time::{Duration, SystemTime};
+    let mut s = Store::open(loc).unwrap();
+    let h = host();
+    let r = ServerResolver {
+        data_source_id: "ds",
+        host: &h,
+    };
+    let now = SystemTime::now();
+    let now_ms = unix_ms(now);
+    for k in 0..31u64 {
+        let end = now - Duration::from_secs(600 * k);
+        let rec = FlowRecord {
+            src_to_dst: flowmap::flow::Counters {
+                packets: 10,
+                bytes: 1000,
+            },
+            dst_to_src: flowmap::flow::Counters {
+                packets: 1,
+                bytes: 100,
+            },
+            drops: [(std::sync::Arc::from("NETFILTER_DROP"), 1)]
+                .into_iter()
+                .collect(),
+            srtt_us: Some(100 + k as u32),
+            ..flowmap_testkit::records::between(
+                "tcp",
+                ("10.0.0.1".parse().unwrap(), 40000),
+                ("192.0.2.10".parse().unwrap(), 443),
+                end - Duration::from_secs(10),
+            )
+        };
+        let g = Graph::build(&[rec], &r);
+        s.write(
+            "ds",
+            end - Duration::from_secs(30),
+            end,
+            &g,
+            &[r.host_endpoint()],
+        )
+        .unwrap();
+    }
+    assert!(s.maintain(now_ms, Duration::from_secs(24 * 3600)).unwrap());
+    let [five, hour] = s.rolled().unwrap();
+    assert_eq!(five, (now_ms - 120_000).div_euclid(300_000) * 300_000);
+    assert_eq!(hour, five.div_euclid(3_600_000) * 3_600_000);
+    // (intervals, bytes, drops, srtt samples) of a window.
+    let totals = |s: &mut Store, from_ms: i64, to_ms: i64| {
+        let w = Window::between(from_ms, to_ms);
+        let e = s.edges_in(&w, None).unwrap().0;
+        assert_eq!(e.len(), 1, "{e:?}");
+        let e = &e[0];
+        (
+            e.connections_active,
+            e.bytes(),
+            e.health.drops.values().sum::<u64>(),
+            e.health.srtt_us.map(|s| s.samples).unwrap_or(0),
+        )
+    };
+    let min = 60_000;
+    // 15 minutes: raw rows, the intervals at now and now - 10 min.
+    assert_eq!(totals(&mut s, now_ms - 15 * min, now_ms), (2, 2200, 2, 2));
+    // 4 hours: 5-minute rows (raw rows past 2 h are gone), k = 0..=24.
+    assert_eq!(
+        totals(&mut s, now_ms - 240 * min, now_ms),
+        (25, 27500, 25, 25)
+    );
+    // 12 hours: hourly rows, then 5-minute, then raw: every interval.
+    assert_eq!(
+        totals(&mut s, now_ms - 720 * min, now_ms),
+        (31, 34100, 31, 31)
+    );
+    // An old window: its raw rows are gone, 5-minute rows remain (k = 28,
+    // at now - 280 min, in the bucket that ends within 5 minutes after).
+    assert_eq!(totals(&mut s, now_ms - 281 * min, now_ms - 275 * min).0, 1);
+    // A second run changes nothing.
+    assert!(s.maintain(now_ms, Duration::from_secs(24 * 3600)).unwrap());
+    assert_eq!(
+        totals(&mut s, now_ms - 720 * min, now_ms),
+        (31, 34100, 31, 31)
+    );
+}
+
+#[test]
+fn sqlite_rollups() {
+    let dir = TempDir::new("store-rollup");
+    check_rollups(&Location::Sqlite(dir.path().join("f.db")));
+}
+
+#[test]
+fn postgres_rollups() {
+    if !flowmap_testkit::net::privileged("postgres_rollups") {
+        return;
+    }
+    let Some(pg) = flowmap_testkit::postgres::Pg::start("postgres_rollups") else {
+        return;
+    };
+    check_rollups(&Location::Postgres(pg.connection_string()));
+}

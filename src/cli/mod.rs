@@ -204,13 +204,13 @@ enum Cmd {
     /// bytes changed by more than --factor. Times are RFC 3339 (UTC, `Z`),
     /// relative to now (`-1h`, `-30m`, `now`) or Unix milliseconds.
     Diff {
-        #[arg(long, value_parser = parse_time)]
+        #[arg(long, value_parser = parse_time, allow_hyphen_values = true)]
         a_from: i64,
-        #[arg(long, value_parser = parse_time)]
+        #[arg(long, value_parser = parse_time, allow_hyphen_values = true)]
         a_to: i64,
-        #[arg(long, value_parser = parse_time)]
+        #[arg(long, value_parser = parse_time, allow_hyphen_values = true)]
         b_from: i64,
-        #[arg(long, value_parser = parse_time)]
+        #[arg(long, value_parser = parse_time, allow_hyphen_values = true)]
         b_to: i64,
         #[arg(long, default_value = "2", value_parser = crate::serve::parse_factor)]
         factor: f64,

@@ -236,7 +236,7 @@ pub const SCHEMA_VERSION: u32 = 3;
 
 /// The PostgreSQL advisory lock key migrations hold (any agent of a fleet
 /// starting at once waits for the one migrating): "flowmap" in ASCII.
-const MIGRATION_LOCK: i64 = 0x666c_6f77_6d61_70;
+const MIGRATION_LOCK: i64 = 0x0066_6c6f_776d_6170;
 
 /// The steps for SQLite (the rollup tables of rollup.rs filled in).
 fn sqlite_migrations() -> Vec<String> {

@@ -38,7 +38,7 @@ pub const FIVE_MAX: Duration = Duration::from_secs(6 * 3600);
 pub const LAG: Duration = Duration::from_secs(120);
 
 /// The maintenance lock: one agent of a fleet at a time.
-const MAINT_LOCK: i64 = 0x666c_6f77_6d61_71;
+const MAINT_LOCK: i64 = 0x0066_6c6f_776d_6171;
 
 /// The columns of edge_stats a window reads, in the rollup tables' order.
 pub const COLS: &str = "source_id, destination_id, protocol, port, node, client_node, server_node, interval_end_ms,

@@ -1135,3 +1135,5 @@ int flowmap_sock_state(__u64 *ctx)
 		stat_inc(STAT_SRTT_LOST);
 	return 0;
 }
+
+#include "procs.bpf.h"

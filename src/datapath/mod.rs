@@ -9,6 +9,7 @@ pub mod drops;
 pub mod ifaces;
 pub mod names;
 mod overflow;
+pub mod procs;
 
 use std::collections::HashMap;
 use std::mem::MaybeUninit;
@@ -41,7 +42,7 @@ use skel::types::flow_stat as Stat;
 
 /// The kernel statistics by their value in the generated `enum flow_stat`
 /// (bpf/flows.h), with the names /metrics and the logs use.
-const STATS: [(Stat, &str); 11] = [
+const STATS: [(Stat, &str); 12] = [
     (Stat::STAT_NON_IP, "non_ip"),
     (Stat::STAT_TRUNCATED, "truncated"),
     (Stat::STAT_BAD_HEADER, "bad_header"),
@@ -53,6 +54,7 @@ const STATS: [(Stat, &str); 11] = [
     (Stat::STAT_NAMES_LOST, "names_lost"),
     (Stat::STAT_DROPS_LOST, "drops_lost"),
     (Stat::STAT_SRTT_LOST, "srtt_lost"),
+    (Stat::STAT_PROCS_LOST, "procs_lost"),
 ];
 
 /// Names of the kernel statistics, indexed by their enum value. A
@@ -157,6 +159,14 @@ pub struct Drained {
     /// Smoothed RTT (µs) per TCP connection, from each local socket of side
     /// 0/1 of its key as it left ESTABLISHED in the drain period (0: none).
     pub srtt: Vec<(crate::flow::ConnKey, [u32; 2])>,
+    /// Local TCP sockets that connected or listen since the last drain and
+    /// the process that did it (bpf/procs.bpf.h), and how many did not fit
+    /// user space's queue.
+    pub procs: Vec<(
+        crate::enrich::process::Socket,
+        Arc<crate::enrich::process::Process>,
+    )>,
+    pub procs_dropped: u64,
 }
 
 /// Plain-data structs shared with the kernel: integers and arrays of
@@ -254,6 +264,7 @@ pub struct Datapath {
     ring: Option<RingBuffer<'static>>,
     overflow: Arc<Mutex<Overflow>>,
     names: Arc<Mutex<names::NameQueue>>,
+    procs: Arc<Mutex<procs::ProcQueue>>,
     skel: FlowsSkel<'static>,
     active: u32,
     mode: AttachMode,
@@ -320,6 +331,14 @@ impl Datapath {
             }
             0
         })?;
+        let procs = Arc::new(Mutex::new(procs::ProcQueue::default()));
+        let queue = procs.clone();
+        rb.add(&skel.maps.procs, move |data: &[u8]| {
+            if let Ok(mut q) = queue.lock() {
+                q.add(data);
+            }
+            0
+        })?;
         let ring = rb.build()?;
         let traces = attach_traces(&skel, drop_reasons.is_some());
         let mut dp = Datapath {
@@ -328,6 +347,7 @@ impl Datapath {
             ring: Some(ring),
             overflow,
             names,
+            procs,
             skel,
             active: 0,
             mode: opts.mode,
@@ -389,6 +409,8 @@ impl Datapath {
             &m.name_scratch,
             &m.name_budget,
             &m.hellos,
+            &m.procs,
+            &m.connecting,
         ]
         .iter()
         .map(|map| {
@@ -431,6 +453,7 @@ fn attach_traces(skel: &FlowsSkel<'static>, drops: bool) -> Vec<libbpf_rs::Link>
         ("tcp_retransmit_synack", &p.flowmap_retransmit_synack),
         ("kfree_skb", &p.flowmap_kfree_skb),
         ("inet_sock_set_state", &p.flowmap_sock_state),
+        ("inet_sock_set_state (processes)", &p.flowmap_proc_state),
     ] {
         if !drops && name == "kfree_skb" {
             continue;
@@ -438,7 +461,7 @@ fn attach_traces(skel: &FlowsSkel<'static>, drops: bool) -> Vec<libbpf_rs::Link>
         match prog.attach() {
             Ok(l) => out.push(l),
             Err(e) => {
-                tracing::warn!(tracepoint = name, error = %e, "tracepoint not attached; its signal (retransmits or drops) is not counted")
+                tracing::warn!(tracepoint = name, error = %e, "tracepoint not attached; its signal (retransmits, drops, RTT or new connections' processes) is not counted")
             }
         }
     }

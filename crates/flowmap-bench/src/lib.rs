@@ -3,5 +3,6 @@
 
 pub mod datapath;
 pub mod drops;
+pub mod procs;
 pub mod realpath;
 pub mod scale;

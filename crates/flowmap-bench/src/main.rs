@@ -4,7 +4,7 @@
 //! prints stable, greppable lines: `bench datapath case=… program=…
 //! ns_per_packet=…` and `bench scale <name> <metric>=<value>`.
 
-use flowmap_bench::{datapath, drops, realpath, scale};
+use flowmap_bench::{datapath, drops, procs, realpath, scale};
 
 use std::process::ExitCode;
 
@@ -93,6 +93,12 @@ enum ScaleWhat {
         #[arg(long, default_value_t = 100_000)]
         packets: u32,
     },
+    /// The process-attribution programs' cost per connection (kernel BPF
+    /// statistics) while this many loopback TCP connections open.
+    Procs {
+        #[arg(long, default_value_t = 10_000)]
+        connections: u32,
+    },
     /// 64-byte UDP through a veth pair, without and with flowmap.
     Throughput {
         #[arg(long, default_value_t = 5)]
@@ -125,6 +131,7 @@ fn main() -> ExitCode {
                 kernel_only,
             } => realpath::realpath(seconds, short, kernel_only, &mut out),
             ScaleWhat::Drops { packets } => drops::drops(packets, &mut out),
+            ScaleWhat::Procs { connections } => procs::procs(connections, &mut out),
             ScaleWhat::Throughput { rounds, seconds } => {
                 scale::throughput(rounds.max(1), seconds, &mut out)
             }

@@ -71,8 +71,8 @@ pub struct Pipeline {
     max_flows: u32,
     /// Issue 14: names of external peers (None: `capture_names` off).
     names: Option<Names>,
-    /// Issue 14: the processes of local sockets.
-    processes: Processes,
+    /// Issue 14: the processes of local sockets (None: `processes` off).
+    processes: Option<Processes>,
 }
 
 impl Pipeline {
@@ -105,7 +105,11 @@ impl Pipeline {
                 .iter()
                 .all(|f| f.capture_names)
                 .then(Names::default),
-            processes: Processes::default(),
+            processes: cfg
+                .flows
+                .iter()
+                .all(|f| f.processes)
+                .then(Processes::default),
         }
     }
 
@@ -118,7 +122,9 @@ impl Pipeline {
     pub fn set_started(&mut self, ns: u64) {
         self.table.set_started(ns);
         // The sockets already open, and their processes (issue 14).
-        self.processes.scan(Instant::now());
+        if let Some(p) = &mut self.processes {
+            p.scan(Instant::now());
+        }
     }
 
     /// Runs one interval end to end.
@@ -228,15 +234,15 @@ impl Pipeline {
     /// connect or accept, else those of the sockets read from sock_diag and
     /// /proc (again, at most every RESCAN_EVERY, while an end is unknown).
     fn own(&mut self, drained: &Drained, records: &mut [FlowRecord], host: &HostView) {
+        let Some(p) = &mut self.processes else {
+            return;
+        };
         let now = Instant::now();
-        self.processes.learn(&drained.procs, now);
-        self.processes.scan_if_due(now);
-        self.processes.label(records, host, now);
-        self.metrics.processes(
-            &self.processes.counts,
-            self.processes.len(),
-            drained.procs_dropped,
-        );
+        p.learn(&drained.procs, now);
+        p.scan_if_due(now);
+        p.label(records, host, now);
+        self.metrics
+            .processes(&p.counts, p.len(), drained.procs_dropped);
     }
 
     /// Kubernetes mode: forget pods past their grace, publish cache sizes.

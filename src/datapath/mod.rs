@@ -109,6 +109,9 @@ pub struct Options {
     /// Hand DNS answers and TLS ClientHellos to user space to name peers
     /// (the `capture_names` option).
     pub capture_names: bool,
+    /// Hand the processes that connect and listen to user space (the
+    /// `processes` option; bpf/procs.bpf.h).
+    pub processes: bool,
 }
 
 impl Default for Options {
@@ -117,6 +120,7 @@ impl Default for Options {
             max_flows: DEFAULT_MAX_FLOWS,
             mode: AttachMode::Auto,
             capture_names: false,
+            processes: true,
         }
     }
 }
@@ -302,6 +306,9 @@ impl Datapath {
             .ok_or_else(|| anyhow!("the program's .rodata is not memory-mapped"))?
             .names_enabled = opts.capture_names as u32;
         let drop_reasons = drop_reasons(&mut open)?;
+        if !opts.processes {
+            open.progs.flowmap_proc_state.set_autoload(false);
+        }
         let skel = open.load().map_err(|e| {
             let denied = e.kind() == libbpf_rs::ErrorKind::PermissionDenied;
             anyhow!(
@@ -340,7 +347,7 @@ impl Datapath {
             0
         })?;
         let ring = rb.build()?;
-        let traces = attach_traces(&skel, drop_reasons.is_some());
+        let traces = attach_traces(&skel, drop_reasons.is_some(), opts.processes);
         let mut dp = Datapath {
             attached: HashMap::new(),
             traces,
@@ -445,7 +452,7 @@ fn drop_reasons(open: &mut skel::OpenFlowsSkel<'static>) -> Result<Option<drops:
 
 /// Attaches the socket tracepoint programs. One that fails to attach is
 /// logged and left out: flows are still counted, without that signal.
-fn attach_traces(skel: &FlowsSkel<'static>, drops: bool) -> Vec<libbpf_rs::Link> {
+fn attach_traces(skel: &FlowsSkel<'static>, drops: bool, procs: bool) -> Vec<libbpf_rs::Link> {
     let p = &skel.progs;
     let mut out = Vec::new();
     for (name, prog) in [
@@ -455,7 +462,7 @@ fn attach_traces(skel: &FlowsSkel<'static>, drops: bool) -> Vec<libbpf_rs::Link>
         ("inet_sock_set_state", &p.flowmap_sock_state),
         ("inet_sock_set_state (processes)", &p.flowmap_proc_state),
     ] {
-        if !drops && name == "kfree_skb" {
+        if !drops && name == "kfree_skb" || !procs && name == "inet_sock_set_state (processes)" {
             continue;
         }
         match prog.attach() {

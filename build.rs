@@ -43,6 +43,7 @@ fn main() {
     println!("cargo:rerun-if-changed={src}");
     println!("cargo:rerun-if-changed=bpf/flows.h");
     println!("cargo:rerun-if-changed=bpf/names.bpf.h");
+    println!("cargo:rerun-if-changed=bpf/procs.bpf.h");
 
     // The map page embeds its graph library, installed from the npm
     // registry by scripts/setup.sh (npm ci in web/), never committed.

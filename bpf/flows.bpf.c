@@ -1206,3 +1206,5 @@ int flowmap_rtt(__u64 *ctx)
 	sample_srtt(sk, period);
 	return 0;
 }
+
+#include "procs.bpf.h"

@@ -100,6 +100,7 @@ enum flow_stat {
 	STAT_NAMES_LOST,         /* ... captured, but the names ring buffer was full */
 	STAT_DROPS_LOST,         /* a kernel drop not counted: the drops map was full */
 	STAT_SRTT_LOST,          /* a smoothed RTT sample not kept: the srtt map was full */
+	STAT_PROCS_LOST,         /* a connection's process not handed over: the procs ring was full */
 	STAT_MAX,
 };
 

@@ -181,6 +181,9 @@ pub struct FlowsSource {
     /// Capture DNS answers and TLS server names to name external peers
     /// (`capture_names`, default true).
     pub capture_names: bool,
+    /// Split this host into its processes, units and containers (issue 14;
+    /// `processes`, default true).
+    pub processes: bool,
     /// The options as given (after expansion), for the wire's data source block.
     pub pairs: Vec<(String, String)>,
 }
@@ -200,6 +203,7 @@ impl FlowsSource {
             max_external_endpoints: crate::graph::fold::DEFAULT_MAX_EXTERNAL,
             status: Default::default(),
             capture_names: true,
+            processes: true,
             pairs: Vec::new(),
         }
     }
@@ -263,7 +267,7 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
-pub const KNOWN_OPTIONS: [&str; 10] = [
+pub const KNOWN_OPTIONS: [&str; 11] = [
     "interface_name",
     "deployedAt",
     "external_mappings",
@@ -274,6 +278,7 @@ pub const KNOWN_OPTIONS: [&str; 10] = [
     "status_failed_percent",
     "status_retransmit_percent",
     "capture_names",
+    "processes",
 ];
 
 /// The largest `max_external_endpoints` allowed.
@@ -768,6 +773,11 @@ fn apply_option(cx: &mut Ctx, fs: &mut FlowsSource, name: &str, value: &str, pla
         "capture_names" => match v.to_ascii_lowercase().as_str() {
             "true" | "on" | "yes" => fs.capture_names = true,
             "false" | "off" | "no" => fs.capture_names = false,
+            _ => cx.errors.push(format!("{place}: value {value:?} is not allowed; allowed: true, false")),
+        },
+        "processes" => match v.to_ascii_lowercase().as_str() {
+            "true" | "on" | "yes" => fs.processes = true,
+            "false" | "off" | "no" => fs.processes = false,
             _ => cx.errors.push(format!("{place}: value {value:?} is not allowed; allowed: true, false")),
         },
         other => cx.warnings.push(format!(

@@ -68,6 +68,9 @@ pub struct Graph {
     /// Status of server endpoints: the worst of their incoming edges
     /// (set by `status::apply`).
     pub endpoint_status: BTreeMap<Arc<str>, crate::status::Status>,
+    /// Containment (issue 14): (host, process of that host), sent as
+    /// parent-child relationships (relation type 3).
+    pub children: std::collections::BTreeSet<(Arc<str>, Arc<str>)>,
 }
 
 impl Graph {
@@ -125,6 +128,7 @@ impl Graph {
         let mut renamed: Vec<Arc<str>> = Vec::new();
         for r in &records {
             let (server, kind) = id_of(r.dst_ip, r.last_seen, &mut g);
+            let (server, kind) = g.owned(resolve, (server, kind), r.dst_ip, &r.dst_process);
             let server = g.named(
                 resolve,
                 (server, kind),
@@ -146,6 +150,7 @@ impl Graph {
                 Some(svc) => svc,
                 None => {
                     let ep = id_of(r.src_ip, r.last_seen, &mut g);
+                    let ep = g.owned(resolve, ep, r.src_ip, &r.src_process);
                     g.named(resolve, ep, r.src_ip, &r.src_names, &mut renamed)
                 }
             };
@@ -200,6 +205,50 @@ impl Graph {
         }
         renamed.push(id);
         key
+    }
+
+    /// Issue 14: a local end whose process is known goes to the endpoint
+    /// the resolver gives that process (server mode: the process endpoint,
+    /// a child of the host, gathering the addresses and pids seen for it).
+    fn owned(
+        &mut self,
+        resolve: &dyn Resolve,
+        ep: (Arc<str>, EndpointKind),
+        ip: IpAddr,
+        p: &Option<Arc<crate::enrich::process::Process>>,
+    ) -> (Arc<str>, EndpointKind) {
+        let Some(p) = p else {
+            return ep;
+        };
+        let Some(owner) = self
+            .endpoints
+            .get(&ep.0)
+            .and_then(|e| resolve.process(e, ip, p))
+        else {
+            return ep;
+        };
+        let kind = owner.kind;
+        let key: Arc<str> = match self.endpoints.get_key_value(owner.id.as_str()) {
+            Some((k, _)) => k.clone(),
+            None => owner.id.as_str().into(),
+        };
+        let e = self.endpoints.entry(key.clone()).or_insert(owner);
+        if !e.addresses.contains(&ip) {
+            e.addresses.push(ip);
+        }
+        if let Some(pp) = &mut e.process {
+            if !pp.pids.contains(&p.pid) && pp.pids.len() < crate::enrich::PROCESS_PIDS_MAX {
+                pp.pids.push(p.pid);
+                pp.pids.sort_unstable();
+            }
+            if pp.exe.is_none() {
+                pp.exe = p.exe.as_deref().map(str::to_string);
+            }
+        }
+        if kind == EndpointKind::Process {
+            self.children.insert((ep.0, key.clone()));
+        }
+        (key, kind)
     }
 
     /// Drops the address endpoints a name replaced on every edge.

@@ -26,6 +26,8 @@ fn agent(iface: &str) -> AgentBuilder {
         .id("e2e")
         .iface(iface)
         .interval("1s")
+        // Host-level edges: this test is not about processes (tests/process.rs).
+        .option("processes", "false")
 }
 
 fn nothing_attached(dev: &str) {

@@ -140,6 +140,8 @@ fn a_flood_of_spoofed_sources_stays_bounded_and_fully_counted() {
     let v = Netns::builder().no_v6().build().unwrap();
     let col = collector::Server::start();
     let agent = Agent::builder(env!("CARGO_BIN_EXE_flowmap"))
+        // Host-level edges: this test is not about processes (tests/process.rs).
+        .option("processes", "false")
         .id("flood")
         .iface(&v.host)
         .interval("1s")

@@ -157,6 +157,8 @@ fn failures_by_cause_exact_with_status_and_top() {
     let col = rig.node.run_in(collector::Server::start).unwrap();
     let state = TempDir::new("health");
     let agent = Agent::builder(env!("CARGO_BIN_EXE_flowmap"))
+        // Host-level edges: this test is not about processes (tests/process.rs).
+        .option("processes", "false")
         .id("health")
         .iface(&rig.srv.host)
         .interval("1s")
@@ -403,6 +405,8 @@ fn retransmits_equal_the_senders_tcp_retrans_segs_and_make_the_edge_orange() {
     let col = rig.node.run_in(collector::Server::start).unwrap();
     let state = TempDir::new("health-loss");
     let agent = Agent::builder(env!("CARGO_BIN_EXE_flowmap"))
+        // Host-level edges: this test is not about processes (tests/process.rs).
+        .option("processes", "false")
         .id("health")
         .iface(&rig.srv.host)
         .interval("1s")
@@ -485,6 +489,8 @@ fn kernel_drops_by_reason_on_the_flow_and_orange() {
     let col = rig.node.run_in(collector::Server::start).unwrap();
     let state = TempDir::new("health-drops");
     let agent = Agent::builder(env!("CARGO_BIN_EXE_flowmap"))
+        // Host-level edges: this test is not about processes (tests/process.rs).
+        .option("processes", "false")
         .id("health")
         .iface(&rig.srv.host)
         .interval("1s")
@@ -601,6 +607,8 @@ fn smoothed_rtt_one_sample_per_connection() {
     let col = rig.node.run_in(collector::Server::start).unwrap();
     let state = TempDir::new("health-rtt");
     let agent = Agent::builder(env!("CARGO_BIN_EXE_flowmap"))
+        // Host-level edges: this test is not about processes (tests/process.rs).
+        .option("processes", "false")
         .id("health")
         .iface(&rig.srv.host)
         .interval("1s")

@@ -30,6 +30,8 @@ fn agent(iface: &str, col: &collector::Server, state: &TempDir) -> AgentBuilder 
         .args(&["--endpoint", &col.url(), "--retry-max", "1s"])
         .state_dir(state.path())
         .output("flows")
+        // Host-level edges: this test is not about processes (tests/process.rs).
+        .option("processes", "false")
 }
 
 /// `10.213.5.2` → `10.213.5.<last>`; `fd0f:5::2` → `fd0f:5::<last>`.

@@ -134,6 +134,8 @@ fn run_top_and_graph_with_a_postgres_store_that_restarts() {
     let v = Netns::new().unwrap();
     let cfg_text = config(&pg.connection_string(), &v.host);
     let agent = Agent::builder(BIN)
+        // Host-level edges: this test is not about processes (tests/process.rs).
+        .option("processes", "false")
         .config(&cfg_text)
         .output("none")
         .start()
@@ -244,6 +246,8 @@ fn a_tls_only_postgres_is_reached_with_sslmode() {
     let v = Netns::new().unwrap();
     let conn = format!("{base} sslmode=verify-full sslrootcert={}", ca.display());
     let agent = Agent::builder(BIN)
+        // Host-level edges: this test is not about processes (tests/process.rs).
+        .option("processes", "false")
         .config(&config(&conn, &v.host))
         .output("none")
         .start()

@@ -28,6 +28,8 @@ fn agent(v: &Netns) -> AgentBuilder {
     Agent::builder(env!("CARGO_BIN_EXE_flowmap"))
         .iface(&v.host)
         .output("none")
+        // Host-level edges: this test is not about processes (tests/process.rs).
+        .option("processes", "false")
 }
 
 fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, String) {

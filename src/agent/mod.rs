@@ -266,6 +266,8 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<()> {
                 mode,
                 // Payloads are looked at only when no data source said no.
                 capture_names: cfg.flows.iter().all(|f| f.capture_names),
+                // Like names: processes only when no data source said no.
+                processes: cfg.flows.iter().all(|f| f.processes),
             },
         },
         pipeline,

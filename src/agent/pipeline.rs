@@ -18,6 +18,7 @@ use crate::datapath::{Drained, STAT_NAMES};
 use crate::enrich::host::HostView;
 use crate::enrich::kube::KubeResolver;
 use crate::enrich::names::Names;
+use crate::enrich::process::Processes;
 use crate::enrich::server::ServerResolver;
 use crate::enrich::Endpoint;
 use crate::flow::{Context, FlowRecord, FlowTable};
@@ -70,6 +71,8 @@ pub struct Pipeline {
     max_flows: u32,
     /// Issue 14: names of external peers (None: `capture_names` off).
     names: Option<Names>,
+    /// Issue 14: the processes of local sockets (None: `processes` off).
+    processes: Option<Processes>,
 }
 
 impl Pipeline {
@@ -102,6 +105,11 @@ impl Pipeline {
                 .iter()
                 .all(|f| f.capture_names)
                 .then(Names::default),
+            processes: cfg
+                .flows
+                .iter()
+                .all(|f| f.processes)
+                .then(Processes::default),
         }
     }
 
@@ -113,6 +121,10 @@ impl Pipeline {
     /// packet (see `FlowTable::set_started`).
     pub fn set_started(&mut self, ns: u64) {
         self.table.set_started(ns);
+        // The sockets already open, and their processes (issue 14).
+        if let Some(p) = &mut self.processes {
+            p.scan(Instant::now());
+        }
     }
 
     /// Runs one interval end to end.
@@ -128,6 +140,7 @@ impl Pipeline {
         let t_host = t0.elapsed();
         let mut records = self.ingest(&drained, &host, src);
         self.name(&drained, &mut records);
+        self.own(&drained, &mut records, &host);
         let t_ingest = t0.elapsed();
         for s in &mut self.sinks {
             s.records(&records)?;
@@ -215,6 +228,21 @@ impl Pipeline {
         let counts = std::mem::take(&mut n.counts);
         self.metrics
             .names(&counts, entries, bytes, drained.names_dropped);
+    }
+
+    /// Sets the processes of the records' local ends: those the kernel saw
+    /// connect or accept, else those of the sockets read from sock_diag and
+    /// /proc (again, at most every RESCAN_EVERY, while an end is unknown).
+    fn own(&mut self, drained: &Drained, records: &mut [FlowRecord], host: &HostView) {
+        let Some(p) = &mut self.processes else {
+            return;
+        };
+        let now = Instant::now();
+        p.learn(&drained.procs, now);
+        p.scan_if_due(now);
+        p.label(records, host, now);
+        self.metrics
+            .processes(&p.counts, p.len(), drained.procs_dropped);
     }
 
     /// Kubernetes mode: forget pods past their grace, publish cache sizes.

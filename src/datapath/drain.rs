@@ -94,6 +94,11 @@ impl Datapath {
             .lock()
             .map_err(|_| anyhow!("names lock poisoned"))?
             .take();
+        let (procs, procs_dropped) = self
+            .procs
+            .lock()
+            .map_err(|_| anyhow!("procs lock poisoned"))?
+            .take();
         Ok(Drained {
             flows,
             stats: self.stats()?,
@@ -103,6 +108,8 @@ impl Datapath {
             names_dropped,
             drops,
             srtt,
+            procs,
+            procs_dropped,
         })
     }
 

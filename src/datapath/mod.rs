@@ -9,6 +9,7 @@ pub mod drops;
 pub mod ifaces;
 pub mod names;
 mod overflow;
+pub mod procs;
 
 use std::collections::HashMap;
 use std::mem::MaybeUninit;
@@ -41,7 +42,7 @@ use skel::types::flow_stat as Stat;
 
 /// The kernel statistics by their value in the generated `enum flow_stat`
 /// (bpf/flows.h), with the names /metrics and the logs use.
-const STATS: [(Stat, &str); 11] = [
+const STATS: [(Stat, &str); 12] = [
     (Stat::STAT_NON_IP, "non_ip"),
     (Stat::STAT_TRUNCATED, "truncated"),
     (Stat::STAT_BAD_HEADER, "bad_header"),
@@ -53,6 +54,7 @@ const STATS: [(Stat, &str); 11] = [
     (Stat::STAT_NAMES_LOST, "names_lost"),
     (Stat::STAT_DROPS_LOST, "drops_lost"),
     (Stat::STAT_SRTT_LOST, "srtt_lost"),
+    (Stat::STAT_PROCS_LOST, "procs_lost"),
 ];
 
 /// Names of the kernel statistics, indexed by their enum value. A
@@ -107,6 +109,9 @@ pub struct Options {
     /// Hand DNS answers and TLS ClientHellos to user space to name peers
     /// (the `capture_names` option).
     pub capture_names: bool,
+    /// Hand the processes that connect and listen to user space (the
+    /// `processes` option; bpf/procs.bpf.h).
+    pub processes: bool,
 }
 
 impl Default for Options {
@@ -115,6 +120,7 @@ impl Default for Options {
             max_flows: DEFAULT_MAX_FLOWS,
             mode: AttachMode::Auto,
             capture_names: false,
+            processes: true,
         }
     }
 }
@@ -157,6 +163,14 @@ pub struct Drained {
     /// Smoothed RTT (µs) per TCP connection, from each local socket of side
     /// 0/1 of its key as it left ESTABLISHED in the drain period (0: none).
     pub srtt: Vec<(crate::flow::ConnKey, [u32; 2])>,
+    /// Local TCP sockets that connected or listen since the last drain and
+    /// the process that did it (bpf/procs.bpf.h), and how many did not fit
+    /// user space's queue.
+    pub procs: Vec<(
+        crate::enrich::process::Socket,
+        Arc<crate::enrich::process::Process>,
+    )>,
+    pub procs_dropped: u64,
 }
 
 /// Plain-data structs shared with the kernel: integers and arrays of
@@ -254,6 +268,7 @@ pub struct Datapath {
     ring: Option<RingBuffer<'static>>,
     overflow: Arc<Mutex<Overflow>>,
     names: Arc<Mutex<names::NameQueue>>,
+    procs: Arc<Mutex<procs::ProcQueue>>,
     skel: FlowsSkel<'static>,
     active: u32,
     mode: AttachMode,
@@ -297,6 +312,9 @@ impl Datapath {
             .ok_or_else(|| anyhow!("the program's .rodata is not memory-mapped"))?
             .names_enabled = opts.capture_names as u32;
         let drop_reasons = drop_reasons(&mut open)?;
+        if !opts.processes {
+            open.progs.flowmap_proc_state.set_autoload(false);
+        }
         let skel = open.load().map_err(|e| {
             let denied = e.kind() == libbpf_rs::ErrorKind::PermissionDenied;
             anyhow!(
@@ -326,14 +344,23 @@ impl Datapath {
             }
             0
         })?;
+        let procs = Arc::new(Mutex::new(procs::ProcQueue::default()));
+        let queue = procs.clone();
+        rb.add(&skel.maps.procs, move |data: &[u8]| {
+            if let Ok(mut q) = queue.lock() {
+                q.add(data);
+            }
+            0
+        })?;
         let ring = rb.build()?;
-        let traces = attach_traces(&skel, drop_reasons.is_some());
+        let traces = attach_traces(&skel, drop_reasons.is_some(), opts.processes);
         let mut dp = Datapath {
             attached: HashMap::new(),
             traces,
             ring: Some(ring),
             overflow,
             names,
+            procs,
             skel,
             active: 0,
             mode: opts.mode,
@@ -397,6 +424,8 @@ impl Datapath {
             &m.name_scratch,
             &m.name_budget,
             &m.hellos,
+            &m.procs,
+            &m.connecting,
         ]
         .iter()
         .map(|map| {
@@ -457,7 +486,7 @@ fn drop_reasons(open: &mut skel::OpenFlowsSkel<'static>) -> Result<Option<drops:
 
 /// Attaches the socket tracepoint programs. One that fails to attach is
 /// logged and left out: flows are still counted, without that signal.
-fn attach_traces(skel: &FlowsSkel<'static>, drops: bool) -> Vec<libbpf_rs::Link> {
+fn attach_traces(skel: &FlowsSkel<'static>, drops: bool, procs: bool) -> Vec<libbpf_rs::Link> {
     let p = &skel.progs;
     let mut out = Vec::new();
     for (name, prog) in [
@@ -466,14 +495,15 @@ fn attach_traces(skel: &FlowsSkel<'static>, drops: bool) -> Vec<libbpf_rs::Link>
         ("kfree_skb", &p.flowmap_kfree_skb),
         ("inet_sock_set_state", &p.flowmap_sock_state),
         ("tcp_probe", &p.flowmap_rtt),
+        ("inet_sock_set_state (processes)", &p.flowmap_proc_state),
     ] {
-        if !drops && name == "kfree_skb" {
+        if !drops && name == "kfree_skb" || !procs && name == "inet_sock_set_state (processes)" {
             continue;
         }
         match prog.attach() {
             Ok(l) => out.push(l),
             Err(e) => {
-                tracing::warn!(tracepoint = name, error = %e, "tracepoint not attached; its signal (retransmits, drops or RTT) is not counted")
+                tracing::warn!(tracepoint = name, error = %e, "tracepoint not attached; its signal (retransmits, drops, RTT or new connections' processes) is not counted")
             }
         }
     }

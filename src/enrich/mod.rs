@@ -6,6 +6,7 @@
 pub mod host;
 pub mod kube;
 pub mod names;
+pub mod process;
 pub mod server;
 
 use std::net::IpAddr;
@@ -27,6 +28,9 @@ pub enum EndpointKind {
     /// External addresses folded together past the cap
     /// (`max_external_endpoints`), per server port.
     ExternalGroup,
+    /// Server mode: a process (unit, container or command) of this host,
+    /// a child of the host endpoint (issue 14).
+    Process,
 }
 
 impl EndpointKind {
@@ -39,6 +43,7 @@ impl EndpointKind {
             EndpointKind::Service => kube::index::SERVICE_TYPE,
             EndpointKind::Node => kube::index::NODE_TYPE,
             EndpointKind::ExternalGroup => server::EXTERNAL_GROUP_TYPE,
+            EndpointKind::Process => server::PROCESS_TYPE,
         }
     }
 }
@@ -72,7 +77,29 @@ pub struct Endpoint {
     pub dns_names: Vec<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tls_server_names: Vec<String>,
+    /// A process endpoint (issue 14): what runs it on which host.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub process: Option<ProcessPayload>,
 }
+
+/// The payload fields of a process endpoint: the host, the systemd unit,
+/// the command name, the executable, the process ids seen this interval
+/// and the container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ProcessPayload {
+    pub hostname: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+    pub comm: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exe: Option<String>,
+    pub pids: Vec<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
+}
+
+/// Process ids a process endpoint lists at most.
+pub const PROCESS_PIDS_MAX: usize = 64;
 
 /// The payload of an aggregate of external addresses: its (protocol,
 /// port) (absent for "other ports"), how many distinct addresses it holds,
@@ -106,6 +133,7 @@ impl Endpoint {
             group: None,
             dns_names: Vec::new(),
             tls_server_names: Vec::new(),
+            process: None,
         }
     }
 }
@@ -125,6 +153,13 @@ pub trait Resolve {
     /// (issue 14): `<data_source_id>-flows.external-<name>`, without
     /// addresses yet.
     fn named_external(&self, name: &str) -> Endpoint;
+    /// The endpoint of a local end owned by process `p`, when this resolver
+    /// splits `ep` (the end's own endpoint) by process (issue 14): server
+    /// mode splits this host into its processes; Kubernetes mode gives a
+    /// hostNetwork pod's traffic to the pod. None keeps `ep`.
+    fn process(&self, _ep: &Endpoint, _ip: IpAddr, _p: &process::Process) -> Option<Endpoint> {
+        None
+    }
 }
 
 /// Link-scope control traffic, which is noise on a service map: to a

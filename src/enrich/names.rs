@@ -427,6 +427,8 @@ mod tests {
             src_names: EndNames::default(),
             drops: Default::default(),
             srtt_us: None,
+            src_process: None,
+            dst_process: None,
             health: Default::default(),
         }
     }

@@ -72,4 +72,10 @@ pub struct FlowRecord {
     /// absent when neither was sampled.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub srtt_us: Option<u32>,
+    /// The processes of the local ends (issue 14): `{pid, comm, unit,
+    /// container_id}`; absent for an end on another host or not known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub src_process: Option<Arc<crate::enrich::process::Process>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dst_process: Option<Arc<crate::enrich::process::Process>>,
 }

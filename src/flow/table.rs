@@ -429,6 +429,8 @@ fn record(
         src_names: Default::default(),
         drops: Default::default(),
         srtt_us: None,
+        src_process: None,
+        dst_process: None,
     }
 }
 

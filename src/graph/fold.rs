@@ -170,6 +170,7 @@ pub fn bound(g: &Graph, data_source_id: &str, lim: &Limits) -> (Graph, Folded) {
     let groups = choose_groups(g, &ends, lim);
     let mut out = Graph {
         link_control: g.link_control,
+        children: g.children.clone(),
         ..Graph::default()
     };
     let mut aggs: BTreeMap<Arc<str>, Agg> = BTreeMap::new();

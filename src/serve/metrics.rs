@@ -92,6 +92,9 @@ pub struct Metrics {
     pub names_events: Family<KindLabel, Counter>,
     pub names_dns_entries: Gauge,
     pub names_dns_bytes: Gauge,
+    /// Issue 14: what the process table did, and how many sockets it knows.
+    pub process_events: Family<KindLabel, Counter>,
+    pub process_sockets: Gauge,
     last_kernel: [AtomicU64; crate::datapath::STAT_NAMES.len()],
 }
 
@@ -131,6 +134,8 @@ impl Metrics {
             names_events: Family::default(),
             names_dns_entries: Gauge::default(),
             names_dns_bytes: Gauge::default(),
+            process_events: Family::default(),
+            process_sockets: Gauge::default(),
             last_kernel: Default::default(),
         };
         m.register_flows(&mut r);
@@ -384,6 +389,43 @@ impl Metrics {
             "Bytes of the DNS names kept",
             self.names_dns_bytes.clone(),
         );
+        r.register(
+            "process_events",
+            "Process table events: scans (sock_diag + /proc), scan_errors, evicted, queue_dropped",
+            self.process_events.clone(),
+        );
+        r.register(
+            "process_sockets",
+            "Local sockets whose process is known",
+            self.process_sockets.clone(),
+        );
+    }
+
+    /// One interval of the process table (issue 14): its counts since the
+    /// last call (they are cumulative there).
+    pub fn processes(
+        &self,
+        c: &crate::enrich::process::ProcessCounts,
+        sockets: usize,
+        queue_dropped: u64,
+    ) {
+        for (kind, v) in [
+            ("scans", c.scans),
+            ("scan_errors", c.scan_errors),
+            ("evicted", c.evicted),
+        ] {
+            let ctr = self
+                .process_events
+                .get_or_create(&KindLabel { kind: kind.into() });
+            let now = ctr.get();
+            ctr.inc_by(v.saturating_sub(now));
+        }
+        self.process_events
+            .get_or_create(&KindLabel {
+                kind: "queue_dropped".into(),
+            })
+            .inc_by(queue_dropped);
+        self.process_sockets.set(sockets as i64);
     }
 
     /// One interval of the name resolver: its counts since the last call.

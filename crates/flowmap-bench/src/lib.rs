@@ -5,6 +5,7 @@ pub mod datapath;
 pub mod drops;
 pub mod health;
 pub mod page;
+pub mod procs;
 pub mod realpath;
 pub mod scale;
 pub mod store;

@@ -4,7 +4,7 @@
 //! prints stable, greppable lines: `bench datapath case=… program=…
 //! ns_per_packet=…` and `bench scale <name> <metric>=<value>`.
 
-use flowmap_bench::{datapath, drops, health, page, realpath, scale, store};
+use flowmap_bench::{datapath, drops, health, page, procs, realpath, scale, store};
 
 use std::process::ExitCode;
 
@@ -93,6 +93,12 @@ enum ScaleWhat {
         #[arg(long, default_value_t = 100_000)]
         packets: u32,
     },
+    /// The process-attribution programs' cost per connection (kernel BPF
+    /// statistics) while this many loopback TCP connections open.
+    Procs {
+        #[arg(long, default_value_t = 10_000)]
+        connections: u32,
+    },
     /// A fleet of agents writing into one PostgreSQL on this machine (real
     /// write path, synthetic rows, compressed time), then the cluster map
     /// read over 15 min, 1 h and 24 h.
@@ -169,6 +175,7 @@ fn main() -> ExitCode {
                 kernel_only,
             } => realpath::realpath(seconds, short, kernel_only, &mut out),
             ScaleWhat::Drops { packets } => drops::drops(packets, &mut out),
+            ScaleWhat::Procs { connections } => procs::procs(connections, &mut out),
             ScaleWhat::Store {
                 agents,
                 edges,

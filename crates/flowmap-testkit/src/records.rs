@@ -69,5 +69,7 @@ pub fn between(
         src_names: Default::default(),
         drops: Default::default(),
         srtt_us: None,
+        src_process: None,
+        dst_process: None,
     }
 }

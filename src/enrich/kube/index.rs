@@ -178,6 +178,9 @@ pub struct Cluster {
     /// At most this many IP records of deleted pods are kept, however
     /// fast pods churn; beyond it the oldest go before their grace ends.
     pub max_deleted: usize,
+    /// Pods on the host network, by the IDs of their containers (issue
+    /// 14: their traffic is this node's address, their sockets are theirs).
+    by_container: HashMap<String, Arc<PodMeta>>,
     /// Kinds whose first full list has been applied.
     synced: HashSet<Kind>,
     /// Keys seen since the current (re)list began, per kind.
@@ -190,6 +193,23 @@ fn controller(refs: &Option<Vec<OwnerReference>>) -> Option<(String, String)> {
         .find(|r| r.controller == Some(true))
         .or_else(|| refs.first())
         .map(|r| (r.kind.clone(), r.name.clone()))
+}
+
+/// The IDs of a pod's running containers, from
+/// `status.containerStatuses[].containerID` (`containerd://<id>`,
+/// `cri-o://<id>`, `docker://<id>`), lower case.
+fn container_ids(pod: &Pod) -> Vec<String> {
+    let Some(st) = pod.status.as_ref() else {
+        return Vec::new();
+    };
+    st.container_statuses
+        .iter()
+        .flatten()
+        .chain(st.init_container_statuses.iter().flatten())
+        .filter_map(|c| c.container_id.as_deref())
+        .filter_map(|id| id.rsplit_once("://").map(|(_, h)| h.to_ascii_lowercase()))
+        .filter(|h| !h.is_empty())
+        .collect()
 }
 
 fn parse_ips<'a>(it: impl Iterator<Item = &'a str>) -> Vec<IpAddr> {
@@ -208,6 +228,7 @@ impl Cluster {
             job_owner: HashMap::new(),
             services: IpIndex::default(),
             nodes: IpIndex::default(),
+            by_container: HashMap::new(),
             grace,
             max_deleted: DEFAULT_MAX_DELETED,
             synced: HashSet::new(),
@@ -348,7 +369,19 @@ impl Cluster {
                 }
             }
         }
+        self.by_container.retain(|_, p| p.uid != uid);
+        if host_network && !finished {
+            for id in container_ids(pod) {
+                self.by_container.insert(id, meta.clone());
+            }
+        }
         self.pods.insert(uid, (meta, ips));
+    }
+
+    /// The pod on the host network that runs container `id` (64 hex
+    /// digits), issue 14.
+    pub fn host_network_pod(&self, id: &str) -> Option<Arc<PodMeta>> {
+        self.by_container.get(id).cloned()
     }
 
     pub fn delete_pod(&mut self, pod: &Pod, now: SystemTime) {
@@ -359,6 +392,7 @@ impl Cluster {
 
     fn remove_pod_uid(&mut self, uid: &str, now: SystemTime) {
         if let Some((_, ips)) = self.pods.remove(uid) {
+            self.by_container.retain(|_, p| p.uid != uid);
             for ip in ips {
                 self.close(ip, uid, now);
             }

@@ -97,4 +97,19 @@ impl Resolve for KubeResolver<'_> {
     fn named_external(&self, name: &str) -> Endpoint {
         crate::enrich::server::named_external_endpoint(self.data_source_id, name)
     }
+
+    /// A socket of this node owned by a container of a hostNetwork pod:
+    /// that pod (issue 14).
+    fn process(
+        &self,
+        ep: &Endpoint,
+        ip: IpAddr,
+        p: &crate::enrich::process::Process,
+    ) -> Option<Endpoint> {
+        if ep.kind != EndpointKind::Node {
+            return None;
+        }
+        let pod = self.cluster.host_network_pod(p.container_id.as_deref()?)?;
+        Some(self.target_endpoint(Target::Pod(pod), ip))
+    }
 }

@@ -15,6 +15,8 @@ use crate::graph::{EdgeStats, Graph};
 pub const RELATIONSHIP_TYPE: &str = "coordimap.relationship_skipinsert";
 /// Coordimap's relation type of eBPF flow edges.
 pub const EBPF_FLOW_RELATION: u32 = 104;
+/// Coordimap's relation type of containment: a host and its processes.
+pub const PARENT_CHILD_RELATION: u32 = 3;
 pub const STATUS_NO_STATUS: &str = "NoStatus";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -205,11 +207,21 @@ struct RelationshipRef<'g> {
     flows: Vec<&'g EdgeStats>,
 }
 
+/// The payload of a parent-child relationship (Coordimap's four fields).
+#[derive(Serialize)]
+struct ContainmentRef<'g> {
+    source_id: &'g str,
+    destination_id: &'g str,
+    relationship_type: &'static str,
+    relation_type: u32,
+}
+
 /// Calls `each` with every element of one interval's graph, in batch
 /// order: `always` (endpoints sent even without an edge, such as this
 /// host, so every interval says the agent is alive), the graph's
-/// endpoints, then one relationship per (client, server) pair. An element
-/// appears once. Elements are made one at a time: the caller decides
+/// endpoints, the parent-child relationships of hosts and their processes,
+/// then one relationship per (client, server) pair. An element appears
+/// once. Elements are made one at a time: the caller decides
 /// whether to keep them.
 pub fn each_element<E>(
     graph: &Graph,
@@ -227,6 +239,17 @@ pub fn each_element<E>(
             e.status = endpoint_status(graph, &ep.id).to_string();
             each(e)?;
         }
+    }
+    // Containment: each process endpoint is a child of its host.
+    for (parent, child) in &graph.children {
+        let id = format!("{parent}.{child}");
+        let payload = ContainmentRef {
+            source_id: parent,
+            destination_id: child,
+            relationship_type: RELATIONSHIP_TYPE,
+            relation_type: PARENT_CHILD_RELATION,
+        };
+        each(Element::new(&payload, &id, &id, RELATIONSHIP_TYPE, &at))?;
     }
     // Edges are ordered by (client, server, …): a pair's edges are
     // consecutive.

@@ -461,6 +461,8 @@ mod tests {
                     src_names: Default::default(),
                     drops: Default::default(),
                     srtt_us: None,
+                    src_process: None,
+                    dst_process: None,
                 }
             })
             .collect();

@@ -799,6 +799,7 @@ struct sock_common {
 		};
 	};
 	union {
+		__u32 skc_portpair;
 		struct {
 			__be16 skc_dport;
 			__u16 skc_num;
@@ -1065,12 +1066,14 @@ int flowmap_kfree_skb(__u64 *ctx)
 	return 0;
 }
 
-/* Smoothed RTT of established TCP connections, per drain period, swapped
- * with the flow maps: one sample per local socket, taken when it leaves
- * ESTABLISHED (closing), read from tcp_sock.srtt_us. */
+/* Smoothed RTT of established TCP connections, per drain period: at most
+ * one sample per local socket and period, read from tcp_sock.srtt_us, taken
+ * at the socket's first segment received in the period (tcp:tcp_probe, so
+ * connections that stay open are sampled every period they carry traffic)
+ * and again when it leaves ESTABLISHED (closing). */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 4096);
+	__uint(max_entries, 4096); /* set by user space before load */
 	__type(key, struct conn_key);
 	__type(value, struct conn_rtt);
 } srtt_a SEC(".maps");
@@ -1081,6 +1084,39 @@ struct {
 	__type(key, struct conn_key);
 	__type(value, struct conn_rtt);
 } srtt_b SEC(".maps");
+
+/* The drain period, counted by user space at each swap; its parity is
+ * active_map's, so one read names both the period and the map to write. */
+volatile __u32 rtt_period = 0;
+
+/* Per socket (freed with it): the last period it was sampled in, plus one
+ * (a new storage reads 0: never sampled). */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, __u32);
+} rtt_seen SEC(".maps");
+
+/* Per CPU, a small direct-mapped cache of sockets this CPU found already
+ * sampled, with the period (plus one): the segments of busy connections
+ * (both ends of a veth pair share a CPU) stop here without touching the
+ * socket's storage; the ports tell a socket apart from a later one at the
+ * same address. */
+#define RTT_LAST_SLOTS 8
+
+struct rtt_last {
+	__u64 sk;
+	__u32 ports;
+	__u32 seen;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, RTT_LAST_SLOTS);
+	__type(key, __u32);
+	__type(value, struct rtt_last);
+} rtt_last SEC(".maps");
 
 struct tcp_sock {
 	__u32 srtt_us; /* smoothed RTT << 3, in microseconds */
@@ -1111,6 +1147,23 @@ static __always_inline int put_srtt(void *map, const struct conn_key *k, int sid
 	return 0;
 }
 
+/* Records the socket's smoothed RTT into the map of `period`. */
+static __always_inline void sample_srtt(struct sock *sk, __u32 period)
+{
+	__u32 srtt = 0;
+	bpf_probe_read_kernel(&srtt, 4, &((struct tcp_sock *)sk)->srtt_us);
+	srtt >>= 3;
+	if (!srtt)
+		srtt = 1; /* under 1 µs: still a sample */
+	struct conn_key k;
+	int side = conn_of(&sk->__sk_common, &k);
+	if (side < 0)
+		return;
+	int rc = period & 1 ? put_srtt(&srtt_b, &k, side, srtt) : put_srtt(&srtt_a, &k, side, srtt);
+	if (rc)
+		stat_inc(STAT_SRTT_LOST);
+}
+
 SEC("tp_btf/inet_sock_set_state")
 int flowmap_sock_state(__u64 *ctx)
 {
@@ -1121,17 +1174,35 @@ int flowmap_sock_state(__u64 *ctx)
 	bpf_probe_read_kernel(&proto, 2, &sk->sk_protocol);
 	if (proto != IPPROTO_TCP)
 		return 0;
-	__u32 srtt = 0;
-	bpf_probe_read_kernel(&srtt, 4, &((struct tcp_sock *)sk)->srtt_us);
-	srtt >>= 3;
-	if (!srtt)
-		srtt = 1; /* under 1 µs: still a sample */
-	struct conn_key k;
-	int side = conn_of(&sk->__sk_common, &k);
-	if (side < 0)
+	sample_srtt(sk, rtt_period);
+	return 0;
+}
+
+/* Every TCP segment an ESTABLISHED socket receives passes here
+ * (tcp_rcv_established, before the segment's own ACK updates the
+ * estimate): a socket already sampled this period returns after one
+ * socket-storage lookup. */
+SEC("tp_btf/tcp_probe")
+int flowmap_rtt(__u64 *ctx)
+{
+	struct sock *sk = (struct sock *)ctx[0];
+	__u32 period = rtt_period;
+	__u32 ports = sk->__sk_common.skc_portpair;
+	__u32 slot = (ports * 0x9E3779B1u) >> 29; /* 3 bits: RTT_LAST_SLOTS */
+	struct rtt_last *last = bpf_map_lookup_elem(&rtt_last, &slot);
+	if (!last)
 		return 0;
-	int rc = active_map ? put_srtt(&srtt_b, &k, side, srtt) : put_srtt(&srtt_a, &k, side, srtt);
-	if (rc)
-		stat_inc(STAT_SRTT_LOST);
+	if (last->sk == (__u64)sk && last->ports == ports && last->seen == period + 1)
+		return 0;
+	__u32 *seen = bpf_sk_storage_get(&rtt_seen, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!seen)
+		return 0;
+	last->sk = (__u64)sk;
+	last->ports = ports;
+	last->seen = period + 1;
+	if (*seen == period + 1)
+		return 0;
+	*seen = period + 1;
+	sample_srtt(sk, period);
 	return 0;
 }

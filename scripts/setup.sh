@@ -7,6 +7,8 @@ PKGS=(clang llvm libbpf-dev libelf-dev zlib1g-dev pkg-config linux-libc-dev
       iproute2 iputils-ping python3 bpftool
       # tests: the PostgreSQL store and the map page in headless Chromium
       postgresql chromium
+      # tests and flowmap-bench scale page: the map page driven through WebDriver
+      chromium-driver
       # tests: kube-proxy's ClusterIP DNAT inside a test namespace
       nftables
       # tests: names of peers (issue 14): a DNS server and client, TLS

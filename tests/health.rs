@@ -454,6 +454,7 @@ fn retransmits_equal_the_senders_tcp_retrans_segs_and_make_the_edge_orange() {
     let (_, entries) = batches(&col.bodies(), &rel);
     let lossy = &entries[&("tcp".to_string(), LOSSY_PORT as u64)];
     assert_eq!(sum(lossy, &["retransmits_client_to_server"]), sent);
+    assert_eq!(sum(lossy, &["retransmits_server_to_client"]), back);
     let statuses: Vec<&str> = lossy
         .iter()
         .filter(|f| f["retransmits_client_to_server"].as_u64() > Some(0))
@@ -610,6 +611,10 @@ fn smoothed_rtt_one_sample_per_connection() {
         .no_web()
         .start()
         .unwrap();
+    // All connections in one interval (started right after a batch): each
+    // gets exactly one sample (the client socket's, as it closes).
+    wait_batches(&col, 1);
+    next_interval(&col);
     let p = peer.clone();
     rig.node
         .run_in(move || {
@@ -655,8 +660,432 @@ fn smoothed_rtt_one_sample_per_connection() {
     let max = e.iter().filter_map(|f| f["srtt_us"]["max"].as_u64()).max();
     assert_eq!(min, samples.iter().copied().min());
     assert_eq!(max, samples.iter().copied().max());
+    // mean × samples per entry adds up to the records' sum.
+    let weighted: f64 = e
+        .iter()
+        .filter(|f| f.get("srtt_us").is_some())
+        .map(|f| f["srtt_us"]["mean"].as_f64().unwrap() * f["srtt_us"]["samples"].as_f64().unwrap())
+        .sum();
+    assert!(
+        (weighted - samples.iter().sum::<u64>() as f64).abs() < 1e-6,
+        "{weighted} {samples:?}"
+    );
     assert!(e
         .iter()
         .filter(|f| f.get("srtt_us").is_some())
         .all(|f| f["status"] == "Green"));
+}
+
+/// Waits until the collector has accepted at least `n` batches (one per
+/// interval: the host element is sent every interval) and returns how many
+/// it has. Traffic started right after a batch arrived falls in the next
+/// interval, far from its end.
+fn wait_batches(col: &collector::Server, n: usize) -> usize {
+    let end = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let got = col.bodies().len();
+        if got >= n {
+            return got;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "only {got} of {n} batches arrived"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The next interval: waits for one more batch than there are now and
+/// returns the index its traffic will be sent in.
+fn next_interval(col: &collector::Server) -> usize {
+    let now = col.bodies().len();
+    wait_batches(col, now + 1)
+}
+
+/// Per batch: the status of relationship `rel` (None: not in that batch)
+/// and its entries for (protocol, port).
+fn per_batch(
+    bodies: &[Vec<u8>],
+    rel: &str,
+    proto: &str,
+    port: u16,
+) -> Vec<(Option<String>, Vec<serde_json::Value>)> {
+    bodies
+        .iter()
+        .map(|b| {
+            let batch: flowmap::sinks::coordimap::Batch = serde_json::from_slice(b).unwrap();
+            let Some(e) = batch
+                .cloud_crawl_data
+                .crawled_data
+                .data
+                .iter()
+                .find(|e| e.id == rel)
+            else {
+                return (None, Vec::new());
+            };
+            let p: serde_json::Value = serde_json::from_slice(&e.payload().unwrap()).unwrap();
+            let entries = p["flows"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|f| f["protocol"] == proto && f["port"] == port)
+                .cloned()
+                .collect();
+            (Some(e.status.clone()), entries)
+        })
+        .collect()
+}
+
+/// The kernel's smoothed RTT (µs) of the one established connection to
+/// `port` in `ns`, as `ss -ti` prints it (`rtt:<ms>/<var>`: tcpi_rtt, the
+/// same `srtt_us >> 3`, in ms with µs precision).
+fn ss_rtt_us(ns: &Netns, port: u16) -> u64 {
+    let out = ns.exec(&[
+        "ss",
+        "-tin",
+        "state",
+        "established",
+        &format!("dport = :{port}"),
+    ]);
+    let rtts: Vec<u64> = out
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("rtt:"))
+        .map(|v| {
+            let ms: f64 = v.split('/').next().unwrap().parse().unwrap();
+            (ms * 1000.0).round() as u64
+        })
+        .collect();
+    assert_eq!(rtts.len(), 1, "{out}");
+    rtts[0]
+}
+
+const HELD_PORT: u16 = 5992;
+
+#[test]
+fn connection_held_open_srtt_each_interval_with_traffic_as_ss_reports_idle_intervals_not_emitted() {
+    let Some(_g) = privileged_serial(
+        "connection_held_open_srtt_each_interval_with_traffic_as_ss_reports_idle_intervals_not_emitted",
+        &SERIAL,
+    ) else {
+        return;
+    };
+    let rig = Rig::new();
+    let peer = rig.srv.peer_v4.clone();
+    // A server that answers each 100-byte request with 1000 bytes, over one
+    // connection, until the client closes it.
+    let listener = rig
+        .srv
+        .run_in(move || TcpListener::bind(("0.0.0.0", HELD_PORT)).unwrap())
+        .unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut req = [0u8; 100];
+        while s.read_exact(&mut req).is_ok() {
+            s.write_all(&[req[0]; 1000]).unwrap();
+        }
+    });
+    let col = rig.node.run_in(collector::Server::start).unwrap();
+    let state = TempDir::new("health-held");
+    let agent = Agent::builder(env!("CARGO_BIN_EXE_flowmap"))
+        .id("health")
+        .iface(&rig.srv.host)
+        .interval("1s")
+        .netns(&rig.node)
+        .api_key("k")
+        .args(&["--endpoint", &col.url()])
+        .state_dir(state.path())
+        .no_web()
+        .start()
+        .unwrap();
+    fn burst(s: &mut TcpStream) {
+        for i in 0..5u8 {
+            s.write_all(&[i; 100]).unwrap();
+            let mut back = [0u8; 1000];
+            s.read_exact(&mut back).unwrap();
+            assert_eq!(back, [i; 1000]);
+        }
+    }
+    wait_batches(&col, 1);
+    // Intervals with traffic, by the index of their batch: the connection
+    // opens in the first, then one burst in each of the next three.
+    let mut active = vec![next_interval(&col)];
+    let p = peer.clone();
+    let mut conn = rig
+        .node
+        .run_in(move || TcpStream::connect((p.as_str(), HELD_PORT)).unwrap())
+        .unwrap();
+    let client_port = conn.local_addr().unwrap().port();
+    burst(&mut conn);
+    for _ in 0..3 {
+        active.push(next_interval(&col));
+        burst(&mut conn);
+    }
+    // Two intervals without a packet; the connection stays open.
+    let last = *active.last().unwrap();
+    wait_batches(&col, last + 3);
+    // Quiet: the kernel's estimate cannot change until the next segment.
+    let kernel_us = ss_rtt_us(&rig.node, HELD_PORT);
+    active.push(next_interval(&col));
+    burst(&mut conn);
+    let total = wait_batches(&col, active.last().unwrap() + 2);
+    let (out, err) = agent.stop().unwrap();
+    drop(conn);
+    server.join().unwrap();
+
+    // Records: one per interval with traffic, each with a sample; none for
+    // the idle intervals (the connection was tracked and open throughout).
+    let recs: Vec<serde_json::Value> = records(&out)
+        .into_iter()
+        .filter(|r| r["dst_port"] == HELD_PORT && r["src_port"] == client_port)
+        .collect();
+    assert_eq!(recs.len(), active.len(), "{out}\n{err}");
+    assert!(recs
+        .iter()
+        .all(|r| r["src_to_dst"]["packets"].as_u64() > Some(0)
+            && r["dst_to_src"]["packets"].as_u64() > Some(0)));
+    let srtt: Vec<u64> = recs
+        .iter()
+        .map(|r| r["srtt_us"].as_u64().unwrap_or_else(|| panic!("{r}")))
+        .collect();
+    // The last sample is the client socket's estimate at the first segment
+    // it received in that interval: what the kernel reported while the
+    // connection was quiet before it.
+    assert_eq!(*srtt.last().unwrap(), kernel_us, "{srtt:?}");
+    assert!(srtt.iter().all(|us| (1..200_000).contains(us)), "{srtt:?}");
+
+    // The batches: the edge is in exactly the intervals with traffic, one
+    // sample each (min = max = the record's), Green; absent when idle.
+    let host = format!("health-flows.host-{}", flowmap::enrich::host::hostname());
+    let rel = format!("{host}.health-flows.external-{peer}");
+    let bodies = col.bodies();
+    let got = per_batch(&bodies[..total], &rel, "tcp", HELD_PORT);
+    let with_edge: Vec<usize> = (0..got.len()).filter(|i| got[*i].0.is_some()).collect();
+    assert_eq!(with_edge, active, "{got:?}");
+    for (i, b) in active.iter().enumerate() {
+        let (status, entries) = &got[*b];
+        assert_eq!(status.as_deref(), Some("Green"));
+        assert_eq!(entries.len(), 1, "{entries:?}");
+        let e = &entries[0];
+        assert_eq!(e["status"], "Green");
+        assert_eq!(e["srtt_us"]["samples"], 1, "{e}");
+        assert_eq!(e["srtt_us"]["min"], srtt[i], "{e}");
+        assert_eq!(e["srtt_us"]["max"], srtt[i], "{e}");
+        assert_eq!(e["srtt_us"]["mean"].as_f64(), Some(srtt[i] as f64), "{e}");
+    }
+    assert!(got[last + 1].0.is_none() && got[last + 2].0.is_none());
+}
+
+const RESET_BY_SERVER_PORT: u16 = 5991;
+const RESET_BY_CLIENT_PORT: u16 = 5990;
+
+/// Closes a TCP socket with a RST (SO_LINGER on, 0 s).
+fn close_with_reset(s: TcpStream) {
+    use std::os::fd::AsRawFd;
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on our own socket with a linger struct of its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&l as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0);
+    drop(s);
+}
+
+#[test]
+fn resets_after_establishment_per_direction_and_orange() {
+    let Some(_g) = privileged_serial(
+        "resets_after_establishment_per_direction_and_orange",
+        &SERIAL,
+    ) else {
+        return;
+    };
+    let rig = Rig::new();
+    let peer = rig.srv.peer_v4.clone();
+    let (by_server, by_client) = rig
+        .srv
+        .run_in(move || {
+            (
+                TcpListener::bind(("0.0.0.0", RESET_BY_SERVER_PORT)).unwrap(),
+                TcpListener::bind(("0.0.0.0", RESET_BY_CLIENT_PORT)).unwrap(),
+            )
+        })
+        .unwrap();
+    let server = std::thread::spawn(move || {
+        // Reads the request, then resets the connection.
+        let (mut s, _) = by_server.accept().unwrap();
+        let mut req = [0u8; 100];
+        s.read_exact(&mut req).unwrap();
+        close_with_reset(s);
+        // Answers; the client resets.
+        let (mut s, _) = by_client.accept().unwrap();
+        s.read_exact(&mut req).unwrap();
+        s.write_all(&req).unwrap();
+        let mut rest = Vec::new();
+        let e = s.read_to_end(&mut rest).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset);
+    });
+    let col = rig.node.run_in(collector::Server::start).unwrap();
+    let state = TempDir::new("health-resets");
+    let agent = Agent::builder(env!("CARGO_BIN_EXE_flowmap"))
+        .id("health")
+        .iface(&rig.srv.host)
+        .interval("1s")
+        .netns(&rig.node)
+        .api_key("k")
+        .args(&["--endpoint", &col.url()])
+        .state_dir(state.path())
+        .no_web()
+        .start()
+        .unwrap();
+    wait_batches(&col, 1);
+    let p = peer.clone();
+    rig.node
+        .run_in(move || {
+            let mut s = TcpStream::connect((p.as_str(), RESET_BY_SERVER_PORT)).unwrap();
+            s.write_all(&[1u8; 100]).unwrap();
+            let mut back = Vec::new();
+            let e = s.read_to_end(&mut back).unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset);
+            let mut s = TcpStream::connect((p.as_str(), RESET_BY_CLIENT_PORT)).unwrap();
+            s.write_all(&[2u8; 100]).unwrap();
+            let mut back = [0u8; 100];
+            s.read_exact(&mut back).unwrap();
+            close_with_reset(s);
+        })
+        .unwrap();
+    server.join().unwrap();
+    let n = col.bodies().len();
+    let total = wait_batches(&col, n + 2);
+    let (out, err) = agent.stop().unwrap();
+    let recs = records(&out);
+    let of_port = |port: u16| -> Vec<&serde_json::Value> {
+        recs.iter()
+            .filter(|r| r["protocol"] == "tcp" && r["dst_port"] == port)
+            .collect()
+    };
+    let total_of =
+        |port: u16, k: &str| -> u64 { of_port(port).iter().map(|r| r[k].as_u64().unwrap()).sum() };
+    for (port, client, server) in [(RESET_BY_SERVER_PORT, 0, 1), (RESET_BY_CLIENT_PORT, 1, 0)] {
+        assert_eq!(
+            (
+                total_of(port, "resets_client"),
+                total_of(port, "resets_server")
+            ),
+            (client, server),
+            "port {port}: {out}\n{err}"
+        );
+        assert!(of_port(port)
+            .iter()
+            .all(|r| r["failure"].is_null() && r["syn_retransmits"] == 0));
+    }
+    let host = format!("health-flows.host-{}", flowmap::enrich::host::hostname());
+    let rel = format!("{host}.health-flows.external-{peer}");
+    let (_, entries) = batches(&col.bodies()[..total], &rel);
+    for (port, client, server) in [(RESET_BY_SERVER_PORT, 0, 1), (RESET_BY_CLIENT_PORT, 1, 0)] {
+        let e = &entries[&("tcp".to_string(), port as u64)];
+        assert_eq!(sum(e, &["resets_client"]), client, "{e:?}");
+        assert_eq!(sum(e, &["resets_server"]), server, "{e:?}");
+        assert_eq!(sum(e, &["connections_failed", "refused"]), 0);
+        let reset: Vec<&str> = e
+            .iter()
+            .filter(|f| {
+                f["resets_client"].as_u64().unwrap() + f["resets_server"].as_u64().unwrap() > 0
+            })
+            .map(|f| f["status"].as_str().unwrap())
+            .collect();
+        assert_eq!(reset, ["Orange"], "{e:?}");
+    }
+}
+
+const SYNACK_LOST_PORT: u16 = 5989;
+
+#[test]
+fn synack_retransmits_equal_the_servers_tcp_retrans_segs() {
+    let Some(_g) = privileged_serial(
+        "synack_retransmits_equal_the_servers_tcp_retrans_segs",
+        &SERIAL,
+    ) else {
+        return;
+    };
+    let rig = Rig::new();
+    let peer = rig.srv.peer_v4.clone();
+    // The client's input drops the server's SYN/ACKs (after the agent's TC
+    // hook on the veth has seen them): the server sends each again, from
+    // its timer and in answer to the client's own SYN retransmits. (The
+    // record takes a SYN sent after a SYN/ACK it saw for a new attempt on
+    // the same tuple, so `syn_retransmits` stays 0 here; not asserted.)
+    rig.node.exec(&["nft", "add table inet fmsynack"]);
+    rig.node.exec(&[
+        "nft",
+        "add chain inet fmsynack in { type filter hook input priority 0; }",
+    ]);
+    rig.node.exec(&[
+        "nft",
+        &format!(
+            "add rule inet fmsynack in tcp sport {SYNACK_LOST_PORT} tcp flags & (syn|ack) == syn|ack drop"
+        ),
+    ]);
+    let _listener = rig
+        .srv
+        .run_in(move || TcpListener::bind(("0.0.0.0", SYNACK_LOST_PORT)).unwrap())
+        .unwrap();
+    let col = rig.node.run_in(collector::Server::start).unwrap();
+    let state = TempDir::new("health-synack");
+    let agent = Agent::builder(env!("CARGO_BIN_EXE_flowmap"))
+        .id("health")
+        .iface(&rig.srv.host)
+        .interval("1s")
+        .netns(&rig.node)
+        .api_key("k")
+        .args(&["--endpoint", &col.url()])
+        .state_dir(state.path())
+        .no_web()
+        .start()
+        .unwrap();
+    wait_batches(&col, 1);
+    let client_before = Rig::nstat(&rig.node, "TcpRetransSegs");
+    let server_before = Rig::nstat(&rig.srv, "TcpRetransSegs");
+    let p = peer.clone();
+    let e = rig
+        .node
+        .run_in(move || {
+            let a = SocketAddr::new(p.parse().unwrap(), SYNACK_LOST_PORT);
+            TcpStream::connect_timeout(&a, Duration::from_millis(2500)).unwrap_err()
+        })
+        .unwrap();
+    assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+    let n = col.bodies().len();
+    wait_batches(&col, n + 2);
+    let client = Rig::nstat(&rig.node, "TcpRetransSegs") - client_before;
+    let server = Rig::nstat(&rig.srv, "TcpRetransSegs") - server_before;
+    let (out, err) = agent.stop().unwrap();
+    let recs: Vec<serde_json::Value> = records(&out)
+        .into_iter()
+        .filter(|r| r["protocol"] == "tcp" && r["dst_port"] == SYNACK_LOST_PORT)
+        .collect();
+    let total = |k: &str| -> u64 { recs.iter().map(|r| r[k].as_u64().unwrap()).sum() };
+    assert!(server >= 2, "server TcpRetransSegs delta {server}");
+    // Every SYN/ACK the server sent (the first and each sent again) was
+    // dropped by the client's input rule, on this flow.
+    let dropped: u64 = recs
+        .iter()
+        .map(|r| r["drops"]["NETFILTER_DROP"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(
+        (
+            total("retransmits_client_to_server"),
+            total("retransmits_server_to_client"),
+            dropped,
+        ),
+        (client, server, server + 1),
+        "{out}\n{err}"
+    );
 }

@@ -7,8 +7,8 @@ use std::collections::BTreeSet;
 use std::process::Command;
 
 use flowmap_testkit::tempdir::TempDir;
-use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, ServiceAccount};
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::de::DeserializeOwned;
@@ -44,12 +44,15 @@ struct Parsed {
     role: ClusterRole,
     config: ConfigMap,
     kinds: Vec<String>,
+    hub: Option<Deployment>,
+    hub_service: Option<Service>,
 }
 
 fn parse_all(text: &str) -> Parsed {
     let mut daemonset = None;
     let mut role = None;
     let mut config = None;
+    let (mut hub, mut hub_service) = (None, None);
     let mut kinds = Vec::new();
     for v in docs(text) {
         let kind = v["kind"].as_str().unwrap().to_string();
@@ -61,6 +64,8 @@ fn parse_all(text: &str) -> Parsed {
             "ClusterRole" => role = Some(typed::<ClusterRole>(&v)),
             "ConfigMap" => config = Some(typed::<ConfigMap>(&v)),
             "DaemonSet" => daemonset = Some(typed::<DaemonSet>(&v)),
+            "Deployment" => hub = Some(typed::<Deployment>(&v)),
+            "Service" => hub_service = Some(typed::<Service>(&v)),
             other => panic!("unexpected kind {other}"),
         }
         kinds.push(kind);
@@ -70,6 +75,8 @@ fn parse_all(text: &str) -> Parsed {
         role: role.expect("a ClusterRole"),
         config: config.expect("a ConfigMap"),
         kinds,
+        hub,
+        hub_service,
     }
 }
 
@@ -423,5 +430,165 @@ fn the_systemd_unit_verifies() {
         out.status.success() && out.stderr.is_empty(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Issue 15's hub: off by default; with `hub.enabled` a Deployment running
+/// `flowmap serve` (unprivileged) behind a Service, the agents' store
+/// pointed at the same PostgreSQL, the connection string from a Secret
+/// (never in the ConfigMap or the arguments). The per-node page stays.
+#[test]
+fn the_chart_adds_a_hub_on_postgres_when_asked() {
+    let off = helm(&[
+        "template",
+        "fm",
+        "deploy/helm/flowmap",
+        "--set",
+        "clusterUID=u",
+    ]);
+    assert!(off.status.success());
+    let p = parse_all(&String::from_utf8(off.stdout).unwrap());
+    assert!(p.hub.is_none() && p.hub_service.is_none());
+
+    let base = [
+        "template",
+        "fm",
+        "deploy/helm/flowmap",
+        "--namespace",
+        "obs",
+        "--set",
+        "clusterUID=u",
+        "--set",
+        "hub.enabled=true",
+    ];
+    let refused = helm(&base);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr)
+            .contains("hub.databaseSecret is required with hub.enabled"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let mut args = base.to_vec();
+    args.extend(["--set", "hub.databaseSecret=pg-conn"]);
+    let refused = helm(&args);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr)
+            .contains("hub.tokenSecret is required with hub.enabled"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    args.extend([
+        "--set",
+        "hub.tokenSecret=hub-token",
+        "--set",
+        "hub.hosts={map.example}",
+        "--set",
+        "store.enabled=true",
+    ]);
+    let out = helm(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let p = parse_all(&String::from_utf8(out.stdout).unwrap());
+
+    // The agents: their store is the PostgreSQL of the Secret.
+    let env_from = |env: &[k8s_openapi::api::core::v1::EnvVar], name: &str| {
+        let e = env.iter().find(|e| e.name == name).unwrap();
+        assert!(e.value.is_none());
+        let r = e.value_from.clone().unwrap().secret_key_ref.unwrap();
+        (r.name, r.key)
+    };
+    let agent = &p.daemonset.spec.unwrap().template.spec.unwrap().containers[0];
+    assert_eq!(
+        env_from(agent.env.as_deref().unwrap(), "FLOWMAP_DATABASE"),
+        ("pg-conn".to_string(), "connection-string".to_string())
+    );
+    let cfg = flowmap::config::parse(&p.config.data.unwrap()["config.yaml"], &|v| {
+        (v == "FLOWMAP_DATABASE")
+            .then(|| "host=pg.db user=flowmap dbname=flowmap".to_string())
+            .or(Some(String::new()))
+    })
+    .unwrap();
+    assert_eq!(
+        flowmap::sinks::store::Location::from_config(
+            cfg.database.as_ref(),
+            std::path::Path::new("/x")
+        ),
+        flowmap::sinks::store::Location::Postgres("host=pg.db user=flowmap dbname=flowmap".into())
+    );
+    // The per-node page stays (store.enabled), on loopback.
+    let a = agent.args.clone().unwrap();
+    assert!(a.contains(&"--listen=127.0.0.1:9465".to_string()), "{a:?}");
+    assert!(!a.contains(&"--no-store".to_string()), "{a:?}");
+
+    // The hub: `serve`, no root, no capability, the token mounted.
+    let hub = p.hub.expect("the hub's Deployment");
+    let pod = hub.spec.unwrap().template.spec.unwrap();
+    assert_eq!(pod.host_network, None);
+    assert_eq!(pod.automount_service_account_token, Some(false));
+    let psc = pod.security_context.clone().unwrap();
+    assert_eq!(
+        (psc.run_as_non_root, psc.run_as_user),
+        (Some(true), Some(65534))
+    );
+    let c = &pod.containers[0];
+    assert_eq!(
+        c.args.clone().unwrap(),
+        [
+            "serve",
+            "--listen=0.0.0.0:9470",
+            "--web-token-file=/etc/flowmap-web/token",
+            "--web-host=fm-hub",
+            "--web-host=fm-hub.obs",
+            "--web-host=fm-hub.obs.svc",
+            "--web-host=map.example",
+            "--metrics-listen=0.0.0.0:9471",
+            "--refresh=30s",
+        ]
+    );
+    assert_eq!(
+        env_from(c.env.as_deref().unwrap(), "FLOWMAP_DATABASE"),
+        ("pg-conn".to_string(), "connection-string".to_string())
+    );
+    let sc = c.security_context.clone().unwrap();
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    let caps = sc.capabilities.unwrap();
+    assert_eq!((caps.drop, caps.add), (Some(vec!["ALL".to_string()]), None));
+    let probe = c.readiness_probe.clone().unwrap().http_get.unwrap();
+    assert_eq!(
+        (probe.path.as_deref(), probe.port.clone()),
+        (Some("/healthz"), IntOrString::Int(9471))
+    );
+    let vol = pod
+        .volumes
+        .unwrap()
+        .into_iter()
+        .find(|v| v.name == "web-token")
+        .unwrap();
+    let secret = vol.secret.unwrap();
+    assert_eq!(
+        (secret.secret_name.as_deref(), secret.default_mode),
+        (Some("hub-token"), Some(0o400))
+    );
+
+    // Its Service selects the hub's pods, and never the agents'.
+    let svc = p.hub_service.expect("the hub's Service").spec.unwrap();
+    let sel = svc.selector.unwrap();
+    let hub_labels = hub.metadata.labels.unwrap();
+    assert!(sel.iter().all(|(k, v)| hub_labels.get(k) == Some(v)));
+    let agent_sel = p.daemonset.metadata.labels.unwrap();
+    assert_ne!(
+        sel.get("app.kubernetes.io/name"),
+        agent_sel.get("app.kubernetes.io/name")
+    );
+    let port = &svc.ports.unwrap()[0];
+    assert_eq!(
+        (port.port, port.target_port.clone()),
+        (9470, Some(IntOrString::String("web".into())))
     );
 }

@@ -256,3 +256,75 @@ fn a_tls_only_postgres_is_reached_with_sslmode() {
     );
     agent.stop().unwrap();
 }
+
+/// Issue 15: a fleet starting at once against one fresh PostgreSQL. Each
+/// agent migrates under an advisory lock: all of them come up, and the
+/// schema is made once (one row per version). A store newer than the
+/// binary is still refused.
+#[test]
+fn agents_starting_at_once_migrate_one_schema() {
+    let Some(_g) = privileged_serial("agents_starting_at_once_migrate_one_schema", &SERIAL) else {
+        return;
+    };
+    let Some(pg) = Pg::start("agents_starting_at_once_migrate_one_schema") else {
+        return;
+    };
+    const N: usize = 5;
+    let nets: Vec<Netns> = (0..N)
+        .map(|_| Netns::builder().no_link().build().unwrap())
+        .collect();
+    let conn = pg.socket_connection_string();
+    let starts: Vec<_> = nets
+        .iter()
+        .enumerate()
+        .map(|(i, ns)| {
+            let b = Agent::builder(BIN)
+                .config(&config(&conn, "all"))
+                .netns(ns)
+                .env("NODE_NAME", format!("node-{i}"))
+                .output("none")
+                .no_web();
+            std::thread::spawn(move || b.start())
+        })
+        .collect();
+    let agents: Vec<Agent> = starts
+        .into_iter()
+        .map(|t| t.join().unwrap().unwrap_or_else(|e| panic!("{e:#}")))
+        .collect();
+    for a in &agents {
+        assert_eq!(a.count_log("store ready"), 1, "{}", a.stderr());
+    }
+    let mut c = postgres::Client::connect(&pg.connection_string(), postgres::NoTls).unwrap();
+    let versions: Vec<i32> = c
+        .query("SELECT version FROM flowmap_schema ORDER BY version", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(versions, vec![1, 2, 3]);
+    for a in agents {
+        let (_, err) = a.stop().unwrap();
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    // A newer store is refused, by the agent and by `serve`.
+    c.batch_execute("INSERT INTO flowmap_schema VALUES (4)")
+        .unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "serve",
+            "--database",
+            &pg.connection_string(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(
+            "the store's schema version 4 is newer than this flowmap (3); use a newer flowmap"
+        ),
+        "{err}"
+    );
+}

@@ -71,7 +71,7 @@ fn fill(s: &mut Store) {
 
 fn check_store(loc: &Location) {
     let mut s = Store::open(loc).unwrap();
-    assert_eq!(s.version().unwrap(), 2, "migrated from an empty database");
+    assert_eq!(s.version().unwrap(), 3, "migrated from an empty database");
     fill(&mut s);
     assert_eq!(s.runs().unwrap(), 3);
 
@@ -140,9 +140,9 @@ fn check_store(loc: &Location) {
     );
     assert_eq!(
         view::top_table(&top, &nodes),
-        "CLIENT                       SERVER                        PROTO/PORT    CONNS    PACKETS          BYTES     RTT_US  FAILED  RESETS STATUS\n\
-         node-a                       192.0.2.10                       tcp/443        3       1240         124000      200.0       0       0 NoStatus\n\
-         node-a                       192.0.2.53                        udp/53        1          4            400          -       0       0 NoStatus\n"
+        "CLIENT                       SERVER                        PROTO/PORT    CONNS    PACKETS          BYTES     RTT_US  FAILED  RESETS   DROPS    SRTT_US STATUS\n\
+         node-a                       192.0.2.10                       tcp/443        3       1240         124000      200.0       0       0       0          - NoStatus\n\
+         node-a                       192.0.2.53                        udp/53        1          4            400          -       0       0       0          - NoStatus\n"
     );
     let v = view::graph(
         &mut s,
@@ -185,7 +185,7 @@ fn check_store(loc: &Location) {
     drop(s);
     // Reopening does not migrate again.
     let mut s = Store::open(loc).unwrap();
-    assert_eq!(s.version().unwrap(), 2);
+    assert_eq!(s.version().unwrap(), 3);
     assert_eq!(s.runs().unwrap(), 1);
 }
 
@@ -228,7 +228,7 @@ fn a_store_newer_than_flowmap_is_refused() {
     let err = Store::open(&Location::Sqlite(path)).err().expect("refused");
     assert_eq!(
         format!("{err:#}"),
-        "the store's schema version 99 is newer than this flowmap (2); use a newer flowmap"
+        "the store's schema version 99 is newer than this flowmap (3); use a newer flowmap"
     );
 }
 
@@ -265,7 +265,7 @@ fn a_version_1_store_is_migrated_and_keeps_its_rows() {
         .execute_batch(SCHEMA_V1)
         .unwrap();
     let mut s = Store::open(&Location::Sqlite(path)).unwrap();
-    assert_eq!(s.version().unwrap(), 2);
+    assert_eq!(s.version().unwrap(), 3);
     let old = s.edges(at(0)).unwrap();
     assert_eq!(
         (old.len(), old[0].bytes(), &old[0].health),
@@ -273,4 +273,235 @@ fn a_version_1_store_is_migrated_and_keeps_its_rows() {
     );
     fill(&mut s);
     assert_eq!(s.runs().unwrap(), 4);
+}
+
+/// Issue 13's store part: an edge's kernel drops by reason and the smoothed
+/// RTT of its connections are kept per interval and summed over a window;
+/// `top` and `graph` show them.
+fn check_drops_and_srtt(loc: &Location) {
+    let mut s = Store::open(loc).unwrap();
+    let h = host();
+    let r = ServerResolver {
+        data_source_id: "ds",
+        host: &h,
+    };
+    let with = |t: u64, drops: &[(&str, u64)], srtt: Option<u32>| FlowRecord {
+        drops: drops
+            .iter()
+            .map(|(k, v)| (std::sync::Arc::from(*k), *v))
+            .collect(),
+        srtt_us: srtt,
+        ..rec("192.0.2.10", 443, "tcp", 1000, 2000, t, None)
+    };
+    let intervals = [
+        vec![
+            with(0, &[("NETFILTER_DROP", 3)], Some(100)),
+            with(1, &[], Some(300)),
+        ],
+        vec![with(
+            31,
+            &[("NETFILTER_DROP", 2), ("TCP_CSUM", 1)],
+            Some(800),
+        )],
+        vec![with(61, &[], None)],
+    ];
+    for (i, recs) in intervals.iter().enumerate() {
+        let g = Graph::build(recs, &r);
+        let i = i as u64;
+        s.write("ds", at(i * 30), at(i * 30 + 30), &g, &[r.host_endpoint()])
+            .unwrap();
+    }
+    let e = s.edges(at(0)).unwrap().remove(0);
+    assert_eq!(
+        serde_json::to_value(&e.health.drops).unwrap(),
+        serde_json::json!({"NETFILTER_DROP": 5, "TCP_CSUM": 1})
+    );
+    let srtt = e.health.srtt_us.unwrap();
+    assert_eq!(
+        (srtt.samples, srtt.min, srtt.mean, srtt.max),
+        (3, 100, 400.0, 800)
+    );
+    let v = serde_json::to_value(&e).unwrap();
+    assert_eq!(
+        v["drops"],
+        serde_json::json!({"NETFILTER_DROP": 5, "TCP_CSUM": 1})
+    );
+    assert_eq!(
+        v["srtt_us"],
+        serde_json::json!({"samples": 3, "min": 100, "mean": 400.0, "max": 800})
+    );
+    // The last interval alone: neither.
+    let late = s.edges(at(85)).unwrap().remove(0);
+    assert_eq!((late.health.drops.len(), late.health.srtt_us), (0, None));
+    let (top, nodes) = view::top(&mut s, at(0), By::Bytes, 10).unwrap();
+    assert_eq!(
+        view::top_table(&top, &nodes),
+        "CLIENT                       SERVER                        PROTO/PORT    CONNS    PACKETS          BYTES     RTT_US  FAILED  RESETS   DROPS    SRTT_US STATUS\n\
+         node-a                       192.0.2.10                       tcp/443        4        120          12000          -       0       0       6      400.0 NoStatus\n"
+    );
+    let v = view::graph(&mut s, at(0), &Filter::default()).unwrap();
+    assert_eq!(
+        view::to_mermaid(&v),
+        "flowchart LR\n  n0[\"192.0.2.10\"]\n  n1[\"node-a\"]\n  n1 -->|\"tcp/443 12000 B, 6 dropped, srtt 400 us\"| n0\n"
+    );
+}
+
+#[test]
+fn sqlite_store_keeps_drops_and_srtt() {
+    let dir = TempDir::new("store-health");
+    check_drops_and_srtt(&Location::Sqlite(dir.path().join("f.db")));
+}
+
+#[test]
+fn postgres_store_keeps_drops_and_srtt() {
+    if !flowmap_testkit::net::privileged("postgres_store_keeps_drops_and_srtt") {
+        return;
+    }
+    let Some(pg) = flowmap_testkit::postgres::Pg::start("postgres_store_keeps_drops_and_srtt")
+    else {
+        return;
+    };
+    check_drops_and_srtt(&Location::Postgres(pg.connection_string()));
+}
+
+/// Version 2 (edge health, before the agents' identity, drops and RTT).
+#[test]
+fn a_version_2_store_is_migrated_and_keeps_its_rows() {
+    let dir = TempDir::new("store-v2");
+    let path = dir.path().join("f.db");
+    let v2 = SCHEMA_V1.replace("VALUES (1);", "VALUES (2);")
+        + "ALTER TABLE edge_stats ADD COLUMN connections_attempted BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE edge_stats ADD COLUMN failed_refused BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE edge_stats ADD COLUMN failed_unanswered BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE edge_stats ADD COLUMN failed_unreachable BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE edge_stats ADD COLUMN syn_retransmits BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE edge_stats ADD COLUMN resets_client BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE edge_stats ADD COLUMN resets_server BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE edge_stats ADD COLUMN status_rank BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE edge_stats ADD COLUMN retrans_c2s BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE edge_stats ADD COLUMN retrans_s2c BIGINT NOT NULL DEFAULT 0;
+UPDATE edge_stats SET failed_refused = 2, status_rank = 3;";
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch(&v2)
+        .unwrap();
+    let mut s = Store::open(&Location::Sqlite(path)).unwrap();
+    assert_eq!(s.version().unwrap(), 3);
+    let old = s.edges(at(0)).unwrap();
+    assert_eq!(old.len(), 1);
+    assert_eq!(
+        (
+            old[0].bytes(),
+            old[0].health.connections_failed.refused,
+            old[0].health.status,
+            old[0].last_interval_end_ms,
+            old[0].node.as_str()
+        ),
+        (1800, 2, flowmap::status::Status::Red, 1_800_000_030_000, "")
+    );
+}
+
+/// Rollups (issue 15): intervals every 10 minutes over 5 hours, then the
+/// writer's maintenance: raw rows older than 2 h go once rolled up into
+/// 5-minute and hourly rows, and windows of every length still read exact
+/// totals at their grain.
+fn check_rollups(loc: &Location) {
+    use flowmap::sinks::store::{unix_ms, Window};
+    use std::time::{Duration, SystemTime};
+    let mut s = Store::open(loc).unwrap();
+    let h = host();
+    let r = ServerResolver {
+        data_source_id: "ds",
+        host: &h,
+    };
+    let now = SystemTime::now();
+    let now_ms = unix_ms(now);
+    for k in 0..31u64 {
+        let end = now - Duration::from_secs(600 * k);
+        let rec = FlowRecord {
+            src_to_dst: flowmap::flow::Counters {
+                packets: 10,
+                bytes: 1000,
+            },
+            dst_to_src: flowmap::flow::Counters {
+                packets: 1,
+                bytes: 100,
+            },
+            drops: [(std::sync::Arc::from("NETFILTER_DROP"), 1)]
+                .into_iter()
+                .collect(),
+            srtt_us: Some(100 + k as u32),
+            ..flowmap_testkit::records::between(
+                "tcp",
+                ("10.0.0.1".parse().unwrap(), 40000),
+                ("192.0.2.10".parse().unwrap(), 443),
+                end - Duration::from_secs(10),
+            )
+        };
+        let g = Graph::build(&[rec], &r);
+        s.write(
+            "ds",
+            end - Duration::from_secs(30),
+            end,
+            &g,
+            &[r.host_endpoint()],
+        )
+        .unwrap();
+    }
+    assert!(s.maintain(now_ms, Duration::from_secs(24 * 3600)).unwrap());
+    let [five, hour] = s.rolled().unwrap();
+    assert_eq!(five, (now_ms - 120_000).div_euclid(300_000) * 300_000);
+    assert_eq!(hour, five.div_euclid(3_600_000) * 3_600_000);
+    // (intervals, bytes, drops, srtt samples) of a window.
+    let totals = |s: &mut Store, from_ms: i64, to_ms: i64| {
+        let w = Window::between(from_ms, to_ms);
+        let e = s.edges_in(&w, None).unwrap().0;
+        assert_eq!(e.len(), 1, "{e:?}");
+        let e = &e[0];
+        (
+            e.connections_active,
+            e.bytes(),
+            e.health.drops.values().sum::<u64>(),
+            e.health.srtt_us.map(|s| s.samples).unwrap_or(0),
+        )
+    };
+    let min = 60_000;
+    // 15 minutes: raw rows, the intervals at now and now - 10 min.
+    assert_eq!(totals(&mut s, now_ms - 15 * min, now_ms), (2, 2200, 2, 2));
+    // 4 hours: 5-minute rows (raw rows past 2 h are gone), k = 0..=24.
+    assert_eq!(
+        totals(&mut s, now_ms - 240 * min, now_ms),
+        (25, 27500, 25, 25)
+    );
+    // 12 hours: hourly rows, then 5-minute, then raw: every interval.
+    assert_eq!(
+        totals(&mut s, now_ms - 720 * min, now_ms),
+        (31, 34100, 31, 31)
+    );
+    // An old window: its raw rows are gone, 5-minute rows remain (k = 28,
+    // at now - 280 min, in the bucket that ends within 5 minutes after).
+    assert_eq!(totals(&mut s, now_ms - 281 * min, now_ms - 275 * min).0, 1);
+    // A second run changes nothing.
+    assert!(s.maintain(now_ms, Duration::from_secs(24 * 3600)).unwrap());
+    assert_eq!(
+        totals(&mut s, now_ms - 720 * min, now_ms),
+        (31, 34100, 31, 31)
+    );
+}
+
+#[test]
+fn sqlite_rollups() {
+    let dir = TempDir::new("store-rollup");
+    check_rollups(&Location::Sqlite(dir.path().join("f.db")));
+}
+
+#[test]
+fn postgres_rollups() {
+    if !flowmap_testkit::net::privileged("postgres_rollups") {
+        return;
+    }
+    let Some(pg) = flowmap_testkit::postgres::Pg::start("postgres_rollups") else {
+        return;
+    };
+    check_rollups(&Location::Postgres(pg.connection_string()));
 }

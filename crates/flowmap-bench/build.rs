@@ -19,7 +19,7 @@ fn main() {
             args.push(format!("-I/usr/include/{triple}"));
         }
     }
-    for name in ["floor", "min_counter"] {
+    for name in ["floor", "min_counter", "trace_floor"] {
         let src = format!("bpf/{name}.bpf.c");
         if let Err(e) = SkeletonBuilder::new()
             .source(&src)

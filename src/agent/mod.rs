@@ -198,8 +198,16 @@ async fn open_sinks(
             healthy: metrics.health.store_ok.clone(),
         };
         let retention = opts.retention;
+        // Rows carry the node and the instance ID the spool keeps.
+        let who = store::Agent {
+            node: kube::node_name(),
+            instance_id: crate::sinks::coordimap::spool::agent_instance_id(
+                &opts.state_dir.join("spool"),
+            )
+            .with_context(|| format!("the agent instance ID in {}", opts.state_dir.display()))?,
+        };
         let w = tokio::task::spawn_blocking(move || {
-            store::Writer::start(loc, retention, 1024, counters)
+            store::Writer::start_as(loc, who, retention, 1024, counters)
         })
         .await??;
         metrics.health.store_enabled.store(true, Ordering::Relaxed);
@@ -240,6 +248,7 @@ pub async fn run(cfg: &Config, opts: RunOptions) -> Result<()> {
         metrics: metrics.clone(),
         interval,
         max_edges: opts.web.as_ref().map(|w| w.max_edges).unwrap_or(0),
+        hub: false,
     };
     let web = crate::serve::start(opts.web.as_ref(), opts.metrics_listen, st).await?;
     // Kubernetes mode: the API and the caches before anything is attached.

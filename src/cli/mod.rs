@@ -3,6 +3,7 @@
 
 mod check;
 mod read;
+mod serve;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -17,7 +18,7 @@ use crate::config;
 use crate::datapath::AttachMode;
 use crate::serve::view;
 use crate::sinks::coordimap::sender::Retry;
-use crate::sinks::store::Location;
+use crate::sinks::store::{Location, Window};
 
 #[derive(Parser)]
 #[command(
@@ -40,10 +41,95 @@ struct Cli {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum DiffFormat {
+    Table,
+    Json,
+}
+
+/// A time on the command line: RFC 3339 in UTC (`2026-12-07T01:00:00Z`),
+/// relative to now (`-1h`, `-90s`, `now`), or Unix milliseconds; in Unix ms.
+fn parse_time(s: &str) -> Result<i64, String> {
+    let now = crate::sinks::store::unix_ms(std::time::SystemTime::now());
+    let t = s.trim();
+    if t == "now" {
+        return Ok(now);
+    }
+    if let Some(rel) = t.strip_prefix('-') {
+        return config::parse_go_duration(rel)
+            .map(|d| now - d.as_millis() as i64)
+            .map_err(|e| format!("{s:?} is not a time before now like -1h ({e})"));
+    }
+    if let Ok(ms) = t.parse::<i64>() {
+        return Ok(ms);
+    }
+    humantime::parse_rfc3339_weak(t)
+        .map(crate::sinks::store::unix_ms)
+        .map_err(|e| {
+            format!("{s:?} is not a time: RFC 3339 (2026-12-07T01:00:00Z), relative (-1h) or Unix ms ({e})")
+        })
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum GraphFormat {
     Json,
     Dot,
     Mermaid,
+}
+
+/// The map page's listener options, shared by `run` and `serve`.
+#[derive(clap::Args)]
+struct WebArgs {
+    /// Address of the map page and its API, and of /metrics and /healthz
+    /// unless --metrics-listen is given (`127.0.0.1:9464`, `[::1]:9464`,
+    /// or `fd00::5:9464` as a DaemonSet writes `$(HOST_IP):9464`). Off
+    /// loopback it needs --web-token-file.
+    #[arg(long, env = "FLOWMAP_LISTEN", default_value = "127.0.0.1:9464", value_parser = parse_listen)]
+    listen: SocketAddr,
+    /// Address of /metrics and /healthz alone (no flow data there), e.g.
+    /// the node's `$(HOST_IP):9464` for probes and Prometheus.
+    #[arg(long, env = "FLOWMAP_METRICS_LISTEN", value_parser = parse_listen)]
+    metrics_listen: Option<SocketAddr>,
+    /// File holding the bearer token the map page and its API require
+    /// (`Authorization: Bearer <token>`); required when --listen is not
+    /// loopback. A mounted Secret works.
+    #[arg(long, env = "FLOWMAP_WEB_TOKEN_FILE")]
+    web_token_file: Option<PathBuf>,
+    /// A host name the map page is served under, besides its address and
+    /// localhost (others are refused, against DNS rebinding). Repeatable;
+    /// the variable takes a comma-separated list.
+    #[arg(long = "web-host", env = "FLOWMAP_WEB_HOSTS", value_delimiter = ',')]
+    web_hosts: Vec<String>,
+    /// Longest a request to the map page or its API may take.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    web_timeout: Duration,
+    /// Edges of a window /api/graph reads at most (the busiest by bytes).
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    web_max_edges: u32,
+}
+
+impl WebArgs {
+    fn options(&self) -> crate::serve::WebOptions {
+        crate::serve::WebOptions {
+            listen: self.listen,
+            token_file: self.web_token_file.clone(),
+            hosts: self.web_hosts.clone(),
+            timeout: self.web_timeout,
+            max_edges: self.web_max_edges as usize,
+            readers: 2,
+        }
+    }
+}
+
+/// Which store `top`, `graph` and `diff` read.
+#[derive(clap::Args)]
+struct StoreArgs {
+    /// The store: a PostgreSQL connection string (`host=… dbname=…` or
+    /// `postgresql://…`) or a SQLite file. Default: `coordimap.database`
+    /// of --config, else `<state-dir>/flowmap.db`.
+    #[arg(long, env = "FLOWMAP_DATABASE", hide_env_values = true)]
+    database: Option<String>,
+    #[arg(long, env = "FLOWMAP_STATE_DIR", default_value = "/var/lib/flowmap")]
+    state_dir: PathBuf,
 }
 
 /// `flowmap run`'s options.
@@ -71,32 +157,8 @@ struct RunArgs {
     /// How long a stopping agent keeps trying to deliver the spool.
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     shutdown_timeout: Duration,
-    /// Address of the map page and its API, and of /metrics and /healthz
-    /// unless --metrics-listen is given (`127.0.0.1:9464`, `[::1]:9464`,
-    /// or `fd00::5:9464` as a DaemonSet writes `$(HOST_IP):9464`). Off
-    /// loopback it needs --web-token-file.
-    #[arg(long, env = "FLOWMAP_LISTEN", default_value = "127.0.0.1:9464", value_parser = parse_listen)]
-    listen: SocketAddr,
-    /// Address of /metrics and /healthz alone (no flow data there), e.g.
-    /// the node's `$(HOST_IP):9464` for probes and Prometheus.
-    #[arg(long, env = "FLOWMAP_METRICS_LISTEN", value_parser = parse_listen)]
-    metrics_listen: Option<SocketAddr>,
-    /// File holding the bearer token the map page and its API require
-    /// (`Authorization: Bearer <token>`); required when --listen is not
-    /// loopback. A mounted Secret works.
-    #[arg(long, env = "FLOWMAP_WEB_TOKEN_FILE")]
-    web_token_file: Option<PathBuf>,
-    /// A host name the map page is served under, besides its address and
-    /// localhost (others are refused, against DNS rebinding). Repeatable;
-    /// the variable takes a comma-separated list.
-    #[arg(long = "web-host", env = "FLOWMAP_WEB_HOSTS", value_delimiter = ',')]
-    web_hosts: Vec<String>,
-    /// Longest a request to the map page or its API may take.
-    #[arg(long, value_parser = parse_duration, default_value = "10s")]
-    web_timeout: Duration,
-    /// Edges of a window /api/graph reads at most (the busiest by bytes).
-    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
-    web_max_edges: u32,
+    #[command(flatten)]
+    web: WebArgs,
     /// Accept an http:// endpoint that is not loopback (the API key then
     /// travels in clear text).
     #[arg(long)]
@@ -117,7 +179,7 @@ struct RunArgs {
 enum Cmd {
     /// Run the agent.
     Run(RunArgs),
-    /// The busiest edges of the local store.
+    /// The busiest edges of the store.
     Top {
         #[arg(long, value_parser = parse_duration, default_value = "15m")]
         since: Duration,
@@ -125,20 +187,68 @@ enum Cmd {
         by: view::By,
         #[arg(long, default_value_t = 20)]
         limit: usize,
-        #[arg(long, env = "FLOWMAP_STATE_DIR", default_value = "/var/lib/flowmap")]
-        state_dir: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
     },
-    /// Export the graph of the local store.
+    /// Export the graph of the store.
     Graph {
         #[arg(long, value_parser = parse_duration, default_value = "15m")]
         since: Duration,
         #[arg(long, value_enum, default_value = "json")]
         format: GraphFormat,
-        #[arg(long, env = "FLOWMAP_STATE_DIR", default_value = "/var/lib/flowmap")]
-        state_dir: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// What changed between two windows of the store: endpoints and edges
+    /// that appeared or vanished, edges whose status worsened or whose
+    /// bytes changed by more than --factor. Times are RFC 3339 (UTC, `Z`),
+    /// relative to now (`-1h`, `-30m`, `now`) or Unix milliseconds.
+    Diff {
+        #[arg(long, value_parser = parse_time, allow_hyphen_values = true)]
+        a_from: i64,
+        #[arg(long, value_parser = parse_time, allow_hyphen_values = true)]
+        a_to: i64,
+        #[arg(long, value_parser = parse_time, allow_hyphen_values = true)]
+        b_from: i64,
+        #[arg(long, value_parser = parse_time, allow_hyphen_values = true)]
+        b_to: i64,
+        #[arg(long, default_value = "2", value_parser = crate::serve::parse_factor)]
+        factor: f64,
+        #[arg(long, value_enum, default_value = "table")]
+        format: DiffFormat,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Serve the map page, its API, /metrics and /healthz for a whole store
+    /// (every agent writing to one PostgreSQL): no root, no datapath.
+    Serve {
+        /// The store: a PostgreSQL connection string or a SQLite file.
+        #[arg(long, env = "FLOWMAP_DATABASE", hide_env_values = true)]
+        database: String,
+        #[command(flatten)]
+        web: WebArgs,
+        /// How often the page refreshes.
+        #[arg(long, value_parser = parse_duration, default_value = "30s")]
+        refresh: Duration,
     },
     /// Validate the configuration and print what it resolves to.
     Check,
+}
+
+/// Where `top`, `graph` and `diff` read: `--database`, else the
+/// configuration's store, else the state directory's SQLite file.
+pub(crate) enum StoreAt {
+    Given(Location),
+    Configured(PathBuf),
+}
+
+impl StoreArgs {
+    fn at(&self) -> StoreAt {
+        match &self.database {
+            Some(d) if !d.trim().is_empty() => StoreAt::Given(Location::parse(d)),
+            _ => StoreAt::Configured(self.state_dir.clone()),
+        }
+    }
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -210,23 +320,62 @@ pub fn main() -> ExitCode {
             since,
             by,
             limit,
-            state_dir,
-        } => read::read_store(config, &state_dir, since, |s, from| {
-            let (edges, nodes) = view::top(s, from, by, limit)?;
+            store,
+        } => read::read_store(config, &store.at(), |s| {
+            let (edges, nodes) = view::top_in(s, &Window::live(since), by, limit)?;
             Ok(view::top_table(&edges, &nodes))
         }),
         Cmd::Graph {
             since,
             format,
-            state_dir,
-        } => read::read_store(config, &state_dir, since, |s, from| {
-            let v = view::graph(s, from, &Default::default())?;
+            store,
+        } => read::read_store(config, &store.at(), |s| {
+            let v = view::graph_in(s, &Window::live(since), &Default::default())?;
             Ok(match format {
                 GraphFormat::Json => serde_json::to_string_pretty(&v)? + "\n",
                 GraphFormat::Dot => view::to_dot(&v),
                 GraphFormat::Mermaid => view::to_mermaid(&v),
             })
         }),
+        Cmd::Diff {
+            a_from,
+            a_to,
+            b_from,
+            b_to,
+            factor,
+            format,
+            store,
+        } => {
+            for (n, f, t) in [("a", a_from, a_to), ("b", b_from, b_to)] {
+                if t < f {
+                    eprintln!("error: --{n}-to is before --{n}-from");
+                    return ExitCode::from(2);
+                }
+            }
+            read::read_store(config, &store.at(), |s| {
+                let d = crate::serve::diff::diff(
+                    s,
+                    &Window::between(a_from, a_to),
+                    &Window::between(b_from, b_to),
+                    factor,
+                    None,
+                )?;
+                Ok(match format {
+                    DiffFormat::Table => crate::serve::diff::table(&d),
+                    DiffFormat::Json => serde_json::to_string_pretty(&d)? + "\n",
+                })
+            })
+        }
+        Cmd::Serve {
+            database,
+            web,
+            refresh,
+        } => serve::serve(
+            Location::parse(&database),
+            web.options(),
+            web.metrics_listen,
+            refresh,
+        ),
     }
 }
 
@@ -257,15 +406,8 @@ fn run(config: Option<&PathBuf>, endpoint: Option<&str>, a: RunArgs) -> ExitCode
         allow_plain_http: a.allow_plain_http,
         store: (!a.no_store).then(|| Location::from_config(cfg.database.as_ref(), &a.state_dir)),
         retention: a.retention,
-        web: (!a.no_web).then(|| crate::serve::WebOptions {
-            listen: a.listen,
-            token_file: a.web_token_file.clone(),
-            hosts: a.web_hosts.clone(),
-            timeout: a.web_timeout,
-            max_edges: a.web_max_edges as usize,
-            readers: 2,
-        }),
-        metrics_listen: a.metrics_listen,
+        web: (!a.no_web).then(|| a.web.options()),
+        metrics_listen: a.web.metrics_listen,
         state_dir: a.state_dir,
         spool_max_bytes: a.spool_max_bytes,
         retry: Retry {

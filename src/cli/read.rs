@@ -1,30 +1,31 @@
-//! `flowmap top` and `flowmap graph`: read the store, print a view.
+//! `flowmap top`, `graph` and `diff`: read the store, print a view.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use super::check::load_config;
+use super::StoreAt;
 use crate::sinks::store::{Location, Store};
 
-/// `top` and `graph`: opens the store the configuration names (or the
-/// SQLite file of the state directory) and prints what `view` makes of the
-/// window that ends now.
+/// Opens the store (`--database`, else the one the configuration names,
+/// else the SQLite file of the state directory) and prints what `view`
+/// makes of it.
 pub fn read_store(
     config: Option<&PathBuf>,
-    state_dir: &std::path::Path,
-    since: Duration,
-    view: impl FnOnce(&mut Store, std::time::SystemTime) -> anyhow::Result<String>,
+    at: &StoreAt,
+    view: impl FnOnce(&mut Store) -> anyhow::Result<String>,
 ) -> ExitCode {
-    let (cfg, _) = match load_config(config) {
-        Ok(c) => c,
-        Err(code) => return code,
+    let loc = match at {
+        StoreAt::Given(l) => l.clone(),
+        StoreAt::Configured(state_dir) => {
+            let (cfg, _) = match load_config(config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            Location::from_config(cfg.database.as_ref(), state_dir)
+        }
     };
-    let loc = Location::from_config(cfg.database.as_ref(), state_dir);
-    let from = std::time::SystemTime::now()
-        .checked_sub(since)
-        .unwrap_or(std::time::UNIX_EPOCH);
-    match Store::open(&loc).and_then(|mut s| view(&mut s, from)) {
+    match Store::open(&loc).and_then(|mut s| view(&mut s)) {
         Ok(text) => {
             print!("{text}");
             ExitCode::SUCCESS

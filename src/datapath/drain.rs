@@ -34,6 +34,13 @@ impl Datapath {
             .ok_or_else(|| anyhow!("the program's .bss is not memory-mapped"))?;
         // SAFETY: a plain u32 in the mmap'ed .bss the program reads.
         unsafe { std::ptr::write_volatile(&mut bss.active_map, v) };
+        // The RTT sampler's period (bpf/flows.bpf.c): the next one whose
+        // parity is the new active map's.
+        // SAFETY: as above.
+        let p = unsafe { std::ptr::read_volatile(&bss.rtt_period) }.wrapping_add(1);
+        let p = if p & 1 == v { p } else { p.wrapping_add(1) };
+        // SAFETY: as above.
+        unsafe { std::ptr::write_volatile(&mut bss.rtt_period, p) };
         self.active = v;
         Ok(())
     }

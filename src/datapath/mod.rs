@@ -249,7 +249,7 @@ fn load_hint(denied: bool) -> String {
 /// every interface (fields drop in order: hooks before the programs).
 pub struct Datapath {
     attached: HashMap<u32, Attached>,
-    /// The socket tracepoint programs' links (retransmits).
+    /// The socket tracepoint programs' links (retransmits, drops, RTT).
     traces: Vec<libbpf_rs::Link>,
     ring: Option<RingBuffer<'static>>,
     overflow: Arc<Mutex<Overflow>>,
@@ -285,6 +285,12 @@ impl Datapath {
             .context("opening the BPF object")?;
         open.maps.flows_a.set_max_entries(opts.max_flows)?;
         open.maps.flows_b.set_max_entries(opts.max_flows)?;
+        open.maps
+            .srtt_a
+            .set_max_entries(srtt_entries(opts.max_flows))?;
+        open.maps
+            .srtt_b
+            .set_max_entries(srtt_entries(opts.max_flows))?;
         open.maps
             .rodata_data
             .as_deref_mut()
@@ -385,6 +391,8 @@ impl Datapath {
             &m.drops_b,
             &m.srtt_a,
             &m.srtt_b,
+            &m.rtt_seen,
+            &m.rtt_last,
             &m.names,
             &m.name_scratch,
             &m.name_budget,
@@ -399,6 +407,32 @@ impl Datapath {
         })
         .collect()
     }
+}
+
+impl Datapath {
+    /// The kernel IDs of the socket tracepoint programs by their full name
+    /// (the kernel keeps 15 characters: `flowmap_retransmit` and
+    /// `flowmap_retransmit_synack` look alike there), for the benchmarks'
+    /// per-program BPF statistics.
+    pub fn trace_programs(&self) -> Vec<(&'static str, u32)> {
+        let p = &self.skel.progs;
+        [
+            ("flowmap_retransmit", &p.flowmap_retransmit),
+            ("flowmap_retransmit_synack", &p.flowmap_retransmit_synack),
+            ("flowmap_kfree_skb", &p.flowmap_kfree_skb),
+            ("flowmap_sock_state", &p.flowmap_sock_state),
+            ("flowmap_rtt", &p.flowmap_rtt),
+        ]
+        .into_iter()
+        .filter_map(|(name, prog)| Some((name, libbpf_rs::Program::id_from_fd(prog.as_fd()).ok()?)))
+        .collect()
+    }
+}
+
+/// Entries of each smoothed-RTT map: TCP connections sampled in one drain
+/// period, a quarter of the flow map's entries and at least 4096.
+pub fn srtt_entries(max_flows: u32) -> u32 {
+    (max_flows / 4).max(4096)
 }
 
 /// The kernel's drop reasons, and the values the program skips set in its
@@ -431,6 +465,7 @@ fn attach_traces(skel: &FlowsSkel<'static>, drops: bool) -> Vec<libbpf_rs::Link>
         ("tcp_retransmit_synack", &p.flowmap_retransmit_synack),
         ("kfree_skb", &p.flowmap_kfree_skb),
         ("inet_sock_set_state", &p.flowmap_sock_state),
+        ("tcp_probe", &p.flowmap_rtt),
     ] {
         if !drops && name == "kfree_skb" {
             continue;
@@ -438,7 +473,7 @@ fn attach_traces(skel: &FlowsSkel<'static>, drops: bool) -> Vec<libbpf_rs::Link>
         match prog.attach() {
             Ok(l) => out.push(l),
             Err(e) => {
-                tracing::warn!(tracepoint = name, error = %e, "tracepoint not attached; its signal (retransmits or drops) is not counted")
+                tracing::warn!(tracepoint = name, error = %e, "tracepoint not attached; its signal (retransmits, drops or RTT) is not counted")
             }
         }
     }

@@ -65,9 +65,11 @@ pub struct FlowRecord {
     /// reason (skb:kfree_skb); absent when none.
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub drops: std::collections::BTreeMap<Arc<str>, u64>,
-    /// The kernel's smoothed RTT of the connection in µs, sampled from the
-    /// client's socket as it left ESTABLISHED this interval (the server's
-    /// when the client is not on this host); absent when not sampled.
+    /// The kernel's smoothed RTT of the connection in µs this interval:
+    /// the client socket's sample when the client is on this host and was
+    /// sampled (at its first segment received while ESTABLISHED in the
+    /// interval, or as it left ESTABLISHED), else the server socket's;
+    /// absent when neither was sampled.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub srtt_us: Option<u32>,
 }

@@ -20,8 +20,6 @@ struct Conn {
     synack_ns: u64,
     flags: u32,
     attempt: Attempt,
-    /// A smoothed RTT sample was reported (once per connection).
-    srtt_done: bool,
 }
 
 /// What one ingest needs besides the kernel entries.
@@ -184,7 +182,7 @@ impl FlowTable {
             }
             if !self.srtt.is_empty() {
                 if let Some(v) = self.srtt.remove(&key) {
-                    r.srtt_us = self.first_srtt(&key, v);
+                    r.srtt_us = srtt_of(v, conn.client_side);
                 }
             }
             out.push(r);
@@ -217,23 +215,11 @@ impl FlowTable {
             let mut r = record(&key, &empty, c, false, Vec::new(), cx, Health::default());
             r.handshake_this_interval = None;
             r.drops = d.unwrap_or_default();
-            r.srtt_us = s.and_then(|v| self.first_srtt(&key, v));
+            r.srtt_us = s.and_then(|v| srtt_of(v, c.client_side));
             if r.srtt_us.is_some() || !r.drops.is_empty() {
                 out.push(r);
             }
         }
-    }
-
-    /// The connection's smoothed RTT from a sample, the first time only
-    /// (its other socket may close in a later drain period).
-    fn first_srtt(&mut self, key: &ConnKey, v: [u32; 2]) -> Option<u32> {
-        let c = self.conns.get_mut(key)?;
-        if c.srtt_done {
-            return None;
-        }
-        let us = srtt_of(v, c.client_side)?;
-        c.srtt_done = true;
-        Some(us)
     }
 
     /// Decides the attempts still waiting for a SYN/ACK that had no packet
@@ -286,7 +272,6 @@ impl FlowTable {
                 synack_ns: 0,
                 flags: 0,
                 attempt: Attempt::default(),
-                srtt_done: false,
             }
         });
         c.owner = owner;

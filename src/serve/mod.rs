@@ -3,13 +3,14 @@
 //! /metrics and /healthz (on the same listener, or on one of their own).
 
 pub mod access;
+pub mod diff;
 pub mod metrics;
 pub mod view;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use axum::extract::{Query, State};
 use axum::http::{header, StatusCode};
@@ -19,7 +20,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::sinks::store::{ReadError, ReadPool};
+use crate::sinks::store::{ReadError, ReadPool, Window};
 use access::Access;
 use metrics::Metrics;
 use view::Filter;
@@ -94,11 +95,15 @@ pub struct AppState {
     pub interval: Duration,
     /// Edges of a window /api/graph reads at most (the busiest).
     pub max_edges: usize,
+    /// `flowmap serve`: no datapath here; /healthz is the store's health.
+    pub hub: bool,
 }
 
 #[derive(Debug, Deserialize)]
 pub struct GraphQuery {
     since: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
     port: Option<String>,
     protocol: Option<String>,
     q: Option<String>,
@@ -116,14 +121,9 @@ async fn api_graph(State(st): State<AppState>, Query(q): Query<GraphQuery>) -> R
         )
             .into_response();
     };
-    let since = match crate::config::parse_go_duration(q.since.as_deref().unwrap_or("15m")) {
-        Ok(d) if !d.is_zero() => d,
-        _ => {
-            return bad(format!(
-                "since: {:?} is not a duration like 15m",
-                q.since.unwrap_or_default()
-            ))
-        }
+    let window = match window_of(q.since.as_deref(), q.from.as_deref(), q.to.as_deref()) {
+        Ok(w) => w,
+        Err(e) => return bad(e),
     };
     let port = match q.port.as_deref().map(str::trim).filter(|p| !p.is_empty()) {
         None => None,
@@ -137,12 +137,9 @@ async fn api_graph(State(st): State<AppState>, Query(q): Query<GraphQuery>) -> R
         protocol: q.protocol,
         q: q.q,
     };
-    let from = SystemTime::now()
-        .checked_sub(since)
-        .unwrap_or(SystemTime::UNIX_EPOCH);
     let max_edges = st.max_edges;
     let res = reads
-        .read(move |s| view::graph_bounded(s, from, &filter, max_edges))
+        .read(move |s| view::graph_bounded(s, &window, &filter, max_edges))
         .await;
     match res {
         Ok(v) => {
@@ -150,31 +147,221 @@ async fn api_graph(State(st): State<AppState>, Query(q): Query<GraphQuery>) -> R
             body["refresh_seconds"] = json!(st.interval.as_secs().max(1));
             Json(body).into_response()
         }
-        Err(e @ (ReadError::Busy | ReadError::Timeout)) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"error": e.to_string()})),
-        )
-            .into_response(),
-        Err(e) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            Json(json!({"error": e.to_string()})),
-        )
-            .into_response(),
+        Err(e) => read_failed(e),
     }
 }
 
+/// A store read that gave no answer: 503 when busy or past the deadline.
+fn read_failed(e: ReadError) -> Response {
+    let code = match e {
+        ReadError::Busy | ReadError::Timeout => StatusCode::SERVICE_UNAVAILABLE,
+        ReadError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    (code, Json(json!({"error": e.to_string()}))).into_response()
+}
+
+/// A time of the API: Unix milliseconds.
+fn ms_param(name: &str, v: &str) -> Result<i64, String> {
+    v.trim()
+        .parse::<i64>()
+        .ok()
+        .filter(|ms| *ms >= 0)
+        .ok_or_else(|| format!("{name}: {v:?} is not a time in Unix milliseconds"))
+}
+
+/// The window of `/api/graph`: `from` (and `to`, default now) in Unix
+/// ms, else the `since` (default 15m) that ends now, live.
+fn window_of(since: Option<&str>, from: Option<&str>, to: Option<&str>) -> Result<Window, String> {
+    let (from, to) = (
+        from.filter(|v| !v.trim().is_empty()),
+        to.filter(|v| !v.trim().is_empty()),
+    );
+    let Some(from) = from else {
+        if to.is_some() {
+            return Err("to: needs from".into());
+        }
+        return match crate::config::parse_go_duration(since.unwrap_or("15m")) {
+            Ok(d) if !d.is_zero() => Ok(Window::live(d)),
+            _ => Err(format!(
+                "since: {:?} is not a duration like 15m",
+                since.unwrap_or_default()
+            )),
+        };
+    };
+    let from = ms_param("from", from)?;
+    let w = match to {
+        Some(to) => Window::between(from, ms_param("to", to)?),
+        None => Window {
+            from_ms: from,
+            to_ms: i64::MAX,
+            live: true,
+        },
+    };
+    if w.to_ms < w.from_ms {
+        return Err(format!("to ({}) is before from ({})", w.to_ms, w.from_ms));
+    }
+    Ok(w)
+}
+
+#[derive(Debug, Deserialize)]
+pub struct DiffQuery {
+    a_from: Option<String>,
+    a_to: Option<String>,
+    b_from: Option<String>,
+    b_to: Option<String>,
+    factor: Option<String>,
+}
+
+/// `GET /api/diff?a_from&a_to&b_from&b_to&factor` (times in Unix ms,
+/// factor default 2).
+async fn api_diff(State(st): State<AppState>, Query(q): Query<DiffQuery>) -> Response {
+    let Some(reads) = st.reads.clone() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"error": "the local store is disabled (--no-store)"})),
+        )
+            .into_response();
+    };
+    let need = |name: &str, v: &Option<String>| -> Result<i64, String> {
+        match v.as_deref().filter(|v| !v.trim().is_empty()) {
+            Some(v) => ms_param(name, v),
+            None => Err(format!("{name}: required (Unix milliseconds)")),
+        }
+    };
+    let parsed = (|| -> Result<(Window, Window, f64), String> {
+        let a = Window::between(need("a_from", &q.a_from)?, need("a_to", &q.a_to)?);
+        let b = Window::between(need("b_from", &q.b_from)?, need("b_to", &q.b_to)?);
+        for (n, w) in [("a", &a), ("b", &b)] {
+            if w.to_ms < w.from_ms {
+                return Err(format!("{n}_to is before {n}_from"));
+            }
+        }
+        let factor = match q.factor.as_deref().filter(|v| !v.trim().is_empty()) {
+            None => 2.0,
+            Some(v) => parse_factor(v)?,
+        };
+        Ok((a, b, factor))
+    })();
+    let (a, b, factor) = match parsed {
+        Ok(p) => p,
+        Err(e) => return bad(e),
+    };
+    let limit = st.max_edges.saturating_mul(4);
+    match reads
+        .read(move |s| diff::diff(s, &a, &b, factor, Some(limit)))
+        .await
+    {
+        Ok(d) => Json(d).into_response(),
+        Err(e) => read_failed(e),
+    }
+}
+
+/// A diff factor: a number above 1.
+pub fn parse_factor(v: &str) -> Result<f64, String> {
+    match v.trim().parse::<f64>() {
+        Ok(f) if f.is_finite() && f > 1.0 => Ok(f),
+        _ => Err(format!("factor: {v:?} is not a number above 1")),
+    }
+}
+
+/// `flowmap serve`'s /metrics: the store's counts (bounded: no series per
+/// node or edge): agents and edges by status of the last 15 minutes,
+/// intervals kept, and whether the store answered.
+async fn hub_metrics(st: &AppState) -> String {
+    let read = match st.reads.clone() {
+        Some(r) => r
+            .read(|s| {
+                let w = Window::live(Duration::from_secs(15 * 60));
+                let agents = s.agents(&w)?.len();
+                let (edges, _) = s.edges_in(&w, None)?;
+                Ok((agents, edges, s.runs()?))
+            })
+            .await
+            .ok(),
+        None => None,
+    };
+    let mut out = String::new();
+    let mut gauge = |name: &str, help: &str, lines: Vec<(String, u64)>| {
+        out += &format!("# HELP flowmap_hub_{name} {help}\n# TYPE flowmap_hub_{name} gauge\n");
+        for (labels, v) in lines {
+            out += &format!("flowmap_hub_{name}{labels} {v}\n");
+        }
+    };
+    gauge(
+        "store_up",
+        "1 when the last read of the store succeeded",
+        vec![(String::new(), read.is_some() as u64)],
+    );
+    if let Some((agents, edges, runs)) = &read {
+        gauge(
+            "agents",
+            "Agents (nodes) that wrote an interval in the last 15 minutes",
+            vec![(String::new(), *agents as u64)],
+        );
+        gauge(
+            "intervals",
+            "Intervals kept in the store",
+            vec![(String::new(), *runs)],
+        );
+        let by = |s: crate::status::Status| {
+            (
+                format!("{{status=\"{}\"}}", s.name()),
+                edges.iter().filter(|e| e.health.status == s).count() as u64,
+            )
+        };
+        gauge(
+            "edges",
+            "Edges of the cluster map of the last 15 minutes, by status",
+            crate::status::Status::ALL.iter().map(|s| by(*s)).collect(),
+        );
+    }
+    out += &format!(
+        "# HELP flowmap_build_info Version and git commit of this binary\n# TYPE flowmap_build_info gauge\nflowmap_build_info{{version=\"{}\",commit=\"{}\"}} 1\n# EOF\n",
+        env!("CARGO_PKG_VERSION"),
+        env!("FLOWMAP_GIT_COMMIT")
+    );
+    out
+}
+
 async fn metrics(State(st): State<AppState>) -> Response {
+    let body = if st.hub {
+        hub_metrics(&st).await
+    } else {
+        st.metrics.encode()
+    };
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        st.metrics.encode(),
+        body,
     )
         .into_response()
 }
 
+/// `flowmap serve`'s health: the store answers a read.
+async fn hub_healthz(st: &AppState) -> Response {
+    let res = match st.reads.clone() {
+        Some(r) => r.read(|s| s.runs()).await.map_err(|e| e.to_string()),
+        None => Err("no store".into()),
+    };
+    let (code, body) = match res {
+        Ok(n) => (
+            StatusCode::OK,
+            json!({"status": "ok", "store": {"ok": true, "intervals": n}}),
+        ),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"status": "unhealthy", "store": {"ok": false, "error": e}}),
+        ),
+    };
+    (code, Json(body)).into_response()
+}
+
 async fn healthz(State(st): State<AppState>) -> Response {
+    if st.hub {
+        return hub_healthz(&st).await;
+    }
     let h = &st.metrics.health;
     let attached = h.interfaces_attached.load(Ordering::Relaxed);
     let loaded = h.datapath_loaded.load(Ordering::Relaxed);
@@ -238,7 +425,8 @@ pub fn web_router(st: AppState, access: Arc<Access>, with_metrics: bool) -> Rout
                 )
             }),
         )
-        .route("/api/graph", get(api_graph));
+        .route("/api/graph", get(api_graph))
+        .route("/api/diff", get(api_diff));
     if with_metrics {
         r = r
             .route("/metrics", get(metrics))

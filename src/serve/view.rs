@@ -8,7 +8,7 @@ use std::time::SystemTime;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
-use crate::sinks::store::{EdgeRow, NodeRow, Store};
+use crate::sinks::store::{AgentRow, EdgeRow, NodeRow, Store, Window};
 
 /// Filters of the map page and the CLI.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -58,12 +58,19 @@ impl Filter {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct GraphView {
+    /// The window's start (kept for the page: `from_ms`).
     pub since_ms: i64,
+    /// The window: intervals that ended in `[from_ms, to_ms]` (`to_ms`
+    /// null for a live window, which ends now).
+    pub from_ms: i64,
+    pub to_ms: Option<i64>,
     pub nodes: Vec<NodeRow>,
     pub edges: Vec<EdgeRow>,
     /// The window had more edges than were read (the map page's bound):
     /// these are its busiest ones.
     pub truncated: bool,
+    /// The agents that wrote intervals in the window.
+    pub agents: Vec<AgentRow>,
 }
 
 /// Host and node endpoints the map page reads at most.
@@ -72,22 +79,34 @@ const MAX_HOSTS: usize = 256;
 /// The graph of the window: edges that pass the filter and the endpoints
 /// they join (plus, without a filter, every host endpoint of the window).
 pub fn graph(store: &mut Store, since: SystemTime, f: &Filter) -> Result<GraphView> {
-    let nodes = store.nodes(since)?;
-    let edges = store.edges(since)?;
-    Ok(assemble(nodes, edges, since, f, false))
+    graph_in(store, &Window::since(since), f)
+}
+
+/// [`graph`] of any window, every edge of it.
+pub fn graph_in(store: &mut Store, w: &Window, f: &Filter) -> Result<GraphView> {
+    let nodes = store.nodes(ms_time(w.from_ms))?;
+    let (edges, _) = store.edges_in(w, None)?;
+    let agents = store.agents(w)?;
+    Ok(assemble(nodes, edges, w, f, false, agents))
+}
+
+fn ms_time(ms: i64) -> SystemTime {
+    std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64)
 }
 
 /// The map page's graph: as [`graph`], but of the `max_edges` busiest
 /// edges of the window only (the filter applies to those), and only the
 /// endpoints they join (plus at most MAX_HOSTS host endpoints) are read.
+/// The busiest (edge, agent) rows are read, at most four per edge
+/// (`max_edges × 4`); `truncated` says the window had more.
 pub fn graph_bounded(
     store: &mut Store,
-    since: SystemTime,
+    w: &Window,
     f: &Filter,
     max_edges: usize,
 ) -> Result<GraphView> {
-    let mut edges = store.edges_top(since, max_edges + 1)?;
-    let truncated = edges.len() > max_edges;
+    let (mut edges, mut truncated) = store.edges_in(w, Some(max_edges.saturating_mul(4)))?;
+    truncated |= edges.len() > max_edges;
     edges.truncate(max_edges);
     let ids: BTreeSet<&str> = edges
         .iter()
@@ -95,7 +114,7 @@ pub fn graph_bounded(
         .collect();
     let mut nodes = store.nodes_by_ids(&ids.into_iter().collect::<Vec<_>>())?;
     let hosts = store.nodes_of_types(
-        since,
+        ms_time(w.from_ms),
         &[
             crate::enrich::server::HOST_TYPE,
             crate::enrich::kube::index::NODE_TYPE,
@@ -107,7 +126,8 @@ pub fn graph_bounded(
             nodes.insert(at, h);
         }
     }
-    Ok(assemble(nodes, edges, since, f, truncated))
+    let agents = store.agents(w)?;
+    Ok(assemble(nodes, edges, w, f, truncated, agents))
 }
 
 /// Filters and orders the edges (busiest first) and keeps the endpoints
@@ -115,9 +135,10 @@ pub fn graph_bounded(
 fn assemble(
     nodes: Vec<NodeRow>,
     edges: Vec<EdgeRow>,
-    since: SystemTime,
+    w: &Window,
     f: &Filter,
     truncated: bool,
+    agents: Vec<AgentRow>,
 ) -> GraphView {
     let mut edges: Vec<EdgeRow> = edges.into_iter().filter(|e| f.keep(e, &nodes)).collect();
     edges.sort_by(|a, b| {
@@ -142,10 +163,13 @@ fn assemble(
         })
         .collect();
     GraphView {
-        since_ms: crate::sinks::store::unix_ms(since),
+        since_ms: w.from_ms,
+        from_ms: w.from_ms,
+        to_ms: (w.to_ms != i64::MAX).then_some(w.to_ms),
         nodes,
         edges,
         truncated,
+        agents,
     }
 }
 
@@ -165,7 +189,18 @@ pub fn top(
     by: By,
     limit: usize,
 ) -> Result<(Vec<EdgeRow>, Vec<NodeRow>)> {
-    let mut edges = store.edges(since)?;
+    top_in(store, &Window::since(since), by, limit)
+}
+
+/// [`top`] of any window.
+pub fn top_in(
+    store: &mut Store,
+    w: &Window,
+    by: By,
+    limit: usize,
+) -> Result<(Vec<EdgeRow>, Vec<NodeRow>)> {
+    let since = ms_time(w.from_ms);
+    let (mut edges, _) = store.edges_in(w, None)?;
     let key = |e: &EdgeRow| match by {
         By::Bytes => (e.bytes(), 0),
         By::Connections => (e.connections_active, 0),
@@ -196,17 +231,32 @@ pub fn top_table(edges: &[EdgeRow], nodes: &[NodeRow]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<28} {:<28} {:>11} {:>8} {:>10} {:>14} {:>10} {:>7} {:>7} STATUS",
-        "CLIENT", "SERVER", "PROTO/PORT", "CONNS", "PACKETS", "BYTES", "RTT_US", "FAILED", "RESETS"
+        "{:<28} {:<28} {:>11} {:>8} {:>10} {:>14} {:>10} {:>7} {:>7} {:>7} {:>10} STATUS",
+        "CLIENT",
+        "SERVER",
+        "PROTO/PORT",
+        "CONNS",
+        "PACKETS",
+        "BYTES",
+        "RTT_US",
+        "FAILED",
+        "RESETS",
+        "DROPS",
+        "SRTT_US"
     );
     for e in edges {
         let rtt = e
             .handshake_mean_us
             .map(|r| format!("{r:.1}"))
             .unwrap_or_else(|| "-".into());
+        let srtt = e
+            .health
+            .srtt_us
+            .map(|s| format!("{:.1}", s.mean))
+            .unwrap_or_else(|| "-".into());
         let _ = writeln!(
             out,
-            "{:<28} {:<28} {:>11} {:>8} {:>10} {:>14} {:>10} {:>7} {:>7} {}",
+            "{:<28} {:<28} {:>11} {:>8} {:>10} {:>14} {:>10} {:>7} {:>7} {:>7} {:>10} {}",
             name_of(nodes, &e.source),
             name_of(nodes, &e.target),
             format!("{}/{}", e.protocol, e.port),
@@ -216,10 +266,25 @@ pub fn top_table(edges: &[EdgeRow], nodes: &[NodeRow]) -> String {
             rtt,
             e.health.connections_failed.total(),
             e.health.resets_client + e.health.resets_server,
+            e.health.drops.values().sum::<u64>(),
+            srtt,
             e.health.status.name()
         );
     }
     out
+}
+
+/// Drops and smoothed RTT for an edge's label (empty when it has neither).
+fn health_note(e: &EdgeRow) -> String {
+    let mut s = String::new();
+    let drops: u64 = e.health.drops.values().sum();
+    if drops > 0 {
+        let _ = write!(s, ", {drops} dropped");
+    }
+    if let Some(r) = e.health.srtt_us {
+        let _ = write!(s, ", srtt {:.0} us", r.mean);
+    }
+    s
 }
 
 fn dot_quote(s: &str) -> String {
@@ -249,7 +314,13 @@ pub fn to_dot(v: &GraphView) -> String {
             "  {} -> {} [label={}];",
             dot_quote(&e.source),
             dot_quote(&e.target),
-            dot_quote(&format!("{}/{} {} B", e.protocol, e.port, e.bytes()))
+            dot_quote(&format!(
+                "{}/{} {} B{}",
+                e.protocol,
+                e.port,
+                e.bytes(),
+                health_note(e)
+            ))
         );
     }
     out.push_str("}\n");
@@ -272,11 +343,12 @@ pub fn to_mermaid(v: &GraphView) -> String {
     for e in &v.edges {
         let _ = writeln!(
             out,
-            "  {} -->|\"{}/{} {} B\"| {}",
+            "  {} -->|\"{}/{} {} B{}\"| {}",
             short(&e.source),
             e.protocol,
             e.port,
             e.bytes(),
+            health_note(e),
             short(&e.target)
         );
     }

@@ -3,5 +3,8 @@
 
 pub mod datapath;
 pub mod drops;
+pub mod health;
+pub mod page;
 pub mod realpath;
 pub mod scale;
+pub mod store;

@@ -4,7 +4,7 @@
 //! prints stable, greppable lines: `bench datapath case=… program=…
 //! ns_per_packet=…` and `bench scale <name> <metric>=<value>`.
 
-use flowmap_bench::{datapath, drops, realpath, scale};
+use flowmap_bench::{datapath, drops, health, page, realpath, scale, store};
 
 use std::process::ExitCode;
 
@@ -99,6 +99,50 @@ enum ScaleWhat {
         #[arg(long, default_value_t = 100_000)]
         packets: u32,
     },
+    /// A fleet of agents writing into one PostgreSQL on this machine (real
+    /// write path, synthetic rows, compressed time), then the cluster map
+    /// read over 15 min, 1 h and 24 h.
+    Store {
+        #[arg(long, default_value_t = 100)]
+        agents: u32,
+        #[arg(long, default_value_t = 1000)]
+        edges: u32,
+        /// Intervals of every agent (2880 of 30 s: one day).
+        #[arg(long, default_value_t = 120)]
+        intervals: u32,
+        #[arg(long, default_value_t = 30)]
+        interval_seconds: u64,
+        /// Database connections writing.
+        #[arg(long, default_value_t = 4)]
+        writers: u32,
+        /// Reads per window.
+        #[arg(long, default_value_t = 20)]
+        queries: u32,
+    },
+    /// The map page in headless Chromium over a store of a synthetic
+    /// cluster: milliseconds until it is usable (drawn and answering a search).
+    Page {
+        #[arg(long, default_value_t = 5_000)]
+        endpoints: u32,
+        #[arg(long, default_value_t = 20_000)]
+        edges: u32,
+        /// Page loads measured (the median is printed, and the slowest).
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+    },
+    /// The socket tracepoint programs' cost per event (retransmits, SYN/ACK
+    /// retransmits, RTT sampling) at steady state (kernel BPF statistics).
+    Health {
+        /// Seconds of each bulk transfer (tcp_loss, tcp_bulk).
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        /// Connects whose SYN/ACKs are dropped (synack_lost).
+        #[arg(long, default_value_t = 1_000)]
+        attempts: u32,
+        /// Short connections (tcp_short).
+        #[arg(long, default_value_t = 2_000)]
+        short: u32,
+    },
     /// 64-byte UDP through a veth pair, without and with flowmap.
     Throughput {
         #[arg(long, default_value_t = 5)]
@@ -139,6 +183,32 @@ fn main() -> ExitCode {
                 }
             }
             ScaleWhat::Drops { packets } => drops::drops(packets, &mut out),
+            ScaleWhat::Store {
+                agents,
+                edges,
+                intervals,
+                interval_seconds,
+                writers,
+                queries,
+            } => store::store(
+                agents,
+                edges,
+                intervals,
+                std::time::Duration::from_secs(interval_seconds.max(1)),
+                writers,
+                queries,
+                &mut out,
+            ),
+            ScaleWhat::Page {
+                endpoints,
+                edges,
+                rounds,
+            } => page::page(endpoints, edges, rounds, &mut out),
+            ScaleWhat::Health {
+                seconds,
+                attempts,
+                short,
+            } => health::health(seconds, attempts, short, &mut out),
             ScaleWhat::Throughput { rounds, seconds } => {
                 scale::throughput(rounds.max(1), seconds, &mut out)
             }

@@ -4,12 +4,15 @@
 //! private PostgreSQL, a loopback collector, temp directories, a fake
 //! flow source, flow records on a fixed clock, and known traffic through
 //! a veth with an AF_PACKET capture to check the agent's counts against
-//! (`traffic`).
+//! (`traffic`), a synthetic cluster's intervals written into a store
+//! (`mapstore`), and headless Chromium through WebDriver (`browser`).
 
 pub mod agent;
+pub mod browser;
 pub mod collector;
 pub mod dns;
 pub mod frames;
+pub mod mapstore;
 pub mod net;
 pub mod postgres;
 pub mod records;

@@ -185,6 +185,16 @@ impl Pg {
         ca
     }
 
+    /// Through the server's Unix socket (a file: reachable from any
+    /// network namespace, unlike its loopback address).
+    pub fn socket_connection_string(&self) -> String {
+        format!(
+            "host={} port={} user=postgres dbname=postgres sslmode=disable",
+            self.dir.path().display(),
+            self.port
+        )
+    }
+
     pub fn connection_string(&self) -> String {
         format!(
             "host=127.0.0.1 port={} user=postgres dbname=postgres",

@@ -139,6 +139,13 @@ fn instance_id(dir: &Path) -> std::io::Result<String> {
     Ok(id)
 }
 
+/// The agent instance ID of the spool directory `dir` (created 0700 when
+/// missing), also when nothing is delivered: the store's rows carry it.
+pub fn agent_instance_id(dir: &Path) -> std::io::Result<String> {
+    private_dir(dir)?;
+    instance_id(dir)
+}
+
 /// Creates `dir` 0700; an existing one that lets others in is named in a
 /// warning and tightened. Files in it that are not 0600 are named too.
 fn private_dir(dir: &Path) -> std::io::Result<()> {

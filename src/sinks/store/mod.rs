@@ -13,8 +13,10 @@ use tracing::info;
 use crate::config::{Database, Driver};
 use crate::graph::Graph;
 
+pub mod cluster;
 mod pg;
 mod pool;
+pub mod rollup;
 mod writer;
 pub use pool::{ReadError, ReadPool};
 pub use writer::{Counters, Job, Writer};
@@ -44,6 +46,17 @@ impl Location {
         }
     }
 
+    /// `--database`: a PostgreSQL connection string (`postgres://…`,
+    /// `postgresql://…`, or libpq's `key=value …`), else a SQLite file.
+    pub fn parse(s: &str) -> Location {
+        let t = s.trim();
+        if t.starts_with("postgres://") || t.starts_with("postgresql://") || t.contains('=') {
+            Location::Postgres(t.to_string())
+        } else {
+            Location::Sqlite(PathBuf::from(t))
+        }
+    }
+
     /// For logs: never the PostgreSQL connection string (it may hold a password).
     pub fn describe(&self) -> String {
         match self {
@@ -60,6 +73,16 @@ enum Conn {
 
 pub struct Store {
     conn: Conn,
+    /// The agent that writes: its node and instance ID (empty for readers).
+    who: Agent,
+}
+
+/// The agent that writes rows: the node it runs on (`NODE_NAME`, else the
+/// host name) and its instance ID (the UUID the spool directory keeps).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Agent {
+    pub node: String,
+    pub instance_id: String,
 }
 
 /// Creates the store's directory 0700 if it is missing; warns when an
@@ -182,10 +205,53 @@ ALTER TABLE edge_stats ADD COLUMN status_rank BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE edge_stats ADD COLUMN retrans_c2s BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE edge_stats ADD COLUMN retrans_s2c BIGINT NOT NULL DEFAULT 0;
 ",
+    // Version 3 (issue 15 and 13): rows carry the agent that wrote them (its
+    // node and instance ID) and the node each end runs on (for counting a
+    // connection once across nodes); edges keep drops and smoothed RTT; the
+    // interval's end is on each edge row, so windows read no join.
+    "
+ALTER TABLE crawl_runs ADD COLUMN node TEXT NOT NULL DEFAULT '';
+ALTER TABLE crawl_runs ADD COLUMN instance_id TEXT NOT NULL DEFAULT '';
+ALTER TABLE elements ADD COLUMN node TEXT NOT NULL DEFAULT '';
+ALTER TABLE edge_stats ADD COLUMN node TEXT NOT NULL DEFAULT '';
+ALTER TABLE edge_stats ADD COLUMN client_node TEXT NOT NULL DEFAULT '';
+ALTER TABLE edge_stats ADD COLUMN server_node TEXT NOT NULL DEFAULT '';
+ALTER TABLE edge_stats ADD COLUMN interval_end_ms BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE edge_stats ADD COLUMN drops TEXT NOT NULL DEFAULT '';
+ALTER TABLE edge_stats ADD COLUMN srtt_samples BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE edge_stats ADD COLUMN srtt_min_us DOUBLE PRECISION;
+ALTER TABLE edge_stats ADD COLUMN srtt_mean_us DOUBLE PRECISION;
+ALTER TABLE edge_stats ADD COLUMN srtt_max_us DOUBLE PRECISION;
+UPDATE edge_stats SET interval_end_ms = (SELECT r.interval_end_ms FROM crawl_runs r WHERE r.id = edge_stats.run_id);
+CREATE INDEX edge_stats_end ON edge_stats (interval_end_ms);
+CREATE INDEX crawl_runs_node ON crawl_runs (node, interval_end_ms);
+CREATE INDEX elements_seen ON elements (last_seen_ms);
+CREATE TABLE flowmap_rollups (grain TEXT PRIMARY KEY, done_ms BIGINT NOT NULL);
+@ROLLUPS@
+",
 ];
 
-fn postgres_migrations() -> Vec<String> {
+/// The schema version this flowmap writes.
+pub const SCHEMA_VERSION: u32 = 3;
+
+/// The PostgreSQL advisory lock key migrations hold (any agent of a fleet
+/// starting at once waits for the one migrating): "flowmap" in ASCII.
+const MIGRATION_LOCK: i64 = 0x666c_6f77_6d61_70;
+
+/// The steps for SQLite (the rollup tables of rollup.rs filled in).
+fn sqlite_migrations() -> Vec<String> {
+    let rollups: String = rollup::GRAINS
+        .iter()
+        .map(|(t, _)| rollup::create_table(t))
+        .collect();
     SQLITE_MIGRATIONS
+        .iter()
+        .map(|m| m.replace("@ROLLUPS@", &rollups))
+        .collect()
+}
+
+fn postgres_migrations() -> Vec<String> {
+    sqlite_migrations()
         .iter()
         .map(|m| {
             m.replace(
@@ -216,9 +282,71 @@ pub struct EdgeRow {
     pub tcp_resets: u64,
     pub first_seen_ms: i64,
     pub last_seen_ms: i64,
-    /// Health summed over the window; `status` is the worst of its intervals.
+    /// Health summed over the window; `status` is the worst of its
+    /// intervals (in a live window, NoStatus when the edge had no traffic
+    /// in its agent's latest interval).
     #[serde(flatten)]
     pub health: crate::status::EdgeHealth,
+    /// The node whose agent's counts these are (a connection seen by
+    /// several agents is counted once, see cluster.rs).
+    pub node: String,
+    /// Every node whose agent reported this edge in the window.
+    pub seen_by: Vec<String>,
+    /// End of the last interval (of `node`'s agent) that had this edge.
+    pub last_interval_end_ms: i64,
+    /// The nodes its client and server run on (empty when none).
+    #[serde(skip)]
+    pub client_node: String,
+    #[serde(skip)]
+    pub server_node: String,
+}
+
+/// An agent that wrote intervals in a window.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AgentRow {
+    pub node: String,
+    pub instance_id: String,
+    pub last_interval_end_ms: i64,
+}
+
+/// A time window of the store: intervals that ended in `[from_ms, to_ms]`.
+/// A live window ends now: there an edge idle in its agent's latest
+/// interval is NoStatus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub from_ms: i64,
+    pub to_ms: i64,
+    pub live: bool,
+}
+
+impl Window {
+    /// Every interval that ended at or after `since` (not live).
+    pub fn since(since: SystemTime) -> Window {
+        Window {
+            from_ms: unix_ms(since),
+            to_ms: i64::MAX,
+            live: false,
+        }
+    }
+
+    /// The `len` that ends now.
+    pub fn live(len: Duration) -> Window {
+        let now = SystemTime::now();
+        Window {
+            from_ms: unix_ms(now.checked_sub(len).unwrap_or(UNIX_EPOCH)),
+            to_ms: i64::MAX,
+            live: true,
+        }
+    }
+
+    /// `[from_ms, to_ms]`, a past window.
+    pub fn between(from_ms: i64, to_ms: i64) -> Window {
+        Window {
+            from_ms,
+            to_ms,
+            live: false,
+        }
+    }
 }
 
 impl EdgeRow {
@@ -247,6 +375,16 @@ pub fn unix_ms(t: SystemTime) -> i64 {
         .unwrap_or(0)
 }
 
+/// The columns of an edge_stats row, in the order of `edge_vals`.
+const EDGE_COLS: &str = "run_id, source_id, destination_id, protocol, port, connections_opened, connections_active,
+  packets_c2s, bytes_c2s, packets_s2c, bytes_s2c, handshake_count, handshake_min_us, handshake_mean_us,
+  handshake_max_us, tcp_resets, first_seen_ms, last_seen_ms, connections_attempted, failed_refused,
+  failed_unanswered, failed_unreachable, syn_retransmits, resets_client, resets_server, status_rank,
+  retrans_c2s, retrans_s2c, node, client_node, server_node, interval_end_ms, drops,
+  srtt_samples, srtt_min_us, srtt_mean_us, srtt_max_us";
+
+/// Each edge of a window, summed per node that reported it (`$1` ≤ the
+/// interval's end ≤ `$2`); cluster.rs makes one edge of them.
 const EDGE_QUERY: &str = "
 SELECT s.source_id, s.destination_id, s.protocol, s.port,
   CAST(SUM(s.connections_opened) AS BIGINT), CAST(SUM(s.connections_active) AS BIGINT),
@@ -259,10 +397,14 @@ SELECT s.source_id, s.destination_id, s.protocol, s.port,
   CAST(SUM(s.failed_unanswered) AS BIGINT), CAST(SUM(s.failed_unreachable) AS BIGINT),
   CAST(SUM(s.syn_retransmits) AS BIGINT), CAST(SUM(s.resets_client) AS BIGINT),
   CAST(SUM(s.resets_server) AS BIGINT), CAST(MAX(s.status_rank) AS BIGINT),
-  CAST(SUM(s.retrans_c2s) AS BIGINT), CAST(SUM(s.retrans_s2c) AS BIGINT)
-FROM edge_stats s JOIN crawl_runs r ON r.id = s.run_id
-WHERE r.interval_end_ms >= $1
-GROUP BY s.source_id, s.destination_id, s.protocol, s.port";
+  CAST(SUM(s.retrans_c2s) AS BIGINT), CAST(SUM(s.retrans_s2c) AS BIGINT),
+  s.node, MAX(s.client_node), MAX(s.server_node), MAX(s.interval_end_ms),
+  group_concat(NULLIF(s.drops, ''), ';'),
+  CAST(SUM(s.srtt_samples) AS BIGINT), MIN(s.srtt_min_us),
+  SUM(COALESCE(s.srtt_mean_us, 0) * s.srtt_samples), MAX(s.srtt_max_us)
+FROM edge_stats s
+WHERE s.interval_end_ms >= $1 AND s.interval_end_ms <= $2
+GROUP BY s.source_id, s.destination_id, s.protocol, s.port, s.node";
 
 const NODE_QUERY: &str =
     "SELECT id, type, name, payload, first_seen_ms, last_seen_ms FROM elements WHERE last_seen_ms >= $1 ORDER BY id";
@@ -286,9 +428,17 @@ impl Store {
             }
             Location::Postgres(cs) => Conn::Postgres(Box::new(pg::connect(cs)?)),
         };
-        let mut s = Store { conn };
+        let mut s = Store {
+            conn,
+            who: Agent::default(),
+        };
         s.migrate()?;
         Ok(s)
+    }
+
+    /// Says which agent writes through this store (rows carry it).
+    pub fn set_agent(&mut self, who: Agent) {
+        self.who = who;
     }
 
     /// True when the connection to the server is gone (PostgreSQL).
@@ -321,10 +471,29 @@ impl Store {
         Ok(v.unwrap_or(0) as u32)
     }
 
+    /// Brings the schema up to date. On PostgreSQL under an advisory lock,
+    /// so a fleet of agents starting at once migrates it once: the others
+    /// wait, then find it current.
     fn migrate(&mut self) -> Result<()> {
+        if let Conn::Postgres(c) = &mut self.conn {
+            c.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+                .context("taking the store's migration lock")?;
+            let res = self.migrate_locked();
+            if let Conn::Postgres(c) = &mut self.conn {
+                let unlocked = c.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]);
+                if let (Ok(()), Err(e)) = (&res, unlocked) {
+                    return Err(e).context("releasing the store's migration lock");
+                }
+            }
+            return res;
+        }
+        self.migrate_locked()
+    }
+
+    fn migrate_locked(&mut self) -> Result<()> {
         let have = self.version()?;
         let steps: Vec<String> = match &self.conn {
-            Conn::Sqlite(_) => SQLITE_MIGRATIONS.iter().map(|s| s.to_string()).collect(),
+            Conn::Sqlite(_) => sqlite_migrations(),
             Conn::Postgres(_) => postgres_migrations(),
         };
         if have as usize > steps.len() {
@@ -342,6 +511,7 @@ impl Store {
     }
 
     fn run(&mut self, sql: &str, vals: &[Val]) -> Result<u64> {
+        let sql = &*self.dialect(sql).into_owned();
         match &mut self.conn {
             Conn::Sqlite(c) => Ok(c.execute(sql, rusqlite::params_from_iter(vals.iter()))? as u64),
             Conn::Postgres(c) => {
@@ -394,13 +564,15 @@ impl Store {
         graph: &Graph,
         always: &[crate::enrich::Endpoint],
     ) -> Result<i64> {
-        let ins = "INSERT INTO crawl_runs (data_source_id, interval_start_ms, interval_end_ms, endpoints, edges) VALUES ($1, $2, $3, $4, $5)";
+        let ins = "INSERT INTO crawl_runs (data_source_id, interval_start_ms, interval_end_ms, endpoints, edges, node, instance_id) VALUES ($1, $2, $3, $4, $5, $6, $7)";
         let vals = [
             Val::T(ds.into()),
             Val::I(start_ms),
             Val::I(end_ms),
             Val::I(graph.endpoints.len() as i64),
             Val::I(graph.edges.len() as i64),
+            Val::T(self.who.node.clone()),
+            Val::T(self.who.instance_id.clone()),
         ];
         let run_id = match &mut self.conn {
             Conn::Sqlite(c) => {
@@ -416,83 +588,182 @@ impl Store {
                         &end_ms,
                         &(graph.endpoints.len() as i64),
                         &(graph.edges.len() as i64),
+                        &self.who.node,
+                        &self.who.instance_id,
                     ],
                 )?
                 .get(0),
         };
+        // Each endpoint once (the host is in `always` and in the graph).
+        let mut seen = std::collections::HashSet::new();
+        let mut rows = Vec::new();
         for ep in always.iter().chain(graph.endpoints.values()) {
-            let kind = ep.kind.element_type();
-            self.run(
-                "INSERT INTO elements (id, type, name, payload, first_seen_ms, last_seen_ms) VALUES ($1, $2, $3, $4, $5, $5)
-                 ON CONFLICT (id) DO UPDATE SET type = excluded.type, name = excluded.name, payload = excluded.payload, last_seen_ms = excluded.last_seen_ms",
-                &[Val::T(ep.id.clone()), Val::T(kind.into()), Val::T(ep.name.clone()), Val::T(serde_json::to_string(ep)?), Val::I(end_ms)],
-            )?;
+            if !seen.insert(ep.id.as_str()) {
+                continue;
+            }
+            rows.push(vec![
+                Val::T(ep.id.clone()),
+                Val::T(ep.kind.element_type().into()),
+                Val::T(ep.name.clone()),
+                Val::T(serde_json::to_string(ep)?),
+                Val::I(end_ms),
+                Val::I(end_ms),
+                Val::T(self.node_of(ep)),
+            ]);
         }
+        self.insert_many(
+            "INSERT INTO elements (id, type, name, payload, first_seen_ms, last_seen_ms, node)",
+            rows,
+            "ON CONFLICT (id) DO UPDATE SET type = excluded.type, name = excluded.name, payload = excluded.payload, last_seen_ms = excluded.last_seen_ms, node = excluded.node",
+        )?;
         let mut pairs: BTreeMap<(&str, &str), i64> = BTreeMap::new();
+        let mut rows = Vec::with_capacity(graph.edges.len());
         for (k, e) in &graph.edges {
             let first = unix_ms(e.first_seen);
             let p = pairs.entry((&*k.client, &*k.server)).or_insert(first);
             *p = (*p).min(first);
-            self.insert_edge(run_id, k, e, first)?;
+            let ends = [&k.client, &k.server].map(|id| {
+                graph
+                    .endpoints
+                    .get(id)
+                    .map(|ep| self.node_of(ep))
+                    .unwrap_or_default()
+            });
+            rows.push(self.edge_vals(run_id, end_ms, k, e, first, ends)?);
         }
-        for ((src, dst), first) in pairs {
-            self.run(
-                "INSERT INTO relationships (source_id, destination_id, first_seen_ms, last_seen_ms) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (source_id, destination_id) DO UPDATE SET last_seen_ms = excluded.last_seen_ms",
-                &[Val::T(src.into()), Val::T(dst.into()), Val::I(first), Val::I(end_ms)],
-            )?;
-        }
+        self.insert_many(&format!("INSERT INTO edge_stats ({EDGE_COLS})"), rows, "")?;
+        let rows = pairs
+            .into_iter()
+            .map(|((src, dst), first)| {
+                vec![
+                    Val::T(src.into()),
+                    Val::T(dst.into()),
+                    Val::I(first),
+                    Val::I(end_ms),
+                ]
+            })
+            .collect();
+        self.insert_many(
+            "INSERT INTO relationships (source_id, destination_id, first_seen_ms, last_seen_ms)",
+            rows,
+            "ON CONFLICT (source_id, destination_id) DO UPDATE SET last_seen_ms = excluded.last_seen_ms",
+        )?;
         Ok(run_id)
     }
 
-    /// One edge's statistics of one interval.
-    fn insert_edge(
-        &mut self,
+    /// Inserts `rows` (each of the same columns) with as few statements as
+    /// the drivers' limit on bound values allows: `head VALUES (…), (…) tail`.
+    fn insert_many(&mut self, head: &str, rows: Vec<Vec<Val>>, tail: &str) -> Result<()> {
+        let Some(width) = rows.first().map(Vec::len) else {
+            return Ok(());
+        };
+        // Both drivers take at least 32766 values per statement.
+        let per = (30_000 / width).max(1);
+        for chunk in rows.chunks(per) {
+            let mut sql = String::with_capacity(head.len() + chunk.len() * width * 5 + tail.len());
+            sql.push_str(head);
+            sql.push_str(" VALUES ");
+            let mut n = 0;
+            for (i, _) in chunk.iter().enumerate() {
+                sql.push_str(if i == 0 { "(" } else { ", (" });
+                for j in 0..width {
+                    n += 1;
+                    if j > 0 {
+                        sql.push_str(", ");
+                    }
+                    sql.push('$');
+                    sql.push_str(&n.to_string());
+                }
+                sql.push(')');
+            }
+            sql.push(' ');
+            sql.push_str(tail);
+            let vals: Vec<Val> = chunk.iter().flatten().cloned().collect();
+            self.run(&sql, &vals)?;
+        }
+        Ok(())
+    }
+
+    /// The node an endpoint runs on: a pod's node, a Kubernetes node
+    /// itself, this agent's node for its own host; empty for the others.
+    fn node_of(&self, ep: &crate::enrich::Endpoint) -> String {
+        use crate::enrich::EndpointKind;
+        match ep.kind {
+            EndpointKind::Pod => ep.node.clone().unwrap_or_default(),
+            EndpointKind::Node => ep.name.clone(),
+            EndpointKind::Host => self.who.node.clone(),
+            _ => String::new(),
+        }
+    }
+
+    /// One edge's statistics of one interval, as the values of EDGE_COLS;
+    /// `ends` are the nodes its client and server run on.
+    fn edge_vals(
+        &self,
         run_id: i64,
+        end_ms: i64,
         k: &crate::graph::EdgeKey,
         e: &crate::graph::EdgeStats,
         first: i64,
-    ) -> Result<()> {
+        ends: [String; 2],
+    ) -> Result<Vec<Val>> {
         let h = e.handshake.as_ref();
-        self.run(
-            "INSERT INTO edge_stats (run_id, source_id, destination_id, protocol, port, connections_opened, connections_active,
-               packets_c2s, bytes_c2s, packets_s2c, bytes_s2c, handshake_count, handshake_min_us, handshake_mean_us,
-               handshake_max_us, tcp_resets, first_seen_ms, last_seen_ms, connections_attempted, failed_refused,
-               failed_unanswered, failed_unreachable, syn_retransmits, resets_client, resets_server, status_rank,
-               retrans_c2s, retrans_s2c)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18,
-               $19, $20, $21, $22, $23, $24, $25, $26, $27, $28)",
-            &[
-                Val::I(run_id),
-                Val::T(k.client.to_string()),
-                Val::T(k.server.to_string()),
-                Val::T(k.protocol.to_string()),
-                Val::I(k.port as i64),
-                Val::I(e.connections_opened as i64),
-                Val::I(e.connections_active as i64),
-                Val::I(e.packets_client_to_server as i64),
-                Val::I(e.bytes_client_to_server as i64),
-                Val::I(e.packets_server_to_client as i64),
-                Val::I(e.bytes_server_to_client as i64),
-                Val::I(h.map(|h| h.count as i64).unwrap_or(0)),
-                Val::F(h.map(|h| h.min_us)),
-                Val::F(h.map(|h| h.mean_us)),
-                Val::F(h.map(|h| h.max_us)),
-                Val::I(e.tcp_resets as i64),
-                Val::I(first),
-                Val::I(unix_ms(e.last_seen)),
-            ]
-            .into_iter()
-            .chain(health_vals(&e.health))
-            .collect::<Vec<_>>(),
-        )?;
-        Ok(())
+        let [client_node, server_node] = ends;
+        let srtt = e.health.srtt_us.as_ref();
+        let drops = if e.health.drops.is_empty() {
+            String::new()
+        } else {
+            serde_json::to_string(&e.health.drops)?
+        };
+        Ok([
+            Val::I(run_id),
+            Val::T(k.client.to_string()),
+            Val::T(k.server.to_string()),
+            Val::T(k.protocol.to_string()),
+            Val::I(k.port as i64),
+            Val::I(e.connections_opened as i64),
+            Val::I(e.connections_active as i64),
+            Val::I(e.packets_client_to_server as i64),
+            Val::I(e.bytes_client_to_server as i64),
+            Val::I(e.packets_server_to_client as i64),
+            Val::I(e.bytes_server_to_client as i64),
+            Val::I(h.map(|h| h.count as i64).unwrap_or(0)),
+            Val::F(h.map(|h| h.min_us)),
+            Val::F(h.map(|h| h.mean_us)),
+            Val::F(h.map(|h| h.max_us)),
+            Val::I(e.tcp_resets as i64),
+            Val::I(first),
+            Val::I(unix_ms(e.last_seen)),
+        ]
+        .into_iter()
+        .chain(health_vals(&e.health))
+        .chain([
+            Val::T(self.who.node.clone()),
+            Val::T(client_node),
+            Val::T(server_node),
+            Val::I(end_ms),
+            Val::T(drops),
+            Val::I(srtt.map(|s| s.samples as i64).unwrap_or(0)),
+            Val::F(srtt.map(|s| s.min as f64)),
+            Val::F(srtt.map(|s| s.mean)),
+            Val::F(srtt.map(|s| s.max as f64)),
+        ])
+        .collect::<Vec<_>>())
     }
 
     /// Deletes what ended before `cutoff`. Returns the intervals deleted.
     pub fn retain(&mut self, cutoff: SystemTime) -> Result<u64> {
         let c = unix_ms(cutoff);
-        self.run("DELETE FROM edge_stats WHERE run_id IN (SELECT id FROM crawl_runs WHERE interval_end_ms < $1)", &[Val::I(c)])?;
+        self.run(
+            "DELETE FROM edge_stats WHERE interval_end_ms < $1",
+            &[Val::I(c)],
+        )?;
+        for (t, _) in rollup::GRAINS {
+            self.run(
+                &format!("DELETE FROM {t} WHERE interval_end_ms < $1"),
+                &[Val::I(c)],
+            )?;
+        }
         let runs = self.run(
             "DELETE FROM crawl_runs WHERE interval_end_ms < $1",
             &[Val::I(c)],
@@ -505,25 +776,37 @@ impl Store {
         Ok(runs)
     }
 
-    /// Runs a query whose one parameter is a time in Unix ms and reads
-    /// each row with `each`, whichever the driver.
-    fn query_since<T>(
+    /// `sql` in this driver's dialect (the one difference the queries
+    /// meet: SQLite's group_concat is PostgreSQL's string_agg).
+    fn dialect<'a>(&self, sql: &'a str) -> std::borrow::Cow<'a, str> {
+        match self.conn {
+            Conn::Sqlite(_) => sql.into(),
+            Conn::Postgres(_) => sql.replace("group_concat(", "string_agg(").into(),
+        }
+    }
+
+    /// Runs `sql` with `vals` bound to `$1…` and reads each row with `each`.
+    fn query_vals<T>(
         &mut self,
         sql: &str,
-        since: i64,
+        vals: &[Val],
         each: fn(&dyn Cells) -> Result<T>,
     ) -> Result<Vec<T>> {
+        let sql = self.dialect(sql).into_owned();
         let mut out = Vec::new();
         match &mut self.conn {
             Conn::Sqlite(c) => {
-                let mut st = c.prepare(sql)?;
-                let mut rows = st.query([since])?;
+                let mut st = c.prepare(&sql)?;
+                let mut rows = st.query(rusqlite::params_from_iter(vals.iter()))?;
                 while let Some(r) = rows.next()? {
                     out.push(each(r)?);
                 }
             }
             Conn::Postgres(c) => {
-                for r in c.query(sql, &[&since])? {
+                let owned = pool::pg_params(vals);
+                let refs: Vec<&(dyn postgres::types::ToSql + Sync)> =
+                    owned.iter().map(|b| b.as_ref()).collect();
+                for r in c.query(&sql, &refs)? {
                     out.push(each(&r)?);
                 }
             }
@@ -531,14 +814,82 @@ impl Store {
         Ok(out)
     }
 
-    /// Edges of the intervals that ended at or after `since`, summed.
+    /// Edges of the intervals that ended at or after `since`, summed (a
+    /// connection several agents saw counted once, cluster.rs).
     pub fn edges(&mut self, since: SystemTime) -> Result<Vec<EdgeRow>> {
-        self.query_since(EDGE_QUERY, unix_ms(since), edge_row)
+        Ok(self.edges_in(&Window::since(since), None)?.0)
+    }
+
+    /// Edges of the window, counted once across nodes (cluster.rs),
+    /// busiest first. With `limit`, SQL reads at most that many (edge,
+    /// node) rows, the busiest; true when the window had more.
+    pub fn edges_in(&mut self, w: &Window, limit: Option<usize>) -> Result<(Vec<EdgeRow>, bool)> {
+        let src = self.edge_source(w, unix_ms(SystemTime::now()))?;
+        let q = EDGE_QUERY.replace("FROM edge_stats s", &format!("FROM {src} s"));
+        let sql = match limit {
+            None => q,
+            Some(n) => format!(
+                "{q}\nORDER BY SUM(s.bytes_c2s) + SUM(s.bytes_s2c) DESC, s.source_id, s.destination_id, s.port, s.node\nLIMIT {}",
+                n + 1
+            ),
+        };
+        let mut rows = self.query_vals(&sql, &[Val::I(w.from_ms), Val::I(w.to_ms)], edge_row)?;
+        let truncated = limit.is_some_and(|n| rows.len() > n);
+        if let Some(n) = limit {
+            rows.truncate(n);
+        }
+        let agents = self.agents(w)?;
+        let hosts = self.hosts(w)?;
+        Ok((cluster::merge(rows, &agents, &hosts, w.live), truncated))
+    }
+
+    /// The agents that wrote intervals in the window: node, instance ID,
+    /// end of its latest interval there.
+    pub fn agents(&mut self, w: &Window) -> Result<Vec<AgentRow>> {
+        self.query_vals(
+            "SELECT node, MAX(instance_id), MAX(interval_end_ms) FROM crawl_runs
+             WHERE interval_end_ms >= $1 AND interval_end_ms <= $2 GROUP BY node ORDER BY node",
+            &[Val::I(w.from_ms), Val::I(w.to_ms)],
+            |r| {
+                Ok(AgentRow {
+                    node: r.text(0)?,
+                    instance_id: r.text(1)?,
+                    last_interval_end_ms: r.int(2)?,
+                })
+            },
+        )
+    }
+
+    /// The agents' own hosts (server mode) seen in the window, with their
+    /// node and addresses: a peer address of another agent is that host.
+    fn hosts(&mut self, w: &Window) -> Result<Vec<(String, String, Vec<String>)>> {
+        self.query_vals(
+            &format!(
+                "SELECT id, node, payload FROM elements WHERE type = '{}' AND node <> '' AND last_seen_ms >= $1
+                 ORDER BY id LIMIT {}",
+                crate::enrich::server::HOST_TYPE,
+                cluster::MAX_HOSTS
+            ),
+            &[Val::I(w.from_ms)],
+            |r| {
+                let p: serde_json::Value =
+                    serde_json::from_str(&r.text(2)?).unwrap_or(serde_json::Value::Null);
+                let addrs = p["addresses"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|v| v.as_str().map(str::to_string))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                Ok((r.text(0)?, r.text(1)?, addrs))
+            },
+        )
     }
 
     /// Elements seen at or after `since`.
     pub fn nodes(&mut self, since: SystemTime) -> Result<Vec<NodeRow>> {
-        self.query_since(NODE_QUERY, unix_ms(since), node_row)
+        self.query_vals(NODE_QUERY, &[Val::I(unix_ms(since))], node_row)
     }
 
     /// Number of stored intervals (for tests and health).
@@ -551,7 +902,7 @@ impl Store {
     }
 }
 
-/// A row of EDGE_QUERY.
+/// A row of EDGE_QUERY: one node's view of one edge over the window.
 fn edge_row(r: &dyn Cells) -> Result<EdgeRow> {
     let n = |i| r.int(i).map(|v| v as u64);
     let handshakes = n(10)?;
@@ -577,7 +928,38 @@ fn edge_row(r: &dyn Cells) -> Result<EdgeRow> {
         first_seen_ms: r.int(15)?,
         last_seen_ms: r.int(16)?,
         health: health_of(r, 17)?,
+        node: r.text(27)?,
+        seen_by: Vec::new(),
+        last_interval_end_ms: r.int(30)?,
+        client_node: r.text(28)?,
+        server_node: r.text(29)?,
     })
+    .map(|mut e| {
+        e.health.drops = drops_of(r.opt_text(31).ok().flatten().as_deref());
+        let samples = r.int(32).unwrap_or(0) as u64;
+        if samples > 0 {
+            let mut s = crate::status::Srtt::default();
+            s.samples = samples;
+            s.min = r.real(33).ok().flatten().unwrap_or(0.0) as u32;
+            s.mean = r.real(34).ok().flatten().unwrap_or(0.0) / samples as f64;
+            s.max = r.real(35).ok().flatten().unwrap_or(0.0) as u32;
+            e.health.srtt_us = Some(s);
+        }
+        e
+    })
+}
+
+/// The drops of a window: each interval's `{reason: count}`, joined by `;`.
+fn drops_of(joined: Option<&str>) -> std::collections::BTreeMap<std::sync::Arc<str>, u64> {
+    let mut out = std::collections::BTreeMap::new();
+    for part in joined.unwrap_or("").split(';').filter(|p| !p.is_empty()) {
+        if let Ok(m) = serde_json::from_str::<BTreeMap<String, u64>>(part) {
+            for (k, v) in m {
+                *out.entry(std::sync::Arc::from(k.as_str())).or_insert(0) += v;
+            }
+        }
+    }
+    out
 }
 
 /// A row of `SELECT id, type, name, payload, first_seen_ms, last_seen_ms`.
@@ -640,12 +1022,16 @@ fn health_of(r: &dyn Cells, at: usize) -> Result<crate::status::EdgeHealth> {
 /// One result row, whichever driver read it.
 trait Cells {
     fn text(&self, i: usize) -> Result<String>;
+    fn opt_text(&self, i: usize) -> Result<Option<String>>;
     fn int(&self, i: usize) -> Result<i64>;
     fn real(&self, i: usize) -> Result<Option<f64>>;
 }
 
 impl Cells for rusqlite::Row<'_> {
     fn text(&self, i: usize) -> Result<String> {
+        Ok(self.get(i)?)
+    }
+    fn opt_text(&self, i: usize) -> Result<Option<String>> {
         Ok(self.get(i)?)
     }
     fn int(&self, i: usize) -> Result<i64> {
@@ -658,6 +1044,9 @@ impl Cells for rusqlite::Row<'_> {
 
 impl Cells for postgres::Row {
     fn text(&self, i: usize) -> Result<String> {
+        Ok(self.try_get(i)?)
+    }
+    fn opt_text(&self, i: usize) -> Result<Option<String>> {
         Ok(self.try_get(i)?)
     }
     fn int(&self, i: usize) -> Result<i64> {

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::Result;
 use tokio::sync::Semaphore;
 
-use super::{unix_ms, Cells, Conn, EdgeRow, Location, NodeRow, Store, Val, EDGE_QUERY};
+use super::{unix_ms, Conn, Location, NodeRow, Store, Val};
 
 /// Why a read gave no answer.
 #[derive(Debug)]
@@ -133,7 +133,7 @@ fn stopped_at_deadline(e: &anyhow::Error) -> bool {
 }
 
 /// The values as the PostgreSQL driver binds them.
-fn pg_params(vals: &[Val]) -> Vec<Box<dyn postgres::types::ToSql + Sync>> {
+pub(crate) fn pg_params(vals: &[Val]) -> Vec<Box<dyn postgres::types::ToSql + Sync>> {
     vals.iter()
         .map(|v| -> Box<dyn postgres::types::ToSql + Sync> {
             match v {
@@ -158,43 +158,6 @@ fn open_reader(loc: &Location, timeout: Duration) -> Result<Store> {
 }
 
 impl Store {
-    /// Runs `sql` with `vals` bound to `$1…` and reads each row with `each`.
-    fn query_vals<T>(
-        &mut self,
-        sql: &str,
-        vals: &[Val],
-        each: fn(&dyn Cells) -> Result<T>,
-    ) -> Result<Vec<T>> {
-        let mut out = Vec::new();
-        match &mut self.conn {
-            Conn::Sqlite(c) => {
-                let mut st = c.prepare(sql)?;
-                let mut rows = st.query(rusqlite::params_from_iter(vals.iter()))?;
-                while let Some(r) = rows.next()? {
-                    out.push(each(r)?);
-                }
-            }
-            Conn::Postgres(c) => {
-                let owned = pg_params(vals);
-                let refs: Vec<&(dyn postgres::types::ToSql + Sync)> =
-                    owned.iter().map(|b| b.as_ref()).collect();
-                for r in c.query(sql, &refs)? {
-                    out.push(each(&r)?);
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    /// The `limit` busiest edges (by bytes) of the intervals that ended at
-    /// or after `since`, summed.
-    pub fn edges_top(&mut self, since: SystemTime, limit: usize) -> Result<Vec<EdgeRow>> {
-        let sql = format!(
-            "{EDGE_QUERY}\nORDER BY SUM(s.bytes_c2s) + SUM(s.bytes_s2c) DESC, s.source_id, s.destination_id, s.port\nLIMIT {limit}"
-        );
-        self.query_vals(&sql, &[Val::I(unix_ms(since))], super::edge_row)
-    }
-
     /// The elements with these IDs (at most 500 per statement).
     pub fn nodes_by_ids(&mut self, ids: &[&str]) -> Result<Vec<NodeRow>> {
         let mut out = Vec::new();

@@ -4,13 +4,13 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, Result};
 use prometheus_client::metrics::counter::Counter;
 use tracing::{info, warn};
 
-use super::{Location, Store, Unreachable};
+use super::{Agent, Location, Store, Unreachable};
 use crate::graph::Graph;
 
 /// One interval to store.
@@ -111,6 +111,17 @@ impl Writer {
     /// server that cannot be reached yet is not: the writer keeps trying,
     /// with backoff, and the intervals wait in the bounded queue.
     pub fn start(loc: Location, retention: Duration, cap: usize, c: Counters) -> Result<Writer> {
+        Writer::start_as(loc, Agent::default(), retention, cap, c)
+    }
+
+    /// `start`, the rows written carrying `who` (node and instance ID).
+    pub fn start_as(
+        loc: Location,
+        who: Agent,
+        retention: Duration,
+        cap: usize,
+        c: Counters,
+    ) -> Result<Writer> {
         let q = Arc::new((
             Mutex::new(Queue {
                 jobs: Jobs::default(),
@@ -122,6 +133,7 @@ impl Writer {
         let (done_tx, done) = std::sync::mpsc::channel();
         let st = WriterThread {
             loc,
+            who,
             store: None,
             q: q.clone(),
             retention,
@@ -196,6 +208,7 @@ impl Writer {
 /// The writer thread's state: the store when connected, and the queue.
 struct WriterThread {
     loc: Location,
+    who: Agent,
     store: Option<Store>,
     q: Arc<(Mutex<Queue>, Condvar)>,
     retention: Duration,
@@ -214,7 +227,8 @@ enum Next {
 impl WriterThread {
     fn first_open(&mut self) -> Result<()> {
         match Store::open(&self.loc) {
-            Ok(s) => {
+            Ok(mut s) => {
+                s.set_agent(self.who.clone());
                 info!(store = %self.loc.describe(), retention = %crate::config::format_duration(self.retention), "store ready");
                 self.store = Some(s);
                 self.healthy.store(true, Ordering::Relaxed);
@@ -272,7 +286,8 @@ impl WriterThread {
             self.store = None;
         }
         if self.store.is_none() {
-            let s = Store::open(&self.loc)?;
+            let mut s = Store::open(&self.loc)?;
+            s.set_agent(self.who.clone());
             info!(store = %self.loc.describe(), "store reconnected");
             self.store = Some(s);
         }
@@ -353,13 +368,11 @@ impl WriterThread {
         let Some(store) = self.store.as_mut() else {
             return;
         };
-        let cutoff = SystemTime::now()
-            .checked_sub(self.retention)
-            .unwrap_or(UNIX_EPOCH);
-        match store.retain(cutoff) {
-            Ok(n) if n > 0 => info!(intervals = n, "store retention: old intervals deleted"),
-            Ok(_) => {}
-            Err(e) => warn!(error = %format!("{e:#}"), "store retention failed"),
+        let now = super::unix_ms(SystemTime::now());
+        match store.maintain(now, self.retention) {
+            Ok(true) => {}
+            Ok(false) => tracing::debug!("store maintenance: another agent is at it"),
+            Err(e) => warn!(error = %format!("{e:#}"), "store rollups and retention failed"),
         }
     }
 }
@@ -384,6 +397,7 @@ impl crate::sinks::Sink for Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::UNIX_EPOCH;
 
     fn job(n: u64) -> Job {
         Job {

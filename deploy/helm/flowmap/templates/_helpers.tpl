@@ -30,3 +30,21 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{ $a }}:{{ .Values.web.port }}
 {{- end -}}
 {{- end -}}
+
+{{- /* The hub's PostgreSQL Secret (required with the hub). */ -}}
+{{- define "flowmap.hubDatabase" -}}
+{{- required "hub.databaseSecret is required with hub.enabled: a Secret with the key connection-string (the PostgreSQL connection string)" .Values.hub.databaseSecret -}}
+{{- end -}}
+
+{{- /* The hub's pods: a name of their own, so the DaemonSet's selector
+       never matches them. */ -}}
+{{- define "flowmap.hubSelector" -}}
+app.kubernetes.io/name: flowmap-hub
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "flowmap.hubLabels" -}}
+{{ include "flowmap.hubSelector" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/component: hub
+{{- end -}}

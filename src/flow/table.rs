@@ -166,16 +166,24 @@ impl FlowTable {
                 .map(|(i, _)| (cx.name)(*i).to_string())
                 .collect();
             let (conn, opened, mut health) = self.update_conn(&key, owner, &s, cx);
-            if let Some(rt) = self.retransmits.remove(&key) {
+            // Most intervals have none of these: no hashing then.
+            let rt = (!self.retransmits.is_empty())
+                .then(|| self.retransmits.remove(&key))
+                .flatten();
+            if let Some(rt) = rt {
                 health.retransmits_client_to_server = rt[conn.client_side];
                 health.retransmits_server_to_client = rt[1 - conn.client_side];
             }
             let mut r = record(&key, &s, &conn, opened, others, cx, health);
-            if let Some(d) = self.drops.remove(&key) {
-                r.drops = d;
+            if !self.drops.is_empty() {
+                if let Some(d) = self.drops.remove(&key) {
+                    r.drops = d;
+                }
             }
-            if let Some(v) = self.srtt.remove(&key) {
-                r.srtt_us = srtt_of(v, conn.client_side);
+            if !self.srtt.is_empty() {
+                if let Some(v) = self.srtt.remove(&key) {
+                    r.srtt_us = srtt_of(v, conn.client_side);
+                }
             }
             out.push(r);
         }

@@ -183,6 +183,15 @@ impl Floor {
         Ok(Floor { skel })
     }
 
+    /// The ids of its two TCX programs (for the kernel's statistics).
+    pub fn ids(&self) -> Result<Vec<u32>> {
+        use std::os::fd::AsFd;
+        Ok(vec![
+            libbpf_rs::Program::id_from_fd(self.skel.progs.floor_in.as_fd())?,
+            libbpf_rs::Program::id_from_fd(self.skel.progs.floor_out.as_fd())?,
+        ])
+    }
+
     pub fn attach(&self, ifindex: u32) -> Result<attach::Hook> {
         attach::attach_tcx(
             &self.skel.progs.floor_in,

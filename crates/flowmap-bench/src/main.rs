@@ -86,6 +86,12 @@ enum ScaleWhat {
         /// Only the kernel program in this process; not also the agent.
         #[arg(long)]
         kernel_only: bool,
+        /// A/B: object files of variants of bpf/flows.bpf.c, attached all
+        /// at once next to the empty program, for `--rounds` rounds.
+        #[arg(long = "object")]
+        objects: Vec<std::path::PathBuf>,
+        #[arg(long, default_value_t = 5)]
+        rounds: u32,
     },
     /// The kernel-drops tracepoint program's cost per event while nftables
     /// drops this many UDP datagrams (kernel BPF statistics).
@@ -173,7 +179,15 @@ fn main() -> ExitCode {
                 seconds,
                 short,
                 kernel_only,
-            } => realpath::realpath(seconds, short, kernel_only, &mut out),
+                objects,
+                rounds,
+            } => {
+                if objects.is_empty() {
+                    realpath::realpath(seconds, short, kernel_only, &mut out)
+                } else {
+                    realpath::compare(&objects, rounds.max(1), seconds, short, &mut out)
+                }
+            }
             ScaleWhat::Drops { packets } => drops::drops(packets, &mut out),
             ScaleWhat::Procs { connections } => procs::procs(connections, &mut out),
             ScaleWhat::Store {

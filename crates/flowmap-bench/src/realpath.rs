@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use libbpf_rs::query::{LinkInfoIter, LinkTypeInfo, ProgInfoIter};
+use libbpf_rs::{Object, ObjectBuilder};
 
 use flowmap_testkit::net::Netns;
 
@@ -245,6 +246,128 @@ pub fn realpath(secs: f64, short: u32, kernel_only: bool, out: &mut dyn Write) -
         }
         if let Some(a) = running {
             a.stop()?;
+        }
+    }
+    sink.stop()
+}
+
+/// run_time_ns and run_cnt of every loaded program, by program id.
+pub fn stats_by_id() -> HashMap<u32, (u64, u64)> {
+    ProgInfoIter::default()
+        .map(|p| (p.id, (p.run_time_ns, p.run_cnt)))
+        .collect()
+}
+
+/// Average ns per run of the programs `ids` between two snapshots, and
+/// their runs.
+pub fn cost_of(
+    before: &HashMap<u32, (u64, u64)>,
+    after: &HashMap<u32, (u64, u64)>,
+    ids: &[u32],
+) -> (f64, u64) {
+    let (mut ns, mut runs) = (0u64, 0u64);
+    for id in ids {
+        let (t, c) = after.get(id).copied().unwrap_or_default();
+        let (t0, c0) = before.get(id).copied().unwrap_or_default();
+        ns += t - t0;
+        runs += c - c0;
+    }
+    (ns as f64 / runs.max(1) as f64, runs)
+}
+
+/// Median, lowest and highest of `v`.
+fn spread(v: &mut [f64]) -> (f64, f64, f64) {
+    v.sort_by(|a, b| a.total_cmp(b));
+    (v[v.len() / 2], v[0], v[v.len() - 1])
+}
+
+/// A/B of builds of the kernel program (`--object A.o --object B.o`, each
+/// an object file built from a variant of bpf/flows.bpf.c with the same
+/// clang flags as build.rs): every object's `flowmap_eth` and the empty
+/// program are attached to the same hooks at the same time, so all see the
+/// same packets; each round attaches them in another order (the first to
+/// run meets the coldest caches) and runs every case. Prints per object and
+/// case the median `ns_over_empty` over the rounds with its lowest and
+/// highest: `bench scale realpath_ab case=<case> object=<file>
+/// ns_over_empty=<median> min=<N> max=<N> rounds=<R>`.
+pub fn compare(
+    objects: &[std::path::PathBuf],
+    rounds: u32,
+    secs: f64,
+    short: u32,
+    out: &mut dyn Write,
+) -> Result<()> {
+    let net = test_net(0)?;
+    let iface = flowmap::datapath::ifaces::list()?
+        .into_iter()
+        .find(|i| i.name == net.host)
+        .ok_or_else(|| anyhow!("veth {} not found", net.host))?;
+    let sink = Sink::start(&net)?;
+    let _stats = StatsOn::enable()?;
+    let floor = Floor::load()?;
+    let _floor_hook = floor.attach(iface.ifindex)?;
+    let floor_ids = floor.ids()?;
+    let objs: Vec<Object> = objects
+        .iter()
+        .map(|p| -> Result<Object> {
+            ObjectBuilder::default()
+                .open_file(p)
+                .and_then(|o| o.load())
+                .with_context(|| format!("loading {}", p.display()))
+        })
+        .collect::<Result<_>>()?;
+    let prog = |o: &Object| -> Result<u32> {
+        let p = o
+            .progs()
+            .find(|p| p.name() == "flowmap_eth")
+            .ok_or_else(|| anyhow!("no flowmap_eth program"))?;
+        Ok(libbpf_rs::Program::id_from_fd(std::os::fd::AsFd::as_fd(
+            &p,
+        ))?)
+    };
+    let ids: Vec<u32> = objs.iter().map(prog).collect::<Result<_>>()?;
+    let n = objs.len();
+    let mut res: HashMap<(&str, usize), Vec<f64>> = HashMap::new();
+    for round in 0..rounds as usize {
+        let mut hooks = Vec::new();
+        for j in 0..n {
+            let o = &objs[(round + j) % n];
+            let p = o
+                .progs()
+                .find(|p| p.name() == "flowmap_eth")
+                .ok_or_else(|| anyhow!("no flowmap_eth program"))?;
+            hooks.push(flowmap::datapath::attach::attach_tcx(
+                &p,
+                &p,
+                iface.ifindex,
+            )?);
+        }
+        for case in CASES {
+            let before = stats_by_id();
+            drive(case, secs, short)?;
+            std::thread::sleep(Duration::from_millis(100));
+            let after = stats_by_id();
+            let (empty, _) = cost_of(&before, &after, &floor_ids);
+            for (i, id) in ids.iter().enumerate() {
+                let ns = cost_of(&before, &after, &[*id]).0 - empty;
+                writeln!(
+                    out,
+                    "bench scale realpath_ab round={round} case={case} object={} ns_over_empty={ns:.1} ns_empty={empty:.1}",
+                    objects[i].display()
+                )?;
+                res.entry((case, i)).or_default().push(ns);
+            }
+        }
+        drop(hooks);
+    }
+    for case in CASES {
+        for (i, o) in objects.iter().enumerate() {
+            let (m, lo, hi) = spread(res.get_mut(&(case, i)).expect("every case ran"));
+            writeln!(
+                out,
+                "bench scale realpath_ab case={case} object={} ns_over_empty={m:.1} min={lo:.1} max={hi:.1} rounds={rounds}",
+                o.display()
+            )?;
         }
     }
     sink.stop()

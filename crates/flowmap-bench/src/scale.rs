@@ -358,7 +358,11 @@ pub struct ChurnResult {
 }
 
 /// 64-byte UDP frames through a veth pair for `secs` seconds per round,
-/// rounds alternating without and with flowmap attached.
+/// rounds rotating between nothing attached, the empty program, flowmap,
+/// and flowmap with the empty program on the same hooks and the kernel's
+/// BPF statistics on (that round's packets give the per-packet line
+/// `bench scale realpath case=udp64_one_flow ...`; its rate is not used
+/// in the ratios, as the statistics' clock reads slow every program).
 pub fn throughput(rounds: u32, secs: f64, out: &mut dyn Write) -> Result<()> {
     let net = test_net(0)?;
     let received = Arc::new(AtomicU64::new(0));
@@ -382,23 +386,36 @@ pub fn throughput(rounds: u32, secs: f64, out: &mut dyn Write) -> Result<()> {
     let payload = [0u8; 22];
     let mut dp = flowmap::datapath::Datapath::load(&flowmap::datapath::Options::default())?;
     let floor = crate::datapath::Floor::load()?;
+    let floor_ids = floor.ids()?;
     let iface = flowmap::datapath::ifaces::list()?
         .into_iter()
         .find(|i| i.name == net.host)
         .ok_or_else(|| anyhow!("veth {} not found", net.host))?;
-    // Rounds rotate: nothing attached, the empty program, flowmap.
+    // Rounds rotate: nothing attached, the empty program, flowmap, both.
     let mut pps: [Vec<f64>; 3] = Default::default();
-    for round in 0..rounds * 3 {
-        let mode = (round % 3) as usize;
+    let (mut ns_fm, mut ns_empty, mut packets) = (Vec::new(), Vec::new(), 0u64);
+    for round in 0..rounds * 4 {
+        let mode = (round % 4) as usize;
         dp.detach_all();
-        let floor_hook = if mode == 1 {
+        let floor_hook = if mode == 1 || mode == 3 {
             Some(floor.attach(iface.ifindex)?)
         } else {
             None
         };
-        if mode == 2 {
+        if mode >= 2 {
             dp.attach(&iface)?;
         }
+        let stats = (mode == 3)
+            .then(crate::realpath::StatsOn::enable)
+            .transpose()?;
+        let fm_ids = if mode == 3 {
+            use std::os::fd::AsFd;
+            let p = dp.program(flowmap::datapath::Entry::EthEgress);
+            vec![libbpf_rs::Program::id_from_fd(p.as_fd())?]
+        } else {
+            Vec::new()
+        };
+        let snap = crate::realpath::stats_by_id();
         let before = received.load(Ordering::Relaxed);
         let t = Instant::now();
         while t.elapsed().as_secs_f64() < secs {
@@ -408,7 +425,17 @@ pub fn throughput(rounds: u32, secs: f64, out: &mut dyn Write) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(150));
         let got = received.load(Ordering::Relaxed) - before;
-        pps[mode].push(got as f64 / secs);
+        if mode == 3 {
+            let after = crate::realpath::stats_by_id();
+            let (f, n) = crate::realpath::cost_of(&snap, &after, &fm_ids);
+            let (e, _) = crate::realpath::cost_of(&snap, &after, &floor_ids);
+            ns_fm.push(f);
+            ns_empty.push(e);
+            packets += n;
+        } else {
+            pps[mode].push(got as f64 / secs);
+        }
+        drop(stats);
         drop(floor_hook);
         dp.drain()?;
     }
@@ -419,6 +446,20 @@ pub fn throughput(rounds: u32, secs: f64, out: &mut dyn Write) -> Result<()> {
         v.sort_by(|a, b| a.total_cmp(b));
         v[v.len() / 2]
     };
+    // Ratios per round (each mode's round against the nearest rounds of
+    // the others), so a slow moment of the machine cancels out.
+    let ratios = |num: &[f64], den: &[f64]| -> Vec<f64> {
+        num.iter().zip(den).map(|(a, b)| a / b.max(1.0)).collect()
+    };
+    let mut r_with = ratios(&pps[2], &pps[0]);
+    let mut r_empty = ratios(&pps[1], &pps[0]);
+    let mut r_over = ratios(&pps[2], &pps[1]);
+    let lo_hi = |v: &[f64]| {
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(0.0, f64::max);
+        (lo, hi)
+    };
+    let (wl, wh) = lo_hi(&r_with);
     let [mut a, mut b, mut c] = pps;
     let (wo, fl, w) = (median(&mut a), median(&mut b), median(&mut c));
     writeln!(
@@ -431,10 +472,16 @@ pub fn throughput(rounds: u32, secs: f64, out: &mut dyn Write) -> Result<()> {
     )?;
     writeln!(
         out,
-        "bench scale throughput ratio={:.3} empty_program_ratio={:.3} flowmap_over_empty={:.3}",
-        w / wo.max(1.0),
-        fl / wo.max(1.0),
-        w / fl.max(1.0)
+        "bench scale throughput ratio={:.3} ratio_min={wl:.3} ratio_max={wh:.3} empty_program_ratio={:.3} flowmap_over_empty={:.3}",
+        median(&mut r_with),
+        median(&mut r_empty),
+        median(&mut r_over)
+    )?;
+    let (f, e) = (median(&mut ns_fm), median(&mut ns_empty));
+    writeln!(
+        out,
+        "bench scale realpath case=udp64_one_flow ns_flowmap={f:.1} ns_empty={e:.1} ns_over_empty={:.1} packets={packets}",
+        f - e
     )?;
     Ok(())
 }
@@ -488,7 +535,9 @@ pub fn pipeline(n: u32, services: u32, out: &mut dyn Write) -> Result<()> {
         entries.push((k, s));
     }
     let mut table = FlowTable::new(n as usize * 2, Duration::from_secs(120), 0);
-    let name = |_: u32| -> Arc<str> { "eth0".into() };
+    // As the agent does: one name per interface, shared.
+    let eth0: Arc<str> = "eth0".into();
+    let name = |_: u32| -> Arc<str> { eth0.clone() };
     let cx = Context {
         now_mono_ns: 30,
         clock: Clock::now(),
@@ -496,8 +545,21 @@ pub fn pipeline(n: u32, services: u32, out: &mut dyn Write) -> Result<()> {
         name: &name,
     };
     let rss0 = flowmap::serve::metrics::resident_bytes();
+    // CPU time of this thread too: on a machine shared with builds the
+    // wall clock also counts the time other processes ran.
+    let cpu = || {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: a plain syscall writing into a valid timespec.
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        ts.tv_sec as f64 * 1e3 + ts.tv_nsec as f64 / 1e6
+    };
+    let c0 = cpu();
     let t = Instant::now();
     let records = table.ingest(&entries, &cx);
+    let c_ingest = cpu();
     let t_ingest = t.elapsed();
     let resolver = ServerResolver {
         data_source_id: "bench",
@@ -505,6 +567,7 @@ pub fn pipeline(n: u32, services: u32, out: &mut dyn Write) -> Result<()> {
     };
     let graph = Graph::build(&records, &resolver);
     let t_graph = t.elapsed();
+    let c_graph = cpu();
     let src = flowmap::config::FlowsSource::default_server();
     let now = std::time::SystemTime::now();
     // The body as the agent writes it: elements encoded straight into JSON.
@@ -518,6 +581,7 @@ pub fn pipeline(n: u32, services: u32, out: &mut dyn Write) -> Result<()> {
         (now, now),
     )?;
     let t_encode = t.elapsed();
+    let c_encode = cpu();
     let rss1 = flowmap::serve::metrics::resident_bytes();
     writeln!(
         out,
@@ -532,6 +596,14 @@ pub fn pipeline(n: u32, services: u32, out: &mut dyn Write) -> Result<()> {
         (t_graph - t_ingest).as_millis(),
         (t_encode - t_graph).as_millis(),
         t_encode.as_millis()
+    )?;
+    writeln!(
+        out,
+        "bench scale pipeline cpu_ingest_ms={:.1} cpu_graph_ms={:.1} cpu_encode_ms={:.1} cpu_total_ms={:.1}",
+        c_ingest - c0,
+        c_graph - c_ingest,
+        c_encode - c_graph,
+        c_encode - c0
     )?;
     writeln!(
         out,

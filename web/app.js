@@ -916,5 +916,9 @@
   // For tests and the benchmark: the drawn graph and the time the last
   // search was answered (performance.now()).
   window.flowmap = { cy: () => cy, state, renderedAt: null, answeredAt: null, find };
+  // A link can open a past window: /?from=-2h&to=-1h (any form the time
+  // fields take).
+  const linked = new URLSearchParams(location.search);
+  for (const id of ["from", "to"]) if (linked.get(id)) $(id).value = linked.get(id);
   load();
 })();

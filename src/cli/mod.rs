@@ -322,7 +322,7 @@ pub fn main() -> ExitCode {
             limit,
             store,
         } => read::read_store(config, &store.at(), |s| {
-            let (edges, nodes) = view::top_in(s, &Window::live(since), by, limit)?;
+            let (edges, nodes) = view::top_in(s, &Window::last(since), by, limit)?;
             Ok(view::top_table(&edges, &nodes))
         }),
         Cmd::Graph {
@@ -330,7 +330,7 @@ pub fn main() -> ExitCode {
             format,
             store,
         } => read::read_store(config, &store.at(), |s| {
-            let v = view::graph_in(s, &Window::live(since), &Default::default())?;
+            let v = view::graph_in(s, &Window::last(since), &Default::default())?;
             Ok(match format {
                 GraphFormat::Json => serde_json::to_string_pretty(&v)? + "\n",
                 GraphFormat::Dot => view::to_dot(&v),

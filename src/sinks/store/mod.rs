@@ -339,6 +339,16 @@ impl Window {
         }
     }
 
+    /// The `len` that ends now, read like a past window: each edge has the
+    /// worst status of its intervals (`flowmap top` and `graph`, where a
+    /// failure of the last minutes must not read as idle).
+    pub fn last(len: Duration) -> Window {
+        Window {
+            live: false,
+            ..Window::live(len)
+        }
+    }
+
     /// `[from_ms, to_ms]`, a past window.
     pub fn between(from_ms: i64, to_ms: i64) -> Window {
         Window {

@@ -806,6 +806,8 @@ fn connection_held_open_srtt_each_interval_with_traffic_as_ss_reports_idle_inter
     let col = rig.node.run_in(collector::Server::start).unwrap();
     let state = TempDir::new("health-held");
     let agent = Agent::builder(env!("CARGO_BIN_EXE_flowmap"))
+        // Host-level edges: this test is not about processes (tests/process.rs).
+        .option("processes", "false")
         .id("health")
         .iface(&rig.srv.host)
         .interval("1s")
@@ -954,6 +956,8 @@ fn resets_after_establishment_per_direction_and_orange() {
     let col = rig.node.run_in(collector::Server::start).unwrap();
     let state = TempDir::new("health-resets");
     let agent = Agent::builder(env!("CARGO_BIN_EXE_flowmap"))
+        // Host-level edges: this test is not about processes (tests/process.rs).
+        .option("processes", "false")
         .id("health")
         .iface(&rig.srv.host)
         .interval("1s")
@@ -1059,6 +1063,8 @@ fn synack_retransmits_equal_the_servers_tcp_retrans_segs() {
     let col = rig.node.run_in(collector::Server::start).unwrap();
     let state = TempDir::new("health-synack");
     let agent = Agent::builder(env!("CARGO_BIN_EXE_flowmap"))
+        // Host-level edges: this test is not about processes (tests/process.rs).
+        .option("processes", "false")
         .id("health")
         .iface(&rig.srv.host)
         .interval("1s")

@@ -11,7 +11,6 @@ use std::net::{SocketAddr, TcpListener};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use base64::Engine;
 use flowmap_testkit::agent::{Agent, AgentBuilder};
 use flowmap_testkit::collector;
 use flowmap_testkit::dns::Dnsmasq;
@@ -81,21 +80,6 @@ fn connect(from: &str, to: &str, port: u16) {
         s.set_nonblocking(false).unwrap();
         s.write_all(&[7u8; 100]).unwrap();
     });
-}
-
-/// Every element of every batch the collector received, payload decoded.
-fn elements(col: &collector::Server) -> Vec<(String, String, String, Value)> {
-    let mut out = Vec::new();
-    for b in col.bodies() {
-        let batch: flowmap::sinks::coordimap::Batch = serde_json::from_slice(&b).unwrap();
-        for e in batch.cloud_crawl_data.crawled_data.data {
-            let p = base64::engine::general_purpose::STANDARD
-                .decode(&e.data)
-                .unwrap();
-            out.push((e.id, e.kind, e.name, serde_json::from_slice(&p).unwrap()));
-        }
-    }
-    out
 }
 
 /// Connections opened on the edge `src` → `dst`, by (protocol, port).
@@ -223,7 +207,7 @@ fn a_dns_answer_names_the_peer_for_the_client_that_asked_only() {
     }
 
     // The graph: one endpoint for the name, with every address.
-    let els = elements(&col);
+    let els = col.elements();
     let host = format!("names-flows.host-{}", flowmap::enrich::host::hostname());
     let www = "names-flows.external-www.test";
     let mut addrs = BTreeSet::new();
@@ -438,7 +422,7 @@ fn tls_server_names_name_the_peer_also_when_the_hello_is_split() {
         .collect();
     names.sort();
     assert_eq!(names, ["api.tls.test", "big.tls.test"], "{err}");
-    let els = elements(&col);
+    let els = col.elements();
     let from = "names-flows.external-10.215.1.2";
     for name in ["api.tls.test", "big.tls.test"] {
         let id = format!("names-flows.external-{name}");
@@ -488,7 +472,7 @@ fn capture_names_false_names_nothing() {
     std::thread::sleep(Duration::from_millis(1500));
     let (out, _) = agent.stop().unwrap();
     assert!(!out.contains("names"), "no names in the records:\n{out}");
-    let els = elements(&col);
+    let els = col.elements();
     assert!(!els.iter().any(|e| e.0.ends_with("www.test")));
     let host = format!("names-flows.host-{}", flowmap::enrich::host::hostname());
     let plain = format!("names-flows.external-{a3}");

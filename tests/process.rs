@@ -17,7 +17,6 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use base64::Engine;
 use flowmap_testkit::agent::Agent;
 use flowmap_testkit::collector;
 use flowmap_testkit::net::{privileged_serial, Netns};
@@ -158,21 +157,6 @@ fn perl_as(dir: &Path, name: &str) -> PathBuf {
     let p = dir.join(name);
     std::fs::copy("/usr/bin/perl", &p).unwrap();
     p
-}
-
-/// Every element of every batch the collector received, payload decoded.
-fn elements(col: &collector::Server) -> Vec<(String, String, String, Value)> {
-    let mut out = Vec::new();
-    for b in col.bodies() {
-        let batch: flowmap::sinks::coordimap::Batch = serde_json::from_slice(&b).unwrap();
-        for e in batch.cloud_crawl_data.crawled_data.data {
-            let p = base64::engine::general_purpose::STANDARD
-                .decode(&e.data)
-                .unwrap();
-            out.push((e.id, e.kind, e.name, serde_json::from_slice(&p).unwrap()));
-        }
-    }
-    out
 }
 
 /// Connections opened on the edge `src` → `dst`, by port, over every batch.
@@ -335,7 +319,7 @@ fn processes_units_and_containers_name_both_ends() {
     }
 
     // The graph: process endpoints, children of the host, on the edges.
-    let els = elements(&col);
+    let els = col.elements();
     let hostname = flowmap::enrich::host::hostname();
     let host = format!("procs-flows.host-{hostname}");
     let ext = format!("procs-flows.external-{peer_ip}");

@@ -100,6 +100,22 @@ impl Server {
         log.accepted.iter().map(|(_, b)| b.clone()).collect()
     }
 
+    /// Every element of every batch received: (id, type, name, payload
+    /// decoded from the wire's base64).
+    pub fn elements(&self) -> Vec<(String, String, String, serde_json::Value)> {
+        let mut out = Vec::new();
+        for b in self.bodies() {
+            let batch: flowmap::sinks::coordimap::Batch =
+                serde_json::from_slice(&b).expect("a batch on the wire");
+            for e in batch.cloud_crawl_data.crawled_data.data {
+                let p = e.payload().expect("base64 payload");
+                let v = serde_json::from_slice(&p).expect("JSON payload");
+                out.push((e.id, e.kind, e.name, v));
+            }
+        }
+        out
+    }
+
     pub fn set_mode(&self, m: Mode) {
         *self.mode.lock().unwrap() = m;
     }

@@ -435,7 +435,7 @@ fn retransmits_equal_the_senders_tcp_retrans_segs_and_make_the_edge_orange() {
         .node
         .run_in(move || {
             let mut s = TcpStream::connect((p.as_str(), LOSSY_PORT)).unwrap();
-            s.write_all(&vec![9u8; 4 << 20]).unwrap();
+            s.write_all(&vec![9u8; 16 << 20]).unwrap();
             s.shutdown(std::net::Shutdown::Write).unwrap();
             let mut n = [0u8; 8];
             s.read_exact(&mut n).unwrap();
@@ -443,7 +443,7 @@ fn retransmits_equal_the_senders_tcp_retrans_segs_and_make_the_edge_orange() {
         })
         .unwrap();
     server.join().unwrap();
-    assert_eq!(got, 4 << 20);
+    assert_eq!(got, 16 << 20);
     // Two more intervals: every retransmission is drained.
     std::thread::sleep(Duration::from_millis(2500));
     let sent = Rig::nstat(&rig.node, "TcpRetransSegs") - sent_before;

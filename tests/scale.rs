@@ -102,7 +102,12 @@ fn interface_churn_leaks_nothing_and_the_last_veth_is_counted() {
         return;
     };
     let agent = start("all", "30s", 32768);
-    std::thread::sleep(Duration::from_millis(500));
+    // Counted once the start's work is over: the process scan at start
+    // (sock_diag socket, /proc directories) holds descriptors for a while.
+    agent
+        .wait_log("flowmap running", Duration::from_secs(30))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
     let pid = agent.pid();
     let (fds0, links0) = (proc_fds(pid), flowmap_links());
     for _ in 0..19 {

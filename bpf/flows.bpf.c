@@ -46,6 +46,21 @@ struct {
 	__type(value, struct flow_stats);
 } flows_b SEC(".maps");
 
+/* IPv4 flows (struct flow_key4), swapped with flows_a / flows_b. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 32768); /* set by user space before load */
+	__type(key, struct flow_key4);
+	__type(value, struct flow_stats);
+} flows4_a SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 32768);
+	__type(key, struct flow_key4);
+	__type(value, struct flow_stats);
+} flows4_b SEC(".maps");
+
 /* Ports of the first fragment of a fragmented datagram, so the later
  * fragments (which carry no L4 header) count into the same flow. */
 struct frag_key {
@@ -103,6 +118,7 @@ volatile __u32 active_map = 0;
 
 /* Referenced so that the skeleton generates their Rust mirror. */
 struct flow_key flow_key_layout = {};
+struct flow_key4 flow_key4_layout = {};
 struct flow_stats flow_stats_layout = {};
 struct flow_event flow_event_layout = {};
 struct conn_key conn_key_layout = {};
@@ -245,11 +261,11 @@ static __always_inline void overflow_packet(struct pkt *p, __u32 side, struct wh
 	bpf_ringbuf_submit(e, 0);
 }
 
-/* Creates the entry of a flow not in the map. Returns the entry to add to
- * when another CPU created it meanwhile, NULL when done (created, or
- * handed to the overflow path). */
-static __always_inline struct flow_stats *create(void *map, struct pkt *p, __u32 side,
-						 struct when *w)
+/* Creates the entry of a flow not in the map (under key, p->k's or its
+ * IPv4 form). Returns the entry to add to when another CPU created it
+ * meanwhile, NULL when done (created, or handed to the overflow path). */
+static __always_inline struct flow_stats *create(void *map, void *key, struct pkt *p,
+						 __u32 side, struct when *w)
 {
 	struct flow_stats nv;
 	__builtin_memset(&nv, 0, sizeof(nv));
@@ -275,12 +291,12 @@ static __always_inline struct flow_stats *create(void *map, struct pkt *p, __u32
 	}
 	if (p->synack)
 		nv.synack_ns = w->precise;
-	long err = bpf_map_update_elem(map, &p->k, &nv, BPF_NOEXIST);
+	long err = bpf_map_update_elem(map, key, &nv, BPF_NOEXIST);
 	if (err == 0)
 		return 0;
 	struct flow_stats *v = 0;
 	if (err == -17 /* EEXIST: created by another CPU meanwhile */)
-		v = bpf_map_lookup_elem(map, &p->k);
+		v = bpf_map_lookup_elem(map, key);
 	if (!v)
 		overflow_packet(p, side, w);
 	return v;
@@ -320,17 +336,33 @@ static __always_inline void add(struct flow_stats *v, struct pkt *p, __u32 side,
 
 #include "names.bpf.h"
 
-static __always_inline void account(struct __sk_buff *skb, struct pkt *p, void *map)
+/* The IPv4 key of a flow whose struct flow_key is in canonical order. */
+static __always_inline void key4_of(struct flow_key4 *k4, const struct flow_key *k)
 {
-	__u32 side = canonical(skb, &p->k);
+	__builtin_memcpy(k4->addr[0], k->addr[0] + 12, 4);
+	__builtin_memcpy(k4->addr[1], k->addr[1] + 12, 4);
+	k4->port[0] = k->port[0];
+	k4->port[1] = k->port[1];
+	k4->ifindex_proto = (k->ifindex << 8) | k->proto;
+}
+
+/* Whether a flow (its key in canonical order) goes to the flows4 maps. */
+static __always_inline int is_flow4(const struct flow_key *k)
+{
+	return k->family == 4 && k->ifindex < FLOW_KEY4_IFINDEX_MAX;
+}
+
+static __always_inline void account(struct __sk_buff *skb, struct pkt *p, void *map, void *key,
+				    __u32 side)
+{
 	struct when w = {
 		.jiffies = bpf_jiffies64(),
 		.precise = (p->opens || p->synack) ? bpf_ktime_get_ns() : 0,
 		.len = skb->len,
 	};
-	struct flow_stats *v = bpf_map_lookup_elem(map, &p->k);
+	struct flow_stats *v = bpf_map_lookup_elem(map, key);
 	if (!v)
-		v = create(map, p, side, &w);
+		v = create(map, key, p, side, &w);
 	if (v)
 		add(v, p, side, &w);
 	names_packet(skb, p, side, v);
@@ -338,7 +370,7 @@ static __always_inline void account(struct __sk_buff *skb, struct pkt *p, void *
 
 /* Counts an ICMP error into the flow whose packet it quotes, creating the
  * entry (without packets) when that flow's packets were drained already. */
-static __always_inline void bump_unreach(void *map, struct flow_key *k, __u32 side)
+static __always_inline void bump_unreach(void *map, void *k, __u32 side)
 {
 	struct flow_stats *v = bpf_map_lookup_elem(map, k);
 	if (!v) {
@@ -410,7 +442,14 @@ static __noinline int quoted_unreachable(struct __sk_buff *skb, __u32 off, __u32
 		k.port[1] = ((__u16)ports[2] << 8) | ports[3];
 	}
 	__u32 side = canonical(skb, &k);
-	if (active_map)
+	if (is_flow4(&k)) {
+		struct flow_key4 k4;
+		key4_of(&k4, &k);
+		if (active_map)
+			bump_unreach(&flows4_b, &k4, side);
+		else
+			bump_unreach(&flows4_a, &k4, side);
+	} else if (active_map)
 		bump_unreach(&flows_b, &k, side);
 	else
 		bump_unreach(&flows_a, &k, side);
@@ -643,10 +682,18 @@ static __always_inline void finish(struct __sk_buff *skb, struct pkt *p, int r)
 {
 	/* One call site per map, so the verifier can inline each lookup. */
 	if (r == PARSE_OK) {
-		if (active_map)
-			account(skb, p, &flows_b);
+		__u32 side = canonical(skb, &p->k);
+		if (is_flow4(&p->k)) {
+			struct flow_key4 k4;
+			key4_of(&k4, &p->k);
+			if (active_map)
+				account(skb, p, &flows4_b, &k4, side);
+			else
+				account(skb, p, &flows4_a, &k4, side);
+		} else if (active_map)
+			account(skb, p, &flows_b, &p->k, side);
 		else
-			account(skb, p, &flows_a);
+			account(skb, p, &flows_a, &p->k, side);
 	} else
 		stat_inc(r);
 }

@@ -22,6 +22,18 @@ struct flow_key {
 	__u8 pad[2];
 };
 
+/* An IPv4 flow on one interface: struct flow_key in 16 bytes, in the same
+ * canonical order (the lookup's hash and compare cover 16 bytes, not 44).
+ * IPv4 flows on interfaces whose index is below FLOW_KEY4_IFINDEX_MAX use
+ * this key and the flows4 maps; every other flow uses struct flow_key. */
+struct flow_key4 {
+	__u8 addr[2][4];    /* as in the packet */
+	__u16 port[2];      /* host byte order; 0 for protocols without ports */
+	__u32 ifindex_proto; /* ifindex << 8 | IP protocol number */
+};
+
+#define FLOW_KEY4_IFINDEX_MAX (1u << 24)
+
 /* Counters of one flow for one drain period. The program only ever adds to
  * them (atomically) or sets a field that is still zero. */
 struct flow_stats {

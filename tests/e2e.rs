@@ -172,6 +172,61 @@ fn exact_counts_ipv4_and_ipv6_through_a_veth() {
     }
 }
 
+/// IPv4 flows go to the kernel's compact IPv4 flow maps only on interfaces
+/// whose index fits its 24 bits; on others they use the full key. Both
+/// give the same records.
+#[test]
+fn an_interface_index_past_the_ipv4_key_counts_the_same() {
+    let Some(_g) = privileged_serial(
+        "an_interface_index_past_the_ipv4_key_counts_the_same",
+        &SERIAL,
+    ) else {
+        return;
+    };
+    let v = Netns::builder().host_index(1 << 24).build().unwrap();
+    assert_eq!(v.ifindex(), 1 << 24);
+    let _server = Server::start(&v);
+    let cap = Capture::start(v.ifindex());
+    let agent = agent(&v.host).start().unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    let (t4, u4) = traffic(v.peer_v4.parse().unwrap());
+    std::thread::sleep(Duration::from_millis(300));
+    let captured = cap.finish();
+    let (out, err) = agent.stop().unwrap();
+    let got = agent_totals(&out);
+    let tcp: Tuple = ("tcp".into(), v.host_v4.clone(), t4, v.peer_v4.clone(), 5001);
+    let a = got
+        .get(&tcp)
+        .unwrap_or_else(|| panic!("no TCP flow {tcp:?} in:\n{out}\n{err}"));
+    assert_eq!((a.s2d, a.d2s), {
+        let o = oracle(&captured, &tcp);
+        (o.s2d, o.d2s)
+    });
+    assert_eq!(
+        (a.orientation.as_str(), a.interface.as_str()),
+        ("syn", v.host.as_str())
+    );
+    let udp: Tuple = ("udp".into(), v.host_v4.clone(), u4, v.peer_v4.clone(), 5002);
+    let a = got
+        .get(&udp)
+        .unwrap_or_else(|| panic!("no UDP flow {udp:?} in:\n{out}"));
+    let hdr = 14 + 20 + 8;
+    let sent: u64 = UDP_SIZES.iter().map(|s| hdr + *s as u64).sum();
+    assert_eq!(
+        (a.s2d, a.d2s),
+        (
+            Dir {
+                packets: 10,
+                bytes: sent
+            },
+            Dir {
+                packets: 10,
+                bytes: 10 * (hdr + 50)
+            }
+        )
+    );
+}
+
 #[test]
 fn a_veth_created_while_running_is_attached_and_counted() {
     let Some(_g) = privileged_serial(

@@ -13,7 +13,7 @@ use tracing::debug;
 use super::overflow::KeyBytes;
 use super::{
     from_bytes, Datapath, Drained, Plain, RawConnHealth, RawConnKey, RawConnRtt, RawDropKey,
-    RawKey, RawStats, STAT_NAMES,
+    RawKey, RawKey4, RawStats, STAT_NAMES,
 };
 use crate::flow::{ConnKey, FlowKey, Sample};
 
@@ -63,6 +63,12 @@ impl Datapath {
         drain_as(
             pick(old, &m.flows_a, &m.flows_b),
             |key: RawKey, val: RawStats| flows.push((flow_key(&key), sample_of(&val, ns_per_tick))),
+        )?;
+        drain_as(
+            pick(old, &m.flows4_a, &m.flows4_b),
+            |key: RawKey4, val: RawStats| {
+                flows.push((flow_key4(&key), sample_of(&val, ns_per_tick)))
+            },
         )?;
         let mut retransmits = Vec::new();
         drain_as(
@@ -216,6 +222,22 @@ fn flow_key(k: &RawKey) -> FlowKey {
     }
 }
 
+/// The plain record of a kernel IPv4 key (struct flow_key4): the same
+/// record its struct flow_key would give.
+fn flow_key4(k: &RawKey4) -> FlowKey {
+    FlowKey {
+        ifindex: k.ifindex_proto >> 8,
+        conn: ConnKey {
+            proto: k.ifindex_proto as u8,
+            addr: [
+                IpAddr::V4(Ipv4Addr::from(k.addr[0])),
+                IpAddr::V4(Ipv4Addr::from(k.addr[1])),
+            ],
+            port: k.port,
+        },
+    }
+}
+
 /// A kernel entry as a plain sample, its ticks turned into nanoseconds.
 fn sample_of(s: &RawStats, ns_per_tick: u64) -> Sample {
     let ticks = s.last_seen_jiffies.saturating_sub(s.first_seen_jiffies);
@@ -321,5 +343,34 @@ fn wait_for_programs() {
         std::thread::sleep(Duration::from_millis(20));
     } else {
         std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ipv4_key_gives_the_record_of_its_full_key() {
+        let mut full = RawKey {
+            ifindex: 0x00ab_cdef,
+            port: [40000, 443],
+            proto: 6,
+            family: 4,
+            ..Default::default()
+        };
+        full.addr[0][10..].copy_from_slice(&[0xff, 0xff, 10, 1, 0, 1]);
+        full.addr[1][10..].copy_from_slice(&[0xff, 0xff, 192, 168, 7, 254]);
+        let short = RawKey4 {
+            addr: [[10, 1, 0, 1], [192, 168, 7, 254]],
+            port: [40000, 443],
+            ifindex_proto: 0x00ab_cdef << 8 | 6,
+        };
+        assert_eq!(flow_key4(&short), flow_key(&full));
+        assert_eq!(flow_key4(&short).ifindex, 0x00ab_cdef);
+        assert_eq!(
+            flow_key4(&short).conn.addr[1],
+            "192.168.7.254".parse::<IpAddr>().unwrap()
+        );
     }
 }

@@ -32,7 +32,8 @@ mod skel {
 
 pub use skel::types::{
     conn_health as RawConnHealth, conn_key as RawConnKey, conn_rtt as RawConnRtt,
-    drop_key as RawDropKey, flow_event as RawEvent, flow_key as RawKey, flow_stats as RawStats,
+    drop_key as RawDropKey, flow_event as RawEvent, flow_key as RawKey, flow_key4 as RawKey4,
+    flow_stats as RawStats,
 };
 
 use overflow::Overflow;
@@ -103,7 +104,8 @@ impl std::str::FromStr for AttachMode {
 
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// Entries of each of the two flow maps.
+    /// Entries of each of the two flow maps, for IPv4 flows and for the
+    /// others (IPv6) each.
     pub max_flows: u32,
     pub mode: AttachMode,
     /// Hand DNS answers and TLS ClientHellos to user space to name peers
@@ -182,6 +184,8 @@ pub struct Drained {
 pub unsafe trait Plain: Copy + Default {}
 // SAFETY: generated from bpf/flows.h: integers and integer arrays only.
 unsafe impl Plain for RawKey {}
+// SAFETY: as above.
+unsafe impl Plain for RawKey4 {}
 // SAFETY: as above.
 unsafe impl Plain for RawStats {}
 // SAFETY: as above.
@@ -300,6 +304,8 @@ impl Datapath {
             .context("opening the BPF object")?;
         open.maps.flows_a.set_max_entries(opts.max_flows)?;
         open.maps.flows_b.set_max_entries(opts.max_flows)?;
+        open.maps.flows4_a.set_max_entries(opts.max_flows)?;
+        open.maps.flows4_b.set_max_entries(opts.max_flows)?;
         open.maps
             .srtt_a
             .set_max_entries(srtt_entries(opts.max_flows))?;
@@ -409,6 +415,8 @@ impl Datapath {
         [
             &m.flows_a,
             &m.flows_b,
+            &m.flows4_a,
+            &m.flows4_b,
             &m.frags,
             &m.stats,
             &m.overflow,

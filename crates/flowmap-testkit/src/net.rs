@@ -160,6 +160,7 @@ pub struct NetnsBuilder {
     bridge: Option<String>,
     host_ns: Option<String>,
     pod: bool,
+    host_index: Option<u32>,
 }
 
 impl NetnsBuilder {
@@ -217,6 +218,13 @@ impl NetnsBuilder {
         self
     }
 
+    /// The outer end gets this interface index (e.g. past the range of
+    /// flowmap's IPv4 flow key).
+    pub fn host_index(mut self, index: u32) -> Self {
+        self.host_index = Some(index);
+        self
+    }
+
     /// Only the namespace (with its loopback up), no veth pair.
     pub fn no_link(mut self) -> Self {
         self.no_link = true;
@@ -263,13 +271,13 @@ impl NetnsBuilder {
         } else {
             name('p', n)
         };
-        ip_in(
-            None,
-            &[
-                "link", "add", &net.host, "type", "veth", "peer", "name", &net.peer, "netns",
-                &net.ns,
-            ],
-        )?;
+        let index = self.host_index.map(|i| i.to_string());
+        let mut add = vec!["link", "add", &net.host];
+        if let Some(i) = &index {
+            add.extend(["index", i.as_str()]);
+        }
+        add.extend(["type", "veth", "peer", "name", &net.peer, "netns", &net.ns]);
+        ip_in(None, &add)?;
         let outer = self.host_ns.as_deref();
         if let Some(node) = outer {
             ip_in(None, &["link", "set", &net.host, "netns", node])?;

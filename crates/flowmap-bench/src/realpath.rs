@@ -203,7 +203,10 @@ fn drive(case: &str, secs: f64, short: u32) -> Result<()> {
 
 /// Each case once with flowmap in this process (`kernel`: its programs, no
 /// user space reading the maps) and, unless `kernel_only`, once with the
-/// agent binary running on the veth (`agent`: drains every second).
+/// agent binary running on the veth (`agent`: drains every second, with
+/// its defaults) and once more with name capture and processes off
+/// (`agent_quiet`: what the agent's own activity costs the packet path
+/// apart from those two).
 pub fn realpath(secs: f64, short: u32, kernel_only: bool, out: &mut dyn Write) -> Result<()> {
     let net = test_net(0)?;
     let iface = flowmap::datapath::ifaces::list()?
@@ -216,7 +219,7 @@ pub fn realpath(secs: f64, short: u32, kernel_only: bool, out: &mut dyn Write) -
     let _floor_hook = floor.attach(iface.ifindex)?;
     let mut modes = vec!["kernel"];
     if !kernel_only {
-        modes.push("agent");
+        modes.extend(["agent", "agent_quiet"]);
     }
     for mode in modes {
         let mut dp = None;
@@ -226,7 +229,13 @@ pub fn realpath(secs: f64, short: u32, kernel_only: bool, out: &mut dyn Write) -
             d.attach(&iface)?;
             dp = Some(d);
         } else {
-            running = Some(agent(flowmap_bin(), &net.host, "1s").start()?);
+            let mut a = agent(flowmap_bin(), &net.host, "1s");
+            if mode == "agent_quiet" {
+                a = a
+                    .option("capture_names", "false")
+                    .option("processes", "false");
+            }
+            running = Some(a.start()?);
         }
         for case in CASES {
             let before = hook_stats(iface.ifindex);

@@ -1,14 +1,15 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
- * Names of peers (issue 14): DNS answers and TLS ClientHellos, handed to
- * user space through the `names` ring buffer so it can name the ends of a
- * connection. Included by flows.bpf.c; its one call site is account().
+ * Names of peers (issue 14): DNS answers, TLS ClientHellos and HTTP
+ * request heads, handed to user space through the `names` ring buffer so
+ * it can name the ends of a connection. Included by flows.bpf.c; its one call site is account().
  *
  * What leaves the kernel is the minimum: a DNS message from port 53 (at
- * most NAME_DNS_CAP bytes), and a client's TLS ClientHello, only the bytes
+ * most NAME_DNS_CAP bytes), a client's TLS ClientHello, only the bytes
  * of its handshake record (in records of at most NAME_TLS_CAP bytes, at
- * most HELLO_SEGS per skb and HELLO_SEGS skbs per hello). Nothing else of
- * any payload. Each CPU hands over at most `names_per_sec` records
+ * most HELLO_SEGS per skb and HELLO_SEGS skbs per hello), and the first
+ * NAME_HTTP_CAP bytes of a young connection's segment that starts a plain
+ * HTTP/1 request (for its Host header). Nothing else of any payload. Each CPU hands over at most `names_per_sec` records
  * a second; what is over that is counted (STAT_NAMES_LIMITED), and so is
  * what finds the ring full (STAT_NAMES_LOST).
  *
@@ -177,6 +178,20 @@ static __always_inline int tcp_payload(struct __sk_buff *skb, struct pkt *p, __u
 	return 0;
 }
 
+/* The first bytes of a plain HTTP/1 request: a method and its space. */
+static __always_inline int http_request(const __u8 *b)
+{
+	__u32 w = (__u32)b[0] | ((__u32)b[1] << 8) | ((__u32)b[2] << 16) | ((__u32)b[3] << 24);
+#define M4(a, b_, c, d) ((__u32)(a) | ((__u32)(b_) << 8) | ((__u32)(c) << 16) | ((__u32)(d) << 24))
+	int m = w == M4('G', 'E', 'T', ' ') || w == M4('P', 'U', 'T', ' ') ||
+		(b[4] == ' ' && (w == M4('P', 'O', 'S', 'T') || w == M4('H', 'E', 'A', 'D'))) ||
+		(b[5] == 'E' && w == M4('D', 'E', 'L', 'E')) ||
+		(b[5] == ' ' && w == M4('P', 'A', 'T', 'C')) ||
+		(b[5] == 'O' && w == M4('O', 'P', 'T', 'I'));
+#undef M4
+	return m;
+}
+
 /* A young TCP flow: a segment that starts a TLS handshake record holding
  * a ClientHello is handed over; when the record is longer than the
  * segment, the next segments (in order) follow it. */
@@ -187,17 +202,26 @@ static __noinline void names_hello(struct __sk_buff *skb, struct pkt *p, __u32 s
 		return;
 	struct hello_key hk;
 	__u8 b[6];
-	if (len >= 6 && !load(skb, off, b, 6) && b[0] == 0x16 && b[1] == 0x03 && b[5] == 0x01) {
-		__u32 rec = (((__u32)b[3] << 8) | b[4]) + 5;
-		/* Only the hello: not what may follow it in the same skb. */
-		names_emit_hello(skb, p, side, off, len < rec ? len : rec, seq);
-		if (rec > len) {
-			struct hello_next n = { .seq = seq + len, .left = rec - len,
-						.segs = HELLO_SEGS - 1 };
-			hello_key_of(&hk, skb, p, side);
-			bpf_map_update_elem(&hellos, &hk, &n, BPF_ANY);
+	if (len >= 6 && !load(skb, off, b, 6)) {
+		if (b[0] == 0x16 && b[1] == 0x03 && b[5] == 0x01) {
+			__u32 rec = (((__u32)b[3] << 8) | b[4]) + 5;
+			/* Only the hello: not what may follow it in the same skb. */
+			names_emit_hello(skb, p, side, off, len < rec ? len : rec, seq);
+			if (rec > len) {
+				struct hello_next n = { .seq = seq + len, .left = rec - len,
+							.segs = HELLO_SEGS - 1 };
+				hello_key_of(&hk, skb, p, side);
+				bpf_map_update_elem(&hellos, &hk, &n, BPF_ANY);
+			}
+			return;
 		}
-		return;
+		if (http_request(b)) {
+			/* The request line and headers up to NAME_HTTP_CAP bytes of
+			 * this one segment: user space keeps only the Host. */
+			names_emit(skb, p, side, NAME_HTTP, off,
+				   len < NAME_HTTP_CAP ? len : NAME_HTTP_CAP, seq);
+			return;
+		}
 	}
 	hello_key_of(&hk, skb, p, side);
 	struct hello_next *n = bpf_map_lookup_elem(&hellos, &hk);

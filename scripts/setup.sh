@@ -12,8 +12,8 @@ PKGS=(clang llvm libbpf-dev libelf-dev zlib1g-dev pkg-config linux-libc-dev
       # tests: kube-proxy's ClusterIP DNAT inside a test namespace
       nftables
       # tests: names of peers (issue 14): a DNS server and client, TLS
-      # client and server, segments without offloads
-      dnsmasq-base bind9-dnsutils openssl ethtool
+      # client and server, segments without offloads, an HTTP client
+      dnsmasq-base bind9-dnsutils openssl ethtool curl
       # the container image (scripts/image.sh) and its test through podman;
       # setpriv (util-linux) runs the systemd unit's capability test
       buildah podman runc ca-certificates util-linux)

@@ -1,5 +1,5 @@
 //! Names (issue 14): the records of the `names` ring buffer (DNS answers,
-//! segments of TLS ClientHellos; bpf/names.bpf.h) become plain
+//! segments of TLS ClientHellos, heads of HTTP requests; bpf/names.bpf.h) become plain
 //! [`Captured`] records, queued (bounded) until the next drain hands them
 //! to the name resolver (enrich/names.rs). Nothing here looks inside the
 //! bytes, logs them or keeps them past the drain.
@@ -25,6 +25,8 @@ pub enum CapturedKind {
     DnsTcp,
     /// A segment of a client's TLS ClientHello.
     Tls,
+    /// The first segment of a plain HTTP/1 request (its head, for Host).
+    Http,
 }
 
 /// One captured packet: who sent it to whom, and its first bytes.
@@ -67,6 +69,7 @@ impl NameQueue {
             1 => CapturedKind::DnsUdp,
             2 => CapturedKind::DnsTcp,
             3 => CapturedKind::Tls,
+            4 => CapturedKind::Http,
             _ => return,
         };
         let ip = |raw: &[u8; 16]| -> IpAddr {

@@ -1,7 +1,8 @@
 //! Names of external peers (issue 14), from what the node itself saw: the
 //! DNS answers its clients received (client, answer address → the name the
 //! client asked for, CNAME chains followed) and the TLS server names (SNI)
-//! of their ClientHellos, reassembled when split across segments. Every
+//! of their ClientHellos, reassembled when split across segments, and the
+//! Host header of plain HTTP requests (used when neither gave a name). Every
 //! table is bounded in entries, bytes and age. Only extracted names are
 //! kept; the captured bytes are dropped once parsed.
 
@@ -38,6 +39,8 @@ pub struct NameCounts {
     pub dns_unparsed: u64,
     pub tls_names: u64,
     pub tls_unparsed: u64,
+    pub http_hosts: u64,
+    pub http_unparsed: u64,
     pub evicted: u64,
 }
 
@@ -98,6 +101,7 @@ impl Names {
                 }
                 CapturedKind::DnsTcp => {}
                 CapturedKind::Tls => self.hello_segment(c, now),
+                CapturedKind::Http => self.http_request(c, now),
             }
         }
     }
@@ -240,18 +244,39 @@ impl Names {
             return;
         };
         self.counts.tls_names += 1;
+        if let Some(c) = self.conn_of(key, now) {
+            c.dst.tls = Some(sni);
+        }
+    }
+
+    /// The head of a plain HTTP request: its Host names the server end.
+    fn http_request(&mut self, c: &Captured, now: Instant) {
+        let Some(host) = parse_http_host(&c.bytes) else {
+            self.counts.http_unparsed += 1;
+            return;
+        };
+        self.counts.http_hosts += 1;
+        let key = (c.sender.0, c.sender.1, c.receiver.0, c.receiver.1);
+        if let Some(c) = self.conn_of(key, now) {
+            c.dst.http = Some(host);
+        }
+    }
+
+    /// The names of the TCP connection `key` (client first), made when
+    /// there is room.
+    fn conn_of(&mut self, key: (IpAddr, u16, IpAddr, u16), now: Instant) -> Option<&mut ConnNames> {
         let conn: Conn = (proto::TCP, key.0, key.1, key.2, key.3);
         if self.conns.len() >= CONN_MAX && !self.conns.contains_key(&conn) {
             self.counts.evicted += 1;
-            return;
+            return None;
         }
         let c = self.conns.entry(conn).or_insert_with(|| ConnNames {
             dst: EndNames::default(),
             src: EndNames::default(),
             seen: now,
         });
-        c.dst.tls = Some(sni);
         c.seen = now;
+        Some(c)
     }
 
     fn expire(&mut self, now: Instant) {
@@ -352,6 +377,46 @@ pub fn parse_client_hello_sni(bytes: &[u8]) -> Option<Arc<str>> {
         }
         _ => None,
     })
+}
+
+/// The host of an HTTP/1 request's Host header, without its port; None
+/// when the head has no Host, or the Host is an address. The capture may
+/// end inside the head: what is cut off is left out.
+pub fn parse_http_host(bytes: &[u8]) -> Option<Arc<str>> {
+    fn host_of(bytes: &[u8]) -> Option<Option<Arc<str>>> {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(bytes) {
+            Ok(httparse::Status::Complete(_)) => {}
+            Ok(httparse::Status::Partial) => return None,
+            Err(_) => return Some(None),
+        }
+        let host = req
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case("host"))?;
+        let v = std::str::from_utf8(host.value).ok()?.trim();
+        if v.starts_with('[') {
+            return Some(None); // an IPv6 address
+        }
+        let name = match v.rsplit_once(':') {
+            Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => v,
+        };
+        if name.parse::<IpAddr>().is_ok() {
+            return Some(None);
+        }
+        Some(clean_name(name))
+    }
+    if let Some(found) = host_of(bytes) {
+        return found;
+    }
+    // Cut off inside the head: the lines that arrived whole, then the
+    // empty line that ends a head.
+    let end = bytes.windows(2).rposition(|w| w == b"\r\n")? + 2;
+    let mut head = bytes[..end].to_vec();
+    head.extend_from_slice(b"\r\n");
+    host_of(&head).flatten()
 }
 
 #[cfg(test)]
@@ -575,5 +640,47 @@ mod tests {
         n.label(&mut rs, t0);
         assert_eq!(rs[0].dst_names.tls.as_deref(), Some("api.example.com"));
         assert_eq!((n.counts.tls_names, n.counts.tls_unparsed), (1, 0));
+    }
+
+    #[test]
+    fn the_host_of_an_http_request_names_its_server_and_nothing_else_is_kept() {
+        let req = b"POST /orders HTTP/1.1\r\nAuthorization: Bearer s3cret\r\nHost: Shop.Example.com:8080\r\nContent-Length: 2\r\n\r\n{}";
+        assert_eq!(parse_http_host(req).as_deref(), Some("shop.example.com"));
+        // Cut off by the capture after the Host line, and inside it.
+        let cut = b"GET / HTTP/1.1\r\nHost: www.example.org\r\nCookie: a=1234567";
+        assert_eq!(parse_http_host(cut).as_deref(), Some("www.example.org"));
+        assert_eq!(parse_http_host(b"GET / HTTP/1.1\r\nHost: www.exa"), None);
+        // Addresses, no Host, not HTTP.
+        for b in [
+            &b"GET / HTTP/1.1\r\nHost: 192.0.2.7:80\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nHost: [2001:db8::1]:80\r\n\r\n",
+            b"GET / HTTP/1.0\r\n\r\n",
+            b"GET\x00 / HTTP/1.1\r\nHost: a.b\r\n\r\n",
+        ] {
+            assert_eq!(parse_http_host(b), None, "{:?}", String::from_utf8_lossy(b));
+        }
+
+        let mut n = Names::default();
+        let t0 = Instant::now();
+        let c = cap(
+            CapturedKind::Http,
+            ("10.0.0.2", 40000),
+            ("192.0.2.9", 443),
+            1,
+            req,
+        );
+        n.learn(&[c], t0);
+        let mut rs = vec![record("10.0.0.2", "192.0.2.9")];
+        n.label(&mut rs, t0);
+        let want = EndNames {
+            http: Some("shop.example.com".into()),
+            ..Default::default()
+        };
+        assert_eq!(rs[0].dst_names, want);
+        assert_eq!(
+            rs[0].dst_names.name().map(|n| &**n),
+            Some("shop.example.com")
+        );
+        assert_eq!((n.counts.http_hosts, n.counts.http_unparsed), (1, 0));
     }
 }

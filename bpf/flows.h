@@ -131,6 +131,7 @@ enum name_kind {
 	NAME_DNS_TCP = 2, /* a TCP segment from port 53 */
 	NAME_TLS = 3,     /* a client's segment of a TLS ClientHello */
 	NAME_HTTP = 4,    /* the first segment of a plain HTTP request */
+	NAME_QUIC = 5,    /* a client's QUIC Initial datagram (UDP to 443) */
 };
 
 #define NAME_DNS_CAP 512  /* bytes of a DNS message captured */

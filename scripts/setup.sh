@@ -56,4 +56,12 @@ if ! command -v helm >/dev/null 2>&1; then
   hash -r
   command -v helm >/dev/null 2>&1 || { echo "setup: helm installed but not on PATH" >&2; exit 1; }
 fi
+# tests: a real QUIC client and server (names from QUIC Initial packets),
+# PyPI's aioquic for whichever python3 is first on PATH (the one the tests
+# run).
+AIOQUIC_VERSION=1.7.2
+if ! python3 -c "import aioquic" >/dev/null 2>&1; then
+  pipi() { python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "$@"; }
+  pipi "aioquic==${AIOQUIC_VERSION}" 2>/dev/null || pipi --break-system-packages "aioquic==${AIOQUIC_VERSION}"
+fi
 echo "setup: system packages ready" >&2

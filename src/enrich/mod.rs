@@ -7,6 +7,7 @@ pub mod host;
 pub mod kube;
 pub mod names;
 pub mod process;
+pub mod quic;
 pub mod server;
 
 use std::net::IpAddr;

@@ -376,7 +376,7 @@ impl Metrics {
     fn register_names(&self, r: &mut Registry) {
         r.register(
             "names_events",
-            "Name resolver events: dns_answers, dns_unparsed, tls_names, tls_unparsed, http_hosts, http_unparsed, evicted, queue_dropped",
+            "Name resolver events: dns_answers, dns_unparsed, tls_names, tls_unparsed, http_hosts, http_unparsed, quic_names, quic_unparsed, evicted, queue_dropped",
             self.names_events.clone(),
         );
         r.register(
@@ -443,6 +443,8 @@ impl Metrics {
             ("tls_unparsed", c.tls_unparsed),
             ("http_hosts", c.http_hosts),
             ("http_unparsed", c.http_unparsed),
+            ("quic_names", c.quic_names),
+            ("quic_unparsed", c.quic_unparsed),
             ("evicted", c.evicted),
             ("queue_dropped", queue_dropped),
         ] {

@@ -68,6 +68,10 @@ enum ScaleWhat {
         /// Distinct server ports (0: every flow its own, the worst case).
         #[arg(long, default_value_t = 100)]
         services: u32,
+        /// The agent's own interval instead (`Pipeline::interval`: fake
+        /// drain, ingest, graph, fold, spool and SQLite store sinks).
+        #[arg(long)]
+        agent: bool,
     },
     /// Kubernetes mode against a stand-in API server listing this many pods.
     Kube {
@@ -171,7 +175,16 @@ fn main() -> ExitCode {
                 services,
                 rate,
             } => scale::flows(udp, tcp, services, rate, &mut out),
-            ScaleWhat::Pipeline { flows, services } => scale::pipeline(flows, services, &mut out),
+            ScaleWhat::Pipeline {
+                flows,
+                services,
+                agent: false,
+            } => scale::pipeline(flows, services, &mut out),
+            ScaleWhat::Pipeline {
+                flows,
+                services,
+                agent: true,
+            } => scale::pipeline_agent(flows, services, &mut out),
             ScaleWhat::Attach { pairs } => scale::attach(pairs, &mut out),
             ScaleWhat::Kube { pods } => scale::kube(pods, &mut out),
             ScaleWhat::Churn { cycles } => scale::churn(cycles, &mut out).map(|_| ()),

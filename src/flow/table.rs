@@ -145,7 +145,12 @@ impl FlowTable {
         let mut out = Vec::with_capacity(groups.len());
         let mut per_if: Vec<(u32, Sample)> = Vec::new();
         let mut last_name: Option<(u32, Arc<str>)> = None;
-        self.conns.reserve(groups.len().min(self.cap));
+        // Room for the connections of this drain, counting those the table
+        // already holds as known: reserving `groups` more on top of a
+        // full table doubled it (and rehashed every entry) at every
+        // interval of long-lived connections (issue 16's profile).
+        self.conns
+            .reserve(groups.len().min(self.cap).saturating_sub(self.conns.len()));
         for (_, a, b) in groups {
             let key = rows[a].0;
             per_if.clear();

@@ -302,7 +302,10 @@ impl Pipeline {
         always: &Endpoint,
         end: SystemTime,
     ) -> (Graph, Vec<u8>, usize) {
-        crate::status::apply(&mut full, &src.status);
+        // The full graph's status is judged only if it is the one sent: a
+        // folded graph is judged on its own (issue 16: judging 100k edges
+        // that fold away was wasted).
+        let mut judged = false;
         let mut cap = src.max_external_endpoints;
         let interval = (self.interval_start, end);
         let always = std::slice::from_ref(always);
@@ -314,6 +317,10 @@ impl Pipeline {
                 crate::status::apply(&mut g, &src.status);
                 (g, f)
             });
+            if cand.is_none() && !judged {
+                crate::status::apply(&mut full, &src.status);
+                judged = true;
+            }
             let g = cand.as_ref().map_or(&full, |(g, _)| g);
             // With nothing left to fold the batch goes whatever its size.
             let limit = if cap == 0 { usize::MAX } else { MAX_BODY_BYTES };

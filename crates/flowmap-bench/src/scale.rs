@@ -198,9 +198,14 @@ pub fn flows(udp: u32, tcp: u32, services: u32, rate: u32, out: &mut dyn Write) 
         || agent.count_log("interval ") > seen,
     )?;
     let lat = probe.stop();
+    // The pipeline thread gives the interval's memory back right after
+    // logging it: read RSS once that is done (the next interval is 5 s
+    // away), and the peak the interval reached.
+    std::thread::sleep(Duration::from_millis(500));
     let flows = agent.metric("flowmap_flows_last_interval ")?;
     let secs = agent.metric("flowmap_interval_processing_seconds ")?;
     let rss = agent.metric("flowmap_resident_memory_bytes ")?;
+    let peak = peak_rss_of(&agent.pid().to_string());
     let kmem = agent.metric("flowmap_kernel_map_memory_bytes ")?;
     let lost = agent
         .metric("flowmap_kernel_events_total{reason=\"ring_lost\"} ")
@@ -243,7 +248,7 @@ pub fn flows(udp: u32, tcp: u32, services: u32, rate: u32, out: &mut dyn Write) 
     }
     writeln!(
         out,
-        "bench scale flows agent_rss_bytes={rss:.0} agent_rss_start_bytes={rss0}"
+        "bench scale flows agent_rss_bytes={rss:.0} agent_rss_start_bytes={rss0} agent_rss_peak_bytes={peak}"
     )?;
     writeln!(
         out,
@@ -590,7 +595,12 @@ fn thread_cpu_ms() -> f64 {
 
 /// This process's peak resident memory (VmHWM).
 fn peak_rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+    peak_rss_of("self")
+}
+
+/// A process's peak resident memory (VmHWM), `pid` a number or `self`.
+fn peak_rss_of(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()

@@ -4,7 +4,7 @@
 //! prints stable, greppable lines: `bench datapath case=… program=…
 //! ns_per_packet=…` and `bench scale <name> <metric>=<value>`.
 
-use flowmap_bench::{datapath, drops, health, page, procs, realpath, scale, store};
+use flowmap_bench::{datapath, drops, health, names, page, procs, realpath, scale, store};
 
 use std::process::ExitCode;
 
@@ -102,6 +102,15 @@ enum ScaleWhat {
     Drops {
         #[arg(long, default_value_t = 100_000)]
         packets: u32,
+    },
+    /// What name capture costs the TC program per packet: the program
+    /// with capture on and off, the datapath frames through
+    /// BPF_PROG_TEST_RUN, interleaved.
+    Names {
+        #[arg(long, default_value_t = 1_000_000)]
+        repeat: u32,
+        #[arg(long, default_value_t = 9)]
+        rounds: usize,
     },
     /// The process-attribution programs' cost per connection (kernel BPF
     /// statistics) while this many loopback TCP connections open.
@@ -202,6 +211,7 @@ fn main() -> ExitCode {
                 }
             }
             ScaleWhat::Drops { packets } => drops::drops(packets, &mut out),
+            ScaleWhat::Names { repeat, rounds } => names::names(repeat, rounds.max(1), &mut out),
             ScaleWhat::Procs { connections } => procs::procs(connections, &mut out),
             ScaleWhat::Store {
                 agents,

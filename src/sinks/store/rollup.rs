@@ -103,7 +103,7 @@ pub fn metric_names() -> String {
 /// partitioned by `interval_end_ms`, partitions made by partition.rs).
 pub fn create_tables(pg: bool) -> String {
     let id = if pg {
-        "id SERIAL PRIMARY KEY"
+        "id BIGSERIAL PRIMARY KEY"
     } else {
         "id INTEGER PRIMARY KEY AUTOINCREMENT"
     };
@@ -131,10 +131,10 @@ pub fn create_tables(pg: bool) -> String {
   server_node TEXT NOT NULL, last_seen_ms BIGINT NOT NULL);
 CREATE UNIQUE INDEX edge_keys_edge ON edge_keys (source_id, destination_id, protocol, port, node);
 CREATE INDEX edge_keys_seen ON edge_keys (last_seen_ms);
-CREATE TABLE edge_stats (interval_end_ms BIGINT NOT NULL, edge_id INTEGER NOT NULL{metrics}){part};
-{raw_at}CREATE TABLE edge_rollup_5m (interval_end_ms BIGINT NOT NULL, edge_id INTEGER NOT NULL{metrics},
+CREATE TABLE edge_stats (interval_end_ms BIGINT NOT NULL, edge_id BIGINT NOT NULL{metrics}){part};
+{raw_at}CREATE TABLE edge_rollup_5m (interval_end_ms BIGINT NOT NULL, edge_id BIGINT NOT NULL{metrics},
   last_end_ms BIGINT NOT NULL, PRIMARY KEY (interval_end_ms, edge_id)){part};
-CREATE TABLE edge_rollup_1h (interval_end_ms BIGINT NOT NULL, edge_id INTEGER NOT NULL{metrics},
+CREATE TABLE edge_rollup_1h (interval_end_ms BIGINT NOT NULL, edge_id BIGINT NOT NULL{metrics},
   last_end_ms BIGINT NOT NULL){part};
 {hour_at}",
         raw_at = by_time("edge_stats"),

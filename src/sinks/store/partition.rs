@@ -105,6 +105,12 @@ impl Store {
         self.partitions_at(table, &ends)
     }
 
+    /// Partitions of `table` for rows that end in `(lo_ms, hi_ms]`
+    /// (PostgreSQL; nothing on SQLite), as the maintenance makes them.
+    pub fn make_partitions(&mut self, table: &str, lo_ms: i64, hi_ms: i64) -> Result<()> {
+        self.partitions_for(table, lo_ms, hi_ms)
+    }
+
     /// The partitions of `table`, as (name, start ms), oldest first.
     pub fn partitions(&mut self, table: &str) -> Result<Vec<(String, i64)>> {
         let Conn::Postgres(c) = &mut self.conn else {

@@ -78,8 +78,17 @@ pub fn store(
     queries: u32,
     out: &mut dyn Write,
 ) -> Result<()> {
-    let pg = Pg::start("bench scale store").context("PostgreSQL is not installed")?;
-    let loc = Location::Postgres(pg.connection_string());
+    // FLOWMAP_BENCH_DATABASE: an empty database of one's own, kept after
+    // the run (to look at its plans); else a private server, removed.
+    let (_pg, cs) = match std::env::var("FLOWMAP_BENCH_DATABASE") {
+        Ok(cs) if !cs.is_empty() => (None, cs),
+        _ => {
+            let pg = Pg::start("bench scale store").context("PostgreSQL is not installed")?;
+            let cs = pg.connection_string();
+            (Some(pg), cs)
+        }
+    };
+    let loc = Location::Postgres(cs.clone());
     Store::open(&loc)?;
     let graphs: Arc<Vec<_>> = Arc::new((0..agents).map(|a| agent_graph(a, edges)).collect());
     let end = SystemTime::now();
@@ -144,7 +153,7 @@ pub fn store(
     )?;
     let now_ms = unix_ms(SystemTime::now());
     maint.maintain(now_ms, Duration::from_secs(7 * 86_400))?;
-    let mut c = postgres::Client::connect(&pg.connection_string(), postgres::NoTls)?;
+    let mut c = postgres::Client::connect(&cs, postgres::NoTls)?;
     // Size: the database, and each table's bytes per row (a partitioned
     // table's bytes are its partitions').
     c.batch_execute("VACUUM ANALYZE")?;

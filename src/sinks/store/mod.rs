@@ -468,11 +468,22 @@ fn edge_query(src: &str, limit: Option<usize>) -> String {
             format!("{e} AS {n}")
         })
         .collect();
-    let order = match limit {
-        None => String::new(),
-        Some(n) => format!(
-            "\nORDER BY a.bytes_c2s + a.bytes_s2c DESC, k.source_id, k.destination_id, k.port, k.node\nLIMIT {}",
-            n + 1
+    // With a limit, the busiest edges are found first on their bytes
+    // alone, and only their rows are summed in full.
+    let (only, order) = match limit {
+        None => (String::new(), String::new()),
+        Some(n) => (
+            format!(
+                "\n  WHERE s.edge_id IN (SELECT t.edge_id FROM (SELECT s.edge_id,
+    COALESCE(SUM(s.bytes_c2s), 0) + COALESCE(SUM(s.bytes_s2c), 0) AS bytes FROM {src} GROUP BY s.edge_id) t
+    JOIN edge_keys k ON k.id = t.edge_id
+    ORDER BY t.bytes DESC, k.source_id, k.destination_id, k.port, k.node LIMIT {})",
+                n + 1
+            ),
+            format!(
+                "\nORDER BY a.bytes_c2s + a.bytes_s2c DESC, k.source_id, k.destination_id, k.port, k.node\nLIMIT {}",
+                n + 1
+            ),
         ),
     };
     format!(
@@ -483,7 +494,7 @@ fn edge_query(src: &str, limit: Option<usize>) -> String {
   a.failed_unreachable, a.syn_retransmits, a.resets_client, a.resets_server, a.status_rank,
   a.retrans_c2s, a.retrans_s2c, k.node, k.client_node, k.server_node, a.last_end_ms, a.drops,
   a.srtt_samples, a.srtt_min_us, a.srtt_sum_us, a.srtt_max_us
-FROM (SELECT s.edge_id, {}, MAX(s.last_end_ms) AS last_end_ms FROM {src} GROUP BY s.edge_id) a
+FROM (SELECT s.edge_id, {}, MAX(s.last_end_ms) AS last_end_ms FROM {src}{only} GROUP BY s.edge_id) a
 JOIN edge_keys k ON k.id = a.edge_id{order}",
         agg.join(", "),
     )

@@ -118,10 +118,13 @@ enum name_kind {
 	NAME_DNS_UDP = 1, /* a UDP datagram from port 53 (a DNS answer) */
 	NAME_DNS_TCP = 2, /* a TCP segment from port 53 */
 	NAME_TLS = 3,     /* a client's segment of a TLS ClientHello */
+	NAME_HTTP = 4,    /* the first segment of a plain HTTP request */
+	NAME_QUIC = 5,    /* a client's QUIC Initial datagram (UDP to 443) */
 };
 
 #define NAME_DNS_CAP 512  /* bytes of a DNS message captured */
 #define NAME_TLS_CAP 2048 /* bytes of one ClientHello segment captured */
+#define NAME_HTTP_CAP 1024 /* bytes of an HTTP request's head captured */
 
 /* Header of a record of the `names` ring buffer; `len` payload bytes
  * follow it. */

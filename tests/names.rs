@@ -1,7 +1,9 @@
 //! Names on the map (issue 14), through the agent binary in real
 //! namespaces: a real DNS server (dnsmasq) answers A, AAAA and a CNAME
-//! chain, and a real TLS client and server (openssl) exchange a
-//! ClientHello, also one split across segments. The agent's flow records
+//! chain, a real TLS client and server (openssl) exchange a ClientHello,
+//! also one split across segments, a real HTTP client and server (curl,
+//! python3's http.server) a plain request, and a real QUIC client and
+//! server (aioquic) their Initial packets. The agent's flow records
 //! and the batches it ships to a collector on loopback must name exactly
 //! the peers the client asked for, and nothing else.
 
@@ -442,6 +444,229 @@ fn tls_server_names_name_the_peer_also_when_the_hello_is_split() {
     // Both connections are named: the address's own endpoint has no edge.
     assert!(opened(&els, from, "names-flows.external-10.215.2.2").is_empty());
     drop(col);
+}
+
+/// A real HTTP server (python3's http.server) and client (curl): the Host
+/// of a plain HTTP request names the peer when neither DNS nor TLS did; a
+/// Host that is an address names nothing; nothing of the request but the
+/// name leaves the agent.
+#[test]
+fn the_host_of_a_plain_http_request_names_the_peer() {
+    let Some(_g) = privileged_serial("the_host_of_a_plain_http_request_names_the_peer", &SERIAL)
+    else {
+        return;
+    };
+    let v = Netns::new().unwrap();
+    let mut server = std::process::Command::new("ip")
+        .args(["netns", "exec", &v.ns, "python3", "-m", "http.server"])
+        .args(["--bind", &v.peer_v4, "8080"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let up = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        std::net::TcpStream::connect((v.peer_v4.as_str(), 8080)).is_ok()
+    });
+    let col = collector::Server::start();
+    let state = TempDir::new("names");
+    let agent = agent(&v.host, &col, &state).start();
+    let curl = |url: &str, extra: &[&str]| {
+        let out = std::process::Command::new("curl")
+            .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}"])
+            .args(["-H", "Authorization: Bearer flowmap-secret-7"])
+            .args(extra)
+            .arg(url)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let named = curl(
+        "http://Web.HTTP.test:8080/",
+        &[
+            "--connect-to",
+            &format!("web.http.test:8080:{}:8080", v.peer_v4),
+        ],
+    );
+    let plain = curl(&format!("http://{}:8080/", v.peer_v4), &[]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(up, "the HTTP server listens");
+    let (out, err) = agent.unwrap().stop().unwrap();
+    assert_eq!((named.as_str(), plain.as_str()), ("200", "200"));
+
+    let recs: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mut got: Vec<Value> = records(&recs, &v.host_v4, &v.peer_v4, 8080)
+        .iter()
+        .map(|r| r.get("dst_names").cloned().unwrap_or(Value::Null))
+        .collect();
+    got.sort_by_key(|x| x.to_string());
+    assert_eq!(
+        got,
+        [Value::Null, serde_json::json!({"http": "web.http.test"})],
+        "{err}"
+    );
+    let els = col.elements();
+    let host = format!("names-flows.host-{}", flowmap::enrich::host::hostname());
+    let id = "names-flows.external-web.http.test";
+    let (_, kind, name, p) = els
+        .iter()
+        .find(|e| e.0 == id)
+        .unwrap_or_else(|| panic!("no {id}"));
+    assert_eq!(
+        (kind.as_str(), name.as_str()),
+        ("flows.external", "web.http.test")
+    );
+    assert_eq!(p["addresses"], serde_json::json!([v.peer_v4]));
+    assert_eq!(p["http_hosts"], serde_json::json!(["web.http.test"]));
+    assert!(
+        p.get("dns_names").is_none() && p.get("tls_server_names").is_none(),
+        "{p}"
+    );
+    assert_eq!(
+        opened(&els, &host, id),
+        HashMap::from([(("tcp".into(), 8080), 1)])
+    );
+    assert_eq!(
+        opened(&els, &host, &format!("names-flows.external-{}", v.peer_v4)),
+        HashMap::from([(("tcp".into(), 8080), 1)])
+    );
+    // The request's other headers stay in the kernel's copy and the parser.
+    let secret = "flowmap-secret-7";
+    assert!(!out.contains(secret) && !err.contains(secret));
+    for b in col.bodies() {
+        assert!(!String::from_utf8_lossy(&b).contains(secret));
+    }
+}
+
+const QUIC_SERVER: &str = r#"
+import asyncio, sys
+from aioquic.asyncio import serve
+from aioquic.quic.configuration import QuicConfiguration
+cfg = QuicConfiguration(is_client=False, alpn_protocols=["flowmap"])
+cfg.load_cert_chain(sys.argv[1], sys.argv[2])
+async def main():
+    await serve(sys.argv[3], 443, configuration=cfg)
+    print("ready", flush=True)
+    await asyncio.sleep(60)
+asyncio.run(main())
+"#;
+
+const QUIC_CLIENT: &str = r#"
+import asyncio, ssl, sys
+from aioquic.asyncio import connect
+from aioquic.quic.configuration import QuicConfiguration
+cfg = QuicConfiguration(is_client=True, alpn_protocols=sys.argv[3].split(","), server_name=sys.argv[2])
+cfg.verify_mode = ssl.CERT_NONE
+async def main():
+    async with connect(sys.argv[1], 443, configuration=cfg) as c:
+        await c.ping()
+    print("connected", flush=True)
+asyncio.run(main())
+"#;
+
+/// A real QUIC server and client (aioquic): the server name of a QUIC
+/// connection comes from the client's Initial packets, also when its
+/// ClientHello spans several of them.
+#[test]
+fn quic_initial_packets_name_the_peer() {
+    let Some(_g) = privileged_serial("quic_initial_packets_name_the_peer", &SERIAL) else {
+        return;
+    };
+    let v = Netns::new().unwrap();
+    let dir = TempDir::new("names-quic");
+    let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+    sh(&[
+        "openssl",
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=flowmap-test",
+        "-keyout",
+        key.to_str().unwrap(),
+        "-out",
+        cert.to_str().unwrap(),
+    ]);
+    let mut server = std::process::Command::new("ip")
+        .args(["netns", "exec", &v.ns, "python3", "-c", QUIC_SERVER])
+        .args([cert.to_str().unwrap(), key.to_str().unwrap(), &v.peer_v4])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(server.stdout.take().unwrap()),
+        &mut ready,
+    )
+    .unwrap();
+    let col = collector::Server::start();
+    let state = TempDir::new("names");
+    let agent = agent(&v.host, &col, &state).start();
+    let client = |name: &str, alpn: &str| {
+        let out = std::process::Command::new("python3")
+            .args(["-c", QUIC_CLIENT, &v.peer_v4, name, alpn])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+            + &String::from_utf8_lossy(&out.stderr)
+    };
+    let small = client("quic.test", "flowmap");
+    // Twelve ALPN protocols of 203 bytes: a ClientHello of about 2.7 KB,
+    // over three Initial packets.
+    let alpn: Vec<String> = std::iter::once("flowmap".to_string())
+        .chain((0..12).map(|i| format!("p{i:02}{}", "x".repeat(200))))
+        .collect();
+    let big = client("Big.QUIC.test", &alpn.join(","));
+    std::thread::sleep(Duration::from_millis(1500));
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(ready.trim(), "ready");
+    assert_eq!((small.as_str(), big.as_str()), ("connected", "connected"));
+    let (out, err) = agent.unwrap().stop().unwrap();
+
+    let recs: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mut names: Vec<String> = records(&recs, &v.host_v4, &v.peer_v4, 443)
+        .iter()
+        .filter(|r| r["protocol"] == "udp")
+        .map(|r| r["dst_names"]["tls"].as_str().unwrap_or("none").to_string())
+        .collect();
+    names.sort();
+    names.dedup();
+    assert_eq!(names, ["big.quic.test", "quic.test"], "{err}");
+    let els = col.elements();
+    let host = format!("names-flows.host-{}", flowmap::enrich::host::hostname());
+    for name in ["quic.test", "big.quic.test"] {
+        let id = format!("names-flows.external-{name}");
+        let (_, kind, el_name, p) = els
+            .iter()
+            .find(|e| e.0 == id)
+            .unwrap_or_else(|| panic!("no {id}"));
+        assert_eq!((kind.as_str(), el_name.as_str()), ("flows.external", name));
+        assert_eq!(p["addresses"], serde_json::json!([v.peer_v4]));
+        assert_eq!(p["tls_server_names"], serde_json::json!([name]));
+        assert_eq!(
+            opened(&els, &host, &id),
+            HashMap::from([(("udp".into(), 443), 1)])
+        );
+    }
+    assert!(opened(&els, &host, &format!("names-flows.external-{}", v.peer_v4)).is_empty());
 }
 
 #[test]

@@ -587,3 +587,129 @@ fn a_host_network_pods_sockets_go_to_the_pod() {
     c.delete_pod(&serde_json::from_value(hn).unwrap(), at(2));
     assert!(c.host_network_pod(CTR_A).is_none());
 }
+
+/// Kubernetes mode through the binary: a hostNetwork pod's process (in the
+/// cgroup of its containerd container, on the node's network) connects to
+/// a pod; the edge starts at that pod, found by the container ID of its
+/// `status.containerStatuses`. A process of the node outside any pod stays
+/// the node.
+#[test]
+fn a_host_network_pods_connection_starts_at_the_pod_through_the_binary() {
+    use flowmap_testkit::net::Link;
+    use flowmap_testkit::standin::{self, StandIn};
+    let Some(_g) = privileged_serial(
+        "a_host_network_pods_connection_starts_at_the_pod_through_the_binary",
+        &SERIAL,
+    ) else {
+        return;
+    };
+    const UID: &str = "0d9e4c2b-7a61-4f3e-8c5d-1b2a3c4d5e6f";
+    let net = format!("10.213.{}", 200 + std::process::id() % 20);
+    let (node_ip, web_ip) = (format!("{net}.1"), format!("{net}.11"));
+    let br = Link::bridge(&format!("{node_ip}/24")).unwrap();
+    let web = Netns::builder()
+        .pod()
+        .bridge(&br)
+        .v4("", &web_ip, 24)
+        .no_v6()
+        .build()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let web_srv = web.spawn_in(move || {
+        let l = TcpListener::bind(("0.0.0.0", 7301)).unwrap();
+        tx.send(()).unwrap();
+        for _ in 0..2 {
+            let (mut s, _) = l.accept().unwrap();
+            let mut buf = Vec::new();
+            let _ = s.read_to_end(&mut buf);
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(10)).unwrap();
+
+    let api = StandIn::start().unwrap();
+    api.set_cluster_uid(UID);
+    api.upsert(standin::node("node-hn", &node_ip));
+    api.upsert(standin::pod("shop", "web", "1", &web_ip, "node-hn", None));
+    let mut hn = standin::pod(
+        "monitoring",
+        "exporter",
+        "1",
+        &node_ip,
+        "node-hn",
+        Some(("DaemonSet", "exporter")),
+    );
+    hn["spec"]["hostNetwork"] = json!(true);
+    hn["status"]["containerStatuses"][0]["containerID"] = json!(format!("containerd://{CTR_B}"));
+    api.upsert(hn);
+
+    let col = collector::Server::start();
+    let state = TempDir::new("procs-kube");
+    let b = Agent::builder(env!("CARGO_BIN_EXE_flowmap"))
+        .id("procs")
+        .iface("all")
+        .interval("1s")
+        .api_key("k")
+        .option("deployedAt", "kubernetes")
+        .option("external_mappings", format!("\"*@{UID}\""))
+        .args(&["--endpoint", &col.url(), "--retry-max", "1s"])
+        .state_dir(state.path())
+        .output("none")
+        .no_web()
+        .env("NODE_NAME", "node-hn");
+    let kubeconfig = b.file("kubeconfig", &api.kubeconfig());
+    let agent = b
+        .env("KUBECONFIG", kubeconfig.to_str().unwrap())
+        .start()
+        .unwrap();
+    assert!(agent.stderr().contains("Kubernetes watch caches in sync"));
+
+    let bins = TempDir::new("procs-bins");
+    let cg = Cgroups::new();
+    let ctr = cg.make(&format!(
+        "kubepods.slice/kubepods-besteffort.slice/cri-containerd-{CTR_B}.scope"
+    ));
+    let node_cg = cg.make("node-agent.service");
+    let mut pod_cli = Proc::start(
+        &ctr,
+        &perl_as(bins.path(), "fm-hn-cli"),
+        CLIENT,
+        &[&web_ip, "7301"],
+    );
+    assert_eq!(pod_cli.line(), "connected");
+    pod_cli.wait();
+    let mut node_cli = Proc::start(
+        &node_cg,
+        &perl_as(bins.path(), "fm-node-cli"),
+        CLIENT,
+        &[&web_ip, "7301"],
+    );
+    assert_eq!(node_cli.line(), "connected");
+    node_cli.wait();
+    web_srv.join().unwrap().unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let (_, err) = agent.stop().unwrap();
+
+    let els = col.elements();
+    let pod = |ns: &str, name: &str| format!("{UID}-{ns}-kubernetes.pod-{name}");
+    let node = format!("{UID}--kubernetes.node-node-hn");
+    let web_pod = pod("shop", "web");
+    let edges: BTreeMap<String, BTreeMap<u64, u64>> = els
+        .iter()
+        .filter(|e| e.0.ends_with(&format!(".{web_pod}")))
+        .map(|e| {
+            let src = e.0.trim_end_matches(&format!(".{web_pod}")).to_string();
+            let o = opened(&els, &src, &web_pod);
+            (src, o)
+        })
+        .filter(|(_, o)| !o.is_empty())
+        .collect();
+    assert_eq!(
+        edges,
+        BTreeMap::from([
+            (pod("monitoring", "exporter"), BTreeMap::from([(7301, 1)])),
+            (node, BTreeMap::from([(7301, 1)])),
+        ]),
+        "{err}"
+    );
+    drop(web);
+}

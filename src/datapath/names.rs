@@ -1,5 +1,6 @@
 //! Names (issue 14): the records of the `names` ring buffer (DNS answers,
-//! segments of TLS ClientHellos; bpf/names.bpf.h) become plain
+//! segments of TLS ClientHellos, heads of HTTP requests, QUIC Initials;
+//! bpf/names.bpf.h) become plain
 //! [`Captured`] records, queued (bounded) until the next drain hands them
 //! to the name resolver (enrich/names.rs). Nothing here looks inside the
 //! bytes, logs them or keeps them past the drain.
@@ -25,6 +26,10 @@ pub enum CapturedKind {
     DnsTcp,
     /// A segment of a client's TLS ClientHello.
     Tls,
+    /// The first segment of a plain HTTP/1 request (its head, for Host).
+    Http,
+    /// A client's datagram to UDP port 443 that starts a QUIC Initial.
+    Quic,
 }
 
 /// One captured packet: who sent it to whom, and its first bytes.
@@ -67,6 +72,8 @@ impl NameQueue {
             1 => CapturedKind::DnsUdp,
             2 => CapturedKind::DnsTcp,
             3 => CapturedKind::Tls,
+            4 => CapturedKind::Http,
+            5 => CapturedKind::Quic,
             _ => return,
         };
         let ip = |raw: &[u8; 16]| -> IpAddr {

@@ -7,6 +7,7 @@ pub mod host;
 pub mod kube;
 pub mod names;
 pub mod process;
+pub mod quic;
 pub mod server;
 
 use std::net::IpAddr;
@@ -71,12 +72,14 @@ pub struct Endpoint {
     /// An aggregate of external addresses: what it holds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub group: Option<GroupStats>,
-    /// A named external endpoint (issue 14): the DNS names and TLS server
-    /// names its clients used for it this interval.
+    /// A named external endpoint (issue 14): the DNS names, TLS server
+    /// names and HTTP Hosts its clients used for it this interval.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub dns_names: Vec<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tls_server_names: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub http_hosts: Vec<String>,
     /// A process endpoint (issue 14): what runs it on which host.
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub process: Option<ProcessPayload>,
@@ -133,6 +136,7 @@ impl Endpoint {
             group: None,
             dns_names: Vec::new(),
             tls_server_names: Vec::new(),
+            http_hosts: Vec::new(),
             process: None,
         }
     }

@@ -1,7 +1,10 @@
 //! Names of external peers (issue 14), from what the node itself saw: the
 //! DNS answers its clients received (client, answer address → the name the
 //! client asked for, CNAME chains followed) and the TLS server names (SNI)
-//! of their ClientHellos, reassembled when split across segments. Every
+//! of their ClientHellos, reassembled when split across segments, and the
+//! Host header of plain HTTP requests (used when neither gave a name), and
+//! the server names of QUIC connections from their clients' Initial packets
+//! (enrich/quic.rs). Every
 //! table is bounded in entries, bytes and age. Only extracted names are
 //! kept; the captured bytes are dropped once parsed.
 
@@ -10,6 +13,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::quic;
 use crate::datapath::names::{Captured, CapturedKind};
 use crate::flow::{proto, EndNames, FlowRecord};
 
@@ -38,6 +42,10 @@ pub struct NameCounts {
     pub dns_unparsed: u64,
     pub tls_names: u64,
     pub tls_unparsed: u64,
+    pub http_hosts: u64,
+    pub http_unparsed: u64,
+    pub quic_names: u64,
+    pub quic_unparsed: u64,
     pub evicted: u64,
 }
 
@@ -63,6 +71,15 @@ struct Hello {
     started: Instant,
 }
 
+/// The CRYPTO frames of a QUIC connection's Initial packets so far, and
+/// the connection ID their keys come from.
+struct QuicHello {
+    dcid: Vec<u8>,
+    chunks: Vec<(u64, Vec<u8>)>,
+    bytes: usize,
+    started: Instant,
+}
+
 /// The name resolver's state, owned by the pipeline.
 #[derive(Default)]
 pub struct Names {
@@ -73,6 +90,7 @@ pub struct Names {
     generation: u64,
     conns: HashMap<Conn, ConnNames>,
     hellos: HashMap<(IpAddr, u16, IpAddr, u16), Hello>,
+    quics: HashMap<(IpAddr, u16, IpAddr, u16), QuicHello>,
     pub counts: NameCounts,
 }
 
@@ -98,6 +116,8 @@ impl Names {
                 }
                 CapturedKind::DnsTcp => {}
                 CapturedKind::Tls => self.hello_segment(c, now),
+                CapturedKind::Http => self.http_request(c, now),
+                CapturedKind::Quic => self.quic_initial(c, now),
             }
         }
     }
@@ -240,18 +260,117 @@ impl Names {
             return;
         };
         self.counts.tls_names += 1;
-        let conn: Conn = (proto::TCP, key.0, key.1, key.2, key.3);
+        if let Some(c) = self.conn_of(proto::TCP, key, now) {
+            c.dst.tls = Some(sni);
+        }
+    }
+
+    /// The head of a plain HTTP request: its Host names the server end.
+    fn http_request(&mut self, c: &Captured, now: Instant) {
+        let Some(host) = parse_http_host(&c.bytes) else {
+            self.counts.http_unparsed += 1;
+            return;
+        };
+        self.counts.http_hosts += 1;
+        let key = (c.sender.0, c.sender.1, c.receiver.0, c.receiver.1);
+        if let Some(c) = self.conn_of(proto::TCP, key, now) {
+            c.dst.http = Some(host);
+        }
+    }
+
+    /// A client's QUIC Initial datagram: its CRYPTO frames are gathered
+    /// (bounded like ClientHellos) until they hold the whole ClientHello,
+    /// whose server name names the connection's server end.
+    fn quic_initial(&mut self, c: &Captured, now: Instant) {
+        let key = (c.sender.0, c.sender.1, c.receiver.0, c.receiver.1);
+        let conn: Conn = (proto::UDP, key.0, key.1, key.2, key.3);
+        if self.conns.get(&conn).is_some_and(|n| n.dst.tls.is_some()) {
+            return; // named already: a retransmission or an ACK
+        }
+        let Some(dcid) = quic::initial_dcid(&c.bytes) else {
+            self.counts.quic_unparsed += 1;
+            return;
+        };
+        // Every Initial of a client is protected with the keys of its
+        // first Destination Connection ID.
+        let first = match self.quics.get(&key) {
+            Some(q) => q.dcid.clone(),
+            None => dcid.to_vec(),
+        };
+        let Some(chunks) =
+            quic::InitialKeys::client(&first).and_then(|k| quic::initial_crypto(&c.bytes, &k))
+        else {
+            self.counts.quic_unparsed += 1;
+            return;
+        };
+        if !self.quics.contains_key(&key) {
+            if self.quics.len() >= HELLO_MAX {
+                self.quics
+                    .retain(|_, q| now.duration_since(q.started) < HELLO_AGE);
+            }
+            if self.quics.len() >= HELLO_MAX {
+                self.counts.evicted += 1;
+                return;
+            }
+        }
+        let q = self.quics.entry(key).or_insert_with(|| QuicHello {
+            dcid: first,
+            chunks: Vec::new(),
+            bytes: 0,
+            started: now,
+        });
+        for (off, data) in chunks {
+            if q.bytes + data.len() > HELLO_MAX_BYTES || off > HELLO_MAX_BYTES as u64 {
+                break;
+            }
+            q.bytes += data.len();
+            q.chunks.push((off, data));
+        }
+        let hello = quic::contiguous(&q.chunks, HELLO_MAX_BYTES);
+        if hello.len() < 4 {
+            return;
+        }
+        let total = 4 + ((hello[1] as usize) << 16 | (hello[2] as usize) << 8 | hello[3] as usize);
+        if hello[0] != 1 || total > HELLO_MAX_BYTES {
+            self.quics.remove(&key);
+            self.counts.quic_unparsed += 1;
+            return;
+        }
+        if hello.len() < total {
+            return; // more Initials to come
+        }
+        self.quics.remove(&key);
+        let Some(sni) = handshake_sni(&hello[..total]) else {
+            self.counts.quic_unparsed += 1;
+            return;
+        };
+        self.counts.quic_names += 1;
+        if let Some(c) = self.conn_of(proto::UDP, key, now) {
+            c.dst.tls = Some(sni);
+        }
+    }
+
+    /// The names of the connection `key` (client first) of protocol
+    /// `proto`, made when there is room.
+    fn conn_of(
+        &mut self,
+        proto: u8,
+        key: (IpAddr, u16, IpAddr, u16),
+        now: Instant,
+    ) -> Option<&mut ConnNames> {
+        let conn: Conn = (proto, key.0, key.1, key.2, key.3);
+
         if self.conns.len() >= CONN_MAX && !self.conns.contains_key(&conn) {
             self.counts.evicted += 1;
-            return;
+            return None;
         }
         let c = self.conns.entry(conn).or_insert_with(|| ConnNames {
             dst: EndNames::default(),
             src: EndNames::default(),
             seen: now,
         });
-        c.dst.tls = Some(sni);
         c.seen = now;
+        Some(c)
     }
 
     fn expire(&mut self, now: Instant) {
@@ -259,6 +378,8 @@ impl Names {
             .retain(|_, c| now.duration_since(c.seen) < CONN_IDLE);
         self.hellos
             .retain(|_, h| now.duration_since(h.started) < HELLO_AGE);
+        self.quics
+            .retain(|_, q| now.duration_since(q.started) < HELLO_AGE);
         let before = self.dns.len();
         self.dns.retain(|_, d| d.expires > now);
         if self.dns.len() != before {
@@ -332,14 +453,25 @@ pub fn parse_dns_answer(bytes: &[u8]) -> Option<(Arc<str>, Duration, Vec<IpAddr>
     (!addrs.is_empty()).then(|| (asked, Duration::from_secs(ttl as u64), addrs))
 }
 
-/// The host name of a TLS ClientHello's server_name extension.
+/// The host name of a TLS ClientHello's server_name extension, from a
+/// TLS record.
 pub fn parse_client_hello_sni(bytes: &[u8]) -> Option<Arc<str>> {
+    let (_, rec) = tls_parser::parse_tls_plaintext(bytes).ok()?;
+    rec.msg.iter().find_map(message_sni)
+}
+
+/// The same from a bare handshake message (QUIC's CRYPTO frames carry
+/// handshake messages without TLS records).
+pub fn handshake_sni(bytes: &[u8]) -> Option<Arc<str>> {
+    let (_, m) = tls_parser::parse_tls_message_handshake(bytes).ok()?;
+    message_sni(&m)
+}
+
+fn message_sni(m: &tls_parser::TlsMessage) -> Option<Arc<str>> {
     use tls_parser::{
-        parse_tls_extensions, parse_tls_plaintext, SNIType, TlsExtension, TlsMessage,
-        TlsMessageHandshake,
+        parse_tls_extensions, SNIType, TlsExtension, TlsMessage, TlsMessageHandshake,
     };
-    let (_, rec) = parse_tls_plaintext(bytes).ok()?;
-    rec.msg.iter().find_map(|m| match m {
+    match m {
         TlsMessage::Handshake(TlsMessageHandshake::ClientHello(ch)) => {
             let (_, exts) = parse_tls_extensions(ch.ext?).ok()?;
             exts.iter().find_map(|e| match e {
@@ -351,7 +483,47 @@ pub fn parse_client_hello_sni(bytes: &[u8]) -> Option<Arc<str>> {
             })
         }
         _ => None,
-    })
+    }
+}
+
+/// The host of an HTTP/1 request's Host header, without its port; None
+/// when the head has no Host, or the Host is an address. The capture may
+/// end inside the head: what is cut off is left out.
+pub fn parse_http_host(bytes: &[u8]) -> Option<Arc<str>> {
+    fn host_of(bytes: &[u8]) -> Option<Option<Arc<str>>> {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(bytes) {
+            Ok(httparse::Status::Complete(_)) => {}
+            Ok(httparse::Status::Partial) => return None,
+            Err(_) => return Some(None),
+        }
+        let host = req
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case("host"))?;
+        let v = std::str::from_utf8(host.value).ok()?.trim();
+        if v.starts_with('[') {
+            return Some(None); // an IPv6 address
+        }
+        let name = match v.rsplit_once(':') {
+            Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => v,
+        };
+        if name.parse::<IpAddr>().is_ok() {
+            return Some(None);
+        }
+        Some(clean_name(name))
+    }
+    if let Some(found) = host_of(bytes) {
+        return found;
+    }
+    // Cut off inside the head: the lines that arrived whole, then the
+    // empty line that ends a head.
+    let end = bytes.windows(2).rposition(|w| w == b"\r\n")? + 2;
+    let mut head = bytes[..end].to_vec();
+    head.extend_from_slice(b"\r\n");
+    host_of(&head).flatten()
 }
 
 #[cfg(test)]
@@ -575,5 +747,88 @@ mod tests {
         n.label(&mut rs, t0);
         assert_eq!(rs[0].dst_names.tls.as_deref(), Some("api.example.com"));
         assert_eq!((n.counts.tls_names, n.counts.tls_unparsed), (1, 0));
+    }
+
+    #[test]
+    fn the_host_of_an_http_request_names_its_server_and_nothing_else_is_kept() {
+        let req = b"POST /orders HTTP/1.1\r\nAuthorization: Bearer s3cret\r\nHost: Shop.Example.com:8080\r\nContent-Length: 2\r\n\r\n{}";
+        assert_eq!(parse_http_host(req).as_deref(), Some("shop.example.com"));
+        // Cut off by the capture after the Host line, and inside it.
+        let cut = b"GET / HTTP/1.1\r\nHost: www.example.org\r\nCookie: a=1234567";
+        assert_eq!(parse_http_host(cut).as_deref(), Some("www.example.org"));
+        assert_eq!(parse_http_host(b"GET / HTTP/1.1\r\nHost: www.exa"), None);
+        // Addresses, no Host, not HTTP.
+        for b in [
+            &b"GET / HTTP/1.1\r\nHost: 192.0.2.7:80\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nHost: [2001:db8::1]:80\r\n\r\n",
+            b"GET / HTTP/1.0\r\n\r\n",
+            b"GET\x00 / HTTP/1.1\r\nHost: a.b\r\n\r\n",
+        ] {
+            assert_eq!(parse_http_host(b), None, "{:?}", String::from_utf8_lossy(b));
+        }
+
+        let mut n = Names::default();
+        let t0 = Instant::now();
+        let c = cap(
+            CapturedKind::Http,
+            ("10.0.0.2", 40000),
+            ("192.0.2.9", 443),
+            1,
+            req,
+        );
+        n.learn(&[c], t0);
+        let mut rs = vec![record("10.0.0.2", "192.0.2.9")];
+        n.label(&mut rs, t0);
+        let want = EndNames {
+            http: Some("shop.example.com".into()),
+            ..Default::default()
+        };
+        assert_eq!(rs[0].dst_names, want);
+        assert_eq!(
+            rs[0].dst_names.name().map(|n| &**n),
+            Some("shop.example.com")
+        );
+        assert_eq!((n.counts.http_hosts, n.counts.http_unparsed), (1, 0));
+    }
+
+    #[test]
+    fn a_client_hello_in_two_quic_initials_names_the_udp_connection() {
+        use crate::enrich::quic::tests::{client_initial, crypto};
+        let rec = client_hello("Video.Example.net", 1500);
+        let msg = &rec[5..]; // CRYPTO frames carry the bare handshake message
+        let dcid = [0x5a; 8];
+        let mut first = crypto(0, &msg[..1000]);
+        first.extend(crypto(1000, &msg[1000..1100]));
+        let second = crypto(1100, &msg[1100..]);
+        let quic = |pkt: Vec<u8>| Captured {
+            kind: CapturedKind::Quic,
+            sender: ("10.0.0.2".parse().unwrap(), 50000),
+            receiver: ("192.0.2.9".parse().unwrap(), 443),
+            seq: 0,
+            bytes: pkt,
+        };
+        let mut n = Names::default();
+        let t0 = Instant::now();
+        let mut rs = vec![record("10.0.0.2", "192.0.2.9")];
+        rs[0].protocol = "udp".into();
+        rs[0].src_port = 50000;
+        // The second Initial first: nothing yet.
+        n.learn(&[quic(client_initial(&dcid, 1, &second))], t0);
+        n.label(&mut rs, t0);
+        assert!(rs[0].dst_names.is_empty());
+        n.learn(&[quic(client_initial(&dcid, 0, &first))], t0);
+        n.label(&mut rs, t0);
+        assert_eq!(rs[0].dst_names.tls.as_deref(), Some("video.example.net"));
+        assert_eq!((n.counts.quic_names, n.counts.quic_unparsed), (1, 0));
+        // The same ports over TCP are another connection.
+        let mut tcp = vec![record("10.0.0.2", "192.0.2.9")];
+        tcp[0].src_port = 50000;
+        n.label(&mut tcp, t0);
+        assert!(tcp[0].dst_names.is_empty());
+        // Not an Initial (another connection): counted, nothing named.
+        let mut other = quic(vec![0x40; 1200]);
+        other.sender.1 = 50001;
+        n.learn(&[other], t0);
+        assert_eq!(n.counts.quic_unparsed, 1);
     }
 }

@@ -376,7 +376,7 @@ impl Metrics {
     fn register_names(&self, r: &mut Registry) {
         r.register(
             "names_events",
-            "Name resolver events: dns_answers, dns_unparsed, tls_names, tls_unparsed, evicted, queue_dropped",
+            "Name resolver events: dns_answers, dns_unparsed, tls_names, tls_unparsed, http_hosts, http_unparsed, quic_names, quic_unparsed, evicted, queue_dropped",
             self.names_events.clone(),
         );
         r.register(
@@ -441,6 +441,10 @@ impl Metrics {
             ("dns_unparsed", c.dns_unparsed),
             ("tls_names", c.tls_names),
             ("tls_unparsed", c.tls_unparsed),
+            ("http_hosts", c.http_hosts),
+            ("http_unparsed", c.http_unparsed),
+            ("quic_names", c.quic_names),
+            ("quic_unparsed", c.quic_unparsed),
             ("evicted", c.evicted),
             ("queue_dropped", queue_dropped),
         ] {

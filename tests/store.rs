@@ -591,7 +591,10 @@ fn check_v3_migration(s: &mut Store) {
     use flowmap::sinks::store::Window;
     assert_eq!(s.version().unwrap(), 4);
     let edges = |s: &mut Store, from_ms: i64, to_ms: i64| {
-        let mut e = s.edges_in(&Window::between(from_ms, to_ms), None).unwrap().0;
+        let mut e = s
+            .edges_in(&Window::between(from_ms, to_ms), None)
+            .unwrap()
+            .0;
         e.sort_by(|a, b| a.source.cmp(&b.source));
         e
     };
@@ -599,7 +602,12 @@ fn check_v3_migration(s: &mut Store) {
     let e = edges(s, 1_800_000_000_000, 1_800_000_060_000);
     assert_eq!(
         e.iter()
-            .map(|e| (e.source.as_str(), e.node.as_str(), e.bytes(), e.last_interval_end_ms))
+            .map(|e| (
+                e.source.as_str(),
+                e.node.as_str(),
+                e.bytes(),
+                e.last_interval_end_ms
+            ))
             .collect::<Vec<_>>(),
         vec![
             ("a", "", 1800, 1_800_000_030_000),
@@ -691,7 +699,9 @@ fn a_version_3_store_is_migrated_and_keeps_its_rows() {
 
 #[test]
 fn a_version_3_postgres_store_is_migrated_and_keeps_its_rows() {
-    if !flowmap_testkit::net::privileged("a_version_3_postgres_store_is_migrated_and_keeps_its_rows") {
+    if !flowmap_testkit::net::privileged(
+        "a_version_3_postgres_store_is_migrated_and_keeps_its_rows",
+    ) {
         return;
     }
     let Some(pg) = flowmap_testkit::postgres::Pg::start("a_version_3_postgres_store_is_migrated")
@@ -700,8 +710,10 @@ fn a_version_3_postgres_store_is_migrated_and_keeps_its_rows() {
     };
     let mut c = postgres::Client::connect(&pg.connection_string(), postgres::NoTls).unwrap();
     c.batch_execute(
-        &(schema_v3().replace("id INTEGER PRIMARY KEY AUTOINCREMENT", "id BIGSERIAL PRIMARY KEY")
-            + "SELECT setval('crawl_runs_id_seq', 2);"),
+        &(schema_v3().replace(
+            "id INTEGER PRIMARY KEY AUTOINCREMENT",
+            "id BIGSERIAL PRIMARY KEY",
+        ) + "SELECT setval('crawl_runs_id_seq', 2);"),
     )
     .unwrap();
     let mut s = Store::open(&Location::Postgres(pg.connection_string())).unwrap();
@@ -747,10 +759,7 @@ fn postgres_expired_partitions_are_dropped_whole() {
     // One interval an hour after yesterday's start, one after today's.
     for (end, bytes) in [(day - DAY + HOUR, 1000), (day + HOUR, 3000)] {
         let rec = FlowRecord {
-            src_to_dst: flowmap::flow::Counters {
-                packets: 10,
-                bytes,
-            },
+            src_to_dst: flowmap::flow::Counters { packets: 10, bytes },
             ..flowmap_testkit::records::between(
                 "tcp",
                 ("10.0.0.1".parse().unwrap(), 40000),
@@ -776,7 +785,9 @@ fn postgres_expired_partitions_are_dropped_whole() {
     let rows = |c: &mut postgres::Client, table: &str| -> (i64, i64) {
         let r = c
             .query_one(
-                &format!("SELECT COUNT(*), CAST(COALESCE(SUM(bytes_c2s), 0) AS BIGINT) FROM {table}"),
+                &format!(
+                    "SELECT COUNT(*), CAST(COALESCE(SUM(bytes_c2s), 0) AS BIGINT) FROM {table}"
+                ),
                 &[],
             )
             .unwrap();
@@ -785,12 +796,16 @@ fn postgres_expired_partitions_are_dropped_whole() {
     let name = |table: &str, start_ms: i64| format!("{table}_p{}", start_ms / 1000);
     // The maintenance of yesterday, 3 hours in: yesterday's hour is rolled
     // into yesterday's partition of hourly rows.
-    assert!(s.maintain(day - DAY + 3 * HOUR, Duration::from_secs(2 * 86_400)).unwrap());
+    assert!(s
+        .maintain(day - DAY + 3 * HOUR, Duration::from_secs(2 * 86_400))
+        .unwrap());
     assert!(parts(&mut c, "edge_rollup_1h").contains(&name("edge_rollup_1h", day - DAY)));
     assert!(parts(&mut c, "edge_rollup_5m").contains(&name("edge_rollup_5m", day - DAY + HOUR)));
     assert_eq!(rows(&mut c, "edge_rollup_1h"), (1, 1000));
     // Today, 2 hours in, with a retention of 2 hours: yesterday expired.
-    assert!(s.maintain(day + 2 * HOUR, Duration::from_secs(2 * 3600)).unwrap());
+    assert!(s
+        .maintain(day + 2 * HOUR, Duration::from_secs(2 * 3600))
+        .unwrap());
     for (table, old) in [
         ("edge_stats", day - DAY + HOUR),
         ("edge_rollup_5m", day - DAY + HOUR),
@@ -800,7 +815,10 @@ fn postgres_expired_partitions_are_dropped_whole() {
         assert!(!left.is_empty(), "{table}");
         for p in &left {
             let start: i64 = p.rsplit_once("_p").unwrap().1.parse().unwrap();
-            assert!(start * 1000 >= day, "{table}: {p} should have been dropped: {left:?}");
+            assert!(
+                start * 1000 >= day,
+                "{table}: {p} should have been dropped: {left:?}"
+            );
         }
         let gone: i64 = c
             .query_one(

@@ -293,7 +293,9 @@ CREATE INDEX {name}_end ON {name} (interval_end_ms);
 /// A version 4 metric from a version 3 row `o`.
 fn metric_v3(name: &str) -> String {
     match name {
-        "handshake_sum_us" => "NULLIF(COALESCE(o.handshake_mean_us, 0) * o.handshake_count, 0)".into(),
+        "handshake_sum_us" => {
+            "NULLIF(COALESCE(o.handshake_mean_us, 0) * o.handshake_count, 0)".into()
+        }
         "srtt_sum_us" => "NULLIF(COALESCE(o.srtt_mean_us, 0) * o.srtt_samples, 0)".into(),
         "drops" => "NULLIF(o.drops, '')".into(),
         n if n.ends_with("_us") || n.ends_with("_seen_ms") => format!("o.{n}"),
@@ -682,7 +684,8 @@ GROUP BY source_id, destination_id, protocol, port, node"
             .map(|(n, _, _)| format!("{} AS {n}", metric_v3(n)))
             .collect();
         let old = old.join(", ");
-        let join = "JOIN edge_keys k ON k.source_id = o.source_id AND k.destination_id = o.destination_id
+        let join =
+            "JOIN edge_keys k ON k.source_id = o.source_id AND k.destination_id = o.destination_id
   AND k.protocol = o.protocol AND k.port = o.port AND k.node = o.node";
         let aggs: Vec<String> = rollup::METRICS
             .iter()
@@ -734,7 +737,10 @@ DROP TABLE edge_rollup_1h_v3;",
         let (start_ms, end_ms) = (unix_ms(start), unix_ms(end));
         if !graph.edges.is_empty() {
             self.partitions_at("edge_stats", &[end_ms])?;
-            self.partitions_at("edge_rollup_5m", &[rollup::bucket(end_ms, rollup::GRAINS[0].1)])?;
+            self.partitions_at(
+                "edge_rollup_5m",
+                &[rollup::bucket(end_ms, rollup::GRAINS[0].1)],
+            )?;
         }
         self.exec_batch("BEGIN")?;
         let mut pending = Vec::new();
@@ -1010,7 +1016,10 @@ RETURNING id, source_id, destination_id, protocol, port, node",
     /// meet: SQLite's group_concat is PostgreSQL's string_agg).
     fn dialect<'a>(&self, sql: &'a str) -> std::borrow::Cow<'a, str> {
         match self.conn {
-            Conn::Sqlite(_) => sql.replace("LEAST(", "MIN(").replace("GREATEST(", "MAX(").into(),
+            Conn::Sqlite(_) => sql
+                .replace("LEAST(", "MIN(")
+                .replace("GREATEST(", "MAX(")
+                .into(),
             Conn::Postgres(_) => sql.replace("group_concat(", "string_agg(").into(),
         }
     }
@@ -1194,7 +1203,10 @@ fn edge_vals(e: &crate::graph::EdgeStats) -> Result<Vec<Val>> {
         Val::S(drops),
         n(samples),
         Val::F(srtt.map(|s| s.min as f64)),
-        Val::F(srtt.filter(|_| samples > 0).map(|s| s.mean * samples as f64)),
+        Val::F(
+            srtt.filter(|_| samples > 0)
+                .map(|s| s.mean * samples as f64),
+        ),
         Val::F(srtt.map(|s| s.max as f64)),
     ])
 }

@@ -128,12 +128,12 @@ pub fn connect(cs: &str) -> Result<postgres::Client> {
     c.batch_execute(&format!(
         "SET statement_timeout = {STATEMENT_TIMEOUT_MS}; SET jit = off"
     ))
-        .map_err(|e| {
-            Unreachable(format!(
-                "PostgreSQL: setting statement_timeout: {}",
-                describe(&e)
-            ))
-        })?;
+    .map_err(|e| {
+        Unreachable(format!(
+            "PostgreSQL: setting statement_timeout: {}",
+            describe(&e)
+        ))
+    })?;
     Ok(c)
 }
 

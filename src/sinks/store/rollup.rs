@@ -199,10 +199,7 @@ pub fn bucket(end_ms: i64, g: i64) -> i64 {
 /// Rolls the 5-minute rows that ended in `($1, $2]` into hourly rows.
 fn rollup_sql() -> String {
     let g = GRAINS[1].1;
-    let aggs: Vec<String> = METRICS
-        .iter()
-        .map(|(n, _, a)| aggregate(*a, n))
-        .collect();
+    let aggs: Vec<String> = METRICS.iter().map(|(n, _, a)| aggregate(*a, n)).collect();
     format!(
         "INSERT INTO edge_rollup_1h (interval_end_ms, edge_id, {}, last_end_ms)
 SELECT {b}, edge_id, {}, MAX(last_end_ms)

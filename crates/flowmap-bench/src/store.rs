@@ -103,7 +103,10 @@ pub fn store(
     let mut conns: Vec<Store> = (0..writers)
         .map(|_| Store::open(&loc))
         .collect::<Result<_>>()?;
-    for k in 0..intervals {
+    // FLOWMAP_BENCH_READ_ONLY=1 with FLOWMAP_BENCH_DATABASE: the rows of an
+    // earlier run (of the same options) are read again; nothing is written.
+    let write = std::env::var("FLOWMAP_BENCH_READ_ONLY").as_deref() != Ok("1");
+    for k in (0..intervals).filter(|_| write) {
         let t_end = start + interval * (k + 1);
         std::thread::scope(|sc| {
             for (w, st) in conns.iter_mut().enumerate() {
@@ -250,7 +253,7 @@ pub fn store(
             c.execute(
                 "INSERT INTO crawl_runs (data_source_id, interval_start_ms, interval_end_ms, endpoints, edges, node, instance_id)
                  SELECT data_source_id, interval_start_ms - h * 3600000, interval_end_ms - h * 3600000, endpoints, edges, node,
-                 instance_id FROM crawl_runs, generate_series(1, $1) h WHERE interval_end_ms > $2 - 3600000 AND interval_end_ms <= $2",
+                 instance_id FROM crawl_runs, generate_series(1, CAST($1 AS BIGINT)) h WHERE interval_end_ms > $2 - 3600000 AND interval_end_ms <= $2",
                 &[&back, &first],
             )?;
             c.batch_execute("ANALYZE")?;

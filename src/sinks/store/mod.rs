@@ -708,7 +708,8 @@ DROP TABLE edge_rollup_5m_v3;
 DROP TABLE edge_rollup_1h_v3;",
             aggs = aggs.join(", "),
         );
-        self.exec_batch(&self.dialect(&sql).into_owned())?;
+        let sql = self.dialect(&sql).into_owned();
+        self.exec_batch(&sql)?;
         Ok(())
     }
 
@@ -828,7 +829,7 @@ DROP TABLE edge_rollup_1h_v3;",
         let mut ids: Vec<Option<i64>> = Vec::with_capacity(graph.edges.len());
         let mut missing = Vec::new();
         let mut all_ends = Vec::with_capacity(graph.edges.len());
-        for (k, _) in &graph.edges {
+        for k in graph.edges.keys() {
             let ends = [&k.client, &k.server].map(|id| {
                 graph
                     .endpoints

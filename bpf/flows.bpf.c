@@ -286,18 +286,20 @@ static __always_inline struct flow_stats *create(void *map, struct pkt *p, __u32
 	return v;
 }
 
-/* Adds the packet to an existing entry. */
-static __always_inline void add(struct flow_stats *v, struct pkt *p, __u32 side, struct when *w)
+/* Adds the packet to an existing entry; the sender's packets in it,
+ * this one included (the atomic add returns it at no cost). */
+static __always_inline __u64 add(struct flow_stats *v, struct pkt *p, __u32 side, struct when *w)
 {
+	__u64 sent;
 	/* Separate branches: the verifier rejects the OR-indexing clang
 	 * would otherwise emit for [side]. */
 	if (side) {
-		__sync_fetch_and_add(&v->packets[1], 1);
+		sent = __sync_fetch_and_add(&v->packets[1], 1) + 1;
 		__sync_fetch_and_add(&v->bytes[1], w->len);
 		if (p->tcp_flags && (v->tcp_flags[1] & p->tcp_flags) != p->tcp_flags)
 			__sync_fetch_and_or(&v->tcp_flags[1], (__u32)p->tcp_flags);
 	} else {
-		__sync_fetch_and_add(&v->packets[0], 1);
+		sent = __sync_fetch_and_add(&v->packets[0], 1) + 1;
 		__sync_fetch_and_add(&v->bytes[0], w->len);
 		if (p->tcp_flags && (v->tcp_flags[0] & p->tcp_flags) != p->tcp_flags)
 			__sync_fetch_and_or(&v->tcp_flags[0], (__u32)p->tcp_flags);
@@ -316,6 +318,7 @@ static __always_inline void add(struct flow_stats *v, struct pkt *p, __u32 side,
 	}
 	if (p->synack && !v->synack_ns)
 		v->synack_ns = w->precise;
+	return sent;
 }
 
 #include "names.bpf.h"
@@ -331,9 +334,10 @@ static __always_inline void account(struct __sk_buff *skb, struct pkt *p, void *
 	struct flow_stats *v = bpf_map_lookup_elem(map, &p->k);
 	if (!v)
 		v = create(map, p, side, &w);
+	__u64 sent = 1;
 	if (v)
-		add(v, p, side, &w);
-	names_packet(skb, p, side, v);
+		sent = add(v, p, side, &w);
+	names_packet(skb, p, side, v, sent);
 }
 
 /* Counts an ICMP error into the flow whose packet it quotes, creating the

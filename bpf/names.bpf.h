@@ -283,20 +283,23 @@ static __noinline void names_dns(struct __sk_buff *skb, struct pkt *p, __u32 sid
 }
 
 /* The one call site (account()): `v` is the packet's flow entry after the
- * packet was added (NULL when it was just created or overflowed). The
- * checks here are inlined; the work is in functions of their own (BPF
- * subprograms), so the packet path stays small for the verifier. */
+ * packet was added (NULL when it was just created or overflowed), `sent`
+ * the sender's packets in it (1 without an entry). The checks here are
+ * inlined; the work is in functions of their own (BPF subprograms), so
+ * the packet path stays small for the verifier. An established packet
+ * (past HELLO_YOUNG, neither port 53) leaves at the first test. */
 static __always_inline void names_packet(struct __sk_buff *skb, struct pkt *p, __u32 side,
-					 struct flow_stats *v)
+					 struct flow_stats *v, __u64 sent)
 {
 	if (!names_enabled)
+		return;
+	if (sent > HELLO_YOUNG && p->k.port[0] != 53 && p->k.port[1] != 53)
 		return;
 	__u16 sport = side ? p->k.port[1] : p->k.port[0];
 	if (sport == 53) {
 		names_dns(skb, p, side);
 		return;
 	}
-	__u64 sent = v ? (side ? v->packets[1] : v->packets[0]) : 1;
 	if (p->k.proto == IPPROTO_UDP) {
 		__u16 dport = side ? p->k.port[0] : p->k.port[1];
 		if (dport == 443 && sent <= QUIC_YOUNG)

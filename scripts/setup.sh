@@ -16,7 +16,9 @@ PKGS=(clang llvm libbpf-dev libelf-dev zlib1g-dev pkg-config linux-libc-dev
       dnsmasq-base bind9-dnsutils openssl ethtool curl
       # the container image (scripts/image.sh) and its test through podman;
       # setpriv (util-linux) runs the systemd unit's capability test
-      buildah podman runc ca-certificates util-linux)
+      buildah podman runc ca-certificates util-linux
+      # profiling the interval (issue 16): perf record / perf script
+      linux-perf)
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -329,6 +329,73 @@ fn the_same_element_is_sent_once_per_batch() {
     );
 }
 
+/// The body is written element by element without building each
+/// `Element` (issue 16): it must be byte for byte the JSON of the batch
+/// made of `each_element`'s elements, escapes included; and a capped
+/// encoding gives the same bytes, or nothing past its cap.
+#[test]
+fn the_written_body_is_the_json_of_its_elements() {
+    use flowmap::sinks::coordimap::{
+        body_within, data_source_block, each_element, rfc3339, write_body, CloudCrawlData,
+        CrawledData,
+    };
+    let h = HostView {
+        hostname: "node-\"a\"\\\u{1}\u{e9}/\u{2028}".into(),
+        ..host()
+    };
+    let r = ServerResolver {
+        data_source_id: "ds\"1",
+        host: &h,
+    };
+    let g = Graph::build(
+        &[
+            rec("10.0.0.1", 40000, "192.0.2.5", 80, "tcp", (3, 300), (2, 20)),
+            rec("10.0.0.1", 40001, "192.0.2.5", 443, "tcp", (1, 1), (1, 1)),
+            rec("192.0.2.5", 40001, "10.0.0.1", 8080, "udp", (1, 1), (0, 0)),
+            rec(
+                "10.0.0.1",
+                40002,
+                "2001:db8::7",
+                53,
+                "udp",
+                (1, 60),
+                (1, 90),
+            ),
+        ],
+        &r,
+    );
+    let mut src = FlowsSource::default_server();
+    src.id = "ds\"1".into();
+    src.name = "edge \"hosts\"".into();
+    let always = [r.host_endpoint()];
+    let iv = (at(0), at(30));
+    let mut body = Vec::new();
+    let n = write_body(&mut body, &g, &always, &src, &[], iv).unwrap();
+    let mut data = Vec::new();
+    each_element(&g, &always, iv, |e| {
+        data.push(e);
+        Ok::<(), ()>(())
+    })
+    .unwrap();
+    let batch = Batch {
+        cloud_crawl_data: CloudCrawlData {
+            data_source: data_source_block(&src, &[]),
+            crawled_data: CrawledData { data },
+            timestamp: rfc3339(at(30)),
+            crawl_internal_id: src.id.clone(),
+        },
+    };
+    assert_eq!(n, 6);
+    assert_eq!(n, batch.cloud_crawl_data.crawled_data.data.len());
+    let body = String::from_utf8(body).unwrap();
+    assert_eq!(body, serde_json::to_string(&batch).unwrap());
+    assert!(body.contains(r#"node-\"a\"\\\u0001"#), "{body}");
+    let len = body.len();
+    let (capped, m) = body_within(&g, &always, &src, &[], iv, len).unwrap();
+    assert_eq!((String::from_utf8(capped).unwrap(), m), (body, n));
+    assert_eq!(body_within(&g, &always, &src, &[], iv, len - 1), None);
+}
+
 /// Neighbour discovery and router solicitation (ICMPv6 between fe80::
 /// addresses, or to ff02::) and broadcasts stay off the map, counted.
 #[test]

@@ -25,7 +25,7 @@ use crate::flow::{Context, FlowRecord, FlowTable};
 use crate::graph::fold::{self, Limits};
 use crate::graph::Graph;
 use crate::serve::metrics::{Direction, Metrics};
-use crate::sinks::coordimap::{body_len, MAX_BODY_BYTES};
+use crate::sinks::coordimap::{body_within, MAX_BODY_BYTES};
 use crate::sinks::{Sink, SourceGraph};
 
 /// Whether a record belongs to a data source: every record for `all`, else
@@ -151,7 +151,7 @@ impl Pipeline {
         for i in 0..self.sources.len() {
             let (full, always) = self.build(&self.sources[i], &records, &host);
             self.metrics.link_control_flows.inc_by(full.link_control);
-            let graph = self.bound(&self.sources[i], full, &always, end);
+            let (graph, body, elements) = self.bound(&self.sources[i], full, &always, end);
             for e in graph.edges.values() {
                 by_status[e.health.status as usize].1 += 1;
             }
@@ -161,7 +161,8 @@ impl Pipeline {
                 (self.interval_start, end),
                 Arc::new(graph),
                 vec![always],
-            );
+            )
+            .with_body(body, elements);
             for s in &mut self.sinks {
                 s.graph(&sg)?;
             }
@@ -291,35 +292,46 @@ impl Pipeline {
     /// counters on /metrics.
     /// Folds past the caps and judges the status of what is left (a folded
     /// edge on its merged health), so the size measured is the size sent.
+    /// Returns the graph with its batch (body and element count): the
+    /// bytes that measured it are the bytes the sinks get, encoded once,
+    /// and a try that goes past the cap stops encoding there.
     fn bound(
         &self,
         src: &FlowsSource,
         mut full: Graph,
         always: &Endpoint,
         end: SystemTime,
-    ) -> Graph {
-        crate::status::apply(&mut full, &src.status);
+    ) -> (Graph, Vec<u8>, usize) {
+        // The full graph's status is judged only if it is the one sent: a
+        // folded graph is judged on its own (issue 16: judging 100k edges
+        // that fold away was wasted).
+        let mut judged = false;
         let mut cap = src.max_external_endpoints;
         let interval = (self.interval_start, end);
         let always = std::slice::from_ref(always);
         // The graph as built when nothing needs folding (no copy).
-        let (folded, len) = loop {
+        let (folded, (body, elements)) = loop {
             let lim = Limits::new(cap);
             let cand = fold::needed(&full, &lim).then(|| {
                 let (mut g, f) = fold::bound(&full, &src.id, &lim);
                 crate::status::apply(&mut g, &src.status);
                 (g, f)
             });
+            if cand.is_none() && !judged {
+                crate::status::apply(&mut full, &src.status);
+                judged = true;
+            }
             let g = cand.as_ref().map_or(&full, |(g, _)| g);
-            let len = body_len(g, always, src, &self.skip_fields, interval);
-            if len <= MAX_BODY_BYTES || cap == 0 {
-                break (cand, len);
+            // With nothing left to fold the batch goes whatever its size.
+            let limit = if cap == 0 { usize::MAX } else { MAX_BODY_BYTES };
+            if let Some(b) = body_within(g, always, src, &self.skip_fields, interval, limit) {
+                break (cand, b);
             }
             cap /= 2;
         };
         let (g, f) = folded.unwrap_or_else(|| (full, fold::Folded::default()));
-        self.count_folded(src, &f, cap, len);
-        g
+        self.count_folded(src, &f, cap, body.len());
+        (g, body, elements)
     }
 
     /// The counters and the one log line of what `bound` folded.

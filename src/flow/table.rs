@@ -144,7 +144,13 @@ impl FlowTable {
         groups.sort_unstable();
         let mut out = Vec::with_capacity(groups.len());
         let mut per_if: Vec<(u32, Sample)> = Vec::new();
-        self.conns.reserve(groups.len().min(self.cap));
+        let mut last_name: Option<(u32, Arc<str>)> = None;
+        // Room for the connections of this drain, counting those the table
+        // already holds as known: reserving `groups` more on top of a
+        // full table doubled it (and rehashed every entry) at every
+        // interval of long-lived connections (issue 16's profile).
+        self.conns
+            .reserve(groups.len().min(self.cap).saturating_sub(self.conns.len()));
         for (_, a, b) in groups {
             let key = rows[a].0;
             per_if.clear();
@@ -174,7 +180,17 @@ impl FlowTable {
                 health.retransmits_client_to_server = rt[conn.client_side];
                 health.retransmits_server_to_client = rt[1 - conn.client_side];
             }
-            let mut r = record(&key, &s, &conn, opened, others, cx, health);
+            // Every record of an interface shares its name: looked up once
+            // per run of records on the same interface.
+            let name = match &last_name {
+                Some((i, n)) if *i == conn.owner => n.clone(),
+                _ => {
+                    let n = (cx.name)(conn.owner);
+                    last_name = Some((conn.owner, n.clone()));
+                    n
+                }
+            };
+            let mut r = record(&key, &s, &conn, opened, others, cx, health, name);
             if !self.drops.is_empty() {
                 if let Some(d) = self.drops.remove(&key) {
                     r.drops = d;
@@ -212,7 +228,17 @@ impl FlowTable {
                 continue;
             };
             let empty = Sample::default();
-            let mut r = record(&key, &empty, c, false, Vec::new(), cx, Health::default());
+            let name = (cx.name)(c.owner);
+            let mut r = record(
+                &key,
+                &empty,
+                c,
+                false,
+                Vec::new(),
+                cx,
+                Health::default(),
+                name,
+            );
             r.handshake_this_interval = None;
             r.drops = d.unwrap_or_default();
             r.srtt_us = s.and_then(|v| srtt_of(v, c.client_side));
@@ -241,7 +267,16 @@ impl FlowTable {
             if health.failure.is_none() {
                 return true;
             }
-            let mut r = record(key, &empty, c, false, Vec::new(), cx, health);
+            let mut r = record(
+                key,
+                &empty,
+                c,
+                false,
+                Vec::new(),
+                cx,
+                health,
+                (cx.name)(c.owner),
+            );
             r.handshake_this_interval = None;
             out.push(r);
             false
@@ -385,7 +420,9 @@ fn min_nonzero(a: u64, b: u64) -> u64 {
     }
 }
 
-/// The record of one connection over this interval.
+/// The record of one connection over this interval, counted on the
+/// interface named `interface`.
+#[allow(clippy::too_many_arguments)]
 fn record(
     key: &ConnKey,
     s: &Sample,
@@ -394,6 +431,7 @@ fn record(
     also: Vec<String>,
     cx: &Context,
     health: Health,
+    interface: Arc<str>,
 ) -> FlowRecord {
     let cs = c.client_side;
     let ss = 1 - cs;
@@ -404,7 +442,7 @@ fn record(
     };
     let flags_now = s.tcp_flags[0] | s.tcp_flags[1];
     FlowRecord {
-        interface: (cx.name)(c.owner),
+        interface,
         ifindex: c.owner,
         also_seen_on: also,
         protocol: protocol_name(key.proto),

@@ -15,6 +15,12 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
+/// Maps keyed by IDs and groups: foldhash, not SipHash (issue 16's
+/// profile: hashing was most of folding 100k edges). Nothing here depends
+/// on their order: every list made from them is sorted.
+type Fast<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
+
 use super::{EdgeKey, EdgeStats, Graph};
 use crate::enrich::{Endpoint, EndpointKind, GroupStats};
 
@@ -76,15 +82,11 @@ fn bytes(s: &EdgeStats) -> u64 {
 /// true when the end is not external or is named and the edge is among
 /// its busiest.
 fn keep_ends(g: &Graph, lim: &Limits) -> (Vec<(bool, bool)>, u64) {
-    let external = |id: &str| {
-        g.endpoints
-            .get(id)
-            .is_some_and(|e| e.kind == EndpointKind::External)
-    };
-    let mut score: HashMap<&str, u64> = HashMap::new();
-    for (k, s) in &g.edges {
-        for end in [&*k.client, &*k.server] {
-            if external(end) {
+    let ext = external_ends(g);
+    let mut score: Fast<&str, u64> = Fast::default();
+    for ((k, s), (ec, es)) in g.edges.iter().zip(&ext) {
+        for (end, e) in [(&*k.client, ec), (&*k.server, es)] {
+            if *e {
                 *score.entry(end).or_default() += bytes(s);
             }
         }
@@ -92,29 +94,52 @@ fn keep_ends(g: &Graph, lim: &Limits) -> (Vec<(bool, bool)>, u64) {
     let mut ranked: Vec<(&str, u64)> = score.into_iter().collect();
     ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
     ranked.truncate(lim.max_external);
-    let named: HashSet<&str> = ranked.iter().map(|(id, _)| *id).collect();
+    let named: FastSet<&str> = ranked.iter().map(|(id, _)| *id).collect();
     // Each named endpoint's edges, busiest first (ties by key).
-    let mut edges_of: HashMap<&str, Vec<(u64, usize)>> = HashMap::new();
-    for (i, (k, s)) in g.edges.iter().enumerate() {
-        for end in [&*k.client, &*k.server] {
-            if named.contains(end) {
+    let mut edges_of: Fast<&str, Vec<(u64, usize)>> = Fast::default();
+    for (i, ((k, s), (ec, es))) in g.edges.iter().zip(&ext).enumerate() {
+        for (end, e) in [(&*k.client, ec), (&*k.server, es)] {
+            if *e && named.contains(end) {
                 edges_of.entry(end).or_default().push((bytes(s), i));
             }
         }
     }
-    let mut kept: HashSet<(&str, usize)> = HashSet::new();
+    // The ends each named endpoint keeps, by edge index.
+    let keys: Vec<&EdgeKey> = g.edges.keys().collect();
+    let mut kept = vec![(false, false); keys.len()];
     for (id, mut v) in edges_of {
         v.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-        kept.extend(v.iter().take(lim.edges_per_external).map(|(_, i)| (id, *i)));
+        for (_, i) in v.iter().take(lim.edges_per_external) {
+            kept[*i].0 |= *keys[*i].client == *id;
+            kept[*i].1 |= *keys[*i].server == *id;
+        }
     }
-    let keeps = |end: &str, i: usize| !external(end) || kept.contains(&(end, i));
-    let ends = g
-        .edges
-        .keys()
-        .enumerate()
-        .map(|(i, k)| (keeps(&k.client, i), keeps(&k.server, i)))
+    let ends = ext
+        .iter()
+        .zip(kept)
+        .map(|((ec, es), (kc, ks))| (!ec || kc, !es || ks))
         .collect();
     (ends, named.len() as u64)
+}
+
+/// Whether each edge's (client, server) is an external endpoint, looked
+/// up once per endpoint (by its ID's allocation: the graph's keys share
+/// them) rather than twice per edge in the endpoint tree.
+fn external_ends(g: &Graph) -> Vec<(bool, bool)> {
+    let mut memo: Fast<(usize, usize), bool> = Fast::default();
+    let mut external = |id: &Arc<str>| {
+        *memo
+            .entry((id.as_ptr() as usize, id.len()))
+            .or_insert_with(|| {
+                g.endpoints
+                    .get(id)
+                    .is_some_and(|e| e.kind == EndpointKind::External)
+            })
+    };
+    g.edges
+        .keys()
+        .map(|k| (external(&k.client), external(&k.server)))
+        .collect()
 }
 
 /// The aggregate each folded (protocol, port) goes to: the busiest
@@ -123,8 +148,8 @@ fn choose_groups<'g>(
     g: &'g Graph,
     ends: &[(bool, bool)],
     lim: &Limits,
-) -> HashMap<(&'g str, u16), bool> {
-    let mut load: HashMap<(&str, u16), u64> = HashMap::new();
+) -> Fast<(&'g str, u16), bool> {
+    let mut load: Fast<(&str, u16), u64> = Fast::default();
     for ((k, s), (c, sv)) in g.edges.iter().zip(ends) {
         if !(c & sv) {
             *load.entry((&*k.protocol, k.port)).or_default() += bytes(s);
@@ -142,19 +167,16 @@ fn choose_groups<'g>(
 /// One aggregate being built: its endpoint and the addresses in it.
 struct Agg {
     ep: Endpoint,
-    peers: HashSet<Arc<str>>,
+    peers: FastSet<Arc<str>>,
 }
 
 /// Whether `g` has anything to fold under `lim`: more external endpoints
 /// than the cap, or one with more edges than it may keep.
 pub fn needed(g: &Graph, lim: &Limits) -> bool {
-    let mut edges: HashMap<&str, usize> = HashMap::new();
-    for k in g.edges.keys() {
-        for end in [&*k.client, &*k.server] {
-            if g.endpoints
-                .get(end)
-                .is_some_and(|e| e.kind == EndpointKind::External)
-            {
+    let mut edges: Fast<&str, usize> = Fast::default();
+    for (k, (ec, es)) in g.edges.keys().zip(external_ends(g)) {
+        for (end, e) in [(&*k.client, ec), (&*k.server, es)] {
+            if e {
                 *edges.entry(end).or_default() += 1;
             }
         }
@@ -174,6 +196,8 @@ pub fn bound(g: &Graph, data_source_id: &str, lim: &Limits) -> (Graph, Folded) {
         ..Graph::default()
     };
     let mut aggs: BTreeMap<Arc<str>, Agg> = BTreeMap::new();
+    // Each aggregate's ID, made once (not per folded edge).
+    let mut ids: Fast<Option<(&str, u16)>, Arc<str>> = Fast::default();
     let mut folded = Folded {
         named,
         ..Folded::default()
@@ -190,10 +214,13 @@ pub fn bound(g: &Graph, data_source_id: &str, lim: &Limits) -> (Graph, Folded) {
             .copied()
             .unwrap_or(false);
         let group = own.then_some((&*k.protocol, k.port));
-        let id: Arc<str> = aggregate_id(data_source_id, group).into();
+        let id = ids
+            .entry(group)
+            .or_insert_with(|| aggregate_id(data_source_id, group).into())
+            .clone();
         let agg = aggs.entry(id.clone()).or_insert_with(|| Agg {
             ep: aggregate_endpoint(&id, group),
-            peers: HashSet::new(),
+            peers: FastSet::default(),
         });
         let (client, server) = (
             fold_end(&mut out, g, &k.client, keep_c, &id, agg),
@@ -208,11 +235,16 @@ pub fn bound(g: &Graph, data_source_id: &str, lim: &Limits) -> (Graph, Folded) {
             protocol: k.protocol.clone(),
             port,
         };
-        let mut s = s.clone();
-        s.port = port;
-        merge_edge(&mut out, key, &s);
+        match out.edges.get_mut(&key) {
+            Some(e) => e.merge(s),
+            None => {
+                let mut s = s.clone();
+                s.port = port;
+                out.edges.insert(key, s);
+            }
+        }
     }
-    let all_peers: HashSet<&Arc<str>> = aggs.values().flat_map(|a| &a.peers).collect();
+    let all_peers: FastSet<&Arc<str>> = aggs.values().flat_map(|a| &a.peers).collect();
     folded.addresses = all_peers.len() as u64;
     folded.aggregates = aggs.len() as u64;
     for (id, mut a) in aggs {

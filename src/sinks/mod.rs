@@ -51,6 +51,14 @@ impl<'a> SourceGraph<'a> {
         }
     }
 
+    /// With its body already encoded (by the pipeline, which measures it):
+    /// `body` and `elements` must be what [`SourceGraph::body`] would
+    /// encode.
+    pub fn with_body(self, body: Vec<u8>, elements: usize) -> SourceGraph<'a> {
+        let _ = self.body.set((body, elements));
+        self
+    }
+
     /// The Coordimap request body of this graph and its element count,
     /// encoded on first use.
     pub fn body(&self) -> Result<(&[u8], usize)> {

@@ -99,7 +99,12 @@ fn run_ns(prog: &Program<'_>, frame: &[u8], repeat: u32) -> Result<f64> {
 /// Medians over `rounds` runs of `repeat` packets for each program, the
 /// programs interleaved round by round (after one warm-up run each) so a
 /// slow moment of the machine hits all of them alike.
-fn medians(progs: &[&Program<'_>], frame: &[u8], repeat: u32, rounds: usize) -> Result<Vec<f64>> {
+pub fn medians(
+    progs: &[&Program<'_>],
+    frame: &[u8],
+    repeat: u32,
+    rounds: usize,
+) -> Result<Vec<f64>> {
     for p in progs {
         run_ns(p, frame, repeat)?;
     }

@@ -4,6 +4,7 @@
 pub mod datapath;
 pub mod drops;
 pub mod health;
+pub mod names;
 pub mod page;
 pub mod procs;
 pub mod realpath;

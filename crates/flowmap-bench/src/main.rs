@@ -4,7 +4,7 @@
 //! prints stable, greppable lines: `bench datapath case=… program=…
 //! ns_per_packet=…` and `bench scale <name> <metric>=<value>`.
 
-use flowmap_bench::{datapath, drops, health, page, procs, realpath, scale, store};
+use flowmap_bench::{datapath, drops, health, names, page, procs, realpath, scale, store};
 
 use std::process::ExitCode;
 
@@ -68,6 +68,10 @@ enum ScaleWhat {
         /// Distinct server ports (0: every flow its own, the worst case).
         #[arg(long, default_value_t = 100)]
         services: u32,
+        /// The agent's own interval instead (`Pipeline::interval`: fake
+        /// drain, ingest, graph, fold, spool and SQLite store sinks).
+        #[arg(long)]
+        agent: bool,
     },
     /// Kubernetes mode against a stand-in API server listing this many pods.
     Kube {
@@ -98,6 +102,15 @@ enum ScaleWhat {
     Drops {
         #[arg(long, default_value_t = 100_000)]
         packets: u32,
+    },
+    /// What name capture costs the TC program per packet: the program
+    /// with capture on and off, the datapath frames through
+    /// BPF_PROG_TEST_RUN, interleaved.
+    Names {
+        #[arg(long, default_value_t = 1_000_000)]
+        repeat: u32,
+        #[arg(long, default_value_t = 9)]
+        rounds: usize,
     },
     /// The process-attribution programs' cost per connection (kernel BPF
     /// statistics) while this many loopback TCP connections open.
@@ -171,7 +184,16 @@ fn main() -> ExitCode {
                 services,
                 rate,
             } => scale::flows(udp, tcp, services, rate, &mut out),
-            ScaleWhat::Pipeline { flows, services } => scale::pipeline(flows, services, &mut out),
+            ScaleWhat::Pipeline {
+                flows,
+                services,
+                agent: false,
+            } => scale::pipeline(flows, services, &mut out),
+            ScaleWhat::Pipeline {
+                flows,
+                services,
+                agent: true,
+            } => scale::pipeline_agent(flows, services, &mut out),
             ScaleWhat::Attach { pairs } => scale::attach(pairs, &mut out),
             ScaleWhat::Kube { pods } => scale::kube(pods, &mut out),
             ScaleWhat::Churn { cycles } => scale::churn(cycles, &mut out).map(|_| ()),
@@ -189,6 +211,7 @@ fn main() -> ExitCode {
                 }
             }
             ScaleWhat::Drops { packets } => drops::drops(packets, &mut out),
+            ScaleWhat::Names { repeat, rounds } => names::names(repeat, rounds.max(1), &mut out),
             ScaleWhat::Procs { connections } => procs::procs(connections, &mut out),
             ScaleWhat::Store {
                 agents,

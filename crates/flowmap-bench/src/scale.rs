@@ -198,9 +198,14 @@ pub fn flows(udp: u32, tcp: u32, services: u32, rate: u32, out: &mut dyn Write) 
         || agent.count_log("interval ") > seen,
     )?;
     let lat = probe.stop();
+    // The pipeline thread gives the interval's memory back right after
+    // logging it: read RSS once that is done (the next interval is 5 s
+    // away), and the peak the interval reached.
+    std::thread::sleep(Duration::from_millis(500));
     let flows = agent.metric("flowmap_flows_last_interval ")?;
     let secs = agent.metric("flowmap_interval_processing_seconds ")?;
     let rss = agent.metric("flowmap_resident_memory_bytes ")?;
+    let peak = peak_rss_of(&agent.pid().to_string());
     let kmem = agent.metric("flowmap_kernel_map_memory_bytes ")?;
     let lost = agent
         .metric("flowmap_kernel_events_total{reason=\"ring_lost\"} ")
@@ -243,7 +248,7 @@ pub fn flows(udp: u32, tcp: u32, services: u32, rate: u32, out: &mut dyn Write) 
     }
     writeln!(
         out,
-        "bench scale flows agent_rss_bytes={rss:.0} agent_rss_start_bytes={rss0}"
+        "bench scale flows agent_rss_bytes={rss:.0} agent_rss_start_bytes={rss0} agent_rss_peak_bytes={peak}"
     )?;
     writeln!(
         out,
@@ -493,47 +498,10 @@ pub fn throughput(rounds: u32, secs: f64, out: &mut dyn Write) -> Result<()> {
 pub fn pipeline(n: u32, services: u32, out: &mut dyn Write) -> Result<()> {
     use flowmap::datapath::clock::Clock;
     use flowmap::enrich::server::ServerResolver;
-    use flowmap::flow::{proto, ConnKey, Context, FlowKey, FlowTable, Sample};
+    use flowmap::flow::{Context, FlowTable};
     use flowmap::graph::Graph;
-    let host = flowmap::enrich::host::HostView {
-        hostname: "bench".into(),
-        addrs: vec!["10.231.0.1".parse()?],
-        ..Default::default()
-    };
-    let mut entries = Vec::with_capacity(n as usize);
-    for i in 0..n {
-        // Client ports vary; the server port is one of `services`.
-        let dport = if services == 0 {
-            1024 + (i % 60_000) as u16
-        } else {
-            8000 + (i % services) as u16
-        };
-        let sport = if services == 0 {
-            40000
-        } else {
-            1024 + (i % 60_000) as u16
-        };
-        let k = FlowKey {
-            ifindex: 2,
-            conn: ConnKey {
-                proto: proto::UDP,
-                addr: [
-                    std::net::Ipv4Addr::new(10, 231, 0, 1).into(),
-                    std::net::Ipv4Addr::new(10, 231, 0, 2 + (i / 60_000) as u8).into(),
-                ],
-                port: [sport, dport],
-            },
-        };
-        let s = Sample {
-            packets: [1, 0],
-            bytes: [74, 0],
-            first_seen_ns: 10,
-            last_seen_ns: 20,
-            first_side: 1,
-            ..Default::default()
-        };
-        entries.push((k, s));
-    }
+    let host = bench_host()?;
+    let entries = synthetic_flows(n, services);
     let mut table = FlowTable::new(n as usize * 2, Duration::from_secs(120), 0);
     // As the agent does: one name per interface, shared.
     let eth0: Arc<str> = "eth0".into();
@@ -545,17 +513,8 @@ pub fn pipeline(n: u32, services: u32, out: &mut dyn Write) -> Result<()> {
         name: &name,
     };
     let rss0 = flowmap::serve::metrics::resident_bytes();
-    // CPU time of this thread too: on a machine shared with builds the
-    // wall clock also counts the time other processes ran.
-    let cpu = || {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: a plain syscall writing into a valid timespec.
-        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-        ts.tv_sec as f64 * 1e3 + ts.tv_nsec as f64 / 1e6
-    };
+    // CPU time of this thread too.
+    let cpu = thread_cpu_ms;
     let c0 = cpu();
     let t = Instant::now();
     let records = table.ingest(&entries, &cx);
@@ -611,6 +570,198 @@ pub fn pipeline(n: u32, services: u32, out: &mut dyn Write) -> Result<()> {
         rss1.saturating_sub(rss0)
     )?;
     Ok(())
+}
+
+/// The host of `pipeline`'s synthetic flows (their clients' address).
+fn bench_host() -> Result<flowmap::enrich::host::HostView> {
+    Ok(flowmap::enrich::host::HostView {
+        hostname: "bench".into(),
+        addrs: vec!["10.231.0.1".parse()?],
+        ..Default::default()
+    })
+}
+
+/// This thread's CPU time in ms: on a machine shared with builds the wall
+/// clock also counts the time other processes ran.
+fn thread_cpu_ms() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a plain syscall writing into a valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 * 1e3 + ts.tv_nsec as f64 / 1e6
+}
+
+/// This process's peak resident memory (VmHWM).
+fn peak_rss_bytes() -> u64 {
+    peak_rss_of("self")
+}
+
+/// A process's peak resident memory (VmHWM), `pid` a number or `self`.
+fn peak_rss_of(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+/// One interval as the agent runs it, on `pipeline`'s synthetic flows:
+/// `Pipeline::interval` with a fake drain (the entries handed over as the
+/// kernel drain hands them), the agent's default data source settings,
+/// and its sinks: the spool (the collector's hand-off) and a SQLite store
+/// (its hand-off; the writer thread's own work is not in the figures),
+/// in a temporary directory. Two intervals: in the first every flow is
+/// new (the connection table empty, as after a start or for short-lived
+/// flows); the second drains the same flows again (long-lived
+/// connections: the table already holds them). Prints, per interval, this
+/// thread's CPU time and the wall time, what it spooled, and the process's
+/// resident memory after it and at its peak.
+pub fn pipeline_agent(n: u32, services: u32, out: &mut dyn Write) -> Result<()> {
+    use flowmap::agent::pipeline::{HostSource, Pipeline};
+    use flowmap::serve::metrics::Metrics;
+    use flowmap::sinks::coordimap::spool::{DeliveryStats, Spool};
+    use flowmap::sinks::coordimap::SpoolSink;
+    use flowmap::sinks::store::{self, Location};
+    use flowmap::sinks::Sink;
+    use flowmap_testkit::source::FakeSource;
+    use std::sync::Mutex;
+    let cfg = flowmap::config::parse(
+        "coordimap:\n  data_sources:\n    - type: flows\n      data_source_id: bench\n      config:\n        - name: interface_name\n          value: all\n",
+        &|_| None,
+    )
+    .map_err(|e| anyhow!("the bench's configuration: {e}"))?;
+    let dir = flowmap_testkit::tempdir::TempDir::new("bench-pipeline");
+    let stats = Arc::new(DeliveryStats::default());
+    let metrics = Arc::new(Metrics::new(stats.clone()));
+    let spool = Arc::new(Mutex::new(Spool::open(
+        &dir.path().join("spool"),
+        256 << 20,
+        stats,
+    )?));
+    let counters = store::Counters {
+        written: metrics.store_written.clone(),
+        errors: metrics.store_errors.clone(),
+        dropped: metrics.store_dropped.clone(),
+        healthy: metrics.health.store_ok.clone(),
+    };
+    let writer = store::Writer::start(
+        Location::Sqlite(dir.path().join("flowmap.db")),
+        Duration::from_secs(3600),
+        8,
+        counters,
+    )?;
+    let sinks: Vec<Box<dyn Sink>> = vec![
+        Box::new(SpoolSink {
+            spool: spool.clone(),
+            wake: Arc::new(tokio::sync::Notify::new()),
+        }),
+        Box::new(writer),
+    ];
+    let mut p = Pipeline::new(
+        &cfg,
+        (Duration::from_secs(5), (n * 2).next_power_of_two()),
+        sinks,
+        metrics.clone(),
+        None,
+    );
+    p.set_host(HostSource::Fixed(bench_host()?));
+    p.set_started(0);
+    let mut src = FakeSource::new(&[(2, "eth0")]);
+    // Seen just now, so the table keeps them between the two intervals.
+    let now = flowmap::datapath::clock::clock_ns(libc::CLOCK_MONOTONIC);
+    let mut flows = synthetic_flows(n, services);
+    for (_, s) in &mut flows {
+        s.first_seen_ns = now - 2_000_000;
+        s.last_seen_ns = now - 1_000_000;
+    }
+    for round in 1..=2 {
+        src.push(flowmap::datapath::Drained {
+            flows: flows.clone(),
+            ..Default::default()
+        });
+        let rss0 = flowmap::serve::metrics::resident_bytes();
+        let c0 = thread_cpu_ms();
+        let t = Instant::now();
+        let report = p.interval(&mut src)?;
+        let wall = t.elapsed();
+        let cpu = thread_cpu_ms() - c0;
+        // As the agent's pipeline thread does after each interval.
+        let c1 = thread_cpu_ms();
+        flowmap::agent::give_back_memory();
+        let trim = thread_cpu_ms() - c1;
+        let rss1 = flowmap::serve::metrics::resident_bytes();
+        let peak = peak_rss_bytes();
+        let mut spool = spool.lock().map_err(|_| anyhow!("spool lock poisoned"))?;
+        let spooled = spool.oldest().map(|(_, b)| b.len()).unwrap_or(0);
+        if let Some((seq, _)) = spool.oldest() {
+            spool.remove(seq);
+        }
+        drop(spool);
+        writeln!(
+            out,
+            "bench scale pipeline_agent interval={round} flows={n} services={services} records={} spooled_bytes={spooled}",
+            report.flows
+        )?;
+        writeln!(
+            out,
+            "bench scale pipeline_agent interval={round} interval_ms={:.1} cpu_interval_ms={cpu:.1} cpu_trim_ms={trim:.1}",
+            wall.as_secs_f64() * 1e3
+        )?;
+        writeln!(
+            out,
+            "bench scale pipeline_agent interval={round} rss_before_bytes={rss0} rss_after_bytes={rss1} rss_peak_bytes={peak}"
+        )?;
+    }
+    p.close();
+    Ok(())
+}
+
+/// `n` synthetic drained entries (UDP, one datagram each, from this host
+/// 10.231.0.1): `services` server ports, or with 0 every flow its own
+/// server port (so its own edge).
+fn synthetic_flows(n: u32, services: u32) -> Vec<(flowmap::flow::FlowKey, flowmap::flow::Sample)> {
+    use flowmap::flow::{proto, ConnKey, FlowKey, Sample};
+    let mut entries = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        // Client ports vary; the server port is one of `services`.
+        let dport = if services == 0 {
+            1024 + (i % 60_000) as u16
+        } else {
+            8000 + (i % services) as u16
+        };
+        let sport = if services == 0 {
+            40000
+        } else {
+            1024 + (i % 60_000) as u16
+        };
+        let k = FlowKey {
+            ifindex: 2,
+            conn: ConnKey {
+                proto: proto::UDP,
+                addr: [
+                    std::net::Ipv4Addr::new(10, 231, 0, 1).into(),
+                    std::net::Ipv4Addr::new(10, 231, 0, 2 + (i / 60_000) as u8).into(),
+                ],
+                port: [sport, dport],
+            },
+        };
+        let s = Sample {
+            packets: [1, 0],
+            bytes: [74, 0],
+            first_seen_ns: 10,
+            last_seen_ns: 20,
+            first_side: 1,
+            ..Default::default()
+        };
+        entries.push((k, s));
+    }
+    entries
 }
 
 /// Kubernetes mode at cluster scale: a stand-in API server lists `pods`

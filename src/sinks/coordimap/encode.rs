@@ -3,6 +3,7 @@
 //! encoding of `[]byte`); `hash` is the hex SHA-256 of those JSON bytes.
 
 use std::collections::HashSet;
+use std::fmt::Write as _;
 use std::time::SystemTime;
 
 use base64::Engine;
@@ -38,16 +39,20 @@ impl Element {
     pub fn new<T: Serialize>(payload: &T, name: &str, id: &str, kind: &str, at: &str) -> Element {
         // Serialising plain structs of strings and numbers cannot fail.
         let bytes = serde_json::to_vec(payload).unwrap_or_default();
+        Element::of_bytes(&bytes, name, id, kind, at, STATUS_NO_STATUS)
+    }
+
+    fn of_bytes(bytes: &[u8], name: &str, id: &str, kind: &str, at: &str, status: &str) -> Element {
         Element {
             retrieved_at: at.to_string(),
             name: name.to_string(),
             kind: kind.to_string(),
             id: id.to_string(),
-            hash: hex_sha256(&bytes),
-            data: base64::engine::general_purpose::STANDARD.encode(&bytes),
+            hash: hex_sha256(bytes),
+            data: base64::engine::general_purpose::STANDARD.encode(bytes),
             is_json_data: true,
             version: String::new(),
-            status: STATUS_NO_STATUS.to_string(),
+            status: status.to_string(),
         }
     }
 
@@ -60,8 +65,22 @@ impl Element {
 }
 
 pub fn hex_sha256(bytes: &[u8]) -> String {
+    let h = hex_sha256_bytes(bytes);
+    // Hex digits are ASCII.
+    String::from_utf8_lossy(&h).into_owned()
+}
+
+/// The lower-case hex SHA-256 of `bytes`, without an allocation (a
+/// `format!` per byte was a tenth of the encoding; issue 16's profile).
+fn hex_sha256_bytes(bytes: &[u8]) -> [u8; 64] {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let d = Sha256::digest(bytes);
-    d.iter().map(|b| format!("{b:02x}")).collect()
+    let mut out = [0u8; 64];
+    for (i, b) in d.iter().enumerate() {
+        out[2 * i] = DIGITS[(b >> 4) as usize];
+        out[2 * i + 1] = DIGITS[(b & 0xf) as usize];
+    }
+    out
 }
 
 /// The payload of a flow relationship: Coordimap's four fields, then the
@@ -204,7 +223,7 @@ struct RelationshipRef<'g> {
     relation_type: u32,
     interval_start: &'g str,
     interval_end: &'g str,
-    flows: Vec<&'g EdgeStats>,
+    flows: &'g [&'g EdgeStats],
 }
 
 /// The payload of a parent-child relationship (Coordimap's four fields).
@@ -230,52 +249,142 @@ pub fn each_element<E>(
     mut each: impl FnMut(Element) -> Result<(), E>,
 ) -> Result<(), E> {
     let at = rfc3339(end);
-    let from = rfc3339(start);
+    each_raw(graph, always, (&rfc3339(start), &at), |r| {
+        each(Element::of_bytes(
+            r.payload, r.name, r.id, r.kind, &at, r.status,
+        ))
+    })
+}
+
+/// One element before it is an [`Element`]: its fields and its payload's
+/// JSON bytes (borrowed from a buffer reused for every element).
+struct Raw<'a> {
+    name: &'a str,
+    id: &'a str,
+    kind: &'a str,
+    status: &'static str,
+    payload: &'a [u8],
+}
+
+/// [`each_element`]'s elements as [`Raw`]; `from` and `at` are the
+/// interval's start and end (RFC 3339).
+fn each_raw<E>(
+    graph: &Graph,
+    always: &[crate::enrich::Endpoint],
+    (from, at): (&str, &str),
+    mut each: impl FnMut(Raw) -> Result<(), E>,
+) -> Result<(), E> {
+    let mut buf: Vec<u8> = Vec::new();
     let mut seen: HashSet<(&'static str, &str)> = HashSet::new();
     for ep in always.iter().chain(graph.endpoints.values()) {
         let kind = ep.kind.element_type();
         if seen.insert((kind, &ep.id)) {
-            let mut e = Element::new(ep, &ep.name, &ep.id, kind, &at);
-            e.status = endpoint_status(graph, &ep.id).to_string();
-            each(e)?;
+            json(&mut buf, ep);
+            each(Raw {
+                name: &ep.name,
+                id: &ep.id,
+                kind,
+                status: endpoint_status(graph, &ep.id),
+                payload: &buf,
+            })?;
         }
     }
+    let mut id = String::new();
     // Containment: each process endpoint is a child of its host.
     for (parent, child) in &graph.children {
-        let id = format!("{parent}.{child}");
+        id.clear();
+        let _ = write!(id, "{parent}.{child}");
         let payload = ContainmentRef {
             source_id: parent,
             destination_id: child,
             relationship_type: RELATIONSHIP_TYPE,
             relation_type: PARENT_CHILD_RELATION,
         };
-        each(Element::new(&payload, &id, &id, RELATIONSHIP_TYPE, &at))?;
+        json(&mut buf, &payload);
+        each(Raw {
+            name: &id,
+            id: &id,
+            kind: RELATIONSHIP_TYPE,
+            status: STATUS_NO_STATUS,
+            payload: &buf,
+        })?;
     }
     // Edges are ordered by (client, server, …): a pair's edges are
     // consecutive.
     let mut edges = graph.edges.iter().peekable();
+    let mut flows = Vec::new();
     while let Some((k, s)) = edges.next() {
-        let mut flows = vec![s];
+        flows.clear();
+        flows.push(s);
         while let Some((_, s)) =
             edges.next_if(|(n, _)| n.client == k.client && n.server == k.server)
         {
             flows.push(s);
         }
-        let id = format!("{}.{}", k.client, k.server);
+        id.clear();
+        let _ = write!(id, "{}.{}", k.client, k.server);
         let payload = RelationshipRef {
             source_id: &k.client,
             destination_id: &k.server,
             relationship_type: RELATIONSHIP_TYPE,
             relation_type: EBPF_FLOW_RELATION,
-            interval_start: &from,
-            interval_end: &at,
-            flows,
+            interval_start: from,
+            interval_end: at,
+            flows: &flows,
         };
-        let mut e = Element::new(&payload, &id, &id, RELATIONSHIP_TYPE, &at);
-        e.status = relationship_status(&payload.flows).to_string();
-        each(e)?;
+        json(&mut buf, &payload);
+        each(Raw {
+            name: &id,
+            id: &id,
+            kind: RELATIONSHIP_TYPE,
+            status: relationship_status(&flows),
+            payload: &buf,
+        })?;
     }
     Ok(())
+}
+
+/// `buf` holds the JSON of `p`. Serialising plain structs of strings and
+/// numbers into a Vec cannot fail (an error would leave an empty payload,
+/// as `Element::new` does).
+fn json<T: Serialize>(buf: &mut Vec<u8>, p: &T) {
+    buf.clear();
+    if serde_json::to_writer(&mut *buf, p).is_err() {
+        buf.clear();
+    }
+}
+
+/// Writes one element as the JSON of [`Element`] (same fields, same
+/// order, same escaping) without building it: no string copies, the hash
+/// in hex and the base64 written from buffers.
+fn write_element<W: std::io::Write>(
+    w: &mut W,
+    r: &Raw,
+    at_json: &[u8],
+    b64: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    w.write_all(b"{\"retrieved_at\":")?;
+    w.write_all(at_json)?;
+    w.write_all(b",\"name\":")?;
+    serde_json::to_writer(&mut *w, r.name)?;
+    w.write_all(b",\"type\":")?;
+    serde_json::to_writer(&mut *w, r.kind)?;
+    w.write_all(b",\"id\":")?;
+    serde_json::to_writer(&mut *w, r.id)?;
+    w.write_all(b",\"hash\":\"")?;
+    w.write_all(&hex_sha256_bytes(r.payload))?;
+    w.write_all(b"\",\"data\":\"")?;
+    // Straight into a buffer of the encoded length (`encode_string` goes
+    // through a chunked encoder, twice as slow in issue 16's profile).
+    let len = base64::encoded_len(r.payload.len(), true).unwrap_or(0);
+    b64.resize(len, 0);
+    let n = base64::engine::general_purpose::STANDARD
+        .encode_slice(r.payload, &mut b64[..])
+        .map_err(std::io::Error::other)?;
+    w.write_all(&b64[..n])?;
+    w.write_all(b"\",\"is_json_data\":true,\"version\":\"\",\"status\":")?;
+    serde_json::to_writer(&mut *w, r.status)?;
+    w.write_all(b"}")
 }
 
 /// The batch [`write_body`] sends for one interval, read back from those
@@ -309,15 +418,18 @@ pub fn write_body<W: std::io::Write>(
     serde_json::to_writer(&mut w, &data_source_block(src, skip_fields))?;
     w.write_all(b",\"crawled_data\":{\"data\":[")?;
     let mut n = 0usize;
-    each_element(graph, always, (start, end), |e| {
+    let at = rfc3339(end);
+    let at_json = serde_json::to_vec(&at)?;
+    let mut b64 = Vec::new();
+    each_raw(graph, always, (&rfc3339(start), &at), |r| {
         if n > 0 {
             w.write_all(b",")?;
         }
         n += 1;
-        serde_json::to_writer(&mut w, &e).map_err(std::io::Error::from)
+        write_element(&mut w, &r, &at_json, &mut b64)
     })?;
     w.write_all(b"]},\"timestamp\":")?;
-    serde_json::to_writer(&mut w, &rfc3339(end))?;
+    w.write_all(&at_json)?;
     w.write_all(b",\"crawl_internal_id\":")?;
     serde_json::to_writer(&mut w, &src.id)?;
     w.write_all(b"}}")?;
@@ -350,6 +462,44 @@ pub fn body_len(
     // Writing to a counter cannot fail.
     let _ = write_body(&mut c, graph, always, src, skip_fields, interval);
     c.0
+}
+
+/// A body being written that gives up past `limit` bytes.
+struct Capped {
+    body: Vec<u8>,
+    limit: usize,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if self.body.len() + b.len() > self.limit {
+            return Err(std::io::Error::other("over the limit"));
+        }
+        self.body.extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The body [`write_body`] writes and its element count, or `None` as soon
+/// as it is longer than `limit` bytes (encoding stops there). The agent
+/// encodes each batch once: the bytes that measure it are the bytes sent.
+pub fn body_within(
+    graph: &Graph,
+    always: &[crate::enrich::Endpoint],
+    src: &FlowsSource,
+    skip_fields: &[String],
+    interval: (SystemTime, SystemTime),
+    limit: usize,
+) -> Option<(Vec<u8>, usize)> {
+    let mut w = Capped {
+        body: Vec::new(),
+        limit,
+    };
+    let n = write_body(&mut w, graph, always, src, skip_fields, interval).ok()?;
+    Some((w.body, n))
 }
 
 /// A server endpoint's status: the worst of its incoming edges.

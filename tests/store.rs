@@ -71,7 +71,7 @@ fn fill(s: &mut Store) {
 
 fn check_store(loc: &Location) {
     let mut s = Store::open(loc).unwrap();
-    assert_eq!(s.version().unwrap(), 3, "migrated from an empty database");
+    assert_eq!(s.version().unwrap(), 4, "migrated from an empty database");
     fill(&mut s);
     assert_eq!(s.runs().unwrap(), 3);
 
@@ -185,7 +185,7 @@ fn check_store(loc: &Location) {
     drop(s);
     // Reopening does not migrate again.
     let mut s = Store::open(loc).unwrap();
-    assert_eq!(s.version().unwrap(), 3);
+    assert_eq!(s.version().unwrap(), 4);
     assert_eq!(s.runs().unwrap(), 1);
 }
 
@@ -228,7 +228,7 @@ fn a_store_newer_than_flowmap_is_refused() {
     let err = Store::open(&Location::Sqlite(path)).err().expect("refused");
     assert_eq!(
         format!("{err:#}"),
-        "the store's schema version 99 is newer than this flowmap (3); use a newer flowmap"
+        "the store's schema version 99 is newer than this flowmap (4); use a newer flowmap"
     );
 }
 
@@ -265,7 +265,7 @@ fn a_version_1_store_is_migrated_and_keeps_its_rows() {
         .execute_batch(SCHEMA_V1)
         .unwrap();
     let mut s = Store::open(&Location::Sqlite(path)).unwrap();
-    assert_eq!(s.version().unwrap(), 3);
+    assert_eq!(s.version().unwrap(), 4);
     let old = s.edges(at(0)).unwrap();
     assert_eq!(
         (old.len(), old[0].bytes(), &old[0].health),
@@ -386,7 +386,7 @@ UPDATE edge_stats SET failed_refused = 2, status_rank = 3;";
         .execute_batch(&v2)
         .unwrap();
     let mut s = Store::open(&Location::Sqlite(path)).unwrap();
-    assert_eq!(s.version().unwrap(), 3);
+    assert_eq!(s.version().unwrap(), 4);
     let old = s.edges(at(0)).unwrap();
     assert_eq!(old.len(), 1);
     assert_eq!(
@@ -402,9 +402,9 @@ UPDATE edge_stats SET failed_refused = 2, status_rank = 3;";
 }
 
 /// Rollups (issue 15): intervals every 10 minutes over 5 hours, then the
-/// writer's maintenance: raw rows older than 2 h go once rolled up into
-/// 5-minute and hourly rows, and windows of every length still read exact
-/// totals at their grain.
+/// writer's maintenance: interval rows older than 30 minutes go, 5-minute
+/// rows (written with each interval) are rolled into hourly rows, and
+/// windows of every length still read exact totals at their grain.
 fn check_rollups(loc: &Location) {
     use flowmap::sinks::store::{unix_ms, Window};
     use std::time::{Duration, SystemTime};
@@ -466,7 +466,8 @@ fn check_rollups(loc: &Location) {
         )
     };
     let min = 60_000;
-    // 15 minutes: raw rows, the intervals at now and now - 10 min.
+    // 15 minutes: 5-minute rows (written with each interval), the
+    // intervals at now and now - 10 min.
     assert_eq!(totals(&mut s, now_ms - 15 * min, now_ms), (2, 2200, 2, 2));
     // 4 hours: 5-minute rows (raw rows past 2 h are gone), k = 0..=24.
     assert_eq!(
@@ -504,4 +505,332 @@ fn postgres_rollups() {
         return;
     };
     check_rollups(&Location::Postgres(pg.connection_string()));
+}
+
+/// Version 3 (the agents' identity, drops and RTT; rollups with text
+/// columns per row), as flowmap wrote it, on top of version 2.
+fn schema_v3() -> String {
+    let rollup = |t: &str| {
+        format!(
+            "CREATE TABLE {t} (
+  source_id TEXT NOT NULL, destination_id TEXT NOT NULL, protocol TEXT NOT NULL, port BIGINT NOT NULL,
+  node TEXT NOT NULL, client_node TEXT NOT NULL, server_node TEXT NOT NULL, interval_end_ms BIGINT NOT NULL,
+  connections_opened BIGINT NOT NULL, connections_active BIGINT NOT NULL, packets_c2s BIGINT NOT NULL,
+  bytes_c2s BIGINT NOT NULL, packets_s2c BIGINT NOT NULL, bytes_s2c BIGINT NOT NULL, handshake_count BIGINT NOT NULL,
+  handshake_min_us DOUBLE PRECISION, handshake_mean_us DOUBLE PRECISION, handshake_max_us DOUBLE PRECISION,
+  tcp_resets BIGINT NOT NULL, first_seen_ms BIGINT NOT NULL, last_seen_ms BIGINT NOT NULL,
+  connections_attempted BIGINT NOT NULL, failed_refused BIGINT NOT NULL, failed_unanswered BIGINT NOT NULL,
+  failed_unreachable BIGINT NOT NULL, syn_retransmits BIGINT NOT NULL, resets_client BIGINT NOT NULL,
+  resets_server BIGINT NOT NULL, status_rank BIGINT NOT NULL, retrans_c2s BIGINT NOT NULL, retrans_s2c BIGINT NOT NULL,
+  drops TEXT NOT NULL, srtt_samples BIGINT NOT NULL, srtt_min_us DOUBLE PRECISION, srtt_mean_us DOUBLE PRECISION,
+  srtt_max_us DOUBLE PRECISION
+);
+CREATE INDEX {t}_end ON {t} (interval_end_ms);
+"
+        )
+    };
+    let mut v = SCHEMA_V1.replace("VALUES (1);", "VALUES (3);");
+    for c in [
+        "connections_attempted",
+        "failed_refused",
+        "failed_unanswered",
+        "failed_unreachable",
+        "syn_retransmits",
+        "resets_client",
+        "resets_server",
+        "status_rank",
+        "retrans_c2s",
+        "retrans_s2c",
+    ] {
+        v += &format!("ALTER TABLE edge_stats ADD COLUMN {c} BIGINT NOT NULL DEFAULT 0;\n");
+    }
+    v += "
+ALTER TABLE crawl_runs ADD COLUMN node TEXT NOT NULL DEFAULT '';
+ALTER TABLE crawl_runs ADD COLUMN instance_id TEXT NOT NULL DEFAULT '';
+ALTER TABLE elements ADD COLUMN node TEXT NOT NULL DEFAULT '';
+ALTER TABLE edge_stats ADD COLUMN node TEXT NOT NULL DEFAULT '';
+ALTER TABLE edge_stats ADD COLUMN client_node TEXT NOT NULL DEFAULT '';
+ALTER TABLE edge_stats ADD COLUMN server_node TEXT NOT NULL DEFAULT '';
+ALTER TABLE edge_stats ADD COLUMN interval_end_ms BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE edge_stats ADD COLUMN drops TEXT NOT NULL DEFAULT '';
+ALTER TABLE edge_stats ADD COLUMN srtt_samples BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE edge_stats ADD COLUMN srtt_min_us DOUBLE PRECISION;
+ALTER TABLE edge_stats ADD COLUMN srtt_mean_us DOUBLE PRECISION;
+ALTER TABLE edge_stats ADD COLUMN srtt_max_us DOUBLE PRECISION;
+UPDATE edge_stats SET interval_end_ms = (SELECT r.interval_end_ms FROM crawl_runs r WHERE r.id = edge_stats.run_id);
+CREATE INDEX edge_stats_end ON edge_stats (interval_end_ms);
+CREATE INDEX crawl_runs_node ON crawl_runs (node, interval_end_ms);
+CREATE INDEX elements_seen ON elements (last_seen_ms);
+CREATE TABLE flowmap_rollups (grain TEXT PRIMARY KEY, done_ms BIGINT NOT NULL);
+";
+    v += &rollup("edge_rollup_5m");
+    v += &rollup("edge_rollup_1h");
+    // A second node's interval with handshakes, drops and RTT; a 5-minute
+    // row and an hourly row rolled before the intervals kept.
+    v += "
+INSERT INTO crawl_runs VALUES (2, 'ds', 1800000030000, 1800000060000, 2, 1, 'n2', 'i2');
+INSERT INTO edge_stats (run_id, source_id, destination_id, protocol, port, connections_opened, connections_active,
+  packets_c2s, bytes_c2s, packets_s2c, bytes_s2c, handshake_count, handshake_min_us, handshake_mean_us,
+  handshake_max_us, tcp_resets, first_seen_ms, last_seen_ms, node, interval_end_ms, drops, srtt_samples,
+  srtt_min_us, srtt_mean_us, srtt_max_us)
+VALUES (2, 'c', 'd', 'tcp', 80, 1, 1, 5, 500, 4, 400, 2, 200, 300, 400, 0, 1800000031000, 1800000059000,
+  'n2', 1800000060000, '{\"NETFILTER_DROP\":2}', 2, 100, 150, 200);
+INSERT INTO edge_rollup_5m VALUES ('a', 'b', 'tcp', 443, '', '', '', 1799999700000, 1, 1, 1, 100, 0, 0, 0,
+  NULL, NULL, NULL, 0, 1799999500000, 1799999600000, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, '', 0, NULL, NULL, NULL);
+INSERT INTO edge_rollup_1h VALUES ('a', 'b', 'tcp', 443, '', '', '', 1799996400000, 2, 2, 20, 10000, 0, 0, 0,
+  NULL, NULL, NULL, 0, 1799993000000, 1799996000000, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, '', 0, NULL, NULL, NULL);
+INSERT INTO flowmap_rollups VALUES ('edge_rollup_5m', 1799999700000), ('edge_rollup_1h', 1799996400000);
+";
+    v
+}
+
+/// Version 3 to 4 (edges interned, rows of numbers, 5-minute rows written
+/// with each interval): every interval row, 5-minute row and hourly row is
+/// kept, and windows read at each grain give the version 3 totals.
+fn check_v3_migration(s: &mut Store) {
+    use flowmap::sinks::store::Window;
+    assert_eq!(s.version().unwrap(), 4);
+    let edges = |s: &mut Store, from_ms: i64, to_ms: i64| {
+        let mut e = s
+            .edges_in(&Window::between(from_ms, to_ms), None)
+            .unwrap()
+            .0;
+        e.sort_by(|a, b| a.source.cmp(&b.source));
+        e
+    };
+    // A minute: the interval rows.
+    let e = edges(s, 1_800_000_000_000, 1_800_000_060_000);
+    assert_eq!(
+        e.iter()
+            .map(|e| (
+                e.source.as_str(),
+                e.node.as_str(),
+                e.bytes(),
+                e.last_interval_end_ms
+            ))
+            .collect::<Vec<_>>(),
+        vec![
+            ("a", "", 1800, 1_800_000_030_000),
+            ("c", "n2", 900, 1_800_000_060_000)
+        ]
+    );
+    let d = &e[1];
+    assert_eq!(
+        (
+            d.handshake_count,
+            d.handshake_min_us,
+            d.handshake_mean_us,
+            d.handshake_max_us
+        ),
+        (2, Some(200.0), Some(300.0), Some(400.0))
+    );
+    assert_eq!(
+        serde_json::to_value(&d.health.drops).unwrap(),
+        serde_json::json!({"NETFILTER_DROP": 2})
+    );
+    let srtt = d.health.srtt_us.unwrap();
+    assert_eq!(
+        (srtt.samples, srtt.min, srtt.mean, srtt.max),
+        (2, 100, 150.0, 200)
+    );
+    assert_eq!(
+        (d.first_seen_ms, d.last_seen_ms),
+        (1_800_000_031_000, 1_800_000_059_000)
+    );
+    // 11 minutes: 5-minute rows, the old one and the intervals' bucket.
+    let e = edges(s, 1_799_999_400_000, 1_800_000_060_000);
+    assert_eq!(
+        e.iter()
+            .map(|e| (e.source.as_str(), e.bytes(), e.connections_opened))
+            .collect::<Vec<_>>(),
+        vec![("a", 1900, 2), ("c", 900, 1)]
+    );
+    assert_eq!(e[1].health.srtt_us.unwrap().mean, 150.0);
+    // 10 hours: the hourly row, then 5-minute rows.
+    let e = edges(s, 1_800_000_060_000 - 36_000_000, 1_800_000_060_000);
+    assert_eq!(
+        e.iter()
+            .map(|e| (e.source.as_str(), e.bytes(), e.connections_opened))
+            .collect::<Vec<_>>(),
+        vec![("a", 11900, 4), ("c", 900, 1)]
+    );
+    assert_eq!(s.runs().unwrap(), 2);
+    fill(s);
+    assert_eq!(s.runs().unwrap(), 5);
+    let e = s.edges(at(0)).unwrap();
+    assert_eq!(e.len(), 4);
+}
+
+#[test]
+fn a_version_3_store_is_migrated_and_keeps_its_rows() {
+    let dir = TempDir::new("store-v3");
+    let path = dir.path().join("f.db");
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch(&schema_v3())
+        .unwrap();
+    let mut s = Store::open(&Location::Sqlite(path.clone())).unwrap();
+    check_v3_migration(&mut s);
+    drop(s);
+    // The version 3 tables are gone.
+    let c = rusqlite::Connection::open(&path).unwrap();
+    let mut tables: Vec<String> = c
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    tables.sort();
+    assert_eq!(
+        tables,
+        [
+            "crawl_runs",
+            "edge_keys",
+            "edge_rollup_1h",
+            "edge_rollup_5m",
+            "edge_stats",
+            "elements",
+            "flowmap_rollups",
+            "flowmap_schema"
+        ]
+    );
+}
+
+#[test]
+fn a_version_3_postgres_store_is_migrated_and_keeps_its_rows() {
+    if !flowmap_testkit::net::privileged(
+        "a_version_3_postgres_store_is_migrated_and_keeps_its_rows",
+    ) {
+        return;
+    }
+    let Some(pg) = flowmap_testkit::postgres::Pg::start("a_version_3_postgres_store_is_migrated")
+    else {
+        return;
+    };
+    let mut c = postgres::Client::connect(&pg.connection_string(), postgres::NoTls).unwrap();
+    c.batch_execute(
+        &(schema_v3().replace(
+            "id INTEGER PRIMARY KEY AUTOINCREMENT",
+            "id BIGSERIAL PRIMARY KEY",
+        ) + "SELECT setval('crawl_runs_id_seq', 2);"),
+    )
+    .unwrap();
+    let mut s = Store::open(&Location::Postgres(pg.connection_string())).unwrap();
+    check_v3_migration(&mut s);
+    // Each table's rows in their time partitions.
+    let parts: Vec<String> = c
+        .query(
+            "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+             JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'edge_rollup_1h' ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(parts, ["edge_rollup_1h_p1799971200"]);
+}
+
+/// PostgreSQL time partitions (issue 15): rows of two days; when the first
+/// day expires its partitions are dropped whole (gone from pg_inherits and
+/// pg_class), and the second day's rows are all still there.
+#[test]
+fn postgres_expired_partitions_are_dropped_whole() {
+    use flowmap::sinks::store::unix_ms;
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+    if !flowmap_testkit::net::privileged("postgres_expired_partitions_are_dropped_whole") {
+        return;
+    }
+    let Some(pg) = flowmap_testkit::postgres::Pg::start("postgres_expired_partitions") else {
+        return;
+    };
+    let mut s = Store::open(&Location::Postgres(pg.connection_string())).unwrap();
+    let mut c = postgres::Client::connect(&pg.connection_string(), postgres::NoTls).unwrap();
+    let h = host();
+    let r = ServerResolver {
+        data_source_id: "ds",
+        host: &h,
+    };
+    const DAY: i64 = 86_400_000;
+    const HOUR: i64 = 3_600_000;
+    let day = unix_ms(SystemTime::now()).div_euclid(DAY) * DAY;
+    let t = |ms: i64| UNIX_EPOCH + Duration::from_millis(ms as u64);
+    // One interval an hour after yesterday's start, one after today's.
+    for (end, bytes) in [(day - DAY + HOUR, 1000), (day + HOUR, 3000)] {
+        let rec = FlowRecord {
+            src_to_dst: flowmap::flow::Counters { packets: 10, bytes },
+            ..flowmap_testkit::records::between(
+                "tcp",
+                ("10.0.0.1".parse().unwrap(), 40000),
+                ("192.0.2.10".parse().unwrap(), 443),
+                t(end - 10_000),
+            )
+        };
+        let g = Graph::build(&[rec], &r);
+        s.write("ds", t(end - 30_000), t(end), &g, &[r.host_endpoint()])
+            .unwrap();
+    }
+    let parts = |c: &mut postgres::Client, table: &str| -> Vec<String> {
+        c.query(
+            "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+             JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = $1 ORDER BY 1",
+            &[&table],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    };
+    let rows = |c: &mut postgres::Client, table: &str| -> (i64, i64) {
+        let r = c
+            .query_one(
+                &format!(
+                    "SELECT COUNT(*), CAST(COALESCE(SUM(bytes_c2s), 0) AS BIGINT) FROM {table}"
+                ),
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    let name = |table: &str, start_ms: i64| format!("{table}_p{}", start_ms / 1000);
+    // The maintenance of yesterday, 3 hours in: yesterday's hour is rolled
+    // into yesterday's partition of hourly rows.
+    assert!(s
+        .maintain(day - DAY + 3 * HOUR, Duration::from_secs(2 * 86_400))
+        .unwrap());
+    assert!(parts(&mut c, "edge_rollup_1h").contains(&name("edge_rollup_1h", day - DAY)));
+    assert!(parts(&mut c, "edge_rollup_5m").contains(&name("edge_rollup_5m", day - DAY + HOUR)));
+    assert_eq!(rows(&mut c, "edge_rollup_1h"), (1, 1000));
+    // Today, 2 hours in, with a retention of 2 hours: yesterday expired.
+    assert!(s
+        .maintain(day + 2 * HOUR, Duration::from_secs(2 * 3600))
+        .unwrap());
+    for (table, old) in [
+        ("edge_stats", day - DAY + HOUR),
+        ("edge_rollup_5m", day - DAY + HOUR),
+        ("edge_rollup_1h", day - DAY),
+    ] {
+        let left = parts(&mut c, table);
+        assert!(!left.is_empty(), "{table}");
+        for p in &left {
+            let start: i64 = p.rsplit_once("_p").unwrap().1.parse().unwrap();
+            assert!(
+                start * 1000 >= day,
+                "{table}: {p} should have been dropped: {left:?}"
+            );
+        }
+        let gone: i64 = c
+            .query_one(
+                "SELECT COUNT(*) FROM pg_class WHERE relname = $1",
+                &[&name(table, old)],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(gone, 0, "{table}");
+    }
+    // Today's rows, whole: its 5-minute row and its hour rolled.
+    assert_eq!(rows(&mut c, "edge_rollup_5m"), (1, 3000));
+    assert_eq!(rows(&mut c, "edge_rollup_1h"), (1, 3000));
+    assert!(parts(&mut c, "edge_rollup_1h").contains(&name("edge_rollup_1h", day)));
 }

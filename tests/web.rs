@@ -380,7 +380,7 @@ fn store_reads_end_at_their_deadline_on_a_bounded_pool() {
 
     // Reads wait on a lock: every request ends at its deadline with 503,
     // and no more than two connections ever serve them.
-    lock.batch_execute("BEGIN; LOCK TABLE edge_stats IN ACCESS EXCLUSIVE MODE")
+    lock.batch_execute("BEGIN; LOCK TABLE edge_keys IN ACCESS EXCLUSIVE MODE")
         .unwrap();
     let answers: Vec<(u16, String)> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..5)

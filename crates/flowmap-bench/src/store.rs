@@ -78,8 +78,17 @@ pub fn store(
     queries: u32,
     out: &mut dyn Write,
 ) -> Result<()> {
-    let pg = Pg::start("bench scale store").context("PostgreSQL is not installed")?;
-    let loc = Location::Postgres(pg.connection_string());
+    // FLOWMAP_BENCH_DATABASE: an empty database of one's own, kept after
+    // the run (to look at its plans); else a private server, removed.
+    let (_pg, cs) = match std::env::var("FLOWMAP_BENCH_DATABASE") {
+        Ok(cs) if !cs.is_empty() => (None, cs),
+        _ => {
+            let pg = Pg::start("bench scale store").context("PostgreSQL is not installed")?;
+            let cs = pg.connection_string();
+            (Some(pg), cs)
+        }
+    };
+    let loc = Location::Postgres(cs.clone());
     Store::open(&loc)?;
     let graphs: Arc<Vec<_>> = Arc::new((0..agents).map(|a| agent_graph(a, edges)).collect());
     let end = SystemTime::now();
@@ -94,7 +103,10 @@ pub fn store(
     let mut conns: Vec<Store> = (0..writers)
         .map(|_| Store::open(&loc))
         .collect::<Result<_>>()?;
-    for k in 0..intervals {
+    // FLOWMAP_BENCH_READ_ONLY=1 with FLOWMAP_BENCH_DATABASE: the rows of an
+    // earlier run (of the same options) are read again; nothing is written.
+    let write = std::env::var("FLOWMAP_BENCH_READ_ONLY").as_deref() != Ok("1");
+    for k in (0..intervals).filter(|_| write) {
         let t_end = start + interval * (k + 1);
         std::thread::scope(|sc| {
             for (w, st) in conns.iter_mut().enumerate() {
@@ -142,9 +154,11 @@ pub fn store(
         percentile(&lat, 0.95),
         percentile(&lat, 0.5),
     )?;
-    maint.maintain(unix_ms(SystemTime::now()), Duration::from_secs(7 * 86_400))?;
-    // Size: the database, and each table's bytes per row.
-    let mut c = postgres::Client::connect(&pg.connection_string(), postgres::NoTls)?;
+    let now_ms = unix_ms(SystemTime::now());
+    maint.maintain(now_ms, Duration::from_secs(7 * 86_400))?;
+    let mut c = postgres::Client::connect(&cs, postgres::NoTls)?;
+    // Size: the database, and each table's bytes per row (a partitioned
+    // table's bytes are its partitions').
     c.batch_execute("VACUUM ANALYZE")?;
     let db: i64 = c
         .query_one("SELECT pg_database_size(current_database())", &[])?
@@ -154,6 +168,7 @@ pub fn store(
         "edge_stats",
         "edge_rollup_5m",
         "edge_rollup_1h",
+        "edge_keys",
         "crawl_runs",
         "elements",
     ] {
@@ -161,36 +176,100 @@ pub fn store(
             .query_one(&format!("SELECT COUNT(*) FROM {t}"), &[])?
             .get(0);
         let b: i64 = c
-            .query_one(&format!("SELECT pg_total_relation_size('{t}')"), &[])?
+            .query_one(
+                &format!(
+                    "SELECT CAST(pg_total_relation_size('{t}') + COALESCE((SELECT SUM(pg_total_relation_size(inhrelid))
+                     FROM pg_inherits WHERE inhparent = '{t}'::regclass), 0) AS BIGINT)"
+                ),
+                &[],
+            )?
             .get(0);
-        writeln!(out, "bench scale store table name={t} rows={n} bytes={b}")?;
-        per_row.push((t, n, b));
+        let parts: i64 = c
+            .query_one(
+                &format!("SELECT COUNT(*) FROM pg_inherits WHERE inhparent = '{t}'::regclass"),
+                &[],
+            )?
+            .get(0);
+        writeln!(
+            out,
+            "bench scale store table name={t} rows={n} bytes={b} bytes_per_row={:.0} partitions={parts}",
+            b as f64 / n.max(1) as f64
+        )?;
+        per_row.push((n, b));
     }
-    // A day at steady state (7-day retention): raw rows for RAW_KEEP, 5-minute
-    // rows for FIVE_KEEP, hourly rows for every hour, by the measured bytes
-    // per row (the raw table's where a rollup table is still empty).
-    let raw_bpr = per_row[0].2 as f64 / per_row[0].1.max(1) as f64;
+    // A day at steady state (7-day retention): interval rows for RAW_KEEP
+    // plus the partition being filled, 5-minute rows for FIVE_KEEP plus
+    // one partition, hourly rows for every hour, runs, keys and endpoints
+    // once; by the measured bytes per row (the interval rows' where a
+    // rollup table is still empty).
     let bpr = |i: usize| {
-        if per_row[i].1 > 0 {
-            per_row[i].2 as f64 / per_row[i].1 as f64
+        let (n, b) = per_row[i];
+        if n > 0 {
+            b as f64 / n as f64
         } else {
-            raw_bpr
+            per_row[0].1 as f64 / per_row[0].0.max(1) as f64
         }
     };
     let fleet = agents as f64 * edges as f64;
-    let per_interval = 86_400.0 / interval.as_secs_f64();
-    let raw = fleet * store::rollup::RAW_KEEP.as_secs_f64() / interval.as_secs_f64() * raw_bpr;
-    let five = fleet * store::rollup::FIVE_KEEP.as_secs_f64() / 300.0 * bpr(1);
+    let iv = interval.as_secs_f64();
+    let raw = fleet * (store::rollup::RAW_KEEP.as_secs_f64() + 900.0) / iv * bpr(0);
+    let five = fleet * (store::rollup::FIVE_KEEP.as_secs_f64() + 3600.0) / 300.0 * bpr(1);
     let hourly_day = fleet * 24.0 * bpr(2);
-    let runs_day =
-        agents as f64 * per_interval * (per_row[3].2 as f64 / per_row[3].1.max(1) as f64);
+    let runs_day = agents as f64 * 86_400.0 / iv * bpr(4);
+    let once = (per_row[3].1 + per_row[5].1) as f64;
     writeln!(
         out,
-        "bench scale store size db_bytes={db} raw_bytes_per_row={raw_bpr:.0} rollup_5m_bytes_per_row={:.0} rollup_1h_bytes_per_row={:.0} steady_raw_bytes={raw:.0} steady_5m_bytes={five:.0} hourly_bytes_per_day={hourly_day:.0} runs_bytes_per_day={runs_day:.0} seven_days_bytes={:.0}",
-        bpr(1),
-        bpr(2),
-        raw + five + 7.0 * (hourly_day + runs_day),
+        "bench scale store size db_bytes={db} steady_raw_bytes={raw:.0} steady_5m_bytes={five:.0} hourly_bytes_per_day={hourly_day:.0} runs_bytes_per_day={runs_day:.0} keys_and_endpoints_bytes={once:.0} one_day_bytes={:.0} seven_days_bytes={:.0}",
+        raw + five + hourly_day + runs_day + once,
+        raw + five + 7.0 * (hourly_day + runs_day) + once,
     )?;
+    // A day of hourly rows for the 24-hour window: the simulated span's
+    // hours, copied back in time for the hours it does not cover (rows as
+    // the maintenance rolls them; intervals of those hours as crawl runs).
+    let span_h = (interval * intervals).as_secs().div_ceil(3600) as i64;
+    if span_h < 24 {
+        let hour = 3_600_000i64;
+        let done = maint.rolled()?[1];
+        let first: i64 = c
+            .query_one(
+                "SELECT CAST(COALESCE(MIN(interval_end_ms), 0) AS BIGINT) FROM edge_rollup_1h",
+                &[],
+            )?
+            .get(0);
+        // (Not again when an earlier run of FLOWMAP_BENCH_READ_ONLY did.)
+        if first > 0 && first > now_ms - 23 * hour {
+            let back = 24 - span_h;
+            maint.make_partitions("edge_rollup_1h", first - (back + 1) * hour, first)?;
+            for h in 1..=back {
+                c.execute(
+                    "INSERT INTO edge_rollup_1h SELECT interval_end_ms - $1, edge_id, first_seen_ms - $1, last_seen_ms - $1,
+                     connections_opened, connections_active, packets_c2s, bytes_c2s, packets_s2c, bytes_s2c, handshake_count,
+                     handshake_min_us, handshake_sum_us, handshake_max_us, tcp_resets, connections_attempted, failed_refused,
+                     failed_unanswered, failed_unreachable, syn_retransmits, resets_client, resets_server, status_rank,
+                     retrans_c2s, retrans_s2c, drops, srtt_samples, srtt_min_us, srtt_sum_us, srtt_max_us, last_end_ms - $1
+                     FROM edge_rollup_1h WHERE interval_end_ms = $2",
+                    &[&(h * hour), &first],
+                )?;
+            }
+            c.execute(
+                "INSERT INTO crawl_runs (data_source_id, interval_start_ms, interval_end_ms, endpoints, edges, node, instance_id)
+                 SELECT data_source_id, interval_start_ms - h * 3600000, interval_end_ms - h * 3600000, endpoints, edges, node,
+                 instance_id FROM crawl_runs, generate_series(1, CAST($1 AS BIGINT)) h WHERE interval_end_ms > CAST($2 AS BIGINT) - 3600000 AND interval_end_ms <= CAST($2 AS BIGINT)",
+                &[&back, &first],
+            )?;
+            c.batch_execute("ANALYZE")?;
+            writeln!(
+                out,
+                "bench scale store backfill hours={back} hourly_rolled_to_ms={done} note=hourly_rows_copied_back_for_the_24h_window"
+            )?;
+        }
+    }
+    let last: i64 = c
+        .query_one(
+            "SELECT CAST(COALESCE(MAX(interval_end_ms), 0) AS BIGINT) FROM crawl_runs",
+            &[],
+        )?
+        .get(0);
     // The cluster map, as the page reads it.
     let mut s = Store::open(&loc)?;
     for (name, d) in [("15m", 900u64), ("1h", 3600), ("24h", 86_400)] {
@@ -200,7 +279,13 @@ pub fn store(
             let t = Instant::now();
             let v = view::graph_bounded(
                 &mut s,
-                &Window::live(Duration::from_secs(d)),
+                // The window that ends with the latest interval written
+                // (now, unless FLOWMAP_BENCH_READ_ONLY reads an older run).
+                &Window {
+                    from_ms: last - d as i64 * 1000,
+                    to_ms: i64::MAX,
+                    live: true,
+                },
                 &Default::default(),
                 5000,
             )?;

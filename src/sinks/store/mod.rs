@@ -2,7 +2,7 @@
 //! SQLite (default) or PostgreSQL. Read by `flowmap top`, `flowmap graph`
 //! and the map page (through a bounded pool of reads, pool.rs).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -14,6 +14,7 @@ use crate::config::{Database, Driver};
 use crate::graph::Graph;
 
 pub mod cluster;
+mod partition;
 mod pg;
 mod pool;
 pub mod rollup;
@@ -75,7 +76,27 @@ pub struct Store {
     conn: Conn,
     /// The agent that writes: its node and instance ID (empty for readers).
     who: Agent,
+    /// The edge keys this connection wrote lately: their integer key, the
+    /// nodes of their ends, and when their `last_seen_ms` was last set.
+    keys: HashMap<KeyOf, Key>,
+    /// The PostgreSQL partitions known to exist.
+    known: partition::Known,
+    /// A migration is running (partitions are made in its transaction).
+    in_migration: bool,
 }
+
+/// An edge key as the cache finds it: node, client, server, protocol, port.
+type KeyOf = (String, String, String, String, u16);
+
+#[derive(Debug, Clone, PartialEq)]
+struct Key {
+    id: i64,
+    ends: [String; 2],
+    refreshed_ms: i64,
+}
+
+/// Edge keys a connection remembers at most (then it starts over).
+const KEYS_MAX: usize = 1 << 20;
 
 /// The agent that writes rows: the node it runs on (`NODE_NAME`, else the
 /// host name) and its instance ID (the UUID the spool directory keeps).
@@ -132,6 +153,9 @@ enum Val {
     I(i64),
     F(Option<f64>),
     T(String),
+    /// An integer that may be NULL (a zero counter is stored as NULL).
+    O(Option<i64>),
+    S(Option<String>),
 }
 
 impl rusqlite::ToSql for Val {
@@ -140,6 +164,8 @@ impl rusqlite::ToSql for Val {
             Val::I(v) => v.to_sql(),
             Val::F(v) => v.to_sql(),
             Val::T(v) => v.to_sql(),
+            Val::O(v) => v.to_sql(),
+            Val::S(v) => v.to_sql(),
         }
     }
 }
@@ -229,20 +255,59 @@ CREATE INDEX elements_seen ON elements (last_seen_ms);
 CREATE TABLE flowmap_rollups (grain TEXT PRIMARY KEY, done_ms BIGINT NOT NULL);
 @ROLLUPS@
 ",
+    // Version 4 (issue 15, scale): edges interned in `edge_keys`, rows of
+    // numbers only, 5-minute rows written with each interval, PostgreSQL
+    // time partitions (rollup.rs, partition.rs); the unread relationships
+    // table goes. Made by `migrate_to_4`, which keeps every row.
+    "@V4@",
 ];
 
 /// The schema version this flowmap writes.
-pub const SCHEMA_VERSION: u32 = 3;
+pub const SCHEMA_VERSION: u32 = 4;
 
 /// The PostgreSQL advisory lock key migrations hold (any agent of a fleet
 /// starting at once waits for the one migrating): "flowmap" in ASCII.
 const MIGRATION_LOCK: i64 = 0x0066_6c6f_776d_6170;
 
+/// The rollup tables of schema version 3.
+fn create_rollup_v3(name: &str) -> String {
+    format!(
+        "CREATE TABLE {name} (
+  source_id TEXT NOT NULL, destination_id TEXT NOT NULL, protocol TEXT NOT NULL, port BIGINT NOT NULL,
+  node TEXT NOT NULL, client_node TEXT NOT NULL, server_node TEXT NOT NULL, interval_end_ms BIGINT NOT NULL,
+  connections_opened BIGINT NOT NULL, connections_active BIGINT NOT NULL, packets_c2s BIGINT NOT NULL,
+  bytes_c2s BIGINT NOT NULL, packets_s2c BIGINT NOT NULL, bytes_s2c BIGINT NOT NULL, handshake_count BIGINT NOT NULL,
+  handshake_min_us DOUBLE PRECISION, handshake_mean_us DOUBLE PRECISION, handshake_max_us DOUBLE PRECISION,
+  tcp_resets BIGINT NOT NULL, first_seen_ms BIGINT NOT NULL, last_seen_ms BIGINT NOT NULL,
+  connections_attempted BIGINT NOT NULL, failed_refused BIGINT NOT NULL, failed_unanswered BIGINT NOT NULL,
+  failed_unreachable BIGINT NOT NULL, syn_retransmits BIGINT NOT NULL, resets_client BIGINT NOT NULL,
+  resets_server BIGINT NOT NULL, status_rank BIGINT NOT NULL, retrans_c2s BIGINT NOT NULL, retrans_s2c BIGINT NOT NULL,
+  drops TEXT NOT NULL, srtt_samples BIGINT NOT NULL, srtt_min_us DOUBLE PRECISION, srtt_mean_us DOUBLE PRECISION,
+  srtt_max_us DOUBLE PRECISION
+);
+CREATE INDEX {name}_end ON {name} (interval_end_ms);
+"
+    )
+}
+
+/// A version 4 metric from a version 3 row `o`.
+fn metric_v3(name: &str) -> String {
+    match name {
+        "handshake_sum_us" => {
+            "NULLIF(COALESCE(o.handshake_mean_us, 0) * o.handshake_count, 0)".into()
+        }
+        "srtt_sum_us" => "NULLIF(COALESCE(o.srtt_mean_us, 0) * o.srtt_samples, 0)".into(),
+        "drops" => "NULLIF(o.drops, '')".into(),
+        n if n.ends_with("_us") || n.ends_with("_seen_ms") => format!("o.{n}"),
+        n => format!("NULLIF(o.{n}, 0)"),
+    }
+}
+
 /// The steps for SQLite (the rollup tables of rollup.rs filled in).
 fn sqlite_migrations() -> Vec<String> {
-    let rollups: String = rollup::GRAINS
+    let rollups: String = ["edge_rollup_5m", "edge_rollup_1h"]
         .iter()
-        .map(|(t, _)| rollup::create_table(t))
+        .map(|t| create_rollup_v3(t))
         .collect();
     SQLITE_MIGRATIONS
         .iter()
@@ -385,36 +450,57 @@ pub fn unix_ms(t: SystemTime) -> i64 {
         .unwrap_or(0)
 }
 
-/// The columns of an edge_stats row, in the order of `edge_vals`.
-const EDGE_COLS: &str = "run_id, source_id, destination_id, protocol, port, connections_opened, connections_active,
-  packets_c2s, bytes_c2s, packets_s2c, bytes_s2c, handshake_count, handshake_min_us, handshake_mean_us,
-  handshake_max_us, tcp_resets, first_seen_ms, last_seen_ms, connections_attempted, failed_refused,
-  failed_unanswered, failed_unreachable, syn_retransmits, resets_client, resets_server, status_rank,
-  retrans_c2s, retrans_s2c, node, client_node, server_node, interval_end_ms, drops,
-  srtt_samples, srtt_min_us, srtt_mean_us, srtt_max_us";
-
-/// Each edge of a window, summed per node that reported it (`$1` ≤ the
-/// interval's end ≤ `$2`); cluster.rs makes one edge of them.
-const EDGE_QUERY: &str = "
-SELECT s.source_id, s.destination_id, s.protocol, s.port,
-  CAST(SUM(s.connections_opened) AS BIGINT), CAST(SUM(s.connections_active) AS BIGINT),
-  CAST(SUM(s.packets_c2s) AS BIGINT), CAST(SUM(s.bytes_c2s) AS BIGINT),
-  CAST(SUM(s.packets_s2c) AS BIGINT), CAST(SUM(s.bytes_s2c) AS BIGINT),
-  CAST(SUM(s.handshake_count) AS BIGINT), MIN(s.handshake_min_us),
-  SUM(COALESCE(s.handshake_mean_us, 0) * s.handshake_count), MAX(s.handshake_max_us),
-  CAST(SUM(s.tcp_resets) AS BIGINT), MIN(s.first_seen_ms), MAX(s.last_seen_ms),
-  CAST(SUM(s.connections_attempted) AS BIGINT), CAST(SUM(s.failed_refused) AS BIGINT),
-  CAST(SUM(s.failed_unanswered) AS BIGINT), CAST(SUM(s.failed_unreachable) AS BIGINT),
-  CAST(SUM(s.syn_retransmits) AS BIGINT), CAST(SUM(s.resets_client) AS BIGINT),
-  CAST(SUM(s.resets_server) AS BIGINT), CAST(MAX(s.status_rank) AS BIGINT),
-  CAST(SUM(s.retrans_c2s) AS BIGINT), CAST(SUM(s.retrans_s2c) AS BIGINT),
-  s.node, MAX(s.client_node), MAX(s.server_node), MAX(s.interval_end_ms),
-  group_concat(NULLIF(s.drops, ''), ';'),
-  CAST(SUM(s.srtt_samples) AS BIGINT), MIN(s.srtt_min_us),
-  SUM(COALESCE(s.srtt_mean_us, 0) * s.srtt_samples), MAX(s.srtt_max_us)
-FROM edge_stats s
-WHERE s.interval_end_ms >= $1 AND s.interval_end_ms <= $2
-GROUP BY s.source_id, s.destination_id, s.protocol, s.port, s.node";
+/// Each edge of a window's rows `src` (rollup.rs), summed per edge key
+/// (an edge as one node reported it); cluster.rs makes one edge of them.
+/// The columns are those `edge_row` reads. With `limit`, the busiest that
+/// many.
+fn edge_query(src: &str, limit: Option<usize>) -> String {
+    use rollup::{aggregate, Agg, METRICS};
+    let sum = |n: &str| format!("CAST(COALESCE(SUM({n}), 0) AS BIGINT)");
+    let agg: Vec<String> = METRICS
+        .iter()
+        .map(|(n, _, a)| {
+            let e = match a {
+                Agg::Sum if !n.ends_with("_us") => sum(n),
+                Agg::Max if *n == "status_rank" => {
+                    format!("CAST(COALESCE(MAX({n}), 0) AS BIGINT)")
+                }
+                a => aggregate(*a, n),
+            };
+            format!("{e} AS {n}")
+        })
+        .collect();
+    // With a limit, the busiest edges are found first on their bytes
+    // alone, and only their rows are summed in full.
+    let (only, order) = match limit {
+        None => (String::new(), String::new()),
+        Some(n) => (
+            format!(
+                "\n  WHERE s.edge_id IN (SELECT t.edge_id FROM (SELECT s.edge_id,
+    COALESCE(SUM(s.bytes_c2s), 0) + COALESCE(SUM(s.bytes_s2c), 0) AS bytes FROM {src} GROUP BY s.edge_id) t
+    JOIN edge_keys k ON k.id = t.edge_id
+    ORDER BY t.bytes DESC, k.source_id, k.destination_id, k.port, k.node LIMIT {})",
+                n + 1
+            ),
+            format!(
+                "\nORDER BY a.bytes_c2s + a.bytes_s2c DESC, k.source_id, k.destination_id, k.port, k.node\nLIMIT {}",
+                n + 1
+            ),
+        ),
+    };
+    format!(
+        "SELECT k.source_id, k.destination_id, k.protocol, k.port,
+  a.connections_opened, a.connections_active, a.packets_c2s, a.bytes_c2s, a.packets_s2c, a.bytes_s2c,
+  a.handshake_count, a.handshake_min_us, a.handshake_sum_us, a.handshake_max_us, a.tcp_resets,
+  a.first_seen_ms, a.last_seen_ms, a.connections_attempted, a.failed_refused, a.failed_unanswered,
+  a.failed_unreachable, a.syn_retransmits, a.resets_client, a.resets_server, a.status_rank,
+  a.retrans_c2s, a.retrans_s2c, k.node, k.client_node, k.server_node, a.last_end_ms, a.drops,
+  a.srtt_samples, a.srtt_min_us, a.srtt_sum_us, a.srtt_max_us
+FROM (SELECT s.edge_id, {}, MAX(s.last_end_ms) AS last_end_ms FROM {src}{only} GROUP BY s.edge_id) a
+JOIN edge_keys k ON k.id = a.edge_id{order}",
+        agg.join(", "),
+    )
+}
 
 const NODE_QUERY: &str =
     "SELECT id, type, name, payload, first_seen_ms, last_seen_ms FROM elements WHERE last_seen_ms >= $1 ORDER BY id";
@@ -441,6 +527,9 @@ impl Store {
         let mut s = Store {
             conn,
             who: Agent::default(),
+            keys: HashMap::new(),
+            known: Default::default(),
+            in_migration: false,
         };
         s.migrate()?;
         Ok(s)
@@ -511,12 +600,116 @@ impl Store {
         }
         for (i, step) in steps.iter().enumerate().skip(have as usize) {
             let v = i + 1;
-            self.exec_batch(&format!(
-                "BEGIN; {step}; INSERT INTO flowmap_schema (version) VALUES ({v}); COMMIT;"
-            ))
-            .with_context(|| format!("store migration to version {v}"))?;
+            if step == "@V4@" {
+                self.exec_batch("BEGIN")?;
+                self.in_migration = true;
+                let res = self.migrate_to_4().and_then(|_| {
+                    self.exec_batch(&format!(
+                        "INSERT INTO flowmap_schema (version) VALUES ({v}); COMMIT;"
+                    ))
+                });
+                self.in_migration = false;
+                if res.is_err() {
+                    let _ = self.exec_batch("ROLLBACK");
+                    self.known = Default::default();
+                }
+                res.with_context(|| format!("store migration to version {v}"))?;
+            } else {
+                self.exec_batch(&format!(
+                    "BEGIN; {step}; INSERT INTO flowmap_schema (version) VALUES ({v}); COMMIT;"
+                ))
+                .with_context(|| format!("store migration to version {v}"))?;
+            }
             info!(version = v, "store schema migrated");
         }
+        Ok(())
+    }
+
+    /// Version 3 to 4, in the caller's transaction: the version 3 edge
+    /// tables are renamed, the new ones made, every row carried over (the
+    /// interval rows not yet in a 5-minute row are added up into one),
+    /// and the old tables dropped.
+    fn migrate_to_4(&mut self) -> Result<()> {
+        let pg = matches!(self.conn, Conn::Postgres(_));
+        self.exec_batch(
+            "ALTER TABLE edge_stats RENAME TO edge_stats_v3;
+ALTER TABLE edge_rollup_5m RENAME TO edge_rollup_5m_v3;
+ALTER TABLE edge_rollup_1h RENAME TO edge_rollup_1h_v3;
+DROP TABLE relationships;",
+        )?;
+        self.exec_batch(&rollup::create_tables(pg))?;
+        let key_cols = "source_id, destination_id, protocol, port, node, client_node, server_node, interval_end_ms";
+        self.exec_batch(&format!(
+            "INSERT INTO edge_keys (source_id, destination_id, protocol, port, node, client_node, server_node, last_seen_ms)
+SELECT source_id, destination_id, protocol, port, node, MAX(client_node), MAX(server_node), MAX(interval_end_ms)
+FROM (SELECT {key_cols} FROM edge_stats_v3 UNION ALL SELECT {key_cols} FROM edge_rollup_5m_v3
+  UNION ALL SELECT {key_cols} FROM edge_rollup_1h_v3) o
+GROUP BY source_id, destination_id, protocol, port, node"
+        ))?;
+        let five: i64 = self
+            .query_vals(
+                "SELECT done_ms FROM flowmap_rollups WHERE grain = 'edge_rollup_5m'",
+                &[],
+                |r| r.int(0),
+            )?
+            .first()
+            .copied()
+            .unwrap_or(0);
+        let bucket = rollup::bucket_sql("interval_end_ms", rollup::GRAINS[0].1);
+        if pg {
+            for (table, slots) in [
+                ("edge_stats", "SELECT interval_end_ms FROM edge_stats_v3".to_string()),
+                (
+                    "edge_rollup_5m",
+                    format!("SELECT interval_end_ms FROM edge_rollup_5m_v3 UNION ALL SELECT {bucket} FROM edge_stats_v3 WHERE interval_end_ms > {five}"),
+                ),
+                ("edge_rollup_1h", "SELECT interval_end_ms FROM edge_rollup_1h_v3".to_string()),
+            ] {
+                let len = partition::SLOTS
+                    .iter()
+                    .find(|s| s.0 == table)
+                    .map(|s| s.1)
+                    .unwrap_or(86_400_000);
+                let ends = self.query_vals(
+                    &format!("SELECT DISTINCT (interval_end_ms / {len}) * {len} FROM ({slots}) x(interval_end_ms)"),
+                    &[],
+                    |r| r.int(0),
+                )?;
+                self.partitions_at(table, &ends)?;
+            }
+        }
+        let m = rollup::metric_names();
+        let old: Vec<String> = rollup::METRICS
+            .iter()
+            .map(|(n, _, _)| format!("{} AS {n}", metric_v3(n)))
+            .collect();
+        let old = old.join(", ");
+        let join =
+            "JOIN edge_keys k ON k.source_id = o.source_id AND k.destination_id = o.destination_id
+  AND k.protocol = o.protocol AND k.port = o.port AND k.node = o.node";
+        let aggs: Vec<String> = rollup::METRICS
+            .iter()
+            .map(|(n, _, a)| rollup::aggregate(*a, n))
+            .collect();
+        let sql = format!(
+            "INSERT INTO edge_stats (interval_end_ms, edge_id, {m})
+SELECT o.interval_end_ms, k.id, {old} FROM edge_stats_v3 o {join};
+INSERT INTO edge_rollup_5m (interval_end_ms, edge_id, {m}, last_end_ms)
+SELECT {bucket}, edge_id, {aggs}, MAX(last_end_ms) FROM (
+  SELECT o.interval_end_ms, k.id AS edge_id, {old}, o.interval_end_ms AS last_end_ms FROM edge_rollup_5m_v3 o {join}
+  UNION ALL
+  SELECT o.interval_end_ms, k.id AS edge_id, {old}, o.interval_end_ms AS last_end_ms FROM edge_stats_v3 o {join}
+  WHERE o.interval_end_ms > {five}) x
+GROUP BY edge_id, {bucket};
+INSERT INTO edge_rollup_1h (interval_end_ms, edge_id, {m}, last_end_ms)
+SELECT o.interval_end_ms, k.id, {old}, o.interval_end_ms FROM edge_rollup_1h_v3 o {join};
+DROP TABLE edge_stats_v3;
+DROP TABLE edge_rollup_5m_v3;
+DROP TABLE edge_rollup_1h_v3;",
+            aggs = aggs.join(", "),
+        );
+        let sql = self.dialect(&sql).into_owned();
+        self.exec_batch(&sql)?;
         Ok(())
     }
 
@@ -525,16 +718,7 @@ impl Store {
         match &mut self.conn {
             Conn::Sqlite(c) => Ok(c.execute(sql, rusqlite::params_from_iter(vals.iter()))? as u64),
             Conn::Postgres(c) => {
-                let owned: Vec<Box<dyn postgres::types::ToSql + Sync>> = vals
-                    .iter()
-                    .map(|v| -> Box<dyn postgres::types::ToSql + Sync> {
-                        match v {
-                            Val::I(i) => Box::new(*i),
-                            Val::F(f) => Box::new(*f),
-                            Val::T(t) => Box::new(t.clone()),
-                        }
-                    })
-                    .collect();
+                let owned = pool::pg_params(vals);
                 let refs: Vec<&(dyn postgres::types::ToSql + Sync)> =
                     owned.iter().map(|b| b.as_ref()).collect();
                 Ok(c.execute(sql, &refs)?)
@@ -552,11 +736,24 @@ impl Store {
         always: &[crate::enrich::Endpoint],
     ) -> Result<i64> {
         let (start_ms, end_ms) = (unix_ms(start), unix_ms(end));
+        if !graph.edges.is_empty() {
+            self.partitions_at("edge_stats", &[end_ms])?;
+            self.partitions_at(
+                "edge_rollup_5m",
+                &[rollup::bucket(end_ms, rollup::GRAINS[0].1)],
+            )?;
+        }
         self.exec_batch("BEGIN")?;
-        let res = self.write_inner(ds, start_ms, end_ms, graph, always);
+        let mut pending = Vec::new();
+        let res = self.write_inner(ds, start_ms, end_ms, graph, always, &mut pending);
         match res {
             Ok(id) => {
                 self.exec_batch("COMMIT")?;
+                // Keys are remembered once they are committed.
+                if self.keys.len() + pending.len() > KEYS_MAX {
+                    self.keys.clear();
+                }
+                self.keys.extend(pending);
                 Ok(id)
             }
             Err(e) => {
@@ -573,6 +770,7 @@ impl Store {
         end_ms: i64,
         graph: &Graph,
         always: &[crate::enrich::Endpoint],
+        pending: &mut Vec<(KeyOf, Key)>,
     ) -> Result<i64> {
         let ins = "INSERT INTO crawl_runs (data_source_id, interval_start_ms, interval_end_ms, endpoints, edges, node, instance_id) VALUES ($1, $2, $3, $4, $5, $6, $7)";
         let vals = [
@@ -626,12 +824,12 @@ impl Store {
             rows,
             "ON CONFLICT (id) DO UPDATE SET type = excluded.type, name = excluded.name, payload = excluded.payload, last_seen_ms = excluded.last_seen_ms, node = excluded.node",
         )?;
-        let mut pairs: BTreeMap<(&str, &str), i64> = BTreeMap::new();
-        let mut rows = Vec::with_capacity(graph.edges.len());
-        for (k, e) in &graph.edges {
-            let first = unix_ms(e.first_seen);
-            let p = pairs.entry((&*k.client, &*k.server)).or_insert(first);
-            *p = (*p).min(first);
+        // Each edge's key, from the cache or written (and read back).
+        let node = self.who.node.clone();
+        let mut ids: Vec<Option<i64>> = Vec::with_capacity(graph.edges.len());
+        let mut missing = Vec::new();
+        let mut all_ends = Vec::with_capacity(graph.edges.len());
+        for k in graph.edges.keys() {
             let ends = [&k.client, &k.server].map(|id| {
                 graph
                     .endpoints
@@ -639,24 +837,96 @@ impl Store {
                     .map(|ep| self.node_of(ep))
                     .unwrap_or_default()
             });
-            rows.push(self.edge_vals(run_id, end_ms, k, e, first, ends)?);
+            let of: KeyOf = (
+                node.clone(),
+                k.client.to_string(),
+                k.server.to_string(),
+                k.protocol.to_string(),
+                k.port,
+            );
+            match self.keys.get(&of) {
+                Some(c)
+                    if c.ends == ends
+                        && end_ms >= c.refreshed_ms
+                        && end_ms - c.refreshed_ms < rollup::KEY_REFRESH_MS =>
+                {
+                    ids.push(Some(c.id))
+                }
+                _ => {
+                    ids.push(None);
+                    missing.push((ids.len() - 1, of));
+                }
+            }
+            all_ends.push(ends);
         }
-        self.insert_many(&format!("INSERT INTO edge_stats ({EDGE_COLS})"), rows, "")?;
-        let rows = pairs
-            .into_iter()
-            .map(|((src, dst), first)| {
-                vec![
-                    Val::T(src.into()),
-                    Val::T(dst.into()),
-                    Val::I(first),
-                    Val::I(end_ms),
-                ]
-            })
-            .collect();
+        if !missing.is_empty() {
+            let rows: Vec<Vec<Val>> = missing
+                .iter()
+                .map(|(i, (n, c, s, p, port))| {
+                    let [cn, sn] = all_ends[*i].clone();
+                    vec![
+                        Val::T(c.clone()),
+                        Val::T(s.clone()),
+                        Val::T(p.clone()),
+                        Val::I(*port as i64),
+                        Val::T(n.clone()),
+                        Val::T(cn),
+                        Val::T(sn),
+                        Val::I(end_ms),
+                    ]
+                })
+                .collect();
+            let got = self.insert_returning(
+                "INSERT INTO edge_keys (source_id, destination_id, protocol, port, node, client_node, server_node, last_seen_ms)",
+                rows,
+                "ON CONFLICT (source_id, destination_id, protocol, port, node) DO UPDATE SET client_node = excluded.client_node,
+  server_node = excluded.server_node, last_seen_ms = GREATEST(edge_keys.last_seen_ms, excluded.last_seen_ms)
+RETURNING id, source_id, destination_id, protocol, port, node",
+            )?;
+            let by: HashMap<KeyOf, i64> = got.into_iter().map(|(id, of)| (of, id)).collect();
+            for (i, of) in missing {
+                let id = *by
+                    .get(&of)
+                    .ok_or_else(|| anyhow::anyhow!("edge key {of:?} not returned"))?;
+                ids[i] = Some(id);
+                pending.push((
+                    of,
+                    Key {
+                        id,
+                        ends: all_ends[i].clone(),
+                        refreshed_ms: end_ms,
+                    },
+                ));
+            }
+        }
+        let five_end = rollup::bucket(end_ms, rollup::GRAINS[0].1);
+        let mut raw = Vec::with_capacity(graph.edges.len());
+        let mut five = Vec::with_capacity(graph.edges.len());
+        for ((_, e), id) in graph.edges.iter().zip(ids) {
+            let id = id.unwrap_or_default();
+            let vals = edge_vals(e)?;
+            let mut r = Vec::with_capacity(vals.len() + 2);
+            r.push(Val::I(end_ms));
+            r.push(Val::I(id));
+            r.extend(vals.iter().cloned());
+            raw.push(r);
+            let mut f = Vec::with_capacity(vals.len() + 3);
+            f.push(Val::I(five_end));
+            f.push(Val::I(id));
+            f.extend(vals);
+            f.push(Val::I(end_ms));
+            five.push(f);
+        }
+        let m = rollup::metric_names();
         self.insert_many(
-            "INSERT INTO relationships (source_id, destination_id, first_seen_ms, last_seen_ms)",
-            rows,
-            "ON CONFLICT (source_id, destination_id) DO UPDATE SET last_seen_ms = excluded.last_seen_ms",
+            &format!("INSERT INTO edge_stats (interval_end_ms, edge_id, {m})"),
+            raw,
+            "",
+        )?;
+        self.insert_many(
+            &format!("INSERT INTO edge_rollup_5m (interval_end_ms, edge_id, {m}, last_end_ms)"),
+            five,
+            &rollup::upsert_tail(),
         )?;
         Ok(run_id)
     }
@@ -670,28 +940,44 @@ impl Store {
         // Both drivers take at least 32766 values per statement.
         let per = (30_000 / width).max(1);
         for chunk in rows.chunks(per) {
-            let mut sql = String::with_capacity(head.len() + chunk.len() * width * 5 + tail.len());
-            sql.push_str(head);
-            sql.push_str(" VALUES ");
-            let mut n = 0;
-            for (i, _) in chunk.iter().enumerate() {
-                sql.push_str(if i == 0 { "(" } else { ", (" });
-                for j in 0..width {
-                    n += 1;
-                    if j > 0 {
-                        sql.push_str(", ");
-                    }
-                    sql.push('$');
-                    sql.push_str(&n.to_string());
-                }
-                sql.push(')');
-            }
-            sql.push(' ');
-            sql.push_str(tail);
+            let sql = values_sql(head, chunk.len(), width, tail);
             let vals: Vec<Val> = chunk.iter().flatten().cloned().collect();
             self.run(&sql, &vals)?;
         }
         Ok(())
+    }
+
+    /// `insert_many` of edge keys whose `tail` ends in `RETURNING id,
+    /// source_id, destination_id, protocol, port, node`: the keys written.
+    fn insert_returning(
+        &mut self,
+        head: &str,
+        rows: Vec<Vec<Val>>,
+        tail: &str,
+    ) -> Result<Vec<(i64, KeyOf)>> {
+        let Some(width) = rows.first().map(Vec::len) else {
+            return Ok(Vec::new());
+        };
+        let per = (30_000 / width).max(1);
+        let mut out = Vec::with_capacity(rows.len());
+        for chunk in rows.chunks(per) {
+            let sql = values_sql(head, chunk.len(), width, tail);
+            let sql = self.dialect(&sql).into_owned();
+            let vals: Vec<Val> = chunk.iter().flatten().cloned().collect();
+            out.extend(self.query_vals(&sql, &vals, |r| {
+                Ok((
+                    r.int(0)?,
+                    (
+                        r.text(5)?,
+                        r.text(1)?,
+                        r.text(2)?,
+                        r.text(3)?,
+                        r.int(4)? as u16,
+                    ),
+                ))
+            })?);
+        }
+        Ok(out)
     }
 
     /// The node an endpoint runs on: a pod's node, a Kubernetes node
@@ -706,82 +992,23 @@ impl Store {
         }
     }
 
-    /// One edge's statistics of one interval, as the values of EDGE_COLS;
-    /// `ends` are the nodes its client and server run on.
-    fn edge_vals(
-        &self,
-        run_id: i64,
-        end_ms: i64,
-        k: &crate::graph::EdgeKey,
-        e: &crate::graph::EdgeStats,
-        first: i64,
-        ends: [String; 2],
-    ) -> Result<Vec<Val>> {
-        let h = e.handshake.as_ref();
-        let [client_node, server_node] = ends;
-        let srtt = e.health.srtt_us.as_ref();
-        let drops = if e.health.drops.is_empty() {
-            String::new()
-        } else {
-            serde_json::to_string(&e.health.drops)?
-        };
-        Ok([
-            Val::I(run_id),
-            Val::T(k.client.to_string()),
-            Val::T(k.server.to_string()),
-            Val::T(k.protocol.to_string()),
-            Val::I(k.port as i64),
-            Val::I(e.connections_opened as i64),
-            Val::I(e.connections_active as i64),
-            Val::I(e.packets_client_to_server as i64),
-            Val::I(e.bytes_client_to_server as i64),
-            Val::I(e.packets_server_to_client as i64),
-            Val::I(e.bytes_server_to_client as i64),
-            Val::I(h.map(|h| h.count as i64).unwrap_or(0)),
-            Val::F(h.map(|h| h.min_us)),
-            Val::F(h.map(|h| h.mean_us)),
-            Val::F(h.map(|h| h.max_us)),
-            Val::I(e.tcp_resets as i64),
-            Val::I(first),
-            Val::I(unix_ms(e.last_seen)),
-        ]
-        .into_iter()
-        .chain(health_vals(&e.health))
-        .chain([
-            Val::T(self.who.node.clone()),
-            Val::T(client_node),
-            Val::T(server_node),
-            Val::I(end_ms),
-            Val::T(drops),
-            Val::I(srtt.map(|s| s.samples as i64).unwrap_or(0)),
-            Val::F(srtt.map(|s| s.min as f64)),
-            Val::F(srtt.map(|s| s.mean)),
-            Val::F(srtt.map(|s| s.max as f64)),
-        ])
-        .collect::<Vec<_>>())
-    }
-
-    /// Deletes what ended before `cutoff`. Returns the intervals deleted.
+    /// Deletes what ended before `cutoff` (PostgreSQL: partitions wholly
+    /// before it are dropped). Returns the intervals deleted.
     pub fn retain(&mut self, cutoff: SystemTime) -> Result<u64> {
         let c = unix_ms(cutoff);
-        self.run(
-            "DELETE FROM edge_stats WHERE interval_end_ms < $1",
-            &[Val::I(c)],
-        )?;
+        self.expire("edge_stats", c, true)?;
         for (t, _) in rollup::GRAINS {
-            self.run(
-                &format!("DELETE FROM {t} WHERE interval_end_ms < $1"),
-                &[Val::I(c)],
-            )?;
+            self.expire(t, c, true)?;
         }
         let runs = self.run(
             "DELETE FROM crawl_runs WHERE interval_end_ms < $1",
             &[Val::I(c)],
         )?;
         self.run("DELETE FROM elements WHERE last_seen_ms < $1", &[Val::I(c)])?;
+        // A key is refreshed by its writer at least every KEY_REFRESH_MS.
         self.run(
-            "DELETE FROM relationships WHERE last_seen_ms < $1",
-            &[Val::I(c)],
+            "DELETE FROM edge_keys WHERE last_seen_ms < $1",
+            &[Val::I(c.saturating_sub(rollup::KEY_REFRESH_MS))],
         )?;
         Ok(runs)
     }
@@ -790,7 +1017,10 @@ impl Store {
     /// meet: SQLite's group_concat is PostgreSQL's string_agg).
     fn dialect<'a>(&self, sql: &'a str) -> std::borrow::Cow<'a, str> {
         match self.conn {
-            Conn::Sqlite(_) => sql.into(),
+            Conn::Sqlite(_) => sql
+                .replace("LEAST(", "MIN(")
+                .replace("GREATEST(", "MAX(")
+                .into(),
             Conn::Postgres(_) => sql.replace("group_concat(", "string_agg(").into(),
         }
     }
@@ -835,15 +1065,8 @@ impl Store {
     /// node) rows, the busiest; true when the window had more.
     pub fn edges_in(&mut self, w: &Window, limit: Option<usize>) -> Result<(Vec<EdgeRow>, bool)> {
         let src = self.edge_source(w, unix_ms(SystemTime::now()))?;
-        let q = EDGE_QUERY.replace("FROM edge_stats s", &format!("FROM {src} s"));
-        let sql = match limit {
-            None => q,
-            Some(n) => format!(
-                "{q}\nORDER BY SUM(s.bytes_c2s) + SUM(s.bytes_s2c) DESC, s.source_id, s.destination_id, s.port, s.node\nLIMIT {}",
-                n + 1
-            ),
-        };
-        let mut rows = self.query_vals(&sql, &[Val::I(w.from_ms), Val::I(w.to_ms)], edge_row)?;
+        let sql = edge_query(&src.from, limit);
+        let mut rows = self.query_vals(&sql, &[], edge_row)?;
         let truncated = limit.is_some_and(|n| rows.len() > n);
         if let Some(n) = limit {
             rows.truncate(n);
@@ -912,7 +1135,84 @@ impl Store {
     }
 }
 
-/// A row of EDGE_QUERY: one node's view of one edge over the window.
+/// `head VALUES ($1, …), (…) tail` for `rows` rows of `width` values.
+fn values_sql(head: &str, rows: usize, width: usize, tail: &str) -> String {
+    let mut sql = String::with_capacity(head.len() + rows * width * 6 + tail.len());
+    sql.push_str(head);
+    sql.push_str(" VALUES ");
+    let mut n = 0;
+    for i in 0..rows {
+        sql.push_str(if i == 0 { "(" } else { ", (" });
+        for j in 0..width {
+            n += 1;
+            if j > 0 {
+                sql.push_str(", ");
+            }
+            sql.push('$');
+            sql.push_str(&n.to_string());
+        }
+        sql.push(')');
+    }
+    sql.push(' ');
+    sql.push_str(tail);
+    sql
+}
+
+/// One edge's numbers of one interval, in the order of rollup::METRICS
+/// (a zero counter as NULL).
+fn edge_vals(e: &crate::graph::EdgeStats) -> Result<Vec<Val>> {
+    let h = e.handshake.as_ref();
+    let srtt = e.health.srtt_us.as_ref();
+    let f = &e.health.connections_failed;
+    let hl = &e.health;
+    let n = |v: u64| Val::O((v != 0).then_some(v as i64));
+    let rank = crate::status::Status::ALL
+        .iter()
+        .position(|s| *s == hl.status)
+        .unwrap_or(0);
+    let drops = if hl.drops.is_empty() {
+        None
+    } else {
+        Some(serde_json::to_string(&hl.drops)?)
+    };
+    let hs = h.map(|h| h.count).unwrap_or(0);
+    let samples = srtt.map(|s| s.samples).unwrap_or(0);
+    Ok(vec![
+        Val::I(unix_ms(e.first_seen)),
+        Val::I(unix_ms(e.last_seen)),
+        n(e.connections_opened),
+        n(e.connections_active),
+        n(e.packets_client_to_server),
+        n(e.bytes_client_to_server),
+        n(e.packets_server_to_client),
+        n(e.bytes_server_to_client),
+        n(hs),
+        Val::F(h.map(|h| h.min_us)),
+        Val::F(h.filter(|_| hs > 0).map(|h| h.mean_us * hs as f64)),
+        Val::F(h.map(|h| h.max_us)),
+        n(e.tcp_resets),
+        n(hl.connections_attempted),
+        n(f.refused),
+        n(f.unanswered),
+        n(f.unreachable),
+        n(hl.syn_retransmits),
+        n(hl.resets_client),
+        n(hl.resets_server),
+        n(rank as u64),
+        n(hl.retransmits_client_to_server),
+        n(hl.retransmits_server_to_client),
+        Val::S(drops),
+        n(samples),
+        Val::F(srtt.map(|s| s.min as f64)),
+        Val::F(
+            srtt.filter(|_| samples > 0)
+                .map(|s| s.mean * samples as f64),
+        ),
+        Val::F(srtt.map(|s| s.max as f64)),
+    ])
+}
+
+/// A row of `edge_query`: one node's view of one edge over the window.
 fn edge_row(r: &dyn Cells) -> Result<EdgeRow> {
     let n = |i| r.int(i).map(|v| v as u64);
     let handshakes = n(10)?;
@@ -984,28 +1284,7 @@ fn node_row(r: &dyn Cells) -> Result<NodeRow> {
     })
 }
 
-/// The health columns of an edge row, in the order of the insert.
-fn health_vals(h: &crate::status::EdgeHealth) -> [Val; 10] {
-    let f = &h.connections_failed;
-    let rank = crate::status::Status::ALL
-        .iter()
-        .position(|s| *s == h.status)
-        .unwrap_or(0);
-    [
-        Val::I(h.connections_attempted as i64),
-        Val::I(f.refused as i64),
-        Val::I(f.unanswered as i64),
-        Val::I(f.unreachable as i64),
-        Val::I(h.syn_retransmits as i64),
-        Val::I(h.resets_client as i64),
-        Val::I(h.resets_server as i64),
-        Val::I(rank as i64),
-        Val::I(h.retransmits_client_to_server as i64),
-        Val::I(h.retransmits_server_to_client as i64),
-    ]
-}
-
-/// The health columns of EDGE_QUERY, from column `at` on.
+/// The health columns of `edge_query`, from column `at` on.
 fn health_of(r: &dyn Cells, at: usize) -> Result<crate::status::EdgeHealth> {
     let n = |i: usize| r.int(at + i).map(|v| v as u64);
     Ok(crate::status::EdgeHealth {

@@ -140,6 +140,8 @@ pub(crate) fn pg_params(vals: &[Val]) -> Vec<Box<dyn postgres::types::ToSql + Sy
                 Val::I(i) => Box::new(*i),
                 Val::F(f) => Box::new(*f),
                 Val::T(t) => Box::new(t.clone()),
+                Val::O(v) => Box::new(*v),
+                Val::S(v) => Box::new(v.clone()),
             }
         })
         .collect()

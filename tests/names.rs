@@ -288,6 +288,30 @@ fn payload_to<'a>(f: &'a (usize, Vec<u8>), src: &str, dport: u16) -> Option<(&'a
     Some((f.get(off..)?, len))
 }
 
+/// A self-signed certificate and its key (openssl), in `dir`.
+fn self_signed(dir: &TempDir) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+    sh(&[
+        "openssl",
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=flowmap-test",
+        "-keyout",
+        key.to_str().unwrap(),
+        "-out",
+        cert.to_str().unwrap(),
+    ]);
+    (cert, key)
+}
+
 #[test]
 fn tls_server_names_name_the_peer_also_when_the_hello_is_split() {
     let Some(_g) = privileged_serial(
@@ -309,25 +333,7 @@ fn tls_server_names_name_the_peer_also_when_the_hello_is_split() {
     node.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
     client.exec(&["ethtool", "-K", "eth0", "tso", "off", "gso", "off"]);
     let dir = TempDir::new("names-tls");
-    let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
-    sh(&[
-        "openssl",
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=flowmap-test",
-        "-keyout",
-        key.to_str().unwrap(),
-        "-out",
-        cert.to_str().unwrap(),
-    ]);
+    let (cert, key) = self_signed(&dir);
     let mut tls_server = std::process::Command::new("ip")
         .args([
             "netns", "exec", &server.ns, "openssl", "s_server", "-quiet", "-naccept", "2",
@@ -580,25 +586,7 @@ fn quic_initial_packets_name_the_peer() {
     };
     let v = Netns::new().unwrap();
     let dir = TempDir::new("names-quic");
-    let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
-    sh(&[
-        "openssl",
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=flowmap-test",
-        "-keyout",
-        key.to_str().unwrap(),
-        "-out",
-        cert.to_str().unwrap(),
-    ]);
+    let (cert, key) = self_signed(&dir);
     let mut server = std::process::Command::new("ip")
         .args(["netns", "exec", &v.ns, "python3", "-c", QUIC_SERVER])
         .args([cert.to_str().unwrap(), key.to_str().unwrap(), &v.peer_v4])

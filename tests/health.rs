@@ -397,11 +397,12 @@ fn retransmits_equal_the_senders_tcp_retrans_segs_and_make_the_edge_orange() {
     };
     let rig = Rig::new();
     let peer = rig.srv.peer_v4.clone();
-    // The receiver drops one in 20 data segments of the transfer at random.
+    // The receiver drops every 20th data segment of the transfer (a
+    // counter, not chance: a run can never see no loss).
     rig.nft("add table inet fmloss");
     rig.nft("add chain inet fmloss in { type filter hook input priority 0; }");
     rig.nft(&format!(
-        "add rule inet fmloss in tcp dport {LOSSY_PORT} meta length gt 200 numgen random mod 20 == 0 drop"
+        "add rule inet fmloss in tcp dport {LOSSY_PORT} meta length gt 200 numgen inc mod 20 == 0 drop"
     ));
     let listener = rig
         .srv

@@ -159,6 +159,7 @@ impl FlowTable {
         }
         groups.sort_unstable();
         let mut out = Vec::with_capacity(groups.len());
+        crate::mem::huge_pages_for(&mut out);
         let mut per_if: Vec<(u32, Sample)> = Vec::new();
         let mut last_name: Option<(u32, Arc<str>)> = None;
         // Room for the connections of this drain, counting those the table

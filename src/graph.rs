@@ -574,6 +574,8 @@ mod tests {
         let mut e = full();
         e.handshake = None;
         cases.push(e);
+        // 312 bytes with the handshake inline (issue 16).
+        assert!(std::mem::size_of::<EdgeStats>() <= 280);
         for e in &cases {
             assert_eq!(
                 serde_json::to_string(e).unwrap(),

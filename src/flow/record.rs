@@ -507,6 +507,7 @@ mod tests {
         r.set_drops(BTreeMap::new());
         assert!(r.rare.is_none());
         assert_eq!(r, plain());
-        assert!(std::mem::size_of::<FlowRecord>() <= 264);
+        // 416 bytes with the rare fields inline (issue 16).
+        assert!(std::mem::size_of::<FlowRecord>() <= 248);
     }
 }

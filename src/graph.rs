@@ -59,7 +59,14 @@ pub struct Handshake {
     pub max_us: f64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// One (protocol, server port) entry of an edge over one interval.
+///
+/// Its JSON (hand-written below, without serde's `flatten`, in this
+/// order): `protocol`, `port`, the connection and traffic counts,
+/// `handshake` (absent when none), `tcp_resets`, `first_seen`,
+/// `last_seen`, then the fields of [`crate::status::EdgeHealth`] (its
+/// `drops` and `srtt_us` absent when none), `status` last.
+#[derive(Debug, Clone, PartialEq)]
 pub struct EdgeStats {
     pub protocol: Cow<'static, str>,
     pub port: u16,
@@ -71,18 +78,62 @@ pub struct EdgeStats {
     pub bytes_client_to_server: u64,
     pub packets_server_to_client: u64,
     pub bytes_server_to_client: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub handshake: Option<Handshake>,
+    /// Out of line: most edges of a busy interval have none, and it was
+    /// 40 of the edge's 312 bytes (issue 16).
+    pub handshake: Option<Box<Handshake>>,
     pub tcp_resets: u64,
-    #[serde(serialize_with = "crate::flow::rfc3339_micros")]
     pub first_seen: SystemTime,
-    #[serde(serialize_with = "crate::flow::rfc3339_micros")]
     pub last_seen: SystemTime,
     /// Failed attempts, retransmits, resets and the status (`status`).
-    #[serde(flatten)]
     pub health: crate::status::EdgeHealth,
-    #[serde(skip)]
+    /// The sum of the handshake times (not written).
     rtt_sum: f64,
+}
+
+impl Serialize for EdgeStats {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use crate::flow::Micros;
+        use serde::ser::SerializeMap;
+        // A map, as the derived serialisation with a flattened `health`
+        // wrote it (same keys, order and values).
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("protocol", &*self.protocol)?;
+        m.serialize_entry("port", &self.port)?;
+        m.serialize_entry("connections_opened", &self.connections_opened)?;
+        m.serialize_entry("connections_active", &self.connections_active)?;
+        m.serialize_entry("packets_client_to_server", &self.packets_client_to_server)?;
+        m.serialize_entry("bytes_client_to_server", &self.bytes_client_to_server)?;
+        m.serialize_entry("packets_server_to_client", &self.packets_server_to_client)?;
+        m.serialize_entry("bytes_server_to_client", &self.bytes_server_to_client)?;
+        if let Some(h) = &self.handshake {
+            m.serialize_entry("handshake", h)?;
+        }
+        m.serialize_entry("tcp_resets", &self.tcp_resets)?;
+        m.serialize_entry("first_seen", &Micros(&self.first_seen))?;
+        m.serialize_entry("last_seen", &Micros(&self.last_seen))?;
+        let h = &self.health;
+        m.serialize_entry("connections_attempted", &h.connections_attempted)?;
+        m.serialize_entry("connections_failed", &h.connections_failed)?;
+        m.serialize_entry("syn_retransmits", &h.syn_retransmits)?;
+        m.serialize_entry("resets_client", &h.resets_client)?;
+        m.serialize_entry("resets_server", &h.resets_server)?;
+        m.serialize_entry(
+            "retransmits_client_to_server",
+            &h.retransmits_client_to_server,
+        )?;
+        m.serialize_entry(
+            "retransmits_server_to_client",
+            &h.retransmits_server_to_client,
+        )?;
+        if !h.drops.is_empty() {
+            m.serialize_entry("drops", &h.drops)?;
+        }
+        if let Some(v) = &h.srtt_us {
+            m.serialize_entry("srtt_us", v)?;
+        }
+        m.serialize_entry("status", &h.status)?;
+        m.end()
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -160,7 +211,7 @@ impl Graph {
                 resolve,
                 (server, kind),
                 r.dst_ip,
-                &r.dst_names,
+                r.dst_names(),
                 &mut renamed,
             );
             if kind == EndpointKind::Service {
@@ -178,7 +229,7 @@ impl Graph {
                 None => {
                     let ep = id_of(r.src_ip, r.last_seen, &mut g);
                     let ep = g.owned(resolve, ep, r.src_ip, &r.src_process);
-                    g.named(resolve, ep, r.src_ip, &r.src_names, &mut renamed)
+                    g.named(resolve, ep, r.src_ip, r.src_names(), &mut renamed)
                 }
             };
             if client == server {
@@ -334,11 +385,13 @@ impl EdgeStats {
         self.last_seen = self.last_seen.max(o.last_seen);
         self.rtt_sum += o.rtt_sum;
         if let Some(oh) = &o.handshake {
-            let h = self.handshake.get_or_insert(Handshake {
-                count: 0,
-                min_us: oh.min_us,
-                mean_us: 0.0,
-                max_us: oh.max_us,
+            let h = self.handshake.get_or_insert_with(|| {
+                Box::new(Handshake {
+                    count: 0,
+                    min_us: oh.min_us,
+                    mean_us: 0.0,
+                    max_us: oh.max_us,
+                })
             });
             h.count += oh.count;
             h.min_us = h.min_us.min(oh.min_us);
@@ -361,16 +414,201 @@ impl EdgeStats {
         self.last_seen = self.last_seen.max(r.last_seen);
         if let Some(rtt) = r.handshake_this_interval {
             self.rtt_sum += rtt;
-            let h = self.handshake.get_or_insert(Handshake {
-                count: 0,
-                min_us: rtt,
-                mean_us: 0.0,
-                max_us: rtt,
+            let h = self.handshake.get_or_insert_with(|| {
+                Box::new(Handshake {
+                    count: 0,
+                    min_us: rtt,
+                    mean_us: 0.0,
+                    max_us: rtt,
+                })
             });
             h.count += 1;
             h.min_us = h.min_us.min(rtt);
             h.max_us = h.max_us.max(rtt);
             h.mean_us = self.rtt_sum / h.count as f64;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::{EdgeHealth, Failures, Srtt, Status};
+    use std::time::{Duration, UNIX_EPOCH};
+
+    /// The edge as serde's derive wrote it (`health` flattened): the
+    /// reference the hand-written serialisation must match byte for byte.
+    #[derive(Serialize)]
+    struct Derived {
+        protocol: Cow<'static, str>,
+        port: u16,
+        connections_opened: u64,
+        connections_active: u64,
+        packets_client_to_server: u64,
+        bytes_client_to_server: u64,
+        packets_server_to_client: u64,
+        bytes_server_to_client: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        handshake: Option<Handshake>,
+        tcp_resets: u64,
+        #[serde(serialize_with = "crate::flow::rfc3339_micros")]
+        first_seen: SystemTime,
+        #[serde(serialize_with = "crate::flow::rfc3339_micros")]
+        last_seen: SystemTime,
+        #[serde(flatten)]
+        health: EdgeHealth,
+    }
+
+    fn derived(e: &EdgeStats) -> Derived {
+        Derived {
+            protocol: e.protocol.clone(),
+            port: e.port,
+            connections_opened: e.connections_opened,
+            connections_active: e.connections_active,
+            packets_client_to_server: e.packets_client_to_server,
+            bytes_client_to_server: e.bytes_client_to_server,
+            packets_server_to_client: e.packets_server_to_client,
+            bytes_server_to_client: e.bytes_server_to_client,
+            handshake: e.handshake.as_deref().cloned(),
+            tcp_resets: e.tcp_resets,
+            first_seen: e.first_seen,
+            last_seen: e.last_seen,
+            health: e.health.clone(),
+        }
+    }
+
+    fn plain() -> EdgeStats {
+        let at = UNIX_EPOCH + Duration::from_micros(1_700_000_000_000_001);
+        EdgeStats {
+            protocol: "udp".into(),
+            port: 53,
+            connections_opened: 1,
+            connections_active: 2,
+            packets_client_to_server: 3,
+            bytes_client_to_server: 4,
+            packets_server_to_client: 5,
+            bytes_server_to_client: 6,
+            handshake: None,
+            tcp_resets: 0,
+            first_seen: at,
+            last_seen: at + Duration::from_secs(1),
+            health: EdgeHealth::default(),
+            rtt_sum: 0.0,
+        }
+    }
+
+    /// A record with only a smoothed RTT sample of `us`.
+    fn sampled(us: u32) -> FlowRecord {
+        FlowRecord {
+            interface: "eth0".into(),
+            ifindex: 2,
+            protocol: "tcp".into(),
+            src_ip: "10.0.0.1".parse().unwrap(),
+            src_port: 40000,
+            dst_ip: "10.0.0.2".parse().unwrap(),
+            dst_port: 443,
+            src_to_dst: Default::default(),
+            dst_to_src: Default::default(),
+            tcp_flags: Default::default(),
+            first_seen: UNIX_EPOCH,
+            last_seen: UNIX_EPOCH,
+            handshake_rtt_us: None,
+            orientation: crate::flow::Orientation::Syn,
+            opened: false,
+            reset: false,
+            handshake_this_interval: None,
+            health: Default::default(),
+            srtt_us: Some(us),
+            src_process: None,
+            dst_process: None,
+            rare: None,
+        }
+    }
+
+    /// Every field set, with characters JSON escapes in a drop reason.
+    fn full() -> EdgeStats {
+        let mut h = EdgeHealth::default();
+        h.add(&sampled(100));
+        h.add(&sampled(301));
+        let srtt: Option<Srtt> = h.srtt_us;
+        EdgeStats {
+            protocol: "tcp".into(),
+            port: 443,
+            handshake: Some(Box::new(Handshake {
+                count: 2,
+                min_us: 10.5,
+                mean_us: 15.25,
+                max_us: 20.0,
+            })),
+            tcp_resets: 1,
+            health: EdgeHealth {
+                connections_attempted: 9,
+                connections_failed: Failures {
+                    refused: 1,
+                    unanswered: 2,
+                    unreachable: 3,
+                },
+                syn_retransmits: 4,
+                resets_client: 5,
+                resets_server: 6,
+                retransmits_client_to_server: 7,
+                retransmits_server_to_client: 8,
+                drops: [("NETFILTER_DROP".into(), 2), ("a\"b\\c\n".into(), 1)]
+                    .into_iter()
+                    .collect(),
+                srtt_us: srtt,
+                status: Status::Red,
+            },
+            ..plain()
+        }
+    }
+
+    #[test]
+    fn the_written_edge_is_the_derived_json() {
+        let mut cases = vec![plain(), full()];
+        for s in Status::ALL {
+            let mut e = plain();
+            e.health.status = s;
+            cases.push(e);
+        }
+        let mut e = full();
+        e.handshake = None;
+        cases.push(e);
+        // 312 bytes with the handshake inline (issue 16).
+        assert!(std::mem::size_of::<EdgeStats>() <= 280);
+        for e in &cases {
+            assert_eq!(
+                serde_json::to_string(e).unwrap(),
+                serde_json::to_string(&derived(e)).unwrap()
+            );
+        }
+        assert_eq!(
+            serde_json::to_string(&plain()).unwrap(),
+            "{\"protocol\":\"udp\",\"port\":53,\"connections_opened\":1,\"connections_active\":2,\
+             \"packets_client_to_server\":3,\"bytes_client_to_server\":4,\
+             \"packets_server_to_client\":5,\"bytes_server_to_client\":6,\"tcp_resets\":0,\
+             \"first_seen\":\"2023-11-14T22:13:20.000001Z\",\"last_seen\":\"2023-11-14T22:13:21.000001Z\",\
+             \"connections_attempted\":0,\
+             \"connections_failed\":{\"refused\":0,\"unanswered\":0,\"unreachable\":0},\
+             \"syn_retransmits\":0,\"resets_client\":0,\"resets_server\":0,\
+             \"retransmits_client_to_server\":0,\"retransmits_server_to_client\":0,\
+             \"status\":\"NoStatus\"}"
+        );
+        assert_eq!(
+            serde_json::to_string(&full()).unwrap(),
+            "{\"protocol\":\"tcp\",\"port\":443,\"connections_opened\":1,\"connections_active\":2,\
+             \"packets_client_to_server\":3,\"bytes_client_to_server\":4,\
+             \"packets_server_to_client\":5,\"bytes_server_to_client\":6,\
+             \"handshake\":{\"count\":2,\"min_us\":10.5,\"mean_us\":15.25,\"max_us\":20.0},\
+             \"tcp_resets\":1,\
+             \"first_seen\":\"2023-11-14T22:13:20.000001Z\",\"last_seen\":\"2023-11-14T22:13:21.000001Z\",\
+             \"connections_attempted\":9,\
+             \"connections_failed\":{\"refused\":1,\"unanswered\":2,\"unreachable\":3},\
+             \"syn_retransmits\":4,\"resets_client\":5,\"resets_server\":6,\
+             \"retransmits_client_to_server\":7,\"retransmits_server_to_client\":8,\
+             \"drops\":{\"NETFILTER_DROP\":2,\"a\\\"b\\\\c\\n\":1},\
+             \"srtt_us\":{\"samples\":2,\"min\":100,\"mean\":200.5,\"max\":301},\
+             \"status\":\"Red\"}"
+        );
     }
 }

@@ -11,6 +11,7 @@ pub mod datapath;
 pub mod enrich;
 pub mod flow;
 pub mod graph;
+pub mod mem;
 pub mod serve;
 pub mod sinks;
 pub mod status;

@@ -170,7 +170,7 @@ impl EdgeHealth {
         self.resets_server += h.resets_server as u64;
         self.retransmits_client_to_server += h.retransmits_client_to_server;
         self.retransmits_server_to_client += h.retransmits_server_to_client;
-        add_drops(&mut self.drops, &r.drops);
+        add_drops(&mut self.drops, r.drops());
         if let Some(us) = r.srtt_us {
             Srtt::add(&mut self.srtt_us, &Srtt::one(us));
         }

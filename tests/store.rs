@@ -285,13 +285,17 @@ fn check_drops_and_srtt(loc: &Location) {
         data_source_id: "ds",
         host: &h,
     };
-    let with = |t: u64, drops: &[(&str, u64)], srtt: Option<u32>| FlowRecord {
-        drops: drops
-            .iter()
-            .map(|(k, v)| (std::sync::Arc::from(*k), *v))
-            .collect(),
-        srtt_us: srtt,
-        ..rec("192.0.2.10", 443, "tcp", 1000, 2000, t, None)
+    let with = |t: u64, drops: &[(&str, u64)], srtt: Option<u32>| {
+        FlowRecord {
+            srtt_us: srtt,
+            ..rec("192.0.2.10", 443, "tcp", 1000, 2000, t, None)
+        }
+        .with_drops(
+            drops
+                .iter()
+                .map(|(k, v)| (std::sync::Arc::from(*k), *v))
+                .collect(),
+        )
     };
     let intervals = [
         vec![
@@ -427,9 +431,6 @@ fn check_rollups(loc: &Location) {
                 packets: 1,
                 bytes: 100,
             },
-            drops: [(std::sync::Arc::from("NETFILTER_DROP"), 1)]
-                .into_iter()
-                .collect(),
             srtt_us: Some(100 + k as u32),
             ..flowmap_testkit::records::between(
                 "tcp",
@@ -437,7 +438,12 @@ fn check_rollups(loc: &Location) {
                 ("192.0.2.10".parse().unwrap(), 443),
                 end - Duration::from_secs(10),
             )
-        };
+        }
+        .with_drops(
+            [(std::sync::Arc::from("NETFILTER_DROP"), 1)]
+                .into_iter()
+                .collect(),
+        );
         let g = Graph::build(&[rec], &r);
         s.write(
             "ds",

@@ -36,7 +36,7 @@ fn on_interfaces_of(src: &FlowsSource, r: &FlowRecord) -> bool {
         Selection::All => true,
         Selection::Names(names) => {
             let mine = |n: &str| names.iter().any(|x| x == n);
-            mine(&r.interface) || r.also_seen_on.iter().any(|n| mine(n))
+            mine(&r.interface) || r.also_seen_on().iter().any(|n| mine(n))
         }
     }
 }

@@ -148,8 +148,7 @@ impl Names {
             c.dst.dns = c.dst.dns.take().or(dst_dns);
             c.src.dns = c.src.dns.take().or(src_dns);
             c.seen = now;
-            r.dst_names = c.dst.clone();
-            r.src_names = c.src.clone();
+            r.set_names(c.dst.clone(), c.src.clone());
         }
         self.expire(now);
     }
@@ -579,7 +578,6 @@ mod tests {
         crate::flow::FlowRecord {
             interface: "eth0".into(),
             ifindex: 2,
-            also_seen_on: Vec::new(),
             protocol: "tcp".into(),
             src_ip: src.parse().unwrap(),
             src_port: 40000,
@@ -587,7 +585,7 @@ mod tests {
             dst_port: 443,
             src_to_dst: Default::default(),
             dst_to_src: Default::default(),
-            tcp_flags: Vec::new(),
+            tcp_flags: Default::default(),
             first_seen: std::time::UNIX_EPOCH,
             last_seen: std::time::UNIX_EPOCH,
             handshake_rtt_us: None,
@@ -595,12 +593,10 @@ mod tests {
             opened: true,
             reset: false,
             handshake_this_interval: None,
-            dst_names: EndNames::default(),
-            src_names: EndNames::default(),
-            drops: Default::default(),
             srtt_us: None,
             src_process: None,
             dst_process: None,
+            rare: None,
             health: Default::default(),
         }
     }
@@ -653,9 +649,9 @@ mod tests {
             record("10.0.0.3", "192.0.2.1"),
         ];
         n.label(&mut rs, t0);
-        assert_eq!(rs[0].dst_names.dns.as_deref(), Some("new.example"));
+        assert_eq!(rs[0].dst_names().dns.as_deref(), Some("new.example"));
         assert!(
-            rs[1].dst_names.is_empty(),
+            rs[1].dst_names().is_empty(),
             "another client's lookup names nothing"
         );
         // Past TTL + grace a new connection gets no name; the one named
@@ -664,7 +660,7 @@ mod tests {
         let mut fresh = vec![record("10.0.0.2", "192.0.2.1")];
         fresh[0].src_port = 40001;
         n.label(&mut fresh, later);
-        assert!(fresh[0].dst_names.is_empty());
+        assert!(fresh[0].dst_names().is_empty());
         assert_eq!(n.dns_size(), (0, 0));
     }
 
@@ -742,10 +738,10 @@ mod tests {
         n.learn(&[seg(0, 1400), seg(2800, h.len())], t0);
         let mut rs = vec![record("10.0.0.2", "192.0.2.9")];
         n.label(&mut rs, t0);
-        assert!(rs[0].dst_names.is_empty());
+        assert!(rs[0].dst_names().is_empty());
         n.learn(&[seg(1400, 2800), seg(2800, h.len())], t0);
         n.label(&mut rs, t0);
-        assert_eq!(rs[0].dst_names.tls.as_deref(), Some("api.example.com"));
+        assert_eq!(rs[0].dst_names().tls.as_deref(), Some("api.example.com"));
         assert_eq!((n.counts.tls_names, n.counts.tls_unparsed), (1, 0));
     }
 
@@ -783,9 +779,9 @@ mod tests {
             http: Some("shop.example.com".into()),
             ..Default::default()
         };
-        assert_eq!(rs[0].dst_names, want);
+        assert_eq!(rs[0].dst_names(), &want);
         assert_eq!(
-            rs[0].dst_names.name().map(|n| &**n),
+            rs[0].dst_names().name().map(|n| &**n),
             Some("shop.example.com")
         );
         assert_eq!((n.counts.http_hosts, n.counts.http_unparsed), (1, 0));
@@ -815,16 +811,16 @@ mod tests {
         // The second Initial first: nothing yet.
         n.learn(&[quic(client_initial(&dcid, 1, &second))], t0);
         n.label(&mut rs, t0);
-        assert!(rs[0].dst_names.is_empty());
+        assert!(rs[0].dst_names().is_empty());
         n.learn(&[quic(client_initial(&dcid, 0, &first))], t0);
         n.label(&mut rs, t0);
-        assert_eq!(rs[0].dst_names.tls.as_deref(), Some("video.example.net"));
+        assert_eq!(rs[0].dst_names().tls.as_deref(), Some("video.example.net"));
         assert_eq!((n.counts.quic_names, n.counts.quic_unparsed), (1, 0));
         // The same ports over TCP are another connection.
         let mut tcp = vec![record("10.0.0.2", "192.0.2.9")];
         tcp[0].src_port = 50000;
         n.label(&mut tcp, t0);
-        assert!(tcp[0].dst_names.is_empty());
+        assert!(tcp[0].dst_names().is_empty());
         // Not an Initial (another connection): counted, nothing named.
         let mut other = quic(vec![0x40; 1200]);
         other.sender.1 = 50001;

@@ -75,7 +75,7 @@ pub fn has_ports(p: u8) -> bool {
     matches!(p, proto::TCP | proto::UDP | proto::SCTP | proto::UDPLITE)
 }
 
-const TCP_FLAG_NAMES: [&str; 8] = ["FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR"];
+pub const TCP_FLAG_NAMES: [&str; 8] = ["FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR"];
 pub const TCP_RST: u32 = 0x04;
 pub const TCP_FIN: u32 = 0x01;
 

@@ -1,7 +1,9 @@
 //! The flow table: connections across intervals, merged from each drain,
 //! counted once across interfaces, bounded in entries and idle time.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -123,18 +125,32 @@ impl FlowTable {
         // overflow) by sorting, not by a map of vectors: no allocation per
         // connection (and measured faster than hashing here). Records keep
         // the order of first appearance.
-        let mut rows: Vec<(ConnKey, u32, u32)> = entries
+        // Rows are (hash of the connection, interface, entry index),
+        // sorted by hash first: 16 bytes each and mostly one integer
+        // compare, where sorting by the key itself compared addresses
+        // (issue 16's profile). Equal hashes fall back on the key, so a
+        // connection's rows stay together even if two keys collide.
+        let conn_of = |i: u32| &entries[i as usize].0.conn;
+        let hasher = self.conns.hasher();
+        let mut rows: Vec<(u64, u32, u32)> = entries
             .iter()
             .enumerate()
-            .map(|(i, (k, _))| (k.conn, k.ifindex, i as u32))
+            .map(|(i, (k, _))| (hasher.hash_one(k.conn), k.ifindex, i as u32))
             .collect();
-        rows.sort_unstable();
+        rows.sort_unstable_by(|a, b| {
+            a.0.cmp(&b.0)
+                .then_with(|| conn_of(a.2).cmp(conn_of(b.2)))
+                .then(a.1.cmp(&b.1))
+                .then(a.2.cmp(&b.2))
+        });
+        let same =
+            |a: &(u64, u32, u32), b: &(u64, u32, u32)| a.0 == b.0 && conn_of(a.2) == conn_of(b.2);
         // (first index, range in rows) per connection
         let mut groups: Vec<(u32, usize, usize)> = Vec::new();
         let mut i = 0;
         while i < rows.len() {
             let mut j = i + 1;
-            while j < rows.len() && rows[j].0 == rows[i].0 {
+            while j < rows.len() && same(&rows[j], &rows[i]) {
                 j += 1;
             }
             let first = rows[i..j].iter().map(|r| r.2).min().unwrap_or(0);
@@ -143,6 +159,7 @@ impl FlowTable {
         }
         groups.sort_unstable();
         let mut out = Vec::with_capacity(groups.len());
+        crate::mem::huge_pages_for(&mut out);
         let mut per_if: Vec<(u32, Sample)> = Vec::new();
         let mut last_name: Option<(u32, Arc<str>)> = None;
         // Room for the connections of this drain, counting those the table
@@ -152,7 +169,7 @@ impl FlowTable {
         self.conns
             .reserve(groups.len().min(self.cap).saturating_sub(self.conns.len()));
         for (_, a, b) in groups {
-            let key = rows[a].0;
+            let key = *conn_of(rows[a].2);
             per_if.clear();
             for (_, ifindex, idx) in &rows[a..b] {
                 let s = &entries[*idx as usize].1;
@@ -161,7 +178,13 @@ impl FlowTable {
                     _ => per_if.push((*ifindex, *s)),
                 }
             }
-            let prev_owner = self.conns.get(&key).map(|c| c.owner);
+            // One lookup per connection: the entry gives the previous
+            // owner and is then updated or filled.
+            let entry = self.conns.entry(key);
+            let prev_owner = match &entry {
+                Entry::Occupied(o) => Some(o.get().owner),
+                Entry::Vacant(_) => None,
+            };
             let owner = owner_of(prev_owner, &per_if);
             let Some((_, s)) = per_if.iter().find(|(i, _)| *i == owner).copied() else {
                 continue;
@@ -171,7 +194,8 @@ impl FlowTable {
                 .filter(|(i, _)| *i != owner)
                 .map(|(i, _)| (cx.name)(*i).to_string())
                 .collect();
-            let (conn, opened, mut health) = self.update_conn(&key, owner, &s, cx);
+            let (conn, opened, mut health) =
+                Self::update_conn(entry, &mut self.pending, self.started_ns, owner, &s, cx);
             // Most intervals have none of these: no hashing then.
             let rt = (!self.retransmits.is_empty())
                 .then(|| self.retransmits.remove(&key))
@@ -193,7 +217,7 @@ impl FlowTable {
             let mut r = record(&key, &s, &conn, opened, others, cx, health, name);
             if !self.drops.is_empty() {
                 if let Some(d) = self.drops.remove(&key) {
-                    r.drops = d;
+                    r.set_drops(d);
                 }
             }
             if !self.srtt.is_empty() {
@@ -240,9 +264,9 @@ impl FlowTable {
                 name,
             );
             r.handshake_this_interval = None;
-            r.drops = d.unwrap_or_default();
+            r.set_drops(d.unwrap_or_default());
             r.srtt_us = s.and_then(|v| srtt_of(v, c.client_side));
-            if r.srtt_us.is_some() || !r.drops.is_empty() {
+            if r.srtt_us.is_some() || !r.drops().is_empty() {
                 out.push(r);
             }
         }
@@ -285,16 +309,18 @@ impl FlowTable {
 
     /// Updates (or creates: `true`) the connection and judges its health.
     fn update_conn(
-        &mut self,
-        key: &ConnKey,
+        entry: Entry<'_, ConnKey, Conn>,
+        pending: &mut HashSet<ConnKey, foldhash::fast::RandomState>,
+        started_ns: u64,
         owner: u32,
         s: &Sample,
         cx: &Context,
     ) -> (Conn, bool, Health) {
         let host = cx.host;
-        let started_ns = self.started_ns;
+        let key = *entry.key();
+        let key = &key;
         let mut opened = false;
-        let c = self.conns.entry(*key).or_insert_with(|| {
+        let c = entry.or_insert_with(|| {
             opened = true;
             let (client_side, rule) = orient(key, s, host, s.first_seen_ns > started_ns);
             Conn {
@@ -334,7 +360,7 @@ impl FlowTable {
         let h = c.handshake();
         let health = judge(key.proto, s, &h, &mut c.attempt, cx.now_mono_ns);
         if is_pending(key.proto, &h, &c.attempt) {
-            self.pending.insert(*key);
+            pending.insert(*key);
         }
         (c.clone(), opened, health)
     }
@@ -441,10 +467,9 @@ fn record(
         None
     };
     let flags_now = s.tcp_flags[0] | s.tcp_flags[1];
-    FlowRecord {
+    let mut r = FlowRecord {
         interface,
         ifindex: c.owner,
-        also_seen_on: also,
         protocol: protocol_name(key.proto),
         src_ip: key.addr[cs],
         src_port: key.port[cs],
@@ -459,9 +484,9 @@ fn record(
             bytes: s.bytes[ss],
         },
         tcp_flags: if key.proto == proto::TCP {
-            tcp_flag_names(c.flags)
+            TcpFlags(c.flags as u8)
         } else {
-            Vec::new()
+            TcpFlags::default()
         },
         first_seen: cx.clock.wall(c.first_seen_ns),
         last_seen: cx.clock.wall(c.last_seen_ns),
@@ -471,13 +496,13 @@ fn record(
         reset: key.proto == proto::TCP && flags_now & TCP_RST != 0,
         handshake_this_interval: if s.synack_ns != 0 { rtt } else { None },
         health,
-        dst_names: Default::default(),
-        src_names: Default::default(),
-        drops: Default::default(),
         srtt_us: None,
         src_process: None,
         dst_process: None,
-    }
+        rare: None,
+    };
+    r.set_also_seen_on(also);
+    r
 }
 
 /// The client socket's smoothed RTT when it has one, else the server's.
@@ -607,7 +632,7 @@ mod tests {
                 bytes: 500
             }
         );
-        assert_eq!(r[0].tcp_flags, vec!["SYN", "ACK"]);
+        assert_eq!(r[0].tcp_flags.names().collect::<Vec<_>>(), ["SYN", "ACK"]);
     }
 
     #[test]
@@ -700,7 +725,7 @@ mod tests {
         );
         assert_eq!(r.len(), 1);
         assert_eq!(
-            (&*r[0].interface, r[0].also_seen_on.clone()),
+            (&*r[0].interface, r[0].also_seen_on().to_vec()),
             ("if9", vec!["if3".to_string()])
         );
         assert_eq!(
@@ -734,7 +759,7 @@ mod tests {
         assert_eq!(&*r[0].interface, "if9");
         // The owner is gone: the other interface takes over.
         let r = ingest(&mut t, &h, 1000, &[(key_on(3, 17, 1, 2), later)]);
-        assert_eq!((&*r[0].interface, r[0].also_seen_on.len()), ("if3", 0));
+        assert_eq!((&*r[0].interface, r[0].also_seen_on().len()), ("if3", 0));
     }
 
     #[test]

@@ -12,7 +12,7 @@
 //! `port_groups` busiest of those keep one aggregate each, the others share
 //! one "other ports" aggregate whose edges carry port 0.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 /// Maps keyed by IDs and groups: foldhash, not SipHash (issue 16's
@@ -78,155 +78,232 @@ fn bytes(s: &EdgeStats) -> u64 {
     s.bytes_client_to_server + s.bytes_server_to_client
 }
 
+/// The graph's endpoints as small numbers: each edge's (client, server)
+/// by index, each distinct ID looked up once (by its allocation, which
+/// the graph's keys share, then by its text), so folding hashes numbers,
+/// not strings, per edge (issue 16's profile: hashing and comparing IDs
+/// was most of folding 100k edges).
+struct Ends<'g> {
+    /// Per edge, in the graph's order: (client, server).
+    edge: Vec<(u32, u32)>,
+    /// Per endpoint index: its ID and whether it is external.
+    ids: Vec<&'g Arc<str>>,
+    external: Vec<bool>,
+}
+
+impl<'g> Ends<'g> {
+    fn of(g: &'g Graph) -> Ends<'g> {
+        let mut by_ptr: Fast<(usize, usize), u32> = Fast::default();
+        let mut by_str: Fast<&'g str, u32> = Fast::default();
+        let mut ids: Vec<&'g Arc<str>> = Vec::new();
+        let mut external = Vec::new();
+        let mut edge = Vec::with_capacity(g.edges.len());
+        for k in g.edges.keys() {
+            let mut ends = [0u32; 2];
+            for (i, id) in [&k.client, &k.server].into_iter().enumerate() {
+                ends[i] = *by_ptr
+                    .entry((id.as_ptr() as usize, id.len()))
+                    .or_insert_with(|| {
+                        *by_str.entry(&**id).or_insert_with(|| {
+                            ids.push(id);
+                            external.push(
+                                g.endpoints
+                                    .get(id)
+                                    .is_some_and(|e| e.kind == EndpointKind::External),
+                            );
+                            (ids.len() - 1) as u32
+                        })
+                    });
+            }
+            edge.push((ends[0], ends[1]));
+        }
+        Ends {
+            edge,
+            ids,
+            external,
+        }
+    }
+
+    fn external(&self, i: u32) -> bool {
+        self.external[i as usize]
+    }
+}
+
 /// Which ends of each edge keep their name: (client, server) per edge,
 /// true when the end is not external or is named and the edge is among
 /// its busiest.
-fn keep_ends(g: &Graph, lim: &Limits) -> (Vec<(bool, bool)>, u64) {
-    let ext = external_ends(g);
-    let mut score: Fast<&str, u64> = Fast::default();
-    for ((k, s), (ec, es)) in g.edges.iter().zip(&ext) {
-        for (end, e) in [(&*k.client, ec), (&*k.server, es)] {
-            if *e {
-                *score.entry(end).or_default() += bytes(s);
+fn keep_ends(g: &Graph, ends: &Ends, lim: &Limits) -> (Vec<(bool, bool)>, u64) {
+    // Bytes per external endpoint with an edge (None: not external or no
+    // edge).
+    let mut score: Vec<Option<u64>> = vec![None; ends.ids.len()];
+    for (s, (c, sv)) in g.edges.values().zip(&ends.edge) {
+        for e in [*c, *sv] {
+            if ends.external(e) {
+                *score[e as usize].get_or_insert(0) += bytes(s);
             }
         }
     }
-    let mut ranked: Vec<(&str, u64)> = score.into_iter().collect();
+    let mut ranked: Vec<(&str, u64, u32)> = score
+        .iter()
+        .enumerate()
+        .filter_map(|(i, b)| b.map(|b| (&**ends.ids[i], b, i as u32)))
+        .collect();
     ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
     ranked.truncate(lim.max_external);
-    let named: FastSet<&str> = ranked.iter().map(|(id, _)| *id).collect();
+    let mut named = vec![false; ends.ids.len()];
+    for (_, _, i) in &ranked {
+        named[*i as usize] = true;
+    }
     // Each named endpoint's edges, busiest first (ties by key).
-    let mut edges_of: Fast<&str, Vec<(u64, usize)>> = Fast::default();
-    for (i, ((k, s), (ec, es))) in g.edges.iter().zip(&ext).enumerate() {
-        for (end, e) in [(&*k.client, ec), (&*k.server, es)] {
-            if *e && named.contains(end) {
-                edges_of.entry(end).or_default().push((bytes(s), i));
+    let mut edges_of: Vec<Vec<(u64, usize)>> = vec![Vec::new(); ends.ids.len()];
+    for (i, (s, (c, sv))) in g.edges.values().zip(&ends.edge).enumerate() {
+        for e in [*c, *sv] {
+            if ends.external(e) && named[e as usize] {
+                edges_of[e as usize].push((bytes(s), i));
             }
         }
     }
     // The ends each named endpoint keeps, by edge index.
-    let keys: Vec<&EdgeKey> = g.edges.keys().collect();
-    let mut kept = vec![(false, false); keys.len()];
-    for (id, mut v) in edges_of {
+    let mut kept = vec![(false, false); ends.edge.len()];
+    for (id, v) in edges_of.iter_mut().enumerate() {
+        let id = id as u32;
         v.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
         for (_, i) in v.iter().take(lim.edges_per_external) {
-            kept[*i].0 |= *keys[*i].client == *id;
-            kept[*i].1 |= *keys[*i].server == *id;
+            kept[*i].0 |= ends.edge[*i].0 == id;
+            kept[*i].1 |= ends.edge[*i].1 == id;
         }
     }
-    let ends = ext
+    let keep = ends
+        .edge
         .iter()
         .zip(kept)
-        .map(|((ec, es), (kc, ks))| (!ec || kc, !es || ks))
+        .map(|((c, sv), (kc, ks))| (!ends.external(*c) || kc, !ends.external(*sv) || ks))
         .collect();
-    (ends, named.len() as u64)
+    (keep, ranked.len() as u64)
 }
 
-/// Whether each edge's (client, server) is an external endpoint, looked
-/// up once per endpoint (by its ID's allocation: the graph's keys share
-/// them) rather than twice per edge in the endpoint tree.
-fn external_ends(g: &Graph) -> Vec<(bool, bool)> {
-    let mut memo: Fast<(usize, usize), bool> = Fast::default();
-    let mut external = |id: &Arc<str>| {
-        *memo
-            .entry((id.as_ptr() as usize, id.len()))
-            .or_insert_with(|| {
-                g.endpoints
-                    .get(id)
-                    .is_some_and(|e| e.kind == EndpointKind::External)
-            })
-    };
-    g.edges
-        .keys()
-        .map(|k| (external(&k.client), external(&k.server)))
-        .collect()
-}
-
-/// The aggregate each folded (protocol, port) goes to: the busiest
-/// `port_groups` keep their own, the others share "other ports".
+/// The (protocol, port) groups of the folded edges: per edge its group
+/// (None: not folded), and per group whether it keeps an aggregate of its
+/// own (the busiest `port_groups` do; the others share "other ports").
+#[allow(clippy::type_complexity)]
 fn choose_groups<'g>(
     g: &'g Graph,
-    ends: &[(bool, bool)],
+    keep: &[(bool, bool)],
     lim: &Limits,
-) -> Fast<(&'g str, u16), bool> {
-    let mut load: Fast<(&str, u16), u64> = Fast::default();
-    for ((k, s), (c, sv)) in g.edges.iter().zip(ends) {
-        if !(c & sv) {
-            *load.entry((&*k.protocol, k.port)).or_default() += bytes(s);
+) -> (Vec<Option<u32>>, Vec<((&'g str, u16), bool)>) {
+    let mut index: Fast<(&str, u16), u32> = Fast::default();
+    let mut load: Vec<((&str, u16), u64)> = Vec::new();
+    let mut of_edge = Vec::with_capacity(keep.len());
+    for ((k, s), (c, sv)) in g.edges.iter().zip(keep) {
+        if c & sv {
+            of_edge.push(None);
+            continue;
         }
+        let grp = (&*k.protocol, k.port);
+        let i = *index.entry(grp).or_insert_with(|| {
+            load.push((grp, 0));
+            (load.len() - 1) as u32
+        });
+        load[i as usize].1 += bytes(s);
+        of_edge.push(Some(i));
     }
-    let mut ranked: Vec<((&str, u16), u64)> = load.into_iter().collect();
-    ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-    ranked
-        .into_iter()
-        .enumerate()
-        .map(|(i, (grp, _))| (grp, i < lim.port_groups))
-        .collect()
+    let mut ranked: Vec<u32> = (0..load.len() as u32).collect();
+    ranked.sort_by(|a, b| {
+        let (a, b) = (&load[*a as usize], &load[*b as usize]);
+        b.1.cmp(&a.1).then(a.0.cmp(&b.0))
+    });
+    let mut groups: Vec<((&str, u16), bool)> = load.iter().map(|(grp, _)| (*grp, false)).collect();
+    for i in ranked.into_iter().take(lim.port_groups) {
+        groups[i as usize].1 = true;
+    }
+    (of_edge, groups)
 }
 
-/// One aggregate being built: its endpoint and the addresses in it.
+/// One aggregate being built: its endpoint and the addresses in it (by
+/// endpoint index).
 struct Agg {
+    id: Arc<str>,
     ep: Endpoint,
-    peers: FastSet<Arc<str>>,
+    peers: FastSet<u32>,
 }
 
 /// Whether `g` has anything to fold under `lim`: more external endpoints
 /// than the cap, or one with more edges than it may keep.
 pub fn needed(g: &Graph, lim: &Limits) -> bool {
-    let mut edges: Fast<&str, usize> = Fast::default();
-    for (k, (ec, es)) in g.edges.keys().zip(external_ends(g)) {
-        for (end, e) in [(&*k.client, ec), (&*k.server, es)] {
-            if e {
-                *edges.entry(end).or_default() += 1;
+    let ends = Ends::of(g);
+    let mut edges: Vec<usize> = vec![0; ends.ids.len()];
+    for (c, s) in &ends.edge {
+        for e in [*c, *s] {
+            if ends.external(e) {
+                edges[e as usize] += 1;
             }
         }
     }
-    edges.len() > lim.max_external || edges.values().any(|n| *n > lim.edges_per_external)
+    edges.iter().filter(|n| **n > 0).count() > lim.max_external
+        || edges.iter().any(|n| *n > lim.edges_per_external)
 }
 
 /// `g` with its external endpoints bounded by `lim` (see the module's
 /// comment); the counts of what folded. Totals are unchanged: every edge's
 /// statistics land on exactly one edge of the result.
 pub fn bound(g: &Graph, data_source_id: &str, lim: &Limits) -> (Graph, Folded) {
-    let (ends, named) = keep_ends(g, lim);
-    let groups = choose_groups(g, &ends, lim);
+    let ends = Ends::of(g);
+    let (keep, named) = keep_ends(g, &ends, lim);
+    let (edge_group, groups) = choose_groups(g, &keep, lim);
     let mut out = Graph {
         link_control: g.link_control,
         children: g.children.clone(),
         ..Graph::default()
     };
-    let mut aggs: BTreeMap<Arc<str>, Agg> = BTreeMap::new();
-    // Each aggregate's ID, made once (not per folded edge).
-    let mut ids: Fast<Option<(&str, u16)>, Arc<str>> = Fast::default();
+    // The aggregates, each made once (not per folded edge): by group
+    // index, and the shared "other ports" one.
+    let mut aggs: Vec<Agg> = Vec::new();
+    let mut agg_of_group: Vec<Option<usize>> = vec![None; groups.len()];
+    let mut other_agg: Option<usize> = None;
+    // Endpoints already copied into `out`.
+    let mut copied = vec![false; ends.ids.len()];
     let mut folded = Folded {
         named,
         ..Folded::default()
     };
-    for ((k, s), (keep_c, keep_s)) in g.edges.iter().zip(ends) {
+    for (i, (k, s)) in g.edges.iter().enumerate() {
+        let (keep_c, keep_s) = keep[i];
+        let (ci, si) = ends.edge[i];
         if keep_c && keep_s {
-            copy_endpoint(g, &mut out, &k.client);
-            copy_endpoint(g, &mut out, &k.server);
+            copy_endpoint(g, &mut out, &mut copied, &ends, ci);
+            copy_endpoint(g, &mut out, &mut copied, &ends, si);
             merge_edge(&mut out, k.clone(), s);
             continue;
         }
-        let own = groups
-            .get(&(&*k.protocol, k.port))
-            .copied()
-            .unwrap_or(false);
-        let group = own.then_some((&*k.protocol, k.port));
-        let id = ids
-            .entry(group)
-            .or_insert_with(|| aggregate_id(data_source_id, group).into())
-            .clone();
-        let agg = aggs.entry(id.clone()).or_insert_with(|| Agg {
-            ep: aggregate_endpoint(&id, group),
-            peers: FastSet::default(),
+        let gi = edge_group[i].unwrap_or(0) as usize;
+        let (grp, own) = groups[gi];
+        let group = own.then_some(grp);
+        let slot = if own {
+            &mut agg_of_group[gi]
+        } else {
+            &mut other_agg
+        };
+        let a = *slot.get_or_insert_with(|| {
+            let id: Arc<str> = aggregate_id(data_source_id, group).into();
+            aggs.push(Agg {
+                ep: aggregate_endpoint(&id, group),
+                id,
+                peers: FastSet::default(),
+            });
+            aggs.len() - 1
         });
-        let (client, server) = (
-            fold_end(&mut out, g, &k.client, keep_c, &id, agg),
-            fold_end(&mut out, g, &k.server, keep_s, &id, agg),
-        );
-        add_group_totals(agg.ep.group.as_mut(), s, !keep_c);
+        let mut end = |e: u32, keep: bool, out: &mut Graph| -> Arc<str> {
+            if keep {
+                copy_endpoint(g, out, &mut copied, &ends, e);
+                ends.ids[e as usize].clone()
+            } else {
+                aggs[a].peers.insert(e);
+                aggs[a].id.clone()
+            }
+        };
+        let client = end(ci, keep_c, &mut out);
+        let server = end(si, keep_s, &mut out);
+        add_group_totals(aggs[a].ep.group.as_mut(), s, !keep_c);
         folded.flows += s.connections_active;
         let port = if own { k.port } else { 0 };
         let key = EdgeKey {
@@ -244,38 +321,27 @@ pub fn bound(g: &Graph, data_source_id: &str, lim: &Limits) -> (Graph, Folded) {
             }
         }
     }
-    let all_peers: FastSet<&Arc<str>> = aggs.values().flat_map(|a| &a.peers).collect();
-    folded.addresses = all_peers.len() as u64;
+    let mut all_peers = vec![false; ends.ids.len()];
+    for a in &aggs {
+        for p in &a.peers {
+            all_peers[*p as usize] = true;
+        }
+    }
+    folded.addresses = all_peers.iter().filter(|p| **p).count() as u64;
     folded.aggregates = aggs.len() as u64;
-    for (id, mut a) in aggs {
+    for mut a in aggs {
         if let Some(gs) = a.ep.group.as_mut() {
             gs.peers = a.peers.len() as u64;
         }
-        out.endpoints.insert(id, a.ep);
+        out.endpoints.insert(a.id, a.ep);
     }
     (out, folded)
 }
 
-/// The end of a folded edge: itself when it keeps its name, else the
-/// aggregate (and the address counts as one of its peers).
-fn fold_end(
-    out: &mut Graph,
-    g: &Graph,
-    end: &Arc<str>,
-    keep: bool,
-    agg_id: &Arc<str>,
-    agg: &mut Agg,
-) -> Arc<str> {
-    if keep {
-        copy_endpoint(g, out, end);
-        return end.clone();
-    }
-    agg.peers.insert(end.clone());
-    agg_id.clone()
-}
-
-fn copy_endpoint(g: &Graph, out: &mut Graph, id: &Arc<str>) {
-    if !out.endpoints.contains_key(id) {
+/// Copies endpoint `e` of `g` into `out`, once.
+fn copy_endpoint(g: &Graph, out: &mut Graph, copied: &mut [bool], ends: &Ends, e: u32) {
+    if !std::mem::replace(&mut copied[e as usize], true) {
+        let id = ends.ids[e as usize];
         if let Some(ep) = g.endpoints.get(id) {
             out.endpoints.insert(id.clone(), ep.clone());
         }

@@ -48,7 +48,6 @@ pub fn between(
     FlowRecord {
         interface: "eth0".into(),
         ifindex: 2,
-        also_seen_on: Vec::new(),
         protocol: protocol.into(),
         src_ip: src.0,
         src_port: src.1,
@@ -56,7 +55,7 @@ pub fn between(
         dst_port: dst.1,
         src_to_dst: Counters::default(),
         dst_to_src: Counters::default(),
-        tcp_flags: Vec::new(),
+        tcp_flags: Default::default(),
         first_seen: at,
         last_seen: at,
         handshake_rtt_us: None,
@@ -65,11 +64,9 @@ pub fn between(
         reset: false,
         handshake_this_interval: None,
         health: Default::default(),
-        dst_names: Default::default(),
-        src_names: Default::default(),
-        drops: Default::default(),
         srtt_us: None,
         src_process: None,
         dst_process: None,
+        rare: None,
     }
 }

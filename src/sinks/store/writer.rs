@@ -440,7 +440,6 @@ mod tests {
                 FlowRecord {
                     interface: "eth0".into(),
                     ifindex: 2,
-                    also_seen_on: Vec::new(),
                     protocol: "tcp".into(),
                     src_ip: src,
                     src_port: 40000,
@@ -448,7 +447,7 @@ mod tests {
                     dst_port: 80,
                     src_to_dst: Default::default(),
                     dst_to_src: Default::default(),
-                    tcp_flags: Vec::new(),
+                    tcp_flags: Default::default(),
                     first_seen: UNIX_EPOCH,
                     last_seen: UNIX_EPOCH,
                     handshake_rtt_us: None,
@@ -457,12 +456,10 @@ mod tests {
                     reset: false,
                     handshake_this_interval: None,
                     health: Default::default(),
-                    dst_names: Default::default(),
-                    src_names: Default::default(),
-                    drops: Default::default(),
                     srtt_us: None,
                     src_process: None,
                     dst_process: None,
+                    rare: None,
                 }
             })
             .collect();

@@ -512,9 +512,13 @@ fn postgres_rollups() {
 /// and give exactly what the bucket rows give. Edge A every minute for 90
 /// minutes, then one late interval and one after a restart (the writer's
 /// cache empty); edge B 50 and 8 minutes ago (idle in the latest bucket:
-/// summed from its bucket rows). Then the rows of version 4 (no live
-/// rows) are migrated: the same windows, read live, the same totals.
-fn check_live(loc: &Location, downgrade: &dyn Fn()) {
+/// summed from its bucket rows); edge D once, 70 minutes ago; a second
+/// agent (node-c) with edge C every 5 minutes for 2 hours. Then the rows
+/// of version 4 (no live rows) are migrated: the same windows, read live,
+/// the same totals. Then a retention of 20 minutes: the live rows older
+/// than it are deleted, the 15-minute window is still read live and the
+/// same, the longer ones from the bucket rows.
+fn check_live(loc: &Location, downgrade: &dyn Fn(), count: &dyn Fn(&str) -> i64) {
     use flowmap::sinks::store::{rollup, unix_ms, Window};
     use std::time::{Duration, SystemTime};
     let h = host();
@@ -524,7 +528,16 @@ fn check_live(loc: &Location, downgrade: &dyn Fn()) {
     };
     let now = SystemTime::now() - Duration::from_secs(1);
     let now_ms = unix_ms(now);
-    let flow = |dst: &str, port: u16, c2s: u64, s2c: u64, end: SystemTime| FlowRecord {
+    let h2 = HostView {
+        hostname: "node-c".into(),
+        addrs: vec!["10.0.0.3".parse::<IpAddr>().unwrap()],
+        ..Default::default()
+    };
+    let r2 = ServerResolver {
+        data_source_id: "ds",
+        host: &h2,
+    };
+    let flow = |src: &str, dst: &str, port: u16, c2s: u64, s2c: u64, end: SystemTime| FlowRecord {
         src_to_dst: flowmap::flow::Counters {
             packets: 10,
             bytes: c2s,
@@ -536,15 +549,18 @@ fn check_live(loc: &Location, downgrade: &dyn Fn()) {
         srtt_us: Some(200),
         ..flowmap_testkit::records::between(
             "tcp",
-            ("10.0.0.1".parse().unwrap(), 40000),
+            (src.parse().unwrap(), 40000),
             (dst.parse().unwrap(), port),
             end - Duration::from_secs(10),
         )
     };
-    let write = |s: &mut Store, end: SystemTime, b: bool| {
-        let mut recs = vec![flow("192.0.2.10", 443, 1000, 100, end)];
+    let write = |s: &mut Store, end: SystemTime, b: bool, d: bool| {
+        let mut recs = vec![flow("10.0.0.1", "192.0.2.10", 443, 1000, 100, end)];
         if b {
-            recs.push(flow("192.0.2.20", 80, 7000, 0, end));
+            recs.push(flow("10.0.0.1", "192.0.2.20", 80, 7000, 0, end));
+        }
+        if d {
+            recs.push(flow("10.0.0.1", "192.0.2.40", 22, 20, 0, end));
         }
         let g = Graph::build(&recs, &r);
         s.write(
@@ -560,20 +576,42 @@ fn check_live(loc: &Location, downgrade: &dyn Fn()) {
     let mut s = Store::open(loc).unwrap();
     for k in (0..90u64).rev() {
         let end = now - Duration::from_secs(60 * k + 30);
-        write(&mut s, end, k == 50 || k == 8);
+        write(&mut s, end, k == 50 || k == 8, k == 70);
         a_ends.push(unix_ms(end));
     }
+    // The second agent.
+    let mut c_ends = Vec::new();
+    let mut s2 = Store::open(loc).unwrap();
+    s2.set_agent(flowmap::sinks::store::Agent {
+        node: "node-c".into(),
+        instance_id: "c-1".into(),
+    });
+    for k in (0..24u64).rev() {
+        let end = now - Duration::from_secs(300 * k + 45);
+        let g = Graph::build(&[flow("10.0.0.3", "192.0.2.30", 8080, 50, 0, end)], &r2);
+        s2.write(
+            "ds",
+            end - Duration::from_secs(30),
+            end,
+            &g,
+            &[r2.host_endpoint()],
+        )
+        .unwrap();
+        c_ends.push(unix_ms(end));
+    }
+    drop(s2);
     // Late: an interval of 20 minutes ago, after the others.
     let late = now - Duration::from_secs(20 * 60 + 15);
-    write(&mut s, late, false);
+    write(&mut s, late, false, false);
     a_ends.push(unix_ms(late));
     drop(s);
     // A restarted writer (no cache).
     let mut s = Store::open(loc).unwrap();
-    write(&mut s, now, false);
+    write(&mut s, now, false, false);
     a_ends.push(now_ms);
     assert!(s.maintain(now_ms, Duration::from_secs(7 * 86_400)).unwrap());
     let b_ends = [now_ms - 50 * 60_000 - 30_000, now_ms - 8 * 60_000 - 30_000];
+    let d_ends = [now_ms - 70 * 60_000 - 30_000];
     // (edge's server, bytes) of a window, and the same from the bucket
     // rows (a window that ends later is not read live).
     let check = |s: &mut Store, len: u64, grain: i64| {
@@ -620,6 +658,18 @@ fn check_live(loc: &Location, downgrade: &dyn Fn()) {
                 n(&b_ends),
             ));
         }
+        want.push((
+            "ds-flows.external-192.0.2.30".to_string(),
+            50 * n(&c_ends),
+            n(&c_ends),
+        ));
+        if n(&d_ends) > 0 {
+            want.push((
+                "ds-flows.external-192.0.2.40".to_string(),
+                20 * n(&d_ends),
+                n(&d_ends),
+            ));
+        }
         assert_eq!(got, want, "{len} s");
         // The busiest one, and there were more.
         let (top, more) = s.edges_in(&w, Some(1)).unwrap();
@@ -657,6 +707,22 @@ fn check_live(loc: &Location, downgrade: &dyn Fn()) {
     let mut s = Store::open(loc).unwrap();
     assert_eq!(s.version().unwrap(), 5);
     assert_eq!(spans(&mut s), counts);
+    // Retention: 20 minutes.
+    let cut = now_ms - 20 * 60_000;
+    let old = format!("SELECT COUNT(*) FROM edge_live WHERE gen_ms < {cut}");
+    assert!(count(&old) > 0);
+    assert!(s.maintain(now_ms, Duration::from_secs(20 * 60)).unwrap());
+    assert_eq!(count(&old), 0);
+    assert_eq!(check(&mut s, 900, 300_000), counts[0]);
+    for len in [3600, 86_400] {
+        assert!(!s
+            .reads_live(&Window {
+                from_ms: now_ms - len * 1000,
+                to_ms: i64::MAX,
+                live: true
+            })
+            .unwrap());
+    }
 }
 
 const TO_V4: &str = "DROP TABLE edge_live; DROP INDEX edge_rollup_1h_edge;
@@ -666,12 +732,21 @@ DELETE FROM flowmap_schema WHERE version = 5; DELETE FROM flowmap_rollups WHERE 
 fn sqlite_live_rows() {
     let dir = TempDir::new("store-live");
     let path = dir.path().join("f.db");
-    check_live(&Location::Sqlite(path.clone()), &|| {
-        rusqlite::Connection::open(&path)
-            .unwrap()
-            .execute_batch(TO_V4)
-            .unwrap()
-    });
+    check_live(
+        &Location::Sqlite(path.clone()),
+        &|| {
+            rusqlite::Connection::open(&path)
+                .unwrap()
+                .execute_batch(TO_V4)
+                .unwrap()
+        },
+        &|sql| {
+            rusqlite::Connection::open(&path)
+                .unwrap()
+                .query_row(sql, [], |r| r.get(0))
+                .unwrap()
+        },
+    );
 }
 
 #[test]
@@ -683,12 +758,22 @@ fn postgres_live_rows() {
         return;
     };
     let cs = pg.connection_string();
-    check_live(&Location::Postgres(cs.clone()), &|| {
-        postgres::Client::connect(&cs, postgres::NoTls)
-            .unwrap()
-            .batch_execute(TO_V4)
-            .unwrap()
-    });
+    check_live(
+        &Location::Postgres(cs.clone()),
+        &|| {
+            postgres::Client::connect(&cs, postgres::NoTls)
+                .unwrap()
+                .batch_execute(TO_V4)
+                .unwrap()
+        },
+        &|sql| {
+            postgres::Client::connect(&cs, postgres::NoTls)
+                .unwrap()
+                .query_one(sql, &[])
+                .unwrap()
+                .get(0)
+        },
+    );
 }
 
 /// Version 3 (the agents' identity, drops and RTT; rollups with text

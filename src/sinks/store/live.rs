@@ -436,7 +436,9 @@ ON CONFLICT (span_ms, edge_id) DO UPDATE SET gen_ms = excluded.gen_ms, {}, last_
         // Edges whose row is of another bucket, with rows in the window.
         let other = self.query_vals(
             &format!(
-                "SELECT edge_id, gen_ms FROM edge_live WHERE span_ms = {span} AND gen_ms >= {f} AND gen_ms <> {gen}"
+                // (Two ranges of the index, not the window's own rows.)
+                "SELECT edge_id, gen_ms FROM edge_live WHERE span_ms = {span}
+  AND ((gen_ms >= {f} AND gen_ms < {gen}) OR gen_ms > {gen})"
             ),
             &[],
             |r| Ok((r.int(0)?, r.int(1)?)),

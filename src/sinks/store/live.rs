@@ -393,11 +393,13 @@ ON CONFLICT (span_ms, edge_id) DO UPDATE SET gen_ms = excluded.gen_ms, {}, last_
         }
         // The span of the window's grain whose rows of the window's last
         // bucket exist: the window's first bucket begins that span's
-        // window and its last is the latest written.
+        // window and its last is the latest written. The longest first:
+        // its rows end latest (a shorter span's rows that end earlier
+        // give the same sums, but only for the edges idle since).
         let kind = rollup::grain_of(w, now_ms);
         let cuts = self.live_cuts()?;
         let mut found = None;
-        for (span, grain) in SPANS {
+        for (span, grain) in SPANS.into_iter().rev() {
             if (if grain == HOUR { 2 } else { 1 }) != kind {
                 continue;
             }

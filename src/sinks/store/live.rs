@@ -41,6 +41,9 @@ pub const SPANS: [(i64, i64); 3] = [
 ];
 
 const FIVE: i64 = 300_000;
+
+/// An edge key and its interval's numbers (in the order of METRICS).
+type EdgeVals = (i64, Vec<Val>);
 const HOUR: i64 = 3_600_000;
 
 /// Rows older than this before now are deleted (their windows are past).
@@ -258,7 +261,7 @@ GROUP BY r.edge_id, g.gen",
         let mut rolled = None;
         for (si, (span, grain)) in SPANS.iter().copied().enumerate() {
             let b = rollup::bucket(end_ms, grain);
-            let (add, mut other): (Vec<&(i64, Vec<Val>)>, Vec<&(i64, Vec<Val>)>) = edges
+            let (add, mut other): (Vec<&EdgeVals>, Vec<&EdgeVals>) = edges
                 .iter()
                 .partition(|(id, _)| self.live.get(id).is_some_and(|g| g[si] == b));
             if !add.is_empty() {

@@ -305,13 +305,13 @@ fn agents_starting_at_once_migrate_one_schema() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(versions, vec![1, 2, 3, 4]);
+    assert_eq!(versions, vec![1, 2, 3, 4, 5]);
     for a in agents {
         let (_, err) = a.stop().unwrap();
         assert!(!err.contains("panicked"), "{err}");
     }
     // A newer store is refused, by the agent and by `serve`.
-    c.batch_execute("INSERT INTO flowmap_schema VALUES (5)")
+    c.batch_execute("INSERT INTO flowmap_schema VALUES (6)")
         .unwrap();
     let out = Command::new(BIN)
         .args([
@@ -327,7 +327,7 @@ fn agents_starting_at_once_migrate_one_schema() {
     assert!(!out.status.success());
     assert!(
         err.contains(
-            "the store's schema version 5 is newer than this flowmap (4); use a newer flowmap"
+            "the store's schema version 6 is newer than this flowmap (5); use a newer flowmap"
         ),
         "{err}"
     );

@@ -71,7 +71,7 @@ fn fill(s: &mut Store) {
 
 fn check_store(loc: &Location) {
     let mut s = Store::open(loc).unwrap();
-    assert_eq!(s.version().unwrap(), 4, "migrated from an empty database");
+    assert_eq!(s.version().unwrap(), 5, "migrated from an empty database");
     fill(&mut s);
     assert_eq!(s.runs().unwrap(), 3);
 
@@ -185,7 +185,7 @@ fn check_store(loc: &Location) {
     drop(s);
     // Reopening does not migrate again.
     let mut s = Store::open(loc).unwrap();
-    assert_eq!(s.version().unwrap(), 4);
+    assert_eq!(s.version().unwrap(), 5);
     assert_eq!(s.runs().unwrap(), 1);
 }
 
@@ -228,7 +228,7 @@ fn a_store_newer_than_flowmap_is_refused() {
     let err = Store::open(&Location::Sqlite(path)).err().expect("refused");
     assert_eq!(
         format!("{err:#}"),
-        "the store's schema version 99 is newer than this flowmap (4); use a newer flowmap"
+        "the store's schema version 99 is newer than this flowmap (5); use a newer flowmap"
     );
 }
 
@@ -265,7 +265,7 @@ fn a_version_1_store_is_migrated_and_keeps_its_rows() {
         .execute_batch(SCHEMA_V1)
         .unwrap();
     let mut s = Store::open(&Location::Sqlite(path)).unwrap();
-    assert_eq!(s.version().unwrap(), 4);
+    assert_eq!(s.version().unwrap(), 5);
     let old = s.edges(at(0)).unwrap();
     assert_eq!(
         (old.len(), old[0].bytes(), &old[0].health),
@@ -390,7 +390,7 @@ UPDATE edge_stats SET failed_refused = 2, status_rank = 3;";
         .execute_batch(&v2)
         .unwrap();
     let mut s = Store::open(&Location::Sqlite(path)).unwrap();
-    assert_eq!(s.version().unwrap(), 4);
+    assert_eq!(s.version().unwrap(), 5);
     let old = s.edges(at(0)).unwrap();
     assert_eq!(old.len(), 1);
     assert_eq!(
@@ -513,6 +513,275 @@ fn postgres_rollups() {
     check_rollups(&Location::Postgres(pg.connection_string()));
 }
 
+/// Live rows (issue 15, schema version 5): the map's windows that end now
+/// (15 minutes, 1 hour, 24 hours) are read from one row per edge and span,
+/// and give exactly what the bucket rows give. Edge A every minute for 90
+/// minutes, then one late interval and one after a restart (the writer's
+/// cache empty); edge B 50 and 8 minutes ago (idle in the latest bucket:
+/// summed from its bucket rows); edge D once, 70 minutes ago; a second
+/// agent (node-c) with edge C every 5 minutes for 2 hours. Then the rows
+/// of version 4 (no live rows) are migrated: the same windows, read live,
+/// the same totals. Then a retention of 20 minutes: the live rows older
+/// than it are deleted, the 15-minute window is still read live and the
+/// same, the longer ones from the bucket rows.
+fn check_live(loc: &Location, downgrade: &dyn Fn(), count: &dyn Fn(&str) -> i64) {
+    use flowmap::sinks::store::{rollup, unix_ms, Window};
+    use std::time::{Duration, SystemTime};
+    let h = host();
+    let r = ServerResolver {
+        data_source_id: "ds",
+        host: &h,
+    };
+    let now = SystemTime::now() - Duration::from_secs(1);
+    let now_ms = unix_ms(now);
+    let h2 = HostView {
+        hostname: "node-c".into(),
+        addrs: vec!["10.0.0.3".parse::<IpAddr>().unwrap()],
+        ..Default::default()
+    };
+    let r2 = ServerResolver {
+        data_source_id: "ds",
+        host: &h2,
+    };
+    let flow = |src: &str, dst: &str, port: u16, c2s: u64, s2c: u64, end: SystemTime| FlowRecord {
+        src_to_dst: flowmap::flow::Counters {
+            packets: 10,
+            bytes: c2s,
+        },
+        dst_to_src: flowmap::flow::Counters {
+            packets: 1,
+            bytes: s2c,
+        },
+        srtt_us: Some(200),
+        ..flowmap_testkit::records::between(
+            "tcp",
+            (src.parse().unwrap(), 40000),
+            (dst.parse().unwrap(), port),
+            end - Duration::from_secs(10),
+        )
+    };
+    let write = |s: &mut Store, end: SystemTime, b: bool, d: bool| {
+        let mut recs = vec![flow("10.0.0.1", "192.0.2.10", 443, 1000, 100, end)];
+        if b {
+            recs.push(flow("10.0.0.1", "192.0.2.20", 80, 7000, 0, end));
+        }
+        if d {
+            recs.push(flow("10.0.0.1", "192.0.2.40", 22, 20, 0, end));
+        }
+        let g = Graph::build(&recs, &r);
+        s.write(
+            "ds",
+            end - Duration::from_secs(30),
+            end,
+            &g,
+            &[r.host_endpoint()],
+        )
+        .unwrap();
+    };
+    let mut a_ends = Vec::new();
+    let mut s = Store::open(loc).unwrap();
+    for k in (0..90u64).rev() {
+        let end = now - Duration::from_secs(60 * k + 30);
+        write(&mut s, end, k == 50 || k == 8, k == 70);
+        a_ends.push(unix_ms(end));
+    }
+    // The second agent.
+    let mut c_ends = Vec::new();
+    let mut s2 = Store::open(loc).unwrap();
+    s2.set_agent(flowmap::sinks::store::Agent {
+        node: "node-c".into(),
+        instance_id: "c-1".into(),
+    });
+    for k in (0..24u64).rev() {
+        let end = now - Duration::from_secs(300 * k + 45);
+        let g = Graph::build(&[flow("10.0.0.3", "192.0.2.30", 8080, 50, 0, end)], &r2);
+        s2.write(
+            "ds",
+            end - Duration::from_secs(30),
+            end,
+            &g,
+            &[r2.host_endpoint()],
+        )
+        .unwrap();
+        c_ends.push(unix_ms(end));
+    }
+    drop(s2);
+    // Late: an interval of 20 minutes ago, after the others.
+    let late = now - Duration::from_secs(20 * 60 + 15);
+    write(&mut s, late, false, false);
+    a_ends.push(unix_ms(late));
+    drop(s);
+    // A restarted writer (no cache).
+    let mut s = Store::open(loc).unwrap();
+    write(&mut s, now, false, false);
+    a_ends.push(now_ms);
+    assert!(s.maintain(now_ms, Duration::from_secs(7 * 86_400)).unwrap());
+    let b_ends = [now_ms - 50 * 60_000 - 30_000, now_ms - 8 * 60_000 - 30_000];
+    let d_ends = [now_ms - 70 * 60_000 - 30_000];
+    // (edge's server, bytes) of a window, and the same from the bucket
+    // rows (a window that ends later is not read live).
+    let check = |s: &mut Store, len: u64, grain: i64| {
+        // The window that ends with the last interval written.
+        let w = Window {
+            from_ms: now_ms - len as i64 * 1000,
+            to_ms: i64::MAX,
+            live: true,
+        };
+        assert!(s.reads_live(&w).unwrap(), "{len} s");
+        let live = s.edges_in(&w, None).unwrap().0;
+        let wide = Window {
+            to_ms: unix_ms(SystemTime::now()) + 3_600_000,
+            ..w
+        };
+        assert!(!s.reads_live(&wide).unwrap());
+        assert_eq!(live, s.edges_in(&wide, None).unwrap().0, "{len} s");
+        // Every interval in a bucket that ends at or after the start.
+        let first = rollup::bucket(w.from_ms, grain);
+        let n = |ends: &[i64]| {
+            ends.iter()
+                .filter(|e| rollup::bucket(**e, grain) >= first)
+                .count() as u64
+        };
+        let got: Vec<(String, u64, u64)> = live
+            .iter()
+            .map(|e| {
+                (
+                    e.target.clone(),
+                    e.bytes(),
+                    e.health.srtt_us.map_or(0, |x| x.samples),
+                )
+            })
+            .collect();
+        let mut want = vec![(
+            "ds-flows.external-192.0.2.10".to_string(),
+            1100 * n(&a_ends),
+            n(&a_ends),
+        )];
+        if n(&b_ends) > 0 {
+            want.push((
+                "ds-flows.external-192.0.2.20".to_string(),
+                7000 * n(&b_ends),
+                n(&b_ends),
+            ));
+        }
+        want.push((
+            "ds-flows.external-192.0.2.30".to_string(),
+            50 * n(&c_ends),
+            n(&c_ends),
+        ));
+        if n(&d_ends) > 0 {
+            want.push((
+                "ds-flows.external-192.0.2.40".to_string(),
+                20 * n(&d_ends),
+                n(&d_ends),
+            ));
+        }
+        assert_eq!(got, want, "{len} s");
+        // The busiest one, and there were more.
+        let (top, more) = s.edges_in(&w, Some(1)).unwrap();
+        assert_eq!(top.len(), 1);
+        assert_eq!(top[0], live[0]);
+        assert!(more);
+        n(&a_ends)
+    };
+    let spans = |s: &mut Store| {
+        [
+            check(s, 900, 300_000),
+            check(s, 3600, 300_000),
+            check(s, 86_400, 3_600_000),
+        ]
+    };
+    let counts = spans(&mut s);
+    // 15 minutes: 3 or 4 buckets, 15 to 20 intervals plus the late one;
+    // a day: every interval.
+    assert!((16..=21).contains(&counts[0]), "{counts:?}");
+    assert_eq!(counts[2], 92);
+    // Not live: a 5-minute window (interval rows), an older window.
+    assert!(!s
+        .reads_live(&Window {
+            from_ms: now_ms - 300_000,
+            to_ms: i64::MAX,
+            live: true
+        })
+        .unwrap());
+    assert!(!s
+        .reads_live(&Window::since(now - Duration::from_secs(7200)))
+        .unwrap());
+    drop(s);
+    // Version 4: no live rows; migrated, the same.
+    downgrade();
+    let mut s = Store::open(loc).unwrap();
+    assert_eq!(s.version().unwrap(), 5);
+    assert_eq!(spans(&mut s), counts);
+    // Retention: 20 minutes.
+    let cut = now_ms - 20 * 60_000;
+    let old = format!("SELECT COUNT(*) FROM edge_live WHERE gen_ms < {cut}");
+    assert!(count(&old) > 0);
+    assert!(s.maintain(now_ms, Duration::from_secs(20 * 60)).unwrap());
+    assert_eq!(count(&old), 0);
+    assert_eq!(check(&mut s, 900, 300_000), counts[0]);
+    for len in [3600, 86_400] {
+        assert!(!s
+            .reads_live(&Window {
+                from_ms: now_ms - len * 1000,
+                to_ms: i64::MAX,
+                live: true
+            })
+            .unwrap());
+    }
+}
+
+const TO_V4: &str = "DROP TABLE edge_live; DROP INDEX edge_rollup_1h_edge;
+DELETE FROM flowmap_schema WHERE version = 5; DELETE FROM flowmap_rollups WHERE grain LIKE 'edge_live_%';";
+
+#[test]
+fn sqlite_live_rows() {
+    let dir = TempDir::new("store-live");
+    let path = dir.path().join("f.db");
+    check_live(
+        &Location::Sqlite(path.clone()),
+        &|| {
+            rusqlite::Connection::open(&path)
+                .unwrap()
+                .execute_batch(TO_V4)
+                .unwrap()
+        },
+        &|sql| {
+            rusqlite::Connection::open(&path)
+                .unwrap()
+                .query_row(sql, [], |r| r.get(0))
+                .unwrap()
+        },
+    );
+}
+
+#[test]
+fn postgres_live_rows() {
+    if !flowmap_testkit::net::privileged("postgres_live_rows") {
+        return;
+    }
+    let Some(pg) = flowmap_testkit::postgres::Pg::start("postgres_live_rows") else {
+        return;
+    };
+    let cs = pg.connection_string();
+    check_live(
+        &Location::Postgres(cs.clone()),
+        &|| {
+            postgres::Client::connect(&cs, postgres::NoTls)
+                .unwrap()
+                .batch_execute(TO_V4)
+                .unwrap()
+        },
+        &|sql| {
+            postgres::Client::connect(&cs, postgres::NoTls)
+                .unwrap()
+                .query_one(sql, &[])
+                .unwrap()
+                .get(0)
+        },
+    );
+}
+
 /// Version 3 (the agents' identity, drops and RTT; rollups with text
 /// columns per row), as flowmap wrote it, on top of version 2.
 fn schema_v3() -> String {
@@ -595,7 +864,7 @@ INSERT INTO flowmap_rollups VALUES ('edge_rollup_5m', 1799999700000), ('edge_rol
 /// kept, and windows read at each grain give the version 3 totals.
 fn check_v3_migration(s: &mut Store) {
     use flowmap::sinks::store::Window;
-    assert_eq!(s.version().unwrap(), 4);
+    assert_eq!(s.version().unwrap(), 5);
     let edges = |s: &mut Store, from_ms: i64, to_ms: i64| {
         let mut e = s
             .edges_in(&Window::between(from_ms, to_ms), None)
@@ -693,6 +962,7 @@ fn a_version_3_store_is_migrated_and_keeps_its_rows() {
         [
             "crawl_runs",
             "edge_keys",
+            "edge_live",
             "edge_rollup_1h",
             "edge_rollup_5m",
             "edge_stats",

@@ -14,6 +14,7 @@ use crate::config::{Database, Driver};
 use crate::graph::Graph;
 
 pub mod cluster;
+pub mod live;
 mod partition;
 mod pg;
 mod pool;
@@ -83,6 +84,11 @@ pub struct Store {
     known: partition::Known,
     /// A migration is running (partitions are made in its transaction).
     in_migration: bool,
+    /// The bucket of each edge key's live row per span (live.rs), as this
+    /// connection last wrote it.
+    live: HashMap<i64, [i64; live::SPANS.len()]>,
+    /// Those of the interval being written (remembered once committed).
+    live_pending: Vec<(i64, usize, i64)>,
 }
 
 /// An edge key as the cache finds it: node, client, server, protocol, port.
@@ -260,10 +266,13 @@ CREATE TABLE flowmap_rollups (grain TEXT PRIMARY KEY, done_ms BIGINT NOT NULL);
     // time partitions (rollup.rs, partition.rs); the unread relationships
     // table goes. Made by `migrate_to_4`, which keeps every row.
     "@V4@",
+    // Version 5 (issue 15, reads): per-edge totals of the live windows
+    // (live.rs), made from the rows already there by `migrate_to_5`.
+    "@V5@",
 ];
 
 /// The schema version this flowmap writes.
-pub const SCHEMA_VERSION: u32 = 4;
+pub const SCHEMA_VERSION: u32 = 5;
 
 /// The PostgreSQL advisory lock key migrations hold (any agent of a fleet
 /// starting at once waits for the one migrating): "flowmap" in ASCII.
@@ -478,16 +487,63 @@ fn edge_query(src: &str, limit: Option<usize>) -> String {
             format!(
                 "\n  WHERE s.edge_id IN (SELECT t.edge_id FROM (SELECT s.edge_id,
     COALESCE(SUM(s.bytes_c2s), 0) + COALESCE(SUM(s.bytes_s2c), 0) AS bytes FROM {src} GROUP BY s.edge_id) t
-    JOIN edge_keys k ON k.id = t.edge_id
-    ORDER BY t.bytes DESC, k.source_id, k.destination_id, k.port, k.node LIMIT {})",
+    ORDER BY t.bytes DESC, t.edge_id LIMIT {})",
                 n + 1
             ),
             format!(
-                "\nORDER BY a.bytes_c2s + a.bytes_s2c DESC, k.source_id, k.destination_id, k.port, k.node\nLIMIT {}",
+                "\nORDER BY a.bytes_c2s + a.bytes_s2c DESC, a.edge_id\nLIMIT {}",
                 n + 1
             ),
         ),
     };
+    select_edges(
+        &format!(
+            "(SELECT s.edge_id, {}, MAX(s.last_end_ms) AS last_end_ms FROM {src}{only} GROUP BY s.edge_id)",
+            agg.join(", ")
+        ),
+        &order,
+    )
+}
+
+/// The window's per-edge rows `rows` (live.rs: columns edge_id, METRICS
+/// with a zero counter NULL, last_end_ms), as `edge_query` gives them;
+/// with `limit`, the busiest that many (and one more).
+fn live_query(rows: &str, limit: Option<usize>) -> String {
+    use rollup::{Agg, METRICS};
+    let cols: Vec<String> = METRICS
+        .iter()
+        .map(|(n, t, a)| match a {
+            Agg::Sum | Agg::Max if t.starts_with("BIGINT") => {
+                format!("CAST(COALESCE(u.{n}, 0) AS BIGINT) AS {n}")
+            }
+            _ => format!("u.{n}"),
+        })
+        .collect();
+    let top = match limit {
+        None => String::new(),
+        Some(n) => format!(
+            " ORDER BY COALESCE(u.bytes_c2s, 0) + COALESCE(u.bytes_s2c, 0) DESC, u.edge_id LIMIT {}",
+            n + 1
+        ),
+    };
+    select_edges(
+        &format!(
+            "(SELECT u.edge_id, {}, u.last_end_ms FROM ({rows}) u{top})",
+            cols.join(", ")
+        ),
+        &match limit {
+            None => String::new(),
+            Some(n) => format!(
+                "\nORDER BY a.bytes_c2s + a.bytes_s2c DESC, a.edge_id\nLIMIT {}",
+                n + 1
+            ),
+        },
+    )
+}
+
+/// The columns `edge_row` reads, of the per-edge sums `a` joined to their
+/// keys.
+fn select_edges(a: &str, order: &str) -> String {
     format!(
         "SELECT k.source_id, k.destination_id, k.protocol, k.port,
   a.connections_opened, a.connections_active, a.packets_c2s, a.bytes_c2s, a.packets_s2c, a.bytes_s2c,
@@ -496,9 +552,8 @@ fn edge_query(src: &str, limit: Option<usize>) -> String {
   a.failed_unreachable, a.syn_retransmits, a.resets_client, a.resets_server, a.status_rank,
   a.retrans_c2s, a.retrans_s2c, k.node, k.client_node, k.server_node, a.last_end_ms, a.drops,
   a.srtt_samples, a.srtt_min_us, a.srtt_sum_us, a.srtt_max_us
-FROM (SELECT s.edge_id, {}, MAX(s.last_end_ms) AS last_end_ms FROM {src}{only} GROUP BY s.edge_id) a
-JOIN edge_keys k ON k.id = a.edge_id{order}",
-        agg.join(", "),
+FROM {a} a
+JOIN edge_keys k ON k.id = a.edge_id{order}"
     )
 }
 
@@ -530,6 +585,8 @@ impl Store {
             keys: HashMap::new(),
             known: Default::default(),
             in_migration: false,
+            live: HashMap::new(),
+            live_pending: Vec::new(),
         };
         s.migrate()?;
         Ok(s)
@@ -600,10 +657,15 @@ impl Store {
         }
         for (i, step) in steps.iter().enumerate().skip(have as usize) {
             let v = i + 1;
-            if step == "@V4@" {
+            if step == "@V4@" || step == "@V5@" {
                 self.exec_batch("BEGIN")?;
                 self.in_migration = true;
-                let res = self.migrate_to_4().and_then(|_| {
+                let res = if step == "@V4@" {
+                    self.migrate_to_4()
+                } else {
+                    self.migrate_to_5()
+                };
+                let res = res.and_then(|_| {
                     self.exec_batch(&format!(
                         "INSERT INTO flowmap_schema (version) VALUES ({v}); COMMIT;"
                     ))
@@ -713,6 +775,16 @@ DROP TABLE edge_rollup_1h_v3;",
         Ok(())
     }
 
+    /// Version 4 to 5, in the caller's transaction: the live rows, made
+    /// for every edge with rows in the last two days (the longest span's
+    /// keep).
+    fn migrate_to_5(&mut self) -> Result<()> {
+        let pg = matches!(self.conn, Conn::Postgres(_));
+        self.exec_batch(&live::create_sql(pg))?;
+        let now = unix_ms(SystemTime::now());
+        self.rebuild_live(now - 2 * 86_400_000 - 2 * 3_600_000, &[])
+    }
+
     fn run(&mut self, sql: &str, vals: &[Val]) -> Result<u64> {
         let sql = &*self.dialect(sql).into_owned();
         match &mut self.conn {
@@ -745,6 +817,7 @@ DROP TABLE edge_rollup_1h_v3;",
         }
         self.exec_batch("BEGIN")?;
         let mut pending = Vec::new();
+        self.live_pending.clear();
         let res = self.write_inner(ds, start_ms, end_ms, graph, always, &mut pending);
         match res {
             Ok(id) => {
@@ -754,6 +827,13 @@ DROP TABLE edge_rollup_1h_v3;",
                     self.keys.clear();
                 }
                 self.keys.extend(pending);
+                let pending_live = std::mem::take(&mut self.live_pending);
+                if self.live.len() + pending_live.len() > KEYS_MAX {
+                    self.live.clear();
+                }
+                for (id, span, gen) in pending_live {
+                    self.live.entry(id).or_default()[span] = gen;
+                }
                 Ok(id)
             }
             Err(e) => {
@@ -902,9 +982,11 @@ RETURNING id, source_id, destination_id, protocol, port, node",
         let five_end = rollup::bucket(end_ms, rollup::GRAINS[0].1);
         let mut raw = Vec::with_capacity(graph.edges.len());
         let mut five = Vec::with_capacity(graph.edges.len());
+        let mut by_key = Vec::with_capacity(graph.edges.len());
         for ((_, e), id) in graph.edges.iter().zip(ids) {
             let id = id.unwrap_or_default();
             let vals = edge_vals(e)?;
+            by_key.push((id, vals.clone()));
             let mut r = Vec::with_capacity(vals.len() + 2);
             r.push(Val::I(end_ms));
             r.push(Val::I(id));
@@ -928,6 +1010,10 @@ RETURNING id, source_id, destination_id, protocol, port, node",
             five,
             &rollup::upsert_tail(),
         )?;
+        let mut pending_live = std::mem::take(&mut self.live_pending);
+        let res = self.write_live(end_ms, &by_key, &mut pending_live);
+        self.live_pending = pending_live;
+        res?;
         Ok(run_id)
     }
 
@@ -1064,8 +1150,11 @@ RETURNING id, source_id, destination_id, protocol, port, node",
     /// busiest first. With `limit`, SQL reads at most that many (edge,
     /// node) rows, the busiest; true when the window had more.
     pub fn edges_in(&mut self, w: &Window, limit: Option<usize>) -> Result<(Vec<EdgeRow>, bool)> {
-        let src = self.edge_source(w, unix_ms(SystemTime::now()))?;
-        let sql = edge_query(&src.from, limit);
+        let now = unix_ms(SystemTime::now());
+        let sql = match self.live_source(w, now)? {
+            Some(rows) => live_query(&rows, limit),
+            None => edge_query(&self.edge_source(w, now)?.from, limit),
+        };
         let mut rows = self.query_vals(&sql, &[], edge_row)?;
         let truncated = limit.is_some_and(|n| rows.len() > n);
         if let Some(n) = limit {

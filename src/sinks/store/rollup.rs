@@ -144,7 +144,7 @@ CREATE TABLE edge_rollup_1h (interval_end_ms BIGINT NOT NULL, edge_id BIGINT NOT
 
 /// `a` and `b` (columns of one metric) added up as `agg` says, either
 /// possibly NULL; a zero sum stays NULL.
-fn combine(agg: Agg, a: &str, b: &str) -> String {
+pub(super) fn combine(agg: Agg, a: &str, b: &str) -> String {
     match agg {
         Agg::Sum => format!("NULLIF(COALESCE({a}, 0) + COALESCE({b}, 0), 0)"),
         Agg::Min => format!("LEAST(COALESCE({a}, {b}), COALESCE({b}, {a}))"),
@@ -213,6 +213,20 @@ GROUP BY edge_id, {b}",
 
 pub(super) fn ms(d: Duration) -> i64 {
     d.as_millis().min(i64::MAX as u128) as i64
+}
+
+/// The grain a window is read at: 0 interval rows, 1 5-minute rows, 2
+/// hourly rows then 5-minute rows (see the module comment).
+pub(super) fn grain_of(w: &Window, now_ms: i64) -> u8 {
+    let to = if w.to_ms == i64::MAX { now_ms } else { w.to_ms };
+    let len = to.saturating_sub(w.from_ms);
+    if len <= ms(RAW_MAX) && w.from_ms >= now_ms - ms(RAW_KEEP) {
+        0
+    } else if len <= ms(FIVE_MAX) && w.from_ms >= now_ms - ms(FIVE_KEEP) {
+        1
+    } else {
+        2
+    }
 }
 
 /// Where a window's rows are read from: a FROM clause (alias `s`, with a
@@ -309,6 +323,7 @@ impl Store {
         self.expire("edge_stats", keep(RAW_KEEP, i64::MAX), false)?;
         self.expire("edge_rollup_5m", keep(FIVE_KEEP, done[1]), false)?;
         self.retain(std::time::UNIX_EPOCH + Duration::from_millis((now_ms - ret).max(0) as u64))?;
+        self.expire_live(now_ms, now_ms - ret)?;
         Ok(())
     }
 
@@ -331,15 +346,7 @@ impl Store {
 
     /// The rows a window reads (see the module comment).
     pub(super) fn edge_source(&mut self, w: &Window, now_ms: i64) -> Result<Source> {
-        let to = if w.to_ms == i64::MAX { now_ms } else { w.to_ms };
-        let len = to.saturating_sub(w.from_ms);
-        let grain = if len <= ms(RAW_MAX) && w.from_ms >= now_ms - ms(RAW_KEEP) {
-            0
-        } else if len <= ms(FIVE_MAX) && w.from_ms >= now_ms - ms(FIVE_KEEP) {
-            1
-        } else {
-            2
-        };
+        let grain = grain_of(w, now_ms);
         let m = metric_names();
         // Buckets of `g` ms that overlap the window.
         let overlap = |g: i64| {

@@ -114,16 +114,15 @@ impl Serialize for EdgeStats {
         let h = &self.health;
         m.serialize_entry("connections_attempted", &h.connections_attempted)?;
         m.serialize_entry("connections_failed", &h.connections_failed)?;
-        m.serialize_entry("syn_retransmits", &h.syn_retransmits)?;
-        m.serialize_entry("resets_client", &h.resets_client)?;
-        m.serialize_entry("resets_server", &h.resets_server)?;
-        m.serialize_entry(
-            "retransmits_client_to_server",
-            &h.retransmits_client_to_server,
-        )?;
-        m.serialize_entry(
-            "retransmits_server_to_client",
-            &h.retransmits_server_to_client,
+        crate::flow::health::serialize_tcp_counts(
+            &mut m,
+            [
+                h.syn_retransmits,
+                h.resets_client,
+                h.resets_server,
+                h.retransmits_client_to_server,
+                h.retransmits_server_to_client,
+            ],
         )?;
         if !h.drops.is_empty() {
             m.serialize_entry("drops", &h.drops)?;

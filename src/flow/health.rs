@@ -62,6 +62,20 @@ pub struct Health {
     pub retransmits_server_to_client: u64,
 }
 
+/// Writes the TCP counters a flow record and an edge both carry, under the
+/// same keys and in the same order: SYN retransmits, resets per side,
+/// retransmitted segments per direction.
+pub fn serialize_tcp_counts<M: serde::ser::SerializeMap>(
+    m: &mut M,
+    [syn, rc, rs, c2s, s2c]: [u64; 5],
+) -> Result<(), M::Error> {
+    m.serialize_entry("syn_retransmits", &syn)?;
+    m.serialize_entry("resets_client", &rc)?;
+    m.serialize_entry("resets_server", &rs)?;
+    m.serialize_entry("retransmits_client_to_server", &c2s)?;
+    m.serialize_entry("retransmits_server_to_client", &s2c)
+}
+
 /// The handshake times the table keeps for a connection.
 pub struct Handshake {
     pub client_side: usize,

@@ -229,16 +229,15 @@ impl Serialize for FlowRecord {
         m.serialize_entry("reset", &self.reset)?;
         let h = &self.health;
         m.serialize_entry("failure", &h.failure)?;
-        m.serialize_entry("syn_retransmits", &h.syn_retransmits)?;
-        m.serialize_entry("resets_client", &h.resets_client)?;
-        m.serialize_entry("resets_server", &h.resets_server)?;
-        m.serialize_entry(
-            "retransmits_client_to_server",
-            &h.retransmits_client_to_server,
-        )?;
-        m.serialize_entry(
-            "retransmits_server_to_client",
-            &h.retransmits_server_to_client,
+        crate::flow::health::serialize_tcp_counts(
+            &mut m,
+            [
+                u64::from(h.syn_retransmits),
+                u64::from(h.resets_client),
+                u64::from(h.resets_server),
+                h.retransmits_client_to_server,
+                h.retransmits_server_to_client,
+            ],
         )?;
         if let Some(r) = &self.rare {
             if !r.dst_names.is_empty() {

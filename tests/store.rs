@@ -524,7 +524,7 @@ fn postgres_rollups() {
 /// the same totals. Then a retention of 20 minutes: the live rows older
 /// than it are deleted, the 15-minute window is still read live and the
 /// same, the longer ones from the bucket rows.
-fn check_live(loc: &Location, downgrade: &dyn Fn(), count: &dyn Fn(&str) -> i64) {
+fn check_live(loc: &Location, exec: &dyn Fn(&str), count: &dyn Fn(&str) -> i64) {
     use flowmap::sinks::store::{rollup, unix_ms, Window};
     use std::time::{Duration, SystemTime};
     let h = host();
@@ -709,7 +709,7 @@ fn check_live(loc: &Location, downgrade: &dyn Fn(), count: &dyn Fn(&str) -> i64)
         .unwrap());
     drop(s);
     // Version 4: no live rows; migrated, the same.
-    downgrade();
+    exec(TO_V4);
     let mut s = Store::open(loc).unwrap();
     assert_eq!(s.version().unwrap(), 5);
     assert_eq!(spans(&mut s), counts);
@@ -729,9 +729,49 @@ fn check_live(loc: &Location, downgrade: &dyn Fn(), count: &dyn Fn(&str) -> i64)
             })
             .unwrap());
     }
+    // An agent still on version 4 (a fleet being upgraded) writes an
+    // interval with a new edge and no live rows: what such an agent leaves
+    // is made here from a version 5 write, its live rows taken away. The
+    // live window is then read from the buckets, with that edge.
+    let w = Window {
+        from_ms: now_ms - 900_000,
+        to_ms: i64::MAX,
+        live: true,
+    };
+    assert!(s.reads_live(&w).unwrap());
+    let g = Graph::build(&[flow("10.0.0.3", "192.0.2.50", 443, 900, 100, now)], &r2);
+    let mut s2 = Store::open(loc).unwrap();
+    s2.set_agent(flowmap::sinks::store::Agent {
+        node: "node-c".into(),
+        instance_id: "c-2".into(),
+    });
+    s2.write(
+        "ds",
+        now - Duration::from_secs(30),
+        now,
+        &g,
+        &[r2.host_endpoint()],
+    )
+    .unwrap();
+    drop(s2);
+    exec(&format!(
+        "DELETE FROM edge_live WHERE edge_id IN (SELECT id FROM edge_keys WHERE destination_id = 'ds-flows.external-192.0.2.50');
+UPDATE crawl_runs SET live_rows = 0 WHERE node = 'node-c' AND interval_end_ms = {now_ms};"
+    ));
+    assert!(!s.reads_live(&w).unwrap());
+    let got: Vec<(String, u64)> = s
+        .edges_in(&w, None)
+        .unwrap()
+        .0
+        .iter()
+        .map(|e| (e.target.clone(), e.bytes()))
+        .filter(|(t, _)| t.ends_with("192.0.2.50"))
+        .collect();
+    assert_eq!(got, [("ds-flows.external-192.0.2.50".to_string(), 1000)]);
 }
 
-const TO_V4: &str = "DROP TABLE edge_live; DROP INDEX edge_rollup_1h_edge;
+const TO_V4: &str = "DROP TABLE edge_live; DROP INDEX edge_rollup_1h_edge; DROP INDEX crawl_runs_without_live;
+ALTER TABLE crawl_runs DROP COLUMN live_rows;
 DELETE FROM flowmap_schema WHERE version = 5; DELETE FROM flowmap_rollups WHERE grain LIKE 'edge_live_%';";
 
 #[test]
@@ -740,10 +780,10 @@ fn sqlite_live_rows() {
     let path = dir.path().join("f.db");
     check_live(
         &Location::Sqlite(path.clone()),
-        &|| {
+        &|sql| {
             rusqlite::Connection::open(&path)
                 .unwrap()
-                .execute_batch(TO_V4)
+                .execute_batch(sql)
                 .unwrap()
         },
         &|sql| {
@@ -766,10 +806,10 @@ fn postgres_live_rows() {
     let cs = pg.connection_string();
     check_live(
         &Location::Postgres(cs.clone()),
-        &|| {
+        &|sql| {
             postgres::Client::connect(&cs, postgres::NoTls)
                 .unwrap()
-                .batch_execute(TO_V4)
+                .batch_execute(sql)
                 .unwrap()
         },
         &|sql| {

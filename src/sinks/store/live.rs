@@ -22,6 +22,9 @@
 //! window's last bucket; an edge whose row is of another bucket (idle
 //! lately, or written by a clock ahead) is summed from its bucket rows
 //! (a few index probes each). The result is the one the bucket rows give.
+//! A window with an interval of a writer that keeps no live rows (an
+//! agent still on schema 4: its `crawl_runs.live_rows` is 0) is read from
+//! the bucket rows.
 //! The maintenance deletes rows older than twice their span and records
 //! how far (`flowmap_rollups`, `edge_live_<span>`): an older window reads
 //! the bucket rows.
@@ -392,6 +395,16 @@ ON CONFLICT (span_ms, edge_id) DO UPDATE SET gen_ms = excluded.gen_ms, {}, last_
     /// its rows whole.
     pub(super) fn live_source(&mut self, w: &Window, now_ms: i64) -> Result<Option<String>> {
         if w.to_ms != i64::MAX {
+            return Ok(None);
+        }
+        // An agent still on schema 4 (a fleet being upgraded) wrote
+        // intervals in the window but no live rows: read the buckets.
+        let old_writer = self.query_vals(
+            "SELECT interval_end_ms FROM crawl_runs WHERE live_rows = 0 AND interval_end_ms >= $1 LIMIT 1",
+            &[Val::I(w.from_ms - HOUR)],
+            |r| r.int(0),
+        )?;
+        if !old_writer.is_empty() {
             return Ok(None);
         }
         // The span of the window's grain whose rows of the window's last

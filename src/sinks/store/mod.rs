@@ -781,6 +781,15 @@ DROP TABLE edge_rollup_1h_v3;",
     fn migrate_to_5(&mut self) -> Result<()> {
         let pg = matches!(self.conn, Conn::Postgres(_));
         self.exec_batch(&live::create_sql(pg))?;
+        // Which intervals a writer of version 5 wrote (it keeps the live
+        // rows); the rows there now are in the live rows made below. An
+        // agent still on version 4 writes 0: a live window with its
+        // intervals is read from the buckets.
+        self.exec_batch(
+            "ALTER TABLE crawl_runs ADD COLUMN live_rows BIGINT NOT NULL DEFAULT 0;
+UPDATE crawl_runs SET live_rows = 1;
+CREATE INDEX crawl_runs_without_live ON crawl_runs (interval_end_ms) WHERE live_rows = 0;",
+        )?;
         let now = unix_ms(SystemTime::now());
         self.rebuild_live(now - 2 * 86_400_000 - 2 * 3_600_000, &[])
     }
@@ -852,7 +861,8 @@ DROP TABLE edge_rollup_1h_v3;",
         always: &[crate::enrich::Endpoint],
         pending: &mut Vec<(KeyOf, Key)>,
     ) -> Result<i64> {
-        let ins = "INSERT INTO crawl_runs (data_source_id, interval_start_ms, interval_end_ms, endpoints, edges, node, instance_id) VALUES ($1, $2, $3, $4, $5, $6, $7)";
+        // `live_rows` 1: this writer keeps the live rows (live.rs).
+        let ins = "INSERT INTO crawl_runs (data_source_id, interval_start_ms, interval_end_ms, endpoints, edges, node, instance_id, live_rows) VALUES ($1, $2, $3, $4, $5, $6, $7, 1)";
         let vals = [
             Val::T(ds.into()),
             Val::I(start_ms),

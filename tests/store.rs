@@ -677,11 +677,13 @@ fn check_live(loc: &Location, exec: &dyn Fn(&str), count: &dyn Fn(&str) -> i64) 
             ));
         }
         assert_eq!(got, want, "{len} s");
-        // The busiest one, and there were more.
-        let (top, more) = s.edges_in(&w, Some(1)).unwrap();
-        assert_eq!(top.len(), 1);
-        assert_eq!(top[0], live[0]);
-        assert!(more);
+        // The busiest k (the live read's narrow top, with the edges of
+        // rows of another bucket), and whether there were more.
+        for k in 1..=live.len() + 1 {
+            let (top, more) = s.edges_in(&w, Some(k)).unwrap();
+            assert_eq!(top, live[..k.min(live.len())], "{len} s, {k}");
+            assert_eq!(more, k < live.len(), "{len} s, {k}");
+        }
         n(&a_ends)
     };
     let spans = |s: &mut Store| {

@@ -97,15 +97,27 @@ fn ms_time(ms: i64) -> SystemTime {
 /// The map page's graph: as [`graph`], but of the `max_edges` busiest
 /// edges of the window only (the filter applies to those), and only the
 /// endpoints they join (plus at most MAX_HOSTS host endpoints) are read.
-/// The busiest (edge, agent) rows are read, at most four per edge
-/// (`max_edges × 4`); `truncated` says the window had more.
+/// The busiest (edge, agent) rows are read: two per edge (`max_edges ×
+/// 2`: a connection is reported by its client's agent and its server's,
+/// and a Service's connection is two edges of the client's agent and one
+/// row of the server's), four when those rows made fewer edges than
+/// asked for; `truncated` says the window had more.
 pub fn graph_bounded(
     store: &mut Store,
     w: &Window,
     f: &Filter,
     max_edges: usize,
 ) -> Result<GraphView> {
-    let (mut edges, mut truncated) = store.edges_in(w, Some(max_edges.saturating_mul(4)))?;
+    let (mut edges, mut truncated) = {
+        let mut per_edge = 2;
+        loop {
+            let (e, t) = store.edges_in(w, Some(max_edges.saturating_mul(per_edge)))?;
+            if !t || e.len() >= max_edges || per_edge >= 4 {
+                break (e, t);
+            }
+            per_edge = 4;
+        }
+    };
     truncated |= edges.len() > max_edges;
     edges.truncate(max_edges);
     let ids: BTreeSet<&str> = edges

@@ -159,6 +159,70 @@ fn id_list(ids: &[i64]) -> String {
         .join(", ")
 }
 
+/// A window's per-edge rows from the live rows: those of `span` whose
+/// last bucket is `gen`, and `rest` (a query of the same columns) for
+/// the edges whose row is of another bucket.
+pub(super) struct LiveRows {
+    span: i64,
+    gen: i64,
+    rest: Option<String>,
+}
+
+impl LiveRows {
+    /// The rows (columns edge_id, METRICS as `edge_live` holds them,
+    /// last_end_ms), as a `WITH` clause (may be empty) to put first and a
+    /// query; with `limit`, of the busiest that many edges (and one more)
+    /// only: their keys are found on the bytes alone (a narrow sort that
+    /// stays in memory), then only their rows are read whole (by primary
+    /// key).
+    pub(super) fn rows(&self, limit: Option<usize>) -> (String, String) {
+        let (span, gen) = (self.span, self.gen);
+        let cols = |t: &str| {
+            METRICS
+                .iter()
+                .map(|(n, _, _)| format!("{t}.{n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let Some(n) = limit else {
+            let live = format!(
+                "SELECT edge_id, {}, last_end_ms FROM edge_live WHERE span_ms = {span} AND gen_ms = {gen}",
+                rollup::metric_names()
+            );
+            return match &self.rest {
+                None => (String::new(), live),
+                Some(rest) => (String::new(), format!("{live} UNION ALL {rest}")),
+            };
+        };
+        let bytes = |t: &str| format!("COALESCE({t}.bytes_c2s, 0) + COALESCE({t}.bytes_s2c, 0)");
+        let mut narrow = format!(
+            "SELECT l.edge_id, {} AS b FROM edge_live l WHERE l.span_ms = {span} AND l.gen_ms = {gen}",
+            bytes("l")
+        );
+        let mut wide = format!(
+            "SELECT u.edge_id, {}, u.last_end_ms FROM top t JOIN edge_live u ON u.span_ms = {span} AND u.gen_ms = {gen} AND u.edge_id = t.edge_id",
+            cols("u")
+        );
+        if let Some(rest) = &self.rest {
+            narrow.push_str(&format!(
+                " UNION ALL SELECT r.edge_id, {} FROM ({rest}) r",
+                bytes("r")
+            ));
+            wide.push_str(&format!(
+                " UNION ALL SELECT r.edge_id, {}, r.last_end_ms FROM top t JOIN ({rest}) r ON r.edge_id = t.edge_id",
+                cols("r")
+            ));
+        }
+        (
+            format!(
+                "WITH top AS (SELECT x.edge_id FROM ({narrow}) x ORDER BY x.b DESC, x.edge_id LIMIT {})\n",
+                n + 1
+            ),
+            wide,
+        )
+    }
+}
+
 impl Store {
     /// How far each span's rows are whole: windows whose first bucket is
     /// older read the bucket rows.
@@ -393,7 +457,7 @@ ON CONFLICT (span_ms, edge_id) DO UPDATE SET gen_ms = excluded.gen_ms, {}, last_
     /// they can: a window that ends now (or later) whose first bucket
     /// begins a span's window, at the grain the window is read at, with
     /// its rows whole.
-    pub(super) fn live_source(&mut self, w: &Window, now_ms: i64) -> Result<Option<String>> {
+    pub(super) fn live_source(&mut self, w: &Window, now_ms: i64) -> Result<Option<LiveRows>> {
         if w.to_ms != i64::MAX {
             return Ok(None);
         }
@@ -423,15 +487,19 @@ ON CONFLICT (span_ms, edge_id) DO UPDATE SET gen_ms = excluded.gen_ms, {}, last_
             if f < cuts.get(&cut_name(span)).copied().unwrap_or(i64::MAX) {
                 continue;
             }
-            let any = self.query_vals(
+            // (In the order of the bucket index, so that it is one probe
+            // of it: with `gen_ms =` and LIMIT 1 PostgreSQL may walk
+            // every row of the span to find none.)
+            let next = self.query_vals(
                 &format!(
-                    "SELECT edge_id FROM edge_live WHERE span_ms = {span} AND gen_ms = {} LIMIT 1",
+                    "SELECT gen_ms FROM edge_live WHERE span_ms = {span} AND gen_ms >= {}
+  ORDER BY span_ms, gen_ms LIMIT 1",
                     f + span
                 ),
                 &[],
                 |r| r.int(0),
             )?;
-            if !any.is_empty() {
+            if next.first() == Some(&(f + span)) {
                 found = Some((span, grain, f));
                 break;
             }
@@ -461,12 +529,12 @@ ON CONFLICT (span_ms, edge_id) DO UPDATE SET gen_ms = excluded.gen_ms, {}, last_
             &[],
             |r| Ok((r.int(0)?, r.int(1)?)),
         )?;
-        let m = rollup::metric_names();
-        let live = format!(
-            "SELECT edge_id, {m}, last_end_ms FROM edge_live WHERE span_ms = {span} AND gen_ms = {gen}"
-        );
         if other.is_empty() {
-            return Ok(Some(live));
+            return Ok(Some(LiveRows {
+                span,
+                gen,
+                rest: None,
+            }));
         }
         let hi = other.iter().map(|o| o.1).max().unwrap_or(gen);
         if other.len() > 100_000 || hi > gen + 2 * span {
@@ -474,7 +542,11 @@ ON CONFLICT (span_ms, edge_id) DO UPDATE SET gen_ms = excluded.gen_ms, {}, last_
         }
         let ids: Vec<i64> = other.iter().map(|o| o.0).collect();
         let rest = sums(&probe_rows(grain, w.from_ms, hi, rolled, &id_list(&ids)));
-        Ok(Some(format!("{live} UNION ALL {rest}")))
+        Ok(Some(LiveRows {
+            span,
+            gen,
+            rest: Some(rest),
+        }))
     }
 
     /// True when the window is read from the live rows (for tests and the

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::config::{Database, Driver};
 use crate::graph::Graph;
@@ -505,10 +505,11 @@ fn edge_query(src: &str, limit: Option<usize>) -> String {
     )
 }
 
-/// The window's per-edge rows `rows` (live.rs: columns edge_id, METRICS
-/// with a zero counter NULL, last_end_ms), as `edge_query` gives them;
-/// with `limit`, the busiest that many (and one more).
-fn live_query(rows: &str, limit: Option<usize>) -> String {
+/// The window's per-edge rows from the live rows (live.rs: columns
+/// edge_id, METRICS with a zero counter NULL, last_end_ms), as
+/// `edge_query` gives them; with `limit`, of the busiest that many (and
+/// one more), in no order.
+fn live_query(l: &live::LiveRows, limit: Option<usize>) -> String {
     use rollup::{Agg, METRICS};
     let cols: Vec<String> = METRICS
         .iter()
@@ -519,25 +520,16 @@ fn live_query(rows: &str, limit: Option<usize>) -> String {
             _ => format!("u.{n}"),
         })
         .collect();
-    let top = match limit {
-        None => String::new(),
-        Some(n) => format!(
-            " ORDER BY COALESCE(u.bytes_c2s, 0) + COALESCE(u.bytes_s2c, 0) DESC, u.edge_id LIMIT {}",
-            n + 1
-        ),
-    };
-    select_edges(
-        &format!(
-            "(SELECT u.edge_id, {}, u.last_end_ms FROM ({rows}) u{top})",
-            cols.join(", ")
-        ),
-        &match limit {
-            None => String::new(),
-            Some(n) => format!(
-                "\nORDER BY a.bytes_c2s + a.bytes_s2c DESC, a.edge_id\nLIMIT {}",
-                n + 1
+    let (with, rows) = l.rows(limit);
+    format!(
+        "{with}{}",
+        select_edges(
+            &format!(
+                "(SELECT u.edge_id, {}, u.last_end_ms FROM ({rows}) u)",
+                cols.join(", ")
             ),
-        },
+            "",
+        )
     )
 }
 
@@ -683,6 +675,42 @@ impl Store {
                 .with_context(|| format!("store migration to version {v}"))?;
             }
             info!(version = v, "store schema migrated");
+        }
+        self.ensure_indexes()
+    }
+
+    /// Indexes that change nothing a schema version reads or writes, so a
+    /// store gets them without a new version (binaries of the same version
+    /// keep working with it): the endpoints by type, for the agents' hosts
+    /// and the nodes every map read asks for.
+    fn ensure_indexes(&mut self) -> Result<()> {
+        const INDEXES: [(&str, &str); 1] = [(
+            "elements_type",
+            "CREATE INDEX elements_type ON elements (type, last_seen_ms)",
+        )];
+        for (name, sql) in INDEXES {
+            let have = self.query_vals(
+                match self.conn {
+                    Conn::Sqlite(_) => {
+                        "SELECT name FROM sqlite_master WHERE type = 'index' AND name = $1"
+                    }
+                    Conn::Postgres(_) => {
+                        "SELECT c.relname FROM pg_class c WHERE c.oid = to_regclass($1)"
+                    }
+                },
+                &[Val::T(name.into())],
+                |r| r.text(0),
+            )?;
+            // (A role that may not make it, a read-only hub's, reads
+            // without it.)
+            if have.is_empty() {
+                match self.exec_batch(sql) {
+                    Ok(()) => info!(index = name, "store index made"),
+                    Err(e) => {
+                        warn!(index = name, error = %format!("{e:#}"), "store index not made; reads are slower without it")
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -1162,12 +1190,24 @@ RETURNING id, source_id, destination_id, protocol, port, node",
     pub fn edges_in(&mut self, w: &Window, limit: Option<usize>) -> Result<(Vec<EdgeRow>, bool)> {
         let now = unix_ms(SystemTime::now());
         let sql = match self.live_source(w, now)? {
-            Some(rows) => live_query(&rows, limit),
+            Some(l) => live_query(&l, limit),
             None => edge_query(&self.edge_source(w, now)?.from, limit),
         };
         let mut rows = self.query_vals(&sql, &[], edge_row)?;
         let truncated = limit.is_some_and(|n| rows.len() > n);
         if let Some(n) = limit {
+            // The busiest first (the live rows come in no order).
+            rows.sort_by(|a, b| {
+                b.bytes().cmp(&a.bytes()).then_with(|| {
+                    (&a.source, &a.target, a.port, &a.protocol, &a.node).cmp(&(
+                        &b.source,
+                        &b.target,
+                        b.port,
+                        &b.protocol,
+                        &b.node,
+                    ))
+                })
+            });
             rows.truncate(n);
         }
         let agents = self.agents(w)?;

@@ -269,6 +269,72 @@ fn the_cluster_rule_on_sqlite() {
     check_rule(&Location::Sqlite(dir.path().join("f.db")));
 }
 
+/// The map's bounded read asks for two (edge, agent) rows per edge kept;
+/// when the busiest rows are ones the rule leaves out (the server's node's
+/// view of connections whose client's node has an agent), it asks for
+/// four, and the map still has the busiest edges.
+#[test]
+fn the_bounded_map_reads_more_rows_when_the_rule_leaves_rows_out() {
+    let dir = TempDir::new("cluster-bounded");
+    let mut s = Store::open(&Location::Sqlite(dir.path().join("f.db"))).unwrap();
+    let dropped: Vec<FlowRecord> = (0..3u16)
+        .map(|i| {
+            tcp(
+                ("10.1.0.5", 40000 + i),
+                ("10.2.0.7", 9000 + i),
+                1,
+                (10, 100_000),
+                (1, 100),
+            )
+        })
+        .collect();
+    write(&mut s, "node-2", 0, &dropped);
+    write(
+        &mut s,
+        "node-1",
+        0,
+        &[
+            tcp(
+                ("10.1.0.5", 41000),
+                ("10.96.0.10", 80),
+                1,
+                (5, 500),
+                (4, 400),
+            ),
+            tcp(
+                ("10.1.0.5", 41001),
+                ("10.96.0.10", 81),
+                1,
+                (3, 300),
+                (2, 200),
+            ),
+        ],
+    );
+    let v =
+        flowmap::serve::view::graph_bounded(&mut s, &Window::since(at(0)), &Default::default(), 2)
+            .unwrap();
+    let got: Vec<(String, u16, u64)> = v
+        .edges
+        .iter()
+        .map(|e| {
+            (
+                e.target.rsplit('-').next().unwrap().to_string(),
+                e.port,
+                e.bytes(),
+            )
+        })
+        .collect();
+    assert_eq!(got, [("svc".into(), 80, 900), ("svc".into(), 81, 500)]);
+    assert!(!v.truncated);
+    // One edge asked for: the busiest, and there were more.
+    let v =
+        flowmap::serve::view::graph_bounded(&mut s, &Window::since(at(0)), &Default::default(), 1)
+            .unwrap();
+    assert_eq!(v.edges.len(), 1);
+    assert_eq!((v.edges[0].port, v.edges[0].bytes()), (80, 900));
+    assert!(v.truncated);
+}
+
 #[test]
 fn the_cluster_rule_on_postgres() {
     if !flowmap_testkit::net::privileged("the_cluster_rule_on_postgres") {
@@ -447,10 +513,25 @@ fn two_agents_one_postgres_one_map() {
     exchange(&a, &b, "10.77.0.2", 5300);
     exchange(&c, &a, "10.78.0.1", 5301);
 
-    // The hub, as nobody, over TCP.
+    // The hub, as nobody, over TCP, with a role that may only read (the
+    // agents made the schema and its indexes).
+    let mut admin = postgres::Client::connect(&pg.connection_string(), postgres::NoTls).unwrap();
+    wait_for("the agents' schema", 30, || {
+        admin
+            .query_one("SELECT to_regclass('edge_live') IS NOT NULL", &[])
+            .ok()
+            .and_then(|r| r.get::<_, bool>(0).then_some(()))
+    });
+    admin
+        .batch_execute(
+            "CREATE ROLE hub LOGIN; GRANT SELECT ON ALL TABLES IN SCHEMA public TO hub;
+             ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT ON TABLES TO hub;
+             REVOKE CREATE ON SCHEMA public FROM PUBLIC;",
+        )
+        .unwrap();
     let port = flowmap_testkit::net::free_port();
     let listen = format!("127.0.0.1:{port}");
-    let db = pg.connection_string();
+    let db = pg.connection_string().replace("user=postgres", "user=hub");
     let hub = Command::new("setpriv")
         .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", BIN])
         .args(["serve", "--database", &db, "--listen", &listen])

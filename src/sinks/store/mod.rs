@@ -604,7 +604,19 @@ impl Store {
 
     /// The schema version; 0 for an empty database.
     pub fn version(&mut self) -> Result<u32> {
-        self.exec_batch("CREATE TABLE IF NOT EXISTS flowmap_schema (version INTEGER NOT NULL)")?;
+        // (Made only when missing: a role that may only read, a hub's,
+        // opens a store that is current.)
+        let have = match &mut self.conn {
+            Conn::Sqlite(_) => false,
+            Conn::Postgres(c) => c
+                .query_one("SELECT to_regclass('flowmap_schema') IS NOT NULL", &[])?
+                .get(0),
+        };
+        if !have {
+            self.exec_batch(
+                "CREATE TABLE IF NOT EXISTS flowmap_schema (version INTEGER NOT NULL)",
+            )?;
+        }
         let v: Option<i64> = match &mut self.conn {
             Conn::Sqlite(c) => {
                 c.query_row("SELECT MAX(version) FROM flowmap_schema", [], |r| r.get(0))?

@@ -173,80 +173,7 @@ impl Graph {
         records: impl IntoIterator<Item = &'r FlowRecord>,
         resolve: &dyn Resolve,
     ) -> Graph {
-        let mut g = Graph::default();
-        // Each (address, holder) is resolved once per interval.
-        type Fast<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
-        let mut ids: Fast<(IpAddr, usize), (Arc<str>, EndpointKind)> = Fast::default();
-        let mut id_of = |ip: IpAddr, at: SystemTime, g: &mut Graph| -> (Arc<str>, EndpointKind) {
-            ids.entry((ip, resolve.holder(ip, at)))
-                .or_insert_with(|| {
-                    let ep = resolve.endpoint(ip, at);
-                    let kind = ep.kind;
-                    let id = match g.endpoints.get_key_value(ep.id.as_str()) {
-                        Some((k, _)) => k.clone(),
-                        None => {
-                            let id: Arc<str> = ep.id.as_str().into();
-                            g.endpoints.insert(id.clone(), ep);
-                            id
-                        }
-                    };
-                    (id, kind)
-                })
-                .clone()
-        };
-        let (records, control): (Vec<&FlowRecord>, Vec<&FlowRecord>) = records
-            .into_iter()
-            .partition(|r| !is_link_control_flow(&r.protocol, r.src_ip, r.dst_ip));
-        g.link_control = control.len() as u64;
-        let mut servers = Vec::with_capacity(records.len());
-        // (protocol, client address, client port) → the service it dialled.
-        let mut via: Fast<(&str, IpAddr, u16), Arc<str>> = Fast::default();
-        // IP-based external endpoints a name replaced (issue 14).
-        let mut renamed: Vec<Arc<str>> = Vec::new();
-        for r in &records {
-            let (server, kind) = id_of(r.dst_ip, r.last_seen, &mut g);
-            let (server, kind) = g.owned(resolve, (server, kind), r.dst_ip, &r.dst_process);
-            let server = g.named(
-                resolve,
-                (server, kind),
-                r.dst_ip,
-                r.dst_names(),
-                &mut renamed,
-            );
-            if kind == EndpointKind::Service {
-                via.insert((&*r.protocol, r.src_ip, r.src_port), server.clone());
-            }
-            servers.push((server, kind));
-        }
-        for (r, (server, kind)) in records.iter().zip(servers) {
-            let through = match kind {
-                EndpointKind::Pod => via.get(&(&*r.protocol, r.src_ip, r.src_port)).cloned(),
-                _ => None,
-            };
-            let client = match through {
-                Some(svc) => svc,
-                None => {
-                    let ep = id_of(r.src_ip, r.last_seen, &mut g);
-                    let ep = g.owned(resolve, ep, r.src_ip, &r.src_process);
-                    g.named(resolve, ep, r.src_ip, r.src_names(), &mut renamed)
-                }
-            };
-            if client == server {
-                continue;
-            }
-            let key = EdgeKey {
-                client,
-                server,
-                protocol: r.protocol.clone(),
-                port: r.dst_port,
-            };
-            g.edges
-                .entry(key)
-                .or_insert_with(|| EdgeStats::new(r))
-                .add(r);
-        }
-        g.drop_unused(renamed);
-        g
+        Draft::build_from(records, resolve).into_graph()
     }
 
     /// Issue 14: an external end with a name becomes the endpoint of that
@@ -255,11 +182,12 @@ impl Graph {
     fn named(
         &mut self,
         resolve: &dyn Resolve,
-        ep: (Arc<str>, EndpointKind),
+        ep: (u32, EndpointKind),
         ip: IpAddr,
         names: &EndNames,
-        renamed: &mut Vec<Arc<str>>,
-    ) -> Arc<str> {
+        ids: &mut Ids,
+        renamed: &mut Vec<u32>,
+    ) -> u32 {
         let (id, kind) = ep;
         let Some(name) = names.name().filter(|_| kind == EndpointKind::External) else {
             return id;
@@ -282,7 +210,7 @@ impl Graph {
             e.addresses.push(ip);
         }
         renamed.push(id);
-        key
+        ids.of(&key)
     }
 
     /// Issue 14: a local end whose process is known goes to the endpoint
@@ -291,16 +219,17 @@ impl Graph {
     fn owned(
         &mut self,
         resolve: &dyn Resolve,
-        ep: (Arc<str>, EndpointKind),
+        ep: (u32, EndpointKind),
         ip: IpAddr,
         p: &Option<Arc<crate::enrich::process::Process>>,
-    ) -> (Arc<str>, EndpointKind) {
+        ids: &mut Ids,
+    ) -> (u32, EndpointKind) {
         let Some(p) = p else {
             return ep;
         };
         let Some(owner) = self
             .endpoints
-            .get(&ep.0)
+            .get(&ids.ids[ep.0 as usize])
             .and_then(|e| resolve.process(e, ip, p))
         else {
             return ep;
@@ -324,28 +253,302 @@ impl Graph {
             }
         }
         if kind == EndpointKind::Process {
-            self.children.insert((ep.0, key.clone()));
+            self.children
+                .insert((ids.ids[ep.0 as usize].clone(), key.clone()));
         }
-        (key, kind)
+        (ids.of(&key), kind)
+    }
+}
+
+type Fast<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
+/// The endpoint IDs of a graph being built, each once, by index.
+#[derive(Default)]
+struct Ids {
+    ids: Vec<Arc<str>>,
+    index: Fast<Arc<str>, u32>,
+}
+
+impl Ids {
+    /// The index of `id` (by its text), added if new.
+    fn of(&mut self, id: &Arc<str>) -> u32 {
+        if let Some(i) = self.index.get(&**id) {
+            return *i;
+        }
+        self.ids.push(id.clone());
+        let i = (self.ids.len() - 1) as u32;
+        self.index.insert(id.clone(), i);
+        i
+    }
+}
+
+/// A graph as built, before its edges go into the tree: endpoints as
+/// indices, and each edge as its ends, protocol, port and byte count with
+/// the records it sums, not as an `EdgeStats`: a graph that folds (issue
+/// 16: 100k edges to a few addresses, each its own port) then never makes
+/// a tree node, an `EdgeStats` (280 bytes of fresh memory) or an ID clone
+/// per edge; only the folded graph's edges are. `into_graph` gives the
+/// same `Graph` as inserting each record's edge into the tree.
+pub struct Draft<'r> {
+    /// The endpoints, link-control count and containment; no edges.
+    graph: Graph,
+    /// Endpoint index → ID (each ID once).
+    ids: Vec<Arc<str>>,
+    /// The edges, in the tree's order (`EdgeKey`'s).
+    edges: Vec<DraftEdge>,
+    /// The records of the edges: each edge's together, in the edges'
+    /// order, and in the order they came within an edge.
+    records: Vec<&'r FlowRecord>,
+}
+
+/// One edge of a [`Draft`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DraftEdge {
+    pub client: u32,
+    pub server: u32,
+    pub port: u16,
+    /// Bytes both ways over its records.
+    pub bytes: u64,
+    /// Its records: a range of `Draft::records`.
+    pub start: u32,
+    pub end: u32,
+}
+
+impl<'r> Draft<'r> {
+    /// See `Graph::build`.
+    pub fn build_from(
+        records: impl IntoIterator<Item = &'r FlowRecord>,
+        resolve: &dyn Resolve,
+    ) -> Draft<'r> {
+        let mut g = Graph::default();
+        let mut ids = Ids::default();
+        // Each (address, holder) is resolved once per interval.
+        let mut resolved: Fast<(IpAddr, usize), (u32, EndpointKind)> = Fast::default();
+        let mut id_of =
+            |ip: IpAddr, at: SystemTime, g: &mut Graph, ids: &mut Ids| -> (u32, EndpointKind) {
+                *resolved
+                    .entry((ip, resolve.holder(ip, at)))
+                    .or_insert_with(|| {
+                        let ep = resolve.endpoint(ip, at);
+                        let kind = ep.kind;
+                        let id = match g.endpoints.get_key_value(ep.id.as_str()) {
+                            Some((k, _)) => k.clone(),
+                            None => {
+                                let id: Arc<str> = ep.id.as_str().into();
+                                g.endpoints.insert(id.clone(), ep);
+                                id
+                            }
+                        };
+                        (ids.of(&id), kind)
+                    })
+            };
+        let (records, control): (Vec<&'r FlowRecord>, Vec<&'r FlowRecord>) = records
+            .into_iter()
+            .partition(|r| !is_link_control_flow(&r.protocol, r.src_ip, r.dst_ip));
+        g.link_control = control.len() as u64;
+        let mut servers = Vec::with_capacity(records.len());
+        // (protocol, client address, client port) → the service it dialled.
+        let mut via: Fast<(&str, IpAddr, u16), u32> = Fast::default();
+        // IP-based external endpoints a name replaced (issue 14).
+        let mut renamed: Vec<u32> = Vec::new();
+        for r in &records {
+            let server = id_of(r.dst_ip, r.last_seen, &mut g, &mut ids);
+            let (server, kind) = g.owned(resolve, server, r.dst_ip, &r.dst_process, &mut ids);
+            let server = g.named(
+                resolve,
+                (server, kind),
+                r.dst_ip,
+                r.dst_names(),
+                &mut ids,
+                &mut renamed,
+            );
+            if kind == EndpointKind::Service {
+                via.insert((&*r.protocol, r.src_ip, r.src_port), server);
+            }
+            servers.push((server, kind));
+        }
+        // The protocols seen, by index (a handful per interval).
+        let mut protos: Vec<&str> = Vec::new();
+        // (client, server, protocol, port) → edge index, in the order the
+        // edges came.
+        let mut edge_at: Fast<(u32, u32, u32, u16), u32> = Fast::default();
+        let mut edges: Vec<(DraftEdge, u32)> = Vec::new();
+        // Per record with an edge: its edge.
+        let mut of_record: Vec<(u32, &'r FlowRecord)> = Vec::with_capacity(records.len());
+        for (r, (server, kind)) in records.iter().zip(servers) {
+            let through = match kind {
+                EndpointKind::Pod => via.get(&(&*r.protocol, r.src_ip, r.src_port)).copied(),
+                _ => None,
+            };
+            let client = match through {
+                Some(svc) => svc,
+                None => {
+                    let ep = id_of(r.src_ip, r.last_seen, &mut g, &mut ids);
+                    let ep = g.owned(resolve, ep, r.src_ip, &r.src_process, &mut ids);
+                    g.named(resolve, ep, r.src_ip, r.src_names(), &mut ids, &mut renamed)
+                }
+            };
+            if client == server {
+                continue;
+            }
+            let proto = match protos.iter().position(|p| **p == *r.protocol) {
+                Some(i) => i,
+                None => {
+                    protos.push(&r.protocol);
+                    protos.len() - 1
+                }
+            } as u32;
+            let i = *edge_at
+                .entry((client, server, proto, r.dst_port))
+                .or_insert_with(|| {
+                    let e = DraftEdge {
+                        client,
+                        server,
+                        port: r.dst_port,
+                        bytes: 0,
+                        start: 0,
+                        end: 0,
+                    };
+                    edges.push((e, proto));
+                    (edges.len() - 1) as u32
+                });
+            let e = &mut edges[i as usize].0;
+            e.bytes += r.src_to_dst.bytes + r.dst_to_src.bytes;
+            e.end += 1;
+            of_record.push((i, r));
+        }
+        drop(edge_at);
+        // The tree's order: IDs and protocols by their text, then the port.
+        let rank_of = |n: usize, cmp: &dyn Fn(usize, usize) -> std::cmp::Ordering| {
+            let mut by: Vec<usize> = (0..n).collect();
+            by.sort_unstable_by(|a, b| cmp(*a, *b));
+            let mut rank = vec![0u32; n];
+            for (r, i) in by.into_iter().enumerate() {
+                rank[i] = r as u32;
+            }
+            rank
+        };
+        let id_rank = rank_of(ids.ids.len(), &|a, b| ids.ids[a].cmp(&ids.ids[b]));
+        let proto_rank = rank_of(protos.len(), &|a, b| protos[a].cmp(protos[b]));
+        let mut keys: Vec<(u64, u32, u32)> = edges
+            .iter()
+            .enumerate()
+            .map(|(i, (e, p))| {
+                (
+                    (id_rank[e.client as usize] as u64) << 32 | id_rank[e.server as usize] as u64,
+                    proto_rank[*p as usize] << 16 | e.port as u32,
+                    i as u32,
+                )
+            })
+            .collect();
+        keys.sort_unstable();
+        // Each edge's records in one range, edges in the tree's order
+        // (a counting sort: records keep their order within an edge).
+        let mut at = vec![0u32; edges.len()];
+        let mut sorted = Vec::with_capacity(keys.len());
+        let mut next = 0u32;
+        for (_, _, i) in keys {
+            let mut e = edges[i as usize].0;
+            at[i as usize] = next;
+            e.start = next;
+            next += e.end;
+            e.end = next;
+            sorted.push(e);
+        }
+        drop(edges);
+        let mut grouped: Vec<Option<&'r FlowRecord>> = vec![None; of_record.len()];
+        for (i, r) in of_record {
+            let slot = &mut at[i as usize];
+            grouped[*slot as usize] = Some(r);
+            *slot += 1;
+        }
+        let mut d = Draft {
+            graph: g,
+            ids: ids.ids,
+            edges: sorted,
+            records: grouped.into_iter().flatten().collect(),
+        };
+        d.drop_unused(renamed);
+        d
     }
 
     /// Drops the address endpoints a name replaced on every edge.
-    fn drop_unused(&mut self, renamed: Vec<Arc<str>>) {
+    fn drop_unused(&mut self, renamed: Vec<u32>) {
         if renamed.is_empty() {
             return;
         }
-        let used: std::collections::HashSet<&str> = self
-            .edges
-            .keys()
-            .flat_map(|k| [&*k.client, &*k.server])
-            .collect();
-        let gone: Vec<Arc<str>> = renamed
-            .into_iter()
-            .filter(|id| !used.contains(&**id))
-            .collect();
-        for id in gone {
-            self.endpoints.remove(&id);
+        let mut used = vec![false; self.ids.len()];
+        for e in &self.edges {
+            used[e.client as usize] = true;
+            used[e.server as usize] = true;
         }
+        for id in renamed {
+            if !used[id as usize] {
+                self.graph.endpoints.remove(&self.ids[id as usize]);
+            }
+        }
+    }
+
+    /// The number of edges.
+    pub fn edges(&self) -> usize {
+        self.edges.len()
+    }
+
+    /// Link-scope control flows left off the graph.
+    pub fn link_control(&self) -> u64 {
+        self.graph.link_control
+    }
+
+    /// The records of edge `e`, in the order they came.
+    pub(crate) fn records_of(&self, e: &DraftEdge) -> &[&'r FlowRecord] {
+        &self.records[e.start as usize..e.end as usize]
+    }
+
+    /// The statistics of edge `e`: its records added in the order they
+    /// came, as the tree's entry summed them.
+    pub(crate) fn stats(records: &[&FlowRecord]) -> EdgeStats {
+        let mut s = EdgeStats::new(records[0]);
+        for r in records {
+            s.add(r);
+        }
+        s
+    }
+
+    /// The graph: each edge keyed by its IDs, in the tree.
+    pub fn into_graph(self) -> Graph {
+        let sorted: Vec<(EdgeKey, EdgeStats)> = self
+            .edges
+            .iter()
+            .map(|e| {
+                let s = Draft::stats(self.records_of(e));
+                let key = EdgeKey {
+                    client: self.ids[e.client as usize].clone(),
+                    server: self.ids[e.server as usize].clone(),
+                    protocol: s.protocol.clone(),
+                    port: e.port,
+                };
+                (key, s)
+            })
+            .collect();
+        let mut graph = self.graph;
+        // Already in order: the tree is built in one pass.
+        graph.edges = sorted.into_iter().collect();
+        graph
+    }
+
+    /// The edges in the tree's order, with their ends as indices into
+    /// `ids()`, for folding.
+    pub(crate) fn sorted(&self) -> &[DraftEdge] {
+        &self.edges
+    }
+
+    pub(crate) fn ids(&self) -> &[Arc<str>] {
+        &self.ids
+    }
+
+    /// Everything but the edges.
+    pub(crate) fn graph(&self) -> &Graph {
+        &self.graph
     }
 }
 

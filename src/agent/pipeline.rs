@@ -23,7 +23,7 @@ use crate::enrich::server::ServerResolver;
 use crate::enrich::Endpoint;
 use crate::flow::{Context, FlowRecord, FlowTable};
 use crate::graph::fold::{self, Limits};
-use crate::graph::Graph;
+use crate::graph::{Draft, Graph};
 use crate::serve::metrics::{Direction, Metrics};
 use crate::sinks::coordimap::{body_within, MAX_BODY_BYTES};
 use crate::sinks::{Sink, SourceGraph};
@@ -37,6 +37,29 @@ fn on_interfaces_of(src: &FlowsSource, r: &FlowRecord) -> bool {
         Selection::Names(names) => {
             let mine = |n: &str| names.iter().any(|x| x == n);
             mine(&r.interface) || r.also_seen_on().iter().any(|n| mine(n))
+        }
+    }
+}
+
+/// The full graph of a data source in `bound`: a draft until it is the
+/// graph sent (or judged).
+enum Full<'r> {
+    Draft(Draft<'r>),
+    Graph(Graph),
+}
+
+impl Full<'_> {
+    fn flat(&self) -> fold::Flat<'_> {
+        match self {
+            Full::Draft(d) => fold::Flat::of_draft(d),
+            Full::Graph(g) => fold::Flat::of(g),
+        }
+    }
+
+    fn into_graph(self) -> Graph {
+        match self {
+            Full::Draft(d) => d.into_graph(),
+            Full::Graph(g) => g,
         }
     }
 }
@@ -150,7 +173,7 @@ impl Pipeline {
         let mut by_status = crate::status::Status::ALL.map(|s| (s, 0i64));
         for i in 0..self.sources.len() {
             let (full, always) = self.build(&self.sources[i], &records, &host);
-            self.metrics.link_control_flows.inc_by(full.link_control);
+            self.metrics.link_control_flows.inc_by(full.link_control());
             let (graph, body, elements) = self.bound(&self.sources[i], full, &always, end);
             for e in graph.edges.values() {
                 by_status[e.health.status as usize].1 += 1;
@@ -253,14 +276,15 @@ impl Pipeline {
         }
     }
 
-    /// One data source's graph, and the endpoint it always reports (this
-    /// host, or this node).
-    fn build(
+    /// One data source's graph, as a draft (its edges not yet in the tree:
+    /// `bound` folds most graphs of many edges), and the endpoint it always
+    /// reports (this host, or this node).
+    fn build<'r>(
         &self,
         src: &FlowsSource,
-        records: &[FlowRecord],
+        records: &'r [FlowRecord],
         host: &HostView,
-    ) -> (Graph, Endpoint) {
+    ) -> (Draft<'r>, Endpoint) {
         let records = || records.iter().filter(|r| on_interfaces_of(src, r));
         if let (Some(k), DeployedAt::Kubernetes) = (&self.kube, src.deployed_at) {
             let cluster = crate::enrich::kube::watch::read(&k.cluster);
@@ -272,7 +296,7 @@ impl Pipeline {
                 host,
             };
             return (
-                Graph::build_from(records(), &resolver),
+                Draft::build_from(records(), &resolver),
                 resolver.node_endpoint(&k.node),
             );
         }
@@ -281,7 +305,7 @@ impl Pipeline {
             host,
         };
         (
-            Graph::build_from(records(), &resolver),
+            Draft::build_from(records(), &resolver),
             resolver.host_endpoint(),
         )
     }
@@ -298,13 +322,14 @@ impl Pipeline {
     fn bound(
         &self,
         src: &FlowsSource,
-        mut full: Graph,
+        full: Draft<'_>,
         always: &Endpoint,
         end: SystemTime,
     ) -> (Graph, Vec<u8>, usize) {
-        // The full graph's status is judged only if it is the one sent: a
-        // folded graph is judged on its own (issue 16: judging 100k edges
-        // that fold away was wasted).
+        // The full graph stays a draft while it folds (issue 16: its edges
+        // never become a tree then); it becomes the graph, and is judged,
+        // only if it is the one sent, or the one a smaller cap folds.
+        let mut full = Full::Draft(full);
         let mut judged = false;
         let mut cap = src.max_external_endpoints;
         let interval = (self.interval_start, end);
@@ -312,16 +337,24 @@ impl Pipeline {
         // The graph as built when nothing needs folding (no copy).
         let (folded, (body, elements)) = loop {
             let lim = Limits::new(cap);
-            let cand = fold::needed(&full, &lim).then(|| {
-                let (mut g, f) = fold::bound(&full, &src.id, &lim);
-                crate::status::apply(&mut g, &src.status);
-                (g, f)
-            });
+            let cand = {
+                let flat = full.flat();
+                fold::needed_in(&flat, &lim).then(|| {
+                    let (mut g, f) = fold::bound_in(&flat, &src.id, &lim);
+                    crate::status::apply(&mut g, &src.status);
+                    (g, f)
+                })
+            };
             if cand.is_none() && !judged {
-                crate::status::apply(&mut full, &src.status);
+                let mut g = full.into_graph();
+                crate::status::apply(&mut g, &src.status);
+                full = Full::Graph(g);
                 judged = true;
             }
-            let g = cand.as_ref().map_or(&full, |(g, _)| g);
+            let g = match (&cand, &full) {
+                (Some((g, _)), _) | (None, Full::Graph(g)) => g,
+                (None, Full::Draft(_)) => unreachable!("judged above"),
+            };
             // With nothing left to fold the batch goes whatever its size.
             let limit = if cap == 0 { usize::MAX } else { MAX_BODY_BYTES };
             if let Some(b) = body_within(g, always, src, &self.skip_fields, interval, limit) {
@@ -329,7 +362,7 @@ impl Pipeline {
             }
             cap /= 2;
         };
-        let (g, f) = folded.unwrap_or_else(|| (full, fold::Folded::default()));
+        let (g, f) = folded.unwrap_or_else(|| (full.into_graph(), fold::Folded::default()));
         self.count_folded(src, &f, cap, body.len());
         (g, body, elements)
     }

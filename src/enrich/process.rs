@@ -444,8 +444,10 @@ pub fn socket_owners(wanted: &HashSet<u32>) -> HashMap<u32, u32> {
 /// The pipeline's table of local sockets and their processes.
 #[derive(Default)]
 pub struct Processes {
-    sockets: HashMap<SockKey, (Arc<Process>, Instant)>,
-    listeners: HashMap<ListenKey, Arc<Process>>,
+    /// Looked up for each record's local ends: foldhash, not SipHash
+    /// (issue 16's profile). Nothing depends on their order.
+    sockets: HashMap<SockKey, (Arc<Process>, Instant), foldhash::fast::RandomState>,
+    listeners: HashMap<ListenKey, Arc<Process>, foldhash::fast::RandomState>,
     identify: Identify,
     last_scan: Option<Instant>,
     /// A local end was not found since the last scan.
@@ -518,7 +520,7 @@ impl Processes {
         };
         let wanted: HashSet<u32> = socks.iter().map(|s| s.inode).filter(|i| *i != 0).collect();
         let owners = socket_owners(&wanted);
-        let mut listeners = HashMap::new();
+        let mut listeners = HashMap::default();
         for s in &socks {
             let Some(pid) = owners.get(&s.inode) else {
                 continue;

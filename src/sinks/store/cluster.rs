@@ -100,15 +100,16 @@ pub fn merge(
             continue;
         };
         let (client_node, server_node) = (any.client_node.as_str(), any.server_node.as_str());
-        let of = |n: &str| per_node.iter().position(|r| r.node == n);
-        let owner = if let Some(i) = (!client_node.is_empty()).then(|| of(client_node)).flatten() {
-            i
-        } else if !client_node.is_empty() && latest.contains_key(client_node) {
-            continue;
-        } else if let Some(i) = (!server_node.is_empty()).then(|| of(server_node)).flatten() {
-            i
-        } else {
-            0
+        // The row of a (named) node's agent.
+        let of = |n: &str| {
+            (!n.is_empty())
+                .then(|| per_node.iter().position(|r| r.node == n))
+                .flatten()
+        };
+        let owner = match of(client_node) {
+            Some(i) => i,
+            None if !client_node.is_empty() && latest.contains_key(client_node) => continue,
+            None => of(server_node).unwrap_or(0),
         };
         let mut e = per_node.swap_remove(owner);
         if live

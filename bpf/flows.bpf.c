@@ -19,6 +19,7 @@
 #include <linux/in6.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
+#include <bpf/bpf_core_read.h>
 #include "flows.h"
 
 #define MAX_IPV6_EXT 8   /* extension headers followed before giving up */
@@ -956,6 +957,14 @@ static __always_inline void count_retrans(const struct sock_common *c, __u64 seg
 		add_retrans(&health_a, &k, side, segs);
 }
 
+/* Newer kernels (6.18 here) give tcp_retransmit_skb a third argument, the
+ * error, and fire it for retransmits that were not sent too (-EBUSY while
+ * the first copy is still in a queue, -ENOMEM, …), which TcpRetransSegs
+ * does not count; its event's record has the field. */
+struct trace_event_raw_tcp_retransmit_skb {
+	int err;
+} __attribute__((preserve_access_index));
+
 /* A data segment (or SYN) sent again: as many segments as the kernel adds
  * to TcpRetransSegs, tcp_skb_pcount() (the GSO segments in the control
  * block, struct tcp_skb_cb at offset 8). */
@@ -964,6 +973,11 @@ int flowmap_retransmit(__u64 *ctx)
 {
 	struct sock *sk = (struct sock *)ctx[0];
 	struct sk_buff *skb = (struct sk_buff *)ctx[1];
+	/* (A constant after relocation: on a kernel without the argument the
+	 * verifier never sees ctx[2] read.) */
+	if (bpf_core_field_exists(struct trace_event_raw_tcp_retransmit_skb, err) &&
+	    (int)ctx[2] != 0)
+		return 0;
 	__u16 segs = 0;
 	bpf_probe_read_kernel(&segs, 2, &skb->cb[8]);
 	count_retrans(&sk->__sk_common, segs ? segs : 1);

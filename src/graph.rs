@@ -414,6 +414,7 @@ impl<'r> Draft<'r> {
                 });
             let e = &mut edges[i as usize].0;
             e.bytes += r.src_to_dst.bytes + r.dst_to_src.bytes;
+            // (Its record count until the ranges are laid out below.)
             e.end += 1;
             of_record.push((i, r));
         }

@@ -62,6 +62,23 @@ struct {
 	__type(value, struct flow_stats);
 } flows4_b SEC(".maps");
 
+/* The per-CPU flow cache in front of the flows4 maps, swapped with them:
+ * established packets of a busy IPv4 flow add to their CPU's slot with
+ * plain adds and never touch the shared map (see account4()). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, CACHE_ELEMS);
+	__type(key, __u32);
+	__type(value, struct flow_slots);
+} cache_a SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, CACHE_ELEMS);
+	__type(key, __u32);
+	__type(value, struct flow_slots);
+} cache_b SEC(".maps");
+
 /* Ports of the first fragment of a fragmented datagram, so the later
  * fragments (which carry no L4 header) count into the same flow. */
 struct frag_key {
@@ -121,6 +138,7 @@ volatile __u32 active_map = 0;
 struct flow_key flow_key_layout = {};
 struct flow_key4 flow_key4_layout = {};
 struct flow_stats flow_stats_layout = {};
+struct flow_slot flow_slot_layout = {};
 struct flow_event flow_event_layout = {};
 struct conn_key conn_key_layout = {};
 struct conn_health conn_health_layout = {};
@@ -371,6 +389,174 @@ static __always_inline void account(struct __sk_buff *skb, struct pkt *p, void *
 	if (v)
 		sent = add(v, p, side, &w);
 	names_packet(skb, p, side, v, sent);
+}
+
+/* The per-CPU flow cache (cache_a / cache_b, struct flow_slot).
+ *
+ * On real packets the shared hash map's lookup costs most of the program
+ * (the bucket and the element miss the CPU's caches between packets). A
+ * flow whose entry has seen CACHE_YOUNG packets from a side has that
+ * side's later packets counted in a direct-mapped slot of the CPU's own
+ * cache instead: one array element, a 16-byte compare and plain adds.
+ * Handshake packets (SYN, SYN+ACK, echo request) always go to the entry,
+ * and so do a side's first CACHE_YOUNG packets, which the name capture
+ * looks at; with capture on, flows of port 53 never use the cache.
+ *
+ * A slot is filled only when its flow's entry is in the same period's map
+ * (the cache is swapped with it), so the counts of a slot always have an
+ * entry to go to: at eviction (flush_slot) or at the drain, where user
+ * space adds the old period's slots of every CPU to the drained entries.
+ * A busy slot is not taken by another flow within the tick of its last
+ * packet, so two flows on one slot do not evict each other per packet.
+ *
+ * Plain adds are safe: a CPU runs one TC program at a time (ingress runs
+ * in softirq, egress with bottom halves off). */
+#define CACHE_YOUNG 8
+
+/* The slot of a flow: 9 bits of a multiplicative hash of its key. */
+static __always_inline __u32 slot_index(const struct flow_key4 *k)
+{
+	__u64 a, b;
+	__builtin_memcpy(&a, k, 8);
+	__builtin_memcpy(&b, (const __u8 *)k + 8, 8);
+	__u64 h = (a ^ (b * 0x9e3779b97f4a7c15ULL)) * 0xc2b2ae3d27d4eb4fULL;
+	return h >> 55; /* CACHE_ELEMS * CACHE_PER_ELEM slots */
+}
+
+static __always_inline struct flow_slot *slot_at(void *cache, __u32 i)
+{
+	__u32 elem = (i >> 7) & (CACHE_ELEMS - 1);
+	struct flow_slots *ss = bpf_map_lookup_elem(cache, &elem);
+	if (!ss)
+		return 0;
+	return &ss->s[i & (CACHE_PER_ELEM - 1)];
+}
+
+static __always_inline int slot_holds(const struct flow_slot *s, const struct flow_key4 *k)
+{
+	__u64 a, b, c, d;
+	__builtin_memcpy(&a, &s->key, 8);
+	__builtin_memcpy(&b, (const __u8 *)&s->key + 8, 8);
+	__builtin_memcpy(&c, k, 8);
+	__builtin_memcpy(&d, (const __u8 *)k + 8, 8);
+	return a == c && b == d;
+}
+
+/* Moves a slot's counts into its flow's entry. The entry exists (see
+ * above); should it not, it is created from the counts, and when the map
+ * is full too they are counted lost. */
+static __always_inline void flush_slot(void *map, struct flow_slot *s)
+{
+	if (!(s->packets[0] | s->packets[1]))
+		return;
+	struct flow_stats *v = bpf_map_lookup_elem(map, &s->key);
+	if (!v) {
+		struct flow_stats nv;
+		__builtin_memset(&nv, 0, sizeof(nv));
+		nv.first_seen_ns = bpf_ktime_get_ns();
+		nv.first_seen_jiffies = s->last_seen_jiffies;
+		nv.last_seen_jiffies = s->last_seen_jiffies;
+		nv.first_side = s->packets[0] ? 1 : 2;
+		long err = bpf_map_update_elem(map, &s->key, &nv, BPF_NOEXIST);
+		if (err && err != -17 /* EEXIST: created by another CPU meanwhile */) {
+			stat_inc(STAT_MAP_FULL);
+			stat_inc(STAT_RING_LOST);
+			return;
+		}
+		v = bpf_map_lookup_elem(map, &s->key);
+		if (!v)
+			return;
+	}
+	__sync_fetch_and_add(&v->packets[0], s->packets[0]);
+	__sync_fetch_and_add(&v->packets[1], s->packets[1]);
+	__sync_fetch_and_add(&v->bytes[0], s->bytes[0]);
+	__sync_fetch_and_add(&v->bytes[1], s->bytes[1]);
+	if (s->tcp_flags[0])
+		__sync_fetch_and_or(&v->tcp_flags[0], (__u32)s->tcp_flags[0]);
+	if (s->tcp_flags[1])
+		__sync_fetch_and_or(&v->tcp_flags[1], (__u32)s->tcp_flags[1]);
+	if (v->last_seen_jiffies < s->last_seen_jiffies)
+		v->last_seen_jiffies = s->last_seen_jiffies;
+}
+
+/* After a packet went to the entry: give the flow the slot when it is old
+ * enough, or mark the sender's side old in the slot it already has. `how`
+ * is the sender's side (bit 2) and whether the other side is still young
+ * (bit 0 / bit 1 for side 0 / side 1). Out of line: it runs once per
+ * packet of a flow not (yet) cached, and keeping it off the packet path's
+ * code keeps short connections' packets from paying for it. */
+static __noinline int cache_flow(void *map, struct flow_slot *s, const struct flow_key4 *k,
+				 __u32 how, __u64 jiffies)
+{
+	if (slot_holds(s, k)) {
+		if (how & 4)
+			s->young[1] = 0;
+		else
+			s->young[0] = 0;
+		return 0;
+	}
+	if (s->last_seen_jiffies == jiffies && (s->packets[0] | s->packets[1]))
+		return 0; /* busy this tick: leave it to its flow */
+	flush_slot(map, s);
+	__builtin_memcpy(&s->key, k, sizeof(*k));
+	s->packets[0] = 0;
+	s->packets[1] = 0;
+	s->bytes[0] = 0;
+	s->bytes[1] = 0;
+	s->last_seen_jiffies = jiffies;
+	s->tcp_flags[0] = 0;
+	s->tcp_flags[1] = 0;
+	s->young[0] = how & 1;
+	s->young[1] = (how >> 1) & 1;
+	return 0;
+}
+
+/* account() for the IPv4 maps, with the cache in front of the map. */
+static __always_inline void account4(struct __sk_buff *skb, struct pkt *p, void *map,
+				     void *cache, struct flow_key4 *k, __u32 side)
+{
+	__u64 jiffies = bpf_jiffies64();
+	int handshake = p->opens || p->synack;
+	struct flow_slot *s = slot_at(cache, slot_index(k));
+	if (s && !handshake && slot_holds(s, k)) {
+		if (side) {
+			if (!s->young[1]) {
+				s->packets[1] += 1;
+				s->bytes[1] += skb->len;
+				s->tcp_flags[1] |= p->tcp_flags;
+				s->last_seen_jiffies = jiffies;
+				return;
+			}
+		} else if (!s->young[0]) {
+			s->packets[0] += 1;
+			s->bytes[0] += skb->len;
+			s->tcp_flags[0] |= p->tcp_flags;
+			s->last_seen_jiffies = jiffies;
+			return;
+		}
+	}
+	struct when w = {
+		.jiffies = jiffies,
+		.precise = handshake ? bpf_ktime_get_ns() : 0,
+		.len = skb->len,
+	};
+	struct flow_stats *v = bpf_map_lookup_elem(map, k);
+	if (!v)
+		v = create(map, k, p, side, &w);
+	__u64 sent = 1;
+	if (v)
+		sent = add(v, p, side, &w);
+	names_packet(skb, p, side, v, sent);
+	if (!v || !s || handshake || sent <= CACHE_YOUNG)
+		return;
+	if (names_enabled && (p->k.port[0] == 53 || p->k.port[1] == 53))
+		return;
+	__u32 how;
+	if (side)
+		how = 4 | (v->packets[0] <= CACHE_YOUNG);
+	else
+		how = (v->packets[1] <= CACHE_YOUNG) << 1;
+	cache_flow(map, s, k, how, jiffies);
 }
 
 /* Counts an ICMP error into the flow whose packet it quotes, creating the
@@ -692,9 +878,9 @@ static __always_inline void finish(struct __sk_buff *skb, struct pkt *p, int r)
 			struct flow_key4 k4;
 			key4_of(&k4, &p->k);
 			if (active_map)
-				account(skb, p, &flows4_b, &k4, side);
+				account4(skb, p, &flows4_b, &cache_b, &k4, side);
 			else
-				account(skb, p, &flows4_a, &k4, side);
+				account4(skb, p, &flows4_a, &cache_a, &k4, side);
 		} else if (active_map)
 			account(skb, p, &flows_b, &p->k, side);
 		else

@@ -55,6 +55,29 @@ struct flow_stats {
 	__u32 unreach_side; /* 1 or 2: the side whose packet the ICMP error quoted */
 };
 
+/* One slot of the per-CPU flow cache (flows.bpf.c, cache_a / cache_b):
+ * the counts one CPU added for an IPv4 flow since the slot was filled, not
+ * yet in the flow's entry of the flows4 map. A slot is filled only for a
+ * flow whose entry exists in the same period's map, and only after its
+ * first CACHE_YOUNG packets; user space adds the slots of the old period to
+ * the drained entries and zeroes them. 64 bytes: one cache line. */
+struct flow_slot {
+	struct flow_key4 key; /* all zero: an empty slot */
+	__u64 packets[2];
+	__u64 bytes[2];
+	__u64 last_seen_jiffies;
+	__u8 tcp_flags[2];
+	__u8 young[2];   /* 1: this side's packets still go to the entry */
+	__u32 pad;
+};
+
+#define CACHE_ELEMS 4       /* per-CPU array elements of one cache */
+#define CACHE_PER_ELEM 128  /* slots in one element (8 KB) */
+
+struct flow_slots {
+	struct flow_slot s[CACHE_PER_ELEM];
+};
+
 /* A connection whatever interface carries it: the flow key without the
  * interface, in the same canonical order. Keys the health maps, which
  * socket tracepoints fill (they know no interface). */

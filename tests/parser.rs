@@ -732,3 +732,139 @@ fn a_full_flow_map_hands_packets_to_user_space_without_loss() {
     );
     assert_eq!(stat(&stats, "ring_lost"), 0);
 }
+
+fn tcp(src: &str, dst: &str, sport: u16, dport: u16, flags: u8, payload: usize) -> Vec<u8> {
+    eth_frame(
+        ip(src),
+        ip(dst),
+        &L4::Tcp {
+            sport,
+            dport,
+            flags,
+            payload,
+        },
+        &[],
+    )
+}
+
+/// A connection's established packets past its first CACHE_YOUNG (8) per
+/// side are counted in the CPU's flow cache (bpf/flows.bpf.c, account4);
+/// the drain adds the cache to the entry and zeroes it, so each period's
+/// counts and flags are exact, in the periods that use either cache.
+#[test]
+fn packets_counted_in_the_cpu_cache_reach_each_drain_exactly() {
+    if !common::privileged("packets_counted_in_the_cpu_cache_reach_each_drain_exactly") {
+        return;
+    }
+    let mut dp = dp();
+    let (c, s) = ("10.9.0.1", "10.9.0.2");
+    let mut frames = vec![
+        tcp(c, s, 41000, 443, TCP_SYN, 0),
+        tcp(s, c, 443, 41000, TCP_SYN | TCP_ACK, 0),
+    ];
+    for i in 0..60 {
+        frames.push(tcp(c, s, 41000, 443, TCP_ACK | TCP_PSH, 100 + i));
+        frames.push(tcp(s, c, 443, 41000, TCP_ACK, 1000));
+    }
+    let (flows, _) = run(&mut dp, Entry::EthIngress, &frames);
+    assert_eq!(flows.len(), 1);
+    let v = flows[0].1;
+    assert_eq!(v.packets, [61, 61]);
+    let client: u64 = (0..60).map(|i| 54 + 100 + i).sum::<u64>() + 54;
+    assert_eq!(v.bytes, [client, 54 + 60 * 1054]);
+    assert_eq!(
+        v.tcp_flags,
+        [
+            (TCP_SYN | TCP_ACK | TCP_PSH) as u32,
+            (TCP_SYN | TCP_ACK) as u32
+        ]
+    );
+    assert_eq!(v.open_side, 1);
+    // Three more periods (the other cache, then the first one again): the
+    // flow stays in the cache across drains, counted from its entry again.
+    for round in 0..3u64 {
+        let mut frames = Vec::new();
+        for _ in 0..20 + round {
+            frames.push(tcp(c, s, 41000, 443, TCP_ACK, 10));
+        }
+        frames.push(tcp(s, c, 443, 41000, TCP_ACK | TCP_FIN, 0));
+        let (flows, _) = run(&mut dp, Entry::EthIngress, &frames);
+        assert_eq!(flows.len(), 1, "round {round}");
+        let v = flows[0].1;
+        assert_eq!(v.packets, [20 + round, 1], "round {round}");
+        assert_eq!(v.bytes, [(20 + round) * 64, 54], "round {round}");
+        assert_eq!(
+            v.tcp_flags,
+            [TCP_ACK as u32, (TCP_ACK | TCP_FIN) as u32],
+            "round {round}"
+        );
+    }
+}
+
+/// The cache slot an IPv4 flow (canonical key, BPF_PROG_TEST_RUN's
+/// ifindex 1) uses: the program's slot_of() on the little-endian key.
+fn cache_slot(a: [u8; 4], b: [u8; 4], ports: [u16; 2], proto: u8) -> u64 {
+    let mut k = [0u8; 16];
+    k[..4].copy_from_slice(&a);
+    k[4..8].copy_from_slice(&b);
+    k[8..10].copy_from_slice(&ports[0].to_le_bytes());
+    k[10..12].copy_from_slice(&ports[1].to_le_bytes());
+    k[12..].copy_from_slice(&((1u32 << 8) | proto as u32).to_le_bytes());
+    let x = u64::from_le_bytes(k[..8].try_into().unwrap());
+    let y = u64::from_le_bytes(k[8..].try_into().unwrap());
+    ((x ^ y.wrapping_mul(0x9e37_79b9_7f4a_7c15)).wrapping_mul(0xc2b2_ae3d_27d4_eb4f)) >> 55
+}
+
+/// Two flows on one cache slot: the second takes the slot once the first
+/// has been idle for a tick, and the first's cached counts go to its
+/// entry (flush_slot); none is lost or counted twice.
+#[test]
+fn two_flows_on_one_cache_slot_keep_exact_counts() {
+    if !common::privileged("two_flows_on_one_cache_slot_keep_exact_counts") {
+        return;
+    }
+    let (a, b) = ([10, 10, 0, 1], [10, 10, 0, 2]);
+    let first = cache_slot(a, b, [5000, 9000], 17);
+    let other = (5001..u16::MAX)
+        .find(|p| cache_slot(a, b, [*p, 9000], 17) == first)
+        .expect("a port whose flow shares the slot");
+    let udp = |sport: u16, payload: usize| {
+        eth_frame(
+            ip("10.10.0.1"),
+            ip("10.10.0.2"),
+            &L4::Udp {
+                sport,
+                dport: 9000,
+                payload,
+            },
+            &[],
+        )
+    };
+    let mut dp = dp();
+    let mut sent = std::collections::BTreeMap::<u16, (u64, u64)>::new();
+    for round in 0..4u64 {
+        for (port, n) in [(5000, 12 + round), (other, 15 + round)] {
+            for i in 0..n {
+                let f = udp(port, 30 + i as usize);
+                let v = dp.test_run(Entry::EthIngress, &f).unwrap();
+                assert_eq!(v, TC_ACT_UNSPEC);
+                let e = sent.entry(port).or_default();
+                e.0 += 1;
+                e.1 += f.len() as u64;
+            }
+            // Longer than a tick at any CONFIG_HZ: the slot's flow is idle.
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+    }
+    let mut flows = dp.drain().unwrap().flows;
+    flows.sort_by_key(|(k, _)| k.conn.port[0]);
+    let got: Vec<(u16, [u64; 2], [u64; 2])> = flows
+        .iter()
+        .map(|(k, v)| (k.conn.port[0], v.packets, v.bytes))
+        .collect();
+    let want: Vec<(u16, [u64; 2], [u64; 2])> = sent
+        .iter()
+        .map(|(p, (n, bytes))| (*p, [*n, 0], [*bytes, 0]))
+        .collect();
+    assert_eq!(got, want);
+}

@@ -2,6 +2,7 @@
 //! old one, reads it out in batches and turns kernel entries into the
 //! plain records the flow model takes.
 
+use std::collections::hash_map::{Entry, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsFd;
 use std::time::Duration;
@@ -12,8 +13,8 @@ use tracing::debug;
 
 use super::overflow::KeyBytes;
 use super::{
-    from_bytes, Datapath, Drained, Plain, RawConnHealth, RawConnKey, RawConnRtt, RawDropKey,
-    RawKey, RawKey4, RawStats, STAT_NAMES,
+    as_bytes, from_bytes, Datapath, Drained, Plain, RawConnHealth, RawConnKey, RawConnRtt,
+    RawDropKey, RawKey, RawKey4, RawSlot, RawStats, STAT_NAMES,
 };
 use crate::flow::{ConnKey, FlowKey, Sample};
 
@@ -64,12 +65,38 @@ impl Datapath {
             pick(old, &m.flows_a, &m.flows_b),
             |key: RawKey, val: RawStats| flows.push((flow_key(&key), sample_of(&val, ns_per_tick))),
         )?;
+        let mut cached = drain_cache(pick(old, &m.cache_a, &m.cache_b))?;
         drain_as(
             pick(old, &m.flows4_a, &m.flows4_b),
-            |key: RawKey4, val: RawStats| {
+            |key: RawKey4, mut val: RawStats| {
+                if !cached.is_empty() {
+                    if let Some(s) = cached.remove(&key4_bytes(&key)) {
+                        add_slot(&mut val, &s);
+                    }
+                }
                 flows.push((flow_key4(&key), sample_of(&val, ns_per_tick)))
             },
         )?;
+        if !cached.is_empty() {
+            // Not expected: the program fills a slot only for a flow whose
+            // entry is in the same period's map. Counted all the same.
+            debug!(slots = cached.len(), "cached counts without their entry");
+            let (now_ns, now_j) = self.clock_sample()?;
+            for s in cached.into_values() {
+                let mut val = RawStats {
+                    first_seen_jiffies: s.last_seen_jiffies,
+                    first_seen_ns: now_ns.saturating_sub(
+                        now_j
+                            .saturating_sub(s.last_seen_jiffies)
+                            .saturating_mul(ns_per_tick),
+                    ),
+                    first_side: if s.packets[0] > 0 { 1 } else { 2 },
+                    ..Default::default()
+                };
+                add_slot(&mut val, &s);
+                flows.push((flow_key4(&s.key), sample_of(&val, ns_per_tick)));
+            }
+        }
         let mut retransmits = Vec::new();
         drain_as(
             pick(old, &m.health_a, &m.health_b),
@@ -168,6 +195,69 @@ impl Datapath {
 
 fn sizes<K, V>() -> (usize, usize) {
     (std::mem::size_of::<K>(), std::mem::size_of::<V>())
+}
+
+/// The per-CPU flow cache of the old period (bpf/flows.bpf.c, account4):
+/// the counts every CPU's slots hold, summed by flow, and the cache zeroed
+/// for the period it serves next (a slot's flow must have its entry in the
+/// map of the slot's period).
+fn drain_cache(map: &libbpf_rs::MapMut<'_>) -> Result<HashMap<[u8; 16], RawSlot>> {
+    let mut out: HashMap<[u8; 16], RawSlot> = HashMap::new();
+    let mut zero: Option<Vec<Vec<u8>>> = None;
+    for elem in 0..map.max_entries() {
+        let key = elem.to_ne_bytes();
+        let Some(per_cpu) = map.lookup_percpu(&key, MapFlags::ANY)? else {
+            continue;
+        };
+        for cpu in &per_cpu {
+            for b in cpu.chunks_exact(std::mem::size_of::<RawSlot>()) {
+                let Some(s) = from_bytes::<RawSlot>(b) else {
+                    continue;
+                };
+                if s.packets == [0, 0] {
+                    continue;
+                }
+                match out.entry(key4_bytes(&s.key)) {
+                    Entry::Occupied(mut o) => {
+                        let t = o.get_mut();
+                        for i in 0..2 {
+                            t.packets[i] += s.packets[i];
+                            t.bytes[i] += s.bytes[i];
+                            t.tcp_flags[i] |= s.tcp_flags[i];
+                        }
+                        t.last_seen_jiffies = t.last_seen_jiffies.max(s.last_seen_jiffies);
+                    }
+                    Entry::Vacant(v) => {
+                        v.insert(s);
+                    }
+                }
+            }
+        }
+        let zero = zero.get_or_insert_with(|| vec![vec![0u8; cpu_len(&per_cpu)]; per_cpu.len()]);
+        map.update_percpu(&key, zero, MapFlags::ANY)?;
+    }
+    Ok(out)
+}
+
+fn cpu_len(per_cpu: &[Vec<u8>]) -> usize {
+    per_cpu.first().map_or(0, Vec::len)
+}
+
+fn key4_bytes(k: &RawKey4) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&as_bytes(k)[..16]);
+    out
+}
+
+/// Adds a cache slot's counts to its flow's entry, as the program does
+/// when it evicts the slot (flush_slot).
+fn add_slot(v: &mut RawStats, s: &RawSlot) {
+    for i in 0..2 {
+        v.packets[i] += s.packets[i];
+        v.bytes[i] += s.bytes[i];
+        v.tcp_flags[i] |= u32::from(s.tcp_flags[i]);
+    }
+    v.last_seen_jiffies = v.last_seen_jiffies.max(s.last_seen_jiffies);
 }
 
 /// The map of a swapped pair that programs wrote before the swap.

@@ -33,7 +33,7 @@ mod skel {
 pub use skel::types::{
     conn_health as RawConnHealth, conn_key as RawConnKey, conn_rtt as RawConnRtt,
     drop_key as RawDropKey, flow_event as RawEvent, flow_key as RawKey, flow_key4 as RawKey4,
-    flow_stats as RawStats,
+    flow_slot as RawSlot, flow_stats as RawStats,
 };
 
 use overflow::Overflow;
@@ -190,6 +190,8 @@ unsafe impl Plain for RawKey4 {}
 unsafe impl Plain for RawStats {}
 // SAFETY: as above.
 unsafe impl Plain for RawEvent {}
+// SAFETY: as above.
+unsafe impl Plain for RawSlot {}
 // SAFETY: the generated mirrors of struct conn_key / conn_health: integers.
 unsafe impl Plain for RawConnKey {}
 unsafe impl Plain for RawConnHealth {}
@@ -417,6 +419,8 @@ impl Datapath {
             &m.flows_b,
             &m.flows4_a,
             &m.flows4_b,
+            &m.cache_a,
+            &m.cache_b,
             &m.frags,
             &m.stats,
             &m.overflow,

@@ -2,7 +2,7 @@
 //! old one, reads it out in batches and turns kernel entries into the
 //! plain records the flow model takes.
 
-use std::collections::hash_map::{Entry, HashMap};
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsFd;
 use std::time::Duration;
@@ -70,8 +70,8 @@ impl Datapath {
             pick(old, &m.flows4_a, &m.flows4_b),
             |key: RawKey4, mut val: RawStats| {
                 if !cached.is_empty() {
-                    if let Some(s) = cached.remove(&key4_bytes(&key)) {
-                        add_slot(&mut val, &s);
+                    if let Some(c) = cached.remove(&key4_bytes(&key)) {
+                        add_counts(&mut val, &c);
                     }
                 }
                 flows.push((flow_key4(&key), sample_of(&val, ns_per_tick)))
@@ -82,19 +82,17 @@ impl Datapath {
             // entry is in the same period's map. Counted all the same.
             debug!(slots = cached.len(), "cached counts without their entry");
             let (now_ns, now_j) = self.clock_sample()?;
-            for s in cached.into_values() {
-                let mut val = RawStats {
-                    first_seen_jiffies: s.last_seen_jiffies,
-                    first_seen_ns: now_ns.saturating_sub(
-                        now_j
-                            .saturating_sub(s.last_seen_jiffies)
-                            .saturating_mul(ns_per_tick),
-                    ),
-                    first_side: if s.packets[0] > 0 { 1 } else { 2 },
-                    ..Default::default()
-                };
-                add_slot(&mut val, &s);
-                flows.push((flow_key4(&s.key), sample_of(&val, ns_per_tick)));
+            for (key, mut val) in cached {
+                val.first_seen_jiffies = val.last_seen_jiffies;
+                val.first_seen_ns = now_ns.saturating_sub(
+                    now_j
+                        .saturating_sub(val.last_seen_jiffies)
+                        .saturating_mul(ns_per_tick),
+                );
+                val.first_side = if val.packets[0] > 0 { 1 } else { 2 };
+                if let Some(k) = from_bytes::<RawKey4>(&key) {
+                    flows.push((flow_key4(&k), sample_of(&val, ns_per_tick)));
+                }
             }
         }
         let mut retransmits = Vec::new();
@@ -198,11 +196,12 @@ fn sizes<K, V>() -> (usize, usize) {
 }
 
 /// The per-CPU flow cache of the old period (bpf/flows.bpf.c, account4):
-/// the counts every CPU's slots hold, summed by flow, and the cache zeroed
-/// for the period it serves next (a slot's flow must have its entry in the
-/// map of the slot's period).
-fn drain_cache(map: &libbpf_rs::MapMut<'_>) -> Result<HashMap<[u8; 16], RawSlot>> {
-    let mut out: HashMap<[u8; 16], RawSlot> = HashMap::new();
+/// the counts every CPU's slots hold, summed by flow (packets, bytes, TCP
+/// flags and last tick of an entry), and the cache zeroed for the period
+/// it serves next (a slot's flow must have its entry in the map of the
+/// slot's period).
+fn drain_cache(map: &libbpf_rs::MapMut<'_>) -> Result<HashMap<[u8; 16], RawStats>> {
+    let mut out: HashMap<[u8; 16], RawStats> = HashMap::new();
     let mut zero: Option<Vec<Vec<u8>>> = None;
     for elem in 0..map.max_entries() {
         let key = elem.to_ne_bytes();
@@ -217,20 +216,17 @@ fn drain_cache(map: &libbpf_rs::MapMut<'_>) -> Result<HashMap<[u8; 16], RawSlot>
                 if s.packets == [0, 0] {
                     continue;
                 }
-                match out.entry(key4_bytes(&s.key)) {
-                    Entry::Occupied(mut o) => {
-                        let t = o.get_mut();
-                        for i in 0..2 {
-                            t.packets[i] += s.packets[i];
-                            t.bytes[i] += s.bytes[i];
-                            t.tcp_flags[i] |= s.tcp_flags[i];
-                        }
-                        t.last_seen_jiffies = t.last_seen_jiffies.max(s.last_seen_jiffies);
-                    }
-                    Entry::Vacant(v) => {
-                        v.insert(s);
-                    }
-                }
+                let sum = out.entry(key4_bytes(&s.key)).or_default();
+                add_counts(
+                    sum,
+                    &RawStats {
+                        packets: s.packets,
+                        bytes: s.bytes,
+                        tcp_flags: s.tcp_flags.map(u32::from),
+                        last_seen_jiffies: s.last_seen_jiffies,
+                        ..Default::default()
+                    },
+                );
             }
         }
         let zero = zero.get_or_insert_with(|| vec![vec![0u8; cpu_len(&per_cpu)]; per_cpu.len()]);
@@ -249,15 +245,15 @@ fn key4_bytes(k: &RawKey4) -> [u8; 16] {
     out
 }
 
-/// Adds a cache slot's counts to its flow's entry, as the program does
-/// when it evicts the slot (flush_slot).
-fn add_slot(v: &mut RawStats, s: &RawSlot) {
+/// Adds cached counts to a flow's entry, as the program does when it
+/// evicts a slot (flush_slot).
+fn add_counts(v: &mut RawStats, c: &RawStats) {
     for i in 0..2 {
-        v.packets[i] += s.packets[i];
-        v.bytes[i] += s.bytes[i];
-        v.tcp_flags[i] |= u32::from(s.tcp_flags[i]);
+        v.packets[i] += c.packets[i];
+        v.bytes[i] += c.bytes[i];
+        v.tcp_flags[i] |= c.tcp_flags[i];
     }
-    v.last_seen_jiffies = v.last_seen_jiffies.max(s.last_seen_jiffies);
+    v.last_seen_jiffies = v.last_seen_jiffies.max(c.last_seen_jiffies);
 }
 
 /// The map of a swapped pair that programs wrote before the swap.

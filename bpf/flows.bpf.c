@@ -374,21 +374,26 @@ static __always_inline int is_flow4(const struct flow_key *k)
 	return k->family == 4 && k->ifindex < FLOW_KEY4_IFINDEX_MAX;
 }
 
-static __always_inline void account(struct __sk_buff *skb, struct pkt *p, void *map, void *key,
-				    __u32 side)
+/* Counts the packet into its flow's entry, creating it when missing.
+ * Returns the entry (NULL when the packet went to the overflow path) and
+ * sets *sent to the sender's packets in it, this one included. */
+static __always_inline struct flow_stats *account(struct __sk_buff *skb, struct pkt *p, void *map,
+						  void *key, __u32 side, __u64 jiffies,
+						  __u64 *sent)
 {
 	struct when w = {
-		.jiffies = bpf_jiffies64(),
+		.jiffies = jiffies,
 		.precise = (p->opens || p->synack) ? bpf_ktime_get_ns() : 0,
 		.len = skb->len,
 	};
 	struct flow_stats *v = bpf_map_lookup_elem(map, key);
 	if (!v)
 		v = create(map, key, p, side, &w);
-	__u64 sent = 1;
+	*sent = 1;
 	if (v)
-		sent = add(v, p, side, &w);
-	names_packet(skb, p, side, v, sent);
+		*sent = add(v, p, side, &w);
+	names_packet(skb, p, side, v, *sent);
+	return v;
 }
 
 /* The per-CPU flow cache (cache_a / cache_b, struct flow_slot).
@@ -535,18 +540,8 @@ static __always_inline void account4(struct __sk_buff *skb, struct pkt *p, void 
 			return;
 		}
 	}
-	struct when w = {
-		.jiffies = jiffies,
-		.precise = handshake ? bpf_ktime_get_ns() : 0,
-		.len = skb->len,
-	};
-	struct flow_stats *v = bpf_map_lookup_elem(map, k);
-	if (!v)
-		v = create(map, k, p, side, &w);
-	__u64 sent = 1;
-	if (v)
-		sent = add(v, p, side, &w);
-	names_packet(skb, p, side, v, sent);
+	__u64 sent;
+	struct flow_stats *v = account(skb, p, map, k, side, jiffies, &sent);
 	if (!v || !s || handshake || sent <= CACHE_YOUNG)
 		return;
 	if (names_enabled && (p->k.port[0] == 53 || p->k.port[1] == 53))
@@ -881,10 +876,13 @@ static __always_inline void finish(struct __sk_buff *skb, struct pkt *p, int r)
 				account4(skb, p, &flows4_b, &cache_b, &k4, side);
 			else
 				account4(skb, p, &flows4_a, &cache_a, &k4, side);
-		} else if (active_map)
-			account(skb, p, &flows_b, &p->k, side);
-		else
-			account(skb, p, &flows_a, &p->k, side);
+		} else {
+			__u64 sent;
+			if (active_map)
+				account(skb, p, &flows_b, &p->k, side, bpf_jiffies64(), &sent);
+			else
+				account(skb, p, &flows_a, &p->k, side, bpf_jiffies64(), &sent);
+		}
 	} else
 		stat_inc(r);
 }

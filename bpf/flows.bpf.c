@@ -411,12 +411,15 @@ static __always_inline struct flow_stats *account(struct __sk_buff *skb, struct 
  * (the cache is swapped with it), so the counts of a slot always have an
  * entry to go to: at eviction (flush_slot) or at the drain, where user
  * space adds the old period's slots of every CPU to the drained entries.
- * A busy slot is not taken by another flow within the tick of its last
- * packet, so two flows on one slot do not evict each other per packet.
+ * A slot is taken by another flow only when its flow has been idle for
+ * CACHE_IDLE ticks (32–320 ms): with more busy flows than slots, most
+ * packets would otherwise evict another flow (a second map update each),
+ * and this way a slot changes hands at most once per CACHE_IDLE ticks.
  *
  * Plain adds are safe: a CPU runs one TC program at a time (ingress runs
  * in softirq, egress with bottom halves off). */
 #define CACHE_YOUNG 8
+#define CACHE_IDLE 32 /* ticks a slot's flow must be idle before another takes the slot */
 
 /* The slot of a flow: 9 bits of a multiplicative hash of its key. */
 static __always_inline __u32 slot_index(const struct flow_key4 *k)
@@ -484,24 +487,14 @@ static __always_inline void flush_slot(void *map, struct flow_slot *s)
 		v->last_seen_jiffies = s->last_seen_jiffies;
 }
 
-/* After a packet went to the entry: give the flow the slot when it is old
- * enough, or mark the sender's side old in the slot it already has. `how`
- * is the sender's side (bit 2) and whether the other side is still young
- * (bit 0 / bit 1 for side 0 / side 1). Out of line: it runs once per
- * packet of a flow not (yet) cached, and keeping it off the packet path's
- * code keeps short connections' packets from paying for it. */
-static __noinline int cache_flow(void *map, struct flow_slot *s, const struct flow_key4 *k,
-				 __u32 how, __u64 jiffies)
+/* Gives a slot to a flow: the counts of the flow that had it go to its
+ * entry first. `young` says whether each side (bit 0: side 0, bit 1:
+ * side 1) is still young. Out of line: it runs once per slot taken, and
+ * keeping it off the packet path's code keeps every other packet from
+ * paying for it. */
+static __noinline int fill_slot(void *map, struct flow_slot *s, const struct flow_key4 *k,
+				__u32 young, __u64 jiffies)
 {
-	if (slot_holds(s, k)) {
-		if (how & 4)
-			s->young[1] = 0;
-		else
-			s->young[0] = 0;
-		return 0;
-	}
-	if (s->last_seen_jiffies == jiffies && (s->packets[0] | s->packets[1]))
-		return 0; /* busy this tick: leave it to its flow */
 	flush_slot(map, s);
 	__builtin_memcpy(&s->key, k, sizeof(*k));
 	s->packets[0] = 0;
@@ -511,8 +504,8 @@ static __noinline int cache_flow(void *map, struct flow_slot *s, const struct fl
 	s->last_seen_jiffies = jiffies;
 	s->tcp_flags[0] = 0;
 	s->tcp_flags[1] = 0;
-	s->young[0] = how & 1;
-	s->young[1] = (how >> 1) & 1;
+	s->young[0] = young & 1;
+	s->young[1] = (young >> 1) & 1;
 	return 0;
 }
 
@@ -546,12 +539,20 @@ static __always_inline void account4(struct __sk_buff *skb, struct pkt *p, void 
 		return;
 	if (names_enabled && (p->k.port[0] == 53 || p->k.port[1] == 53))
 		return;
-	__u32 how;
+	if (slot_holds(s, k)) {
+		/* The sender's side is old now: its packets may use the slot. */
+		if (side)
+			s->young[1] = 0;
+		else
+			s->young[0] = 0;
+		return;
+	}
+	if ((s->packets[0] | s->packets[1]) && jiffies - s->last_seen_jiffies < CACHE_IDLE)
+		return; /* the slot's flow is still busy: it keeps the slot */
 	if (side)
-		how = 4 | (v->packets[0] <= CACHE_YOUNG);
+		fill_slot(map, s, k, v->packets[0] <= CACHE_YOUNG, jiffies);
 	else
-		how = (v->packets[1] <= CACHE_YOUNG) << 1;
-	cache_flow(map, s, k, how, jiffies);
+		fill_slot(map, s, k, (v->packets[1] <= CACHE_YOUNG) << 1, jiffies);
 }
 
 /* Counts an ICMP error into the flow whose packet it quotes, creating the

@@ -816,8 +816,8 @@ fn cache_slot(a: [u8; 4], b: [u8; 4], ports: [u16; 2], proto: u8) -> u64 {
 }
 
 /// Two flows on one cache slot: the second takes the slot once the first
-/// has been idle for a tick, and the first's cached counts go to its
-/// entry (flush_slot); none is lost or counted twice.
+/// has been idle for CACHE_IDLE (32) ticks, and the first's cached counts
+/// go to its entry (flush_slot); none is lost or counted twice.
 #[test]
 fn two_flows_on_one_cache_slot_keep_exact_counts() {
     if !common::privileged("two_flows_on_one_cache_slot_keep_exact_counts") {
@@ -842,7 +842,7 @@ fn two_flows_on_one_cache_slot_keep_exact_counts() {
     };
     let mut dp = dp();
     let mut sent = std::collections::BTreeMap::<u16, (u64, u64)>::new();
-    for round in 0..4u64 {
+    for round in 0..3u64 {
         for (port, n) in [(5000, 12 + round), (other, 15 + round)] {
             for i in 0..n {
                 let f = udp(port, 30 + i as usize);
@@ -852,8 +852,9 @@ fn two_flows_on_one_cache_slot_keep_exact_counts() {
                 e.0 += 1;
                 e.1 += f.len() as u64;
             }
-            // Longer than a tick at any CONFIG_HZ: the slot's flow is idle.
-            std::thread::sleep(std::time::Duration::from_millis(25));
+            // Longer than 32 ticks at any CONFIG_HZ (100 to 1000): the
+            // slot's flow is idle.
+            std::thread::sleep(std::time::Duration::from_millis(340));
         }
     }
     let mut flows = dp.drain().unwrap().flows;

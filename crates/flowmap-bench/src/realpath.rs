@@ -25,9 +25,10 @@ use crate::datapath::Floor;
 use crate::scale::{agent, flowmap_bin, test_net};
 
 /// The cases, in the order they run.
-pub const CASES: [&str; 4] = [
+pub const CASES: [&str; 5] = [
     "udp64_one_flow",
     "udp100_128_flows",
+    "udp100_4096_flows",
     "tcp_bulk",
     "tcp_short",
 ];
@@ -144,11 +145,12 @@ impl Sink {
 }
 
 /// UDP datagrams of `frame` bytes on the wire over `flows` source ports,
-/// round robin, for `secs` seconds.
-fn udp(frame: usize, flows: usize, secs: f64) -> Result<()> {
+/// round robin, `burst` datagrams per port in a row, for `secs` seconds.
+fn udp(frame: usize, flows: usize, burst: usize, secs: f64) -> Result<()> {
     let socks: Vec<UdpSocket> = (0..flows)
-        .map(|_| -> Result<UdpSocket> {
-            let s = UdpSocket::bind("10.231.0.1:0")?;
+        .map(|i| -> Result<UdpSocket> {
+            let s = UdpSocket::bind("10.231.0.1:0")
+                .with_context(|| format!("the socket of flow {i} of {flows} (ulimit -n?)"))?;
             s.connect("10.231.0.2:9")?;
             Ok(s)
         })
@@ -158,7 +160,7 @@ fn udp(frame: usize, flows: usize, secs: f64) -> Result<()> {
     let t = Instant::now();
     while t.elapsed().as_secs_f64() < secs {
         for s in &socks {
-            for _ in 0..16 {
+            for _ in 0..burst {
                 let _ = s.send(&payload);
             }
         }
@@ -193,8 +195,11 @@ fn tcp_short(n: u32) -> Result<()> {
 
 fn drive(case: &str, secs: f64, short: u32) -> Result<()> {
     match case {
-        "udp64_one_flow" => udp(64, 1, secs),
-        "udp100_128_flows" => udp(100, 128, secs),
+        "udp64_one_flow" => udp(64, 1, 16, secs),
+        "udp100_128_flows" => udp(100, 128, 16, secs),
+        // More flows than the per-CPU flow cache has slots (512), one
+        // datagram each in turn: the cache's worst case.
+        "udp100_4096_flows" => udp(100, 4096, 1, secs),
         "tcp_bulk" => tcp_bulk(secs),
         "tcp_short" => tcp_short(short),
         other => bail!("unknown case {other}; cases: {}", CASES.join(", ")),

@@ -160,11 +160,16 @@ struct pkt {
 	__u32 l3_end; /* where the IP packet ends (link-layer padding excluded) */
 };
 
-static __always_inline void stat_inc(__u32 idx)
+static __always_inline void stat_add(__u32 idx, __u64 n)
 {
 	__u64 *v = bpf_map_lookup_elem(&stats, &idx);
 	if (v)
-		*v += 1;
+		*v += n;
+}
+
+static __always_inline void stat_inc(__u32 idx)
+{
+	stat_add(idx, 1);
 }
 
 /* Copy len bytes at off into to: directly from the linear part when the
@@ -452,7 +457,8 @@ static __always_inline int slot_holds(const struct flow_slot *s, const struct fl
 
 /* Moves a slot's counts into its flow's entry. The entry exists (see
  * above); should it not, it is created from the counts, and when the map
- * is full too they are counted lost. */
+ * is full too its packets are counted lost (map_full and ring_lost, as a
+ * packet that finds both full). */
 static __always_inline void flush_slot(void *map, struct flow_slot *s)
 {
 	if (!(s->packets[0] | s->packets[1]))
@@ -467,8 +473,8 @@ static __always_inline void flush_slot(void *map, struct flow_slot *s)
 		nv.first_side = s->packets[0] ? 1 : 2;
 		long err = bpf_map_update_elem(map, &s->key, &nv, BPF_NOEXIST);
 		if (err && err != -17 /* EEXIST: created by another CPU meanwhile */) {
-			stat_inc(STAT_MAP_FULL);
-			stat_inc(STAT_RING_LOST);
+			stat_add(STAT_MAP_FULL, s->packets[0] + s->packets[1]);
+			stat_add(STAT_RING_LOST, s->packets[0] + s->packets[1]);
 			return;
 		}
 		v = bpf_map_lookup_elem(map, &s->key);

@@ -522,7 +522,8 @@ static __always_inline void account4(struct __sk_buff *skb, struct pkt *p, void 
 	__u64 jiffies = bpf_jiffies64();
 	int handshake = p->opens || p->synack;
 	struct flow_slot *s = slot_at(cache, slot_index(k));
-	if (s && !handshake && slot_holds(s, k)) {
+	int mine = s && slot_holds(s, k);
+	if (mine && !handshake) {
 		if (side) {
 			if (!s->young[1]) {
 				s->packets[1] += 1;
@@ -545,7 +546,7 @@ static __always_inline void account4(struct __sk_buff *skb, struct pkt *p, void 
 		return;
 	if (names_enabled && (p->k.port[0] == 53 || p->k.port[1] == 53))
 		return;
-	if (slot_holds(s, k)) {
+	if (mine) {
 		/* The sender's side is old now: its packets may use the slot. */
 		if (side)
 			s->young[1] = 0;

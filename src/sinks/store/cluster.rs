@@ -122,16 +122,7 @@ pub fn merge(
         e.seen_by = seen_by;
         out.push(e);
     }
-    out.sort_by(|a, b| {
-        b.bytes().cmp(&a.bytes()).then_with(|| {
-            (&a.source, &a.target, a.port, &a.protocol).cmp(&(
-                &b.source,
-                &b.target,
-                b.port,
-                &b.protocol,
-            ))
-        })
-    });
+    out.sort_by(EdgeRow::busiest_first);
     out
 }
 

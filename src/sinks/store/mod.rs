@@ -437,6 +437,18 @@ impl EdgeRow {
     pub fn bytes(&self) -> u64 {
         self.bytes_client_to_server + self.bytes_server_to_client
     }
+    /// The order of "busiest first": bytes, then the edge's key and node.
+    pub fn busiest_first(a: &EdgeRow, b: &EdgeRow) -> std::cmp::Ordering {
+        b.bytes().cmp(&a.bytes()).then_with(|| {
+            (&a.source, &a.target, a.port, &a.protocol, &a.node).cmp(&(
+                &b.source,
+                &b.target,
+                b.port,
+                &b.protocol,
+                &b.node,
+            ))
+        })
+    }
     pub fn packets(&self) -> u64 {
         self.packets_client_to_server + self.packets_server_to_client
     }
@@ -1201,25 +1213,17 @@ RETURNING id, source_id, destination_id, protocol, port, node",
     /// node) rows, the busiest; true when the window had more.
     pub fn edges_in(&mut self, w: &Window, limit: Option<usize>) -> Result<(Vec<EdgeRow>, bool)> {
         let now = unix_ms(SystemTime::now());
-        let sql = match self.live_source(w, now)? {
-            Some(l) => live_query(&l, limit),
-            None => edge_query(&self.edge_source(w, now)?.from, limit),
+        let (sql, ordered) = match self.live_source(w, now)? {
+            Some(l) => (live_query(&l, limit), false),
+            None => (edge_query(&self.edge_source(w, now)?.from, limit), true),
         };
         let mut rows = self.query_vals(&sql, &[], edge_row)?;
         let truncated = limit.is_some_and(|n| rows.len() > n);
         if let Some(n) = limit {
-            // The busiest first (the live rows come in no order).
-            rows.sort_by(|a, b| {
-                b.bytes().cmp(&a.bytes()).then_with(|| {
-                    (&a.source, &a.target, a.port, &a.protocol, &a.node).cmp(&(
-                        &b.source,
-                        &b.target,
-                        b.port,
-                        &b.protocol,
-                        &b.node,
-                    ))
-                })
-            });
+            // The busiest first: the live rows come in no order.
+            if !ordered {
+                rows.sort_by(EdgeRow::busiest_first);
+            }
             rows.truncate(n);
         }
         let agents = self.agents(w)?;
